@@ -1,0 +1,88 @@
+"""``tinyseek <stage> [--preset NAME] [--key value ...]``.
+
+Each stage module exposes ``Config`` (a dataclass with ``validate()``), ``preset(name) -> Config``
+and ``main(cfg) -> dict``. Options are the config's fields in kebab-case (``--n-layers 4``) or
+dotted for nested configs (``--model.top-k 2``). Bad input exits with status 2 and one line:
+``tinyseek: error: <what is wrong>``.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from tinyseek.errors import UserError
+
+# stage name -> module (one line each; a module provides Config, preset(), main())
+STAGES: dict[str, str] = {
+    "pretrain": "tinyseek.train.pretrain",
+}
+
+
+def usage() -> str:
+    return ("usage: tinyseek <stage> [--preset NAME] [--option value ...]\n"
+            "stages: " + ", ".join(STAGES) + "\n"
+            "`tinyseek <stage> --help` lists that stage's options.")
+
+
+def stage_help(mod) -> str:
+    import dataclasses
+    lines = [f"tinyseek {mod.__name__.rsplit('.', 1)[-1]} options (defaults shown):"]
+
+    def walk(cfg, prefix=""):
+        for f in dataclasses.fields(cfg):
+            v = getattr(cfg, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, prefix + f.name + ".")
+            else:
+                lines.append(f"  --{prefix}{f.name.replace('_', '-')} {v!r}")
+    walk(mod.Config())
+    return "\n".join(lines)
+
+
+def run_stage(stage: str, argv: list[str]):
+    from tinyseek.config import apply_overrides
+
+    if stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    mod = importlib.import_module(STAGES[stage])
+    if "-h" in argv or "--help" in argv:
+        print(stage_help(mod))
+        return None
+    preset = None
+    rest = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--preset":
+            if i + 1 >= len(argv):
+                raise UserError("--preset needs a name")
+            preset, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--preset="):
+            preset, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    cfg = mod.preset(preset) if preset else mod.Config()
+    apply_overrides(cfg, rest)
+    cfg.validate()
+    return mod.main(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    try:
+        run_stage(argv[0], argv[1:])
+    except UserError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"tinyseek: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tinyseek: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Small shared utilities: device/dtype, seeding, rank-0 printing, JSONL metrics, atomic writes."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+
+def get_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda if available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """Mixed-precision dtype for autocast: ``auto`` = bf16 on CUDA, none (fp32) on CPU.
+
+    This CPU has no native bf16 (bf16 GEMM ~3x slower than fp32), so fp32 is the CPU default.
+    """
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+            "fp16": torch.float16, "float16": torch.float16}[name]
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """All RNG states needed for exact resume (python, numpy, torch cpu, cuda if present)."""
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    if rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only); optional TensorBoard."""
+
+    def __init__(self, path: str | Path, tensorboard: bool = False, enabled: bool | None = None):
+        self.path = Path(path)
+        self.enabled = (rank() == 0) if enabled is None else enabled
+        self.tb = None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    self.tb = SummaryWriter(str(self.path.parent / "tb"))
+                except Exception:  # tensorboard not installed: JSONL is always there
+                    self.tb = None
+
+    def log(self, step: int, **metrics: Any) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, "time": round(time.time(), 3)}
+        for k, v in metrics.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item() if v.numel() == 1 else v.tolist()
+            rec[k] = v
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self.tb.add_scalar(k, v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records with step > ``step`` (used on resume so the curve has no duplicates)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", -1) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a killed run
+        atomic_write_text(self.path, "".join(l + "\n" for l in keep))
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    out = []
+    p = Path(path)
+    if not p.exists():
+        return out
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temp directory beside ``final``; on success it is renamed to ``final``.
+
+    A crash inside the block leaves only a ``.tmp-*`` directory, which readers ignore.
+    An existing ``final`` is replaced (moved aside first, then removed).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    try:
+        yield tmp
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        if final.exists():
+            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

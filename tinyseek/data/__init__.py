@@ -1,0 +1,1 @@
+"""Data engineering: ingest, clean, dedup, quality filters, mixture, token shards."""

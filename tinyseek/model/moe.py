@@ -1,0 +1,250 @@
+"""DeepSeek-V3-style MoE layer: fine-grained routed experts + shared experts.
+
+Routing (``Router``): softmax (V2) or sigmoid (V3) scores; optional group-limited routing
+(pick ``topk_groups`` of ``n_groups`` expert groups, then top-k inside them); the aux-loss-free
+``expert_bias`` is added to the scores for *selection only*, the mixing weights use the original
+scores (V3 ``Gate``). The bias is updated outside the forward by :func:`update_bias` (the trainer
+calls it before the optimizer step) with the sign rule and speed gamma; token counts come back from
+the forward as statistics and are only produced in training mode.
+
+Balance losses (pure functions): ``switch`` = N * sum_i f_i P_i (Switch Transformer), ``variance`` =
+sum_i (p_i - 1/N)^2 (the seeds' formula), each times ``aux_loss_alpha``. Deviation: we compute them
+over the whole micro-batch, not per sequence (V3 uses a complementary *sequence-wise* loss).
+
+Capacity: ``capacity_factor`` > 0 caps each expert at ceil(cf * tokens * k / N) assignments; an
+over-full expert keeps its highest-weight assignments and drops the rest (the token still gets the
+shared expert and the residual). 0 = dropless (default, as in V3).
+
+Dispatch implementations, all numerically the same maths:
+- ``loop``: readable per-expert loop with boolean masks: the reference the tests compare against.
+- ``sorted``: assignments sorted by expert, one slice per expert (no masks).
+- ``grouped``: sorted assignments and one ``torch._grouped_mm`` per projection for all experts.
+``auto`` uses ``grouped`` where the kernel runs for the device/dtype, else ``sorted``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinyseek.model.layers import SwiGLU
+
+# ---------------------------------------------------------------------------------------------
+# pure functions
+# ---------------------------------------------------------------------------------------------
+
+
+def route(scores_NE: torch.Tensor, top_k: int, bias_E: torch.Tensor | None = None, n_groups: int = 1,
+          topk_groups: int = 1, score_func: str = "softmax", norm_topk_prob: bool = True,
+          routed_scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick experts with bias-adjusted scores, weight them with the original scores.
+
+    >>> s = torch.tensor([[0.1, 0.5, 0.4]])
+    >>> idx, w = route(s, 1, bias_E=torch.tensor([0.0, 0.0, 0.2]))
+    >>> idx.tolist(), w.tolist()   # the bias moves the choice to expert 2, weight stays its score
+    ([[2]], [[0.4000000059604645]])
+    >>> route(s, 2, norm_topk_prob=False)[1].tolist()
+    [[0.5, 0.4000000059604645]]
+    """
+    N, E = scores_NE.shape
+    sel = scores_NE.detach()
+    if bias_E is not None:
+        sel = sel + bias_E
+    if n_groups > 1:
+        g = sel.view(N, n_groups, E // n_groups)
+        gscore = g.topk(min(2, E // n_groups), dim=-1).values.sum(-1) if score_func == "sigmoid" else g.amax(-1)
+        keep_g = torch.zeros_like(gscore, dtype=torch.bool).scatter_(1, gscore.topk(topk_groups, dim=-1).indices, True)
+        sel = sel.masked_fill(~keep_g.repeat_interleave(E // n_groups, dim=1), float("-inf"))
+    idx_NK = sel.topk(top_k, dim=-1).indices
+    w_NK = scores_NE.gather(1, idx_NK)
+    if norm_topk_prob and (top_k > 1 or score_func == "sigmoid"):
+        w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20)
+    return idx_NK, w_NK * routed_scaling
+
+
+def balance_loss(kind: str, scores_NE: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+    """Auxiliary load-balance loss (before the alpha coefficient).
+
+    ``switch``: N * sum_i f_i * P_i, f_i = share of assignments to i, P_i = mean routing prob of i.
+    ``variance``: sum_i (P_i - 1/N)^2. Both are minimal (1 and 0) for a uniform router.
+
+    >>> s = torch.full((4, 2), 0.5); idx = torch.tensor([[0], [1], [0], [1]])
+    >>> float(balance_loss("switch", s, idx)), float(balance_loss("variance", s, idx))
+    (1.0, 0.0)
+    >>> s = torch.tensor([[1.0, 0.0]] * 4); idx = torch.zeros(4, 1, dtype=torch.long)
+    >>> float(balance_loss("switch", s, idx)), float(balance_loss("variance", s, idx))
+    (2.0, 0.5)
+    """
+    N, E = scores_NE.shape
+    if kind == "none":
+        return scores_NE.new_zeros(())
+    probs = scores_NE / (scores_NE.sum(-1, keepdim=True) + 1e-20)  # sigmoid scores -> distribution
+    P_E = probs.mean(0)
+    if kind == "switch":
+        f_E = torch.bincount(idx_NK.flatten(), minlength=E).to(P_E.dtype) / idx_NK.numel()
+        return E * (f_E * P_E).sum()
+    if kind == "variance":
+        return ((P_E - 1.0 / E) ** 2).sum()
+    raise ValueError(f"unknown balance loss {kind!r}")
+
+
+def capacity_keep(e_A: torch.Tensor, w_A: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """Boolean keep-mask over assignments: each expert keeps its ``capacity`` highest-weight ones.
+
+    >>> capacity_keep(torch.tensor([0, 0, 0, 1]), torch.tensor([0.1, 0.9, 0.5, 0.3]), 2, 2).tolist()
+    [False, True, True, True]
+    """
+    order = torch.argsort(-w_A, stable=True)
+    order = order[torch.argsort(e_A[order], stable=True)]  # by expert, then by weight descending
+    counts = torch.bincount(e_A, minlength=n_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(e_A.numel(), device=e_A.device) - starts[e_A[order]]
+    keep = torch.empty_like(e_A, dtype=torch.bool)
+    keep[order] = rank_sorted < capacity
+    return keep
+
+
+def update_bias(bias_E: torch.Tensor, counts_E: torch.Tensor, speed: float) -> torch.Tensor:
+    """Aux-loss-free balancing step (in place): raise the bias of under-loaded experts, lower the
+    over-loaded ones, by ``speed`` (DeepSeek-V3 sec. 2.1.2). Returns the bias.
+
+    >>> update_bias(torch.zeros(3), torch.tensor([10.0, 1.0, 1.0]), 0.1).tolist()
+    [-0.10000000149011612, 0.10000000149011612, 0.10000000149011612]
+    """
+    load = counts_E.float()
+    bias_E += speed * torch.sign(load.mean() - load).to(bias_E.dtype)
+    return bias_E
+
+
+# ---------------------------------------------------------------------------------------------
+# modules
+# ---------------------------------------------------------------------------------------------
+class Router(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.d_model))
+        # aux-loss-free balancing bias: a buffer (not trained by gradients), saved in checkpoints
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x_ND: torch.Tensor):
+        c = self.cfg
+        logits = F.linear(x_ND.float(), self.weight.float())
+        scores_NE = logits.softmax(-1) if c.score_func == "softmax" else logits.sigmoid()
+        bias = self.expert_bias if c.bias_update_speed > 0 else None
+        idx_NK, w_NK = route(scores_NE, c.top_k, bias, c.n_groups, c.topk_groups, c.score_func,
+                             c.norm_topk_prob, c.routed_scaling)
+        return idx_NK, w_NK, scores_NE
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as stacked weights: gate|up fused (E, D, 2F) and down (E, F, D)."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.n_experts, self.hidden = n_experts, hidden
+        self.w_gate_up = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden))
+        self.w_down = nn.Parameter(torch.empty(n_experts, hidden, dim))
+
+    def expert_forward(self, e: int, x_MD: torch.Tensor) -> torch.Tensor:
+        g, u = (x_MD @ self.w_gate_up[e]).chunk(2, dim=-1)
+        return (F.silu(g) * u) @ self.w_down[e]
+
+
+_GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    key = (device.type, dtype)
+    if key not in _GROUPED_OK:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:
+                a = torch.randn(32, 16, device=device, dtype=dtype, requires_grad=True)
+                b = torch.randn(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+                y = torch._grouped_mm(a, b, offs=torch.tensor([16, 32], device=device, dtype=torch.int32))
+                y.backward(torch.ones_like(y))
+            except Exception:
+                ok = False
+        _GROUPED_OK[key] = ok
+    return _GROUPED_OK[key]
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.top_k
+        self.router = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.d_model, cfg.moe_d_ff)
+        self.shared = SwiGLU(cfg.d_model, cfg.n_shared_experts * cfg.moe_d_ff) if cfg.n_shared_experts > 0 else None
+        self.impl = cfg.moe_impl
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, D)
+        N = x_ND.shape[0]
+        idx_NK, w_NK, scores_NE = self.router(x_ND)
+        aux = balance_loss(self.cfg.aux_loss, scores_NE, idx_NK) * self.cfg.aux_loss_alpha \
+            if self.training and self.cfg.aux_loss != "none" else x_ND.new_zeros(())
+        e_A, w_A = idx_NK.flatten(), w_NK.flatten()
+        tok_A = torch.arange(N, device=x_ND.device).repeat_interleave(self.top_k)
+        dropped = torch.zeros((), dtype=torch.long, device=x_ND.device)
+        if self.cfg.capacity_factor > 0:
+            cap = math.ceil(self.cfg.capacity_factor * N * self.top_k / self.n_experts)
+            keep = capacity_keep(e_A, w_A, self.n_experts, cap)
+            dropped = (~keep).sum()
+            e_A, w_A, tok_A = e_A[keep], w_A[keep], tok_A[keep]
+        impl = self.impl
+        if impl == "auto":
+            impl = "grouped" if _grouped_mm_ok(x_ND.device, self._compute_dtype(x_ND)) else "sorted"
+        y_ND = _DISPATCH[impl](self, x_ND, e_A, w_A.to(x_ND.dtype), tok_A)
+        if self.shared is not None:
+            y_ND = y_ND + self.shared(x_ND)
+        stats = {"aux_loss": aux}
+        if self.training:  # token counts drive the aux-free bias update: training only
+            stats["counts"] = torch.bincount(idx_NK.flatten(), minlength=self.n_experts).detach()
+            stats["dropped"] = dropped.detach()
+        return y_ND.view(B, T, D), stats
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    # --- dispatch implementations -----------------------------------------------------------
+    def _loop(self, x_ND, e_A, w_A, tok_A):
+        """Reference: for each expert, gather its tokens with a mask, run it, scatter-add back."""
+        out = torch.zeros_like(x_ND)
+        for e in range(self.n_experts):
+            m = e_A == e
+            if m.any():
+                tok = tok_A[m]
+                out = out.index_add(0, tok, self.experts.expert_forward(e, x_ND[tok]) * w_A[m, None])
+        return out
+
+    def _sort(self, x_ND, e_A, w_A, tok_A):
+        order = torch.argsort(e_A, stable=True)
+        counts = torch.bincount(e_A, minlength=self.n_experts)
+        return order, counts, x_ND[tok_A[order]], w_A[order], tok_A[order]
+
+    def _sorted(self, x_ND, e_A, w_A, tok_A):
+        order, counts, x_AD, w_s, tok_s = self._sort(x_ND, e_A, w_A, tok_A)
+        outs = [self.experts.expert_forward(e, xs) for e, xs in enumerate(x_AD.split(counts.tolist()))]
+        y_AD = torch.cat(outs) * w_s[:, None]
+        return torch.zeros_like(x_ND).index_add(0, tok_s, y_AD)
+
+    def _grouped(self, x_ND, e_A, w_A, tok_A):
+        order, counts, x_AD, w_s, tok_s = self._sort(x_ND, e_A, w_A, tok_A)
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        dt = self._compute_dtype(x_ND)
+        h = torch._grouped_mm(x_AD.to(dt), self.experts.w_gate_up.to(dt), offs=offs)
+        g, u = h.chunk(2, dim=-1)
+        y_AD = torch._grouped_mm((F.silu(g) * u).contiguous(), self.experts.w_down.to(dt), offs=offs)
+        y_AD = y_AD.to(x_ND.dtype) * w_s[:, None]
+        return torch.zeros_like(x_ND).index_add(0, tok_s, y_AD)
+
+
+_DISPATCH = {"loop": MoE._loop, "sorted": MoE._sorted, "grouped": MoE._grouped}
