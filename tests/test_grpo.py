@@ -1,0 +1,122 @@
+"""GRPO maths (hand-computed) and a one-step update that must favour the higher-reward sample."""
+import math
+
+import pytest
+import torch
+
+from tinyseek.config import model_micro
+from tinyseek.model.transformer import Transformer
+from tinyseek.post import losses as L
+from tinyseek.post.grpo import grpo_update
+from tinyseek.post.seqs import pack, sequence_logprob, token_logprobs
+
+
+def test_group_advantages_hand_computed():
+    r = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]])
+    a = L.grpo_advantages(r, eps=0.0)
+    std = math.sqrt((0.75 ** 2 + 3 * 0.25 ** 2) / 3)  # Bessel-corrected std of [1,0,0,0]
+    assert a[0].tolist() == pytest.approx([0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std])
+    assert a[1].abs().max() == 0  # all-equal group: no signal (eps keeps it finite)
+    d = L.dr_grpo_advantages(r)
+    assert d[0].tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
+    assert set(L.ADVANTAGES) == {"grpo", "dr_grpo"}
+
+
+def test_dynamic_sampling_drops_uniform_groups():
+    r = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert L.dynamic_sampling_keep(r).tolist() == [False, False, True]
+
+
+def test_k3_kl_values():
+    lp = torch.tensor([-1.0, -2.0, -0.5])
+    ref = torch.tensor([-1.0, -1.0, -1.5])
+    kl = L.kl_k3(lp, ref)
+    # d = ref - lp = [0, 1, -1]; exp(d) - d - 1
+    assert kl.tolist() == pytest.approx([0.0, math.e - 2, math.exp(-1)])
+    assert (kl >= 0).all()
+
+
+def test_clipped_surrogate_hand_computed():
+    old = torch.zeros(1, 4)
+    lp = torch.log(torch.tensor([[0.5, 0.9, 1.1, 1.5]]))
+    # A > 0: clip at 1 + eps_high (0.28 for clip-higher)
+    loss, clipped = L.clipped_surrogate(lp, old, torch.tensor([2.0]), 0.2, 0.28)
+    assert loss[0].tolist() == pytest.approx([-1.0, -1.8, -2.2, -2 * 1.28])
+    assert clipped[0].tolist() == [False, False, False, True]
+    # A < 0: clip at 1 - eps_low (the pessimistic bound keeps the unclipped 1.5)
+    loss, clipped = L.clipped_surrogate(lp, old, torch.tensor([-1.0]), 0.2, 0.28)
+    assert loss[0].tolist() == pytest.approx([0.8, 0.9, 1.1, 1.5])
+    assert clipped[0].tolist() == [True, False, False, False]
+
+
+def test_policy_loss_aggregations_differ_as_specified():
+    lp = torch.zeros(2, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    adv = torch.tensor([1.0, -1.0])
+    # per-token loss is -A: row0 = -1 (4 tokens), row1 = +1 (1 token)
+    g, _ = L.policy_loss("grpo", lp, lp, adv, mask)
+    assert float(g) == pytest.approx((-1 + 1) / 2)
+    d, _ = L.policy_loss("dapo", lp, lp, adv, mask)
+    assert float(d) == pytest.approx((-4 + 1) / 5)
+    r, _ = L.policy_loss("dr_grpo", lp, lp, adv, mask, max_tokens=10)
+    assert float(r) == pytest.approx((-4 + 1) / (2 * 10))
+    with pytest.raises(ValueError):
+        L.policy_loss("ppo", lp, lp, adv, mask)
+
+
+def test_policy_loss_kl_term_and_clip_higher_only_for_dapo():
+    lp = torch.log(torch.tensor([[1.25]]))
+    old = torch.zeros(1, 1)
+    m = torch.ones(1, 1, dtype=torch.long)
+    a = torch.tensor([1.0])
+    assert float(L.policy_loss("grpo", lp, old, a, m, eps_low=0.2, eps_high=0.28)[0]) == pytest.approx(-1.2)
+    assert float(L.policy_loss("dapo", lp, old, a, m, eps_low=0.2, eps_high=0.28)[0]) == pytest.approx(-1.25)
+    ref = torch.zeros(1, 1)
+    loss, st = L.policy_loss("grpo", lp, old, a, m, ref_logp_BT=ref, beta=0.5)
+    kl = float(L.kl_k3(lp, ref))
+    assert st["kl"] == pytest.approx(kl)
+    assert float(loss) == pytest.approx(-1.2 + 0.5 * kl)
+
+
+def test_dpo_loss_hand_computed():
+    loss, margin = L.dpo_loss(torch.tensor([-2.0, -1.0]), torch.tensor([-3.0, -1.0]),
+                              torch.tensor([-2.5, -1.0]), torch.tensor([-2.5, -2.0]), beta=1.0)
+    # margins: (0.5 - (-0.5)) = 1.0 ; (0 - 1) = -1.0
+    assert margin.tolist() == pytest.approx([1.0, -1.0])
+    want = (-math.log(1 / (1 + math.exp(-1))) - math.log(1 / (1 + math.exp(1)))) / 2
+    assert float(loss) == pytest.approx(want)
+
+
+def test_pack_masks_only_response_tokens():
+    ids, mask = pack([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 0]]
+    assert mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
+
+
+@pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo"])
+def test_one_grpo_step_raises_logprob_of_better_sample(variant):
+    torch.manual_seed(0)
+    model = Transformer(model_micro())
+    ref = Transformer(model_micro())
+    ref.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    prompt = [10, 11, 12, 13]
+    good, bad = [20, 21, 22, 23], [30, 31, 32, 33]
+    prompts, resps = [prompt, prompt, prompt, prompt], [good, bad, bad, good[:2]]
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.5]])
+    adv = L.ADVANTAGES[L.VARIANTS[variant].advantage](rewards).view(-1)
+
+    def seq_lp():
+        with torch.no_grad():
+            model.eval()
+            ids, m = pack(prompts, resps, 0)
+            return sequence_logprob(token_logprobs(model, ids), m)
+
+    before = seq_lp()
+    model.train()
+    st = grpo_update(model, ref, opt, prompts, resps, adv, pad_id=0, variant=variant, mu=2, beta=0.04,
+                     eps_low=0.2, eps_high=0.28, max_tokens=4, grad_clip=1.0)
+    after = seq_lp()
+    assert after[0] > before[0]          # highest reward: more likely
+    assert after[1] < before[1]          # lowest reward: less likely
+    assert st["kl"] >= 0 and "clip_frac" in st and math.isfinite(st["loss"])

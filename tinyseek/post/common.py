@@ -1,0 +1,110 @@
+"""Glue shared by the post-training stages: policy/tokenizer loading, problems, prompts, checkpoints.
+
+Conventions:
+- ``init`` names a checkpoint (a step dir, a ``ckpt`` root or a run dir; see
+  ``tinyseek.train.checkpoint.load_model``); empty means a fresh model from the stage's ``model``
+  config (used by tests and by from-scratch experiments).
+- The tokenizer comes from ``tokenizer`` if set, else from ``<run dir>/tokenizer`` next to the
+  checkpoint, else the byte-level fallback tokenizer. Every stage copies it into its own run dir so
+  a run dir is self-contained.
+- A worked solution is rendered as ``<think>{solution}</think><answer>{answer}</answer>``.
+- Training problems use seeds ``seed * 1000 + step``; eval problems use ``EVAL_SEED_BASE + seed``,
+  a range training never draws from.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinyseek.config import ConfigError, ModelConfig
+from tinyseek.errors import UserError
+
+EVAL_SEED_BASE = 10_000_019  # eval problem seeds live at and above this; training seeds stay far below
+
+
+def find_run_dir(path: str | Path) -> Path | None:
+    """The run dir that holds a checkpoint path (step dir -> ckpt root -> run dir)."""
+    p = Path(path).resolve()
+    for cand in (p, p.parent, p.parent.parent):
+        if (cand / "tokenizer").exists() or (cand / "config.json").exists():
+            return cand
+    return None
+
+
+def load_tokenizer_for(init: str, tokenizer: str = ""):
+    """Tokenizer from an explicit path, else beside the checkpoint, else the byte tokenizer."""
+    from tinyseek import tokenizer as tk
+    if tokenizer:
+        if not Path(tokenizer).exists():
+            raise UserError(f"tokenizer path {tokenizer} does not exist")
+        return tk.load_tokenizer(tokenizer)
+    if init:
+        run = find_run_dir(init)
+        if run is not None and (run / "tokenizer").exists():
+            return tk.load_tokenizer(run / "tokenizer")
+    return tk.byte_tokenizer()
+
+
+def save_tokenizer(tok, run_dir: Path) -> None:
+    dst = Path(run_dir) / "tokenizer"
+    if dst.exists():
+        shutil.rmtree(dst)
+    tok.save(dst)
+
+
+def load_policy(init: str, model_cfg: ModelConfig, vocab_size: int, device: torch.device):
+    """(model, meta): from ``init`` if given, else a fresh ``Transformer(model_cfg)`` sized to the vocab."""
+    from tinyseek.model.transformer import Transformer
+    if init:
+        if not Path(init).exists():
+            raise UserError(f"checkpoint {init} does not exist")
+        from tinyseek.train.checkpoint import load_model
+        model, meta = load_model(init, device=str(device))
+        if model.cfg.vocab_size < vocab_size:
+            raise UserError(f"checkpoint vocab {model.cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
+        return model.to(device), meta
+    cfg = ModelConfig(**{**model_cfg.__dict__})
+    cfg.vocab_size = max(cfg.vocab_size, vocab_size)
+    return Transformer(cfg).to(device), {}
+
+
+def save(run_dir: Path, step: int, model, optimizer, meta: dict) -> Path:
+    from tinyseek.config import to_dict
+    from tinyseek.train.checkpoint import save_checkpoint
+    meta = {**meta, "model_config": to_dict(model.cfg)}
+    return save_checkpoint(Path(run_dir) / "ckpt", step, model, optimizer, meta)
+
+
+def task_names(spec: str) -> list[str]:
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ConfigError("tasks must name at least one task (e.g. arithmetic,countdown)")
+    return names
+
+
+def make_problems(tasks: str, n: int, seed: int, difficulty: int | None = None) -> list[Any]:
+    """``n`` problems spread round-robin over the comma-separated ``tasks``."""
+    from tinyseek.tasks import get_task
+    names = task_names(tasks)
+    per_task = []
+    for i, name in enumerate(names):
+        k = n // len(names) + (1 if i < n % len(names) else 0)
+        per_task.append(get_task(name).generate(k, seed=seed * 7919 + i, difficulty=difficulty) if k else [])
+    # interleave so any prefix of the list mixes the tasks
+    return [lst[j] for j in range(max(len(x) for x in per_task)) for lst in per_task if j < len(lst)]
+
+
+def prompt_ids(tok, prompt: str) -> list[int]:
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
+
+
+def worked_response(problem) -> str:
+    """The target completion for SFT: ``<think>solution</think><answer>answer</answer>``."""
+    return f"<think>{problem.solution}</think><answer>{problem.answer}</answer>"
+
+
+def decode(tok, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special=False)

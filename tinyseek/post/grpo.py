@@ -1,0 +1,265 @@
+"""``tinyseek grpo``: Group Relative Policy Optimisation with rule rewards (DeepSeekMath / R1).
+
+Each step: draw ``prompts_per_step`` problems (curriculum picks the difficulty), sample
+``group_size`` completions per prompt from the current policy with the KV-cache engine
+(temperature / top-p), score them with the reward registry (weights from config), turn rewards
+into group-relative advantages, and take ``mu`` gradient steps on the clipped policy-ratio loss
+plus ``beta`` * k3 KL to a frozen copy of the starting policy. Variants (grpo, dr_grpo, dapo) are
+rows of :data:`tinyseek.post.losses.VARIANTS`.
+
+What this simplifies, honestly:
+- On-policy with one rollout batch per step: the "old" policy is the current parameters before
+  this step's updates, so with ``mu = 1`` the ratio is exactly 1 and clipping never triggers;
+  clipping matters only for ``mu > 1``.
+- The reference model is the starting checkpoint, never refreshed (R1 refreshes it periodically).
+- Old/reference log-probs are recomputed with a full forward pass rather than kept from sampling
+  (simpler; the same numbers up to float noise).
+- Rewards are rule-based only (no learned reward model); no value function (that is GRPO's point).
+- No sequence packing; padding tokens are computed and masked. Single process (no DDP here).
+- MoE: the router balance loss is added to the policy loss and aux-loss-free biases are updated
+  from the expert counts of each update, as in pretraining.
+
+Writes ``runs/<name>/{config.json, metrics.jsonl, tokenizer/, ckpt/, plots/, result.json}``.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tinyseek.common import MetricsLogger, atomic_write_json, get_device, print0, seed_everything
+from tinyseek.config import ConfigError, ModelConfig, model_micro, model_preset, to_dict
+from tinyseek.post import common as C
+from tinyseek.post.curriculum import SCHEDULES, levels_for_step
+from tinyseek.post.losses import ADVANTAGES, VARIANTS, dynamic_sampling_keep, policy_loss
+from tinyseek.post.rewards import (DEFAULT_MULTI_WEIGHTS, RewardContext, check_weights, format_score, is_correct,
+                                   reward_breakdown)
+from tinyseek.post.rollout import sample
+from tinyseek.post.seqs import pack, token_logprobs
+
+
+@dataclass
+class Config:
+    init: str = ""                 # starting checkpoint (usually the SFT run); "" = fresh model (tests)
+    model: ModelConfig = field(default_factory=model_micro)  # architecture when init is empty
+    tokenizer: str = ""            # tokenizer dir; "" = the one beside init, else the byte tokenizer
+    tasks: str = "arithmetic"      # comma-separated task generators
+    curriculum: str = "fixed"      # difficulty schedule: fixed / linear / mixed (see post/curriculum.py)
+    difficulty: int = 1            # starting difficulty level
+    max_difficulty: int = 1        # final level of the linear / mixed schedules
+    steps: int = 30                # RL steps (one rollout batch each)
+    prompts_per_step: int = 8      # N distinct problems per step
+    group_size: int = 8            # G samples per problem
+    max_new_tokens: int = 48       # response budget (tokens)
+    temperature: float = 1.0       # rollout sampling temperature
+    top_p: float = 1.0             # rollout nucleus sampling
+    variant: str = "grpo"          # grpo / dr_grpo / dapo
+    mu: int = 1                    # gradient updates per rollout batch
+    beta: float = 0.04             # KL(policy || reference) coefficient (k3 estimator); 0 = no reference
+    eps_low: float = 0.2           # ratio clip below 1 - eps_low
+    eps_high: float = 0.28         # ratio clip above 1 + eps_high (dapo clip-higher; others use eps_low)
+    lr: float = 1e-4               # AdamW learning rate (constant)
+    weight_decay: float = 0.0      # AdamW weight decay
+    grad_clip: float = 1.0         # global grad-norm clip (0 = off)
+    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})  # reward name -> weight
+    multi_weights: dict = field(default_factory=lambda: dict(DEFAULT_MULTI_WEIGHTS))  # weights inside "multi"
+    length_budget: int = 200       # characters before the length / efficiency penalties start
+    eval_every: int = 10           # steps between held-out greedy pass@1 evals (0 = only start and end)
+    eval_problems: int = 64        # held-out problems per eval
+    save_every: int = 0            # steps between checkpoints (0 = only at the end)
+    seed: int = 0                  # rollout / problem seed
+    device: str = "auto"           # auto / cpu / cuda
+    out_dir: str = "runs"          # parent of the run dir
+    name: str = "grpo"             # run dir name
+    plots: bool = True             # write plots/grpo.png at the end
+
+    def validate(self) -> "Config":
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.curriculum not in SCHEDULES:
+            raise ConfigError(f"curriculum must be one of {', '.join(SCHEDULES)}, got {self.curriculum!r}")
+        for k in ("steps", "prompts_per_step", "max_new_tokens", "mu", "eval_problems"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"{k} must be > 0, got {getattr(self, k)}")
+        if self.group_size < 2:
+            raise ConfigError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 for rollouts, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.beta < 0 or self.eps_low <= 0 or self.eps_high <= 0 or self.lr <= 0:
+            raise ConfigError("beta must be >= 0 and eps_low, eps_high, lr > 0")
+        if self.max_difficulty < self.difficulty:
+            self.max_difficulty = self.difficulty
+        try:
+            check_weights(self.rewards)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        bad = set(self.multi_weights) - set(DEFAULT_MULTI_WEIGHTS)
+        if bad:
+            raise ConfigError(f"unknown multi_weights {sorted(bad)}; choose from {', '.join(DEFAULT_MULTI_WEIGHTS)}")
+        C.task_names(self.tasks)
+        self.model.validate()
+        return self
+
+
+def preset(name: str) -> Config:
+    presets = {
+        "micro": lambda: Config(),
+        "cpu-tiny": lambda: Config(model=model_preset("cpu-tiny"), steps=60, prompts_per_step=8, group_size=8),
+        "gpu-small": lambda: Config(model=model_preset("gpu-small"), steps=300, prompts_per_step=32, group_size=16,
+                                    max_new_tokens=256, tasks="arithmetic,countdown,gsm", curriculum="mixed",
+                                    difficulty=1, max_difficulty=3, lr=1e-5),
+    }
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    return presets[name]()
+
+
+def step_problems(cfg: Config, step: int, rng: random.Random) -> list:
+    """This step's problems: disjoint training seeds, difficulty from the curriculum."""
+    levels = levels_for_step(cfg.curriculum, step, cfg.steps, cfg.difficulty, cfg.max_difficulty,
+                             cfg.prompts_per_step, rng)
+    out = []
+    for lvl in sorted(set(levels)):
+        n = levels.count(lvl)
+        out += C.make_problems(cfg.tasks, n, seed=cfg.seed * 1_000_003 + step * 17 + lvl, difficulty=lvl or None)
+    return out
+
+
+def grpo_update(model, ref_model, opt, prompts: list[list[int]], responses: list[list[int]],
+                adv_B: torch.Tensor, *, pad_id: int, variant: str, mu: int, beta: float, eps_low: float,
+                eps_high: float, max_tokens: int, grad_clip: float) -> dict:
+    """``mu`` optimizer steps of the GRPO loss on one rollout batch; returns averaged stats.
+
+    ``responses`` include the eos token when the sample finished, so stopping is learned too.
+    """
+    dev = next(model.parameters()).device
+    ids, mask = pack(prompts, responses, pad_id, dev)
+    adv_B = adv_B.to(dev)
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        old_lp = token_logprobs(model, ids)
+        model.train(was)
+        ref_lp = token_logprobs(ref_model, ids) if ref_model is not None else None
+    stats: dict[str, float] = {}
+    for _ in range(mu):
+        lp, out = token_logprobs(model, ids, with_aux=True)
+        loss, st = policy_loss(variant, lp, old_lp, adv_B, mask, ref_logp_BT=ref_lp, beta=beta,
+                               eps_low=eps_low, eps_high=eps_high, max_tokens=max_tokens)
+        total = loss + out.aux_loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if out.expert_counts is not None:
+            model.update_expert_bias(out.expert_counts.detach())
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else torch.tensor(0.0)
+        opt.step()
+        st.update(loss=float(loss.detach()), grad_norm=float(gn))
+        for k, v in st.items():
+            stats[k] = stats.get(k, 0.0) + v / mu
+    return stats
+
+
+def main(cfg: Config) -> dict:
+    cfg.validate()
+    from tinyseek.eval import evaluate, heldout_problems
+    seed_everything(cfg.seed)
+    device = get_device(cfg.device)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    tok = C.load_tokenizer_for(cfg.init, cfg.tokenizer)
+    model, _ = C.load_policy(cfg.init, cfg.model, tok.vocab_size, device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", {"stage": "grpo", **to_dict(cfg)})
+    C.save_tokenizer(tok, run_dir)
+    ref = None
+    if cfg.beta > 0:
+        ref = copy.deepcopy(model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    V = VARIANTS[cfg.variant]
+    ctx = RewardContext(length_budget=cfg.length_budget, multi_weights=dict(cfg.multi_weights))
+    log = MetricsLogger(run_dir / "metrics.jsonl")
+    heldout = heldout_problems(cfg.tasks, cfg.eval_problems, cfg.seed, cfg.max_difficulty or None)
+    rng = random.Random(cfg.seed)
+    G = cfg.group_size
+
+    def run_eval(step):
+        r = evaluate(model, tok, heldout, n_samples=0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        log.log(step, eval_pass1=r["pass@1"], eval_format=r["format_rate"], eval_length=r["mean_length"])
+        print0(f"grpo eval step {step}: pass@1 {r['pass@1']:.3f} format {r['format_rate']:.2f}")
+        return r
+
+    first_eval = run_eval(0)
+    model.train()
+    history = []
+    t_start = time.time()
+    for step in range(1, cfg.steps + 1):
+        # ---- one GRPO step -------------------------------------------------------------------
+        t0 = time.time()
+        probs = step_problems(cfg, step, rng)
+        prompts = [C.prompt_ids(tok, p.prompt) for p in probs]
+        group_prompts = [p for p in prompts for _ in range(G)]
+        samples = sample(model, group_prompts, eos_id=tok.eos_id, max_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step * 997)
+        t1 = time.time()
+        texts = [C.decode(tok, s.tokens) for s in samples]
+        parts = [reward_breakdown(t, probs[i // G], cfg.rewards, ctx) for i, t in enumerate(texts)]
+        acc = [float(is_correct(t, probs[i // G].answer, probs[i // G].meta)) for i, t in enumerate(texts)]
+        rewards_NG = torch.tensor([p["total"] for p in parts]).view(len(probs), G)
+        adv_NG = ADVANTAGES[V.advantage](rewards_NG)
+        keep_N = dynamic_sampling_keep(rewards_NG) if V.dynamic_sampling else torch.ones(len(probs), dtype=torch.bool)
+        t2 = time.time()
+        st: dict[str, float] = {}
+        if bool(keep_N.any()):
+            idx = [i for i in range(len(samples)) if keep_N[i // G]]
+            resp = [samples[i].tokens + ([tok.eos_id] if samples[i].finished else []) for i in idx]
+            st = grpo_update(model, ref, opt, [group_prompts[i] for i in idx], resp, adv_NG.view(-1)[idx],
+                             pad_id=tok.pad_id, variant=cfg.variant, mu=cfg.mu, beta=cfg.beta,
+                             eps_low=cfg.eps_low, eps_high=cfg.eps_high, max_tokens=cfg.max_new_tokens + 1,
+                             grad_clip=cfg.grad_clip)
+        t3 = time.time()
+        # ---- metrics -----------------------------------------------------------------------------
+        fmt = [format_score(t) for t in texts]
+        m = {
+            "reward_mean": float(rewards_NG.mean()), "reward_std": float(rewards_NG.std()),
+            "accuracy": sum(acc) / len(acc), "format_rate": sum(fmt) / len(fmt),
+            "response_length": sum(len(s.tokens) for s in samples) / len(samples),
+            "truncated_rate": sum(not s.finished for s in samples) / len(samples),
+            "groups_kept": int(keep_N.sum()), "difficulty": sum(p.difficulty for p in probs) / len(probs),
+            "t_generate": round(t1 - t0, 3), "t_score": round(t2 - t1, 3), "t_train": round(t3 - t2, 3),
+            "step_time": round(t3 - t0, 3), **st,
+        }
+        log.log(step, **m)
+        history.append(m)
+        print0(f"grpo step {step}/{cfg.steps} reward {m['reward_mean']:.3f} acc {m['accuracy']:.3f} "
+               f"len {m['response_length']:.1f} kl {m.get('kl', 0):.4f} "
+               f"gen {m['t_generate']:.1f}s train {m['t_train']:.1f}s")
+        # ---- every eval_every / save_every steps ---------------------------------------------------
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            run_eval(step)
+            model.train()
+        if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+            C.save(run_dir, step, model, opt, {"stage": "grpo", "step": step})
+    last_eval = run_eval(cfg.steps)
+    ckpt = C.save(run_dir, cfg.steps, model, opt, {"stage": "grpo", "step": cfg.steps})
+    if cfg.plots:
+        from tinyseek.post.plots import plot_grpo
+        plot_grpo(run_dir / "metrics.jsonl", run_dir / "plots" / "grpo.png")
+    k = max(1, len(history) // 5)
+    res = {
+        "run_dir": str(run_dir), "checkpoint": str(ckpt), "steps": cfg.steps,
+        "reward_first": sum(h["reward_mean"] for h in history[:k]) / k,
+        "reward_last": sum(h["reward_mean"] for h in history[-k:]) / k,
+        "accuracy_first": sum(h["accuracy"] for h in history[:k]) / k,
+        "accuracy_last": sum(h["accuracy"] for h in history[-k:]) / k,
+        "eval_pass1_start": first_eval["pass@1"], "eval_pass1_end": last_eval["pass@1"],
+        "elapsed_s": round(time.time() - t_start, 2),
+    }
+    atomic_write_json(run_dir / "result.json", res)
+    return res

@@ -1,0 +1,541 @@
+"""Data parallelism for the trainers: torchrun setup, DDP / FSDP2 wrapping, gradient compression
+hooks, and measured communication accounting.
+
+Run any trainer under ``python -m torch.distributed.run --nproc_per_node=N`` (``torchrun``):
+:func:`init_distributed` reads ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE``, starts gloo on CPU
+(the only backend of the CPU torch build) or NCCL on CUDA; a world of one starts no process group
+and every helper here becomes a no-op.
+
+:func:`wrap_model` returns ``(wrapped, CommStats)``:
+
+- ``mode="ddp"``: ``DistributedDataParallel`` with one gradient communication hook:
+
+  ===================  ====================================================================
+  ``none``             plain fp32 all-reduce (our hook, so its bytes are counted too)
+  ``fp16``             torch ``fp16_compress_hook`` (cast bucket to fp16, all-reduce, cast back)
+  ``bf16``             our :func:`bf16_compress_hook`: torch's own ``bf16_compress_hook`` is
+                       documented for NCCL only and refuses gloo; gloo all-reduces bf16 fine
+  ``powersgd``         torch ``powerSGD_hook`` (Vogels et al. 2019) with rank ``powersgd_rank``
+  ``powersgd_fp16``    ``fp16_compress_wrapper(powerSGD_hook)``: P and Q travel as fp16
+  ===================  ====================================================================
+
+  PowerSGD keeps the replicas identical because every rank decompresses the same all-reduced
+  P and Q (the random start of Q is drawn from a seed every rank shares, warm start reuses the
+  all-reduced Q); error feedback keeps each rank's own residual locally (it is what makes the
+  low-rank approximation converge) and never touches the parameters directly. Error feedback and
+  warm start need ``start_powerSGD_iter >= 2`` (the first two steps are plain all-reduces while
+  DDP rebuilds its buckets), so the first ``powersgd_start`` steps are uncompressed.
+
+- ``mode="fsdp"``: FSDP2 (``torch.distributed.fsdp.fully_shard``) on every transformer block,
+  then on the root. Gradient compression there is the 16-bit variant only: ``fp16`` / ``bf16``
+  set ``MixedPrecisionPolicy(reduce_dtype=...)`` so gradients are reduce-scattered in 16 bits;
+  ``powersgd*`` is a DDP communication hook and raises :class:`ConfigError` with FSDP.
+
+Communication accounting (the compression ratio is measured, not assumed). ``bytes`` is the
+number of bytes this rank sends over the wire, modelled as the ring algorithm does it: an
+all-reduce of an N-byte tensor sends ``2 (W-1)/W * N`` bytes per rank, an all-gather or
+reduce-scatter of an N-byte (unsharded) tensor ``(W-1)/W * N``. ``raw_bytes`` is what a plain
+fp32 all-reduce of the same gradients would have sent. For DDP every tensor that any hook
+actually hands to ``all_reduce`` is counted (torch's hooks are observed through a counting proxy
+of ``torch.distributed`` installed in their modules; ours count directly), so PowerSGD is
+charged for its P and Q matrices, the 1-D and too-small tensors it sends uncompressed, and the
+plain all-reduces of its first steps. For FSDP2 the bytes are an *estimate* from parameter
+sizes: each forward of a sharded unit all-gathers its parameters (again in backward when the unit
+reshards after forward, i.e. every unit but the root), and each backward that syncs gradients
+reduce-scatters them in the reduce dtype.
+
+Checkpoints: :func:`full_state_dict` and :func:`optim_state_dict` give the same (plain,
+unsharded, integer-keyed optimizer) format under every mode, so runs resume across modes. The
+PowerSGD hook state (error feedback, warm-start Q) is not checkpointed: a resumed run restarts it,
+including its ``powersgd_start`` plain all-reduce steps, so a resumed PowerSGD run is close to but
+not bit-identical with an uninterrupted one.
+
+Deviation from plain DDP worth knowing: MoE ``expert_bias`` buffers are updated from local
+token counts; trainers should :func:`all_reduce_sum_` the counts before
+``model.update_expert_bias`` so every rank applies the same update (DDP also re-broadcasts
+buffers from rank 0 each forward; FSDP2 does not).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+
+from tinyseek.config import ConfigError
+
+MODES = ("ddp", "fsdp", "none")
+COMPRESSIONS = ("none", "powersgd", "fp16", "bf16", "powersgd_fp16")
+
+
+# ---------------------------------------------------------------------------------------------
+# process group
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0                   # global rank (RANK)
+    local_rank: int = 0             # rank on this machine (LOCAL_RANK); picks the CUDA device
+    world_size: int = 1             # number of processes (WORLD_SIZE)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # this rank's device
+    is_main: bool = True            # rank == 0: logs, checkpoints, prints
+    backend: str | None = None      # "gloo" / "nccl"; None when no process group was started
+
+    @property
+    def enabled(self) -> bool:
+        """True when a process group is running (world size > 1)."""
+        return self.world_size > 1
+
+
+def is_distributed_env() -> bool:
+    """True when launched by torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default))
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name} must be an integer, got {raw!r}") from None
+
+
+def init_distributed(device: str | torch.device = "auto", timeout_s: float = 600.0) -> Dist:
+    """Read the torchrun environment and start the process group (gloo on CPU, NCCL on CUDA).
+
+    ``device``: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``. On CUDA each rank uses
+    ``cuda:LOCAL_RANK``. A world of one starts no process group.
+    """
+    rank, local_rank, world = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), _env_int("WORLD_SIZE", 1)
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"bad torchrun environment: RANK={rank} WORLD_SIZE={world}")
+    name = str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' requested but CUDA is not available")
+        if dev.index is None:
+            if local_rank >= torch.cuda.device_count():
+                raise ConfigError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices")
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    backend = None
+    if world > 1:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if not tdist.is_available():
+            raise ConfigError("torch.distributed is not available in this torch build")
+        if not tdist.is_initialized():
+            kw: dict[str, Any] = {}
+            if backend == "nccl":
+                kw["device_id"] = dev
+            tdist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                     timeout=timedelta(seconds=timeout_s), **kw)
+    return Dist(rank=rank, local_rank=local_rank, world_size=world, device=dev, is_main=rank == 0,
+                backend=backend)
+
+
+def cleanup(dist: Dist | None = None) -> None:
+    """Destroy the process group if one is running (safe to call twice)."""
+    _set_active_stats(None)
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def barrier(dist: Dist) -> None:
+    if dist.enabled:
+        tdist.barrier()
+
+
+def all_reduce_sum_(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (no-op for a world of one); returns ``t``."""
+    if dist.enabled:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean_(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Average ``t`` over ranks in place (no-op for a world of one); returns ``t``."""
+    if dist.enabled:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        t.div_(dist.world_size)
+    return t
+
+
+def broadcast_object(obj: Any, dist: Dist, src: int = 0) -> Any:
+    """Send a picklable object from ``src`` to every rank (identity for a world of one)."""
+    if not dist.enabled:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# communication accounting
+# ---------------------------------------------------------------------------------------------
+def ring_bytes(kind: str, nbytes: int, world: int) -> int:
+    """Bytes one rank sends for a collective over an ``nbytes`` (full, unsharded) tensor.
+
+    >>> ring_bytes("all_reduce", 1000, 2), ring_bytes("all_reduce", 1000, 4)
+    (1000, 1500)
+    >>> ring_bytes("all_gather", 1000, 4), ring_bytes("reduce_scatter", 1000, 1)
+    (750, 0)
+    """
+    if world <= 1:
+        return 0
+    factor = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}[kind]
+    return factor * (world - 1) * nbytes // world
+
+
+class CommStats:
+    """Thread-safe counters of bytes sent (and the plain-fp32 all-reduce equivalent).
+
+    Hook callbacks may run on the backend's worker threads, hence the lock.
+    """
+
+    def __init__(self, world_size: int = 1, mode: str = "none", compression: str = "none"):
+        self.world_size = world_size
+        self.mode = mode
+        self.compression = compression
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._raw = 0
+        self.total_bytes = 0
+        self.total_raw_bytes = 0
+        self.sync = True  # FSDP estimate: does the current backward reduce gradients?
+
+    def add(self, sent: int = 0, raw: int = 0) -> None:
+        with self._lock:
+            self._bytes += int(sent)
+            self._raw += int(raw)
+            self.total_bytes += int(sent)
+            self.total_raw_bytes += int(raw)
+
+    def add_collective(self, kind: str, tensor: torch.Tensor) -> None:
+        self.add(sent=ring_bytes(kind, tensor.numel() * tensor.element_size(), self.world_size))
+
+    def take(self) -> dict:
+        """Bytes sent since the last call and the uncompressed fp32 equivalent; resets both.
+
+        ``ratio`` = bytes / raw_bytes (0.0 when nothing was reduced).
+        """
+        with self._lock:
+            b, r = self._bytes, self._raw
+            self._bytes = self._raw = 0
+        return {"bytes": b, "raw_bytes": r, "ratio": (b / r) if r else 0.0}
+
+
+_ACTIVE: CommStats | None = None  # the stats torch's hooks report into (one wrapped model a process)
+
+
+def _set_active_stats(stats: CommStats | None) -> None:
+    global _ACTIVE
+    _ACTIVE = stats
+
+
+class _CountingDist:
+    """Stand-in for the ``torch.distributed`` module inside torch's DDP hook modules: every
+    ``all_reduce`` is counted into the active :class:`CommStats`, everything else is forwarded."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def all_reduce(self, tensor, *args, **kwargs):
+        stats = _ACTIVE
+        if stats is not None:
+            stats.add_collective("all_reduce", tensor)
+        return self._real.all_reduce(tensor, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def _install_counting_proxy() -> None:
+    """Route torch's default and PowerSGD hooks' collectives through :class:`_CountingDist`."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook as psgd
+
+    for mod in (default_hooks, psgd):
+        if not isinstance(getattr(mod, "dist", None), _CountingDist):
+            mod.dist = _CountingDist(tdist)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP communication hooks
+# ---------------------------------------------------------------------------------------------
+def _plain_allreduce_hook(state: Any, bucket) -> torch.futures.Future:
+    """fp32 all-reduce average (what DDP does without a hook), counted."""
+    buf = bucket.buffer()
+    world = tdist.get_world_size()
+    buf.div_(world)
+    stats = _ACTIVE
+    if stats is not None:
+        stats.add_collective("all_reduce", buf)
+    fut = tdist.all_reduce(buf, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def bf16_compress_hook(state: Any, bucket) -> torch.futures.Future:
+    """Cast the gradient bucket to bf16, all-reduce (gloo and NCCL both do bf16), average, copy back.
+
+    Divides before the reduction like torch's fp16 hook (keeps the sum in range).
+    """
+    buf = bucket.buffer()
+    world = tdist.get_world_size()
+    low = buf.to(torch.bfloat16).div_(world)
+    stats = _ACTIVE
+    if stats is not None:
+        stats.add_collective("all_reduce", low)
+    fut = tdist.all_reduce(low, async_op=True).get_future()
+
+    def decompress(f):
+        buf.copy_(f.value()[0])
+        return buf
+
+    return fut.then(decompress)
+
+
+def _counting_wrapper(hook: Callable, stats: CommStats) -> Callable:
+    """Count the raw fp32 bytes of every bucket handed to ``hook`` (the sent bytes are counted at
+    the all-reduce itself)."""
+
+    def wrapped(state, bucket):
+        buf = bucket.buffer()
+        stats.add(raw=ring_bytes("all_reduce", buf.numel() * 4, stats.world_size))
+        return hook(state, bucket)
+
+    wrapped.__name__ = f"counted_{getattr(hook, '__name__', 'hook')}"
+    return wrapped
+
+
+def _ddp_hook(compression: str, powersgd_rank: int, powersgd_start: int) -> tuple[Any, Callable]:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook as psgd
+
+    def powersgd_state():
+        return psgd.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
+                                  start_powerSGD_iter=powersgd_start, use_error_feedback=True,
+                                  warm_start=True, random_seed=0)
+
+    if compression == "none":
+        return None, _plain_allreduce_hook
+    if compression == "fp16":
+        return None, default_hooks.fp16_compress_hook
+    if compression == "bf16":
+        return None, bf16_compress_hook
+    if compression == "powersgd":
+        return powersgd_state(), psgd.powerSGD_hook
+    if compression == "powersgd_fp16":
+        return powersgd_state(), default_hooks.fp16_compress_wrapper(psgd.powerSGD_hook)
+    raise ConfigError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# wrapping
+# ---------------------------------------------------------------------------------------------
+def _check(mode: str, compression: str, powersgd_rank: int, powersgd_start: int) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"unknown parallel mode {mode!r}; choose one of {', '.join(MODES)}")
+    if compression not in COMPRESSIONS:
+        raise ConfigError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    if powersgd_rank < 1:
+        raise ConfigError(f"powersgd_rank must be >= 1, got {powersgd_rank}")
+    if powersgd_start < 2:
+        raise ConfigError(f"powersgd_start must be >= 2 (error feedback and warm start need it), got {powersgd_start}")
+    if mode == "fsdp" and compression.startswith("powersgd"):
+        raise ConfigError(f"compression {compression!r} is a DDP communication hook; with mode 'fsdp' "
+                          "use compression none, fp16 or bf16 (16-bit reduce-scatter)")
+
+
+def wrap_model(model: nn.Module, dist: Dist, mode: str = "ddp", compression: str = "none",
+               powersgd_rank: int = 2, powersgd_start: int = 2) -> tuple[nn.Module, CommStats]:
+    """Wrap ``model`` (already on ``dist.device``) for data parallelism; returns (wrapped, stats).
+
+    A world of one returns ``model`` itself (no communication; stats stay at zero). A world larger
+    than one with ``mode="none"`` is a ConfigError (ranks would silently drift apart).
+    """
+    _check(mode, compression, powersgd_rank, powersgd_start)
+    stats = CommStats(dist.world_size, mode, compression)
+    if not dist.enabled:
+        return model, stats
+    if mode == "none":
+        raise ConfigError(f"parallel mode 'none' with {dist.world_size} processes would train "
+                          "unsynchronised replicas; use 'ddp' or 'fsdp'")
+    _set_active_stats(stats)
+    if mode == "ddp":
+        return _wrap_ddp(model, dist, compression, powersgd_rank, powersgd_start, stats), stats
+    return _wrap_fsdp(model, dist, compression, stats), stats
+
+
+def _wrap_ddp(model, dist, compression, powersgd_rank, powersgd_start, stats):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    kw: dict[str, Any] = {}
+    if dist.device.type == "cuda":
+        kw.update(device_ids=[dist.device.index], output_device=dist.device.index)
+    ddp = DDP(model, **kw)
+    _install_counting_proxy()
+    state, hook = _ddp_hook(compression, powersgd_rank, powersgd_start)
+    ddp.register_comm_hook(state, _counting_wrapper(hook, stats))
+    return ddp
+
+
+def _fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """Modules sharded one by one before the root: the transformer blocks."""
+    blocks = getattr(model, "blocks", None)
+    return list(blocks) if isinstance(blocks, nn.ModuleList) else []
+
+
+def _wrap_fsdp(model, dist, compression, stats):
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch < 2.6 kept FSDP2 under _composable
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard  # type: ignore
+    from torch.distributed.device_mesh import init_device_mesh
+
+    reduce_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(compression)
+    mp = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    units = _fsdp_units(model)
+    for unit in units:
+        _count_fsdp_unit(unit, stats, reshard=True, reduce_dtype=reduce_dtype, exclude=())
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+    unit_params = {id(p) for u in units for p in u.parameters()}
+    _count_fsdp_unit(model, stats, reshard=False, reduce_dtype=reduce_dtype, exclude=unit_params)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
+    return model
+
+
+def _count_fsdp_unit(unit: nn.Module, stats: CommStats, reshard: bool, reduce_dtype, exclude) -> None:
+    """Forward pre-hook that charges the estimated collectives of one FSDP2 unit per forward.
+
+    Sizes are taken now, before sharding, from the unit's own (not nested units') parameters.
+    """
+    params = [p for p in unit.parameters() if id(p) not in exclude]
+    numel = sum(p.numel() for p in params)
+    train_numel = sum(p.numel() for p in params if p.requires_grad)
+    psize = params[0].element_size() if params else 4
+    rsize = torch.tensor([], dtype=reduce_dtype).element_size() if reduce_dtype is not None else psize
+    w = stats.world_size
+
+    def pre_hook(module, args):
+        if _in_backward():
+            return  # activation-checkpoint recompute: the backward gather is charged already
+        sent = ring_bytes("all_gather", numel * psize, w)
+        raw = 0
+        if torch.is_grad_enabled():
+            if reshard:
+                sent += ring_bytes("all_gather", numel * psize, w)  # re-gather for backward
+            if stats.sync:
+                sent += ring_bytes("reduce_scatter", train_numel * rsize, w)
+                raw = ring_bytes("all_reduce", train_numel * 4, w)
+        stats.add(sent=sent, raw=raw)
+
+    unit.register_forward_pre_hook(pre_hook)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. a checkpointed block recomputing)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+def unwrap(wrapped: nn.Module) -> nn.Module:
+    """The underlying model (DDP keeps it in ``.module``; FSDP2 shards in place)."""
+    return getattr(wrapped, "module", wrapped) if _is_ddp(wrapped) else wrapped
+
+
+def _is_ddp(m: nn.Module) -> bool:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return isinstance(m, DDP)
+
+
+@contextlib.contextmanager
+def no_sync(wrapped: nn.Module, mode: str) -> Iterator[None]:
+    """Skip gradient communication for grad-accumulation micro-steps (no-op when not wrapped)."""
+    if _is_ddp(wrapped):
+        with wrapped.no_sync():
+            yield
+        return
+    if mode == "fsdp" and hasattr(wrapped, "set_requires_gradient_sync"):
+        stats = _ACTIVE
+        wrapped.set_requires_gradient_sync(False)
+        if stats is not None:
+            stats.sync = False
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+            if stats is not None:
+                stats.sync = True
+        return
+    yield
+
+
+def full_state_dict(wrapped: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain (unsharded, CPU-free of DTensor) state dict of the underlying model on every rank.
+
+    FSDP2 parameters are DTensors: ``full_tensor()`` all-gathers them, so call this on all ranks.
+    """
+    sd = unwrap(wrapped).state_dict()
+    out = {}
+    for k, v in sd.items():
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.detach()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint helpers (same on-disk format for every mode)
+# ---------------------------------------------------------------------------------------------
+# Load model weights into the plain model *before* wrap_model; build the optimizer after
+# wrapping (FSDP2 replaces parameters by DTensors) and restore it with load_optim_state_dict.
+def _param_index_to_fqn(wrapped: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): n for n, p in unwrap(wrapped).named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def optim_state_dict(wrapped: nn.Module, opt: torch.optim.Optimizer, mode: str) -> dict:
+    """Full optimizer state dict in the plain ``opt.state_dict()`` format (integer parameter ids),
+    so a checkpoint written under FSDP2 loads in a single process or DDP and back.
+
+    Under FSDP2 this gathers the sharded state: call it on every rank.
+    """
+    if mode != "fsdp" or not _is_fsdp(wrapped):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    sd = get_optimizer_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True))
+    fqns = _param_index_to_fqn(wrapped, opt)
+    index = {f: i for i, f in enumerate(fqns)}
+    state = {index[f]: {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+             for f, s in sd["state"].items()}
+    groups = [{**g, "params": [index[f] for f in g["params"]]} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_optim_state_dict(wrapped: nn.Module, opt: torch.optim.Optimizer, sd: dict, mode: str) -> None:
+    """Inverse of :func:`optim_state_dict` (every rank passes the full state dict)."""
+    if mode != "fsdp" or not _is_fsdp(wrapped):
+        opt.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    fqns = _param_index_to_fqn(wrapped, opt)
+    if len(sd["param_groups"]) != len(opt.param_groups) or \
+            sum(len(g["params"]) for g in sd["param_groups"]) != len(fqns):
+        raise ConfigError("optimizer state does not match the model's parameter groups")
+    full = {"state": {fqns[i]: s for i, s in sd["state"].items()},
+            "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in sd["param_groups"]]}
+    set_optimizer_state_dict(wrapped, opt, full, options=StateDictOptions(full_state_dict=True))
+
+
+def _is_fsdp(m: nn.Module) -> bool:
+    return hasattr(m, "set_requires_gradient_sync") and not _is_ddp(m)
