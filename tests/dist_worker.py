@@ -1,6 +1,7 @@
 """Worker for tests/test_distributed.py, launched as
 ``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_worker.py OUT_DIR MODE:COMPRESSION[:FLAG...] ...``
-Flags: ``ckpt`` turns on per-block activation checkpointing; ``resume`` stops two steps before
+Flags: ``ckpt`` turns on per-block activation checkpointing; ``nan`` poisons rank 0's loss at
+step 4 (the step is skipped, as the trainer does); ``resume`` stops two steps before
 the end, takes the model and optimizer state through the checkpoint helpers, rebuilds everything
 from them and finishes the run.
 
@@ -36,21 +37,28 @@ def build(dist: D.Dist, mode: str, compression: str, ckpt: bool, state: dict | N
     return wrapped, stats, opt
 
 
-def step(dist, wrapped, opt, mode, micro) -> float:
+def step(dist, wrapped, opt, mode, micro, poison: bool = False) -> float:
     opt.zero_grad(set_to_none=True)
     counts, total = None, 0.0
     for i, batch in enumerate(micro):
         ctx = D.no_sync(wrapped, mode) if i < len(micro) - 1 else torch.enable_grad()
         with ctx:
             out = wrapped(batch[:, :-1], batch[:, 1:])
-            (out.loss / len(micro)).backward()
-        total += out.ce_loss.item() / len(micro)
+            loss = out.loss / len(micro)
+            if poison and i == 0:
+                loss = loss * float("nan")  # a bad batch on rank 0 only
+            loss.backward()
+        total += loss.item()
         c = out.expert_counts.detach().float()
         counts = c if counts is None else counts + c
+    total_t = D.all_reduce_mean_(torch.tensor([total]), dist)
+    if not torch.isfinite(total_t).all():  # skip the step like the trainer does
+        opt.zero_grad(set_to_none=True)
+        return float("nan")
     D.all_reduce_sum_(counts, dist)
     D.unwrap(wrapped).update_expert_bias(counts)
     opt.step()
-    return D.all_reduce_mean_(torch.tensor([total]), dist).item()
+    return total_t.item()
 
 
 def train(dist: D.Dist, mode: str, compression: str, steps: int, flags: list[str]) -> dict:
@@ -65,7 +73,8 @@ def train(dist: D.Dist, mode: str, compression: str, steps: int, flags: list[str
             extra["optim_state_keys"] = sorted(state["optim"]["state"])
             extra["optim_n_params"] = [len(gr["params"]) for gr in state["optim"]["param_groups"]]
             wrapped, stats, opt = build(dist, mode, compression, ckpt, state)
-        losses.append(step(dist, wrapped, opt, mode, micro))
+        poison = "nan" in flags and s == 3 and dist.rank == 0
+        losses.append(step(dist, wrapped, opt, mode, micro, poison))
         comm.append(stats.take())
     params = {k: v.detach().clone() for k, v in D.full_state_dict(wrapped).items()}
     return {"params": params, "losses": losses, "comm": comm, "rank": dist.rank,

@@ -14,7 +14,19 @@ from tinyseek.errors import UserError
 
 # stage name -> module (one line each; a module provides Config, preset(), main())
 STAGES: dict[str, str] = {
+    "data": "tinyseek.data.pipeline",
+    "tokenizer": "tinyseek.tokenizer",
     "pretrain": "tinyseek.train.pretrain",
+    "sft": "tinyseek.post.sft",
+    "grpo": "tinyseek.post.grpo",
+    "dpo": "tinyseek.post.dpo",
+    "rejection": "tinyseek.post.rejection",
+    "distill": "tinyseek.post.distill",
+    "eval": "tinyseek.eval",
+    "export": "tinyseek.export",
+    "quantize": "tinyseek.quant.stage",
+    "serve": "tinyseek.serve.server",
+    "chat": "tinyseek.serve.chat",
 }
 
 

@@ -78,8 +78,11 @@ def plot_loss(metrics: str | Path | list[dict], out: str | Path, keys: Sequence[
         xs, ys = series(recs, key)
         if not xs:
             continue
-        ax.plot(xs, ys, alpha=0.3, lw=1, label=f"{key} (raw)")
-        ax.plot(xs, smooth(ys, 0.9 if len(ys) > 20 else 0.0), lw=2, label=key)
+        if len(ys) > 20:  # enough points to smooth: raw faint, EMA bold
+            ax.plot(xs, ys, alpha=0.3, lw=1, label=f"{key} (raw)")
+            ax.plot(xs, smooth(ys, 0.9), lw=2, label=f"{key} (EMA 0.9)")
+        else:
+            ax.plot(xs, ys, lw=2, label=key)
     xs, ys = series(recs, eval_key)
     if xs:
         ax.plot(xs, ys, "o-", ms=4, label=eval_key)

@@ -57,8 +57,10 @@ def write_shards(docs: Iterable[Iterable[int]], out_dir: str | Path, vocab_size:
                                         "sha256": hashlib.sha256(take.astype(dt).tobytes()).hexdigest()})
                 buf, buffered = ([rest] if rest.size else []), int(rest.size)
 
+        eos = np.array([eos_id], dtype=np.int64)
         for doc in docs:
-            ids = np.asarray(list(doc) + [eos_id], dtype=np.int64)
+            body = doc.astype(np.int64) if isinstance(doc, np.ndarray) else np.fromiter(doc, dtype=np.int64)
+            ids = np.concatenate([body, eos])
             if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
                 raise UserError(f"token id out of range [0, {vocab_size}) in document {index['n_docs']}")
             buf.append(ids)

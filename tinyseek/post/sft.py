@@ -123,6 +123,17 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _index_batches(n: int, batch_size: int, rng: random.Random, dp_engine=None):
+    """Shuffled index batches for one epoch (Opacus' Poisson batches under DP-SGD)."""
+    if dp_engine is not None:
+        yield from dp_engine.batches()
+        return
+    order = list(range(n))
+    rng.shuffle(order)
+    for i in range(0, n, batch_size):
+        yield order[i:i + batch_size]
+
+
 def main(cfg: Config) -> dict:
     cfg.validate()
     seed_everything(cfg.seed)
@@ -147,11 +158,11 @@ def main(cfg: Config) -> dict:
     step, t0, last = 0, time.time(), {}
     pad = tok.pad_id
     for epoch in range(cfg.epochs):
-        order = list(range(len(data)))
-        rng.shuffle(order)
-        for i in range(0, len(order), cfg.batch_size):
+        for idx in _index_batches(len(data), cfg.batch_size, rng, dp_engine):
+            if not idx:
+                continue  # Poisson sampling may draw an empty batch
             # ---- one SFT step ----------------------------------------------------------------
-            batch = [data[j] for j in order[i:i + cfg.batch_size]]
+            batch = [data[j] for j in idx]
             ids, mask = pack([b[0] for b in batch], [b[1] for b in batch], pad, device)
             tgt = sft_targets(ids, mask)
             for g in opt.param_groups:
@@ -160,9 +171,10 @@ def main(cfg: Config) -> dict:
             loss = out.loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if out.expert_counts is not None and dp_engine is None:
+            if out.expert_counts is not None:
                 model.update_expert_bias(out.expert_counts.detach())
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 and dp_engine is None else torch.tensor(0.0)
+            gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                     if cfg.grad_clip > 0 and dp_engine is None else torch.tensor(0.0))  # DP clips per sample
             opt.step()
             step += 1
             # ---- every log_every steps -----------------------------------------------------------
@@ -172,7 +184,16 @@ def main(cfg: Config) -> dict:
                 if dp_engine is not None:
                     last["dp_epsilon"] = dp_engine.epsilon(cfg.dp_delta)
                 log.log(step, **last)
+                last["step"] = step
                 print0(f"sft step {step}/{total} loss {last['loss']:.4f} lr {last['lr']:.2e}")
+    if step == 0:
+        raise UserError("no SFT step was taken (empty data?)")
+    if last.get("step") != step:  # make sure the final step is logged (Poisson batches vary the count)
+        last = {"loss": float(out.ce_loss.detach()), "lr": opt.param_groups[0]["lr"], "epoch": epoch,
+                "elapsed_s": round(time.time() - t0, 2)}
+        if dp_engine is not None:
+            last["dp_epsilon"] = dp_engine.epsilon(cfg.dp_delta)
+        log.log(step, **last)
     base = model._module if hasattr(model, "_module") else model
     ckpt = C.save(run_dir, step, base, opt if dp_engine is None else None,
                   {"stage": "sft", "step": step, "n_examples": len(data)})

@@ -24,7 +24,13 @@ and every helper here becomes a no-op.
   all-reduced Q); error feedback keeps each rank's own residual locally (it is what makes the
   low-rank approximation converge) and never touches the parameters directly. Error feedback and
   warm start need ``start_powerSGD_iter >= 2`` (the first two steps are plain all-reduces while
-  DDP rebuilds its buckets), so the first ``powersgd_start`` steps are uncompressed.
+  DDP rebuilds its buckets), so the first ``powersgd_start`` steps are uncompressed. After a
+  bucket comes back non-finite (a NaN batch the trainer skips) its PowerSGD memory is dropped,
+  else error feedback would carry the NaN into every later step.
+
+  Where PowerSGD is weak for MoE: torch's hook views every weight as ``shape[0] x rest``, so a
+  stacked expert tensor ``(E, D, 2F)`` becomes an ``E x 2DF`` matrix: for small E it is not
+  worth compressing (sent whole), for large E the rank-r factor is shared *across* experts.
 
 - ``mode="fsdp"``: FSDP2 (``torch.distributed.fsdp.fully_shard``) on every transformer block,
   then on the root. Gradient compression there is the 16-bit variant only: ``fp16`` / ``bf16``
@@ -42,7 +48,7 @@ charged for its P and Q matrices, the 1-D and too-small tensors it sends uncompr
 plain all-reduces of its first steps. For FSDP2 the bytes are an *estimate* from parameter
 sizes: each forward of a sharded unit all-gathers its parameters (again in backward when the unit
 reshards after forward, i.e. every unit but the root), and each backward that syncs gradients
-reduce-scatters them in the reduce dtype.
+reduce-scatters them in the reduce dtype (evaluation forwards are charged their all-gathers too).
 
 Checkpoints: :func:`full_state_dict` and :func:`optim_state_dict` give the same (plain,
 unsharded, integer-keyed optimizer) format under every mode, so runs resume across modes. The
@@ -301,14 +307,39 @@ def bf16_compress_hook(state: Any, bucket) -> torch.futures.Future:
     return fut.then(decompress)
 
 
+def _drop_nonfinite_powersgd_state(state: Any, idx: int) -> None:
+    """Forget a bucket's PowerSGD memory once it holds inf/NaN (a skipped non-finite step).
+
+    Without this, error feedback and warm start carry one bad step's NaN into every later step and
+    training never recovers. P and Q are all-reduced, hence identical on every rank, so every rank
+    drops them together and re-draws Q from the shared seed; the error is local and dropped locally.
+    """
+    p, q = state.p_memory_dict.get(idx), state.q_memory_dict.get(idx)
+    if (p is not None and not torch.isfinite(p).all()) or (q is not None and not torch.isfinite(q).all()):
+        state.p_memory_dict.pop(idx, None)
+        state.q_memory_dict.pop(idx, None)
+    err = state.error_dict.get(idx)
+    if err is not None and not torch.isfinite(err).all():
+        state.error_dict.pop(idx, None)
+
+
 def _counting_wrapper(hook: Callable, stats: CommStats) -> Callable:
     """Count the raw fp32 bytes of every bucket handed to ``hook`` (the sent bytes are counted at
-    the all-reduce itself)."""
+    the all-reduce itself); for PowerSGD also drop non-finite compression memory afterwards."""
 
     def wrapped(state, bucket):
         buf = bucket.buffer()
         stats.add(raw=ring_bytes("all_reduce", buf.numel() * 4, stats.world_size))
-        return hook(state, bucket)
+        fut = hook(state, bucket)
+        if state is None or not hasattr(state, "error_dict"):
+            return fut
+        idx = bucket.index()
+
+        def sanitize(f):
+            _drop_nonfinite_powersgd_state(state, idx)
+            return f.value()
+
+        return fut.then(sanitize)
 
     wrapped.__name__ = f"counted_{getattr(hook, '__name__', 'hook')}"
     return wrapped

@@ -1,0 +1,267 @@
+"""MoE block fwd+bwd throughput: ours vs Hugging Face Qwen2MoE / DeepseekV3 blocks vs a dense SwiGLU
+FFN with the same active parameters (the practical upper limit for a MoE layer), measured side by
+side in ONE run; plus the training MFU of the ``cpu-tiny`` model against the measured fp32 GEMM peak.
+
+    .venv/bin/python benchmarks/moe_vs_hf.py                  # CPU fp32, both configs + MFU
+    .venv/bin/python benchmarks/moe_vs_hf.py --device cuda    # bf16 on a GPU
+
+Repetitions are interleaved (A, B, C, A, B, C, ...) and we report medians, since the machine is shared
+and noisy. Ratios are tokens/s of a candidate divided by tokens/s of the dense equal-active FFN.
+HF blocks are built from a config offline; their expert weights are uninitialised by design, so we
+initialise every candidate the same way (normal, std 0.02 -> a near-uniform router for all).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from tinyseek.config import ModelConfig, model_cpu_tiny
+from tinyseek.model.layers import SwiGLU
+from tinyseek.model.moe import MoE
+from tinyseek.model.transformer import Transformer
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    d_model: int        # residual width
+    n_experts: int      # routed experts
+    top_k: int          # experts per token
+    expert_ff: int      # hidden width of one routed expert
+    n_shared: int       # shared experts (shared width = n_shared * expert_ff)
+    batch: int = 8
+    seq: int = 256
+
+    @property
+    def active_ff(self) -> int:
+        return (self.top_k + self.n_shared) * self.expert_ff
+
+
+CONFIGS = {
+    # the issue's reference point: 16 experts top-2, expert width 256, shared width 512
+    "e16k2": BenchConfig("16 experts top-2 (F=256, shared 512)", 256, 16, 2, 256, 2),
+    # fine-grained: 64 experts top-6, expert width 128, shared 256 -> same active width (1024)
+    "e64k6": BenchConfig("64 experts top-6 (F=128, shared 256)", 256, 64, 6, 128, 2),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# candidates
+# ---------------------------------------------------------------------------------------------
+def ours(bc: BenchConfig, impl: str = "auto") -> nn.Module:
+    cfg = ModelConfig(d_model=bc.d_model, n_routed_experts=bc.n_experts, top_k=bc.top_k, moe_d_ff=bc.expert_ff,
+                      n_shared_experts=bc.n_shared, score_func="softmax", aux_loss="switch",
+                      bias_update_speed=0.001, moe_impl=impl, n_layers=2, n_dense_layers=1).validate()
+    return _OutOnly(MoE(cfg))
+
+
+class _OutOnly(nn.Module):
+    """Our MoE returns (y, stats); keep the output and the aux loss in the graph like a trainer does."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        y, stats = self.m(x)
+        return y + 0.0 * stats["aux_loss"]
+
+
+def hf_qwen2moe(bc: BenchConfig, experts_impl: str | None) -> nn.Module:
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+    c = Qwen2MoeConfig(hidden_size=bc.d_model, num_experts=bc.n_experts, num_experts_per_tok=bc.top_k,
+                       moe_intermediate_size=bc.expert_ff, shared_expert_intermediate_size=bc.n_shared * bc.expert_ff,
+                       norm_topk_prob=True, intermediate_size=bc.active_ff)
+    c._experts_implementation = experts_impl
+    return Qwen2MoeSparseMoeBlock(c)
+
+
+def hf_deepseekv3(bc: BenchConfig, experts_impl: str | None) -> nn.Module:
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+    c = DeepseekV3Config(hidden_size=bc.d_model, n_routed_experts=bc.n_experts, num_experts_per_tok=bc.top_k,
+                         moe_intermediate_size=bc.expert_ff, n_shared_experts=bc.n_shared, n_group=1, topk_group=1,
+                         norm_topk_prob=True, routed_scaling_factor=1.0, intermediate_size=bc.active_ff)
+    c._experts_implementation = experts_impl
+    return DeepseekV3MoE(c)
+
+
+def dense(bc: BenchConfig) -> nn.Module:
+    return SwiGLU(bc.d_model, bc.active_ff)
+
+
+@torch.no_grad()
+def init_(m: nn.Module) -> nn.Module:
+    for p in m.parameters():
+        p.normal_(0.0, 0.02)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fwd_bwd_seconds(m: nn.Module, x: torch.Tensor, gy: torch.Tensor, iters: int) -> float:
+    """Mean seconds of one forward+backward over ``iters`` calls."""
+    _sync(x.device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        for p in m.parameters():
+            p.grad = None
+        xi = x.detach().requires_grad_(True)
+        m(xi).backward(gy)
+    _sync(x.device)
+    return (time.perf_counter() - t0) / iters
+
+
+def interleaved(cands: dict[str, nn.Module], make_input, reps: int, iters: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call for each candidate, repetitions interleaved across candidates."""
+    x, gy = make_input()
+    for m in cands.values():
+        fwd_bwd_seconds(m, x, gy, warmup)
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    for _ in range(reps):
+        for k, m in cands.items():
+            times[k].append(fwd_bwd_seconds(m, x, gy, iters))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_moe(bc: BenchConfig, device: torch.device, dtype: torch.dtype, reps: int, iters: int,
+              with_hf: bool) -> dict[str, float]:
+    torch.manual_seed(0)
+    cands: dict[str, nn.Module] = {"dense": dense(bc), "ours": ours(bc)}
+    if with_hf:
+        cands["hf_qwen2moe"] = hf_qwen2moe(bc, None)  # standalone block: eager per-expert loop
+        cands["hf_qwen2moe_grouped"] = hf_qwen2moe(bc, "grouped_mm")  # transformers 5 model default
+        cands["hf_deepseekv3"] = hf_deepseekv3(bc, None)
+        cands["hf_deepseekv3_grouped"] = hf_deepseekv3(bc, "grouped_mm")
+    for m in cands.values():
+        init_(m).to(device=device, dtype=dtype).train()
+    g = torch.Generator(device="cpu").manual_seed(1)
+
+    def make_input():
+        x = torch.randn(bc.batch, bc.seq, bc.d_model, generator=g).to(device, dtype)
+        gy = torch.randn(bc.batch, bc.seq, bc.d_model, generator=g).to(device, dtype) * 1e-3
+        return x, gy
+
+    secs = interleaved(cands, make_input, reps, iters)
+    tokens = bc.batch * bc.seq
+    return {k: tokens / s for k, s in secs.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# MFU of the cpu-tiny model
+# ---------------------------------------------------------------------------------------------
+def gemm_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    ts = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(ts) / 1e9  # peak: the best repetition
+
+
+def train_flops_per_token(model: Transformer, seq: int) -> tuple[float, float]:
+    """(6 * active non-embedding params, attention score/value flops) per token, fwd+bwd.
+
+    Attention follows the PaLM convention: 6 * L * H * (qk_dim + v_dim) * seq per token (the full
+    T x T product, not halved for the causal mask). The input embedding is a lookup, not a matmul;
+    the LM head is counted."""
+    cfg = model.cfg
+    n = model.num_params(active=True)
+    if not cfg.tie_embeddings:
+        n -= model.embed.weight.numel()
+    qk, v = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim) if cfg.attn == "mla" else \
+        (cfg.gqa_head_dim, cfg.gqa_head_dim)
+    attn = 6 * cfg.n_layers * cfg.n_heads * (qk + v) * seq
+    return 6.0 * n, float(attn)
+
+
+def mfu_cpu_tiny(device: torch.device, dtype: torch.dtype, batch: int, reps: int) -> dict:
+    torch.manual_seed(0)
+    cfg: ModelConfig = model_cpu_tiny()
+    model = Transformer(cfg).to(device=device, dtype=dtype).train()
+    T = cfg.max_seq_len
+    idx = torch.randint(0, cfg.vocab_size, (batch, T), device=device)
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        model(idx, idx).loss.backward()
+
+    step()
+    step()
+    peak_ts, ts = [], []
+    for _ in range(reps):  # interleave the GEMM peak measurement with the model steps
+        peak_ts.append(gemm_gflops(device, dtype, reps=2))
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    sec = statistics.median(ts)
+    peak = max(peak_ts)
+    dense_f, attn_f = train_flops_per_token(model, T)
+    tokens = batch * T
+    achieved = (dense_f + attn_f) * tokens / sec / 1e9
+    return dict(tokens_per_s=tokens / sec, achieved_gflops=achieved, peak_gflops=peak, mfu=achieved / peak,
+                params=model.num_params(), active_params=model.num_params(active=True),
+                flops_per_token=dense_f + attn_f, attn_share=attn_f / (dense_f + attn_f), batch=batch, seq=T)
+
+
+# ---------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
+    ap.add_argument("--reps", type=int, default=7, help="interleaved repetitions (median taken)")
+    ap.add_argument("--iters", type=int, default=3, help="fwd+bwd calls per repetition")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers blocks")
+    ap.add_argument("--no-mfu", action="store_true", help="skip the cpu-tiny MFU measurement")
+    ap.add_argument("--mfu-batch", type=int, default=8)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("moe_vs_hf: error: --device cuda but no GPU is available")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"torch {torch.__version__}, device {device}, dtype {dtype}, threads {torch.get_num_threads()}")
+    if not args.no_hf:
+        import transformers
+        print(f"transformers {transformers.__version__}")
+    for key in args.configs.split(","):
+        bc = CONFIGS[key]
+        tps = bench_moe(bc, device, dtype, args.reps, args.iters, not args.no_hf)
+        print(f"\n[{key}] {bc.name}, d={bc.d_model}, {bc.batch}x{bc.seq} tokens, dense FFN width {bc.active_ff}")
+        base = tps["dense"]
+        for k, v in tps.items():
+            print(f"  {k:24s} {v:10.0f} tok/s   {v / base:5.2f}x dense")
+        if "hf_qwen2moe" in tps:
+            print(f"  ours / hf_qwen2moe = {tps['ours'] / tps['hf_qwen2moe']:.2f}x, "
+                  f"ours / hf_deepseekv3 = {tps['ours'] / tps['hf_deepseekv3']:.2f}x, "
+                  f"ours / best HF = {tps['ours'] / max(v for k, v in tps.items() if k.startswith('hf')):.2f}x")
+    if not args.no_mfu:
+        r = mfu_cpu_tiny(device, dtype, args.mfu_batch, args.reps)
+        print(f"\n[mfu] cpu-tiny fwd+bwd, {r['batch']}x{r['seq']} tokens, {r['params'] / 1e6:.2f}M params "
+              f"({r['active_params'] / 1e6:.2f}M active), {r['flops_per_token'] / 1e6:.1f} MFLOP/token "
+              f"(attention {100 * r['attn_share']:.0f}%)")
+        print(f"  {r['tokens_per_s']:.0f} tok/s = {r['achieved_gflops']:.1f} GFLOP/s vs peak "
+              f"{r['peak_gflops']:.1f} GFLOP/s (2048^3 GEMM) -> MFU {100 * r['mfu']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Serving engine: batching invariance, sampling parameters, stops, limits, scheduler, streaming."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from serve_fixtures import make_model, make_tokenizer
+from tinyseek.errors import UserError
+from tinyseek.serve.detok import TextTracker
+from tinyseek.serve.engine import Engine, SamplingParams
+
+PROMPTS = ["hello", "the quick brown fox jumps", "a", "12+7=", "what is love? baby don't hurt me", "xyz" * 7]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return make_model(tok)
+
+
+def reference_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Plain greedy decoding without a cache: full forward over the growing sequence each step."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def test_greedy_matches_uncached_reference(model, tok):
+    eng = Engine(model, tok, max_batch=4)
+    ids = tok.encode(PROMPTS[1])
+    out = eng.generate([ids], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert out.token_ids == reference_greedy(model, ids, 12)
+    assert out.finish_reason == "length" and out.prompt_tokens == len(ids)
+
+
+@pytest.mark.parametrize("attn", ["mla", "gqa"])
+def test_greedy_alone_equals_batched(tok, attn):
+    model = make_model(tok, seed=1, attn=attn)
+    eng = Engine(model, tok, max_batch=4)  # fewer slots than prompts: requests join as others leave
+    prompts = [tok.encode(p) for p in PROMPTS]
+    lengths = [7, 20, 3, 15, 11, 9]  # different lengths so the batch changes shape while decoding
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths]
+    alone = [Engine(model, tok, max_batch=1).generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    batched = eng.generate(prompts, params)
+    for a, b, n in zip(alone, batched, lengths):
+        assert a.token_ids == b.token_ids and len(a.token_ids) == n
+        assert a.text == b.text
+    # the slots of finished requests were reused and left empty
+    assert eng.num_active() == 0 and eng.queue_depth() == 0 and int(eng.cache.lengths.sum()) == 0
+
+
+def test_seeded_sampling_independent_of_batch(model, tok):
+    prompts = [tok.encode(p) for p in PROMPTS[:4]]
+    sp = [SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=100 + i, ignore_eos=True)
+          for i in range(4)]
+    alone = [Engine(model, tok, max_batch=1).generate([p], s)[0].token_ids for p, s in zip(prompts, sp)]
+    batched = [c.token_ids for c in Engine(model, tok, max_batch=8).generate(prompts, sp)]
+    assert alone == batched
+    # a different seed gives a different sample; the same seed reproduces it
+    again = Engine(model, tok, max_batch=2).generate(prompts[:1], sp[0])[0].token_ids
+    other = Engine(model, tok, max_batch=2).generate(
+        prompts[:1], SamplingParams(max_tokens=10, temperature=1.0, seed=7, ignore_eos=True))[0].token_ids
+    assert again == alone[0] and other != alone[0]
+
+
+def test_top_k_one_and_zero_temperature_are_greedy(model, tok):
+    ids = tok.encode("hello")
+    eng = Engine(model, tok, max_batch=2)
+    g = eng.generate([ids], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    k1 = eng.generate([ids], SamplingParams(max_tokens=8, temperature=1.5, top_k=1, seed=3, ignore_eos=True))[0]
+    assert k1.token_ids == g
+
+
+def test_top_k_restricts_sampled_tokens(model, tok):
+    ids = tok.encode("hello")
+    eng = Engine(model, tok, max_batch=4)
+    with torch.no_grad():
+        top3 = set(model(torch.tensor([ids])).logits[0, -1].topk(3).indices.tolist())
+    firsts = {c.token_ids[0] for c in eng.generate(
+        [ids] * 40, [SamplingParams(max_tokens=1, temperature=5.0, top_k=3, seed=s) for s in range(40)])}
+    assert firsts <= top3 and len(firsts) >= 2
+
+
+def test_max_tokens_and_eos(model, tok):
+    eng = Engine(model, tok, max_batch=2)
+    ids = tok.encode("abc")
+    out = eng.generate([ids], SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    # make the model's greedy choice the eos token: generation stops there, eos not in the text
+    first = out.token_ids[0]
+    eng2 = Engine(model, tok, max_batch=2, eos_id=first)
+    out2 = eng2.generate([ids], SamplingParams(max_tokens=5))[0]
+    assert out2.token_ids == [first] and out2.finish_reason == "stop" and out2.stop == first
+    assert out2.text == ""
+    # stop_token_ids works the same way without touching eos
+    third = out.token_ids[2]
+    out3 = eng.generate([ids], SamplingParams(max_tokens=5, stop_token_ids=[third], ignore_eos=True))[0]
+    assert out3.token_ids == out.token_ids[:out.token_ids.index(third) + 1] and out3.finish_reason == "stop"
+
+
+def test_stop_strings_cut_text(model, tok):
+    eng = Engine(model, tok, max_batch=2)
+    ids = tok.encode("the quick brown fox jumps")
+    full = eng.generate([ids], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    text = full.text
+    assert len(text) >= 6
+    stop = text[4:6]  # a stop string that first appears somewhere in the middle
+    cut = text.find(stop)
+    out = eng.generate([ids], SamplingParams(max_tokens=24, stop=[stop, "never-appears"], ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and out.stop == stop
+    assert out.text == text[:cut] and stop not in out.text
+    assert len(out.token_ids) < len(full.token_ids)
+    assert out.token_ids == full.token_ids[:len(out.token_ids)]
+
+
+def test_cache_end_finishes_with_length(model, tok):
+    eng = Engine(model, tok, max_batch=2, max_len=16)
+    out = eng.generate([tok.encode("0123456789")], SamplingParams(max_tokens=100, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and 10 + len(out.token_ids) == 16
+
+
+def test_bad_requests_raise_user_errors(model, tok):
+    eng = Engine(model, tok, max_batch=2, max_len=16)
+    with pytest.raises(UserError, match="limit"):
+        eng.submit(list(range(20)), SamplingParams())
+    with pytest.raises(UserError, match="empty"):
+        eng.submit([], SamplingParams())
+    with pytest.raises(UserError, match="max_tokens"):
+        eng.submit([1, 2], SamplingParams(max_tokens=-1))
+    with pytest.raises(UserError, match="token ids"):
+        eng.submit([10 ** 6], SamplingParams())
+    with pytest.raises(UserError, match="top_p"):
+        eng.submit([1, 2], SamplingParams(top_p=0))
+    with pytest.raises(UserError, match="tokenizer"):
+        Engine(model, None).submit([1, 2], SamplingParams(stop=["x"]))
+    assert eng.queue_depth() == 0
+
+
+def test_no_tokenizer_batch_api(model, tok):
+    """The GRPO/eval path: token ids in, token ids out, eos given explicitly."""
+    eng = Engine(model, None, max_batch=3, eos_id=tok.eos_id)
+    outs = eng.generate([[5, 6, 7]] * 5, SamplingParams(max_tokens=6, temperature=1.0, seed=1))
+    assert len(outs) == 5 and all(o.text is None and 1 <= len(o.token_ids) <= 6 for o in outs)
+    assert len({tuple(o.token_ids) for o in outs}) == 1  # same prompt, same seed -> same sample
+
+
+def test_background_scheduler_admits_into_running_batch(model, tok):
+    eng = Engine(model, tok, max_batch=4, max_wait=0.01).start()
+    sizes = []
+    eng.step_listeners.append(lambda n, dt: sizes.append(n))
+    try:
+        long = eng.submit(tok.encode("hello"), SamplingParams(max_tokens=40, ignore_eos=True))
+        while not long.token_ids:
+            time.sleep(0.001)
+        late = eng.submit(tok.encode("a"), SamplingParams(max_tokens=5, ignore_eos=True))  # joins mid-flight
+        c_late, c_long = late.result(30), long.result(30)
+        assert len(c_long.token_ids) == 40 and len(c_late.token_ids) == 5
+        assert 2 in sizes  # decoded together with the long one
+        assert late.finished_at < long.finished_at
+        # and the late request's tokens equal what it gets alone
+        assert c_late.token_ids == Engine(model, tok, max_batch=1).generate(
+            [tok.encode("a")], SamplingParams(max_tokens=5, ignore_eos=True))[0].token_ids
+        # generate() from another thread goes through the running scheduler
+        outs = eng.generate([tok.encode(p) for p in PROMPTS], SamplingParams(max_tokens=3, ignore_eos=True))
+        assert all(len(o.token_ids) == 3 for o in outs)
+    finally:
+        eng.stop()
+    assert eng._thread is None
+
+
+def test_cancel_timeout_and_drain(model, tok):
+    eng = Engine(model, tok, max_batch=2).start()
+    try:
+        r = eng.submit(tok.encode("hi"), SamplingParams(max_tokens=10_000, ignore_eos=True))
+        r.cancel()
+        assert r.result(10).finish_reason == "cancelled"
+        t = eng.submit(tok.encode("hi"), SamplingParams(max_tokens=100, ignore_eos=True), timeout=1e-4)
+        assert t.result(10).finish_reason == "timeout"
+        # stop(drain=True) finishes what is queued and running before the thread exits
+        reqs = [eng.submit(tok.encode(p), SamplingParams(max_tokens=8, ignore_eos=True)) for p in PROMPTS]
+    finally:
+        eng.stop(drain=True, timeout=30)
+    assert all(r.done and r.completion.finish_reason == "length" for r in reqs)
+    with pytest.raises(UserError, match="shutting down"):
+        eng.submit([1, 2], SamplingParams())
+
+
+def test_astream_yields_tokens_and_matches_generate(model, tok):
+    eng = Engine(model, tok, max_batch=4).start()
+    ids = tok.encode("the quick brown fox jumps")
+    sp = SamplingParams(max_tokens=16, ignore_eos=True)
+
+    async def collect():
+        return [ev async for ev in eng.astream(ids, sp)]
+    try:
+        events = asyncio.run(collect())
+    finally:
+        eng.stop()
+    ref = Engine(model, tok, max_batch=1).generate([ids], sp)[0]
+    assert len(events) == 16 and events[-1].finished and not events[0].finished
+    assert [t for ev in events for t in ev.token_ids] == ref.token_ids
+    assert "".join(ev.text for ev in events) == ref.text == events[-1].completion.text
+
+
+def test_text_tracker_holds_back_stop_prefixes(tok):
+    tr = TextTracker(tok, ["STOP"])
+    ids = tok.encode("abc ST")
+    assert tr.update(ids) == "abc "            # "ST" might become "STOP": held back
+    assert tr.update(tok.encode("abc STX")) == "STX"
+    assert tr.update(tok.encode("abc STX yes STOP no")) == " yes " and tr.stopped == "STOP"
+    assert tr.text == "abc STX yes "
+    # a multi-byte character split across tokens is not emitted half-way
+    tr2 = TextTracker(tok, [])
+    euro = tok.encode("\u20ac")
+    if len(euro) > 1:
+        assert tr2.update(euro[:1]) == ""
+        assert tr2.update(euro) == "\u20ac"
+
+
+def test_engine_thread_safety_many_clients(model, tok):
+    """Concurrent submitters from several threads all get complete, correct answers."""
+    eng = Engine(model, tok, max_batch=4).start()
+    ref = {p: Engine(model, tok, max_batch=1).generate([tok.encode(p)], SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
+           for p in PROMPTS}
+    results, errors = {}, []
+
+    def client(i):
+        try:
+            p = PROMPTS[i % len(PROMPTS)]
+            results[i] = (p, eng.submit(tok.encode(p), SamplingParams(max_tokens=6, ignore_eos=True)).result(60))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        eng.stop()
+    assert not errors and len(results) == 12
+    assert all(c.token_ids == ref[p] for p, c in results.values())

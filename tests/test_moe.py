@@ -1,0 +1,270 @@
+"""MoE layer: fast dispatch paths == the readable reference loop, routing, balancing, capacity, config."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinyseek.config import ConfigError, ModelConfig, model_micro
+from tinyseek.model import moe as moe_mod
+from tinyseek.model.layers import SwiGLU
+from tinyseek.model.moe import MoE, balance_loss, capacity_keep, route, update_bias
+from tinyseek.model.transformer import Transformer
+
+
+def moe_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, d_ff=64, n_dense_layers=1,
+                n_routed_experts=8, n_shared_experts=1, moe_d_ff=24, top_k=2)
+    base.update(kw)
+    return ModelConfig(**base).validate()
+
+
+def make_moe(cfg: ModelConfig, seed: int = 0) -> MoE:
+    torch.manual_seed(seed)
+    m = MoE(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.2)
+    return m
+
+
+def run(m: MoE, impl: str, x: torch.Tensor):
+    """Forward + backward of a fixed scalar loss; returns output, dx, and every parameter grad."""
+    m.impl = impl
+    m.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y, stats = m(x)
+    w = torch.linspace(-1.0, 1.0, y.numel()).view_as(y)  # non-symmetric loss weights
+    ((y * w).sum() + stats["aux_loss"]).backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad.clone(), grads, stats
+
+
+ROUTINGS = {
+    "softmax": dict(score_func="softmax"),
+    "sigmoid": dict(score_func="sigmoid", routed_scaling=2.5, aux_loss="variance"),
+    "softmax-groups": dict(score_func="softmax", n_groups=4, topk_groups=2, top_k=3),
+    "sigmoid-groups": dict(score_func="sigmoid", n_groups=4, topk_groups=2, top_k=4, norm_topk_prob=False),
+    "top1-noshared": dict(top_k=1, n_shared_experts=0),
+}
+
+
+@pytest.mark.parametrize("impl", ["grouped", "sorted"])
+@pytest.mark.parametrize("capacity", [0.0, 1.0])
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_fast_paths_match_reference_loop(impl, capacity, routing):
+    if impl == "grouped" and not moe_mod._grouped_mm_ok(torch.device("cpu"), torch.float32):
+        pytest.skip("torch._grouped_mm unavailable on this CPU build")
+    cfg = moe_cfg(capacity_factor=capacity, **ROUTINGS[routing])
+    m = make_moe(cfg).train()
+    x = torch.randn(3, 11, cfg.d_model, generator=torch.Generator().manual_seed(1))
+    y_ref, dx_ref, g_ref, s_ref = run(m, "loop", x)
+    y, dx, g, s = run(m, impl, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-5)
+    assert set(g) == set(g_ref) and {"router.weight", "experts.w_gate_up", "experts.w_down"} <= set(g)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert torch.equal(s["counts"], s_ref["counts"]) and int(s["dropped"]) == int(s_ref["dropped"])
+    if capacity > 0:
+        assert int(s["dropped"]) > 0  # cf=1 with a random router must drop something: test is not vacuous
+
+
+@pytest.mark.parametrize("impl", ["grouped", "sorted"])
+def test_fast_paths_handle_empty_experts(impl):
+    """Experts that receive no token (zero-size groups) must not break the grouped kernels."""
+    cfg = moe_cfg(n_routed_experts=8, top_k=1, score_func="sigmoid", aux_loss="none")
+    m = make_moe(cfg).train()
+    with torch.no_grad():
+        m.router.weight.zero_()
+        m.router.weight[2, 0] = 5.0
+        m.router.weight[5, 0] = -5.0
+    x = torch.randn(2, 7, cfg.d_model, generator=torch.Generator().manual_seed(3))
+    y_ref, dx_ref, g_ref, s = run(m, "loop", x)
+    assert (s["counts"] == 0).sum() >= 6  # only experts 2 and 5 are used
+    y, dx, g, _ = run(m, impl, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-5)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("impl", ["loop", "sorted", "grouped", "auto"])
+def test_one_expert_top1_equals_dense_swiglu(impl):
+    cfg = moe_cfg(n_routed_experts=1, top_k=1, n_shared_experts=0, moe_d_ff=40)
+    m = make_moe(cfg)
+    m.impl = impl
+    dense = SwiGLU(cfg.d_model, cfg.moe_d_ff)
+    with torch.no_grad():  # same weights: gate|up fused (D, 2F), down (F, D)
+        m.experts.w_gate_up[0].copy_(torch.cat([dense.gate_proj.weight.T, dense.up_proj.weight.T], dim=1))
+        m.experts.w_down[0].copy_(dense.down_proj.weight.T)
+    x = torch.randn(2, 9, cfg.d_model, generator=torch.Generator().manual_seed(2))
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, _ = m(xa)
+    yb = dense(xb)
+    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.experts.w_down.grad[0], dense.down_proj.weight.grad.T, atol=1e-5, rtol=1e-5)
+    F = cfg.moe_d_ff
+    torch.testing.assert_close(m.experts.w_gate_up.grad[0][:, :F], dense.gate_proj.weight.grad.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.experts.w_gate_up.grad[0][:, F:], dense.up_proj.weight.grad.T, atol=1e-5, rtol=1e-5)
+
+
+def _load_ratio(counts: torch.Tensor) -> float:
+    c = counts.float()
+    return float(c.max() / c.mean())
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_aux_free_bias_moves_toward_balance(score_func):
+    cfg = moe_cfg(n_routed_experts=8, top_k=2, score_func=score_func, aux_loss="none", bias_update_speed=0.005)
+    m = make_moe(cfg).train()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 32, cfg.d_model, generator=g)
+    with torch.no_grad():  # skew: experts 0 and 1 win for almost every token
+        m.router.weight.mul_(0.1)
+        x[..., 0] = x[..., 0].abs() + 1.0
+        m.router.weight[0, 0] += 1.0
+        m.router.weight[1, 0] += 0.7
+    ratios = []
+    for _ in range(80):
+        with torch.no_grad():
+            _, stats = m(x)
+        ratios.append(_load_ratio(stats["counts"]))
+        update_bias(m.router.expert_bias, stats["counts"], cfg.bias_update_speed)
+    assert ratios[0] > 3.0, ratios[0]  # genuinely skewed at the start (4.0 = two experts take all)
+    late = sum(ratios[-20:]) / 20  # the sign rule oscillates a little: average the tail
+    assert late < 0.6 * ratios[0], ratios
+    assert m.router.expert_bias[0] < 0 and m.router.expert_bias[1] < 0  # the hot experts were pushed down
+    # selection only: the mixing weights are the original scores, so the bias has no gradient path
+    assert not m.router.expert_bias.requires_grad
+
+
+def test_bias_not_updated_and_no_counts_in_eval():
+    cfg = moe_cfg(bias_update_speed=0.05)
+    model = Transformer(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(5))
+    model.train()
+    out = model(idx, idx)
+    assert out.expert_counts is not None and out.expert_counts.shape == (len(model.moe_layers), cfg.n_routed_experts)
+    assert int(out.expert_counts.sum()) == len(model.moe_layers) * idx.numel() * cfg.top_k
+    model.update_expert_bias(out.expert_counts)
+    bias_after_train = [mm.router.expert_bias.clone() for mm in model.moe_layers]
+    assert any(b.abs().sum() > 0 for b in bias_after_train)  # training counts did move the bias
+    model.eval()
+    with torch.no_grad():
+        for _ in range(3):
+            out = model(idx, idx)
+            assert out.expert_counts is None and out.dropped is None
+    for mm, b in zip(model.moe_layers, bias_after_train):
+        assert torch.equal(mm.router.expert_bias, b)
+    _, stats = model.moe_layers[0](torch.randn(1, 4, cfg.d_model))
+    assert "counts" not in stats and float(stats["aux_loss"]) == 0.0
+
+
+def test_capacity_drop_counts_hand_computed():
+    """E=2, top-1, 6 tokens: 4 go to expert 0, 2 to expert 1. cf=1 -> capacity ceil(6*1/2)=3, so
+    expert 0 drops its lowest-weight assignment (1 dropped); cf=0.5 -> capacity 2, 2 dropped."""
+    cfg = moe_cfg(d_model=4, n_routed_experts=2, top_k=1, n_shared_experts=0, aux_loss="none",
+                  bias_update_speed=0.0, moe_d_ff=8)
+    m = make_moe(cfg).train()
+    with torch.no_grad():
+        m.router.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+    # token margins (x0 - x1) for expert 0: 3, 2, 0.5, 1 -> token 2 has the lowest weight
+    x = torch.tensor([[3.0, 0, 1, 1], [2.0, 0, 1, 1], [0.5, 0, 1, 1], [1.0, 0, 1, 1],
+                      [0.0, 2.0, 1, 1], [0.0, 1.0, 1, 1]]).view(1, 6, 4)
+    _, s = m(x)
+    assert s["counts"].tolist() == [4, 2] and int(s["dropped"]) == 0
+    for impl in ("loop", "sorted", "grouped"):
+        m.impl = impl
+        m.cfg.capacity_factor = 1.0
+        y, s = m(x)
+        assert int(s["dropped"]) == 1 and s["counts"].tolist() == [4, 2]
+        dropped_rows = (y[0].abs().sum(-1) == 0).nonzero().flatten().tolist()
+        assert dropped_rows == [2], impl  # no shared expert: the dropped token gets zero output
+        m.cfg.capacity_factor = 0.5
+        y, s = m(x)
+        assert int(s["dropped"]) == 2
+        assert (y[0].abs().sum(-1) == 0).nonzero().flatten().tolist() == [2, 3]
+    m.cfg.capacity_factor = 0.0
+
+
+def test_capacity_keep_pure():
+    e = torch.tensor([1, 0, 1, 1, 0, 1])
+    w = torch.tensor([0.2, 0.5, 0.9, 0.1, 0.4, 0.3])
+    # expert 1 has 4 assignments (w .2 .9 .1 .3), capacity 2 keeps .9 and .3; expert 0 keeps both
+    assert capacity_keep(e, w, 2, 2).tolist() == [False, True, True, False, True, True]
+    assert capacity_keep(e, w, 2, 10).all()
+    assert capacity_keep(e, w, 2, 1).tolist() == [False, True, True, False, False, False]
+
+
+def test_balance_losses_hand_computed():
+    scores = torch.tensor([[0.9, 0.1], [0.5, 0.5]])
+    idx = torch.tensor([[0], [0]])
+    # f = (1, 0), P = (0.7, 0.3): switch = 2 * (1*0.7 + 0*0.3) = 1.4; variance = 0.2^2 + 0.2^2 = 0.08
+    assert float(balance_loss("switch", scores, idx)) == pytest.approx(1.4)
+    assert float(balance_loss("variance", scores, idx)) == pytest.approx(0.08)
+    assert float(balance_loss("none", scores, idx)) == 0.0
+    # sigmoid scores are normalised to a distribution first: (0.6, 0.2) -> (0.75, 0.25)
+    sig = torch.tensor([[0.6, 0.2]])
+    assert float(balance_loss("variance", sig, torch.tensor([[1]]))) == pytest.approx(2 * 0.25 ** 2)
+    assert float(balance_loss("switch", sig, torch.tensor([[1]]))) == pytest.approx(2 * 0.25)
+    # top-2 of 4: f counts assignments (k per token)
+    s4 = torch.full((2, 4), 0.25)
+    idx4 = torch.tensor([[0, 1], [0, 2]])  # f = (0.5, 0.25, 0.25, 0)
+    assert float(balance_loss("switch", s4, idx4)) == pytest.approx(4 * 0.25 * 1.0)
+    with pytest.raises(ValueError):
+        balance_loss("bogus", scores, idx)
+
+
+def test_aux_loss_reported_with_alpha_in_training():
+    cfg = moe_cfg(aux_loss="switch", aux_loss_alpha=0.1)
+    m = make_moe(cfg).train()
+    x = torch.randn(2, 5, cfg.d_model)
+    _, s = m(x)
+    idx, _, scores = m.router(x.view(-1, cfg.d_model))
+    assert float(s["aux_loss"].detach()) == pytest.approx(0.1 * float(balance_loss("switch", scores, idx).detach()), rel=1e-6)
+    assert s["aux_loss"].requires_grad  # it trains the router
+
+
+def test_group_limited_routing_stays_in_selected_groups():
+    g = torch.Generator().manual_seed(6)
+    scores = torch.rand(50, 12, generator=g)
+    idx, w = route(scores, 3, n_groups=4, topk_groups=2, score_func="softmax")
+    groups = idx // 3
+    assert ((groups[:, :, None] == groups[:, None, :]).any(-1)).all()
+    assert all(len(set(r)) <= 2 for r in groups.tolist())
+    # the chosen groups are the 2 with the highest max score
+    top_groups = scores.view(50, 4, 3).amax(-1).topk(2, dim=-1).indices.sort(-1).values
+    for r, tg in zip(groups.tolist(), top_groups.tolist()):
+        assert set(r) <= set(tg)
+    torch.testing.assert_close(w.sum(-1), torch.ones(50))  # renormalised
+    # without groups, top-3 over all 12
+    idx_all, _ = route(scores, 3)
+    assert torch.equal(idx_all.sort(-1).values, scores.topk(3, dim=-1).indices.sort(-1).values)
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    (dict(top_k=9, n_routed_experts=8), "top_k"),
+    (dict(top_k=0), "top_k"),
+    (dict(n_groups=3), "n_groups"),
+    (dict(n_groups=4, topk_groups=5), "topk_groups"),
+    (dict(n_groups=4, topk_groups=1, top_k=3), "top_k"),
+    (dict(score_func="relu"), "score_func"),
+    (dict(aux_loss="l2"), "aux_loss"),
+    (dict(capacity_factor=-1.0), "capacity_factor"),
+    (dict(moe_impl="fast"), "moe_impl"),
+    (dict(bias_update_speed=-0.1), "bias_update_speed"),
+    (dict(moe_d_ff=0), "moe_d_ff"),
+])
+def test_bad_moe_config_raises_config_error(kw, fragment):
+    cfg = model_micro()
+    cfg.n_routed_experts = 8
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    with pytest.raises(ConfigError) as ei:
+        Transformer(cfg)
+    msg = str(ei.value)
+    assert fragment in msg and "\n" not in msg

@@ -1,0 +1,201 @@
+"""Streaming ingest: JSONL (field configurable, ``.gz`` ok), Parquet and plain-text files or folders.
+
+Memory is bounded by one document, not by the file: files are read a line (at most ``MAX_LINE``
+bytes) at a time, Parquet in record batches of one column, and long text files are cut into
+documents of about ``doc_chars`` characters at paragraph (blank-line) boundaries, with a hard cut
+at ``4 * doc_chars`` for text without paragraphs.
+
+A record that cannot be read (invalid JSON or UTF-8, missing/non-string field, unreadable file)
+is yielded as a :class:`Doc` with ``text=None`` and an ``error`` and its ``path:line`` location,
+so it is counted and reported, never silently skipped and never fatal. Blank JSONL lines are not
+records.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tinyseek.errors import UserError
+
+MAX_LINE = 1 << 24          # bytes read per line at a time (a longer line is read in pieces)
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".txt.gz", ".text")
+
+
+@dataclass
+class Doc:
+    text: str | None           # document text; None for a malformed record
+    source: str                # source name (for accounting)
+    loc: str                   # "path:line" (JSONL, text start line) or "path:row" (Parquet)
+    error: str = ""            # why the record is malformed ("" if fine)
+
+
+def file_format(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return "text"
+
+
+def list_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """Files named by ``paths`` (folders expanded recursively, sorted; hidden entries skipped)."""
+    out: list[Path] = []
+    suffixes = suffixes or (JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES)
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(suffixes)
+                          and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UserError(f"input {p} does not exist")
+    return out
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _lines(f) -> Iterator[bytes]:
+    """Lines of a binary file, each at most MAX_LINE bytes per read (long lines arrive joined)."""
+    while True:
+        line = f.readline(MAX_LINE)
+        if not line:
+            return
+        if not line.endswith(b"\n") and len(line) == MAX_LINE:
+            parts = [line]
+            while True:
+                more = f.readline(MAX_LINE)
+                parts.append(more)
+                if not more or more.endswith(b"\n"):
+                    break
+            line = b"".join(parts)
+        yield line
+
+
+def iter_jsonl(path: Path, text_field: str = "text", source: str = "") -> Iterator[Doc]:
+    source = source or path.name
+    try:
+        f = _open_binary(path)
+    except OSError as e:
+        yield Doc(None, source, f"{path}:0", f"unreadable file: {e.strerror}")
+        return
+    with f:
+        try:
+            for i, raw in enumerate(_lines(f), 1):
+                loc = f"{path}:{i}"
+                if not raw.strip():
+                    continue
+                try:
+                    rec = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    yield Doc(None, source, loc, "invalid UTF-8")
+                    continue
+                except json.JSONDecodeError as e:
+                    yield Doc(None, source, loc, f"invalid JSON ({e.msg})")
+                    continue
+                if not isinstance(rec, dict):
+                    yield Doc(None, source, loc, "record is not a JSON object")
+                    continue
+                val = rec.get(text_field)
+                if not isinstance(val, str):
+                    why = "missing" if text_field not in rec else f"non-string ({type(val).__name__})"
+                    yield Doc(None, source, loc, f"{why} field {text_field!r}")
+                    continue
+                yield Doc(val, source, loc)
+        except (OSError, EOFError) as e:  # truncated gzip etc.
+            yield Doc(None, source, f"{path}:?", f"read error: {e}")
+
+
+def iter_parquet(path: Path, text_field: str = "text", source: str = "", batch_rows: int = 1024) -> Iterator[Doc]:
+    source = source or path.name
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many types for corrupt files
+        yield Doc(None, source, f"{path}:0", f"unreadable Parquet file ({type(e).__name__})")
+        return
+    if text_field not in pf.schema_arrow.names:
+        raise UserError(f"{path} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+                        f"set --text-field")
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=[text_field]):
+            for val in batch.column(0).to_pylist():
+                loc = f"{path}:{row}"
+                row += 1
+                if isinstance(val, bytes):
+                    try:
+                        val = val.decode("utf-8")
+                    except UnicodeDecodeError:
+                        yield Doc(None, source, loc, "invalid UTF-8")
+                        continue
+                if not isinstance(val, str):
+                    yield Doc(None, source, loc, f"non-string field {text_field!r} ({type(val).__name__})")
+                    continue
+                yield Doc(val, source, loc)
+    except Exception as e:  # noqa: BLE001
+        yield Doc(None, source, f"{path}:{row}", f"Parquet read error ({type(e).__name__})")
+
+
+def chunk_paragraphs(lines: Iterable[tuple[int, str]], doc_chars: int, where: str, source: str) -> Iterator[Doc]:
+    """Group ``(line_no, line)`` into documents of about ``doc_chars`` characters, cutting at blank
+    lines (or anywhere past ``4 * doc_chars``). ``doc_chars <= 0``: one document (hard cap 1M chars)."""
+    target = doc_chars if doc_chars > 0 else 1 << 20
+    hard = 4 * doc_chars if doc_chars > 0 else 1 << 20
+    buf: list[str] = []
+    size, start = 0, 1
+    for no, line in lines:
+        if not buf:
+            start = no
+        buf.append(line)
+        size += len(line)
+        blank = not line.strip()
+        if (blank and size >= target) or size >= hard:
+            yield Doc("".join(buf), source, f"{where}:{start}")
+            buf, size = [], 0
+    if buf and "".join(buf).strip():
+        yield Doc("".join(buf), source, f"{where}:{start}")
+
+
+def iter_text(path: Path, doc_chars: int = 4000, source: str = "") -> Iterator[Doc]:
+    """Plain text, cut into paragraph-aligned documents; invalid UTF-8 bytes become U+FFFD."""
+    source = source or path.name
+    try:
+        f = _open_binary(path)
+    except OSError as e:
+        yield Doc(None, source, f"{path}:0", f"unreadable file: {e.strerror}")
+        return
+    with f:
+        lines = ((i, raw.decode("utf-8", errors="replace")) for i, raw in enumerate(_lines(f), 1))
+        yield from chunk_paragraphs(lines, doc_chars, str(path), source)
+
+
+def iter_documents(paths: Iterable[str | Path], text_field: str = "text", doc_chars: int = 4000,
+                   source: str = "") -> Iterator[Doc]:
+    """All documents of the given files/folders, in sorted file order."""
+    for p in list_files(paths):
+        fmt = file_format(p)
+        if fmt == "jsonl":
+            yield from iter_jsonl(p, text_field, source)
+        elif fmt == "parquet":
+            yield from iter_parquet(p, text_field, source)
+        else:
+            yield from iter_text(p, doc_chars, source)
+
+
+def read_text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line_no, line)`` of a UTF-8 text file, streaming."""
+    with _open_binary(path) as f:
+        for i, raw in enumerate(_lines(f), 1):
+            yield i, raw.decode("utf-8", errors="replace")
+
+
+__all__ = ["Doc", "iter_documents", "iter_jsonl", "iter_parquet", "iter_text", "chunk_paragraphs",
+           "list_files", "file_format", "read_text_lines"]

@@ -1,0 +1,144 @@
+"""Quantization maths as pure functions: symmetric int8 / int4 weights, int4 packing, dequantise.
+
+A weight matrix is always seen as ``(N out, K in)`` (the ``nn.Linear`` layout); scales run along
+the input dimension K:
+
+- int8 (W8A16): one scale per output row (per-channel), ``q = round(w / s)`` in [-127, 127].
+- int4 (W4A16): one scale per group of ``group_size`` consecutive inputs of a row, ``q`` in
+  [-7, 7] (symmetric, level -8 unused), stored as the nibble ``q + 8`` and packed two per byte:
+  byte ``j`` of a row holds element ``2j`` in its low nibble and ``2j + 1`` in its high nibble.
+  When K is not a multiple of the group size the last group is partial (its scale comes from
+  the real columns only; dequantisation pads it for one reshape and slices the pad off), so any
+  width works (``moe_d_ff=96`` with group 64 or 128) and nothing but an odd last nibble is stored.
+
+Scales are rounded to their storage dtype *inside* :func:`group_scales`, so fake quantization
+(QAT) and the stored weights agree bit for bit.
+
+Shape legend: N output rows, K inputs, G groups per row (ceil(K / group_size)).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+QMAX = {8: 127, 4: 7}
+SCALE_DTYPE = {8: torch.float32, 4: torch.float16}  # int4 scales in fp16: 4.5 bits/weight at group 32
+
+
+def n_groups(k: int, group_size: int) -> int:
+    """Scales per row: ``ceil(k / group_size)`` (one per row when ``group_size <= 0``).
+
+    >>> n_groups(96, 64), n_groups(128, 32), n_groups(7, 0)
+    (2, 4, 1)
+    """
+    return -(-k // group_size) if group_size > 0 else 1
+
+
+def group_view(w_NK: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(N, K)`` -> ``(N, G, group)`` (zero-padded); ``group_size <= 0`` means one group per row.
+
+    >>> group_view(torch.ones(2, 5), 4).shape
+    torch.Size([2, 2, 4])
+    """
+    N, K = w_NK.shape
+    if group_size <= 0:
+        return w_NK.reshape(N, 1, K)
+    kp = -(-K // group_size) * group_size
+    if kp != K:
+        w_NK = F.pad(w_NK, (0, kp - K))
+    return w_NK.reshape(N, kp // group_size, group_size)
+
+
+def group_scales(w_NK: torch.Tensor, bits: int, group_size: int, clip_NG: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Symmetric scales ``(N, G)``: ``clip / qmax`` with ``clip = absmax * ratio`` (ratio 1 = min-max),
+    rounded to the storage dtype and kept away from zero.
+
+    >>> group_scales(torch.tensor([[-2.54, 1.0]]), 8, 0).tolist()
+    [[0.019999999552965164]]
+    >>> group_scales(torch.tensor([[7.0, 1.0, 0.0, -3.5]]), 4, 2).tolist()
+    [[1.0, 0.5]]
+    """
+    amax = group_view(w_NK.detach().float(), group_size).abs().amax(-1)
+    if clip_NG is not None:
+        amax = amax * clip_NG
+    s = (amax / QMAX[bits]).clamp_min(1e-7)
+    return s.to(SCALE_DTYPE[bits]).float().clamp_min(1e-7)
+
+
+def quantize(w_NK: torch.Tensor, bits: int, group_size: int, scale_NG: torch.Tensor) -> torch.Tensor:
+    """Integer codes ``(N, K)`` int8 in [-qmax, qmax] (int4: plus one zero column if K is odd).
+
+    >>> quantize(torch.tensor([[0.26, -1.0, 0.5]]), 8, 0, torch.tensor([[0.01]])).tolist()
+    [[26, -100, 50]]
+    >>> quantize(torch.tensor([[0.26, -1.0, 0.5]]), 4, 2, torch.tensor([[0.2, 0.1]])).tolist()
+    [[1, -5, 5, 0]]
+    """
+    N, K = w_NK.shape
+    qmax = QMAX[bits]
+    wg = group_view(w_NK.float(), group_size if bits == 4 else 0)
+    q = torch.round(wg / scale_NG.float().unsqueeze(-1)).clamp_(-qmax, qmax).to(torch.int8)
+    q = q.reshape(N, -1)[:, :K]
+    if bits == 4 and K % 2:
+        q = F.pad(q, (0, 1))
+    return q
+
+
+def dequantize(q_NK: torch.Tensor, scale_NG: torch.Tensor, k: int, group_size: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Float ``(N, k)`` from integer codes (``k`` or more columns) and per-group scales; the last
+    group may be partial. ``group_size <= 0``: one scale per row.
+
+    >>> dequantize(torch.tensor([[2, -4, 6, 0]], dtype=torch.int8), torch.tensor([[0.5, 2.0]]), 3, 2).tolist()
+    [[1.0, -2.0, 12.0]]
+    """
+    N = q_NK.shape[0]
+    G = scale_NG.shape[1]
+    q = q_NK[:, :k]
+    if G == 1:
+        return q.to(dtype) * scale_NG.to(dtype)
+    kp = G * group_size
+    if kp != k:
+        q = F.pad(q, (0, kp - k))
+    w = q.to(dtype).view(N, G, group_size) * scale_NG.to(dtype).unsqueeze(-1)
+    return w.view(N, kp)[:, :k]
+
+
+def fake_quantize(w_NK: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Quantize then dequantize (min-max scales) with a straight-through gradient: the forward
+    sees the quantized weight, the backward passes the gradient to ``w`` unchanged.
+
+    >>> w = torch.tensor([[0.3, -0.71]], requires_grad=True)
+    >>> y = fake_quantize(w, 4, 2); y.sum().backward()
+    >>> [round(v, 4) for v in y.tolist()[0]], w.grad.tolist()
+    ([0.3043, -0.7101], [[1.0, 1.0]])
+    """
+    gs = group_size if bits == 4 else 0
+    s = group_scales(w_NK, bits, gs)
+    wq = dequantize(quantize(w_NK.detach(), bits, gs, s), s, w_NK.shape[1], gs, torch.float32).to(w_NK.dtype)
+    return w_NK + (wq - w_NK).detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# int4 packing: two codes per byte
+# ---------------------------------------------------------------------------------------------
+def pack_int4(q_NK: torch.Tensor) -> torch.Tensor:
+    """Pack int8 codes in [-8, 7] (even K) into uint8 ``(N, K/2)``: low nibble = even column.
+
+    >>> pack_int4(torch.tensor([[1, -2, 7, -8]], dtype=torch.int8)).tolist()
+    [[105, 15]]
+    """
+    if q_NK.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even number of columns, got {q_NK.shape[-1]}")
+    u = (q_NK.to(torch.int16) + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(p_NH: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: uint8 ``(N, H)`` -> int8 codes ``(N, 2H)`` in [-8, 7].
+
+    >>> unpack_int4(torch.tensor([[105, 15]], dtype=torch.uint8)).tolist()
+    [[1, -2, 7, -8]]
+    """
+    lo = (p_NH & 0x0F).to(torch.int8)
+    hi = (p_NH >> 4).to(torch.int8)
+    return (torch.stack((lo, hi), dim=-1).flatten(-2) - 8)

@@ -1,0 +1,282 @@
+"""Weight-only quantization of a ``Transformer``: W8A16 (per-channel int8) and W4A16 (group-wise
+int4, packed two per byte), optional AWQ-style smoothing from a calibration set, and the
+quantized checkpoint format.
+
+What is quantized: every ``nn.Linear`` inside the blocks (attention projections, dense SwiGLU,
+shared experts), the stacked routed experts (``QuantExperts``), and ``lm_head`` if
+``QuantSpec.lm_head``. What stays float: the embedding, all RMSNorms, the MoE routers (their
+``weight`` and ``expert_bias``; routing decisions are fragile), and the RoPE tables.
+
+Checkpoint directory (written atomically)::
+
+    model.safetensors    integer codes, scales, the float tensors; tied aliases recorded
+    quant_config.json    {"format": "tinyseek-quant", "format_version", "method", "bits", "group_size",
+                          "calibration", "search", "lm_head", "model_config", "modules": {name: kind}}
+    meta.json            the source checkpoint's meta (with "model_config") plus {"quant": ...}
+
+:func:`load_quantized` checks format, version, method/bits/group size, the model config and every
+tensor's dtype and shape against the config, and refuses a mismatch with a one-line ``UserError``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from tinyseek.errors import UserError
+from tinyseek.quant.calibrate import CALIBRATIONS, activation_range, collect_inputs, search_smoothing
+from tinyseek.quant.modules import QuantExperts, QuantLinear
+
+FORMAT = "tinyseek-quant"
+FORMAT_VERSION = 1
+METHOD_BITS = {"int8": 8, "int4": 4}
+GROUP_SIZES = (32, 64, 128)
+SEARCHES = ("none", "awq")
+
+
+@dataclass
+class QuantSpec:
+    method: str = "int8"          # "int8" (W8A16 per-channel) or "int4" (W4A16 group-wise, packed)
+    group_size: int = 128         # int4 inputs per scale: 32, 64 or 128 (int8 is per-channel: ignored, stored as 0)
+    calibration: str = "minmax"   # activation range per input channel: "minmax", "percentile" or "kl"
+    percentile: float = 99.9      # percentile calibration: which percentile of |x|
+    search: str = "awq"           # "awq": grid-search AWQ smoothing per matrix on the calibration set; "none": round-to-nearest
+    lm_head: bool = True          # also quantize the output head (the embedding always stays float)
+
+    @property
+    def bits(self) -> int:
+        return METHOD_BITS[self.method]
+
+    @property
+    def eff_group_size(self) -> int:
+        return self.group_size if self.method == "int4" else 0
+
+    def validate(self) -> "QuantSpec":
+        from tinyseek.config import ConfigError
+
+        if self.method not in METHOD_BITS:
+            raise ConfigError(f"method must be 'int8' or 'int4', got {self.method!r}")
+        if self.method == "int4" and self.group_size not in GROUP_SIZES:
+            raise ConfigError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))} for int4, got {self.group_size}")
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
+        if not 0 < self.percentile <= 100:
+            raise ConfigError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.search not in SEARCHES:
+            raise ConfigError(f"search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# which modules
+# ---------------------------------------------------------------------------------------------
+def quant_targets(model: nn.Module, lm_head: bool) -> tuple[list[str], list[str]]:
+    """(names of Linear modules to quantize, names of MoE ``experts`` modules)."""
+    from tinyseek.model.moe import Experts
+
+    linears, experts = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and (name.startswith("blocks.") or (lm_head and name == "lm_head")):
+            linears.append(name)
+        elif isinstance(m, Experts):
+            experts.append(name)
+    return linears, experts
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize a model
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def quantize_model(model: nn.Module, spec: QuantSpec, calib_batches: Iterable[torch.Tensor] | None = None,
+                   max_rows: int = 2048) -> dict:
+    """Replace the target modules of ``model`` in place; returns a report
+    ``{"modules": {name: kind}, "smoothed": n, "err": mean rel. output error, "err_rtn": same without smoothing}``.
+
+    ``calib_batches`` (token ids) are needed for ``search="awq"``; without them the search is skipped.
+    """
+    spec.validate()
+    bits, gs = spec.bits, spec.eff_group_size
+    linears, experts = quant_targets(model, spec.lm_head)
+    use_data = spec.search == "awq" and calib_batches is not None
+    inputs = collect_inputs(model, calib_batches, linears, experts, max_rows) if use_data else {}
+    kinds, errs, errs_rtn, smoothed = {}, [], [], 0
+
+    def smoothing(key: str, w_NK: torch.Tensor) -> torch.Tensor | None:
+        nonlocal smoothed
+        x = inputs.get(key)
+        if x is None or x.shape[0] < 8:
+            return None
+        _, s, info = search_smoothing(w_NK, x, activation_range(x, spec.calibration, spec.percentile), bits, gs)
+        errs.append(info["err"])
+        errs_rtn.append(info["err_rtn"])
+        smoothed += s is not None
+        return s
+
+    for name in linears:
+        lin = model.get_submodule(name)
+        s = smoothing(name, lin.weight)
+        _set_module(model, name, QuantLinear.from_float(lin.weight, bits, gs, smooth_K=s))
+        kinds[name] = "linear_smooth" if s is not None else "linear"
+    for name in experts:
+        ex = model.get_submodule(name)
+        sm = None
+        if use_data:
+            sm = {"gate_up": torch.ones(ex.n_experts, ex.w_gate_up.shape[1]),
+                  "down": torch.ones(ex.n_experts, ex.hidden)}
+            for part, w in (("gate_up", ex.w_gate_up), ("down", ex.w_down)):
+                for e in range(ex.n_experts):
+                    s = smoothing(f"{name}/{part}/{e}", w[e].t())
+                    if s is not None:
+                        sm[part][e] = s
+        _set_module(model, name, QuantExperts.from_float(ex.w_gate_up, ex.w_down, bits, gs, smooth=sm))
+        kinds[name] = "experts_smooth" if sm is not None else "experts"
+    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
+    return {"modules": kinds, "smoothed": smoothed, "err": mean(errs), "err_rtn": mean(errs_rtn)}
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes
+# ---------------------------------------------------------------------------------------------
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes held by the model's tensors: ``{"total", "quantized", "float"}`` where ``quantized`` is
+    everything inside QuantLinear/QuantExperts (codes + scales) and tied tensors count once."""
+    seen, out = set(), {"total": 0, "quantized": 0, "float": 0}
+    qnames = {n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen or name.endswith(("rotary.cos", "rotary.sin")):
+            continue  # RoPE tables are derived, not weights
+        seen.add(key)
+        nb = t.numel() * t.element_size()
+        out["total"] += nb
+        out["quantized" if name.rpartition(".")[0] in qnames else "float"] += nb
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+# ---------------------------------------------------------------------------------------------
+def quant_config(model: nn.Module, spec: QuantSpec, kinds: dict[str, str]) -> dict:
+    from tinyseek.config import to_dict
+
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "method": spec.method, "bits": spec.bits,
+            "group_size": spec.eff_group_size, "calibration": spec.calibration, "percentile": spec.percentile,
+            "search": spec.search, "lm_head": spec.lm_head, "model_config": to_dict(model.cfg),
+            "modules": dict(sorted(kinds.items()))}
+
+
+def save_quantized(model: nn.Module, out_dir: str | Path, qcfg: dict, meta: dict | None = None) -> Path:
+    """Write the quantized checkpoint directory atomically; returns its path."""
+    from tinyseek.common import atomic_dir
+    from tinyseek.train.checkpoint import save_weights
+
+    meta = dict(meta or {})
+    meta["model_config"] = qcfg["model_config"]
+    meta["quant"] = {k: v for k, v in qcfg.items() if k not in ("model_config", "modules")}
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        save_weights(model.state_dict(), tmp / "model.safetensors")
+        (tmp / "quant_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    return out
+
+
+def _check_config(qcfg: dict, path: Path, expect: dict | None):
+    from tinyseek.config import ModelConfig, from_dict
+
+    def bad(msg: str):
+        raise UserError(f"quantized checkpoint {path}: {msg}")
+
+    if not isinstance(qcfg, dict) or qcfg.get("format") != FORMAT:
+        bad(f"quant_config.json is not a {FORMAT} config")
+    if qcfg.get("format_version") != FORMAT_VERSION:
+        bad(f"format version {qcfg.get('format_version')!r} is not supported (this tinyseek reads {FORMAT_VERSION})")
+    method = qcfg.get("method")
+    if method not in METHOD_BITS:
+        bad(f"unknown method {method!r} (expected int8 or int4)")
+    if qcfg.get("bits") != METHOD_BITS[method]:
+        bad(f"bits {qcfg.get('bits')!r} do not match method {method} ({METHOD_BITS[method]} bits)")
+    gs = qcfg.get("group_size")
+    if (method == "int4" and gs not in GROUP_SIZES) or (method == "int8" and gs != 0):
+        bad(f"group size {gs!r} is invalid for {method}")
+    for k, v in (expect or {}).items():
+        if qcfg.get(k) != v:
+            bad(f"{k} is {qcfg.get(k)!r} but {v!r} was expected")
+    try:
+        mcfg = from_dict(ModelConfig, qcfg["model_config"]).validate()
+    except (KeyError, TypeError, UserError) as e:
+        bad(f"bad model_config ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    if not isinstance(qcfg.get("modules"), dict):
+        bad("missing the 'modules' table")
+    return mcfg
+
+
+def build_quantized_skeleton(mcfg, qcfg: dict) -> nn.Module:
+    """A ``Transformer`` with empty quantized modules where ``qcfg["modules"]`` says."""
+    from tinyseek.model.transformer import Transformer
+
+    bits, gs = qcfg["bits"], qcfg["group_size"]
+    model = Transformer(mcfg)
+    mods = dict(model.named_modules())
+    for name, kind in qcfg["modules"].items():
+        old = mods.get(name)
+        if kind in ("linear", "linear_smooth") and isinstance(old, nn.Linear):
+            new = QuantLinear(old.in_features, old.out_features, bits, gs, smooth=kind == "linear_smooth")
+        elif kind in ("experts", "experts_smooth") and old is not None and hasattr(old, "w_gate_up"):
+            new = QuantExperts(old.n_experts, old.w_gate_up.shape[1], old.hidden, bits, gs, smooth=kind == "experts_smooth")
+        else:
+            raise UserError(f"quant_config.json names module {name!r} ({kind}) that this model config does not have")
+        _set_module(model, name, new)
+    return model
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu", expect: dict | None = None):
+    """Load a quantized checkpoint directory; returns ``(model, meta)`` (model in eval mode).
+
+    ``expect`` (optional) maps config keys (``method``, ``group_size``, ``bits`` ...) to required
+    values; any difference, or a tensor that does not fit the config, raises ``UserError``.
+    """
+    from tinyseek.train.checkpoint import load_weights
+
+    p = Path(path)
+    cfg_path, w_path = p / "quant_config.json", p / "model.safetensors"
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise UserError(f"{p} is not a quantized checkpoint (needs quant_config.json and model.safetensors)")
+    try:
+        qcfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"quantized checkpoint {p}: quant_config.json is not valid JSON ({e.msg})") from None
+    mcfg = _check_config(qcfg, p, expect)
+    meta = json.loads((p / "meta.json").read_text()) if (p / "meta.json").is_file() else {}
+    if "model_config" in meta and meta["model_config"] != qcfg["model_config"]:
+        raise UserError(f"quantized checkpoint {p}: meta.json and quant_config.json disagree on the model config")
+    model = build_quantized_skeleton(mcfg, qcfg)
+    state = load_weights(w_path)
+    want = model.state_dict()
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    if missing or extra:
+        what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {extra[0]}"
+        raise UserError(f"quantized checkpoint {p}: {what} for its quant_config.json "
+                        f"({qcfg['method']}, group {qcfg['group_size']})")
+    for k, t in want.items():
+        if state[k].dtype != t.dtype or state[k].shape != t.shape:
+            raise UserError(f"quantized checkpoint {p}: tensor {k} is {state[k].dtype} {tuple(state[k].shape)} but "
+                            f"{qcfg['method']} group {qcfg['group_size']} needs {t.dtype} {tuple(t.shape)}")
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    meta.setdefault("quant", {k: v for k, v in qcfg.items() if k not in ("model_config", "modules")})
+    return model, meta
+
+
+def spec_dict(spec: QuantSpec) -> dict:
+    return asdict(spec)

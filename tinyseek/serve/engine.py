@@ -1,0 +1,464 @@
+"""Batched generation with a preallocated KV cache and a continuous-batching scheduler.
+
+One :class:`Engine` owns a model and a KV cache of ``max_batch`` slots (rows) of ``max_len``
+positions, allocated once. Each request lives in one slot. A scheduler step:
+
+1. admits queued requests into free slots (lowest free slot first, so the busy rows stay packed
+   at the top of the cache);
+2. prefills the admitted prompts together: right-padded into a small temporary cache, copied into
+   their slots, and each slot's length set to its own prompt length (the padding written past it is
+   never attended to: the causal mask only looks at positions below a row's length, and the next
+   token overwrites it); the first token of each is sampled from its last prompt position;
+3. decodes one token for every busy slot in one forward over rows ``[0, highest busy slot]`` (a
+   view of the cache, so finished slots in between cost a wasted row, not a copy);
+4. samples per row (:mod:`tinyseek.serve.sampling`, one generator per request) and retires rows
+   that hit eos, a stop token or string, ``max_tokens``, the cache end, a cancel or a deadline.
+
+Requests can join and leave between any two decode steps (continuous batching). ``generate()`` is
+the batch API used by GRPO rollouts and eval (it runs the steps in the caller's thread, or hands
+the requests to the background thread when the server started it); ``submit()`` / ``astream()``
+are what the server uses, with a background thread (``start()``) that waits up to ``max_wait``
+seconds to gather a batch before starting an idle engine.
+
+Exactness: a request's tokens depend only on its own prompt, parameters and seed: sampling is per
+row with a per-request generator, positions are per row and padding is masked. Bitwise equality of
+logits between batch sizes is not guaranteed: BLAS picks different kernels for different matrix
+shapes (on this CPU a 1-row and a 16-row GEMM differ in the last bit). Greedy ties are broken to the
+lowest id; tests check that greedy tokens alone and batched are identical.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import torch
+
+from tinyseek.errors import UserError
+from tinyseek.serve.detok import TextTracker
+from tinyseek.serve.sampling import sample_tokens
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 64            # new tokens at most (finish_reason "length")
+    temperature: float = 0.0        # 0 = greedy; otherwise softmax temperature
+    top_k: int = 0                  # sample among the k most likely tokens; 0 = all
+    top_p: float = 1.0              # nucleus: smallest set of tokens with this much mass; 1 = all
+    stop: list[str] = field(default_factory=list)  # stop strings (need a tokenizer); cut from text
+    seed: int | None = None         # per-request seed: same seed -> same tokens, whatever the batch
+    stop_token_ids: list[int] = field(default_factory=list)  # extra ids that end generation
+    ignore_eos: bool = False        # keep going past eos (benchmarks)
+
+    def validate(self) -> "SamplingParams":
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise UserError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise UserError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if any(not isinstance(s, str) for s in self.stop):
+            raise UserError("stop must be a list of strings")
+        return self
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]            # generated ids (an eos / stop token that ended it included)
+    text: str | None                # decoded text without eos and stop string (None without tokenizer)
+    finish_reason: str              # "stop" (eos, stop token/string), "length", "cancelled", "timeout", "error"
+    prompt_tokens: int = 0          # prompt length in tokens
+    stop: str | int | None = None   # the stop string or token id that ended it
+    error: str | None = None        # message when finish_reason == "error"
+
+
+@dataclass
+class StreamEvent:
+    token_ids: list[int]            # ids produced since the previous event
+    text: str                       # text delta that is safe to show (stop strings held back)
+    finished: bool = False
+    completion: Completion | None = None  # set on the last event
+
+
+_ids = itertools.count()
+
+
+class Request:
+    """Handle for one submitted prompt: wait with :meth:`result`, stop with :meth:`cancel`."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, tokenizer,
+                 listener: Callable[["Request", StreamEvent], None] | None, deadline: float | None,
+                 holds: list[str] | None, seed: int):
+        self.id = next(_ids)
+        self.prompt = prompt
+        self.params = params
+        self.listener = listener
+        self.deadline = deadline           # time.monotonic() limit, None = none
+        self.rng = random.Random(seed)
+        self.token_ids: list[int] = []
+        self.slot: int | None = None
+        self.cancelled = False
+        self.completion: Completion | None = None
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._done = threading.Event()
+        track = tokenizer is not None and (params.stop or listener is not None)
+        self.tracker = TextTracker(tokenizer, params.stop, holds) if track else None
+        self._tokenizer = tokenizer
+        self._new_ids: list[int] = []
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request at the next step (finish_reason "cancelled")."""
+        self.cancelled = True
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} not finished after {timeout} s")
+        return self.completion
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
+                 eos_id: int | None = None, max_wait: float = 0.0, prefill_tokens: int = 8192):
+        """``max_len``: cache positions per slot (prompt + completion), default the model's
+        ``max_seq_len``. ``eos_id`` defaults to ``tokenizer.eos_id``. ``max_wait``: seconds the
+        background scheduler waits to fill a batch when idle. ``prefill_tokens``: padded tokens
+        per prefill forward (larger admissions are split)."""
+        if max_batch < 1:
+            raise UserError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.cfg = model.cfg
+        self.max_batch = max_batch
+        self.max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
+        self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        self.max_wait = max_wait
+        self.prefill_tokens = max(prefill_tokens, self.max_len)
+        self.device = next(model.parameters()).device
+        self.cache = model.new_cache(max_batch, self.max_len)
+        self.slots: list[Request | None] = [None] * max_batch
+        self._last = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # next input id per slot
+        self._queue: deque[Request] = deque()
+        self._cv = threading.Condition()
+        self._drive = threading.Lock()     # one thread runs model steps at a time
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._seed_rng = random.Random()
+        # counters read by the server's /metrics
+        self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "finished": 0, "batch_rows": 0}
+        self.step_listeners: list[Callable[[int, float], None]] = []  # (batch size, seconds) per decode
+
+    # --- submission --------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams | None = None,
+               listener: Callable[[Request, StreamEvent], None] | None = None,
+               timeout: float | None = None, holds: list[str] | None = None) -> Request:
+        """Queue one prompt. ``listener(request, event)`` is called from the engine thread after each
+        token; ``holds`` are extra strings whose prefixes are held back from streamed text."""
+        params = (params or SamplingParams()).validate()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise UserError("prompt is empty")
+        if len(prompt) >= self.max_len:
+            raise UserError(f"prompt has {len(prompt)} tokens; the limit is {self.max_len - 1}")
+        if min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
+            raise UserError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        if params.stop and self.tokenizer is None:
+            raise UserError("stop strings need an engine with a tokenizer")
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        deadline = time.monotonic() + timeout if timeout else None
+        req = Request(prompt, params, self.tokenizer, listener, deadline, holds, seed)
+        with self._cv:
+            if self._stopping:
+                raise UserError("the engine is shutting down")
+            self._queue.append(req)
+            self._cv.notify_all()
+        return req
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[Completion]:
+        """Generate for every prompt (batched, continuous) and return completions in order."""
+        if isinstance(params, list):
+            if len(params) != len(prompts):
+                raise UserError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        else:
+            params = [params or SamplingParams()] * len(prompts)
+        reqs = [self.submit(p, sp) for p, sp in zip(prompts, params)]
+        if self._thread is None:
+            with self._drive:
+                while not all(r.done for r in reqs):
+                    self.step()
+        return [r.result() for r in reqs]
+
+    def stream(self, prompt: list[int], params: SamplingParams | None = None,
+               timeout: float | None = None) -> Iterator[StreamEvent]:
+        """Synchronous iterator of :class:`StreamEvent` (drives the steps itself when no background
+        thread runs). Leaving the loop early cancels the request."""
+        q: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
+        req = self.submit(prompt, params, lambda r, ev: q.put(ev), timeout=timeout)
+        try:
+            while True:
+                if self._thread is None and q.empty():
+                    with self._drive:
+                        if q.empty():
+                            self.step()
+                    continue
+                ev = q.get()
+                yield ev
+                if ev.finished:
+                    return
+        finally:
+            if not req.done:
+                req.cancel()
+                if self._thread is None:
+                    with self._drive:
+                        self.step()  # retire it now
+
+    async def astream(self, prompt: list[int], params: SamplingParams | None = None,
+                      timeout: float | None = None, holds: list[str] | None = None) -> AsyncIterator[StreamEvent]:
+        """Async iterator of :class:`StreamEvent` for one prompt (needs :meth:`start`). Leaving the
+        loop early cancels the request."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        req = self.submit(prompt, params, lambda r, ev: loop.call_soon_threadsafe(q.put_nowait, ev),
+                          timeout=timeout, holds=holds)
+        try:
+            while True:
+                ev = await q.get()
+                yield ev
+                if ev.finished:
+                    return
+        finally:
+            if not req.done:
+                req.cancel()
+
+    # --- background scheduler -----------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="tinyseek-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop the background thread; with ``drain`` it first finishes queued and running requests,
+        otherwise they are cancelled."""
+        with self._cv:
+            self._stopping = True
+            if not drain:
+                for r in list(self._queue) + [r for r in self.slots if r is not None]:
+                    r.cancel()
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and self.num_active() == 0 and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._queue and self.num_active() == 0:
+                    return
+                if self.num_active() == 0 and self.max_wait > 0:  # idle: gather a batch first
+                    end = self._queue[0].submitted + self.max_wait
+                    while len(self._queue) < self.max_batch and (left := end - time.monotonic()) > 0:
+                        self._cv.wait(left)
+            with self._drive:
+                self.step()
+
+    def num_active(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # --- one scheduler step -----------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit + prefill new requests, then decode one token for every busy slot."""
+        try:
+            self._retire_cancelled()
+            admitted = self._admit()
+            if admitted:
+                self._prefill(admitted)
+            if self.num_active():
+                self._decode()
+        except Exception as e:  # fail the affected requests, keep serving the others
+            for r in [r for r in self.slots if r is not None]:
+                self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+            if self._thread is None:
+                raise
+
+    def _retire_cancelled(self) -> None:
+        now = time.monotonic()
+        for r in self.slots:
+            if r is not None:
+                if r.cancelled:
+                    self._finish(r, "cancelled")
+                elif r.deadline is not None and now > r.deadline:
+                    self._finish(r, "timeout")
+
+    def _admit(self) -> list[Request]:
+        admitted = []
+        with self._cv:
+            free = [i for i, r in enumerate(self.slots) if r is None]
+            while self._queue and free:
+                r = self._queue.popleft()
+                if r.cancelled or (r.deadline is not None and time.monotonic() > r.deadline):
+                    self._finish(r, "cancelled" if r.cancelled else "timeout")
+                    continue
+                r.slot = free.pop(0)
+                self.slots[r.slot] = r
+                admitted.append(r)
+        return admitted
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        reqs = sorted(reqs, key=lambda r: len(r.prompt))
+        chunk: list[Request] = []
+        for r in reqs:  # split so that padded tokens per forward stay under the budget
+            if chunk and (len(chunk) + 1) * len(r.prompt) > self.prefill_tokens:
+                self._prefill_chunk(chunk)
+                chunk = []
+            chunk.append(r)
+        if chunk:
+            self._prefill_chunk(chunk)
+
+    def _prefill_chunk(self, reqs: list[Request]) -> None:
+        dev = self.device
+        k, T = len(reqs), max(len(r.prompt) for r in reqs)
+        ids = torch.zeros(k, T, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, :len(r.prompt)] = torch.tensor(r.prompt)
+        lens = torch.tensor([len(r.prompt) for r in reqs], device=dev)
+        tmp = self.model.new_cache(k, T, dtype=next(iter(self.cache.layers[0].values())).dtype)
+        logits = self.model(ids.to(dev), cache=tmp).logits
+        last = logits[torch.arange(k, device=dev), lens - 1]
+        rows = torch.tensor([r.slot for r in reqs], device=dev)
+        for big, small in zip(self.cache.layers, tmp.layers):
+            for name, buf in big.items():
+                src = small[name]
+                if buf.dim() == 3:   # (B, L, C): MLA latent
+                    buf[rows, :T] = src
+                else:                # (B, H, L, K): GQA keys / values
+                    buf[rows, :, :T] = src
+        self.cache.lengths[rows] = lens
+        self.stats["prefill_tokens"] += int(sum(len(r.prompt) for r in reqs))
+        self._sample_and_advance(reqs, last)
+
+    def _decode(self) -> None:
+        t0 = time.perf_counter()
+        busy = [i for i, r in enumerate(self.slots) if r is not None]
+        n = busy[-1] + 1
+        view = _RowsView(self.cache, n)
+        if len(busy) < n:  # holes: keep their length at 0 so they do not stretch the key length
+            holes = torch.tensor([i for i in range(n) if self.slots[i] is None], device=self.device)
+            view.lengths[holes] = 0
+        logits = self.model(self._last[:n, None], cache=view).logits[:, -1]
+        if len(busy) < n:
+            view.lengths[holes] = 0
+        reqs = [self.slots[i] for i in busy]
+        self._sample_and_advance(reqs, logits[torch.tensor(busy, device=self.device)] if len(busy) < n else logits)
+        self.stats["steps"] += 1
+        self.stats["decode_tokens"] += len(busy)
+        self.stats["batch_rows"] += len(busy)
+        dt = time.perf_counter() - t0
+        for cb in self.step_listeners:
+            cb(len(busy), dt)
+
+    def _sample_and_advance(self, reqs: list[Request], logits_NV: torch.Tensor) -> None:
+        ps = [r.params for r in reqs]
+        u = [r.rng.random() if (p.temperature > 0 and p.top_k != 1) else 0.0 for r, p in zip(reqs, ps)]
+        toks_t = sample_tokens(logits_NV, [p.temperature for p in ps], [p.top_k for p in ps],
+                               [p.top_p for p in ps], u)
+        self._last[torch.tensor([r.slot for r in reqs], device=self.device)] = toks_t
+        now = time.monotonic()
+        for r, t in zip(reqs, toks_t.tolist()):
+            self._append(r, t, now)
+
+    def _append(self, r: Request, tok: int, now: float) -> None:
+        p = r.params
+        r.token_ids.append(tok)
+        r._new_ids.append(tok)
+        if r.first_token_at is None:
+            r.first_token_at = now
+        if (tok == self.eos_id and not p.ignore_eos) or tok in p.stop_token_ids:
+            self._finish(r, "stop", stop=tok)
+            return
+        delta = ""
+        if r.tracker is not None:
+            delta = r.tracker.update(r.token_ids)
+            if r.tracker.stopped is not None:
+                self._finish(r, "stop", stop=r.tracker.stopped, pending=delta)
+                return
+        if len(r.token_ids) >= p.max_tokens or len(r.prompt) + len(r.token_ids) >= self.max_len:
+            self._finish(r, "length", pending=delta)
+            return
+        if r.listener is not None:
+            ids, r._new_ids = r._new_ids, []
+            _notify(r, StreamEvent(ids, delta))
+
+    def _finish(self, r: Request, reason: str, stop: str | int | None = None, error: str | None = None,
+                pending: str = "") -> None:
+        if r.done:
+            return
+        if r.slot is not None and self.slots[r.slot] is r:
+            self.slots[r.slot] = None
+            self.cache.lengths[r.slot] = 0
+        ids = r.token_ids
+        text = None
+        if self.tokenizer is not None:
+            if r.tracker is not None:
+                text = r.tracker.text if r.tracker.stopped is not None else None
+            if text is None:
+                body = ids[:-1] if reason == "stop" and isinstance(stop, int) else ids
+                text = self.tokenizer.decode(body)
+                if r.tracker is not None:
+                    r.tracker.text = text
+        r.completion = Completion(list(ids), text, reason, len(r.prompt), stop, error)
+        r.finished_at = time.monotonic()
+        self.stats["finished"] += 1
+        if r.listener is not None:
+            delta = pending + (r.tracker.flush(final=True) if r.tracker is not None else "")
+            new, r._new_ids = r._new_ids, []
+            _notify(r, StreamEvent(new, delta, True, r.completion))
+        r._done.set()
+
+
+def _notify(r: Request, ev: StreamEvent) -> None:
+    try:
+        r.listener(r, ev)
+    except Exception:  # a broken listener (closed event loop) must not stop the engine
+        r.cancel()
+
+
+class _RowsView:
+    """The first ``n`` rows of a :class:`KVCache` as a cache object (views, no copies): the model
+    writes through to the engine's cache and advances its lengths in place."""
+
+    def __init__(self, cache, n: int):
+        self.max_len = cache.max_len
+        self.batch_size = n
+        self.lengths = cache.lengths[:n]
+        self.layers = [{k: v[:n] for k, v in layer.items()} for layer in cache.layers]
+
+
+def engine_from_checkpoint(path: str, tokenizer=None, device: str = "auto", **kw: Any) -> Engine:
+    """Load ``tinyseek.train.checkpoint.load_model(path)`` onto ``device`` and wrap it."""
+    from tinyseek.common import get_device
+    from tinyseek.train.checkpoint import load_model
+
+    model, _meta = load_model(path, device=get_device(device))
+    return Engine(model, tokenizer, **kw)

@@ -1,0 +1,76 @@
+"""Per-row token sampling for the engine: greedy, temperature, top-k, top-p, one uniform per row.
+
+Each row carries its own sampling parameters and its own uniform random number ``u`` (drawn by the
+engine from a per-request generator), and a row's token depends only on that row's logits and
+``u``. So a seeded request samples the same tokens whatever else is in the batch, and we need no
+Python loop over rows: temperature / top-k / top-p are applied to the whole batch at once on the
+sorted logits, and the token is picked by inverse-CDF lookup of ``u``.
+
+Ties: greedy takes the lowest token id among equal maxima (``argmax``); sampling sorts with a stable
+sort, so equal logits keep id order.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def filtered_probs(sorted_NV: torch.Tensor, temperature_N: torch.Tensor, top_k_N: torch.Tensor,
+                   top_p_N: torch.Tensor) -> torch.Tensor:
+    """Probabilities over logits already sorted in descending order, after temperature, top-k
+    (0 = off) and top-p (keep the smallest prefix whose mass reaches ``top_p``; the top token is
+    always kept). Rows sum to one.
+
+    >>> s = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    >>> one = torch.tensor([1.0])
+    >>> r = lambda p: [round(v, 3) for v in p[0].tolist()]
+    >>> r(filtered_probs(s, one, torch.tensor([0]), one))
+    [0.5, 0.3, 0.2]
+    >>> r(filtered_probs(s, one, torch.tensor([2]), one))
+    [0.625, 0.375, 0.0]
+    >>> r(filtered_probs(s, one, torch.tensor([0]), torch.tensor([0.6])))
+    [0.625, 0.375, 0.0]
+    >>> r(filtered_probs(s, one, torch.tensor([0]), torch.tensor([0.5])))  # mass 0.5 reached by token 0
+    [1.0, 0.0, 0.0]
+    """
+    N, V = sorted_NV.shape
+    x = sorted_NV.float() / temperature_N.clamp_min(1e-6)[:, None]
+    rank = torch.arange(V, device=x.device)
+    k = torch.where(top_k_N > 0, top_k_N, V).clamp(max=V)
+    x = x.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
+    p = x.softmax(-1)
+    before = p.cumsum(-1) - p                      # mass strictly above each entry
+    thresh = torch.where(top_p_N < 1.0, top_p_N - 1e-6, 2.0)  # top_p >= 1: off
+    p = p.masked_fill(before >= thresh[:, None], 0.0)  # top-p; entry 0 has before == 0
+    p[:, 0] = torch.where(p[:, 0] > 0, p[:, 0], 1.0)  # keep the top token in any case
+    return p / p.sum(-1, keepdim=True)
+
+
+def sample_tokens(logits_NV: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
+                  u: list[float]) -> torch.Tensor:
+    """Next token per row. ``temperature[i] <= 0`` (or ``top_k[i] == 1``) is greedy and ignores
+    ``u[i]``; other rows sample by inverse CDF with the uniform ``u[i]`` in [0, 1).
+
+    >>> logits = torch.tensor([[0.0, 2.0, 1.0], [0.0, 2.0, 1.0], [0.0, 2.0, 1.0]])
+    >>> sample_tokens(logits, [0.0, 1.0, 1.0], [0, 0, 0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.99]).tolist()
+    [1, 1, 0]
+    >>> sample_tokens(logits[:1], [1.0], [0], [0.5], [0.99]).tolist()  # top-p keeps only token 1
+    [1]
+    """
+    N = logits_NV.shape[0]
+    out = logits_NV.argmax(-1)
+    rows = [i for i in range(N) if temperature[i] > 0 and top_k[i] != 1]
+    if not rows:
+        return out
+    dev = logits_NV.device
+    idx = torch.tensor(rows, device=dev)
+    srt, order = torch.sort(logits_NV[idx].float(), dim=-1, descending=True, stable=True)
+    p = filtered_probs(srt, torch.tensor([temperature[i] for i in rows], device=dev),
+                       torch.tensor([top_k[i] for i in rows], device=dev),
+                       torch.tensor([top_p[i] for i in rows], device=dev))
+    cdf = p.cumsum(-1)
+    target = torch.tensor([u[i] for i in rows], device=dev, dtype=cdf.dtype) * cdf[:, -1]
+    j = torch.searchsorted(cdf, target[:, None], right=True).clamp(max=p.shape[-1] - 1)
+    # never land on a zero-probability entry (possible only through rounding at the very end)
+    j = torch.minimum(j, (p > 0).sum(-1, keepdim=True) - 1)
+    out[idx] = order.gather(1, j).squeeze(1)
+    return out

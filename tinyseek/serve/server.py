@@ -1,0 +1,522 @@
+"""``tinyseek serve --ckpt PATH``: an OpenAI-compatible HTTP server over the batching engine.
+
+Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (``"stream": true`` gives
+server-sent events ``data: {chunk}`` ending with ``data: [DONE]``), ``GET /v1/models``,
+``GET /health``, ``GET /metrics`` (Prometheus text) and the web chat at ``/``.
+
+Behaviour worth knowing:
+- Binds 127.0.0.1 unless told otherwise. With ``api_key`` (or ``TINYSEEK_API_KEY``) set, ``/v1/*``
+  needs ``Authorization: Bearer <key>`` (401 otherwise).
+- Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status, as
+  OpenAI's API does; a bad request never stops the server.
+- Limits: body size (413), prompt tokens (400 ``context_length_exceeded``), ``max_tokens`` (400),
+  queue length (429), per-request time (504, or an error event when streaming).
+- Safety: prompts (user messages) and outputs go through :class:`tinyseek.serve.safety.SafetyFilter`;
+  a refused request gets a normal completion whose content is the refusal message and whose
+  ``finish_reason`` is ``content_filter``. Streamed text is held back at a possible blocked-word
+  prefix so a blocked word is never sent.
+- Graceful shutdown (SIGINT/SIGTERM): uvicorn stops accepting connections and waits up to
+  ``shutdown_timeout_s`` for in-flight requests; the engine then drains and stops.
+- Only ``n = 1``; ``logprobs`` are not supported (400). Penalties and other OpenAI fields are ignored.
+"""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tinyseek.config import ConfigError
+from tinyseek.errors import UserError
+from tinyseek.serve.engine import Completion, Engine, SamplingParams
+from tinyseek.serve.metrics import ServerMetrics
+from tinyseek.serve.safety import DEFAULT_REFUSAL, SafetyFilter
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class Config:
+    ckpt: str = ""                 # checkpoint: run dir, ckpt root or step dir (required)
+    tokenizer: str = ""            # tokenizer dir; "" = found next to the checkpoint; "bytes" = byte fallback
+    device: str = "auto"           # auto (cuda if available) / cpu / cuda
+    dtype: str = "auto"            # weights and KV cache: auto (bf16 on CUDA, fp32 on CPU) / fp32 / bf16 / fp16
+    host: str = "127.0.0.1"        # bind address (loopback by default)
+    port: int = 8000               # TCP port
+    api_key: str = ""              # require "Authorization: Bearer <key>" on /v1/*; "" = env TINYSEEK_API_KEY or none
+    model_name: str = "tinyseek"   # the model id clients must use (or omit)
+    max_batch: int = 16            # KV-cache slots = requests decoded together
+    max_wait_ms: float = 5.0       # an idle engine waits this long to gather a batch
+    max_len: int = 0               # cache positions per request (prompt + completion); 0 = model max_seq_len
+    max_prompt_tokens: int = 0     # longest accepted prompt; 0 = max_len - 1
+    max_tokens: int = 512          # largest max_tokens a request may ask for
+    default_max_tokens: int = 256  # max_tokens when the request gives none (capped by max_tokens)
+    default_temperature: float = 1.0  # temperature when the request gives none (OpenAI default)
+    max_queue: int = 256           # waiting requests beyond this get 429
+    max_body_bytes: int = 1_000_000  # request body limit (413)
+    timeout_s: float = 120.0       # per-request generation time limit (504)
+    shutdown_timeout_s: float = 30.0  # graceful shutdown: wait this long for in-flight requests
+    blocklist: list[str] = field(default_factory=list)  # safety: words / phrases refused in prompts and outputs
+    blocklist_file: str = ""       # safety: more blocklist entries, one per line
+    classifier: str = ""           # safety: "package.module:function" text -> score in [0,1] (or bool)
+    classifier_threshold: float = 0.5  # safety: refuse at or above this score
+    refusal_message: str = DEFAULT_REFUSAL  # what a refused request gets back
+    log_level: str = "info"        # uvicorn log level
+
+    def validate(self) -> "Config":
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+
+        need(0 <= self.port < 65536, f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_batch", "max_tokens", "default_max_tokens", "max_body_bytes"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_len", "max_prompt_tokens", "max_queue", "max_wait_ms"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}")
+        need(self.shutdown_timeout_s >= 0, f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
+        need(0 <= self.default_temperature <= 2, f"default_temperature must be in [0, 2], got {self.default_temperature}")
+        need(0 <= self.classifier_threshold <= 1, f"classifier_threshold must be in [0, 1], got {self.classifier_threshold}")
+        need(self.model_name != "", "model_name must not be empty")
+        return self
+
+
+def preset(name: str) -> Config:
+    presets = {"default": Config, "local": Config}
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    return presets[name]()
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _bad(msg: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, msg, param=param, code=code)
+
+
+# ---------------------------------------------------------------------------------------------
+# request parsing (pure; raises ApiError)
+# ---------------------------------------------------------------------------------------------
+def _num(body: dict, key: str, default, lo=None, hi=None, integer: bool = False):
+    v = body.get(key, default)
+    if v is None:
+        v = default
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok:
+        raise _bad(f"'{key}' must be {'an integer' if integer else 'a number'}, got {v!r}", key)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise _bad(f"'{key}' must be {rng}, got {v!r}", key)
+    return v
+
+
+def parse_sampling(body: dict, cfg: Config) -> tuple[SamplingParams, bool, bool]:
+    """``(SamplingParams, stream, include_usage)`` from an OpenAI request body.
+
+    >>> sp, stream, _ = parse_sampling({"max_tokens": 5, "stop": "\\n", "temperature": 0}, Config())
+    >>> sp.max_tokens, sp.stop, sp.temperature, stream
+    (5, ['\\n'], 0, False)
+    >>> parse_sampling({"max_tokens": -1}, Config())
+    Traceback (most recent call last):
+    ...
+    tinyseek.serve.server.ApiError: 'max_tokens' must be between 1 and 512, got -1
+    """
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _num(body, key, min(cfg.default_max_tokens, cfg.max_tokens), 1, cfg.max_tokens, integer=True)
+    temperature = _num(body, "temperature", cfg.default_temperature, 0, 2)
+    top_p = _num(body, "top_p", 1.0, 0, 1)
+    if top_p == 0:
+        raise _bad("'top_p' must be > 0", "top_p")
+    top_k = _num(body, "top_k", 0, 0, None, integer=True)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _bad(f"'seed' must be an integer, got {seed!r}", "seed")
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > 16:
+        raise _bad("'stop' must be a string or a list of at most 16 strings", "stop")
+    stop = [s for s in stop if s]
+    n = body.get("n", 1)
+    if n not in (1, None):
+        raise _bad("only n = 1 is supported", "n")
+    if body.get("logprobs") not in (None, False, 0):
+        raise _bad("logprobs are not supported", "logprobs")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean", "stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise _bad("'stream_options' must be an object", "stream_options")
+    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=float(top_p),
+                        stop=stop, seed=seed)
+    return sp, stream, bool(opts.get("include_usage", False))
+
+
+def parse_messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("'messages' must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise _bad(f"messages[{i}] must be an object with role system/user/assistant", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(content, str):
+            raise _bad(f"messages[{i}].content must be a string", "messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the app
+# ---------------------------------------------------------------------------------------------
+def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: SafetyFilter | None = None,
+               metrics: ServerMetrics | None = None):
+    """The FastAPI app over a ready engine (tests build one from a tiny model directly)."""
+    cfg = (cfg or Config()).validate()
+    safety = safety or SafetyFilter.from_config(cfg.blocklist, cfg.blocklist_file, cfg.classifier,
+                                                cfg.classifier_threshold, cfg.refusal_message)
+    metrics = metrics or ServerMetrics(engine)
+    api_key = cfg.api_key or os.environ.get("TINYSEEK_API_KEY", "")
+    max_prompt = min(cfg.max_prompt_tokens or engine.max_len - 1, engine.max_len - 1)
+    state = {"shutting_down": False}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        state["shutting_down"] = True
+        engine.stop(drain=True, timeout=cfg.shutdown_timeout_s)
+
+    app = FastAPI(title="tinyseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.metrics, app.state.safety, app.state.cfg = engine, metrics, safety, cfg
+
+    # --- plumbing ---------------------------------------------------------------------------
+    known = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/"}
+
+    class MetricsMiddleware:  # request count and latency (to the last byte, streams included)
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+            t0, status = time.monotonic(), {"code": 500}
+
+            async def send_wrapper(msg):
+                if msg["type"] == "http.response.start":
+                    status["code"] = msg["status"]
+                await send(msg)
+            try:
+                await self.app(scope, receive, send_wrapper)
+            finally:
+                path = scope.get("path", "")
+                ep = path if path in known else ("/static" if path.startswith("/static/") else "other")
+                metrics.requests.inc(endpoint=ep, status=str(status["code"]))
+                metrics.latency.observe(time.monotonic() - t0, endpoint=ep)
+
+    app.add_middleware(MetricsMiddleware)
+
+    def error_response(e: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        typ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(ApiError(e.status_code, str(e.detail), typ))
+
+    @app.exception_handler(UserError)
+    async def _user_error(request, e: UserError):
+        return error_response(_bad(str(e)))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e):
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}", "server_error"))
+
+    def check_auth(request: Request) -> None:
+        if not api_key:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, token = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           "authentication_error", code="invalid_api_key")
+
+    async def read_body(request: Request) -> dict:
+        check_auth(request)
+        if state["shutting_down"]:
+            raise ApiError(503, "server is shutting down", "server_error")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > cfg.max_body_bytes:
+                raise ApiError(413, f"request body exceeds {cfg.max_body_bytes} bytes", code="request_too_large")
+        try:
+            body = json.loads(bytes(raw) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _bad(f"request body is not valid JSON: {e.msg if hasattr(e, 'msg') else e}") from None
+        if not isinstance(body, dict):
+            raise _bad("request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != cfg.model_name:
+            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{cfg.model_name}'",
+                           "not_found_error", "model", "model_not_found")
+        return body
+
+    def encode_prompt(text: str) -> list[int]:
+        ids = tokenizer.encode(text)
+        if not ids:
+            raise _bad("the prompt is empty", "prompt")
+        if len(ids) > max_prompt:
+            raise _bad(f"the prompt has {len(ids)} tokens; this server accepts at most {max_prompt}",
+                       "messages", "context_length_exceeded")
+        if engine.queue_depth() >= cfg.max_queue > 0:
+            raise ApiError(429, "too many requests queued; retry later", "rate_limit_error", code="queue_full")
+        return ids
+
+    # --- generation --------------------------------------------------------------------------
+    def fmt(kind: str, rid: str, created: int, text: str | None, finish: str | None, first: bool = False) -> dict:
+        if kind == "chat":
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return {"id": rid, "object": obj, "created": created, "model": cfg.model_name, "choices": [choice]}
+
+    def usage(n_prompt: int, n_out: int) -> dict:
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+    def full(kind: str, rid: str, created: int, text: str, finish: str, n_prompt: int, n_out: int) -> dict:
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return {"id": rid, "object": obj, "created": created, "model": cfg.model_name, "choices": [choice],
+                "usage": usage(n_prompt, n_out)}
+
+    def finish_reason(c: Completion) -> str:
+        return c.finish_reason if c.finish_reason in ("stop", "length") else "stop"
+
+    def completion_error(c: Completion) -> ApiError | None:
+        if c.finish_reason == "timeout":
+            return ApiError(504, f"generation exceeded the {cfg.timeout_s} s time limit", "timeout_error", code="timeout")
+        if c.finish_reason == "error":
+            return ApiError(500, f"generation failed: {c.error}", "server_error")
+        if c.finish_reason == "cancelled":
+            return ApiError(503, "request cancelled (server shutting down)", "server_error")
+        return None
+
+    def record(c: Completion, req_first: float | None, submitted: float) -> None:
+        metrics.prompt_tokens.inc(c.prompt_tokens)
+        metrics.completion_tokens.inc(len(c.token_ids))
+        if req_first is not None:
+            metrics.ttft.observe(req_first - submitted)
+
+    async def respond(kind: str, ids: list[int], sp: SamplingParams, stream: bool, include_usage: bool,
+                      checked_text: str):
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        sp.max_tokens = max(1, min(sp.max_tokens, engine.max_len - len(ids)))
+        refused = safety.check(checked_text) if safety.active else None
+        if refused is not None and refused.blocked:
+            metrics.refusals.inc(stage="prompt")
+            if not stream:
+                return JSONResponse(full(kind, rid, created, safety.refusal, "content_filter", len(ids), 0))
+
+            async def refusal_events():
+                yield _sse(fmt(kind, rid, created, "", None, first=True))
+                yield _sse(fmt(kind, rid, created, safety.refusal, None))
+                yield _sse(fmt(kind, rid, created, None if kind == "chat" else "", "content_filter"))
+                if include_usage:
+                    yield _sse({**fmt(kind, rid, created, None, None), "choices": [], "usage": usage(len(ids), 0)})
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(refusal_events(), media_type="text/event-stream")
+
+        holds = safety.words if safety.pattern is not None else None
+        submitted = time.monotonic()
+        agen = engine.astream(ids, sp, timeout=cfg.timeout_s, holds=holds)
+
+        if not stream:
+            comp = None
+            first_at = None
+            try:
+                async for ev in agen:
+                    if first_at is None and ev.token_ids:
+                        first_at = time.monotonic()
+                    comp = ev.completion if ev.finished else comp
+            finally:
+                await agen.aclose()
+            err = completion_error(comp)
+            if err is not None:
+                raise err
+            record(comp, first_at, submitted)
+            text, fr = comp.text or "", finish_reason(comp)
+            if safety.active and safety.check(text).blocked:
+                metrics.refusals.inc(stage="output")
+                text, fr = safety.refusal, "content_filter"
+            return JSONResponse(full(kind, rid, created, text, fr, len(ids), len(comp.token_ids)))
+
+        async def events():
+            shown = ""
+            first_at = None
+            comp = None
+            try:
+                yield _sse(fmt(kind, rid, created, "", None, first=True))
+                async for ev in agen:
+                    if first_at is None and ev.token_ids:
+                        first_at = time.monotonic()
+                    if ev.text:
+                        if safety.active and safety.check(shown + ev.text).blocked:
+                            metrics.refusals.inc(stage="output")
+                            yield _sse(fmt(kind, rid, created, ("\n" if shown else "") + safety.refusal, None))
+                            yield _sse(fmt(kind, rid, created, None if kind == "chat" else "", "content_filter"))
+                            yield "data: [DONE]\n\n"
+                            return
+                        shown += ev.text
+                        yield _sse(fmt(kind, rid, created, ev.text, None))
+                    if ev.finished:
+                        comp = ev.completion
+                err = completion_error(comp)
+                if err is not None:
+                    yield _sse(err.body())
+                    yield "data: [DONE]\n\n"
+                    return
+                record(comp, first_at, submitted)
+                yield _sse(fmt(kind, rid, created, None if kind == "chat" else "", finish_reason(comp)))
+                if include_usage:
+                    yield _sse({**fmt(kind, rid, created, None, None), "choices": [],
+                                "usage": usage(len(ids), len(comp.token_ids))})
+                yield "data: [DONE]\n\n"
+            finally:
+                await agen.aclose()  # a client that went away cancels its request
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # --- routes -----------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request)
+        msgs = parse_messages(body)
+        sp, stream, include_usage = parse_sampling(body, cfg)
+        ids = encode_prompt(tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+        user_text = "\n".join(m["content"] for m in msgs if m["role"] == "user")
+        return await respond("chat", ids, sp, stream, include_usage, user_text)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise _bad("'prompt' must be a string", "prompt")
+        sp, stream, include_usage = parse_sampling(body, cfg)
+        ids = encode_prompt(prompt)
+        return await respond("completion", ids, sp, stream, include_usage, prompt)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        return {"object": "list", "data": [_model_card(cfg, engine)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str, request: Request):
+        check_auth(request)
+        if model_id != cfg.model_name:
+            raise ApiError(404, f"the model '{model_id}' does not exist", "not_found_error", "model", "model_not_found")
+        return _model_card(cfg, engine)
+
+    @app.get("/health")
+    async def health():
+        ok = not state["shutting_down"]
+        return JSONResponse({"status": "ok" if ok else "shutting_down", "model": cfg.model_name,
+                             "active": engine.num_active(), "queued": engine.queue_depth()},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prom_metrics():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; style-src 'self'; script-src 'self'",
+                 "Cache-Control": "no-cache"}
+
+
+def _model_card(cfg: Config, engine: Engine) -> dict:
+    return {"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "tinyseek",
+            "max_model_len": engine.max_len}
+
+
+def _sse(obj: dict) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
+
+
+def build(cfg: Config):
+    """``(app, engine)`` from a config: load the checkpoint, the tokenizer, the safety filter."""
+    from tinyseek.serve.loading import load_for_serving
+
+    model, tok, _meta = load_for_serving(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype)
+    engine = Engine(model, tok, max_batch=cfg.max_batch, max_len=cfg.max_len or None,
+                    max_wait=cfg.max_wait_ms / 1000)
+    return create_app(engine, tok, cfg), engine
+
+
+def main(cfg: Config) -> dict:
+    import uvicorn
+
+    cfg.validate()
+    app, engine = build(cfg)
+    print(f"tinyseek serve: model '{cfg.model_name}' on http://{cfg.host}:{cfg.port}  "
+          f"(max_batch {cfg.max_batch}, max_len {engine.max_len}, device {engine.device})", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                                           timeout_graceful_shutdown=cfg.shutdown_timeout_s))
+    server.run()
+    m = app.state.metrics
+    return {"completion_tokens": m.completion_tokens.value(), "prompt_tokens": m.prompt_tokens.value()}

@@ -1,0 +1,714 @@
+"""``tinyseek pretrain``: next-token pretraining of the MoE transformer on token shards.
+
+One flat loop in the nanochat ``base_train`` style: set-up, then ``while step < steps`` with
+"every N steps" blocks (eval, log, checkpoint) around one marked training step. The same code runs
+single-process and under ``torchrun`` (DDP or FSDP2, optional gradient compression; see
+``tinyseek/train/distributed.py``).
+
+What one step does: ``grad_accum`` micro-batches forward/backward (all but the last under
+``no_sync``); the per-micro-step expert token counts are summed (and all-reduced across ranks)
+and drive the aux-loss-free bias update *before* ``optimizer.step()``; the gradient norm is
+clipped; a non-finite loss or gradient norm skips the step (gradients zeroed, no optimizer step,
+no bias update, logged, counted in ``skipped_steps``).
+
+Gradient accumulation is exact by design for the cross-entropy: shards are packed, so every
+micro-batch holds the same number of target tokens (``batch_size * seq_len``, no ignored
+positions) and the mean of the micro-batch means equals the mean over the whole step; the expert
+counts are summed, so the bias update equals the one-batch update. The balance (aux) loss is a
+*batch statistic* (``f_i * P_i`` over the tokens of one forward): with accumulation it is the mean
+of the per-micro-batch losses, which is what a one-batch step with the same micro-batch size sees;
+tests/test_pretrain.py checks both statements.
+
+Data: ``data`` names a shard folder (``tinyseek/data/shards.py``). Left empty, the run builds a
+byte-level corpus (UTF-8 bytes 0..255 + eos 256) from the text samples shipped in
+``tinyseek/data/samples/`` or, if there are none, from this repository's README and Python files;
+the last 5% of every document becomes the held-out split. The model's ``vocab_size`` follows the
+data's (logged when it changes).
+
+Checkpoints (``tinyseek/train/checkpoint.py``) hold model, optimizer, RNG states, data-loader
+position and loop state, so ``--resume`` continues exactly: on CPU a resumed run reproduces the
+uninterrupted loss sequence bit for bit (tests/test_pretrain.py kills a real run with SIGKILL).
+
+MFU counts ``6 * (active non-embedding params) + 6 * layers * heads * (qk_dim + v_dim) * seq_len``
+FLOPs per token (the nanochat/PaLM estimate; the attention term ignores causal masking) against
+a peak measured once with a large GEMM in the training dtype (or ``peak_flops`` if given).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinyseek.common import (MetricsLogger, atomic_write_json, autocast_ctx, autocast_dtype, print0,
+                             seed_everything, set_rng_state)
+from tinyseek.config import ConfigError, ModelConfig, model_cpu_tiny, model_gpu_small, model_micro, to_dict
+from tinyseek.data.shards import ShardLoader, read_index, write_shards
+from tinyseek.errors import UserError
+from tinyseek.train import checkpoint as ckpt
+from tinyseek.train.optim import SCHEDULES, build_optimizer, lr_at, set_lr
+
+BYTE_EOS = 256  # byte-level fallback: ids 0..255 are UTF-8 bytes, 256 ends a document (= byte_tokenizer's eos)
+SAMPLES_DIR = Path(__file__).resolve().parents[1] / "data" / "samples"
+REPO_DIR = Path(__file__).resolve().parents[2]
+MAX_BYTE_CORPUS = 16 << 20  # cap the fallback corpus at 16 MB of text
+
+
+@dataclass
+class Config:
+    name: str = "pretrain"           # run name; outputs go to runs/<name> unless run_dir is set
+    run_dir: str = ""                # output folder; "" -> runs/<name>
+    data: str = ""                   # token shard folder (index.json); "" -> byte-level shards built from shipped text
+    val_data: str = ""               # held-out shard folder; "" -> <data>/val or a sibling val/ if present, else the tail of data
+    model: ModelConfig = field(default_factory=model_micro)  # architecture (vocab_size follows the data)
+    steps: int = 60                  # optimizer steps in total (a resumed run continues to this)
+    batch_size: int = 8              # sequences per micro-batch per rank (adaptive mode: the upper bound)
+    seq_len: int = 64                # tokens per sequence (<= model.max_seq_len)
+    grad_accum: int = 1              # micro-batches per optimizer step (ignored in adaptive mode)
+    target_tokens_per_step: int = 0  # adaptive mode when > 0: pick micro-batch by memory, then grad_accum to reach this
+    memory_fraction: float = 0.7     # adaptive mode: share of free device memory activations may use
+    lr: float = 3e-3                 # peak learning rate
+    min_lr: float = 3e-4             # final learning rate of the decay
+    warmup_steps: int = 5            # linear warmup steps
+    schedule: str = "cosine"         # "cosine", "poly" (elastic, see poly_power) or "constant"
+    poly_power: float = 1.0          # exponent of the "poly" schedule
+    weight_decay: float = 0.1        # AdamW decay on matrices (not norms, biases, embeddings)
+    beta1: float = 0.9               # AdamW beta1
+    beta2: float = 0.95              # AdamW beta2
+    grad_clip: float = 1.0           # max global grad norm; 0 = no clipping (norm still logged)
+    dtype: str = "auto"              # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
+    device: str = "auto"             # "auto", "cpu", "cuda"
+    grad_checkpointing: bool = False  # recompute each block in backward (less memory, ~1/3 more compute)
+    ckpt_every: int = 0              # checkpoint every N steps (0 = only at the end)
+    keep_last: int = 3               # keep the newest N checkpoints (0 = keep all)
+    log_every: int = 5               # metrics.jsonl record every N steps
+    eval_every: int = 20             # held-out loss every N steps (0 = only at the end)
+    eval_batches: int = 4            # micro-batches per held-out evaluation
+    resume: bool = False             # continue from the latest checkpoint in run_dir (fresh start if none)
+    overwrite: bool = False          # fresh start in a run_dir that has checkpoints: delete them (else an error)
+    seed: int = 1337                 # seeds model init and every RNG
+    dist_mode: str = "ddp"           # under torchrun: "ddp" or "fsdp" (FSDP2)
+    compression: str = "none"        # DDP grad compression: none, fp16, bf16, powersgd, powersgd_fp16
+    powersgd_rank: int = 2           # PowerSGD rank
+    peak_flops: float = 0.0          # per-device peak FLOP/s for MFU; 0 = measure a GEMM once at start
+    tensorboard: bool = False        # also write TensorBoard scalars to runs/<name>/tb
+    progress: bool = True            # tqdm progress bar on rank 0
+    debug_nan_step: int = 0          # testing hook: poison the loss of this step (1-based) with NaN; 0 = off
+
+    def validate(self) -> "Config":
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        self.model.validate()
+        for k in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
+            need(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("target_tokens_per_step", "ckpt_every", "keep_last", "log_every", "eval_every",
+                  "warmup_steps", "debug_nan_step"):
+            need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
+        need(self.seq_len <= self.model.max_seq_len,
+             f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        need(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
+        need(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        need(self.poly_power > 0, f"poly_power must be > 0, got {self.poly_power}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        need(0 < self.memory_fraction <= 1, f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        need(self.dtype in ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"),
+             f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+             f"device must be auto, cpu or cuda, got {self.device!r}")
+        need(self.dist_mode in ("ddp", "fsdp"), f"dist_mode must be 'ddp' or 'fsdp', got {self.dist_mode!r}")
+        need(self.compression in ("none", "fp16", "bf16", "powersgd", "powersgd_fp16"),
+             f"compression must be none, fp16, bf16, powersgd or powersgd_fp16, got {self.compression!r}")
+        need(not (self.dist_mode == "fsdp" and self.compression.startswith("powersgd")),
+             "compression powersgd is a DDP hook; with dist_mode fsdp use none, fp16 or bf16")
+        need(self.powersgd_rank >= 1, f"powersgd_rank must be >= 1, got {self.powersgd_rank}")
+        need(self.peak_flops >= 0, f"peak_flops must be >= 0, got {self.peak_flops}")
+        need(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+
+def preset(name: str) -> Config:
+    """``micro`` (tests, seconds), ``cpu-tiny`` (2-3 min on 2 cores), ``gpu-small`` (~100M MoE, one H100)."""
+    if name == "micro":
+        return Config(name="micro", model=model_micro(), steps=60, batch_size=8, seq_len=64, lr=3e-3,
+                      min_lr=3e-4, warmup_steps=5, log_every=5, eval_every=20)
+    if name == "cpu-tiny":
+        return Config(name="cpu-tiny", model=model_cpu_tiny(), steps=300, batch_size=8, seq_len=256,
+                      lr=3e-3, min_lr=3e-4, warmup_steps=20, log_every=10, eval_every=50, ckpt_every=100)
+    if name == "gpu-small":
+        return Config(name="gpu-small", model=model_gpu_small(), steps=3000, batch_size=32, seq_len=1024,
+                      target_tokens_per_step=131072, lr=1.5e-3, min_lr=1.5e-4, warmup_steps=100,
+                      log_every=10, eval_every=250, eval_batches=8, ckpt_every=500, keep_last=2)
+    raise ConfigError(f"unknown preset {name!r}; choose one of micro, cpu-tiny, gpu-small")
+
+
+# ---------------------------------------------------------------------------------------------
+# data: the byte-level fallback corpus and the held-out split
+# ---------------------------------------------------------------------------------------------
+def fallback_texts() -> list[tuple[str, str]]:
+    """(name, text) of the shipped samples (``tinyseek/data/samples``: .txt/.md/.rst, .jsonl "text"),
+    else this repository's README and Python files. Sorted by path: deterministic."""
+    docs: list[tuple[str, str]] = []
+    if SAMPLES_DIR.is_dir():
+        for p in sorted(SAMPLES_DIR.rglob("*")):
+            if p.suffix in (".txt", ".md", ".rst"):
+                docs.append((str(p.relative_to(SAMPLES_DIR)), p.read_text(errors="replace")))
+            elif p.suffix == ".jsonl":
+                for i, line in enumerate(p.read_text(errors="replace").splitlines()):
+                    with contextlib.suppress(json.JSONDecodeError, AttributeError):
+                        t = json.loads(line).get("text")
+                        if isinstance(t, str) and t:
+                            docs.append((f"{p.name}:{i}", t))
+    if not docs:
+        files = [REPO_DIR / "README.md"] + sorted((REPO_DIR / "tinyseek").rglob("*.py"))
+        docs = [(str(p.relative_to(REPO_DIR)), p.read_text(errors="replace")) for p in files if p.is_file()]
+    out, total = [], 0
+    for name, text in docs:
+        if total >= MAX_BYTE_CORPUS:
+            break
+        out.append((name, text))
+        total += len(text)
+    return out
+
+
+def split_doc(b: bytes, val_frac: float = 0.05) -> tuple[bytes, bytes]:
+    """Train head and held-out tail of one document.
+
+    >>> split_doc(bytes(range(100)))[1] == bytes(range(95, 100))
+    True
+    """
+    cut = len(b) - int(len(b) * val_frac)
+    return b[:cut], b[cut:]
+
+
+def byte_vocab() -> int:
+    """Vocabulary of the byte fallback: that of ``tinyseek.tokenizer.byte_tokenizer`` (bytes, eos 256,
+    then the chat special tokens, so later stages can fine-tune with them), else 257."""
+    try:
+        from tinyseek.tokenizer import byte_tokenizer
+        return byte_tokenizer().vocab_size
+    except ImportError:
+        return BYTE_EOS + 1
+
+
+def build_byte_shards(out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``out_dir/train`` and ``out_dir/val`` byte-level shards (eos 256, vocab :func:`byte_vocab`)."""
+    out_dir = Path(out_dir)
+    train, val = [], []
+    for _, text in fallback_texts():
+        a, b = split_doc(text.encode("utf-8"))
+        train.append(list(a))
+        if b:
+            val.append(list(b))
+    extra = {"tokenizer": "bytes", "source": str(SAMPLES_DIR if SAMPLES_DIR.is_dir() else REPO_DIR)}
+    write_shards(train, out_dir / "train", byte_vocab(), BYTE_EOS, extra=extra)
+    write_shards(val, out_dir / "val", byte_vocab(), BYTE_EOS, extra=extra)
+    return out_dir / "train", out_dir / "val"
+
+
+def resolve_data(cfg: Config, run_dir: Path, is_main: bool, barrier) -> tuple[Path, Path | None]:
+    """(train shards, held-out shards or None for "use the tail of train")."""
+    if not cfg.data:
+        root = run_dir / "data"
+        if is_main and not ((root / "train" / "index.json").is_file() and (root / "val" / "index.json").is_file()):
+            build_byte_shards(root)
+        barrier()
+        return root / "train", root / "val"
+    train = Path(cfg.data)
+    read_index(train)  # clear error if missing
+    if cfg.val_data:
+        read_index(cfg.val_data)
+        return train, Path(cfg.val_data)
+    for cand in (train / "val", train.parent / "val"):
+        if cand != train and (cand / "index.json").is_file():
+            return train, cand
+    return train, None
+
+
+def copy_tokenizer(train: Path, index: dict, run_dir: Path) -> str | None:
+    """Put the data's tokenizer in ``run_dir/tokenizer`` (where later stages look); returns its path.
+
+    Looked up as ``index["tokenizer"]`` ("bytes" or a path), then ``<data>/tokenizer``,
+    ``<data>/../tokenizer``. None when the data names no tokenizer."""
+    try:
+        from tinyseek.tokenizer import load_tokenizer
+    except ImportError:
+        return None
+    spec = index.get("tokenizer")
+    cands = ([spec] if spec else []) + [str(train / "tokenizer"), str(train.parent / "tokenizer")]
+    for c in cands:
+        if c == "bytes" or Path(c).exists():
+            out = run_dir / "tokenizer"
+            load_tokenizer(c).save(out)
+            return str(out)
+    return None
+
+
+class HeldOut:
+    """Fixed held-out batches: the first ``n`` micro-batches of a val split, or the tail of train."""
+
+    def __init__(self, train: Path, val: Path | None, B: int, T: int, rank: int, world: int, device, n: int):
+        self.n, self.start = n, 0
+        try:
+            if val is None:
+                raise UserError("no val split")
+            self.loader = ShardLoader(val, B, T, rank, world, device)
+        except UserError:  # missing or smaller than one batch: evaluate on the end of the training stream
+            self.loader = ShardLoader(train, B, T, rank, world, device)
+            need = n * world * B * T + 1
+            self.start = max(0, self.loader.n_tokens - need)
+        self.source = str(self.loader.path) + ("" if self.start == 0 else f" (last {self.loader.n_tokens - self.start} tokens)")
+
+    @torch.no_grad()
+    def loss(self, model, amp) -> float:
+        self.loader.load_state_dict({"pos": self.start, "epoch": 0})
+        was = model.training
+        model.eval()
+        tot = 0.0
+        for _ in range(self.n):
+            x, y = self.loader.next_batch()
+            with amp():
+                tot += model(x, y).ce_loss.float().item()
+        model.train(was)
+        return tot / self.n
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements: peak FLOP/s, FLOPs per token, activation memory, expert load
+# ---------------------------------------------------------------------------------------------
+_PEAK: dict[tuple, float] = {}
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
+    """Best-of-N square GEMM throughput (FLOP/s) in the training dtype; cached; touches no global RNG."""
+    key = (str(device), dtype)
+    if key not in _PEAK:
+        dt = dtype or torch.float32
+        n, reps = (4096, 10) if device.type == "cuda" else (1024, 5)
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(n, n, device=device, dtype=dt, generator=g)
+        b = torch.randn(n, n, device=device, dtype=dt, generator=g)
+        best = float("inf")
+        for i in range(reps + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:  # the first call warms up
+                best = min(best, time.perf_counter() - t0)
+        _PEAK[key] = 2 * n ** 3 / best
+    return _PEAK[key]
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x active non-embedding params + attention score/value matmuls."""
+    c = model.cfg
+    n = model.num_params(active=True) - model.embed.weight.numel()
+    if c.tie_embeddings:
+        n += model.embed.weight.numel()  # the tied head still does its matmul
+    qk, v = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attn == "mla"
+             else (c.gqa_head_dim, c.gqa_head_dim))
+    ctx = min(seq_len, c.sliding_window) if c.sliding_window else seq_len
+    return 6.0 * n + 6.0 * c.n_layers * c.n_heads * (qk + v) * ctx
+
+
+def activation_bytes(model, seq_len: int, device, amp) -> float:
+    """Bytes autograd keeps for one sequence of ``seq_len`` (measured with saved-tensor hooks).
+
+    Parameters saved for backward are not counted. With gradient checkpointing only the block
+    inputs are kept, plus one block's activations during its recompute.
+    """
+    params = {p.data_ptr() for p in model.parameters()}
+
+    def probe(ckpt: bool) -> float:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            if t.device.type != "meta" and t.data_ptr() not in params:
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        old = model.grad_checkpointing
+        model.grad_checkpointing = ckpt
+        x = torch.zeros(1, seq_len, dtype=torch.long, device=device)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp():
+                out = model(x, x)
+            out.loss.backward()
+        finally:
+            model.grad_checkpointing = old
+            model.zero_grad(set_to_none=True)
+        return float(sum(seen.values()))
+
+    full = probe(False)
+    if not model.grad_checkpointing:
+        return full
+    return probe(True) + full / model.cfg.n_layers
+
+
+def free_memory_bytes(device: torch.device) -> float:
+    """Free device memory: CUDA from the driver, CPU from /proc/meminfo MemAvailable (else 4 GiB)."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    return float(4 << 30)
+
+
+def choose_accum(target_tokens: int, max_micro: int, seq_len: int, world: int, per_seq_bytes: float,
+                 budget_bytes: float) -> tuple[int, int]:
+    """Adaptive mode: the largest power-of-two micro-batch <= ``max_micro`` whose activations fit the
+    budget (and that does not overshoot the target), then enough accumulation to reach the target.
+
+    >>> choose_accum(8192, 16, 256, 1, per_seq_bytes=1e6, budget_bytes=4.5e6)   # 4 fit in memory
+    (4, 8)
+    >>> choose_accum(1000, 64, 100, 2, per_seq_bytes=1.0, budget_bytes=1e9)     # 5 seqs/rank needed
+    (4, 2)
+    """
+    need_seqs = max(1, math.ceil(target_tokens / (seq_len * world)))
+    micro = 1
+    while micro * 2 <= min(max_micro, need_seqs) and micro * 2 * per_seq_bytes <= budget_bytes:
+        micro *= 2
+    accum = math.ceil(target_tokens / (micro * seq_len * world))
+    return micro, accum
+
+
+def expert_stats(counts_LE: torch.Tensor, dropped_L: torch.Tensor | None) -> dict[str, Any]:
+    """Per MoE layer: load fractions, max/mean load ratio, dropped assignments.
+
+    >>> s = expert_stats(torch.tensor([[3.0, 1.0], [2.0, 2.0]]), torch.tensor([0, 1]))
+    >>> s["load_frac"], s["load_max_mean"], s["dropped"]
+    ([[0.75, 0.25], [0.5, 0.5]], [1.5, 1.0], [0, 1])
+    """
+    c = counts_LE.double()
+    frac = c / c.sum(-1, keepdim=True).clamp_min(1)
+    ratio = c.max(-1).values / c.mean(-1).clamp_min(1e-12)
+    return {"load_frac": [[round(v, 4) for v in row] for row in frac.tolist()],
+            "load_max_mean": [round(v, 4) for v in ratio.tolist()],
+            "load_max_mean_worst": round(float(ratio.max()), 4),
+            "dropped": [int(d) for d in dropped_L.tolist()] if dropped_L is not None else []}
+
+
+# ---------------------------------------------------------------------------------------------
+# the accumulated forward/backward of one optimizer step
+# ---------------------------------------------------------------------------------------------
+def forward_backward(wrapped, next_batch, accum: int, amp=contextlib.nullcontext, no_sync=contextlib.nullcontext,
+                     poison: bool = False) -> dict[str, Any]:
+    """Run ``accum`` micro-batches forward and backward, accumulating gradients in ``.grad``.
+
+    Each micro-batch loss is divided by ``accum``: every packed micro-batch has the same number of
+    target tokens, so the summed gradient equals the gradient of the mean loss over the whole step.
+    All micro-batches but the last run under ``no_sync()`` (DDP/FSDP skip their gradient
+    communication). Returns the step's mean ``loss`` / ``ce_loss`` / ``aux_loss`` (detached), the
+    summed expert token ``counts`` (n_moe_layers, E) and ``dropped`` assignments (or None for a
+    dense model). ``poison`` multiplies the first micro-batch loss by NaN (the NaN-skip test hook).
+    """
+    loss_sum = ce_sum = aux_sum = 0.0
+    counts = dropped = None
+    for m in range(accum):
+        x, y = next_batch()
+        with (contextlib.nullcontext() if m == accum - 1 else no_sync()):
+            with amp():
+                out = wrapped(x, y)
+            loss = out.loss / accum
+            if poison and m == 0:
+                loss = loss * float("nan")
+            loss.backward()
+        loss_sum = loss_sum + loss.detach().float()
+        ce_sum = ce_sum + out.ce_loss.detach().float() / accum
+        aux_sum = aux_sum + out.aux_loss.detach().float() / accum
+        if out.expert_counts is not None:
+            c = out.expert_counts.float()
+            counts = c if counts is None else counts + c
+            dropped = out.dropped if dropped is None else dropped + out.dropped
+    return {"loss": loss_sum, "ce_loss": ce_sum, "aux_loss": aux_sum, "counts": counts, "dropped": dropped}
+
+# ---------------------------------------------------------------------------------------------
+# distributed (tinyseek/train/distributed.py; a world of one needs none of it)
+# ---------------------------------------------------------------------------------------------
+def _dist_module():
+    try:
+        from tinyseek.train import distributed as D
+        return D
+    except ImportError:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("distributed training needs tinyseek/train/distributed.py") from None
+        return None
+
+
+def _full_states(wrapped, model, opt, fsdp: bool) -> tuple[dict | None, dict | None]:
+    """Model and optimizer state for a checkpoint; FSDP2 gathers full (unsharded) tensors."""
+    if not fsdp:
+        return None, None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    msd, osd = get_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return msd, osd
+
+
+def _load_fsdp_optim(wrapped, opt, osd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(wrapped, opt, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def main(cfg: Config) -> dict:
+    cfg.validate()
+    D = _dist_module()
+    dist = D.init_distributed(cfg.device) if D else None
+    rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
+    is_main = rank == 0
+    device = dist.device if dist else (torch.device("cuda" if torch.cuda.is_available() else "cpu")
+                                        if cfg.device == "auto" else torch.device(cfg.device))
+    barrier = (lambda: D.barrier(dist)) if dist else (lambda: None)
+    try:
+        return _train(cfg, D, dist, rank, world, is_main, device, barrier)
+    finally:
+        if D:
+            D.cleanup(dist)
+
+
+def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: torch.device, barrier) -> dict:
+    amp_dtype = autocast_dtype(cfg.dtype, device)
+    amp = lambda: autocast_ctx(device, amp_dtype)  # noqa: E731
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    run_dir = cfg.out_dir
+    ckpt_root = run_dir / "ckpt"
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- data -> model vocabulary ------------------------------------------------------------
+    train_path, val_path = resolve_data(cfg, run_dir, is_main, barrier)
+    index = read_index(train_path)
+    if cfg.model.vocab_size != index["vocab_size"]:
+        print0(f"model.vocab_size {cfg.model.vocab_size} -> {index['vocab_size']} (from {train_path})")
+        cfg.model.vocab_size = int(index["vocab_size"])
+
+    # ---- resume point --------------------------------------------------------------------------
+    resume_dir = ckpt.latest_checkpoint(ckpt_root) if cfg.resume else None
+    if not cfg.resume and ckpt.latest_checkpoint(ckpt_root) is not None:
+        if not cfg.overwrite:
+            raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue, --overwrite to start "
+                            "over, or choose another --name")
+        barrier()
+        if is_main:
+            import shutil
+            shutil.rmtree(ckpt_root)
+    meta: dict = ckpt.read_meta(resume_dir) if resume_dir else {}
+    if resume_dir and meta.get("model_config") != to_dict(cfg.model):
+        raise UserError(f"--resume: the model config differs from the checkpoint in {resume_dir}")
+    tokenizer_dir = copy_tokenizer(train_path, index, run_dir) if is_main else None
+    if is_main:
+        atomic_write_json(run_dir / "config.json", to_dict(cfg))
+
+    # ---- model ------------------------------------------------------------------------------------
+    seed_everything(cfg.seed)  # same init on every rank
+    from tinyseek.model.transformer import Transformer
+    model = Transformer(cfg.model)
+    if resume_dir:
+        model.load_state_dict(ckpt.load_weights(resume_dir / "model.safetensors"), strict=True)
+    model.to(device)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    model.train()
+
+    # ---- batch geometry (adaptive: choose micro-batch from measured memory) --------------------
+    micro, accum = cfg.batch_size, cfg.grad_accum
+    if "micro_batch" in meta:  # a resumed run keeps the geometry it started with (exact resume)
+        micro, accum = int(meta["micro_batch"]), int(meta["grad_accum"])
+    elif cfg.target_tokens_per_step > 0:
+        per_seq = activation_bytes(model, cfg.seq_len, device, amp) * 1.3  # + temporaries
+        state_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * 3  # grads + Adam m, v
+        budget = free_memory_bytes(device) * cfg.memory_fraction - state_bytes
+        if dist is not None and dist.enabled:  # every rank must agree on the geometry
+            t = torch.tensor([budget], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            budget = float(t.item())
+        micro, accum = choose_accum(cfg.target_tokens_per_step, cfg.batch_size, cfg.seq_len, world, per_seq, budget)
+        print0(f"adaptive batch: {per_seq / 2**20:.1f} MiB activations/sequence, budget {budget / 2**30:.2f} GiB "
+               f"-> micro_batch {micro} x grad_accum {accum} x world {world} x seq {cfg.seq_len} "
+               f"= {micro * accum * world * cfg.seq_len} tokens/step (target {cfg.target_tokens_per_step})")
+    tokens_per_step = micro * accum * world * cfg.seq_len
+
+    # ---- parallel wrapper, optimizer ------------------------------------------------------------
+    if D:
+        wrapped, comm = D.wrap_model(model, dist, mode=cfg.dist_mode, compression=cfg.compression,
+                                     powersgd_rank=cfg.powersgd_rank)
+    else:
+        wrapped, comm = model, None
+    fsdp = bool(dist and dist.enabled and cfg.dist_mode == "fsdp")
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    loader = ShardLoader(train_path, micro, cfg.seq_len, rank, world, device)
+    heldout = HeldOut(train_path, val_path, micro, cfg.seq_len, rank, world, device, cfg.eval_batches)
+
+    step, skipped, tokens_seen = 0, 0, 0
+    logger = MetricsLogger(run_dir / "metrics.jsonl", tensorboard=cfg.tensorboard, enabled=is_main)
+    if resume_dir:
+        osd = torch.load(resume_dir / "optim.pt", map_location=device, weights_only=False)
+        if fsdp:
+            _load_fsdp_optim(wrapped, opt, osd)
+        else:
+            opt.load_state_dict(osd)
+        loader.load_state_dict(meta["loader"])
+        step, skipped, tokens_seen = int(meta["step"]), int(meta["skipped_steps"]), int(meta["tokens_seen"])
+        logger.truncate_after(step)
+        rng = torch.load(resume_dir / "rng.pt", weights_only=False)
+        print0(f"resumed from {resume_dir} at step {step}")
+    elif is_main and logger.path.exists():
+        logger.path.unlink()  # a fresh run starts a fresh curve
+    if resume_dir:
+        set_rng_state(rng)
+    else:
+        seed_everything(cfg.seed + rank)
+
+    n_params, n_active = model.num_params(), model.num_params(active=True)
+    fpt = flops_per_token(model, cfg.seq_len)
+    peak = cfg.peak_flops or measure_peak_flops(device, amp_dtype)
+    print0(f"model: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active), {fpt / 1e6:.1f} MFLOP/token, "
+           f"peak {peak / 1e9:.1f} GFLOP/s/device | data {train_path} ({loader.n_tokens:,} tokens), "
+           f"held-out {heldout.source} | {tokens_per_step:,} tokens/step = {micro} x {accum} x {world} x {cfg.seq_len}")
+
+    def save(step_now: int) -> Path | None:
+        msd, osd = _full_states(wrapped, model, opt, fsdp)  # collective under FSDP: all ranks
+        path = None
+        if is_main:
+            meta_out = {"step": step_now, "model_config": to_dict(cfg.model), "train_config": to_dict(cfg),
+                        "loader": loader.state_dict(), "skipped_steps": skipped, "tokens_seen": tokens_seen,
+                        "micro_batch": micro, "grad_accum": accum, "world_size": world,
+                        "data": str(train_path), "tokenizer": tokenizer_dir, "time": time.time()}
+            path = ckpt.save_checkpoint(ckpt_root, step_now, model, opt, meta_out, model_state=msd, optim_state=osd)
+            ckpt.prune_checkpoints(ckpt_root, cfg.keep_last)
+        barrier()
+        return path
+
+    bar = None
+    if is_main and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+    n_moe = len(model.moe_layers)
+    win_counts = torch.zeros(n_moe, cfg.model.n_routed_experts, device=device) if n_moe else None
+    win_dropped = torch.zeros(n_moe, dtype=torch.long, device=device) if n_moe else None
+    win_tokens, win_time, win_comm, win_comm_raw, win_steps = 0, 0.0, 0, 0, 0
+    last: dict[str, Any] = {}
+    val_loss = None
+    eval_model = wrapped if fsdp else model  # FSDP2 needs the sharded module; DDP's forward is not needed
+    t_start = time.time()
+
+    while step < cfg.steps:
+        # ======== one training step =====================================================================
+        t0 = time.perf_counter()
+        lr = lr_at(cfg.schedule, step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.poly_power)
+        set_lr(opt, lr)
+        poison = bool(cfg.debug_nan_step) and step + 1 == cfg.debug_nan_step
+        sync_off = (lambda: D.no_sync(wrapped, cfg.dist_mode)) if D else contextlib.nullcontext
+        fb = forward_backward(wrapped, loader.next_batch, accum, amp, sync_off, poison)
+        losses = torch.stack([fb["loss"], fb["ce_loss"], fb["aux_loss"]])
+        if D and dist.enabled:
+            D.all_reduce_mean_(losses, dist)  # every rank sees the same (possibly non-finite) loss
+        counts, dropped = fb["counts"], fb["dropped"]
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        (loss_val, ce_val, aux_val), gnorm_val = losses.tolist(), float(grad_norm)
+        ok = math.isfinite(loss_val) and math.isfinite(gnorm_val)
+        if ok:
+            if n_moe:
+                if D and dist.enabled:
+                    D.all_reduce_sum_(counts, dist)
+                    D.all_reduce_sum_(dropped, dist)
+                model.update_expert_bias(counts)  # aux-loss-free balancing, before the optimizer step
+            opt.step()
+        else:
+            skipped += 1
+            logger.log(step + 1, event="skipped_nonfinite", bad_loss=repr(loss_val), bad_grad_norm=repr(gnorm_val),
+                       skipped_steps=skipped)
+            print0(f"step {step + 1}: non-finite loss {loss_val} / grad norm {gnorm_val}: step skipped ({skipped} so far)")
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        step += 1
+        tokens_seen += tokens_per_step
+        # ======== end of the training step ==============================================================
+
+        win_tokens += tokens_per_step
+        win_time += dt
+        win_steps += 1
+        if n_moe and ok:
+            win_counts += counts
+            win_dropped += dropped
+        if comm is not None:
+            c = comm.take()
+            win_comm += c["bytes"]
+            win_comm_raw += c["raw_bytes"]
+        if bar is not None:
+            bar.update(1)
+            if ok:
+                bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", refresh=False)
+
+        # -------- every log_every steps: metrics --------------------------------------------------------
+        if ok and ((cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps):
+            tps = win_tokens / max(win_time, 1e-9)
+            rec: dict[str, Any] = {"loss": loss_val, "ce_loss": ce_val, "aux_loss": aux_val, "lr": lr,
+                                   "grad_norm": gnorm_val, "tokens_per_s": round(tps, 1),
+                                   "mfu": round(fpt * tps / (peak * world), 5), "tokens_seen": tokens_seen,
+                                   "skipped_steps": skipped, "step_time_s": round(win_time / win_steps, 4)}
+            if n_moe and win_counts.sum() > 0:
+                rec.update(expert_stats(win_counts.cpu(), win_dropped.cpu()))
+            if dist is not None and dist.enabled:
+                rec.update(comm_bytes_per_step=win_comm // win_steps, comm_raw_bytes_per_step=win_comm_raw // win_steps,
+                           comm_ratio=round(win_comm / max(win_comm_raw, 1), 4))
+            logger.log(step, **rec)
+            last.update(rec)
+            if n_moe:
+                win_counts.zero_()
+                win_dropped.zero_()
+            win_tokens, win_time, win_comm, win_comm_raw, win_steps = 0, 0.0, 0, 0, 0
+
+        # -------- every eval_every steps (and at the end): held-out loss --------------------------------
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            val_loss = heldout.loss(eval_model, amp)
+            if D and dist.enabled:
+                val_loss = D.all_reduce_mean_(torch.tensor([val_loss], device=device), dist).item()
+            logger.log(step, val_loss=val_loss)
+
+        # -------- every ckpt_every steps (and at the end): checkpoint ------------------------------------
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+            save(step)
+
+    if bar is not None:
+        bar.close()
+    # ---- summary and loss curve -----------------------------------------------------------------
+    result = {"step": step, "loss": last.get("loss"), "val_loss": val_loss, "skipped_steps": skipped,
+              "tokens_seen": tokens_seen, "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu"),
+              "params": n_params, "active_params": n_active, "micro_batch": micro, "grad_accum": accum,
+              "world_size": world, "run_dir": str(run_dir), "wall_s": round(time.time() - t_start, 2)}
+    if is_main:
+        from tinyseek.plots import plot_loss
+        plot_loss(logger.path, run_dir / "loss.png", title=f"{cfg.name}: pretraining loss")
+        atomic_write_json(run_dir / "final.json", result)
+        print0(f"done: step {step}, loss {result['loss']}, val_loss {val_loss}, skipped {skipped}, "
+               f"{result['tokens_per_s']} tok/s, MFU {result['mfu']} -> {run_dir}")
+    return result
