@@ -54,7 +54,7 @@ class ModelConfig:
     n_shared_experts: int = 1      # always-on shared experts (fused into one SwiGLU of S x width)
     moe_d_ff: int = 96             # hidden width of one routed / shared expert
     top_k: int = 2                 # experts per token
-    score_func: str = "softmax"    # router score: "softmax" (V2) or "sigmoid" (V3)
+    score_func: str = "sigmoid"    # router score: "sigmoid" (V3, exports to HF DeepseekV3) or "softmax" (V2)
     n_groups: int = 1              # group-limited routing: expert groups (1 = off)
     topk_groups: int = 1           # groups a token may route to
     routed_scaling: float = 1.0    # multiply routed expert output (V3 routed_scaling_factor)
@@ -244,14 +244,14 @@ def model_cpu_tiny() -> ModelConfig:
     return ModelConfig(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, max_seq_len=256,
                        attn="mla", kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                        d_ff=384, n_dense_layers=1, n_routed_experts=8, n_shared_experts=1, moe_d_ff=96,
-                       top_k=2, score_func="softmax")
+                       top_k=2, score_func="sigmoid")
 
 
 def model_micro() -> ModelConfig:
     """Smallest sensible model, for unit tests and the CI end-to-end run."""
     return ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=128,
                        attn="mla", kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                       d_ff=128, n_dense_layers=1, n_routed_experts=4, n_shared_experts=1, moe_d_ff=32, top_k=2)
+                       d_ff=128, n_dense_layers=1, n_routed_experts=4, n_shared_experts=1, moe_d_ff=32, top_k=2, score_func="sigmoid")
 
 
 def model_gpu_small() -> ModelConfig:
