@@ -137,9 +137,11 @@ def interleaved(cands: dict[str, nn.Module], make_input, reps: int, iters: int, 
 
 
 def bench_moe(bc: BenchConfig, device: torch.device, dtype: torch.dtype, reps: int, iters: int,
-              with_hf: bool) -> dict[str, float]:
+              with_hf: bool, extra_impls: list[str]) -> dict[str, float]:
     torch.manual_seed(0)
     cands: dict[str, nn.Module] = {"dense": dense(bc), "ours": ours(bc)}
+    for impl in extra_impls:
+        cands[f"ours_{impl}"] = ours(bc, impl)
     if with_hf:
         cands["hf_qwen2moe"] = hf_qwen2moe(bc, None)  # standalone block: eager per-expert loop
         cands["hf_qwen2moe_grouped"] = hf_qwen2moe(bc, "grouped_mm")  # transformers 5 model default
@@ -234,6 +236,7 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers blocks")
     ap.add_argument("--no-mfu", action="store_true", help="skip the cpu-tiny MFU measurement")
     ap.add_argument("--mfu-batch", type=int, default=8)
+    ap.add_argument("--impls", default="", help="also time these moe_impl values of ours, e.g. grouped,padded")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -245,7 +248,8 @@ def main() -> None:
         print(f"transformers {transformers.__version__}")
     for key in args.configs.split(","):
         bc = CONFIGS[key]
-        tps = bench_moe(bc, device, dtype, args.reps, args.iters, not args.no_hf)
+        tps = bench_moe(bc, device, dtype, args.reps, args.iters, not args.no_hf,
+                        [i for i in args.impls.split(",") if i])
         print(f"\n[{key}] {bc.name}, d={bc.d_model}, {bc.batch}x{bc.seq} tokens, dense FFN width {bc.active_ff}")
         base = tps["dense"]
         for k, v in tps.items():

@@ -5,10 +5,12 @@
     .venv/bin/python benchmarks/quant.py --ckpt ... --task-model runs/sft --task arithmetic
 
 Columns: file size of ``model.safetensors`` and its ratio to fp32; resident weight memory (bytes
-of the model's tensors, RoPE tables excluded) and the ratio over the quantized part only; held-out
-perplexity (val shards beside the checkpoint) and its change; greedy KV-cache decode tokens/s
-(batch 1, all variants timed in interleaved rounds, median) and its ratio to fp32; held-out task
-pass@1 (greedy) when ``--task-model`` is given (that model quantized with the same settings).
+of the model's tensors, RoPE tables excluded), its ratio, and the ratio over the quantized part
+only ("qpart x"); held-out perplexity (val shards beside the checkpoint) and its change; greedy
+KV-cache decode tokens/s (batch 1, all variants timed in interleaved rounds, median) and its ratio
+to fp32, with the PyTorch-op path and ("fused") with the optional C++ kernels of
+``tinyseek/quant/kernels.py``; held-out task pass@1 (greedy) when ``--task-model`` is given (that
+model quantized with the same settings).
 
 Calibration rows: ``rtn`` = round-to-nearest min-max scales, no data; ``minmax`` / ``percentile``
 / ``kl`` = AWQ-style scale search on the calibration batches with that activation-range
@@ -84,6 +86,7 @@ def main() -> None:
     ap.add_argument("--task-problems", type=int, default=50)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the fused-kernel decode column")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -181,31 +184,43 @@ def main() -> None:
         print(f"  torchao Int8WeightOnly: {time.time() - t:.1f}s (incl. import)")
 
     # ---- measure -----------------------------------------------------------------------
+    from tinyseek.quant import kernels
+
+    use_k = not args.no_kernels and args.device == "cpu" and kernels.enable()
+    kernels.enable(False)
     rows = []
     prompt = val[0][0][:1, :32]
-    times: dict[int, list[float]] = {i: [] for i in range(len(variants))}
+    times: dict[tuple[int, bool], list[float]] = {}
+    modes = [False, True] if use_k else [False]
     for i, (_, m, _, _, _) in enumerate(variants):
         decode_seconds(m, prompt, 8)  # warm-up
     for _ in range(args.rounds):
-        for i, (_, m, _, _, _) in enumerate(variants):
-            times[i].append(decode_seconds(m, prompt, args.decode_tokens))
+        for i, (name, m, _, _, _) in enumerate(variants):
+            for k in modes:
+                if k and (i == 0 or name == "torchao-int8"):
+                    continue
+                kernels.enable(k)
+                times.setdefault((i, k), []).append(decode_seconds(m, prompt, args.decode_tokens))
+    kernels.enable(False)
     f_bytes = weight_bytes(base)["total"]
     for i, (name, m, path, cal, tq) in enumerate(variants):
-        wb = weight_bytes(m)
         if name == "torchao-int8":  # tensor subclasses: count the int8 data + scales it holds
             wb = {"total": sum(_ao_bytes(t) for t in m.state_dict().values()), "quantized": 0, "float": 0}
+        else:
+            wb = weight_bytes(m)
         rows.append({
             "model": name, "calib": cal,
             "file_mb": path.stat().st_size / 1e6 if path else float("nan"),
             "mem_mb": wb["total"] / 1e6,
             "part_x": (f_bytes - wb["float"]) / wb["quantized"] if wb["quantized"] else float("nan"),
             "ppl": perplexity(m, val),
-            "tok_s": args.decode_tokens / statistics.median(times[i]),
+            "tok_s": args.decode_tokens / statistics.median(times[(i, False)]),
+            "tok_s_k": args.decode_tokens / statistics.median(times[(i, True)]) if (i, True) in times else float("nan"),
             "acc": task_accuracy(tq, task[0], task[2]) if task else None,
         })
     f = rows[0]
     head = (f"{'model':<13}{'calib':<11}{'file MB':>8}{'x':>6}{'mem MB':>8}{'x':>6}{'qpart x':>8}"
-            f"{'ppl':>8}{'dppl %':>8}{'tok/s':>8}{'x':>6}" + (f"{'task acc':>9}" if task else ""))
+            f"{'ppl':>8}{'dppl %':>8}{'tok/s':>8}{'x':>6}{'fused':>8}{'x':>6}" + (f"{'task acc':>9}" if task else ""))
     print()
     print(f"checkpoint {step} | {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params | "
           f"held-out {args.eval_batches}x8x{T} tokens | decode batch 1, {args.decode_tokens} tokens, "
@@ -217,7 +232,12 @@ def main() -> None:
               f"{r['mem_mb']:>8.3f}{f['mem_mb'] / r['mem_mb']:>6.2f}"
               f"{('' if math.isnan(r['part_x']) else format(r['part_x'], '.2f')):>8}"
               f"{r['ppl']:>8.4f}{100 * (r['ppl'] / f['ppl'] - 1):>+8.2f}{r['tok_s']:>8.1f}{r['tok_s'] / f['tok_s']:>6.2f}"
+              f"{_fmt(r['tok_s_k'], '.1f'):>8}{_fmt(r['tok_s_k'] / f['tok_s'], '.2f'):>6}"
               + (f"{r['acc']:>9.3f}" if task else ""))
+
+
+def _fmt(v: float, spec: str) -> str:
+    return "" if math.isnan(v) else format(v, spec)
 
 
 def _ao_bytes(t: torch.Tensor) -> int:

@@ -60,6 +60,15 @@ def test_bad_config_in_process(case, capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
+def test_presets_validate():
+    from tinyseek.train.pretrain import preset
+
+    for name in ("micro", "cpu-tiny", "gpu-small"):
+        cfg = preset(name).validate()
+        assert cfg.name == name and cfg.seq_len <= cfg.model.max_seq_len
+    assert preset("gpu-small").target_tokens_per_step > 0 and preset("gpu-small").model.is_moe
+
+
 def test_help_lists_options():
     from tinyseek.cli import main, stage_help
     from tinyseek.train import pretrain

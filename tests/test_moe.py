@@ -14,7 +14,7 @@ from tinyseek.model.transformer import Transformer
 def moe_cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, kv_lora_rank=16,
                 qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, d_ff=64, n_dense_layers=1,
-                n_routed_experts=8, n_shared_experts=1, moe_d_ff=24, top_k=2)
+                n_routed_experts=8, n_shared_experts=1, moe_d_ff=24, top_k=2, score_func="softmax")
     base.update(kw)
     return ModelConfig(**base).validate()
 
@@ -49,7 +49,7 @@ ROUTINGS = {
 }
 
 
-@pytest.mark.parametrize("impl", ["grouped", "sorted"])
+@pytest.mark.parametrize("impl", ["grouped", "sorted", "padded"])
 @pytest.mark.parametrize("capacity", [0.0, 1.0])
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_fast_paths_match_reference_loop(impl, capacity, routing):
@@ -70,7 +70,7 @@ def test_fast_paths_match_reference_loop(impl, capacity, routing):
         assert int(s["dropped"]) > 0  # cf=1 with a random router must drop something: test is not vacuous
 
 
-@pytest.mark.parametrize("impl", ["grouped", "sorted"])
+@pytest.mark.parametrize("impl", ["grouped", "sorted", "padded"])
 def test_fast_paths_handle_empty_experts(impl):
     """Experts that receive no token (zero-size groups) must not break the grouped kernels."""
     cfg = moe_cfg(n_routed_experts=8, top_k=1, score_func="sigmoid", aux_loss="none")
@@ -89,7 +89,7 @@ def test_fast_paths_handle_empty_experts(impl):
         torch.testing.assert_close(g[name], g_ref[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("impl", ["loop", "sorted", "grouped", "auto"])
+@pytest.mark.parametrize("impl", ["loop", "sorted", "grouped", "padded", "auto"])
 def test_one_expert_top1_equals_dense_swiglu(impl):
     cfg = moe_cfg(n_routed_experts=1, top_k=1, n_shared_experts=0, moe_d_ff=40)
     m = make_moe(cfg)
@@ -177,7 +177,7 @@ def test_capacity_drop_counts_hand_computed():
                       [0.0, 2.0, 1, 1], [0.0, 1.0, 1, 1]]).view(1, 6, 4)
     _, s = m(x)
     assert s["counts"].tolist() == [4, 2] and int(s["dropped"]) == 0
-    for impl in ("loop", "sorted", "grouped"):
+    for impl in ("loop", "sorted", "grouped", "padded"):
         m.impl = impl
         m.cfg.capacity_factor = 1.0
         y, s = m(x)

@@ -117,6 +117,22 @@ def test_smoke_micro_writes_everything_and_loss_falls(tmp_path):
         main(small_cfg(tmp_path, data=str(data)))
 
 
+def test_micro_preset_default_data(tmp_path):
+    """The real ``micro`` preset on the default byte-level corpus, a few steps: every artifact appears."""
+    from tinyseek.tokenizer import load_tokenizer
+    from tinyseek.train.pretrain import preset
+
+    cfg = preset("micro")
+    cfg.run_dir, cfg.steps, cfg.log_every, cfg.eval_every, cfg.progress = str(tmp_path / "m"), 4, 2, 0, False
+    res = main(cfg)
+    run = tmp_path / "m"
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [2, 4]
+    assert (run / "loss.png").is_file() and json.loads((run / "config.json").read_text())["steps"] == 4
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(run / "ckpt"))
+    assert meta["step"] == 4 and meta["model_config"]["vocab_size"] == load_tokenizer(run / "tokenizer").vocab_size
+    assert res["val_loss"] is not None and res["mfu"] > 0
+
+
 def test_nan_loss_skips_step(tmp_path):
     data = repetitive_shards(tmp_path / "shards")
     res = main(small_cfg(tmp_path, data=str(data), steps=6, log_every=1, eval_every=0, ckpt_every=0, debug_nan_step=3))

@@ -170,7 +170,7 @@ def test_quantized_model_logits_close_to_float(attn, spec):
     with torch.no_grad():
         out = q(idx).logits
         exact = _dequantised_float_copy(m, q)(idx).logits
-    assert rel(out, ref) < (0.02 if spec.bits == 8 else 0.2)
+    assert rel(out, ref) < (0.03 if spec.bits == 8 else 0.3)  # random 3x-scaled weights: ~0.1 error per int4 matrix
     assert torch.allclose(out, exact, atol=1e-4)  # plumbing: same as the float model on dequantised weights
     # KV-cache decode of the quantized model equals its full forward
     cache = q.new_cache(2)
@@ -337,3 +337,38 @@ def test_cli_bad_option_is_one_line_error():
     r = subprocess.run([sys.executable, "-m", "tinyseek", "quantize", "--ckpt", "/nonexistent/ckpt"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("tinyseek: error: no checkpoint found")
+
+
+# ---------------------------------------------------------------------------------------------
+# optional fused CPU kernels (first build takes a minute or two: slow tier)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fused_kernels_match_pytorch_path():
+    from tinyseek.quant import kernels
+
+    if not kernels.enable():
+        pytest.skip("no C++ toolchain for the optional kernels")
+    try:
+        torch.manual_seed(0)
+        for k, n in ((128, 384), (96, 128), (7, 5)):
+            w = torch.randn(n, k)
+            for bits, g in ((8, 0), (4, 32), (4, 64), (4, 128)):
+                ql = QuantLinear.from_float(w, bits, g, smooth_K=torch.rand(k) + 0.5)
+                x = torch.randn(3, k)
+                fused = ql(x)
+                kernels.enable(False)
+                ref = ql(x)
+                kernels.enable(True)
+                assert torch.allclose(fused, ref, atol=1e-4, rtol=1e-4)
+        m = micro()
+        q = copy.deepcopy(m)
+        quantize_model(q, QuantSpec("int4", 32), [tokens(4, 32)], max_rows=128)
+        idx = tokens(1, 16)
+        with torch.no_grad():
+            cache = q.new_cache(1)
+            fused = torch.cat([q(idx[:, i:i + 1], cache=cache).logits for i in range(16)], 1)
+            kernels.enable(False)
+            ref = q(idx).logits
+        assert torch.allclose(fused, ref, atol=1e-4)
+    finally:
+        kernels.enable(False)

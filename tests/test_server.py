@@ -313,3 +313,49 @@ def test_graceful_shutdown_finishes_in_flight(model, tok):
     r = result["r"]
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 40
     assert eng._thread is None  # the engine was drained and stopped by the lifespan shutdown
+
+
+@pytest.fixture(scope="module")
+def run_dir(model, tok, tmp_path_factory):
+    """A run dir as training leaves it: ckpt/step_*/ and tokenizer/."""
+    from tinyseek.train.checkpoint import save_checkpoint
+
+    d = tmp_path_factory.mktemp("run")
+    save_checkpoint(d / "ckpt", 3, model, None, {})
+    tok.save(d / "tokenizer")
+    return d
+
+
+def test_build_from_checkpoint_serves_same_answers(run_dir, model, tok):
+    from tinyseek.serve.server import build
+
+    app, eng = build(Config(ckpt=str(run_dir), device="cpu", max_batch=2))
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 6, "temperature": 0}).json()
+    ref = Engine(model, tok, max_batch=1).generate([tok.encode("hello")], SamplingParams(max_tokens=6))[0]
+    assert r["choices"][0]["text"] == ref.text
+
+
+def test_cli_errors(tmp_path):
+    from tinyseek.cli import main as cli
+
+    assert cli(["serve"]) == 2                                    # --ckpt missing
+    assert cli(["serve", "--ckpt", str(tmp_path / "none")]) == 2  # no such checkpoint
+    assert cli(["serve", "--port", "70000", "--ckpt", "x"]) == 2  # bad config
+    assert cli(["chat", "--temperature", "-1"]) == 2
+
+
+def test_terminal_chat(run_dir, model, tok):
+    import io
+
+    from tinyseek.serve import chat
+
+    out = io.StringIO()
+    cfg = chat.Config(ckpt=str(run_dir), device="cpu", max_tokens=5, temperature=0.0)
+    res = chat.main(cfg, stdin=io.StringIO("hello\n\n/reset\nhello\n/exit\nnot read\n"), stdout=out)
+    assert res["turns"] == 2 and res["tokens"] >= 2
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "hello"}]))
+    ref = Engine(model, tok, max_batch=1).generate([ids], SamplingParams(max_tokens=5))[0]
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("bot> ")]
+    assert lines == ["bot> " + ref.text] * 2  # after /reset the same greedy answer again
+    assert "(conversation cleared)" in out.getvalue() and "tok/s" in out.getvalue()

@@ -1,8 +1,8 @@
 """``tinyseek eval``: pass@1 (greedy) and pass@k on held-out problems, format rate, response length.
 
-Held-out means problem seeds from ``EVAL_SEED_BASE + seed`` (see :mod:`tinyseek.post.common`),
-a range the training stages never draw from. (With very easy tasks, e.g. one-digit addition, the
-same *problem text* can still occur in training by chance: there are only 100 such problems.)
+Held-out means problems from the tasks' ``eval`` split (a hash of the prompt text puts 1 in 4
+problem texts there; training stages draw only from the ``train`` split, so no prompt is shared,
+even for tiny problem spaces) with seeds from ``EVAL_SEED_BASE + seed``.
 
 pass@k uses the unbiased estimator of Chen et al. (2021) from ``n_samples >= k`` samples per
 problem at ``temperature``: ``1 - C(n - c, k) / C(n, k)`` averaged over problems, ``c`` correct.
@@ -108,7 +108,7 @@ def evaluate(model, tok, problems, *, k: int = 8, n_samples: int = 8, temperatur
 
 def heldout_problems(tasks: str, n: int, seed: int, difficulty: int | None):
     from tinyseek.post.common import EVAL_SEED_BASE, make_problems
-    return make_problems(tasks, n, seed=EVAL_SEED_BASE + seed, difficulty=difficulty)
+    return make_problems(tasks, n, seed=EVAL_SEED_BASE + seed, difficulty=difficulty, split="eval")
 
 
 def main(cfg: Config) -> dict:

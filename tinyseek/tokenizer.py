@@ -257,10 +257,10 @@ from dataclasses import dataclass  # noqa: E402
 
 @dataclass
 class Config:
-    inputs: str = ""               # comma-separated text/JSONL/Parquet files or folders; "" = the shipped samples
+    inputs: str = ""               # comma-separated text/JSONL/Parquet files or folders; "" = the default corpus
     text_field: str = "text"       # JSONL/Parquet field holding the text
     vocab_size: int = 2048         # BPE vocabulary incl. 9 special tokens (>= 265)
-    max_chars: int = 50_000_000    # stop reading input after this many characters
+    max_chars: int = 20_000_000    # stop reading input after this many characters
     out: str = "runs/tokenizer"    # output tokenizer dir
 
     def validate(self) -> "Config":
@@ -276,7 +276,8 @@ class Config:
 
 def preset(name: str) -> Config:
     from tinyseek.config import ConfigError
-    presets = {"cpu-tiny": lambda: Config(vocab_size=2048), "gpu-small": lambda: Config(vocab_size=16384),
+    presets = {"cpu-tiny": lambda: Config(vocab_size=2048, max_chars=5_000_000),
+               "gpu-small": lambda: Config(vocab_size=16384),
                "default": Config}
     if name not in presets:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
@@ -284,23 +285,40 @@ def preset(name: str) -> Config:
 
 
 def main(cfg: Config) -> dict:
+    """Train a BPE on cleaned text: the given files/folders, else the default corpus (see
+    :mod:`tinyseek.data.sources`). ``tinyseek data`` trains one itself; this stage is for reuse."""
     cfg.validate()
+    from tinyseek.data.clean import clean_text
     from tinyseek.data.ingest import iter_documents
-    from tinyseek.data.sources import SAMPLES_DIR
-    paths = [s.strip() for s in cfg.inputs.split(",") if s.strip()] or [str(SAMPLES_DIR)]
+    from tinyseek.data.sources import default_sources
+    paths = [s.strip() for s in cfg.inputs.split(",") if s.strip()]
+    docs = (iter_documents(paths, text_field=cfg.text_field) if paths
+            else _round_robin([src.read() for src in default_sources(math_docs=400)]))
     n_chars = 0
 
     def texts() -> Iterator[str]:
         nonlocal n_chars
-        for doc in iter_documents(paths, text_field=cfg.text_field):
+        for doc in docs:
             if doc.text is None:
                 continue
-            yield doc.text
-            n_chars += len(doc.text)
+            t = clean_text(doc.text)
+            yield t
+            n_chars += len(t)
             if n_chars >= cfg.max_chars:
                 return
 
     tok = train_tokenizer(texts(), cfg.vocab_size, cfg.out)
-    res = {"out": cfg.out, "vocab_size": tok.vocab_size, "chars": n_chars}
-    print(f"tokenizer: vocab {tok.vocab_size} trained on {n_chars:,} chars -> {cfg.out}")
-    return res
+    print(f"tokenizer: vocab {tok.vocab_size} trained on {n_chars:,} characters -> {cfg.out}")
+    return {"out": cfg.out, "vocab_size": tok.vocab_size, "chars": n_chars}
+
+
+def _round_robin(iterators: list) -> Iterator:
+    """One item from each iterator in turn until all are exhausted (mixes the corpus' domains)."""
+    its = list(iterators)
+    while its:
+        for it in list(its):
+            x = next(it, None)
+            if x is None:
+                its.remove(it)
+            else:
+                yield x

@@ -20,6 +20,8 @@ _BLANK_RUN = re.compile(r"\n{3,}")
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _WORD_RE = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
 _CJK_RE = re.compile(rf"[{_CJK}]")
+_SPACE_RE = re.compile(r"\s")
+_SYMBOL_RE = re.compile(r"[^\w\s]|_")
 
 
 def clean_text(s: str) -> str:
@@ -62,14 +64,8 @@ def symbol_ratio(s: str) -> float:
     >>> symbol_ratio("ab,. 12")
     0.3333333333333333
     """
-    n = sym = 0
-    for c in s:
-        if c.isspace():
-            continue
-        n += 1
-        if not c.isalnum():
-            sym += 1
-    return sym / n if n else 0.0
+    n = len(s) - len(_SPACE_RE.findall(s))
+    return len(_SYMBOL_RE.findall(s)) / n if n else 0.0
 
 
 def dup_line_fraction(s: str) -> float:

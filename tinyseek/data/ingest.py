@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 from tinyseek.errors import UserError
 
 MAX_LINE = 1 << 24          # bytes read per line at a time (a longer line is read in pieces)
+MAX_RECORD = 1 << 26        # a JSONL line longer than this is reported as malformed, not loaded
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".txt.gz", ".text")
@@ -62,20 +63,25 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
-def _lines(f) -> Iterator[bytes]:
-    """Lines of a binary file, each at most MAX_LINE bytes per read (long lines arrive joined)."""
+def _lines(f, join: bool = True) -> Iterator[bytes]:
+    """Lines of a binary file, read at most ``MAX_LINE`` bytes at a time. ``join=False`` yields a
+    longer line in ``MAX_LINE`` pieces (plain text: memory stays bounded); ``join=True`` joins them
+    (a JSON record must be whole) unless the line exceeds ``MAX_RECORD``: then it yields ``b""``
+    (sentinel: record too long) after skipping the rest of the line."""
     while True:
         line = f.readline(MAX_LINE)
         if not line:
             return
-        if not line.endswith(b"\n") and len(line) == MAX_LINE:
-            parts = [line]
+        if join and not line.endswith(b"\n") and len(line) == MAX_LINE:
+            parts, size = [line], len(line)
             while True:
                 more = f.readline(MAX_LINE)
-                parts.append(more)
+                size += len(more)
+                if size <= MAX_RECORD:
+                    parts.append(more)
                 if not more or more.endswith(b"\n"):
                     break
-            line = b"".join(parts)
+            line = b"".join(parts) if size <= MAX_RECORD else b""
         yield line
 
 
@@ -90,6 +96,9 @@ def iter_jsonl(path: Path, text_field: str = "text", source: str = "") -> Iterat
         try:
             for i, raw in enumerate(_lines(f), 1):
                 loc = f"{path}:{i}"
+                if raw == b"":
+                    yield Doc(None, source, loc, f"line longer than {MAX_RECORD} bytes")
+                    continue
                 if not raw.strip():
                     continue
                 try:
@@ -173,7 +182,7 @@ def iter_text(path: Path, doc_chars: int = 4000, source: str = "") -> Iterator[D
         yield Doc(None, source, f"{path}:0", f"unreadable file: {e.strerror}")
         return
     with f:
-        lines = ((i, raw.decode("utf-8", errors="replace")) for i, raw in enumerate(_lines(f), 1))
+        lines = ((i, raw.decode("utf-8", errors="replace")) for i, raw in enumerate(_lines(f, join=False), 1))
         yield from chunk_paragraphs(lines, doc_chars, str(path), source)
 
 
@@ -193,7 +202,7 @@ def iter_documents(paths: Iterable[str | Path], text_field: str = "text", doc_ch
 def read_text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """``(line_no, line)`` of a UTF-8 text file, streaming."""
     with _open_binary(path) as f:
-        for i, raw in enumerate(_lines(f), 1):
+        for i, raw in enumerate(_lines(f, join=False), 1):
             yield i, raw.decode("utf-8", errors="replace")
 
 

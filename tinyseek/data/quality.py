@@ -58,7 +58,7 @@ class NgramLM:
     True
     """
 
-    def __init__(self, order: int = 3, bits: int = 22):
+    def __init__(self, order: int = 3, bits: int = 20):
         if order < 1:
             raise ValueError("order must be >= 1")
         self.order, self.bits = order, bits

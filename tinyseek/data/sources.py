@@ -127,17 +127,21 @@ def math_text(p) -> str:
 
 
 def read_math(n: int, seed: int) -> Iterator[Doc]:
-    """``n`` worked problems, round-robin over the tasks (countdown at difficulty <= 2: search cost)."""
+    """``n`` worked problems interleaved over the tasks (so any cap keeps the mix), countdown at
+    difficulty <= 2 (its solution search grows fast with more numbers)."""
     from tinyseek.tasks import get_task
     per = [n // len(MATH_TASKS) + (i < n % len(MATH_TASKS)) for i in range(len(MATH_TASKS))]
+    lists = []
     for task, k in zip(MATH_TASKS, per):
         mod = get_task(task)
         if task == "countdown":
-            probs = [p for j in range(k) for p in mod.generate(1, seed=seed * 100_003 + j, difficulty=1 + j % 2)]
+            lists.append([mod.generate(1, seed=seed * 100_003 + j, difficulty=1 + j % 2)[0] for j in range(k)])
         else:
-            probs = mod.generate(k, seed=seed)
-        for j, p in enumerate(probs):
-            yield Doc(math_text(p), "math", f"generated:{task}:{j}")
+            lists.append(mod.generate(k, seed=seed))
+    for j in range(max(per, default=0)):
+        for task, probs in zip(MATH_TASKS, lists):
+            if j < len(probs):
+                yield Doc(math_text(probs[j]), "math", f"generated:{task}:{j}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +189,8 @@ def default_sources(math_docs: int = 1000, use_samples: bool = False, doc_chars:
                       {"files": len(code)}))
 
     if math_docs > 0:
-        out.append(Source("math", "math", lambda: read_math(math_docs, seed), "generated", {"docs": math_docs}))
+        out.append(Source("math", "math", lambda: read_math(math_docs, seed), "generated",
+                          {"docs": math_docs, "generated_train_split": True}))
     return out
 
 

@@ -8,8 +8,9 @@ Conventions:
   checkpoint, else the byte-level fallback tokenizer. Every stage copies it into its own run dir so
   a run dir is self-contained.
 - A worked solution is rendered as ``<think>{solution}</think><answer>{answer}</answer>``.
-- Training problems use seeds ``seed * 1000 + step``; eval problems use ``EVAL_SEED_BASE + seed``,
-  a range training never draws from.
+- Training problems come from the tasks' ``train`` split, held-out ones from the ``eval`` split (a
+  hash of the prompt text decides, see :mod:`tinyseek.tasks`), and eval seeds start at
+  ``EVAL_SEED_BASE``, a range training never draws from.
 """
 from __future__ import annotations
 
@@ -85,14 +86,18 @@ def task_names(spec: str) -> list[str]:
     return names
 
 
-def make_problems(tasks: str, n: int, seed: int, difficulty: int | None = None) -> list[Any]:
-    """``n`` problems spread round-robin over the comma-separated ``tasks``."""
+def make_problems(tasks: str, n: int, seed: int, difficulty: int | None = None, split: str = "train") -> list[Any]:
+    """``n`` problems spread round-robin over the comma-separated ``tasks``.
+
+    ``split`` is the tasks' train/eval partition of problem texts (``"eval"`` for held-out sets):
+    no prompt is ever in both, even for tiny problem spaces.
+    """
     from tinyseek.tasks import get_task
     names = task_names(tasks)
     per_task = []
     for i, name in enumerate(names):
         k = n // len(names) + (1 if i < n % len(names) else 0)
-        per_task.append(get_task(name).generate(k, seed=seed * 7919 + i, difficulty=difficulty) if k else [])
+        per_task.append(get_task(name).generate(k, seed=seed * 7919 + i, difficulty=difficulty, split=split) if k else [])
     # interleave so any prefix of the list mixes the tasks
     return [lst[j] for j in range(max(len(x) for x in per_task)) for lst in per_task if j < len(lst)]
 
@@ -103,7 +108,8 @@ def prompt_ids(tok, prompt: str) -> list[int]:
 
 def worked_response(problem) -> str:
     """The target completion for SFT: ``<think>solution</think><answer>answer</answer>``."""
-    return f"<think>{problem.solution}</think><answer>{problem.answer}</answer>"
+    from tinyseek.tasks import format_solution
+    return format_solution(problem)
 
 
 def decode(tok, ids: list[int]) -> str:

@@ -39,7 +39,8 @@ def sample(model, prompts: list[list[int]], *, eos_id: int, max_tokens: int, tem
         eng = _engine() if use_engine else None
         if eng is not None:
             Engine, SamplingParams = eng
-            engine = Engine(model, None, max_batch=max_batch)
+            max_len = min(model.cfg.max_seq_len, max(len(p) for p in prompts) + max_tokens + 1)
+            engine = Engine(model, None, max_batch=min(max_batch, len(prompts)), max_len=max_len, eos_id=eos_id)
             params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                      stop=[], seed=seed + i) for i in range(len(prompts))]
             outs = engine.generate([list(p) for p in prompts], params)

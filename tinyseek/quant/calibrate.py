@@ -33,7 +33,7 @@ CALIBRATIONS = ("minmax", "percentile", "kl")
 # ---------------------------------------------------------------------------------------------
 # activation ranges (pure functions)
 # ---------------------------------------------------------------------------------------------
-def kl_thresholds(absx_MK: torch.Tensor, n_bins: int = 512, n_levels: int = 128, step: int = 8) -> torch.Tensor:
+def kl_thresholds(absx_MK: torch.Tensor, n_bins: int = 512, n_levels: int = 128, step: int = 16) -> torch.Tensor:
     """Per-column KL-optimal clip threshold of ``|x|`` (TensorRT entropy calibration), ``(K,)``.
 
     For every candidate threshold (bin edge ``i``) the reference distribution ``P`` is the
@@ -49,18 +49,18 @@ def kl_thresholds(absx_MK: torch.Tensor, n_bins: int = 512, n_levels: int = 128,
     M, K = absx_MK.shape
     amax = absx_MK.amax(0).clamp_min(1e-12)                                   # (K,)
     idx = (absx_MK / amax * n_bins).long().clamp_(max=n_bins - 1)             # (M, K)
-    hist = torch.zeros(K, n_bins, dtype=torch.float64)
-    hist.scatter_add_(1, idx.t(), torch.ones(K, M, dtype=torch.float64))
-    best_kl = torch.full((K,), float("inf"), dtype=torch.float64)
+    hist = torch.zeros(K, n_bins, dtype=torch.float32)
+    hist.scatter_add_(1, idx.t(), torch.ones(K, M, dtype=torch.float32))
+    best_kl = torch.full((K,), float("inf"), dtype=torch.float32)
     best_i = torch.full((K,), n_bins, dtype=torch.long)
     for i in range(n_levels, n_bins + 1, step):
         p = hist[:, :i].clone()
         p[:, -1] += hist[:, i:].sum(1)
         level = torch.arange(i) * n_levels // i                              # bin -> level
         src = hist[:, :i]
-        nz = (src > 0).double()
-        tot = torch.zeros(K, n_levels, dtype=torch.float64).index_add_(1, level, src)
-        cnt = torch.zeros(K, n_levels, dtype=torch.float64).index_add_(1, level, nz)
+        nz = (src > 0).float()
+        tot = torch.zeros(K, n_levels, dtype=torch.float32).index_add_(1, level, src)
+        cnt = torch.zeros(K, n_levels, dtype=torch.float32).index_add_(1, level, nz)
         q = (tot / cnt.clamp_min(1))[:, level] * nz
         p = p / p.sum(1, keepdim=True).clamp_min(1e-12)
         q = q / q.sum(1, keepdim=True).clamp_min(1e-12)
@@ -91,25 +91,30 @@ def activation_range(x_MK: torch.Tensor, method: str, percentile: float = 99.9) 
 
 
 def smooth_scales(range_K: torch.Tensor, beta: float) -> torch.Tensor:
-    """AWQ column scales ``a^beta`` normalised to geometric mean 1 (``beta = 0`` gives ones).
+    """AWQ column scales ``a^beta`` normalised to geometric mean 1 (``beta = 0`` gives ones),
+    clamped to [1e-3, 1e3] and rounded to fp16 (their storage dtype).
 
     >>> smooth_scales(torch.tensor([1.0, 4.0]), 0.5).tolist()
-    [0.7071067690849304, 1.4142135381698608]
+    [0.70703125, 1.4140625]
     """
     s = range_K.float().clamp_min(1e-5) ** beta
-    return s / torch.exp(torch.log(s).mean())
+    return (s / torch.exp(torch.log(s).mean())).clamp(1e-3, 1e3).half().float()
 
 
 def search_smoothing(w_NK: torch.Tensor, x_MK: torch.Tensor, range_K: torch.Tensor, bits: int, group_size: int,
-                     grid: Iterable[float] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)) -> tuple[float, torch.Tensor | None, dict]:
+                     grid: Iterable[float] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75),
+                     min_gain: float = 0.02) -> tuple[float, torch.Tensor | None, dict]:
     """Grid-search ``beta``; returns ``(beta, s_K or None when beta == 0, {"err": .., "err_rtn": ..})``.
 
-    Errors are relative: ``||X (W - W_hat)^T||^2 / ||X W^T||^2`` on the calibration rows.
+    Errors are relative: ``||X (W - W_hat)^T||^2 / ||X W^T||^2`` on the calibration rows. A
+    smoothing is kept only if it cuts the error by at least ``min_gain`` (relative) versus plain
+    round-to-nearest; otherwise the matrix stays unsmoothed (no scale vector is stored).
     """
     from tinyseek.quant.modules import dequantize_weight, quantize_weight
 
     w = w_NK.detach().float()
-    x = x_MK.detach().float()
+    x = x_MK.detach().float().to(w.device)
+    range_K = range_K.to(w.device)
     ref = x @ w.t()
     denom = ref.pow(2).sum().clamp_min(1e-20)
     best = (float("inf"), 0.0, None)
@@ -119,12 +124,15 @@ def search_smoothing(w_NK: torch.Tensor, x_MK: torch.Tensor, range_K: torch.Tens
         q, sc = quantize_weight(w, bits, group_size, None, s)
         w_hat = dequantize_weight(q, sc, bits, w.shape[1], group_size)
         if s is not None:
-            w_hat = w_hat / s[None, :]
+            w_hat = w_hat / s[None, :]  # s is already fp16-rounded, as stored
         err = float((x @ w_hat.t() - ref).pow(2).sum() / denom)
         errs[beta] = err
         if err < best[0] - 1e-12:
             best = (err, beta, s)
-    return best[1], best[2], {"err": best[0], "err_rtn": errs.get(0.0, float("nan"))}
+    rtn = errs.get(0.0, float("inf"))
+    if best[1] > 0 and best[0] > (1 - min_gain) * rtn:
+        best = (rtn, 0.0, None)
+    return best[1], best[2], {"err": best[0], "err_rtn": rtn}
 
 
 # ---------------------------------------------------------------------------------------------

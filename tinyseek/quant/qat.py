@@ -88,6 +88,8 @@ def prepare_qat(model: nn.Module, method: str = "int4", group_size: int = 128, l
         new.weight_gate_up.copy_(old.w_gate_up)
         new.weight_down.copy_(old.w_down)
         _set(model, name, new)
+    from tinyseek.quant.quantize import prefer_per_expert_dispatch
+    prefer_per_expert_dispatch(model)
     model.qat = {"method": method, "group_size": group_size if bits == 4 else 0, "lm_head": lm_head}
     return model
 
@@ -127,7 +129,7 @@ def qat_finetune(model: nn.Module, next_batch: Callable[[], tuple[torch.Tensor, 
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.ce_loss))
+        losses.append(float(out.ce_loss.detach()))
         if log is not None:
             log(step, losses[-1])
     model.eval()

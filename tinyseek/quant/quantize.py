@@ -92,6 +92,17 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def prefer_per_expert_dispatch(model: nn.Module) -> None:
+    """MoE layers with quantized experts and ``moe_impl="auto"`` use the ``sorted`` dispatch: it
+    dequantises only the experts that received tokens (2 of 8 when decoding one token), where the
+    ``grouped`` path would dequantise the whole stack every call. Same maths either way."""
+    from tinyseek.model.moe import MoE
+
+    for m in model.modules():
+        if isinstance(m, MoE) and m.impl == "auto" and type(m.experts).__name__ in ("QuantExperts", "QATExperts"):
+            m.impl = "sorted"
+
+
 # ---------------------------------------------------------------------------------------------
 # quantize a model
 # ---------------------------------------------------------------------------------------------
@@ -130,8 +141,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calib_batches: Iterable[to
         ex = model.get_submodule(name)
         sm = None
         if use_data:
-            sm = {"gate_up": torch.ones(ex.n_experts, ex.w_gate_up.shape[1]),
-                  "down": torch.ones(ex.n_experts, ex.hidden)}
+            sm = {"gate_up": torch.ones(ex.n_experts, ex.w_gate_up.shape[1], device=ex.w_gate_up.device),
+                  "down": torch.ones(ex.n_experts, ex.hidden, device=ex.w_gate_up.device)}
             for part, w in (("gate_up", ex.w_gate_up), ("down", ex.w_down)):
                 for e in range(ex.n_experts):
                     s = smoothing(f"{name}/{part}/{e}", w[e].t())
@@ -139,6 +150,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calib_batches: Iterable[to
                         sm[part][e] = s
         _set_module(model, name, QuantExperts.from_float(ex.w_gate_up, ex.w_down, bits, gs, smooth=sm))
         kinds[name] = "experts_smooth" if sm is not None else "experts"
+    prefer_per_expert_dispatch(model)
     mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
     return {"modules": kinds, "smoothed": smoothed, "err": mean(errs), "err_rtn": mean(errs_rtn)}
 
@@ -273,6 +285,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", expect:
             raise UserError(f"quantized checkpoint {p}: tensor {k} is {state[k].dtype} {tuple(state[k].shape)} but "
                             f"{qcfg['method']} group {qcfg['group_size']} needs {t.dtype} {tuple(t.shape)}")
     model.load_state_dict(state, strict=True)
+    prefer_per_expert_dispatch(model)
     model.to(device).eval()
     meta.setdefault("quant", {k: v for k, v in qcfg.items() if k not in ("model_config", "modules")})
     return model, meta

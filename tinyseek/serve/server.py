@@ -17,7 +17,10 @@ Behaviour worth knowing:
   prefix so a blocked word is never sent.
 - Graceful shutdown (SIGINT/SIGTERM): uvicorn stops accepting connections and waits up to
   ``shutdown_timeout_s`` for in-flight requests; the engine then drains and stops.
+- Chat messages have the template's role markers (``<|user|>`` ...) removed, so a message cannot
+  forge turns; ``<think>``/``<answer>`` tags are kept (they are part of assistant turns).
 - Only ``n = 1``; ``logprobs`` are not supported (400). Penalties and other OpenAI fields are ignored.
+  Extensions: ``top_k`` and ``ignore_eos`` (as in vLLM).
 """
 from __future__ import annotations
 
@@ -171,8 +174,11 @@ def parse_sampling(body: dict, cfg: Config) -> tuple[SamplingParams, bool, bool]
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
+    ignore_eos = body.get("ignore_eos", False)  # extension (as in vLLM): fixed-length outputs for benchmarks
+    if not isinstance(ignore_eos, bool):
+        raise _bad("'ignore_eos' must be a boolean", "ignore_eos")
     sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=float(top_p),
-                        stop=stop, seed=seed)
+                        stop=stop, seed=seed, ignore_eos=ignore_eos)
     return sp, stream, bool(opts.get("include_usage", False))
 
 
@@ -189,8 +195,13 @@ def parse_messages(body: dict) -> list[dict]:
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         if not isinstance(content, str):
             raise _bad(f"messages[{i}].content must be a string", "messages")
+        for marker in _ROLE_MARKERS:  # user text must not forge turns of the chat template
+            content = content.replace(marker, "")
         out.append({"role": m["role"], "content": content})
     return out
+
+
+_ROLE_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|eos|>", "<|pad|>")
 
 
 # ---------------------------------------------------------------------------------------------

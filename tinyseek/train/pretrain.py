@@ -15,19 +15,22 @@ Gradient accumulation is exact by design for the cross-entropy: shards are packe
 micro-batch holds the same number of target tokens (``batch_size * seq_len``, no ignored
 positions) and the mean of the micro-batch means equals the mean over the whole step; the expert
 counts are summed, so the bias update equals the one-batch update. The balance (aux) loss is a
-*batch statistic* (``f_i * P_i`` over the tokens of one forward): with accumulation it is the mean
-of the per-micro-batch losses, which is what a one-batch step with the same micro-batch size sees;
-tests/test_pretrain.py checks both statements.
+*batch statistic* (``f_i * P_i`` over the tokens of one forward): with accumulation the step's aux
+term is defined as the mean of the per-micro-batch losses (one k*b batch would compute it over all
+k*b tokens, a slightly different statistic). tests/test_pretrain.py checks all three statements.
 
 Data: ``data`` names a shard folder (``tinyseek/data/shards.py``). Left empty, the run builds a
-byte-level corpus (UTF-8 bytes 0..255 + eos 256) from the text samples shipped in
-``tinyseek/data/samples/`` or, if there are none, from this repository's README and Python files;
-the last 5% of every document becomes the held-out split. The model's ``vocab_size`` follows the
-data's (logged when it changes).
+byte-level corpus (UTF-8 bytes, eos 256; the ids of ``tinyseek.tokenizer.byte_tokenizer``) from the
+samples shipped in ``tinyseek/data/samples/`` plus generated worked maths problems (see
+:func:`fallback_texts`), shuffled with a fixed seed; the last 5% of every document becomes the
+held-out split. The model's ``vocab_size`` follows the data's (logged when it changes) and the
+data's tokenizer is copied to ``runs/<name>/tokenizer`` for the later stages.
 
 Checkpoints (``tinyseek/train/checkpoint.py``) hold model, optimizer, RNG states, data-loader
 position and loop state, so ``--resume`` continues exactly: on CPU a resumed run reproduces the
 uninterrupted loss sequence bit for bit (tests/test_pretrain.py kills a real run with SIGKILL).
+Not exact: PowerSGD's error-feedback state is not checkpointed (it restarts), and a resume with a
+different world size keeps the stream position but changes the per-rank batches.
 
 MFU counts ``6 * (active non-embedding params) + 6 * layers * heads * (qk_dim + v_dim) * seq_len``
 FLOPs per token (the nanochat/PaLM estimate; the attention term ignores causal masking) against
@@ -36,10 +39,9 @@ a peak measured once with a large GEMM in the training dtype (or ``peak_flops`` 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -84,7 +86,7 @@ class Config:
     beta1: float = 0.9               # AdamW beta1
     beta2: float = 0.95              # AdamW beta2
     grad_clip: float = 1.0           # max global grad norm; 0 = no clipping (norm still logged)
-    dtype: str = "auto"              # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
+    dtype: str = "auto"              # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16" (no fp16: it needs loss scaling)
     device: str = "auto"             # "auto", "cpu", "cuda"
     grad_checkpointing: bool = False  # recompute each block in backward (less memory, ~1/3 more compute)
     ckpt_every: int = 0              # checkpoint every N steps (0 = only at the end)
@@ -123,8 +125,8 @@ class Config:
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
         need(0 < self.memory_fraction <= 1, f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
-        need(self.dtype in ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"),
-             f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        need(self.dtype in ("auto", "fp32", "float32", "bf16", "bfloat16"),
+             f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.dist_mode in ("ddp", "fsdp"), f"dist_mode must be 'ddp' or 'fsdp', got {self.dist_mode!r}")
@@ -148,8 +150,9 @@ def preset(name: str) -> Config:
         return Config(name="micro", model=model_micro(), steps=60, batch_size=8, seq_len=64, lr=3e-3,
                       min_lr=3e-4, warmup_steps=5, log_every=5, eval_every=20)
     if name == "cpu-tiny":
-        return Config(name="cpu-tiny", model=model_cpu_tiny(), steps=300, batch_size=8, seq_len=256,
-                      lr=3e-3, min_lr=3e-4, warmup_steps=20, log_every=10, eval_every=50, ckpt_every=100)
+        # ~0.16 s/step on 2 idle cores (0.26 CPU-s/step single-threaded): 500 steps in ~1.5-2.5 min
+        return Config(name="cpu-tiny", model=model_cpu_tiny(), steps=500, batch_size=8, seq_len=256,
+                      lr=3e-3, min_lr=3e-4, warmup_steps=25, log_every=10, eval_every=100, ckpt_every=250)
     if name == "gpu-small":
         return Config(name="gpu-small", model=model_gpu_small(), steps=3000, batch_size=32, seq_len=1024,
                       target_tokens_per_step=131072, lr=1.5e-3, min_lr=1.5e-4, warmup_steps=100,
@@ -160,23 +163,28 @@ def preset(name: str) -> Config:
 # ---------------------------------------------------------------------------------------------
 # data: the byte-level fallback corpus and the held-out split
 # ---------------------------------------------------------------------------------------------
-def fallback_texts() -> list[tuple[str, str]]:
-    """(name, text) of the shipped samples (``tinyseek/data/samples``: .txt/.md/.rst, .jsonl "text"),
-    else this repository's README and Python files. Sorted by path: deterministic."""
+def fallback_texts(math_docs: int = 500) -> list[tuple[str, str]]:
+    """(name, text) documents for the byte-level fallback corpus, deterministic and shuffled with a
+    fixed seed (so every stretch of the stream mixes domains).
+
+    The shipped samples through the data pipeline's readers (``tinyseek.data.sources`` with
+    ``use_samples``: Shakespeare, KJV, People's Daily, stdlib code) plus ``math_docs`` generated
+    worked maths problems (train split); without those modules, the text files under
+    ``tinyseek/data/samples``; without samples, this repository's README and Python files.
+    """
     docs: list[tuple[str, str]] = []
-    if SAMPLES_DIR.is_dir():
-        for p in sorted(SAMPLES_DIR.rglob("*")):
-            if p.suffix in (".txt", ".md", ".rst"):
-                docs.append((str(p.relative_to(SAMPLES_DIR)), p.read_text(errors="replace")))
-            elif p.suffix == ".jsonl":
-                for i, line in enumerate(p.read_text(errors="replace").splitlines()):
-                    with contextlib.suppress(json.JSONDecodeError, AttributeError):
-                        t = json.loads(line).get("text")
-                        if isinstance(t, str) and t:
-                            docs.append((f"{p.name}:{i}", t))
+    try:
+        from tinyseek.data.sources import default_sources
+        for src in default_sources(math_docs=math_docs, use_samples=True):
+            docs += [(d.loc, d.text) for d in src.read() if d.text]
+    except ImportError:
+        if SAMPLES_DIR.is_dir():
+            docs = [(str(p.relative_to(SAMPLES_DIR)), p.read_text(errors="replace"))
+                    for p in sorted(SAMPLES_DIR.rglob("*")) if p.is_file() and p.suffix in (".txt", ".md", ".rst")]
     if not docs:
         files = [REPO_DIR / "README.md"] + sorted((REPO_DIR / "tinyseek").rglob("*.py"))
         docs = [(str(p.relative_to(REPO_DIR)), p.read_text(errors="replace")) for p in files if p.is_file()]
+    random.Random(0).shuffle(docs)
     out, total = [], 0
     for name, text in docs:
         if total >= MAX_BYTE_CORPUS:
@@ -215,7 +223,7 @@ def build_byte_shards(out_dir: str | Path) -> tuple[Path, Path]:
         train.append(list(a))
         if b:
             val.append(list(b))
-    extra = {"tokenizer": "bytes", "source": str(SAMPLES_DIR if SAMPLES_DIR.is_dir() else REPO_DIR)}
+    extra = {"tokenizer": "bytes", "source": "byte-level fallback corpus (tinyseek.train.pretrain.fallback_texts)"}
     write_shards(train, out_dir / "train", byte_vocab(), BYTE_EOS, extra=extra)
     write_shards(val, out_dir / "val", byte_vocab(), BYTE_EOS, extra=extra)
     return out_dir / "train", out_dir / "val"
@@ -567,7 +575,7 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
     logger = MetricsLogger(run_dir / "metrics.jsonl", tensorboard=cfg.tensorboard, enabled=is_main)
     if resume_dir:
         osd = torch.load(resume_dir / "optim.pt", map_location=device, weights_only=False)
-        if fsdp:
+        if fsdp or any(isinstance(k, str) for k in osd.get("state", {})):  # FQN-keyed: saved under FSDP2
             _load_fsdp_optim(wrapped, opt, osd)
         else:
             opt.load_state_dict(osd)

@@ -1,0 +1,264 @@
+"""Serving benchmark, measured side by side in one run:
+
+1. Load: ``tinyseek serve`` in a subprocess on 127.0.0.1; N concurrent clients (1, 4, 16, 64) each send
+   a fixed number of ``/v1/completions`` requests (``max_tokens`` tokens, ``ignore_eos``), bounded by
+   a time limit per level. Reported: aggregate completion tokens/s, p50/p99 request latency, errors.
+   Target: 16 clients >= 8x the aggregate tokens/s of 1 client.
+2. Engine alone vs Hugging Face ``generate`` on the same weights (exported with
+   ``tinyseek.model.hf_export.export_hf`` and loaded by ``AutoModelForCausalLM``), greedy, at batch
+   1 and 16 with equal-length prompts and a fixed number of new tokens. Target: engine ahead at
+   batch 1 and >= 2x at batch 16. Also reported: how many greedy tokens agree between the two.
+
+    .venv/bin/python benchmarks/serve_load.py                 # CPU: cpu-tiny-sized model, fp32
+    .venv/bin/python benchmarks/serve_load.py --device cuda   # GPU: gpu-small-sized model, bf16
+
+The model has random weights (speed does not depend on them); its router uses sigmoid scores so
+that it maps exactly onto HF's DeepseekV3. Timings on a shared machine are noisy: repetitions are
+interleaved and the best of ``--reps`` is kept for the engine-vs-HF part.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_model(preset: str, device: str, dtype: torch.dtype):
+    from tinyseek.config import model_preset
+    from tinyseek.model.transformer import Transformer
+
+    cfg = model_preset(preset)
+    cfg.score_func = "sigmoid"  # exact HF (DeepseekV3) mapping; same compute as softmax routing
+    torch.manual_seed(0)
+    return Transformer(cfg).to(device=device, dtype=dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. HTTP load
+# ---------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run_dir: Path, args, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tinyseek", "serve", "--ckpt", str(run_dir), "--port", str(port),
+           "--device", args.device, "--max-batch", str(max(args.clients)), "--max-tokens", str(args.max_tokens),
+           "--max-queue", "1000", "--max-wait-ms", "2", "--log-level", "warning", "--tokenizer", "bytes"]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+async def load_level(url: str, n_clients: int, per_client: int, max_tokens: int, time_limit: float) -> dict:
+    import httpx
+
+    lat, tokens, errors = [], 0, 0
+    deadline = time.monotonic() + time_limit
+
+    async def client(i: int, http):
+        nonlocal tokens, errors
+        for j in range(per_client):
+            if time.monotonic() > deadline:
+                return
+            body = {"prompt": f"client {i} request {j}: tell me a story about the number {i * 31 + j}",
+                    "max_tokens": max_tokens, "temperature": 0.8, "seed": i * 1000 + j, "ignore_eos": True}
+            t0 = time.monotonic()
+            try:
+                r = await http.post(url + "/v1/completions", json=body)
+                if r.status_code != 200:
+                    errors += 1
+                    continue
+                tokens += r.json()["usage"]["completion_tokens"]
+                lat.append(time.monotonic() - t0)
+            except httpx.HTTPError:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=n_clients + 4, max_keepalive_connections=n_clients + 4)
+    async with httpx.AsyncClient(timeout=max(time_limit * 2, 60), limits=limits) as http:
+        t0 = time.monotonic()
+        await asyncio.gather(*(client(i, http) for i in range(n_clients)))
+        wall = time.monotonic() - t0
+    lat.sort()
+    q = lambda p: lat[min(len(lat) - 1, int(round(p * (len(lat) - 1))))] if lat else float("nan")  # noqa: E731
+    return {"clients": n_clients, "requests": len(lat), "errors": errors, "tokens": tokens, "seconds": wall,
+            "tokens_per_s": tokens / wall if wall > 0 else 0.0, "p50_s": q(0.5), "p99_s": q(0.99)}
+
+
+def run_load(args, model) -> list[dict]:
+    from tinyseek.tokenizer import byte_tokenizer
+    from tinyseek.train.checkpoint import save_checkpoint
+    import httpx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp)
+        save_checkpoint(run_dir / "ckpt", 0, model.float().cpu(), None, {})
+        model.to(args.device, dtype=args.torch_dtype)
+        byte_tokenizer().save(run_dir / "tokenizer")
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start_server(run_dir, args, port)
+        try:
+            t0 = time.monotonic()
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError("server exited:\n" + proc.stdout.read())
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() - t0 > 300:
+                    raise RuntimeError("server did not start in 300 s")
+                time.sleep(0.2)
+            asyncio.run(load_level(url, 2, 1, 8, 60))  # warm-up
+            results = []
+            for n in args.clients:
+                per_client = max(args.min_requests_per_client, args.requests // n)
+                res = asyncio.run(load_level(url, n, per_client, args.max_tokens, args.time_limit))
+                results.append(res)
+                print(f"  {n:3d} clients: {res['requests']:4d} requests, {res['errors']} errors, "
+                      f"{res['tokens_per_s']:9.1f} tok/s, p50 {res['p50_s']:.3f} s, p99 {res['p99_s']:.3f} s",
+                      flush=True)
+            metrics = httpx.get(url + "/metrics").text
+            batch_line = [ln for ln in metrics.splitlines() if ln.startswith("tinyseek_batch_size_sum")
+                          or ln.startswith("tinyseek_batch_size_count")]
+            print("  server " + ", ".join(batch_line), flush=True)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. engine vs HF generate
+# ---------------------------------------------------------------------------------------------
+def run_engine_vs_hf(args, model) -> list[dict]:
+    from tinyseek.serve.engine import Engine, SamplingParams
+
+    try:
+        from tinyseek.model.hf_export import export_hf
+    except ImportError:
+        print("  HF export (tinyseek.model.hf_export) not available: engine-vs-HF pending")
+        return []
+    from transformers import AutoModelForCausalLM
+
+    dev = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model.float().cpu(), tmp)
+        model.to(dev, dtype=args.torch_dtype)
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=args.torch_dtype).to(dev).eval()
+    V = model.cfg.vocab_size
+    g = torch.Generator().manual_seed(1)
+    results = []
+    for B in args.hf_batches:
+        prompts = torch.randint(0, min(V, 256), (B, args.prompt_len), generator=g)
+        M = args.new_tokens
+        eng = Engine(model, None, max_batch=B, max_len=args.prompt_len + M + 1)
+        sp = SamplingParams(max_tokens=M, ignore_eos=True)
+
+        def run_engine():
+            outs = eng.generate(prompts.tolist(), sp)
+            return [o.token_ids for o in outs]
+
+        @torch.inference_mode()
+        def run_hf():
+            ids = prompts.to(dev)
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=M, min_new_tokens=M,
+                              do_sample=False, pad_token_id=0, eos_token_id=None)
+            return out[:, args.prompt_len:].tolist()
+
+        def timed(fn):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            r = fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0, r
+
+        timed(run_engine), timed(run_hf)  # warm-up
+        te, th = [], []
+        for _ in range(args.reps):  # interleaved
+            t, ours = timed(run_engine)
+            te.append(t)
+            t, theirs = timed(run_hf)
+            th.append(t)
+        agree = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y)) / (B * M)
+        # tokens agree up to the first divergence (later tokens follow different prefixes)
+        prefix = statistics.mean(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), M) / M
+                                 for x, y in zip(ours, theirs))
+        res = {"batch": B, "new_tokens": M, "engine_tok_s": B * M / min(te), "hf_tok_s": B * M / min(th),
+               "greedy_prefix_agreement": prefix, "greedy_token_agreement": agree}
+        res["ratio"] = res["engine_tok_s"] / res["hf_tok_s"]
+        results.append(res)
+        print(f"  batch {B:3d}: engine {res['engine_tok_s']:9.1f} tok/s, HF generate {res['hf_tok_s']:9.1f} tok/s, "
+              f"ratio {res['ratio']:.2f}x (greedy agreement: {prefix:.0%} of tokens before first divergence)",
+              flush=True)
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", default="", help="model preset (default cpu-tiny on CPU, gpu-small on CUDA)")
+    ap.add_argument("--clients", default="1,4,16,64")
+    ap.add_argument("--requests", type=int, default=64, help="requests per level (split over its clients)")
+    ap.add_argument("--min-requests-per-client", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=64, help="completion tokens per request")
+    ap.add_argument("--time-limit", type=float, default=90.0, help="seconds per load level at most")
+    ap.add_argument("--hf-batches", default="1,16")
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--skip-load", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--out", default="", help="write the results as JSON here")
+    args = ap.parse_args()
+    args.clients = [int(x) for x in args.clients.split(",")]
+    args.hf_batches = [int(x) for x in args.hf_batches.split(",")]
+    cuda = args.device.startswith("cuda")
+    args.preset = args.preset or ("gpu-small" if cuda else "cpu-tiny")
+    args.torch_dtype = torch.bfloat16 if cuda else torch.float32
+    model = build_model(args.preset, args.device, args.torch_dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model {args.preset} ({n_params / 1e6:.1f}M params, sigmoid router), device {args.device}, "
+          f"dtype {args.torch_dtype}, torch threads {torch.get_num_threads()}", flush=True)
+    out: dict = {"device": args.device, "preset": args.preset, "params": n_params}
+    if not args.skip_load:
+        print(f"1. HTTP load: /v1/completions, {args.max_tokens} tokens each, ignore_eos, loopback", flush=True)
+        out["load"] = load = run_load(args, model)
+        by = {r["clients"]: r for r in load}
+        if 1 in by and 16 in by and by[1]["tokens_per_s"] > 0:
+            r16 = by[16]["tokens_per_s"] / by[1]["tokens_per_s"]
+            out["scaling_16_vs_1"] = r16
+            print(f"  16 clients / 1 client aggregate tokens/s: {r16:.2f}x (target >= 8x: "
+                  f"{'met' if r16 >= 8 else 'NOT met'}); errors total: {sum(r['errors'] for r in load)}", flush=True)
+    if not args.skip_hf:
+        print(f"2. engine vs HF generate (greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens)", flush=True)
+        out["engine_vs_hf"] = hf = run_engine_vs_hf(args, model)
+        for r in hf:
+            target = 1.0 if r["batch"] == 1 else 2.0
+            print(f"  batch {r['batch']}: {r['ratio']:.2f}x (target > {target:g}x: "
+                  f"{'met' if r['ratio'] > target or (target == 2.0 and r['ratio'] >= 2.0) else 'NOT met'})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

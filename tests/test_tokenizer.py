@@ -1,0 +1,87 @@
+"""Tokenizer: exact round trips (English, Chinese, code), special tokens, chat template, save/load."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tinyseek.errors import UserError
+from tinyseek.tokenizer import (SPECIAL_TOKENS, apply_chat_template, byte_tokenizer, load_tokenizer,
+                                train_tokenizer)
+
+ENGLISH = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer.\n"
+CHINESE = "迈向充满希望的新世纪——一九九八年新年讲话。中国人民决心继承邓小平同志的遗志。"
+CODE = "def f(x: int) -> int:\n    \"\"\"Square.\"\"\"\n\treturn x ** 2  # 12345\n\n\nprint(f(3), {'a': [1, 2]})\n"
+ODD = "  leading spaces, trailing\t \n\r\nemoji 😀 e\u0301 ＡＢＣ null\x00 zero-width\u200b end"
+CORPUS = [ENGLISH * 20, CHINESE * 20, CODE * 20, "3 + 4 = 7\n12 * 5 = 60\n" * 30]
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    return train_tokenizer(CORPUS, 400, out), out
+
+
+@pytest.mark.parametrize("text", [ENGLISH, CHINESE, CODE, ODD, "", "<|user|>hi<|assistant|><think>1+1=2</think>"])
+def test_round_trip_exact(bpe, text):
+    tok, _ = bpe
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    b = byte_tokenizer()
+    assert b.decode(b.encode(text)) == text
+
+
+def test_bpe_compresses_and_splits_digits(bpe):
+    tok, _ = bpe
+    assert len(tok.encode(ENGLISH)) < len(ENGLISH.encode()) / 2   # merges learned
+    ids = tok.encode("12345")
+    assert len(ids) == 5 and tok.decode(ids[:1]) == "1"             # one token per digit
+
+
+def test_special_tokens(bpe):
+    tok, _ = bpe
+    for t in SPECIAL_TOKENS:
+        assert len(tok.encode(t)) == 1 and tok.encode(t) == [tok.token_to_id(t)]
+    assert tok.eos_id == tok.token_to_id("<|eos|>") and tok.pad_id == tok.token_to_id("<|pad|>")
+    assert tok.vocab_size == 400 and tok.eos_id != tok.pad_id
+    ids = tok.encode("<think>a</think><answer>7</answer><|eos|>")
+    assert tok.decode(ids, skip_special=True) == "a7"
+    b = byte_tokenizer()
+    assert b.eos_id == 256 and b.vocab_size == 256 + len(SPECIAL_TOKENS)
+
+
+def test_chat_template_exact(bpe):
+    msgs = [{"role": "user", "content": "What is 2+2?"}]
+    assert apply_chat_template(msgs) == "<|user|>What is 2+2?<|assistant|>"
+    assert apply_chat_template(msgs, add_generation_prompt=False) == "<|user|>What is 2+2?"
+    tok, _ = bpe
+    assert tok.apply_chat_template(msgs) == "<|user|>What is 2+2?<|assistant|>"
+    full = msgs + [{"role": "assistant", "content": "<think>2+2=4</think><answer>4</answer>"}]
+    s = apply_chat_template([{"role": "system", "content": "S"}] + full)
+    assert s == "<|system|>S<|user|>What is 2+2?<|assistant|><think>2+2=4</think><answer>4</answer><|eos|>"
+    assert tok.decode(tok.encode(s)) == s
+    with pytest.raises(UserError, match="role"):
+        apply_chat_template([{"role": "robot", "content": "x"}])
+
+
+def test_save_load_and_determinism(bpe, tmp_path):
+    tok, out = bpe
+    again = load_tokenizer(out)
+    assert again.encode(CODE + CHINESE) == tok.encode(CODE + CHINESE)
+    assert load_tokenizer(out / "tokenizer.json").vocab_size == tok.vocab_size
+    assert json.loads((out / "tokenizer_config.json").read_text())["type"] == "bpe"
+    train_tokenizer(CORPUS, 400, tmp_path / "t2")
+    assert (tmp_path / "t2" / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+    byte_tokenizer().save(tmp_path / "b")
+    assert load_tokenizer(tmp_path / "b").kind == "bytes" and load_tokenizer("bytes").kind == "bytes"
+
+
+def test_errors(tmp_path):
+    with pytest.raises(UserError, match="vocab_size"):
+        train_tokenizer(["abc"], 100)
+    with pytest.raises(UserError, match="no tokenizer"):
+        load_tokenizer(tmp_path / "missing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot read tokenizer"):
+        load_tokenizer(tmp_path / "bad")

@@ -1,0 +1,597 @@
+"""``tinyseek data``: raw documents -> cleaned, deduplicated, filtered, mixed token shards.
+
+Stages, in order (each one timed and counted; ``report.json`` has docs/s and MB/s per stage)::
+
+    ingest      stream documents from the sources (caps: max_docs / max_chars per source)
+    clean       NFKC, control characters, whitespace                          (clean.py)
+    heuristics  length, symbol ratio, repeated lines / 3-grams, word length   (clean.py)
+    exact_dedup content hash (xxhash64 or MD5)                                (dedup.py)
+    near_dedup  MinHash LSH over character 5-shingles                         (dedup.py)
+    decontam    word 13-gram overlap with the tasks' held-out problems        (this file)
+                (generated maths is exempt by default: it is drawn from the train split, which never
+                shares a problem with the eval split; see tinyseek/tasks)
+    entropy     character entropy below a floor                               (quality.py)
+    perplexity  per-domain character n-gram model, keep the least perplexing  (quality.py)
+    tokenizer   byte-level BPE trained on the kept training documents         (tokenizer.py)
+    tokenize    encode kept documents; held-out docs chosen by content hash
+    mixture     TF-IDF domain weights, quotas, sampling order, shard writing  (mixture.py, shards.py)
+
+Outputs ``runs/<name>/data/`` (written to a temp dir, then renamed: complete or absent)::
+
+    shards/index.json, shard_*.bin   training tokens in mixture order (``tinyseek pretrain --data``)
+    shards/val/                      held-out documents, each once (found by pretrain as ``<data>/val``)
+    tokenizer/                       tokenizer.json + tokenizer_config.json
+    manifest.json                    sources, domain weights and their inputs, token counts, shard hashes
+    report.json                      accounting: input docs = kept + dropped per reason, per source;
+                                     malformed records with path:line; stage throughput
+
+Memory stays bounded by the number of documents (hash sets, MinHash signatures, per-document token
+counts), not their bytes: kept documents and tokens are spilled to temporary files per domain.
+Deterministic: same inputs and config -> byte-identical shards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from tinyseek.common import atomic_dir
+from tinyseek.config import ConfigError
+from tinyseek.data import clean as C
+from tinyseek.data.dedup import ExactDedup, NearDedup
+from tinyseek.data.mixture import mixture_weights, parse_weights, quotas, sample_order, tfidf_scores
+from tinyseek.data.quality import NgramLM, char_entropy, keep_threshold
+from tinyseek.data.shards import write_shards
+from tinyseek.data.sources import MATH_TASKS, Source, default_sources, user_sources
+from tinyseek.errors import UserError
+
+REASONS = ("malformed", "too_short", "too_long", "too_few_words", "symbol_ratio", "repeated_lines",
+           "repeated_ngrams", "mean_word_length", "exact_duplicate", "near_duplicate", "contaminated",
+           "low_entropy", "perplexity")
+STAGES = ("ingest", "clean", "heuristics", "exact_dedup", "near_dedup", "decontam", "entropy", "perplexity",
+          "tokenizer", "tokenize", "mixture")
+MAX_MALFORMED_LISTED = 1000  # report lists this many malformed records (all are counted)
+
+
+@dataclass
+class Config:
+    name: str = "data"                  # run name; outputs go to runs/<name>/data unless run_dir is set
+    run_dir: str = ""                   # run folder ("" -> runs/<name>); the data goes to <run_dir>/data
+    inputs: str = ""                    # "" = the default corpus; else comma-separated "[domain=]path" (JSONL/Parquet/text, files or folders)
+    text_field: str = "text"            # JSONL/Parquet field with the document text
+    use_samples: bool = False           # default corpus from tinyseek/data/samples only (tests, no packages)
+    doc_chars: int = 4000               # plain text is cut into documents of about this many characters
+    max_docs_per_source: int = 400      # stop reading a source after this many documents (0 = all)
+    max_chars_per_source: int = 1_500_000  # ... or after this many characters (0 = all)
+    math_docs: int = 400                # generated worked problems in the default corpus (0 = none)
+    heuristics: C.HeuristicConfig = field(default_factory=C.HeuristicConfig)  # prose thresholds
+    relaxed: C.HeuristicConfig = field(default_factory=C.relaxed_heuristics)  # thresholds for relaxed_domains
+    relaxed_domains: str = "code,math"  # domains checked against `relaxed`
+    hash: str = "xxhash"                # exact-dedup hash: xxhash or md5
+    near_dup: bool = True               # MinHash LSH near-duplicate removal
+    near_dup_threshold: float = 0.8     # Jaccard (MinHash estimate) at or above which a doc is a near-duplicate
+    num_perm: int = 128                 # MinHash permutations
+    shingle: int = 5                    # character shingle length for MinHash
+    decontaminate: bool = True          # drop docs sharing a word n-gram with the tasks' held-out problems
+    decontam_n: int = 13                # n-gram length for decontamination
+    decontam_problems: int = 100        # held-out problems per task to decontaminate against
+    decontaminate_generated: bool = False  # also check the generated maths (disjoint from eval by construction;
+                                        # 13-grams of templated text give false positives there)
+    min_char_entropy: float = 3.0       # drop docs whose character entropy (bits/char) is below this
+    ppl_keep_fraction: float = 0.95     # keep this fraction of each domain, lowest perplexity first (1 = off)
+    ppl_order: int = 3                  # order of the character n-gram reference model
+    ppl_fit_chars: int = 4_000_000      # characters per domain used to fit the reference model
+    weights: str = ""                   # static domain weights "english=0.4,code=0.2,..." ("" = natural shares)
+    tfidf_power: float = 1.0            # beta in w_d ~ p_d * s_d**beta (0 = static weights only)
+    max_epochs: float = 4.0             # no domain is repeated more than this many times
+    target_tokens: int = 0              # training tokens to write (0 = all kept training tokens)
+    val_fraction: float = 0.02          # share of kept characters held out (docs chosen by content hash)
+    val_min_chars: int = 30_000         # ... but at least this many characters (capped at 20% of the data)
+    vocab_size: int = 2048              # BPE vocabulary incl. special tokens
+    tokenizer: str = ""                 # use this tokenizer (dir/file/"bytes") instead of training one
+    tokenizer_chars: int = 20_000_000   # characters of kept text used to train the BPE
+    shard_tokens: int = 1 << 24         # tokens per shard file
+    seed: int = 0                       # mixture order and generated maths
+    quiet: bool = False                 # no printed tables
+
+    def validate(self) -> "Config":
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+        need(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")
+        for k in ("doc_chars", "num_perm", "shingle", "decontam_n", "ppl_order", "vocab_size", "shard_tokens"):
+            need(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("max_docs_per_source", "max_chars_per_source", "math_docs", "decontam_problems",
+                  "target_tokens", "ppl_fit_chars", "tokenizer_chars", "val_min_chars"):
+            need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
+        need(self.hash in ("xxhash", "md5"), f"hash must be xxhash or md5, got {self.hash!r}")
+        need(0 < self.near_dup_threshold <= 1, f"near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
+        need(0 < self.ppl_keep_fraction <= 1, f"ppl_keep_fraction must be in (0, 1], got {self.ppl_keep_fraction}")
+        need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        need(self.max_epochs > 0, f"max_epochs must be > 0, got {self.max_epochs}")
+        need(self.tfidf_power >= 0, f"tfidf_power must be >= 0, got {self.tfidf_power}")
+        need(self.min_char_entropy >= 0, f"min_char_entropy must be >= 0, got {self.min_char_entropy}")
+        if not self.tokenizer:
+            from tinyseek.tokenizer import MIN_VOCAB
+            need(self.vocab_size >= MIN_VOCAB, f"vocab_size must be >= {MIN_VOCAB}, got {self.vocab_size}")
+        parse_weights(self.weights)
+        for part in (p.strip() for p in self.inputs.split(",")):
+            path = part.split("=", 1)[1] if "=" in part else part
+            need(not part or Path(path.strip()).exists(), f"input {path.strip()} does not exist")
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        return (Path(self.run_dir) if self.run_dir else Path("runs") / self.name) / "data"
+
+
+def preset(name: str) -> Config:
+    """``sample`` (shipped samples, seconds: tests), ``cpu-tiny`` (capped default corpus, well under a
+    minute on 2 cores), ``full`` (whole default corpus, vocab 16384: GPU-scale pretraining)."""
+    presets = {
+        "sample": lambda: Config(name="data-sample", use_samples=True, math_docs=120, vocab_size=512,
+                                 max_docs_per_source=0, max_chars_per_source=0, decontam_problems=40),
+        "cpu-tiny": lambda: Config(name="cpu-tiny", tokenizer_chars=3_000_000, decontam_problems=50),
+        "full": lambda: Config(name="data-full", max_docs_per_source=0, max_chars_per_source=0, math_docs=20000,
+                               vocab_size=16384, decontam_problems=500),
+    }
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    return presets[name]()
+
+
+# ------------------------------------------------------------------------------------------------
+# accounting
+# ------------------------------------------------------------------------------------------------
+class Accounting:
+    """Per-source counts (input = kept + sum of dropped) and per-stage throughput."""
+
+    def __init__(self) -> None:
+        self.input: Counter = Counter()
+        self.kept: Counter = Counter()
+        self.dropped: dict[str, Counter] = defaultdict(Counter)
+        self.malformed: list[dict] = []
+        self.n_malformed = 0
+        self.stage = {s: {"docs": 0, "bytes": 0, "seconds": 0.0} for s in STAGES}
+        self.setup_seconds: dict[str, float] = {}  # one-off work outside the per-document stages
+
+    def drop(self, source: str, reason: str) -> None:
+        self.dropped[source][reason] += 1
+
+    def time(self, stage: str, t0: float, docs: int = 1, nbytes: int = 0) -> float:
+        t1 = time.perf_counter()
+        st = self.stage[stage]
+        st["seconds"] += t1 - t0
+        st["docs"] += docs
+        st["bytes"] += nbytes
+        return t1
+
+    def report(self) -> dict:
+        sources = {}
+        for s in sorted(self.input):
+            d = {r: self.dropped[s][r] for r in REASONS if self.dropped[s][r]}
+            sources[s] = {"input": self.input[s], "kept": self.kept[s], "dropped": d,
+                          "reconciled": self.input[s] == self.kept[s] + sum(d.values())}
+        tot_drop = Counter()
+        for s in sources.values():
+            tot_drop.update(s["dropped"])
+        n_in, n_kept = sum(self.input.values()), sum(self.kept.values())
+        stages = {}
+        for s, st in self.stage.items():
+            sec = st["seconds"]
+            stages[s] = {**st, "seconds": round(sec, 4),
+                         "docs_per_s": round(st["docs"] / sec, 1) if sec > 0 else None,
+                         "mb_per_s": round(st["bytes"] / 1e6 / sec, 2) if sec > 0 and st["bytes"] else None}
+        return {"input_docs": n_in, "kept_docs": n_kept,
+                "dropped": {r: tot_drop[r] for r in REASONS if tot_drop[r]},
+                "reconciled": n_in == n_kept + sum(tot_drop.values()) and all(s["reconciled"] for s in sources.values()),
+                "sources": sources, "malformed_count": self.n_malformed, "malformed": self.malformed,
+                "stages": stages, "setup_seconds": dict(self.setup_seconds)}
+
+
+def format_report(rep: dict) -> str:
+    """The accounting table and the stage throughput table, as printed by ``tinyseek data``."""
+    reasons = [r for r in REASONS if rep["dropped"].get(r)]
+    short = {r: r.replace("_duplicate", "_dup").replace("repeated_", "rep_") for r in reasons}
+    head = f"{'source':<14}{'input':>8}{'kept':>8}" + "".join(f"{short[r]:>{max(len(short[r]) + 1, 7)}}" for r in reasons)
+    lines = [head, "-" * len(head)]
+    rows = list(rep["sources"].items()) + [("TOTAL", {"input": rep["input_docs"], "kept": rep["kept_docs"],
+                                                      "dropped": rep["dropped"]})]
+    for name, s in rows:
+        lines.append(f"{name[:13]:<14}{s['input']:>8}{s['kept']:>8}"
+                     + "".join(f"{s['dropped'].get(r, 0):>{max(len(short[r]) + 1, 7)}}" for r in reasons))
+    lines.append(f"input = kept + dropped: {'yes' if rep['reconciled'] else 'NO'}"
+                 + (f"; {rep['malformed_count']} malformed record(s), first at {rep['malformed'][0]['loc']}"
+                    if rep["malformed_count"] else ""))
+    lines += ["", f"{'stage':<12}{'docs':>9}{'MB':>9}{'seconds':>9}{'docs/s':>11}{'MB/s':>9}"]
+    for s, st in rep["stages"].items():
+        lines.append(f"{s:<12}{st['docs']:>9}{st['bytes'] / 1e6:>9.2f}{st['seconds']:>9.2f}"
+                     f"{st['docs_per_s'] or 0:>11.0f}{st['mb_per_s'] or 0:>9.2f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# decontamination
+# ------------------------------------------------------------------------------------------------
+_PUNCT = re.compile(r"[^\w]+")
+
+
+def ngram_tokens(text: str) -> list[str]:
+    """Lower-cased words without punctuation (CJK characters one each), for n-gram overlap.
+
+    >>> ngram_tokens("Hello, World! 你好")
+    ['hello', 'world', '你', '好']
+    """
+    out = []
+    for w in C.words(text.lower()):
+        w = _PUNCT.sub("", w)
+        if w:
+            out.append(w)
+    return out
+
+
+def ngram_hashes(text: str, n: int) -> set[int]:
+    import xxhash
+    toks = ngram_tokens(text)
+    return {xxhash.xxh64_intdigest(" ".join(toks[i:i + n]).encode()) for i in range(len(toks) - n + 1)}
+
+
+def eval_ngrams(n: int, per_task: int) -> set[int]:
+    """n-gram hashes specific to the tasks' held-out problems (prompt, solution and answer).
+
+    Task text is templated ("You may use + - * / and parentheses; each number at most once..."), so
+    n-grams that occur in two or more held-out problems, or in any of ``2 * per_task`` *training*
+    problems of the same task (train and eval problems never coincide, see :mod:`tinyseek.tasks`),
+    are template text, not a leaked problem, and are left out.
+    """
+    from tinyseek.tasks import EVAL_SEED_BASE, get_task
+    out: set[int] = set()
+    for task in MATH_TASKS:
+        mod = get_task(task)
+        seen: Counter = Counter()
+        for p in mod.generate(per_task, seed=EVAL_SEED_BASE, split="eval"):
+            seen.update(ngram_hashes(f"{p.prompt}\n{p.solution}\n{p.answer}", n))
+        template: set[int] = {g for g, c in seen.items() if c > 1}
+        for p in mod.generate(2 * per_task, seed=EVAL_SEED_BASE, split="train"):
+            template |= ngram_hashes(f"{p.prompt}\n{p.solution}\n{p.answer}", n)
+        out |= set(seen) - template
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+def _capped(src: Source, cfg: Config, acct: Accounting) -> Iterator:
+    """The source's documents up to the caps, timing the ingest stage."""
+    it = src.read()
+    n = chars = 0
+    try:
+        while True:
+            if cfg.max_docs_per_source and n >= cfg.max_docs_per_source:
+                return
+            if cfg.max_chars_per_source and chars >= cfg.max_chars_per_source:
+                return
+            t0 = time.perf_counter()
+            doc = next(it, None)
+            if doc is None:
+                return
+            nbytes = len(doc.text.encode("utf-8")) if doc.text is not None else 0
+            acct.time("ingest", t0, 1, nbytes)
+            n += 1
+            chars += len(doc.text or "")
+            yield doc, nbytes
+    finally:
+        close = getattr(it, "close", None)
+        if close:
+            close()
+
+
+def _filter_stream(cfg: Config, sources: list[Source], acct: Accounting, spill: Path) -> dict[str, int]:
+    """Stages ingest..entropy; kept docs go to ``spill/<domain>.jsonl``. Returns docs per domain."""
+    relaxed = {d.strip() for d in cfg.relaxed_domains.split(",") if d.strip()}
+    exact = ExactDedup(cfg.hash)
+    near = NearDedup(cfg.near_dup_threshold, cfg.num_perm, cfg.shingle) if cfg.near_dup else None
+    grams: set[int] = set()
+    if cfg.decontaminate and cfg.decontam_problems:
+        t0 = time.perf_counter()
+        grams = eval_ngrams(cfg.decontam_n, cfg.decontam_problems)
+        acct.setup_seconds["decontam_ngrams"] = round(time.perf_counter() - t0, 3)
+    files: dict[str, object] = {}
+    counts: Counter = Counter()
+    key = 0
+    try:
+        for src in sources:
+            hcfg = cfg.relaxed if src.domain in relaxed else cfg.heuristics
+            check_contam = cfg.decontaminate_generated or not src.meta.get("generated_train_split", False)
+            for doc, nbytes in _capped(src, cfg, acct):
+                acct.input[src.name] += 1
+                if doc.text is None:
+                    acct.drop(src.name, "malformed")
+                    acct.n_malformed += 1
+                    if len(acct.malformed) < MAX_MALFORMED_LISTED:
+                        acct.malformed.append({"source": src.name, "loc": doc.loc, "error": doc.error})
+                    continue
+                t0 = time.perf_counter()
+                text = C.clean_text(doc.text)
+                t0 = acct.time("clean", t0, 1, nbytes)
+                nb = len(text.encode("utf-8"))
+                reason = C.heuristic_reason(text, hcfg)
+                t0 = acct.time("heuristics", t0, 1, nb)
+                if reason is None and exact.is_duplicate(text):
+                    reason = "exact_duplicate"
+                if reason is None:
+                    t0 = acct.time("exact_dedup", t0, 1, nb)
+                    if near is not None and near.check(str(key), text) is not None:
+                        reason = "near_duplicate"
+                    key += 1
+                    t0 = acct.time("near_dedup", t0, 1, nb)
+                    if (reason is None and grams and check_contam
+                            and not grams.isdisjoint(ngram_hashes(text, cfg.decontam_n))):
+                        reason = "contaminated"
+                    t0 = acct.time("decontam", t0, 1, nb)
+                    if reason is None and char_entropy(text) < cfg.min_char_entropy:
+                        reason = "low_entropy"
+                    acct.time("entropy", t0, 1, nb)
+                elif reason == "exact_duplicate":
+                    acct.time("exact_dedup", t0, 1, nb)
+                if reason is not None:
+                    acct.drop(src.name, reason)
+                    continue
+                if src.domain not in files:
+                    files[src.domain] = open(spill / f"{src.domain}.jsonl", "w", encoding="utf-8")
+                files[src.domain].write(json.dumps({"t": text, "s": src.name}, ensure_ascii=False) + "\n")
+                counts[src.domain] += 1
+    finally:
+        for f in files.values():
+            f.close()
+    return dict(sorted(counts.items()))
+
+
+def _read_spill(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _perplexity(cfg: Config, counts: dict[str, int], acct: Accounting, spill: Path) -> dict:
+    """Per domain: fit the reference model, score, keep the least perplexing fraction.
+    Rewrites ``spill/<domain>.jsonl`` to the kept docs; returns per-domain stats."""
+    stats = {}
+    for dom, n in counts.items():
+        t0 = time.perf_counter()
+        path = spill / f"{dom}.jsonl"
+        total_chars = sum(len(r["t"]) for r in _read_spill(path))
+        stride = max(1, math.ceil(total_chars / cfg.ppl_fit_chars)) if cfg.ppl_fit_chars else 1
+        fit_chars = min(total_chars, cfg.ppl_fit_chars or total_chars)
+        bits = min(22, max(14, math.ceil(math.log2(max(2, 2 * fit_chars)))))
+        lm = NgramLM(cfg.ppl_order, bits).fit(r["t"] for i, r in enumerate(_read_spill(path)) if i % stride == 0)
+        scores = [lm.perplexity(r["t"]) for r in _read_spill(path)]
+        thr = keep_threshold(scores, cfg.ppl_keep_fraction)
+        kept_path = spill / f"{dom}.kept.jsonl"
+        nbytes = kept = 0
+        with open(kept_path, "w", encoding="utf-8") as out:
+            for r, s in zip(_read_spill(path), scores):
+                nbytes += len(r["t"].encode("utf-8"))
+                if s > thr:
+                    acct.drop(r["s"], "perplexity")
+                    continue
+                acct.kept[r["s"]] += 1
+                kept += 1
+                out.write(json.dumps(r, ensure_ascii=False) + "\n")
+        kept_path.replace(path)
+        acct.time("perplexity", t0, n, nbytes)
+        stats[dom] = {"docs": n, "kept": kept, "threshold": None if math.isinf(thr) else round(thr, 3),
+                      "median_ppl": round(float(np.median(scores)), 3) if scores else None}
+    return stats
+
+
+def _bucket(text: str) -> int:
+    import xxhash
+    return xxhash.xxh64_intdigest(text.encode("utf-8"))
+
+
+def _val_threshold(cfg: Config, counts: dict[str, int], spill: Path) -> int:
+    """Docs whose content hash is below the returned value are held out: the lowest-hash docs until
+    they hold ``max(val_fraction, val_min_chars)`` of the characters (at most 20%)."""
+    if cfg.val_fraction <= 0:
+        return 0
+    hs = sorted((_bucket(r["t"]), len(r["t"])) for d in counts for r in _read_spill(spill / f"{d}.jsonl"))
+    total = sum(n for _, n in hs)
+    want = min(max(cfg.val_fraction * total, cfg.val_min_chars), 0.2 * total)
+    acc = 0
+    for h, n in hs:
+        acc += n
+        if acc >= want:
+            return h + 1
+    return 1 << 64
+
+
+def _train_texts(cfg: Config, counts: dict[str, int], spill: Path, val_thr: int) -> Iterator[str]:
+    """Training documents for the BPE: round-robin over domains, up to ``tokenizer_chars``."""
+    its = [(r["t"] for r in _read_spill(spill / f"{d}.jsonl") if _bucket(r["t"]) >= val_thr) for d in counts]
+    budget = cfg.tokenizer_chars
+    while its and budget > 0:
+        for it in list(its):
+            t = next(it, None)
+            if t is None:
+                its.remove(it)
+                continue
+            budget -= len(t)
+            yield t
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main(cfg: Config) -> dict:
+    cfg.validate()
+    t_start = time.perf_counter()
+    from tinyseek import tokenizer as tk
+    sources = (user_sources(cfg.inputs, cfg.text_field, cfg.doc_chars) if cfg.inputs.strip()
+               else default_sources(cfg.math_docs, cfg.use_samples, cfg.doc_chars, seed=cfg.seed))
+    if not sources:
+        raise UserError("no input sources")
+    acct = Accounting()
+    out_dir = cfg.out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    spill = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".spill-data-"))
+    try:
+        with atomic_dir(out_dir) as tmp:
+            counts = _filter_stream(cfg, sources, acct, spill)
+            if not counts:
+                raise UserError("every document was dropped; nothing to write (see the filters' thresholds)")
+            ppl = _perplexity(cfg, counts, acct, spill)
+            counts = {d: s["kept"] for d, s in ppl.items() if s["kept"]}
+            if not counts:
+                raise UserError("every document was dropped; nothing to write (see the filters' thresholds)")
+            val_thr = _val_threshold(cfg, counts, spill)
+
+            # ---- tokenizer ---------------------------------------------------------------------
+            t0 = time.perf_counter()
+            tok_dir = tmp / "tokenizer"
+            if cfg.tokenizer:
+                tok = tk.load_tokenizer(cfg.tokenizer)
+                tok.save(tok_dir)
+            else:
+                n_chars = 0
+
+                def counted(it):
+                    nonlocal n_chars
+                    for t in it:
+                        n_chars += len(t.encode("utf-8"))
+                        yield t
+                tok = tk.train_tokenizer(counted(_train_texts(cfg, counts, spill, val_thr)), cfg.vocab_size, tok_dir)
+            acct.time("tokenizer", t0, 0, 0 if cfg.tokenizer else n_chars)
+
+            # ---- tokenize: train tokens spilled per domain, val docs in memory -------------------
+            t0 = time.perf_counter()
+            doc_tokens: dict[str, list[int]] = {}
+            val_docs: list[np.ndarray] = []
+            val_count: Counter = Counter()
+            tok_dt = np.uint32
+            n_docs = n_bytes = 0
+            for dom in counts:
+                lens = []
+                with open(spill / f"{dom}.bin", "wb") as fb:
+                    batch: list[str] = []
+
+                    def flush() -> None:
+                        for text, ids in zip(batch, tok.encode_batch(batch)):
+                            arr = np.asarray(ids, dtype=tok_dt)
+                            if _bucket(text) < val_thr:
+                                val_docs.append(arr)
+                                val_count[dom] += 1
+                            else:
+                                arr.tofile(fb)
+                                lens.append(arr.size)
+                        batch.clear()
+                    for r in _read_spill(spill / f"{dom}.jsonl"):
+                        batch.append(r["t"])
+                        n_docs += 1
+                        n_bytes += len(r["t"].encode("utf-8"))
+                        if len(batch) >= 256:
+                            flush()
+                    flush()
+                doc_tokens[dom] = lens
+            acct.time("tokenize", t0, n_docs, n_bytes)
+
+            # ---- mixture and shards --------------------------------------------------------------
+            t0 = time.perf_counter()
+            train_domains = [d for d in doc_tokens if doc_tokens[d]]
+            if not train_domains:
+                raise UserError("no training documents left after the held-out split; lower val_fraction")
+            sizes = {d: int(sum(doc_tokens[d]) + len(doc_tokens[d])) for d in train_domains}  # incl. eos
+            static = parse_weights(cfg.weights)
+            unknown = set(static) - set(train_domains)
+            if unknown:
+                raise UserError(f"weights name unknown domain(s) {sorted(unknown)}; domains: {', '.join(train_domains)}")
+            if not static:
+                total = sum(sizes.values())
+                static = {d: sizes[d] / total for d in train_domains}
+            else:
+                static = {d: static.get(d, 0.0) for d in train_domains}
+            sample = {}
+            for d in train_domains:
+                rows = [r["t"] for r in _read_spill(spill / f"{d}.jsonl") if _bucket(r["t"]) >= val_thr]
+                step = max(1, len(rows) // 400)
+                sample[d] = rows[::step][:400]
+            scores = tfidf_scores(sample) if cfg.tfidf_power else {d: 1.0 for d in train_domains}
+            weights = mixture_weights(static, scores, cfg.tfidf_power)
+            target = cfg.target_tokens or sum(sizes.values())
+            quota = quotas(weights, sizes, target, cfg.max_epochs)
+            order = sample_order({d: [n + 1 for n in doc_tokens[d]] for d in train_domains}, quota, cfg.seed)
+            offsets = {d: np.concatenate([[0], np.cumsum(doc_tokens[d])]).astype(np.int64) for d in train_domains}
+            mm = {d: np.memmap(spill / f"{d}.bin", dtype=tok_dt, mode="r") for d in train_domains if sizes[d]}
+            emitted: Counter = Counter()
+
+            def train_docs() -> Iterator[np.ndarray]:
+                for d, i in order:
+                    a, b = offsets[d][i], offsets[d][i + 1]
+                    emitted[d] += int(b - a) + 1
+                    yield np.asarray(mm[d][a:b])
+            tok_path = (out_dir / "tokenizer").resolve()
+            extra = {"tokenizer": str(tok_path), "manifest": str((out_dir / "manifest.json").resolve())}
+            idx_train = write_shards(train_docs(), tmp / "shards", tok.vocab_size, tok.eos_id,
+                                     shard_tokens=cfg.shard_tokens, extra={**extra, "split": "train"})
+            idx_val = None
+            if val_docs:
+                idx_val = write_shards(val_docs, tmp / "shards" / "val", tok.vocab_size, tok.eos_id,
+                                       shard_tokens=cfg.shard_tokens, extra={**extra, "split": "val"})
+            del mm
+            acct.time("mixture", t0, len(order), 0)
+
+            # ---- manifest and report -------------------------------------------------------------
+            rep = acct.report()
+            rep["total_seconds"] = round(time.perf_counter() - t_start, 3)
+            dom_info = {}
+            for d in counts:
+                n_train = len(doc_tokens.get(d, []))
+                dom_info[d] = {"kept_docs": counts[d], "train_docs": n_train, "val_docs": val_count[d],
+                               "train_tokens": sizes.get(d, 0), "static_weight": static.get(d, 0.0),
+                               "tfidf_score": scores.get(d), "weight": weights.get(d, 0.0),
+                               "quota_tokens": quota.get(d, 0), "sampled_tokens": emitted[d],
+                               "sampled_share": emitted[d] / max(1, sum(emitted.values())),
+                               "epochs": emitted[d] / sizes[d] if sizes.get(d) else 0.0,
+                               "perplexity": ppl.get(d)}
+            manifest = {
+                "config": dataclasses.asdict(cfg),
+                "sources": [{"name": s.name, "domain": s.domain, "origin": s.origin, **s.meta,
+                             "input_docs": acct.input[s.name], "kept_docs": acct.kept[s.name]} for s in sources],
+                "domains": dom_info,
+                "mixture_formula": "w_d = p_d * s_d**beta / sum_e p_e * s_e**beta (see tinyseek/data/mixture.py)",
+                "tokenizer": {"path": str(tok_path), "kind": tok.kind, "vocab_size": tok.vocab_size,
+                              "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+                              "sha256": _sha256(tok_dir / "tokenizer.json") if (tok_dir / "tokenizer.json").exists() else None},
+                "shards": {"train": {k: idx_train[k] for k in ("dtype", "n_tokens", "n_docs", "shards")},
+                           "val": {k: idx_val[k] for k in ("dtype", "n_tokens", "n_docs", "shards")} if idx_val else None},
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+            (tmp / "report.json").write_text(json.dumps(rep, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+    if not cfg.quiet:
+        print(format_report(rep))
+        val = f", {idx_val['n_tokens']:,} val tokens" if idx_val else ""
+        print(f"\ndata: {idx_train['n_tokens']:,} train tokens in {idx_train['n_docs']:,} docs{val}"
+              f" | vocab {tok.vocab_size} | {rep['total_seconds']:.1f}s -> {out_dir}")
+        print("weights: " + ", ".join(f"{d}={w:.3f}" for d, w in weights.items()))
+    return {"out_dir": str(out_dir), "train_tokens": idx_train["n_tokens"], "train_docs": idx_train["n_docs"],
+            "val_tokens": idx_val["n_tokens"] if idx_val else 0, "input_docs": rep["input_docs"],
+            "kept_docs": rep["kept_docs"], "reconciled": rep["reconciled"], "weights": weights,
+            "vocab_size": tok.vocab_size, "seconds": rep["total_seconds"]}
