@@ -83,7 +83,8 @@ def main() -> None:
     ap.add_argument("--torchao", action="store_true", help="add torchao Int8WeightOnlyConfig (slow import)")
     ap.add_argument("--task-model", default="", help="a task (SFT/RL) checkpoint for held-out accuracy")
     ap.add_argument("--task", default="arithmetic")
-    ap.add_argument("--task-problems", type=int, default=50)
+    ap.add_argument("--task-problems", type=int, default=100)
+    ap.add_argument("--task-difficulty", type=int, default=1, help="0 = the task's own mix")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-kernels", action="store_true", help="skip the fused-kernel decode column")
@@ -115,13 +116,14 @@ def main() -> None:
     task = None
     if args.task_model:
         from tinyseek.eval import heldout_problems
-        from tinyseek.post.common import load_tokenizer_for, make_problems, prompt_ids
+        from tinyseek.post.common import load_tokenizer_for, make_problems, prompt_ids, worked_response
 
         tok = load_tokenizer_for(args.task_model, "")
         tmodel, _ = load_model(args.task_model, device=args.device)
-        probs = heldout_problems(args.task, args.task_problems, 0, None)
-        train_probs = make_problems(args.task, 64, seed=1, difficulty=None)
-        seqs = [(prompt_ids(tok, p.prompt) + tok.encode(p.solution))[:T] for p in train_probs]
+        diff = args.task_difficulty or None
+        probs = heldout_problems(args.task, args.task_problems, 0, diff)
+        train_probs = make_problems(args.task, 64, seed=1, difficulty=diff)  # calibration: training split
+        seqs = [(prompt_ids(tok, p.prompt) + tok.encode(worked_response(p)))[:T] for p in train_probs]
         L = min(len(s) for s in seqs)
         task_calib = [torch.tensor([s[:L] for s in seqs[i:i + 8]], device=args.device) for i in range(0, 64, 8)]
         task = (tok, tmodel, probs, task_calib)

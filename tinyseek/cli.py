@@ -27,6 +27,7 @@ STAGES: dict[str, str] = {
     "quantize": "tinyseek.quant.stage",
     "serve": "tinyseek.serve.server",
     "chat": "tinyseek.serve.chat",
+    "run": "tinyseek.pipeline",
 }
 
 

@@ -237,27 +237,30 @@ class MoE(nn.Module):
                 out = out.index_add(0, tok, y)
         return out
 
-    def _plan(self, idx_NK, w_NK, keep_A, counts_E):
-        """Sort the kept assignments by expert once: (token ids, weights, per-expert counts, expert ids)."""
+    def _plan(self, idx_NK, keep_A, counts_E):
+        """Sort the kept assignments by expert once: (assignment ids, their experts, per-expert counts).
+        Assignment a is token a // top_k; dropped assignments sort last (key E) and are cut off."""
         e_A = idx_NK.reshape(-1)
-        if keep_A is not None:  # dropped assignments sort last (key E) and are cut off
+        if keep_A is not None:
             e_A = e_A.masked_fill(~keep_A, self.n_experts)
         e_S, order_S = torch.sort(e_A, stable=True)
         if keep_A is not None:
             counts_E = torch.bincount(e_A, minlength=self.n_experts + 1)[:self.n_experts]
             n = int(counts_E.sum())
             e_S, order_S = e_S[:n], order_S[:n]
+        return order_S, e_S, counts_E
+
+    def _gather_sorted(self, x_ND, w_NK, order_S):
         tok_S = torch.div(order_S, self.top_k, rounding_mode="floor")
-        w_S = w_NK.reshape(-1).index_select(0, order_S)
-        return tok_S, w_S, counts_E, e_S
+        return tok_S, x_ND.index_select(0, tok_S), w_NK.reshape(-1).index_select(0, order_S)
 
     def _combine(self, x_ND, tok_S, y_SD, w_S):
         return torch.zeros_like(x_ND).index_add_(0, tok_S, y_SD * w_S[:, None])
 
     def _sorted(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
         """Sorted assignments, one contiguous slice per expert (experts without tokens are skipped)."""
-        tok_S, w_S, counts_E, _ = self._plan(idx_NK, w_NK, keep_A, counts_E)
-        x_SD = x_ND.index_select(0, tok_S)
+        order_S, _, counts_E = self._plan(idx_NK, keep_A, counts_E)
+        tok_S, x_SD, w_S = self._gather_sorted(x_ND, w_NK, order_S)
         outs = [self.experts.expert_forward(e, xs) for e, xs in enumerate(x_SD.split(counts_E.tolist()))
                 if xs.shape[0] > 0]
         y_SD = torch.cat(outs) if outs else x_SD
@@ -265,11 +268,11 @@ class MoE(nn.Module):
 
     def _grouped(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
         """Sorted assignments and one ``torch._grouped_mm`` per projection over all experts."""
-        tok_S, w_S, counts_E, _ = self._plan(idx_NK, w_NK, keep_A, counts_E)
+        order_S, _, counts_E = self._plan(idx_NK, keep_A, counts_E)
+        tok_S, x_SD, w_S = self._gather_sorted(x_ND, w_NK, order_S)
         offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
         dt = self._compute_dtype(x_ND)
-        x_SD = x_ND.index_select(0, tok_S).to(dt)
-        h = torch._grouped_mm(x_SD, self.experts.w_gate_up.to(dt), offs=offs)
+        h = torch._grouped_mm(x_SD.to(dt), self.experts.w_gate_up.to(dt), offs=offs)
         g, u = h.chunk(2, dim=-1)
         y_SD = torch._grouped_mm(F.silu(g) * u, self.experts.w_down.to(dt), offs=offs)
         return self._combine(x_ND, tok_S, y_SD.to(x_ND.dtype), w_S)
@@ -278,21 +281,57 @@ class MoE(nn.Module):
         """Each expert's rows padded to the busiest expert's count C, then one ``bmm`` per projection.
 
         Wastes (E * C / assignments - 1) of the expert FLOPs on padding rows (a few % to ~20% with a
-        balanced router) but runs 2 GEMM calls per projection instead of E: on a small, shared CPU
-        every GEMM call is a thread fork/join, which costs more than the padding."""
-        tok_S, w_S, counts_E, e_S = self._plan(idx_NK, w_NK, keep_A, counts_E)
-        E, S = self.n_experts, tok_S.shape[0]
+        balanced router) but makes 1 GEMM call per projection instead of E: on a small shared CPU
+        every GEMM call is a thread fork/join, which costs more than the padding. Row moves use
+        :class:`_GatherRows` (index_select both ways) instead of index_add, which is serial on CPU;
+        the routing weight is applied to the (narrower) activation and the K outputs of a token are
+        summed with a reshape, so there is no scatter at all."""
+        N, K, E = x_ND.shape[0], self.top_k, self.n_experts
+        order_S, e_S, counts_E = self._plan(idx_NK, keep_A, counts_E)
+        S, A = order_S.shape[0], N * K
         C = max(int(counts_E.max()), 1)
+        dev = x_ND.device
         starts_E = torch.cumsum(counts_E, 0) - counts_E
-        slot_S = e_S * C + (torch.arange(S, device=x_ND.device) - starts_E[e_S])
-        # padding slots read token 0: their outputs are never used, so they get zero gradient
-        tok_P = torch.zeros(E * C, dtype=torch.long, device=x_ND.device).index_copy_(0, slot_S, tok_S)
+        slot_S = e_S * C + (torch.arange(S, device=dev) - starts_E[e_S])   # padded row of each kept assignment
+        src_P = torch.zeros(E * C, dtype=torch.long, device=dev).index_copy_(0, slot_S, order_S)  # pad -> 0
+        slot_A = torch.zeros(A, dtype=torch.long, device=dev).index_copy_(0, order_S, slot_S)     # dropped -> 0
+        valid_P = torch.zeros(E * C, dtype=x_ND.dtype, device=dev).index_fill_(0, slot_S, 1.0)
+        drop_A = None if keep_A is None else ~keep_A[:, None]
         dt = self._compute_dtype(x_ND)
-        x_ECD = x_ND.index_select(0, tok_P).to(dt).view(E, C, -1)
-        h = torch.bmm(x_ECD, self.experts.w_gate_up.to(dt))
+        x_ECD = _GatherRows.apply(x_ND, torch.div(src_P, K, rounding_mode="floor"), slot_A, K, drop_A)
+        w_P = w_NK.reshape(-1).index_select(0, src_P) * valid_P  # padding rows get weight 0
+        h = torch.bmm(x_ECD.to(dt).view(E, C, -1), self.experts.w_gate_up.to(dt))
         g, u = h.chunk(2, dim=-1)
-        y_PD = torch.bmm(F.silu(g) * u, self.experts.w_down.to(dt)).view(E * C, -1)
-        return self._combine(x_ND, tok_S, y_PD.index_select(0, slot_S).to(x_ND.dtype), w_S)
+        act = F.silu(g) * u * w_P.view(E, C, 1).to(dt)
+        y_PD = torch.bmm(act, self.experts.w_down.to(dt)).view(E * C, -1).to(x_ND.dtype)
+        y_AD = _GatherRows.apply(y_PD, slot_A, src_P, 1, None)
+        if drop_A is not None:
+            y_AD = y_AD.masked_fill(drop_A, 0.0)
+        return y_AD.view(N, K, -1).sum(1)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``y = x[idx]`` where ``idx`` moves rows between two layouts of the same assignments, so the
+    backward is a gather too: ``dx = dy[bwd_idx]`` (rows in ``bwd_zero`` zeroed), summed over groups
+    of ``fold`` consecutive rows (the top-k copies of a token). Exact when every row of ``y`` that
+    ``bwd_idx`` does not point at (padding) gets zero gradient, which ``MoE._padded`` guarantees by
+    giving padding rows routing weight 0. Replaces index_select's index_add backward."""
+
+    @staticmethod
+    def forward(ctx, x, idx, bwd_idx, fold, bwd_zero):
+        ctx.save_for_backward(bwd_idx, bwd_zero)
+        ctx.fold = fold
+        return x.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, dy):
+        bwd_idx, bwd_zero = ctx.saved_tensors
+        dx = dy.index_select(0, bwd_idx)
+        if bwd_zero is not None:
+            dx = dx.masked_fill_(bwd_zero, 0.0)
+        if ctx.fold > 1:
+            dx = dx.view(-1, ctx.fold, dx.shape[-1]).sum(1)
+        return dx, None, None, None, None
 
 
 _DISPATCH = {"loop": MoE._loop, "sorted": MoE._sorted, "grouped": MoE._grouped, "padded": MoE._padded}
