@@ -14,7 +14,9 @@ model quantized with the same settings).
 
 Calibration rows: ``rtn`` = round-to-nearest min-max scales, no data; ``minmax`` / ``percentile``
 / ``kl`` = AWQ-style scale search on the calibration batches with that activation-range
-calibrator (see ``tinyseek/quant/calibrate.py``); ``qat`` = fake-quant fine-tune then convert.
+calibrator (see ``tinyseek/quant/calibrate.py``); ``qat`` = fake-quant fine-tune then convert;
+``ft-ctrl`` / ``ft+rtn`` = the same fine-tune in fp32 (and that model RTN-quantized): the control
+that separates what QAT buys from what more training of an under-trained model buys.
 ``torchao-int8`` (with ``--torchao``) is torchao's Int8WeightOnlyConfig applied to the Linear
 layers (its experts stay fp32), for comparison.
 """
@@ -172,6 +174,25 @@ def main() -> None:
             convert_qat(tq)
         variants.append((f"int4-g{g}", q, d / "model.safetensors", "qat", tq))
         print(f"  QAT int4-g{g}: {args.qat_steps} steps in {time.time() - t:.1f}s, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        # control: the same fine-tune in fp32 (same data order), then plain RTN int4: separates the
+        # gain of QAT from the gain of simply training the under-trained model for longer
+        ft = copy.deepcopy(base)
+        qat_finetune(ft, ShardLoader(data, 8, T, 0, 1, args.device).next_batch, args.qat_steps, lr=1e-4)
+        ftq = copy.deepcopy(ft)
+        rep = quantize_model(ftq, QuantSpec("int4", g, search="none"))
+        fdir2 = work / "fp32-ft"
+        fdir2.mkdir()
+        save_weights(ft.state_dict(), fdir2 / "model.safetensors")
+        d = save_quantized(ftq, work / f"int4-g{g}-ft-rtn", quant_config(ftq, QuantSpec("int4", g, search="none"),
+                                                                          rep["modules"]), meta)
+        tft = tftq = None
+        if task:
+            tft = copy.deepcopy(task[1])
+            qat_finetune(tft, iter_batches([(x[:, :-1], x[:, 1:]) for x in task[3]]), args.qat_steps, lr=1e-4)
+            tftq = copy.deepcopy(tft)
+            quantize_model(tftq, QuantSpec("int4", g, search="none"))
+        variants.append(("fp32", ft, fdir2 / "model.safetensors", "ft-ctrl", tft))
+        variants.append((f"int4-g{g}", ftq, d / "model.safetensors", "ft+rtn", tftq))
     if args.torchao:
         t = time.time()
         from torchao.quantization import Int8WeightOnlyConfig, quantize_

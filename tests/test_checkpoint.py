@@ -70,6 +70,8 @@ def test_interrupted_checkpoint_is_never_picked_up(tmp_path, monkeypatch):
     (root / "step_latest").mkdir()
     assert ckpt.latest_checkpoint(root).name == "step_000100"
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [100]
+    assert [p.name for p in ckpt.remove_partial(root)] == [".tmp-step_000300-abc"]
+    assert ckpt.latest_checkpoint(root).name == "step_000100"
     assert ckpt.latest_checkpoint(tmp_path / "missing") is None
     with pytest.raises(UserError):
         ckpt.load_model(tmp_path / "missing")

@@ -250,3 +250,33 @@ def test_engine_thread_safety_many_clients(model, tok):
         eng.stop()
     assert not errors and len(results) == 12
     assert all(c.token_ids == ref[p] for p, c in results.values())
+
+
+def test_model_vocab_larger_than_tokenizer(tok):
+    """Only ids the tokenizer can decode are sampled (the model may have a padded vocabulary)."""
+    model = make_model(tok, vocab_size=tok.vocab_size + 300)
+    eng = Engine(model, tok, max_batch=4)
+    outs = eng.generate([tok.encode(p) for p in PROMPTS],
+                        SamplingParams(max_tokens=20, temperature=2.0, seed=0, ignore_eos=True))
+    assert all(max(o.token_ids) < tok.vocab_size and o.finish_reason == "length" for o in outs)
+
+
+def test_engine_survives_a_failing_step(model, tok):
+    """An exception inside a step fails the running requests with an error; later ones are served."""
+    eng = Engine(model, tok, max_batch=2).start()
+    real = eng._decode
+    calls = {"n": 0}
+
+    def broken():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return real()
+    eng._decode = broken
+    try:
+        bad = eng.submit(tok.encode("hi"), SamplingParams(max_tokens=10, ignore_eos=True)).result(30)
+        assert bad.finish_reason == "error" and "boom" in bad.error
+        good = eng.submit(tok.encode("hi"), SamplingParams(max_tokens=3, ignore_eos=True)).result(30)
+        assert good.finish_reason == "length" and len(good.token_ids) == 3
+    finally:
+        eng.stop()

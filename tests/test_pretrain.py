@@ -154,6 +154,8 @@ def test_adaptive_accumulation_reaches_target(tmp_path):
                          eval_every=0, ckpt_every=0))
     assert res["micro_batch"] * res["grad_accum"] * 32 >= 4 * 32 * 3
     assert res["micro_batch"] <= 4 and res["tokens_seen"] == 2 * res["micro_batch"] * res["grad_accum"] * 32
+    start = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "start"]
+    assert len(start) == 1 and start[0]["adaptive"] and start[0]["grad_accum"] == res["grad_accum"]
 
 
 def test_byte_fallback_is_deterministic(tmp_path):
@@ -231,7 +233,7 @@ def test_torchrun_two_ranks(tmp_path, mode, compression):
     data = repetitive_shards(tmp_path / "shards")
     base = _cmd(tmp_path / "run", data, 16)[3:]  # drop "python -m tinyseek"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinyseek",
-           *base, "--dist-mode", mode, "--compression", compression, "--grad-accum", "2"]
+           *base, "--dist-mode", mode, "--compression", compression, "--grad-accum", "2", "--lr", "1e-2"]
     proc = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]

@@ -85,3 +85,17 @@ def test_errors(tmp_path):
     (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot read tokenizer"):
         load_tokenizer(tmp_path / "bad")
+
+
+def test_tokenizer_stage(tmp_path):
+    from tinyseek import tokenizer as tk
+    from tinyseek.data.sources import SAMPLES_DIR
+    cfg = tk.preset("cpu-tiny")
+    cfg.inputs, cfg.vocab_size, cfg.out = str(SAMPLES_DIR / "kjv.jsonl"), 300, str(tmp_path / "tok")
+    res = tk.main(cfg)
+    assert res["vocab_size"] == 300 and res["chars"] > 10_000
+    tok = load_tokenizer(tmp_path / "tok")
+    text = "In the beginning God created the heaven and the earth."
+    assert tok.decode(tok.encode(text)) == text and len(tok.encode(text)) < 0.6 * len(text)
+    with pytest.raises(Exception, match="unknown preset"):
+        tk.preset("huge")

@@ -76,7 +76,7 @@ def plot_loss(metrics: str | Path | list[dict], out: str | Path, keys: Sequence[
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in keys:
         xs, ys = series(recs, key)
-        if not xs:
+        if not xs or key == eval_key:  # held-out points are drawn once, below
             continue
         if len(ys) > 20:  # enough points to smooth: raw faint, EMA bold
             ax.plot(xs, ys, alpha=0.3, lw=1, label=f"{key} (raw)")

@@ -5,10 +5,9 @@
 - Near: MinHash over character ``k``-shingles of the lower-cased, whitespace-collapsed text
   (characters, not words, so Chinese works), banded LSH for candidates, then the MinHash Jaccard
   estimate against each candidate must reach ``threshold`` (LSH alone has false positives). The first
-  document of a near-duplicate cluster is kept. Shingles are hashed in numpy (a rolling hash over
-  code points) and permuted with datasketch's own formula and permutations, vectorised over all
-  shingles at once (datasketch hashes each shingle with SHA-1 in a Python loop: many times slower,
-  same estimates).
+  document of a near-duplicate cluster is kept. Shingles are hashed to 32 bits in one numpy pass (a
+  rolling hash over code points) and handed to datasketch as integers (its default hashes each
+  shingle's bytes with SHA-1 in a Python loop: several times slower, same estimates).
 """
 from __future__ import annotations
 
@@ -64,8 +63,8 @@ def shingles(text: str, k: int = 5) -> list[bytes]:
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _MUL = np.uint64(1_000_003)
-_PRIME = np.uint64((1 << 61) - 1)   # datasketch's Mersenne prime and 32-bit max hash
-_MAX32 = np.uint64((1 << 32) - 1)
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_MUL = np.uint64(1_000_003)
 
 
 def shingle_hashes(text: str, k: int = 5) -> np.ndarray:
@@ -85,6 +84,10 @@ def shingle_hashes(text: str, k: int = 5) -> np.ndarray:
         return np.unique((h * _MIX) >> np.uint64(32))
 
 
+def _identity(x: int) -> int:
+    return x
+
+
 class NearDedup:
     """MinHash LSH near-duplicate detector over a stream of documents.
 
@@ -98,17 +101,14 @@ class NearDedup:
         from datasketch import MinHash, MinHashLSH
         self.threshold, self.num_perm, self.k, self.seed = threshold, num_perm, k, seed
         self._MinHash = MinHash
-        self._a, self._b = (np.asarray(x, dtype=np.uint64) for x in MinHash(num_perm=num_perm, seed=seed).permutations)
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.sigs: dict[str, np.ndarray] = {}
 
     def signature(self, text: str):
-        """datasketch ``MinHash`` of the shingle hashes; the permutation step is datasketch's
-        ``update_batch`` formula ``((a * h + b) mod p) & (2**32 - 1)``, done here in one numpy pass."""
-        hv = shingle_hashes(text, self.k)[:, None]
-        with np.errstate(over="ignore"):
-            phv = ((hv * self._a + self._b) % _PRIME) & _MAX32
-        return self._MinHash(num_perm=self.num_perm, seed=self.seed, hashvalues=phv.min(axis=0))
+        """datasketch ``MinHash`` (its default ``affine32`` scheme) of the shingle hashes."""
+        m = self._MinHash(num_perm=self.num_perm, seed=self.seed, hashfunc=_identity)
+        m.update_batch(shingle_hashes(text, self.k).tolist())
+        return m
 
     def check(self, key: str, text: str) -> str | None:
         """Key of an earlier near-duplicate of ``text``, or None (then ``text`` is indexed as ``key``)."""

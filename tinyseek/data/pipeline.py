@@ -71,8 +71,8 @@ class Config:
     text_field: str = "text"            # JSONL/Parquet field with the document text
     use_samples: bool = False           # default corpus from tinyseek/data/samples only (tests, no packages)
     doc_chars: int = 4000               # plain text is cut into documents of about this many characters
-    max_docs_per_source: int = 400      # stop reading a source after this many documents (0 = all)
-    max_chars_per_source: int = 1_500_000  # ... or after this many characters (0 = all)
+    max_docs_per_source: int = 400      # default corpus: stop reading a source after this many docs (0 = all)
+    max_chars_per_source: int = 1_500_000  # ... or after this many characters (0 = all); --inputs are read whole
     math_docs: int = 400                # generated worked problems in the default corpus (0 = none)
     heuristics: C.HeuristicConfig = field(default_factory=C.HeuristicConfig)  # prose thresholds
     relaxed: C.HeuristicConfig = field(default_factory=C.relaxed_heuristics)  # thresholds for relaxed_domains
@@ -80,6 +80,8 @@ class Config:
     hash: str = "xxhash"                # exact-dedup hash: xxhash or md5
     near_dup: bool = True               # MinHash LSH near-duplicate removal
     near_dup_threshold: float = 0.8     # Jaccard (MinHash estimate) at or above which a doc is a near-duplicate
+    near_dup_min_chars: int = 200       # shorter docs skip near-dup (5-shingle Jaccard of "3 + 4" vs "3 + 5"
+                                        # problems is high though they differ); exact dedup still applies
     num_perm: int = 128                 # MinHash permutations
     shingle: int = 5                    # character shingle length for MinHash
     decontaminate: bool = True          # drop docs sharing a word n-gram with the tasks' held-out problems
@@ -112,7 +114,7 @@ class Config:
         for k in ("doc_chars", "num_perm", "shingle", "decontam_n", "ppl_order", "vocab_size", "shard_tokens"):
             need(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
         for k in ("max_docs_per_source", "max_chars_per_source", "math_docs", "decontam_problems",
-                  "target_tokens", "ppl_fit_chars", "tokenizer_chars", "val_min_chars"):
+                  "target_tokens", "ppl_fit_chars", "tokenizer_chars", "val_min_chars", "near_dup_min_chars"):
             need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
         need(self.hash in ("xxhash", "md5"), f"hash must be xxhash or md5, got {self.hash!r}")
         need(0 < self.near_dup_threshold <= 1, f"near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
@@ -164,9 +166,13 @@ class Accounting:
         self.n_malformed = 0
         self.stage = {s: {"docs": 0, "bytes": 0, "seconds": 0.0} for s in STAGES}
         self.setup_seconds: dict[str, float] = {}  # one-off work outside the per-document stages
+        self.examples: dict[str, list[str]] = {}   # reason -> first few dropped docs' locations
 
-    def drop(self, source: str, reason: str) -> None:
+    def drop(self, source: str, reason: str, loc: str = "") -> None:
         self.dropped[source][reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if loc and len(ex) < 5:
+            ex.append(loc)
 
     def time(self, stage: str, t0: float, docs: int = 1, nbytes: int = 0) -> float:
         t1 = time.perf_counter()
@@ -196,6 +202,7 @@ class Accounting:
                 "dropped": {r: tot_drop[r] for r in REASONS if tot_drop[r]},
                 "reconciled": n_in == n_kept + sum(tot_drop.values()) and all(s["reconciled"] for s in sources.values()),
                 "sources": sources, "malformed_count": self.n_malformed, "malformed": self.malformed,
+                "drop_examples": {r: self.examples[r] for r in REASONS if self.examples.get(r)},
                 "stages": stages, "setup_seconds": dict(self.setup_seconds)}
 
 
@@ -272,14 +279,15 @@ def eval_ngrams(n: int, per_task: int) -> set[int]:
 # the run
 # ------------------------------------------------------------------------------------------------
 def _capped(src: Source, cfg: Config, acct: Accounting) -> Iterator:
-    """The source's documents up to the caps, timing the ingest stage."""
+    """The source's documents up to the caps (default corpus only), timing the ingest stage."""
     it = src.read()
     n = chars = 0
+    max_docs, max_chars = (cfg.max_docs_per_source, cfg.max_chars_per_source) if src.meta.get("default") else (0, 0)
     try:
         while True:
-            if cfg.max_docs_per_source and n >= cfg.max_docs_per_source:
+            if max_docs and n >= max_docs:
                 return
-            if cfg.max_chars_per_source and chars >= cfg.max_chars_per_source:
+            if max_chars and chars >= max_chars:
                 return
             t0 = time.perf_counter()
             doc = next(it, None)
@@ -316,7 +324,7 @@ def _filter_stream(cfg: Config, sources: list[Source], acct: Accounting, spill: 
             for doc, nbytes in _capped(src, cfg, acct):
                 acct.input[src.name] += 1
                 if doc.text is None:
-                    acct.drop(src.name, "malformed")
+                    acct.drop(src.name, "malformed", doc.loc)
                     acct.n_malformed += 1
                     if len(acct.malformed) < MAX_MALFORMED_LISTED:
                         acct.malformed.append({"source": src.name, "loc": doc.loc, "error": doc.error})
@@ -327,29 +335,26 @@ def _filter_stream(cfg: Config, sources: list[Source], acct: Accounting, spill: 
                 nb = len(text.encode("utf-8"))
                 reason = C.heuristic_reason(text, hcfg)
                 t0 = acct.time("heuristics", t0, 1, nb)
-                if reason is None and exact.is_duplicate(text):
-                    reason = "exact_duplicate"
+                # each later stage sees only the documents every earlier stage kept
                 if reason is None:
+                    reason = "exact_duplicate" if exact.is_duplicate(text) else None
                     t0 = acct.time("exact_dedup", t0, 1, nb)
-                    if near is not None and near.check(str(key), text) is not None:
-                        reason = "near_duplicate"
+                if reason is None and near is not None and len(text) >= cfg.near_dup_min_chars:
                     key += 1
+                    reason = "near_duplicate" if near.check(str(key), text) is not None else None
                     t0 = acct.time("near_dedup", t0, 1, nb)
-                    if (reason is None and grams and check_contam
-                            and not grams.isdisjoint(ngram_hashes(text, cfg.decontam_n))):
-                        reason = "contaminated"
+                if reason is None and grams and check_contam:
+                    reason = "contaminated" if not grams.isdisjoint(ngram_hashes(text, cfg.decontam_n)) else None
                     t0 = acct.time("decontam", t0, 1, nb)
-                    if reason is None and char_entropy(text) < cfg.min_char_entropy:
-                        reason = "low_entropy"
+                if reason is None:
+                    reason = "low_entropy" if char_entropy(text) < cfg.min_char_entropy else None
                     acct.time("entropy", t0, 1, nb)
-                elif reason == "exact_duplicate":
-                    acct.time("exact_dedup", t0, 1, nb)
                 if reason is not None:
-                    acct.drop(src.name, reason)
+                    acct.drop(src.name, reason, doc.loc)
                     continue
                 if src.domain not in files:
                     files[src.domain] = open(spill / f"{src.domain}.jsonl", "w", encoding="utf-8")
-                files[src.domain].write(json.dumps({"t": text, "s": src.name}, ensure_ascii=False) + "\n")
+                files[src.domain].write(json.dumps({"t": text, "s": src.name, "l": doc.loc}, ensure_ascii=False) + "\n")
                 counts[src.domain] += 1
     finally:
         for f in files.values():
@@ -383,7 +388,7 @@ def _perplexity(cfg: Config, counts: dict[str, int], acct: Accounting, spill: Pa
             for r, s in zip(_read_spill(path), scores):
                 nbytes += len(r["t"].encode("utf-8"))
                 if s > thr:
-                    acct.drop(r["s"], "perplexity")
+                    acct.drop(r["s"], "perplexity", r["l"])
                     continue
                 acct.kept[r["s"]] += 1
                 kept += 1
@@ -441,7 +446,7 @@ def _sha256(path: Path) -> str:
 
 def main(cfg: Config) -> dict:
     cfg.validate()
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     from tinyseek import tokenizer as tk
     sources = (user_sources(cfg.inputs, cfg.text_field, cfg.doc_chars) if cfg.inputs.strip()
                else default_sources(cfg.math_docs, cfg.use_samples, cfg.doc_chars, seed=cfg.seed))
@@ -527,10 +532,10 @@ def main(cfg: Config) -> dict:
             else:
                 static = {d: static.get(d, 0.0) for d in train_domains}
             sample = {}
-            for d in train_domains:
-                rows = [r["t"] for r in _read_spill(spill / f"{d}.jsonl") if _bucket(r["t"]) >= val_thr]
-                step = max(1, len(rows) // 400)
-                sample[d] = rows[::step][:400]
+            for d in train_domains:  # every k-th training doc, at most 400 a domain (streamed)
+                step = max(1, len(doc_tokens[d]) // 400)
+                rows = (r["t"] for r in _read_spill(spill / f"{d}.jsonl") if _bucket(r["t"]) >= val_thr)
+                sample[d] = [t for i, t in enumerate(rows) if i % step == 0][:400]
             scores = tfidf_scores(sample) if cfg.tfidf_power else {d: 1.0 for d in train_domains}
             weights = mixture_weights(static, scores, cfg.tfidf_power)
             target = cfg.target_tokens or sum(sizes.values())
@@ -559,6 +564,7 @@ def main(cfg: Config) -> dict:
             # ---- manifest and report -------------------------------------------------------------
             rep = acct.report()
             rep["total_seconds"] = round(time.perf_counter() - t_start, 3)
+            rep["cpu_seconds"] = round(time.process_time() - c_start, 3)  # all threads; < wall on a busy machine
             dom_info = {}
             for d in counts:
                 n_train = len(doc_tokens.get(d, []))

@@ -191,6 +191,8 @@ def default_sources(math_docs: int = 1000, use_samples: bool = False, doc_chars:
     if math_docs > 0:
         out.append(Source("math", "math", lambda: read_math(math_docs, seed), "generated",
                           {"docs": math_docs, "generated_train_split": True}))
+    for s in out:
+        s.meta["default"] = True  # the per-source caps apply to the default corpus only
     return out
 
 

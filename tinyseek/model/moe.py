@@ -268,46 +268,79 @@ class MoE(nn.Module):
 
     def _grouped(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
         """Sorted assignments and one ``torch._grouped_mm`` per projection over all experts."""
-        order_S, _, counts_E = self._plan(idx_NK, keep_A, counts_E)
-        tok_S, x_SD, w_S = self._gather_sorted(x_ND, w_NK, order_S)
-        offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        dt = self._compute_dtype(x_ND)
-        h = torch._grouped_mm(x_SD.to(dt), self.experts.w_gate_up.to(dt), offs=offs)
-        g, u = h.chunk(2, dim=-1)
-        y_SD = torch._grouped_mm(F.silu(g) * u, self.experts.w_down.to(dt), offs=offs)
-        return self._combine(x_ND, tok_S, y_SD.to(x_ND.dtype), w_S)
+        return self._gemm_path(x_ND, idx_NK, w_NK, keep_A, counts_E, padded=False)
 
     def _padded(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
         """Each expert's rows padded to the busiest expert's count C, then one ``bmm`` per projection.
 
-        Wastes (E * C / assignments - 1) of the expert FLOPs on padding rows (a few % to ~20% with a
-        balanced router) but makes 1 GEMM call per projection instead of E: on a small shared CPU
-        every GEMM call is a thread fork/join, which costs more than the padding. Row moves use
-        :class:`_GatherRows` (index_select both ways) instead of index_add, which is serial on CPU;
-        the routing weight is applied to the (narrower) activation and the K outputs of a token are
-        summed with a reshape, so there is no scatter at all."""
+        Wastes (E * C / assignments - 1) of the expert FLOPs on padding rows (about 10-20% with a
+        balanced router) but makes 1 GEMM call per projection instead of E: on a small CPU shared
+        with other jobs every multi-threaded GEMM call is a fork/join that may wait for a descheduled
+        thread, which can cost more than the padding."""
+        return self._gemm_path(x_ND, idx_NK, w_NK, keep_A, counts_E, padded=True)
+
+    def _gemm_path(self, x_ND, idx_NK, w_NK, keep_A, counts_E, padded: bool):
+        """Shared body of ``grouped`` and ``padded``. Rows R of the expert layout are the kept
+        assignments sorted by expert (plus padding rows for ``padded``). Row moves are gathers both
+        ways (:class:`_GatherRows`; no index_add, which is serial on CPU); the routing weight scales
+        the (narrower) activation inside :class:`_SwiGLUAct`; the k outputs of a token are summed
+        with a reshape, so there is no scatter at all."""
         N, K, E = x_ND.shape[0], self.top_k, self.n_experts
+        dev, dt = x_ND.device, self._compute_dtype(x_ND)
         order_S, e_S, counts_E = self._plan(idx_NK, keep_A, counts_E)
         S, A = order_S.shape[0], N * K
-        C = max(int(counts_E.max()), 1)
-        dev = x_ND.device
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        slot_S = e_S * C + (torch.arange(S, device=dev) - starts_E[e_S])   # padded row of each kept assignment
-        src_P = torch.zeros(E * C, dtype=torch.long, device=dev).index_copy_(0, slot_S, order_S)  # pad -> 0
-        slot_A = torch.zeros(A, dtype=torch.long, device=dev).index_copy_(0, order_S, slot_S)     # dropped -> 0
-        valid_P = torch.zeros(E * C, dtype=x_ND.dtype, device=dev).index_fill_(0, slot_S, 1.0)
+        if padded:
+            C = max(int(counts_E.max()), 1)
+            R = E * C
+            starts_E = torch.cumsum(counts_E, 0) - counts_E
+            row_S = e_S * C + (torch.arange(S, device=dev) - starts_E[e_S])  # padded row of each kept assignment
+            src_R = torch.zeros(R, dtype=torch.long, device=dev).index_copy_(0, row_S, order_S)  # padding -> 0
+        else:
+            R, row_S, src_R = S, torch.arange(S, device=dev), order_S
+        row_A = torch.zeros(A, dtype=torch.long, device=dev).index_copy_(0, order_S, row_S)  # dropped -> 0
         drop_A = None if keep_A is None else ~keep_A[:, None]
-        dt = self._compute_dtype(x_ND)
-        x_ECD = _GatherRows.apply(x_ND, torch.div(src_P, K, rounding_mode="floor"), slot_A, K, drop_A)
-        w_P = w_NK.reshape(-1).index_select(0, src_P) * valid_P  # padding rows get weight 0
-        h = torch.bmm(x_ECD.to(dt).view(E, C, -1), self.experts.w_gate_up.to(dt))
-        g, u = h.chunk(2, dim=-1)
-        act = F.silu(g) * u * w_P.view(E, C, 1).to(dt)
-        y_PD = torch.bmm(act, self.experts.w_down.to(dt)).view(E * C, -1).to(x_ND.dtype)
-        y_AD = _GatherRows.apply(y_PD, slot_A, src_P, 1, None)
+        w_R = w_NK.reshape(-1).index_select(0, src_R)
+        if padded:  # padding rows get weight 0: their outputs, and so their gradients, are exactly 0
+            w_R = w_R * torch.zeros(R, dtype=w_R.dtype, device=dev).index_fill_(0, row_S, 1.0)
+        x_RD = _GatherRows.apply(x_ND, torch.div(src_R, K, rounding_mode="floor"), row_A, K, drop_A).to(dt)
+        w_up, w_down = self.experts.w_gate_up.to(dt), self.experts.w_down.to(dt)
+        if padded:
+            h = torch.bmm(x_RD.view(E, C, -1), w_up).view(R, -1)
+            y_RD = torch.bmm(_SwiGLUAct.apply(h, w_R.to(dt)).view(E, C, -1), w_down).view(R, -1)
+        else:
+            offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
+            h = torch._grouped_mm(x_RD, w_up, offs=offs)
+            y_RD = torch._grouped_mm(_SwiGLUAct.apply(h, w_R.to(dt)), w_down, offs=offs)
+        y_AD = _GatherRows.apply(y_RD.to(x_ND.dtype), row_A, src_R, 1, None)
         if drop_A is not None:
             y_AD = y_AD.masked_fill(drop_A, 0.0)
         return y_AD.view(N, K, -1).sum(1)
+
+
+class _SwiGLUAct(torch.autograd.Function):
+    """``silu(g) * u * w[:, None]`` for ``h = [g | u]`` (R, 2F) and per-row weights ``w`` (R,).
+    Same maths as autograd through ``chunk``/``silu``/``mul``, but the backward writes dg and du
+    straight into one (R, 2F) buffer (no ``cat``) and makes fewer passes over memory."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        g, u = h.chunk(2, dim=-1)
+        sg = F.silu(g)
+        su = sg * u
+        ctx.save_for_backward(h, w, sg, su)
+        return su * w[:, None]
+
+    @staticmethod
+    def backward(ctx, dout):
+        h, w, sg, su = ctx.saved_tensors
+        g, u = h.chunk(2, dim=-1)
+        F_ = g.shape[-1]
+        dsu = dout * w[:, None]
+        dw = torch.linalg.vecdot(dout, su) if ctx.needs_input_grad[1] else None
+        dh = torch.empty_like(h)
+        torch.mul(dsu, sg, out=dh[:, F_:])
+        torch.ops.aten.silu_backward.grad_input(dsu * u, g, grad_input=dh[:, :F_])
+        return dh, dw
 
 
 class _GatherRows(torch.autograd.Function):

@@ -143,11 +143,13 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calib_batches: Iterable[to
         if use_data:
             sm = {"gate_up": torch.ones(ex.n_experts, ex.w_gate_up.shape[1], device=ex.w_gate_up.device),
                   "down": torch.ones(ex.n_experts, ex.hidden, device=ex.w_gate_up.device)}
+            any_s = False
             for part, w in (("gate_up", ex.w_gate_up), ("down", ex.w_down)):
                 for e in range(ex.n_experts):
                     s = smoothing(f"{name}/{part}/{e}", w[e].t())
                     if s is not None:
-                        sm[part][e] = s
+                        sm[part][e], any_s = s, True
+            sm = sm if any_s else None  # no expert gained: store no scale vectors
         _set_module(model, name, QuantExperts.from_float(ex.w_gate_up, ex.w_down, bits, gs, smooth=sm))
         kinds[name] = "experts_smooth" if sm is not None else "experts"
     prefer_per_expert_dispatch(model)

@@ -145,6 +145,8 @@ class Engine:
         self.max_batch = max_batch
         self.max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        # only ids the tokenizer can decode may be sampled (a model may have a padded, larger vocabulary)
+        self.n_vocab = min(self.cfg.vocab_size, getattr(tokenizer, "vocab_size", None) or self.cfg.vocab_size)
         self.max_wait = max_wait
         self.prefill_tokens = max(prefill_tokens, self.max_len)
         self.device = next(model.parameters()).device
@@ -277,7 +279,11 @@ class Engine:
                     while len(self._queue) < self.max_batch and (left := end - time.monotonic()) > 0:
                         self._cv.wait(left)
             with self._drive:
-                self.step()
+                try:
+                    self.step()
+                except Exception:  # step() already failed the affected requests; keep the thread alive
+                    import traceback
+                    traceback.print_exc()
 
     def num_active(self) -> int:
         return sum(r is not None for r in self.slots)
@@ -297,8 +303,10 @@ class Engine:
             if self.num_active():
                 self._decode()
         except Exception as e:  # fail the affected requests, keep serving the others
+            msg = f"{type(e).__name__}: {e}"
             for r in [r for r in self.slots if r is not None]:
-                self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+                r.tracker = None
+                self._finish(r, "error", error=msg, decode=False)
             if self._thread is None:
                 raise
 
@@ -379,6 +387,8 @@ class Engine:
             cb(len(busy), dt)
 
     def _sample_and_advance(self, reqs: list[Request], logits_NV: torch.Tensor) -> None:
+        if self.n_vocab < logits_NV.shape[-1]:
+            logits_NV = logits_NV[:, :self.n_vocab]
         ps = [r.params for r in reqs]
         u = [r.rng.random() if (p.temperature > 0 and p.top_k != 1) else 0.0 for r, p in zip(reqs, ps)]
         toks_t = sample_tokens(logits_NV, [p.temperature for p in ps], [p.top_k for p in ps],
@@ -411,7 +421,7 @@ class Engine:
             _notify(r, StreamEvent(ids, delta))
 
     def _finish(self, r: Request, reason: str, stop: str | int | None = None, error: str | None = None,
-                pending: str = "") -> None:
+                pending: str = "", decode: bool = True) -> None:
         if r.done:
             return
         if r.slot is not None and self.slots[r.slot] is r:
@@ -419,7 +429,7 @@ class Engine:
             self.cache.lengths[r.slot] = 0
         ids = r.token_ids
         text = None
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and decode:
             if r.tracker is not None:
                 text = r.tracker.text if r.tracker.stopped is not None else None
             if text is None:

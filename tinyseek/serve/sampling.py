@@ -3,11 +3,11 @@
 Each row carries its own sampling parameters and its own uniform random number ``u`` (drawn by the
 engine from a per-request generator), and a row's token depends only on that row's logits and
 ``u``. So a seeded request samples the same tokens whatever else is in the batch, and we need no
-Python loop over rows: temperature / top-k / top-p are applied to the whole batch at once on the
-sorted logits, and the token is picked by inverse-CDF lookup of ``u``.
+Python loop over rows: temperature / top-k / top-p are applied to the whole batch at once and the
+token is picked by inverse-CDF lookup of ``u``. Plain temperature sampling works on the
+probabilities in id order (no sort); top-k sorts only the ``k`` largest; top-p sorts the vocabulary.
 
-Ties: greedy takes the lowest token id among equal maxima (``argmax``); sampling sorts with a stable
-sort, so equal logits keep id order.
+Ties: greedy takes the lowest token id among equal maxima (``argmax``).
 """
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ def sample_tokens(logits_NV: torch.Tensor, temperature: list[float], top_k: list
     ``u[i]``; other rows sample by inverse CDF with the uniform ``u[i]`` in [0, 1).
 
     >>> logits = torch.tensor([[0.0, 2.0, 1.0], [0.0, 2.0, 1.0], [0.0, 2.0, 1.0]])
-    >>> sample_tokens(logits, [0.0, 1.0, 1.0], [0, 0, 0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.99]).tolist()
-    [1, 1, 0]
+    >>> sample_tokens(logits, [0.0, 1.0, 1.0], [0, 0, 0], [1.0, 1.0, 1.0], [0.0, 0.5, 0.99]).tolist()
+    [1, 1, 2]
     >>> sample_tokens(logits[:1], [1.0], [0], [0.5], [0.99]).tolist()  # top-p keeps only token 1
     [1]
     """
@@ -63,14 +63,23 @@ def sample_tokens(logits_NV: torch.Tensor, temperature: list[float], top_k: list
         return out
     dev = logits_NV.device
     idx = torch.tensor(rows, device=dev)
-    srt, order = torch.sort(logits_NV[idx].float(), dim=-1, descending=True, stable=True)
-    p = filtered_probs(srt, torch.tensor([temperature[i] for i in rows], device=dev),
-                       torch.tensor([top_k[i] for i in rows], device=dev),
-                       torch.tensor([top_p[i] for i in rows], device=dev))
+    temp = torch.tensor([temperature[i] for i in rows], device=dev)
+    x = logits_NV[idx].float()
+    ks = [top_k[i] for i in rows]
+    if all(k == 0 for k in ks) and all(top_p[i] >= 1.0 for i in rows):
+        # plain temperature sampling needs no sorting: inverse CDF over the probabilities in id order
+        p, order = (x / temp[:, None]).softmax(-1), None
+    else:
+        if all(k > 0 for k in ks):  # only the max_k largest can survive: sort those, not the vocabulary
+            srt, order = torch.topk(x, min(max(ks), x.shape[-1]), dim=-1)
+        else:
+            srt, order = torch.sort(x, dim=-1, descending=True, stable=True)
+        p = filtered_probs(srt, temp, torch.tensor(ks, device=dev), torch.tensor([top_p[i] for i in rows], device=dev))
     cdf = p.cumsum(-1)
     target = torch.tensor([u[i] for i in rows], device=dev, dtype=cdf.dtype) * cdf[:, -1]
     j = torch.searchsorted(cdf, target[:, None], right=True).clamp(max=p.shape[-1] - 1)
     # never land on a zero-probability entry (possible only through rounding at the very end)
-    j = torch.minimum(j, (p > 0).sum(-1, keepdim=True) - 1)
-    out[idx] = order.gather(1, j).squeeze(1)
+    last = p.shape[-1] - 1 - (p > 0).flip(-1).int().argmax(-1, keepdim=True)
+    j = torch.minimum(j, last)
+    out[idx] = (order.gather(1, j) if order is not None else j).squeeze(1)
     return out

@@ -51,7 +51,10 @@ def _wrap(e: str) -> str:
 
 
 def _combine(a: tuple[Fraction, str], b: tuple[Fraction, str]):
-    """All (value, expr, step) from combining two items (non-negative results; exact division)."""
+    """All (value, expr, step) from combining two items (non-negative results; exact division);
+    the larger operand is written first."""
+    if a[0] < b[0]:
+        a, b = b, a
     (va, ea), (vb, eb) = a, b
     out = [(va + vb, f"({ea} + {eb})", (va, "+", vb)), (va * vb, f"{ea} * {eb}", (va, "*", vb))]
     if va >= vb:

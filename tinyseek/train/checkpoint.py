@@ -139,6 +139,16 @@ def prune_checkpoints(ckpt_root: str | Path, keep_last: int) -> list[Path]:
     return removed
 
 
+def remove_partial(ckpt_root: str | Path) -> list[Path]:
+    """Delete leftovers of interrupted writes (``.tmp-step_*`` / ``.old-step_*`` dirs). Call only
+    when no other process writes to ``ckpt_root`` (the trainer does at start-up)."""
+    root = Path(ckpt_root)
+    gone = [d for d in root.glob(".tmp-step_*") if d.is_dir()] + [d for d in root.glob(".old-step_*") if d.is_dir()]
+    for d in gone:
+        shutil.rmtree(d, ignore_errors=True)
+    return gone
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A step dir; or the latest step of a ckpt root; or of ``run_dir/ckpt``."""
     p = Path(path)

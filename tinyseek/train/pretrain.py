@@ -525,6 +525,8 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
         if is_main:
             import shutil
             shutil.rmtree(ckpt_root)
+    if is_main and ckpt_root.is_dir():
+        ckpt.remove_partial(ckpt_root)  # temp dirs of a writer killed mid-checkpoint
     meta: dict = ckpt.read_meta(resume_dir) if resume_dir else {}
     if resume_dir and meta.get("model_config") != to_dict(cfg.model):
         raise UserError(f"--resume: the model config differs from the checkpoint in {resume_dir}")
@@ -567,7 +569,8 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
     else:
         wrapped, comm = model, None
     fsdp = bool(dist and dist.enabled and cfg.dist_mode == "fsdp")
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    # after wrapping: FSDP2 has replaced the parameters by DTensor shards (foreach AdamW for those)
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=False if fsdp else None)
     loader = ShardLoader(train_path, micro, cfg.seq_len, rank, world, device)
     heldout = HeldOut(train_path, val_path, micro, cfg.seq_len, rank, world, device, cfg.eval_batches)
 
@@ -590,6 +593,8 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
         set_rng_state(rng)
     else:
         seed_everything(cfg.seed + rank)
+        logger.log(0, event="start", micro_batch=micro, grad_accum=accum, world_size=world, seq_len=cfg.seq_len,
+                   tokens_per_step=tokens_per_step, adaptive=cfg.target_tokens_per_step > 0)
 
     n_params, n_active = model.num_params(), model.num_params(active=True)
     fpt = flops_per_token(model, cfg.seq_len)
