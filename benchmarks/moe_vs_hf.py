@@ -47,6 +47,8 @@ CONFIGS = {
     "e16k2": BenchConfig("16 experts top-2 (F=256, shared 512)", 256, 16, 2, 256, 2),
     # fine-grained: 64 experts top-6, expert width 128, shared 256 -> same active width (1024)
     "e64k6": BenchConfig("64 experts top-6 (F=128, shared 256)", 256, 64, 6, 128, 2),
+    # same with expert width 256 (= d_model), shared 512: active width 2048
+    "e64k6w": BenchConfig("64 experts top-6 (F=256, shared 512)", 256, 64, 6, 256, 2),
 }
 
 

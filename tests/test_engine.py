@@ -280,3 +280,31 @@ def test_engine_survives_a_failing_step(model, tok):
         assert good.finish_reason == "length" and len(good.token_ids) == 3
     finally:
         eng.stop()
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.8), (4, 0.9)])
+def test_sampling_distribution_matches_filtered_softmax(top_k, top_p):
+    """With u on a fine uniform grid, token frequencies equal the filtered, renormalised softmax."""
+    from tinyseek.serve.sampling import sample_tokens
+
+    torch.manual_seed(0)
+    logits = torch.randn(12) * 2
+    T, n = 0.7, 4000
+    toks = sample_tokens(logits.expand(n, -1).contiguous(), [T] * n, [top_k] * n, [top_p] * n,
+                         [(i + 0.5) / n for i in range(n)])
+    freq = torch.bincount(toks, minlength=12).float() / n
+    p = (logits / T).softmax(-1)
+    order = p.argsort(descending=True)
+    if top_k:  # top-k first, then top-p on the renormalised top-k distribution (as HF / vLLM do)
+        p = torch.zeros_like(p).scatter(0, order[:top_k], p[order[:top_k]])
+        p = p / p.sum()
+    keep = torch.zeros(12, dtype=torch.bool)
+    mass = 0.0
+    for rank, t in enumerate(order.tolist()):
+        if (top_k and rank >= top_k) or mass >= top_p:
+            break
+        keep[t] = True
+        mass += float(p[t])
+    expect = torch.where(keep, p, 0.0)
+    expect = expect / expect.sum()
+    assert torch.allclose(freq, expect, atol=2.0 / n)

@@ -155,7 +155,8 @@ def _dequantised_float_copy(float_model: Transformer, qmodel: Transformer) -> Tr
 
 
 @pytest.mark.parametrize("attn", ["mla", "gqa"])
-@pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32)], ids=["int8", "int4-g32"])
+@pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32, calibration="kl", search="awq")],
+                         ids=["int8-rtn", "int4-g32-awq-kl"])
 def test_quantized_model_logits_close_to_float(attn, spec):
     m = micro(attn)
     idx = tokens()
@@ -228,7 +229,7 @@ def test_qat_converted_model_matches_fake_quant_forward(method, gs):
 # ---------------------------------------------------------------------------------------------
 # checkpoint format
 # ---------------------------------------------------------------------------------------------
-def _save(tmp_path, spec=QuantSpec("int4", 64), tie=False):
+def _save(tmp_path, spec=QuantSpec("int4", 64, search="awq"), tie=False):
     m = micro(tie_embeddings=tie)
     rep = quantize_model(m, spec, [tokens(4, 32)], max_rows=128)
     d = save_quantized(m, tmp_path / "q", quant_config(m, spec, rep["modules"]), {"step": 7})
@@ -311,7 +312,7 @@ def test_stage_main_writes_loadable_smaller_checkpoint(tmp_path):
     from tinyseek.train.checkpoint import load_model
 
     m, step = _run_dir(tmp_path)
-    cfg = stage.Config(ckpt=str(tmp_path / "run"), method="int4", group_size=32, calibration="kl",
+    cfg = stage.Config(ckpt=str(tmp_path / "run"), method="int4", group_size=32, calibration="kl", search="awq",
                        calib_batches=2, calib_batch_size=2, calib_seq_len=32, max_rows=128, eval_batches=1)
     met = stage.main(cfg)
     out = tmp_path / "run" / "quant" / "int4-g32"
@@ -327,6 +328,16 @@ def test_stage_main_writes_loadable_smaller_checkpoint(tmp_path):
     met = stage.main(stage.Config(ckpt=str(step), out=str(tmp_path / "qat"), method="int8", qat_steps=2,
                                   calib_batches=2, calib_batch_size=2, calib_seq_len=32))
     assert met["qat_steps"] == 2 and load_quantized(tmp_path / "qat")[1]["quant"]["search"] == "none"
+
+
+def test_spec_validation():
+    from tinyseek.config import ConfigError
+
+    with pytest.raises(ConfigError, match="add --search awq"):
+        QuantSpec("int4", 32, calibration="kl").validate()
+    with pytest.raises(ConfigError, match="group_size must be one of 32, 64, 128"):
+        QuantSpec("int4", 48).validate()
+    QuantSpec("int8", 48).validate()   # int8 is per-channel: the group size is ignored
 
 
 def test_cli_bad_option_is_one_line_error():
@@ -362,7 +373,7 @@ def test_fused_kernels_match_pytorch_path():
                 assert torch.allclose(fused, ref, atol=1e-4, rtol=1e-4)
         m = micro()
         q = copy.deepcopy(m)
-        quantize_model(q, QuantSpec("int4", 32), [tokens(4, 32)], max_rows=128)
+        quantize_model(q, QuantSpec("int4", 32, search="awq"), [tokens(4, 32)], max_rows=128)
         idx = tokens(1, 16)
         with torch.no_grad():
             cache = q.new_cache(1)

@@ -42,9 +42,9 @@ SEARCHES = ("none", "awq")
 class QuantSpec:
     method: str = "int8"          # "int8" (W8A16 per-channel) or "int4" (W4A16 group-wise, packed)
     group_size: int = 128         # int4 inputs per scale: 32, 64 or 128 (int8 is per-channel: ignored, stored as 0)
-    calibration: str = "minmax"   # activation range per input channel: "minmax", "percentile" or "kl"
+    calibration: str = "minmax"   # with search="awq": activation range per input channel, "minmax", "percentile" or "kl"
     percentile: float = 99.9      # percentile calibration: which percentile of |x|
-    search: str = "awq"           # "awq": grid-search AWQ smoothing per matrix on the calibration set; "none": round-to-nearest
+    search: str = "none"          # "none": round-to-nearest min-max scales (no data); "awq": AWQ smoothing searched on the calibration set
     lm_head: bool = True          # also quantize the output head (the embedding always stays float)
 
     @property
@@ -68,6 +68,9 @@ class QuantSpec:
             raise ConfigError(f"percentile must be in (0, 100], got {self.percentile}")
         if self.search not in SEARCHES:
             raise ConfigError(f"search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
+        if self.search == "none" and self.calibration != "minmax":
+            raise ConfigError(f"calibration {self.calibration!r} chooses activation ranges for the scale search: "
+                              "add --search awq (round-to-nearest uses min-max weight scales only)")
         return self
 
 

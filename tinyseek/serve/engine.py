@@ -78,6 +78,7 @@ class Completion:
     prompt_tokens: int = 0          # prompt length in tokens
     stop: str | int | None = None   # the stop string or token id that ended it
     error: str | None = None        # message when finish_reason == "error"
+    first_token_s: float | None = None  # seconds from submission to the first generated token
 
 
 @dataclass
@@ -96,11 +97,12 @@ class Request:
 
     def __init__(self, prompt: list[int], params: SamplingParams, tokenizer,
                  listener: Callable[["Request", StreamEvent], None] | None, deadline: float | None,
-                 holds: list[str] | None, seed: int):
+                 holds: list[str] | None, seed: int, stream: bool = True):
         self.id = next(_ids)
         self.prompt = prompt
         self.params = params
         self.listener = listener
+        self.stream = stream and listener is not None  # listener hears every token (else: only the end)
         self.deadline = deadline           # time.monotonic() limit, None = none
         self.rng = random.Random(seed)
         self.token_ids: list[int] = []
@@ -111,7 +113,7 @@ class Request:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._done = threading.Event()
-        track = tokenizer is not None and (params.stop or listener is not None)
+        track = tokenizer is not None and (params.stop or self.stream)
         self.tracker = TextTracker(tokenizer, params.stop, holds) if track else None
         self._tokenizer = tokenizer
         self._new_ids: list[int] = []
@@ -166,9 +168,10 @@ class Engine:
     # --- submission --------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams | None = None,
                listener: Callable[[Request, StreamEvent], None] | None = None,
-               timeout: float | None = None, holds: list[str] | None = None) -> Request:
+               timeout: float | None = None, holds: list[str] | None = None, stream: bool = True) -> Request:
         """Queue one prompt. ``listener(request, event)`` is called from the engine thread after each
-        token; ``holds`` are extra strings whose prefixes are held back from streamed text."""
+        token (only once, at the end, with ``stream=False``); ``holds`` are extra strings whose
+        prefixes are held back from streamed text."""
         params = (params or SamplingParams()).validate()
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -181,7 +184,7 @@ class Engine:
             raise UserError("stop strings need an engine with a tokenizer")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         deadline = time.monotonic() + timeout if timeout else None
-        req = Request(prompt, params, self.tokenizer, listener, deadline, holds, seed)
+        req = Request(prompt, params, self.tokenizer, listener, deadline, holds, seed, stream)
         with self._cv:
             if self._stopping:
                 raise UserError("the engine is shutting down")
@@ -227,6 +230,21 @@ class Engine:
                 if self._thread is None:
                     with self._drive:
                         self.step()  # retire it now
+
+    async def acomplete(self, prompt: list[int], params: SamplingParams | None = None,
+                        timeout: float | None = None) -> Completion:
+        """Await one completion (needs :meth:`start`); cancelling the awaiting task cancels it."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Completion] = loop.create_future()
+
+        def done(r: Request, ev: StreamEvent) -> None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(ev.completion))
+        req = self.submit(prompt, params, done, timeout=timeout, stream=False)
+        try:
+            return await fut
+        finally:
+            if not req.done:
+                req.cancel()
 
     async def astream(self, prompt: list[int], params: SamplingParams | None = None,
                       timeout: float | None = None, holds: list[str] | None = None) -> AsyncIterator[StreamEvent]:
@@ -416,7 +434,7 @@ class Engine:
         if len(r.token_ids) >= p.max_tokens or len(r.prompt) + len(r.token_ids) >= self.max_len:
             self._finish(r, "length", pending=delta)
             return
-        if r.listener is not None:
+        if r.stream:
             ids, r._new_ids = r._new_ids, []
             _notify(r, StreamEvent(ids, delta))
 
@@ -437,7 +455,8 @@ class Engine:
                 text = self.tokenizer.decode(body)
                 if r.tracker is not None:
                     r.tracker.text = text
-        r.completion = Completion(list(ids), text, reason, len(r.prompt), stop, error)
+        ttft = r.first_token_at - r.submitted if r.first_token_at is not None else None
+        r.completion = Completion(list(ids), text, reason, len(r.prompt), stop, error, ttft)
         r.finished_at = time.monotonic()
         self.stats["finished"] += 1
         if r.listener is not None:

@@ -356,11 +356,11 @@ def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: Saf
             return ApiError(503, "request cancelled (server shutting down)", "server_error")
         return None
 
-    def record(c: Completion, req_first: float | None, submitted: float) -> None:
+    def record(c: Completion) -> None:
         metrics.prompt_tokens.inc(c.prompt_tokens)
         metrics.completion_tokens.inc(len(c.token_ids))
-        if req_first is not None:
-            metrics.ttft.observe(req_first - submitted)
+        if c.first_token_s is not None:
+            metrics.ttft.observe(c.first_token_s)
 
     async def respond(kind: str, ids: list[int], sp: SamplingParams, stream: bool, include_usage: bool,
                       checked_text: str):
@@ -383,38 +383,27 @@ def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: Saf
             return StreamingResponse(refusal_events(), media_type="text/event-stream")
 
         holds = safety.words if safety.pattern is not None else None
-        submitted = time.monotonic()
-        agen = engine.astream(ids, sp, timeout=cfg.timeout_s, holds=holds)
 
         if not stream:
-            comp = None
-            first_at = None
-            try:
-                async for ev in agen:
-                    if first_at is None and ev.token_ids:
-                        first_at = time.monotonic()
-                    comp = ev.completion if ev.finished else comp
-            finally:
-                await agen.aclose()
+            comp = await engine.acomplete(ids, sp, timeout=cfg.timeout_s)
             err = completion_error(comp)
             if err is not None:
                 raise err
-            record(comp, first_at, submitted)
+            record(comp)
             text, fr = comp.text or "", finish_reason(comp)
             if safety.active and safety.check(text).blocked:
                 metrics.refusals.inc(stage="output")
                 text, fr = safety.refusal, "content_filter"
             return JSONResponse(full(kind, rid, created, text, fr, len(ids), len(comp.token_ids)))
 
+        agen = engine.astream(ids, sp, timeout=cfg.timeout_s, holds=holds)
+
         async def events():
             shown = ""
-            first_at = None
             comp = None
             try:
                 yield _sse(fmt(kind, rid, created, "", None, first=True))
                 async for ev in agen:
-                    if first_at is None and ev.token_ids:
-                        first_at = time.monotonic()
                     if ev.text:
                         if safety.active and safety.check(shown + ev.text).blocked:
                             metrics.refusals.inc(stage="output")
@@ -431,7 +420,7 @@ def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: Saf
                     yield _sse(err.body())
                     yield "data: [DONE]\n\n"
                     return
-                record(comp, first_at, submitted)
+                record(comp)
                 yield _sse(fmt(kind, rid, created, None if kind == "chat" else "", finish_reason(comp)))
                 if include_usage:
                     yield _sse({**fmt(kind, rid, created, None, None), "choices": [],
