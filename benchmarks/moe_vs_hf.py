@@ -13,17 +13,21 @@ initialise every candidate the same way (normal, std 0.02 -> a near-uniform rout
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from dataclasses import dataclass
 
-import torch
+# as tinyseek/__init__.py does, before torch loads libgomp (its busy-waiting wrecks timings on shared cores)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 import torch.nn as nn
 
-from tinyseek.config import ModelConfig, model_cpu_tiny
-from tinyseek.model.layers import SwiGLU
-from tinyseek.model.moe import MoE
-from tinyseek.model.transformer import Transformer
+from tinyseek.config import ModelConfig, model_cpu_tiny  # noqa: E402
+from tinyseek.model.layers import SwiGLU  # noqa: E402
+from tinyseek.model.moe import MoE  # noqa: E402
+from tinyseek.model.transformer import Transformer  # noqa: E402
 
 
 @dataclass
@@ -234,17 +238,22 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
     ap.add_argument("--reps", type=int, default=7, help="interleaved repetitions (median taken)")
-    ap.add_argument("--iters", type=int, default=3, help="fwd+bwd calls per repetition")
+    ap.add_argument("--iters", type=int, default=1, help="fwd+bwd calls per repetition")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers blocks")
     ap.add_argument("--no-mfu", action="store_true", help="skip the cpu-tiny MFU measurement")
     ap.add_argument("--mfu-batch", type=int, default=8)
-    ap.add_argument("--impls", default="", help="also time these moe_impl values of ours, e.g. grouped,padded")
+    ap.add_argument("--impls", default="padded", help="also time these moe_impl values of ours (comma list)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("moe_vs_hf: error: --device cuda but no GPU is available")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    print(f"torch {torch.__version__}, device {device}, dtype {dtype}, threads {torch.get_num_threads()}")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, device {device}, dtype {dtype}, threads {torch.get_num_threads()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
     if not args.no_hf:
         import transformers
         print(f"transformers {transformers.__version__}")
@@ -252,7 +261,8 @@ def main() -> None:
         bc = CONFIGS[key]
         tps = bench_moe(bc, device, dtype, args.reps, args.iters, not args.no_hf,
                         [i for i in args.impls.split(",") if i])
-        print(f"\n[{key}] {bc.name}, d={bc.d_model}, {bc.batch}x{bc.seq} tokens, dense FFN width {bc.active_ff}")
+        print(f"\n[{key}] {bc.name}, d={bc.d_model}, {bc.batch}x{bc.seq} tokens, dense FFN width {bc.active_ff}, "
+              f"median of {args.reps}")
         base = tps["dense"]
         for k, v in tps.items():
             print(f"  {k:24s} {v:10.0f} tok/s   {v / base:5.2f}x dense")

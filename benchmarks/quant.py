@@ -17,6 +17,8 @@ Calibration rows: ``rtn`` = round-to-nearest min-max scales, no data; ``minmax``
 calibrator (see ``tinyseek/quant/calibrate.py``); ``qat`` = fake-quant fine-tune then convert;
 ``ft-ctrl`` / ``ft+rtn`` = the same fine-tune in fp32 (and that model RTN-quantized): the control
 that separates what QAT buys from what more training of an under-trained model buys.
+``fp32 sorted-moe`` is the float model with the per-expert MoE dispatch the quantized models use
+(speed reference; the default ``auto`` picks ``torch._grouped_mm``).
 ``torchao-int8`` (with ``--torchao``) is torchao's Int8WeightOnlyConfig applied to the Linear
 layers (its experts stay fp32), for comparison.
 """
@@ -136,6 +138,13 @@ def main() -> None:
     fdir.mkdir()
     save_weights(base.state_dict(), fdir / "model.safetensors")
     variants.append(("fp32", base, fdir / "model.safetensors", "-", task[1] if task else None))
+    # the quantized models run their MoE layers with the per-expert ("sorted") dispatch (see
+    # quantize.prefer_per_expert_dispatch); the same dispatch in fp32, for a like-for-like speed
+    srt = copy.deepcopy(base)
+    for mod in srt.modules():
+        if hasattr(mod, "impl") and getattr(mod, "impl") == "auto":
+            mod.impl = "sorted"
+    variants.append(("fp32", srt, fdir / "model.safetensors", "sorted-moe", None))
     cals = args.calibrations.split(",")
     specs = [("int8", 0)] + [("int4", int(g)) for g in args.groups.split(",") if g]
     for method, g in specs:
@@ -220,7 +229,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for i, (name, m, _, _, _) in enumerate(variants):
             for k in modes:
-                if k and (i == 0 or name == "torchao-int8"):
+                if k and (name == "fp32" or name == "torchao-int8"):
                     continue
                 kernels.enable(k)
                 times.setdefault((i, k), []).append(decode_seconds(m, prompt, args.decode_tokens))
@@ -239,7 +248,7 @@ def main() -> None:
             "ppl": perplexity(m, val),
             "tok_s": args.decode_tokens / statistics.median(times[(i, False)]),
             "tok_s_k": args.decode_tokens / statistics.median(times[(i, True)]) if (i, True) in times else float("nan"),
-            "acc": task_accuracy(tq, task[0], task[2]) if task else None,
+            "acc": task_accuracy(tq, task[0], task[2]) if task and tq is not None else float("nan"),
         })
     f = rows[0]
     head = (f"{'model':<13}{'calib':<11}{'file MB':>8}{'x':>6}{'mem MB':>8}{'x':>6}{'qpart x':>8}"
@@ -256,7 +265,7 @@ def main() -> None:
               f"{('' if math.isnan(r['part_x']) else format(r['part_x'], '.2f')):>8}"
               f"{r['ppl']:>8.4f}{100 * (r['ppl'] / f['ppl'] - 1):>+8.2f}{r['tok_s']:>8.1f}{r['tok_s'] / f['tok_s']:>6.2f}"
               f"{_fmt(r['tok_s_k'], '.1f'):>8}{_fmt(r['tok_s_k'] / f['tok_s'], '.2f'):>6}"
-              + (f"{r['acc']:>9.3f}" if task else ""))
+              + (f"{_fmt(r['acc'], '.3f'):>9}" if task else ""))
 
 
 def _fmt(v: float, spec: str) -> str:

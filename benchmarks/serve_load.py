@@ -96,6 +96,17 @@ async def load_level(url: str, n_clients: int, per_client: int, max_tokens: int,
             "tokens_per_s": tokens / wall if wall > 0 else 0.0, "p50_s": q(0.5), "p99_s": q(0.99)}
 
 
+def scrape(url: str) -> dict[str, float]:
+    import httpx
+
+    out = {}
+    for ln in httpx.get(url + "/metrics").text.splitlines():
+        if ln and not ln.startswith("#") and "{" not in ln:
+            k, v = ln.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
 def run_load(args, model) -> list[dict]:
     from tinyseek.tokenizer import byte_tokenizer
     from tinyseek.train.checkpoint import save_checkpoint
@@ -126,15 +137,18 @@ def run_load(args, model) -> list[dict]:
             results = []
             for n in args.clients:
                 per_client = max(args.min_requests_per_client, args.requests // n)
+                m0 = scrape(url)
                 res = asyncio.run(load_level(url, n, per_client, args.max_tokens, args.time_limit))
+                m1 = scrape(url)
+                steps = m1["tinyseek_batch_size_count"] - m0["tinyseek_batch_size_count"]
+                res["mean_batch"] = (m1["tinyseek_batch_size_sum"] - m0["tinyseek_batch_size_sum"]) / max(steps, 1)
+                res["mean_step_ms"] = 1000 * (m1["tinyseek_decode_step_seconds_sum"]
+                                              - m0["tinyseek_decode_step_seconds_sum"]) / max(steps, 1)
                 results.append(res)
                 print(f"  {n:3d} clients: {res['requests']:4d} requests, {res['errors']} errors, "
-                      f"{res['tokens_per_s']:9.1f} tok/s, p50 {res['p50_s']:.3f} s, p99 {res['p99_s']:.3f} s",
+                      f"{res['tokens_per_s']:9.1f} tok/s, p50 {res['p50_s']:.3f} s, p99 {res['p99_s']:.3f} s "
+                      f"(server: mean batch {res['mean_batch']:.1f}, decode step {res['mean_step_ms']:.1f} ms)",
                       flush=True)
-            metrics = httpx.get(url + "/metrics").text
-            batch_line = [ln for ln in metrics.splitlines() if ln.startswith("tinyseek_batch_size_sum")
-                          or ln.startswith("tinyseek_batch_size_count")]
-            print("  server " + ", ".join(batch_line), flush=True)
         finally:
             proc.terminate()
             try:

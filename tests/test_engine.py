@@ -57,6 +57,9 @@ def test_greedy_alone_equals_batched(tok, attn):
         assert a.text == b.text
     # the slots of finished requests were reused and left empty
     assert eng.num_active() == 0 and eng.queue_depth() == 0 and int(eng.cache.lengths.sum()) == 0
+    # all admitted at once but prefilled in several small chunks (budget = max_len = 64 padded tokens)
+    chunked = Engine(model, tok, max_batch=8, max_len=64, prefill_tokens=0).generate(prompts, params)
+    assert [c.token_ids for c in chunked] == [a.token_ids for a in alone]
 
 
 def test_seeded_sampling_independent_of_batch(model, tok):

@@ -14,7 +14,7 @@ from tinyseek.errors import UserError
 from tinyseek.model import Transformer
 from tinyseek.model.moe import MoE
 from tinyseek.quant.calibrate import activation_range, search_smoothing
-from tinyseek.quant.modules import QuantExperts, QuantLinear, dequantize_weight, quantize_weight
+from tinyseek.quant.modules import QuantExperts, QuantLinear, dequantize_weight
 from tinyseek.quant.ops import pack_int4, unpack_int4
 from tinyseek.quant.qat import QATExperts, QATLinear, convert_qat, iter_batches, prepare_qat, qat_finetune
 from tinyseek.quant.quantize import (QuantSpec, load_quantized, quant_config, quantize_model, save_quantized,

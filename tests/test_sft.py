@@ -78,3 +78,19 @@ def test_dp_sgd_reports_epsilon_and_rejects_moe(tmp_path):
     moe = sft.Config(out_dir=str(tmp_path), name="dp2", n_examples=8, epochs=1, dp=True)
     with pytest.raises(UserError, match="dense model"):
         sft.main(moe)
+
+
+def test_sft_from_byte_pretrain_grows_vocab_for_special_tokens(tmp_path):
+    from tinyseek.config import model_micro
+    from tinyseek.model.transformer import Transformer
+    from tinyseek.train.checkpoint import save_checkpoint
+    cfg = model_micro()
+    cfg.vocab_size = 257  # byte-level pretraining: bytes + eos, no chat tokens
+    base = Transformer(cfg)
+    save_checkpoint(tmp_path / "pre" / "ckpt", 5, base, None, {})
+    res = sft.main(sft.Config(out_dir=str(tmp_path), name="s", init=str(tmp_path / "pre"), n_examples=8,
+                              epochs=1, batch_size=8))
+    model, _ = load_model(res["checkpoint"])
+    assert model.cfg.vocab_size == byte_tokenizer().vocab_size
+    x = torch.tensor([[72, 105]])
+    assert model(x).logits.shape[-1] == byte_tokenizer().vocab_size

@@ -128,7 +128,15 @@ def _data(cfg: Config, run: Path) -> dict:
     c = cfg.data
     c.run_dir, c.name = str(run), run.name
     c.validate()
-    return data_stage.main(c)
+    res = data_stage.main(c)
+    # one tokenizer for the whole run at <run>/tokenizer: every stage (and `tinyseek serve --ckpt
+    # <run>/<stage>`) finds it by looking up from its checkpoint
+    src = run / "data" / "tokenizer"
+    if src.is_dir():
+        from tinyseek.common import atomic_dir
+        with atomic_dir(run / "tokenizer") as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+    return res
 
 
 def _pretrain(cfg: Config, run: Path) -> dict:

@@ -6,10 +6,13 @@ Layout of a shard folder::
                          "shards": [{"file": "shard_00000.bin", "n_tokens": n, "sha256": h}, ...]}
     shard_00000.bin     raw little-endian token ids, documents joined with eos
 
-The loader treats all shards as one token stream. Every optimizer micro-step the *global* batch
-takes ``world * B * T + 1`` consecutive tokens; rank r reads its own ``B * T + 1`` slice, so ranks
-never overlap and the stream position is one integer (``pos``) plus an ``epoch`` counter. At the end
-of the stream it wraps to the start (next epoch). ``state_dict()`` goes into checkpoints.
+The loader treats all shards as one token stream cut into blocks of ``T`` tokens (each row reads
+its block plus the next token as the last target). Every micro-step the *global* batch takes
+``world * B`` blocks; rank r reads its own ``B``, so ranks never overlap. With ``shuffle`` (default)
+the blocks of each epoch are visited in a seeded permutation (``seed + epoch``), so a batch mixes
+documents and domains instead of reading one long document; without it they are read in order.
+The position is one integer (``pos``, in blocks) plus an ``epoch`` counter, so resuming is exact;
+at the end of an epoch it wraps to the next. ``state_dict()`` goes into checkpoints.
 """
 from __future__ import annotations
 
@@ -89,7 +92,7 @@ class ShardLoader:
     """Yields (x, y) int64 batches of shape (B, T) from a shard folder; resumable; DDP-aware."""
 
     def __init__(self, path: str | Path, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", shuffle: bool = True, seed: int = 0):
         self.path = Path(path)
         self.index = read_index(path)
         dt = np.dtype(self.index["dtype"])
@@ -105,12 +108,15 @@ class ShardLoader:
         self.offsets = np.cumsum([0] + [p.size for p in parts])
         self.n_tokens = int(self.offsets[-1])
         self.B, self.T, self.rank, self.world = batch_size, seq_len, rank, world_size
-        self.step_tokens = world_size * batch_size * seq_len + 1
-        if self.n_tokens < self.step_tokens:
+        self.shuffle, self.seed = shuffle, seed
+        self.n_blocks = max(0, (self.n_tokens - 1) // seq_len)
+        self.step_blocks = world_size * batch_size
+        if self.n_blocks < self.step_blocks:
             raise UserError(f"shards at {path} hold {self.n_tokens} tokens, fewer than one global batch "
-                            f"({self.step_tokens}); lower batch_size/seq_len or add data")
+                            f"({self.step_blocks * seq_len + 1}); lower batch_size/seq_len or add data")
         self.device = torch.device(device)
         self.pos, self.epoch = 0, 0
+        self._perm_epoch, self._perm = -1, None
 
     def _slice(self, start: int, n: int) -> np.ndarray:
         out, need, at = [], n, start
@@ -123,14 +129,24 @@ class ShardLoader:
             at += take
         return np.concatenate(out)
 
+    def _order(self) -> np.ndarray:
+        if self._perm_epoch != self.epoch:
+            if self.shuffle:
+                self._perm = np.random.default_rng(self.seed + self.epoch).permutation(self.n_blocks)
+            else:
+                self._perm = np.arange(self.n_blocks)
+            self._perm_epoch = self.epoch
+        return self._perm
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pos + self.step_tokens > self.n_tokens:
+        if self.pos + self.step_blocks > self.n_blocks:
             self.pos, self.epoch = 0, self.epoch + 1
-        n = self.B * self.T
-        start = self.pos + self.rank * n
-        buf = torch.from_numpy(self._slice(start, n + 1))
-        self.pos += self.world * n
-        x, y = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+        start = self.pos + self.rank * self.B
+        blocks = self._order()[start:start + self.B]
+        rows = np.stack([self._slice(int(b) * self.T, self.T + 1) for b in blocks])
+        self.pos += self.step_blocks
+        buf = torch.from_numpy(rows)
+        x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:

@@ -21,8 +21,8 @@ Dispatch implementations, all numerically the same maths:
 - ``grouped``: sorted assignments and one ``torch._grouped_mm`` per projection for all experts.
 - ``padded``: sorted assignments padded per expert to the busiest expert's count, one ``bmm`` per
   projection (some FLOPs wasted on padding, far fewer kernel calls; see ``MoE._padded``).
-``auto`` uses ``padded`` on CPU; elsewhere ``grouped`` where the kernel runs for the device/dtype,
-else ``sorted``.
+``auto`` uses ``grouped`` where the kernel runs for the device/dtype (CPU fp32 in torch >= 2.9, CUDA
+bf16), else ``sorted``. Measured in ``benchmarks/moe_vs_hf.py`` (see ``benchmarks/README.md``).
 """
 from __future__ import annotations
 
@@ -64,16 +64,17 @@ def route(scores_NE: torch.Tensor, top_k: int, bias_E: torch.Tensor | None = Non
     w_NK = scores_NE.gather(1, idx_NK)
     if norm_topk_prob and (top_k > 1 or score_func == "sigmoid"):
         w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20)
-    return idx_NK, w_NK * routed_scaling
+    return idx_NK, (w_NK * routed_scaling if routed_scaling != 1.0 else w_NK)
 
 
 def balance_loss(kind: str, scores_NE: torch.Tensor, idx_NK: torch.Tensor,
-                 counts_E: torch.Tensor | None = None) -> torch.Tensor:
+                 counts_E: torch.Tensor | None = None, normalized: bool = False) -> torch.Tensor:
     """Auxiliary load-balance loss (before the alpha coefficient).
 
     ``switch``: N * sum_i f_i * P_i, f_i = share of assignments to i, P_i = mean routing prob of i.
     ``variance``: sum_i (P_i - 1/N)^2. Both are minimal (1 and 0) for a uniform router.
-    ``counts_E`` (assignments per expert) may be passed to save a ``bincount``.
+    ``counts_E`` (assignments per expert) may be passed to save a ``bincount``; ``normalized=True``
+    says the scores already sum to one per token (softmax), which skips the renormalisation.
 
     >>> s = torch.full((4, 2), 0.5); idx = torch.tensor([[0], [1], [0], [1]])
     >>> float(balance_loss("switch", s, idx)), float(balance_loss("variance", s, idx))
@@ -85,7 +86,7 @@ def balance_loss(kind: str, scores_NE: torch.Tensor, idx_NK: torch.Tensor,
     N, E = scores_NE.shape
     if kind == "none":
         return scores_NE.new_zeros(())
-    probs = scores_NE / (scores_NE.sum(-1, keepdim=True) + 1e-20)  # sigmoid scores -> distribution
+    probs = scores_NE if normalized else scores_NE / (scores_NE.sum(-1, keepdim=True) + 1e-20)  # -> distribution
     P_E = probs.mean(0)
     if kind == "switch":
         if counts_E is None:
@@ -138,7 +139,12 @@ class Router(nn.Module):
 
     def forward(self, x_ND: torch.Tensor):
         c = self.cfg
-        logits = F.linear(x_ND.float(), self.weight.float())
+        dev = x_ND.device.type
+        if torch.is_autocast_enabled(dev):  # routing decisions in fp32 even under bf16 autocast
+            with torch.autocast(dev, enabled=False):
+                logits = F.linear(x_ND.float(), self.weight.float())
+        else:
+            logits = F.linear(x_ND.float(), self.weight.float())
         scores_NE = logits.softmax(-1) if c.score_func == "softmax" else logits.sigmoid()
         bias = self.expert_bias if c.bias_update_speed > 0 else None
         idx_NK, w_NK = route(scores_NE, c.top_k, bias, c.n_groups, c.topk_groups, c.score_func,
@@ -196,7 +202,8 @@ class MoE(nn.Module):
         idx_NK, w_NK, scores_NE = self.router(x_ND)
         e_A = idx_NK.reshape(-1)  # assignment a = n * top_k + k
         counts_E = torch.bincount(e_A, minlength=self.n_experts)  # before capacity drops
-        aux = balance_loss(self.cfg.aux_loss, scores_NE, idx_NK, counts_E) * self.cfg.aux_loss_alpha \
+        aux = balance_loss(self.cfg.aux_loss, scores_NE, idx_NK, counts_E,
+                           normalized=self.cfg.score_func == "softmax") * self.cfg.aux_loss_alpha \
             if self.training and self.cfg.aux_loss != "none" else x_ND.new_zeros(())
         keep_A = None
         dropped = torch.zeros((), dtype=torch.long, device=x_ND.device)
@@ -221,8 +228,6 @@ class MoE(nn.Module):
     def _pick_impl(self, x_ND: torch.Tensor) -> str:
         if self.impl != "auto":
             return self.impl
-        if x_ND.device.type == "cpu":
-            return "padded"
         return "grouped" if _grouped_mm_ok(x_ND.device, self._compute_dtype(x_ND)) else "sorted"
 
     # --- dispatch implementations: (x_ND, idx_NK, w_NK, keep_A or None, counts_E) -> y_ND --------
@@ -274,97 +279,40 @@ class MoE(nn.Module):
         """Each expert's rows padded to the busiest expert's count C, then one ``bmm`` per projection.
 
         Wastes (E * C / assignments - 1) of the expert FLOPs on padding rows (about 10-20% with a
-        balanced router) but makes 1 GEMM call per projection instead of E: on a small CPU shared
-        with other jobs every multi-threaded GEMM call is a fork/join that may wait for a descheduled
-        thread, which can cost more than the padding."""
+        balanced router) but makes 1 GEMM call per projection instead of E. Only worth it where a
+        GEMM call is expensive to start: a multi-threaded CPU shared with other jobs and OpenMP
+        spin-waiting (``OMP_WAIT_POLICY`` unset), where each of the E calls is a fork/join that
+        may wait for a descheduled thread. Not chosen by ``auto``."""
         return self._gemm_path(x_ND, idx_NK, w_NK, keep_A, counts_E, padded=True)
 
     def _gemm_path(self, x_ND, idx_NK, w_NK, keep_A, counts_E, padded: bool):
         """Shared body of ``grouped`` and ``padded``. Rows R of the expert layout are the kept
-        assignments sorted by expert (plus padding rows for ``padded``). Row moves are gathers both
-        ways (:class:`_GatherRows`; no index_add, which is serial on CPU); the routing weight scales
-        the (narrower) activation inside :class:`_SwiGLUAct`; the k outputs of a token are summed
-        with a reshape, so there is no scatter at all."""
-        N, K, E = x_ND.shape[0], self.top_k, self.n_experts
-        dev, dt = x_ND.device, self._compute_dtype(x_ND)
+        assignments sorted by expert (plus padding rows for ``padded``): one gather of the inputs,
+        two GEMM calls, one scatter-add of the outputs. The routing weight scales the activation
+        (F wide) rather than the output (D wide): fewer bytes when F < D."""
+        E, dev, dt = self.n_experts, x_ND.device, self._compute_dtype(x_ND)
         order_S, e_S, counts_E = self._plan(idx_NK, keep_A, counts_E)
-        S, A = order_S.shape[0], N * K
+        tok_R = torch.div(order_S, self.top_k, rounding_mode="floor")
+        w_R = w_NK.reshape(-1).index_select(0, order_S)
         if padded:
             C = max(int(counts_E.max()), 1)
-            R = E * C
             starts_E = torch.cumsum(counts_E, 0) - counts_E
-            row_S = e_S * C + (torch.arange(S, device=dev) - starts_E[e_S])  # padded row of each kept assignment
-            src_R = torch.zeros(R, dtype=torch.long, device=dev).index_copy_(0, row_S, order_S)  # padding -> 0
-        else:
-            R, row_S, src_R = S, torch.arange(S, device=dev), order_S
-        row_A = torch.zeros(A, dtype=torch.long, device=dev).index_copy_(0, order_S, row_S)  # dropped -> 0
-        drop_A = None if keep_A is None else ~keep_A[:, None]
-        w_R = w_NK.reshape(-1).index_select(0, src_R)
-        if padded:  # padding rows get weight 0: their outputs, and so their gradients, are exactly 0
-            w_R = w_R * torch.zeros(R, dtype=w_R.dtype, device=dev).index_fill_(0, row_S, 1.0)
-        x_RD = _GatherRows.apply(x_ND, torch.div(src_R, K, rounding_mode="floor"), row_A, K, drop_A).to(dt)
+            row_S = e_S * C + (torch.arange(order_S.shape[0], device=dev) - starts_E[e_S])
+            # padding rows read token 0 with routing weight 0: they add exactly 0 to outputs and grads
+            tok_R = torch.zeros(E * C, dtype=torch.long, device=dev).index_copy_(0, row_S, tok_R)
+            w_R = torch.zeros(E * C, dtype=w_R.dtype, device=dev).index_copy(0, row_S, w_R)
+        x_RD = x_ND.index_select(0, tok_R).to(dt)
         w_up, w_down = self.experts.w_gate_up.to(dt), self.experts.w_down.to(dt)
         if padded:
-            h = torch.bmm(x_RD.view(E, C, -1), w_up).view(R, -1)
-            y_RD = torch.bmm(_SwiGLUAct.apply(h, w_R.to(dt)).view(E, C, -1), w_down).view(R, -1)
+            g, u = torch.bmm(x_RD.view(E, C, -1), w_up).chunk(2, dim=-1)
+            act = F.silu(g) * u * w_R.view(E, C, 1).to(dt)
+            y_RD = torch.bmm(act, w_down).view(E * C, -1)
         else:
             offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            h = torch._grouped_mm(x_RD, w_up, offs=offs)
-            y_RD = torch._grouped_mm(_SwiGLUAct.apply(h, w_R.to(dt)), w_down, offs=offs)
-        y_AD = _GatherRows.apply(y_RD.to(x_ND.dtype), row_A, src_R, 1, None)
-        if drop_A is not None:
-            y_AD = y_AD.masked_fill(drop_A, 0.0)
-        return y_AD.view(N, K, -1).sum(1)
-
-
-class _SwiGLUAct(torch.autograd.Function):
-    """``silu(g) * u * w[:, None]`` for ``h = [g | u]`` (R, 2F) and per-row weights ``w`` (R,).
-    Same maths as autograd through ``chunk``/``silu``/``mul``, but the backward writes dg and du
-    straight into one (R, 2F) buffer (no ``cat``) and makes fewer passes over memory."""
-
-    @staticmethod
-    def forward(ctx, h, w):
-        g, u = h.chunk(2, dim=-1)
-        sg = F.silu(g)
-        su = sg * u
-        ctx.save_for_backward(h, w, sg, su)
-        return su * w[:, None]
-
-    @staticmethod
-    def backward(ctx, dout):
-        h, w, sg, su = ctx.saved_tensors
-        g, u = h.chunk(2, dim=-1)
-        F_ = g.shape[-1]
-        dsu = dout * w[:, None]
-        dw = torch.linalg.vecdot(dout, su) if ctx.needs_input_grad[1] else None
-        dh = torch.empty_like(h)
-        torch.mul(dsu, sg, out=dh[:, F_:])
-        torch.ops.aten.silu_backward.grad_input(dsu * u, g, grad_input=dh[:, :F_])
-        return dh, dw
-
-
-class _GatherRows(torch.autograd.Function):
-    """``y = x[idx]`` where ``idx`` moves rows between two layouts of the same assignments, so the
-    backward is a gather too: ``dx = dy[bwd_idx]`` (rows in ``bwd_zero`` zeroed), summed over groups
-    of ``fold`` consecutive rows (the top-k copies of a token). Exact when every row of ``y`` that
-    ``bwd_idx`` does not point at (padding) gets zero gradient, which ``MoE._padded`` guarantees by
-    giving padding rows routing weight 0. Replaces index_select's index_add backward."""
-
-    @staticmethod
-    def forward(ctx, x, idx, bwd_idx, fold, bwd_zero):
-        ctx.save_for_backward(bwd_idx, bwd_zero)
-        ctx.fold = fold
-        return x.index_select(0, idx)
-
-    @staticmethod
-    def backward(ctx, dy):
-        bwd_idx, bwd_zero = ctx.saved_tensors
-        dx = dy.index_select(0, bwd_idx)
-        if bwd_zero is not None:
-            dx = dx.masked_fill_(bwd_zero, 0.0)
-        if ctx.fold > 1:
-            dx = dx.view(-1, ctx.fold, dx.shape[-1]).sum(1)
-        return dx, None, None, None, None
+            g, u = torch._grouped_mm(x_RD, w_up, offs=offs).chunk(2, dim=-1)
+            act = F.silu(g) * u * w_R[:, None].to(dt)
+            y_RD = torch._grouped_mm(act, w_down, offs=offs)
+        return torch.zeros_like(x_ND).index_add_(0, tok_R, y_RD.to(x_ND.dtype))
 
 
 _DISPATCH = {"loop": MoE._loop, "sorted": MoE._sorted, "grouped": MoE._grouped, "padded": MoE._padded}

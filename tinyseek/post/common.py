@@ -65,11 +65,36 @@ def load_policy(init: str, model_cfg: ModelConfig, vocab_size: int, device: torc
         from tinyseek.train.checkpoint import load_model
         model, meta = load_model(init, device=str(device))
         if model.cfg.vocab_size < vocab_size:
-            raise UserError(f"checkpoint vocab {model.cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
+            resize_vocab(model, vocab_size)
         return model.to(device), meta
     cfg = ModelConfig(**{**model_cfg.__dict__})
     cfg.vocab_size = max(cfg.vocab_size, vocab_size)
     return Transformer(cfg).to(device), {}
+
+
+@torch.no_grad()
+def resize_vocab(model, vocab_size: int) -> None:
+    """Grow the embedding and LM head to ``vocab_size`` rows (new rows ~ N(0, init_std)).
+
+    Needed when a byte-level pretrain (bytes + eos = 257 ids) is fine-tuned with the chat tokenizer,
+    whose special tokens (``<|user|>``, ``<think>``, ...) come after: their embeddings start random
+    and are learned in SFT, as when special tokens are added to any pretrained model.
+    """
+    old = model.cfg.vocab_size
+    if vocab_size <= old:
+        return
+    std = model.cfg.init_std
+    emb = model.embed.weight
+    new_emb = torch.nn.Parameter(torch.cat([emb, emb.new_empty(vocab_size - old, emb.shape[1]).normal_(0, std)]))
+    model.embed.weight = new_emb
+    model.embed.num_embeddings = vocab_size
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = new_emb
+    else:
+        w = model.lm_head.weight
+        model.lm_head.weight = torch.nn.Parameter(torch.cat([w, w.new_empty(vocab_size - old, w.shape[1]).normal_(0, std)]))
+    model.lm_head.out_features = vocab_size
+    model.cfg.vocab_size = vocab_size
 
 
 def save(run_dir: Path, step: int, model, optimizer, meta: dict) -> Path:

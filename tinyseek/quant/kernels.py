@@ -23,11 +23,20 @@ MAX_ROWS = 8  # above this, dequantise + one BLAS GEMM is faster
 _SRC = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <vector>
 
-// x (M, K) fp32, q (N, K) int8, s (N) fp32 -> (M, N)
+// output of x (..., K) times an (N, K) weight: (..., N)
+static torch::Tensor out_like(const torch::Tensor& x, int64_t N) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  return torch::empty(sizes, x.options());
+}
+
+// x (..., K) fp32 contiguous, q (N, K) int8, s (N) or (N, 1) fp32 -> (..., N)
 torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s) {
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  auto y = torch::empty({M, N}, x.options());
+  const int64_t K = x.size(-1), M = x.numel() / K, N = q.size(0);
+  auto y = out_like(x, N);
   const float* xp = x.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = s.data_ptr<float>();
@@ -47,36 +56,39 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s) {
   return y;
 }
 
-// x (M, K) fp32, p (N, ceil(K/2)) uint8 nibbles (code + 8, low nibble = even column),
-// s (N, G) fp32, group size gs -> (M, N)
+// x (..., K) fp32 contiguous, p (N, ceil(K/2)) uint8 nibbles (code + 8, low nibble = even column),
+// s (N, G) fp16 scales, group size gs (even) -> (M, N). Each weight row is dequantised into a
+// thread-local float buffer (contiguous, vectorisable), then dotted with every row of x: one
+// long reduction per output instead of one short one per group.
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor p, torch::Tensor s, int64_t gs) {
-  const int64_t M = x.size(0), K = x.size(1), N = p.size(0), H = p.size(1), G = s.size(1);
-  auto y = torch::empty({M, N}, x.options());
+  const int64_t K = x.size(-1), M = x.numel() / K, N = p.size(0), H = p.size(1), G = s.size(1);
+  auto y = out_like(x, N);
   const float* xp = x.data_ptr<float>();
   const uint8_t* pp = p.data_ptr<uint8_t>();
-  const float* sp = s.data_ptr<float>();
+  const at::Half* sp = s.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> w(2 * H + gs);
+    float* wp = w.data();
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* row = pp + n * H;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t k0 = g * gs, nb = (std::min(K, k0 + gs) - k0 + 1) / 2;
+        const uint8_t* b = row + k0 / 2;
+        const float sc = (float)sp[n * G + g];
+        float* wg = wp + k0;
+        #pragma omp simd
+        for (int64_t j = 0; j < nb; ++j) {
+          wg[2 * j] = (float)((int)(b[j] & 0x0F) - 8) * sc;
+          wg[2 * j + 1] = (float)((int)(b[j] >> 4) - 8) * sc;
+        }
+      }
       for (int64_t m = 0; m < M; ++m) {
         const float* xr = xp + m * K;
-        float total = 0.f;
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t k0 = g * gs, k1 = std::min(K, k0 + gs);
-          float acc = 0.f;
-          const int64_t half = (k1 - k0) / 2;
-          const uint8_t* b = row + k0 / 2;
-          const float* xg = xr + k0;
-          #pragma omp simd reduction(+:acc)
-          for (int64_t j = 0; j < half; ++j) {
-            const int lo = (int)(b[j] & 0x0F) - 8, hi = (int)(b[j] >> 4) - 8;
-            acc += xg[2 * j] * (float)lo + xg[2 * j + 1] * (float)hi;
-          }
-          if ((k1 - k0) % 2) acc += xg[k1 - k0 - 1] * (float)((int)(b[half] & 0x0F) - 8);
-          total += acc * sp[n * G + g];
-        }
-        yp[m * N + n] = total;
+        float acc = 0.f;
+        #pragma omp simd reduction(+:acc)
+        for (int64_t k = 0; k < K; ++k) acc += xr[k] * wp[k];
+        yp[m * N + n] = acc;
       }
     }
   });
@@ -111,15 +123,20 @@ def _module():
     return _state["module"]
 
 
-def quant_mm(x_MK: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int):
-    """``x @ W_hat^T`` with a fused kernel, or None when not enabled / not applicable."""
-    if not _state["enabled"] or x_MK.device.type != "cpu" or x_MK.dtype != torch.float32 \
-            or x_MK.shape[0] > MAX_ROWS or torch.is_grad_enabled() and x_MK.requires_grad:
+def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int):
+    """``x @ W_hat^T`` for ``x (..., K)`` with a fused kernel, or None when not enabled / not applicable.
+
+    ``scale`` must be what :func:`tinyseek.quant.modules.quantize_weight` stores (fp32 for int8,
+    fp16 for int4), contiguous.
+    """
+    if not _state["enabled"] or x.device.type != "cpu" or x.dtype != torch.float32 \
+            or x.numel() > MAX_ROWS * x.shape[-1] or (x.requires_grad and torch.is_grad_enabled()):
         return None
-    mod = _module()
+    mod = _state["module"] or _module()
     if mod is None:
         return None
-    x = x_MK.contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
     if bits == 8:
-        return mod.int8_mm(x, qweight, scale.reshape(-1).float().contiguous())
-    return mod.int4_mm(x, qweight, scale.float().contiguous(), group_size if group_size > 0 else x.shape[1])
+        return mod.int8_mm(x, qweight, scale)
+    return mod.int4_mm(x, qweight, scale, group_size if group_size > 0 else x.shape[-1] + x.shape[-1] % 2)

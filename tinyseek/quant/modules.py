@@ -91,9 +91,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
             x = x / self.smooth.to(x.dtype)
-        y = kernels.quant_mm(x.reshape(-1, self.in_features), self.qweight, self.scale, self.bits, self.group_size)
+        y = kernels.quant_mm(x, self.qweight, self.scale, self.bits, self.group_size)
         if y is not None:
-            return y.view(*x.shape[:-1], self.out_features)
+            return y
         if self.bits == 8 and x.numel() // self.in_features <= self.in_features:
             return F.linear(x, self.qweight.to(x.dtype)) * self.scale.view(-1).to(x.dtype)
         return F.linear(x, dequantize_weight(self.qweight, self.scale, self.bits, self.in_features, self.group_size, x.dtype))

@@ -172,6 +172,8 @@ class ServerMetrics:
                                       ("stage",)))
         self.batch = r.add(Histogram("tinyseek_batch_size", "Requests decoded together per engine step",
                                      [1, 2, 4, 8, 16, 32, 64, 128]))
+        self.step_time = r.add(Histogram("tinyseek_decode_step_seconds", "Time of one batched decode step",
+                                         [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1]))
         self._rate = RateWindow(10.0)
         r.add(Gauge("tinyseek_tokens_per_second", "Generated tokens per second over the last 10 s", self._rate.rate))
         if engine is not None:
@@ -181,6 +183,7 @@ class ServerMetrics:
 
     def on_step(self, batch_size: int, seconds: float) -> None:
         self.batch.observe(batch_size)
+        self.step_time.observe(seconds)
         self._rate.add(batch_size)
 
     def render(self) -> str:

@@ -275,12 +275,12 @@ class HeldOut:
         try:
             if val is None:
                 raise UserError("no val split")
-            self.loader = ShardLoader(val, B, T, rank, world, device)
+            self.loader = ShardLoader(val, B, T, rank, world, device, shuffle=False)
         except UserError:  # missing or smaller than one batch: evaluate on the end of the training stream
-            self.loader = ShardLoader(train, B, T, rank, world, device)
-            need = n * world * B * T + 1
-            self.start = max(0, self.loader.n_tokens - need)
-        self.source = str(self.loader.path) + ("" if self.start == 0 else f" (last {self.loader.n_tokens - self.start} tokens)")
+            self.loader = ShardLoader(train, B, T, rank, world, device, shuffle=False)
+            self.start = max(0, self.loader.n_blocks - n * world * B)  # position in blocks of T tokens
+        self.source = str(self.loader.path) + ("" if self.start == 0 else
+                                               f" (last {(self.loader.n_blocks - self.start) * T} tokens)")
 
     @torch.no_grad()
     def loss(self, model, amp) -> float:
@@ -571,7 +571,7 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
     fsdp = bool(dist and dist.enabled and cfg.dist_mode == "fsdp")
     # after wrapping: FSDP2 has replaced the parameters by DTensor shards (foreach AdamW for those)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=False if fsdp else None)
-    loader = ShardLoader(train_path, micro, cfg.seq_len, rank, world, device)
+    loader = ShardLoader(train_path, micro, cfg.seq_len, rank, world, device, seed=cfg.seed)
     heldout = HeldOut(train_path, val_path, micro, cfg.seq_len, rank, world, device, cfg.eval_batches)
 
     step, skipped, tokens_seen = 0, 0, 0
