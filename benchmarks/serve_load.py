@@ -57,7 +57,7 @@ def free_port() -> int:
 def start_server(run_dir: Path, args, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tinyseek", "serve", "--ckpt", str(run_dir), "--port", str(port),
            "--device", args.device, "--max-batch", str(max(args.clients)), "--max-tokens", str(args.max_tokens),
-           "--max-queue", "1000", "--max-wait-ms", "2", "--log-level", "warning", "--tokenizer", "bytes"]
+           "--max-queue", "1000", "--max-wait-ms", "2", "--log-level", "warning"]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -107,8 +107,19 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def make_tokenizer(kind: str, vocab_size: int):
+    """``bpe``: a byte-level BPE of the model's vocabulary trained on the shipped Shakespeare sample
+    (a few seconds), so prompts have realistic token counts; ``bytes``: one token per byte."""
+    from tinyseek.tokenizer import byte_tokenizer, train_tokenizer
+
+    if kind == "bytes":
+        return byte_tokenizer()
+    files = sorted((REPO / "tinyseek" / "data" / "samples" / "shakespeare").rglob("*.txt"))
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    return train_tokenizer(texts, vocab_size)
+
+
 def run_load(args, model) -> list[dict]:
-    from tinyseek.tokenizer import byte_tokenizer
     from tinyseek.train.checkpoint import save_checkpoint
     import httpx
 
@@ -116,7 +127,11 @@ def run_load(args, model) -> list[dict]:
         run_dir = Path(tmp)
         save_checkpoint(run_dir / "ckpt", 0, model.float().cpu(), None, {})
         model.to(args.device, dtype=args.torch_dtype)
-        byte_tokenizer().save(run_dir / "tokenizer")
+        tok = make_tokenizer(args.tokenizer, model.cfg.vocab_size)
+        tok.save(run_dir / "tokenizer")
+        prompt = "client 0 request 0: tell me a story about the number 17"
+        print(f"  tokenizer {args.tokenizer} (vocab {tok.vocab_size}): a prompt is ~{len(tok.encode(prompt))} tokens",
+              flush=True)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(run_dir, args, port)
@@ -144,10 +159,14 @@ def run_load(args, model) -> list[dict]:
                 res["mean_batch"] = (m1["tinyseek_batch_size_sum"] - m0["tinyseek_batch_size_sum"]) / max(steps, 1)
                 res["mean_step_ms"] = 1000 * (m1["tinyseek_decode_step_seconds_sum"]
                                               - m0["tinyseek_decode_step_seconds_sum"]) / max(steps, 1)
+                res["prefills"] = m1["tinyseek_prefills_total"] - m0["tinyseek_prefills_total"]
+                res["prefill_s"] = m1["tinyseek_prefill_seconds_total"] - m0["tinyseek_prefill_seconds_total"]
+                res["decode_s"] = m1["tinyseek_decode_step_seconds_sum"] - m0["tinyseek_decode_step_seconds_sum"]
                 results.append(res)
                 print(f"  {n:3d} clients: {res['requests']:4d} requests, {res['errors']} errors, "
                       f"{res['tokens_per_s']:9.1f} tok/s, p50 {res['p50_s']:.3f} s, p99 {res['p99_s']:.3f} s "
-                      f"(server: mean batch {res['mean_batch']:.1f}, decode step {res['mean_step_ms']:.1f} ms)",
+                      f"(server: mean batch {res['mean_batch']:.1f}, decode step {res['mean_step_ms']:.1f} ms, "
+                      f"{res['prefills']:.0f} prefills {res['prefill_s']:.2f} s, decode {res['decode_s']:.2f} s)",
                       flush=True)
         finally:
             proc.terminate()
@@ -239,6 +258,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tokenizer", choices=["bpe", "bytes"], default="bpe")
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--out", default="", help="write the results as JSON here")

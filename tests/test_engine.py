@@ -311,3 +311,30 @@ def test_sampling_distribution_matches_filtered_softmax(top_k, top_p):
     expect = torch.where(keep, p, 0.0)
     expect = expect / expect.sum()
     assert torch.allclose(freq, expect, atol=2.0 / n)
+
+
+def test_leaving_a_stream_early_cancels_the_request(model, tok):
+    """A client that goes away (the server stops iterating) frees its slot at the next step."""
+    eng = Engine(model, tok, max_batch=2).start()
+
+    async def take_two():
+        agen = eng.astream(tok.encode("hi"), SamplingParams(max_tokens=500, ignore_eos=True))
+        got = [await agen.__anext__(), await agen.__anext__()]
+        await agen.aclose()
+        return got
+    try:
+        got = asyncio.run(take_two())
+        assert len(got) == 2 and not got[-1].finished
+        for _ in range(1000):
+            if eng.num_active() == 0:
+                break
+            time.sleep(0.01)
+        assert eng.num_active() == 0 and eng.stats["finished"] == 1
+    finally:
+        eng.stop()
+    # and the synchronous stream() does the same
+    sync = Engine(model, tok, max_batch=2)
+    it = sync.stream(tok.encode("hi"), SamplingParams(max_tokens=500, ignore_eos=True))
+    next(it)
+    it.close()
+    assert sync.num_active() == 0 and sync.stats["finished"] == 1

@@ -359,3 +359,22 @@ def test_terminal_chat(run_dir, model, tok):
     lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("bot> ")]
     assert lines == ["bot> " + ref.text] * 2  # after /reset the same greedy answer again
     assert "(conversation cleared)" in out.getvalue() and "tok/s" in out.getvalue()
+
+
+def test_serves_quantized_checkpoint(run_dir, model, tok, tmp_path):
+    """An int8 checkpoint (tinyseek.quant) loads through the same path and serves answers."""
+    import copy
+
+    from tinyseek.quant.quantize import QuantSpec, quant_config, quantize_model, save_quantized
+    from tinyseek.serve.server import build
+
+    q = copy.deepcopy(model)
+    spec = QuantSpec(method="int8")
+    rep = quantize_model(q, spec)
+    save_quantized(q, tmp_path / "q", quant_config(q, spec, rep["modules"]))
+    app, eng = build(Config(ckpt=str(tmp_path / "q"), tokenizer=str(run_dir / "tokenizer"), device="cpu"))
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    ref = Engine(q, tok, max_batch=1).generate([tok.encode("hello")], SamplingParams(max_tokens=6))[0]
+    assert r.json()["choices"][0]["text"] == ref.text

@@ -12,6 +12,7 @@ What it needs from the model (Opacus 1.6, checked on this code base):
 - Batches come from Opacus' Poisson-sampling data loader (variable batch size), which the
   epsilon accounting (RDP accountant) assumes. Loss reduction is "mean".
 
+Opacus' secure RNG (``secure_mode``) is off: fine for experiments, not for a production guarantee.
 ``epsilon(delta)`` is reported in the SFT metrics and result. Starting from a checkpoint loaded
 with ``--init`` works as long as that model is dense.
 """
@@ -53,9 +54,9 @@ def make_private(model, optimizer, cfg, n_examples: int):
         raise UserError(f"Opacus cannot handle this model: {errors[0]}")
     ds = torch.utils.data.TensorDataset(torch.arange(n_examples))
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True)
-    engine = PrivacyEngine(accountant="rdp")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # "secure RNG turned off": fine for experiments, noted in the docstring
+        engine = PrivacyEngine(accountant="rdp")
         model, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=cfg.dp_noise_multiplier, max_grad_norm=cfg.dp_max_grad_norm,

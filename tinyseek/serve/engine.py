@@ -16,9 +16,14 @@ positions, allocated once. Each request lives in one slot. A scheduler step:
 
 Requests can join and leave between any two decode steps (continuous batching). ``generate()`` is
 the batch API used by GRPO rollouts and eval (it runs the steps in the caller's thread, or hands
-the requests to the background thread when the server started it); ``submit()`` / ``astream()``
-are what the server uses, with a background thread (``start()``) that waits up to ``max_wait``
-seconds to gather a batch before starting an idle engine.
+the requests to the background thread when one runs); ``stream()`` is its one-prompt streaming
+form (terminal chat). The server uses ``start()`` (a background scheduler thread that waits up to
+``max_wait`` seconds to gather a batch before starting an idle engine), ``astream()`` (async
+iterator of token/text events) and ``acomplete()`` (await the final completion only).
+
+Not done (on purpose, for size): no prefix caching, no chunked prefill fused with decode steps (a
+prefill is its own forward between two decode steps), no paged KV memory (a slot owns ``max_len``
+positions), no CUDA graphs.
 
 Exactness: a request's tokens depend only on its own prompt, parameters and seed: sampling is per
 row with a per-request generator, positions are per row and padding is masked. Bitwise equality of
@@ -162,7 +167,8 @@ class Engine:
         self._stopping = False
         self._seed_rng = random.Random()
         # counters read by the server's /metrics
-        self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "finished": 0, "batch_rows": 0}
+        self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "prefills": 0, "finished": 0}
+        self.prefill_seconds = 0.0
         self.step_listeners: list[Callable[[int, float], None]] = []  # (batch size, seconds) per decode
 
     # --- submission --------------------------------------------------------------------------
@@ -363,6 +369,7 @@ class Engine:
             self._prefill_chunk(chunk)
 
     def _prefill_chunk(self, reqs: list[Request]) -> None:
+        t0 = time.perf_counter()
         dev = self.device
         k, T = len(reqs), max(len(r.prompt) for r in reqs)
         ids = torch.zeros(k, T, dtype=torch.long)
@@ -382,6 +389,8 @@ class Engine:
                     buf[rows, :, :T] = src
         self.cache.lengths[rows] = lens
         self.stats["prefill_tokens"] += int(sum(len(r.prompt) for r in reqs))
+        self.stats["prefills"] += 1
+        self.prefill_seconds += time.perf_counter() - t0
         self._sample_and_advance(reqs, last)
 
     def _decode(self) -> None:
@@ -399,7 +408,6 @@ class Engine:
         self._sample_and_advance(reqs, logits[torch.tensor(busy, device=self.device)] if len(busy) < n else logits)
         self.stats["steps"] += 1
         self.stats["decode_tokens"] += len(busy)
-        self.stats["batch_rows"] += len(busy)
         dt = time.perf_counter() - t0
         for cb in self.step_listeners:
             cb(len(busy), dt)
