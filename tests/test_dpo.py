@@ -64,7 +64,7 @@ def test_dpo_raises_chosen_over_rejected(teacher, tmp_path):
 
 
 def test_dpo_builds_pairs_from_graded_samples(teacher, tmp_path):
-    res = dpo.main(dpo.Config(init=teacher, n_problems=N, seed=SEED, k=8, temperature=3.0, out_dir=str(tmp_path),
+    res = dpo.main(dpo.Config(init=teacher, n_problems=N, seed=SEED, k=8, temperature=1.0, out_dir=str(tmp_path),
                               name="d2", epochs=1))
     pairs = [json.loads(l) for l in (tmp_path / "d2" / "pairs.jsonl").read_text().splitlines()]
     assert res["n_pairs"] == len(pairs) > 0
