@@ -120,3 +120,32 @@ def test_one_grpo_step_raises_logprob_of_better_sample(variant):
     assert after[0] > before[0]          # highest reward: more likely
     assert after[1] < before[1]          # lowest reward: less likely
     assert st["kl"] >= 0 and "clip_frac" in st and math.isfinite(st["loss"])
+
+
+def test_grpo_main_smoke_writes_metrics_plot_and_checkpoint(tmp_path):
+    from tinyseek.common import read_metrics
+    from tinyseek.post import grpo
+    from tinyseek.train.checkpoint import load_model
+    cfg = grpo.Config(out_dir=str(tmp_path), name="g", steps=2, prompts_per_step=2, group_size=4, max_new_tokens=8,
+                      eval_every=1, eval_problems=4, variant="dapo", curriculum="linear", max_difficulty=2,
+                      rewards={"accuracy": 1.0, "format": 0.2, "multi": 0.5})
+    res = grpo.main(cfg)
+    rows = read_metrics(tmp_path / "g" / "metrics.jsonl")
+    train = [r for r in rows if "reward_mean" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    for key in ("reward_mean", "accuracy", "format_rate", "response_length", "t_generate", "t_score", "t_train",
+                "groups_kept", "difficulty"):
+        assert key in train[0]
+    assert [r["difficulty"] for r in train] == [1.0, 2.0]      # linear curriculum 1 -> 2
+    assert [r["step"] for r in rows if "eval_pass1" in r] == [0, 1, 2]
+    assert (tmp_path / "g" / "plots" / "grpo.png").stat().st_size > 1000
+    load_model(res["checkpoint"])
+
+
+def test_grpo_config_errors():
+    from tinyseek.errors import UserError
+    from tinyseek.post import grpo
+    for bad in ({"variant": "ppo"}, {"group_size": 1}, {"rewards": {"style": 1.0}}, {"curriculum": "zigzag"},
+                {"multi_weights": {"beauty": 1.0}}, {"temperature": 0.0}):
+        with pytest.raises(UserError):
+            grpo.Config(**bad).validate()

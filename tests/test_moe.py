@@ -268,3 +268,12 @@ def test_bad_moe_config_raises_config_error(kw, fragment):
         Transformer(cfg)
     msg = str(ei.value)
     assert fragment in msg and "\n" not in msg
+
+
+def test_auto_uses_grouped_kernel_on_cpu_when_available():
+    m = make_moe(moe_cfg(moe_impl="auto"))
+    x = torch.randn(4, m.cfg.d_model)
+    expected = "grouped" if moe_mod._grouped_mm_ok(torch.device("cpu"), torch.float32) else "sorted"
+    assert m._pick_impl(x) == expected
+    if hasattr(torch, "_grouped_mm") and torch.__version__ >= (2, 13):
+        assert expected == "grouped"  # torch 2.13 CPU runs _grouped_mm in fp32 with autograd

@@ -16,8 +16,9 @@ What this simplifies, honestly:
   (simpler; the same numbers up to float noise).
 - Rewards are rule-based only (no learned reward model); no value function (that is GRPO's point).
 - No sequence packing; padding tokens are computed and masked. Single process (no DDP here).
-- MoE: the router balance loss is added to the policy loss and aux-loss-free biases are updated
-  from the expert counts of each update, as in pretraining.
+- MoE: the router balance loss is added to the policy loss; the aux-loss-free router biases are
+  frozen during RL by default (``--update-router-bias true`` updates them as in pretraining): bias
+  steps change routing whatever the reward says, which showed up as KL drift in our small runs.
 
 Writes ``runs/<name>/{config.json, metrics.jsonl, tokenizer/, ckpt/, plots/, result.json}``.
 """
@@ -76,6 +77,8 @@ class Config:
     out_dir: str = "runs"          # parent of the run dir
     name: str = "grpo"             # run dir name
     plots: bool = True             # write plots/grpo.png at the end
+    update_router_bias: bool = False  # MoE aux-loss-free bias updates during RL (off: they move routing
+                                      # regardless of reward and showed up as KL drift in our runs)
 
     def validate(self) -> "Config":
         if self.variant not in VARIANTS:
@@ -122,7 +125,7 @@ def preset(name: str) -> Config:
 
 def step_problems(cfg: Config, step: int, rng: random.Random) -> list:
     """This step's problems: disjoint training seeds, difficulty from the curriculum."""
-    levels = levels_for_step(cfg.curriculum, step, cfg.steps, cfg.difficulty, cfg.max_difficulty,
+    levels = levels_for_step(cfg.curriculum, step - 1, cfg.steps, cfg.difficulty, cfg.max_difficulty,
                              cfg.prompts_per_step, rng)
     out = []
     for lvl in sorted(set(levels)):
@@ -133,7 +136,7 @@ def step_problems(cfg: Config, step: int, rng: random.Random) -> list:
 
 def grpo_update(model, ref_model, opt, prompts: list[list[int]], responses: list[list[int]],
                 adv_B: torch.Tensor, *, pad_id: int, variant: str, mu: int, beta: float, eps_low: float,
-                eps_high: float, max_tokens: int, grad_clip: float) -> dict:
+                eps_high: float, max_tokens: int, grad_clip: float, update_router_bias: bool = False) -> dict:
     """``mu`` optimizer steps of the GRPO loss on one rollout batch; returns averaged stats.
 
     ``responses`` include the eos token when the sample finished, so stopping is learned too.
@@ -155,7 +158,7 @@ def grpo_update(model, ref_model, opt, prompts: list[list[int]], responses: list
         total = loss + out.aux_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
-        if out.expert_counts is not None:
+        if update_router_bias and out.expert_counts is not None:
             model.update_expert_bias(out.expert_counts.detach())
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else torch.tensor(0.0)
         opt.step()
@@ -222,7 +225,7 @@ def main(cfg: Config) -> dict:
             st = grpo_update(model, ref, opt, [group_prompts[i] for i in idx], resp, adv_NG.view(-1)[idx],
                              pad_id=tok.pad_id, variant=cfg.variant, mu=cfg.mu, beta=cfg.beta,
                              eps_low=cfg.eps_low, eps_high=cfg.eps_high, max_tokens=cfg.max_new_tokens + 1,
-                             grad_clip=cfg.grad_clip)
+                             grad_clip=cfg.grad_clip, update_router_bias=cfg.update_router_bias)
         t3 = time.time()
         # ---- metrics -----------------------------------------------------------------------------
         fmt = [format_score(t) for t in texts]
