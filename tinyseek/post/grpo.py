@@ -13,11 +13,14 @@ What this simplifies, honestly:
   clipping matters only for ``mu > 1``.
 - The reference model is the starting checkpoint, never refreshed (R1 refreshes it periodically).
 - Old/reference log-probs are recomputed with a full forward pass rather than kept from sampling
-  (simpler; the same numbers up to float noise).
+  (simpler; the same numbers up to float noise). They are untempered: with ``temperature != 1``
+  the samples come from the tempered policy and the loss treats them as if from the plain one.
+- A linear lr warmup (``warmup_steps``): Adam's first steps are sign-like and, with the small,
+  noisy policy gradient, moved our tiny models far from the SFT policy without it.
 - Rewards are rule-based only (no learned reward model); no value function (that is GRPO's point).
 - No sequence packing; padding tokens are computed and masked. Single process (no DDP here).
-- MoE: the router balance loss is added to the policy loss; the aux-loss-free router biases are
-  frozen during RL by default (``--update-router-bias true`` updates them as in pretraining): bias
+- MoE: routing is left as SFT left it by default: no balance loss (``--aux-weight``) and frozen
+  aux-loss-free router biases (``--update-router-bias true`` updates them as in pretraining): bias
   steps change routing whatever the reward says, which showed up as KL drift in our small runs.
 
 Writes ``runs/<name>/{config.json, metrics.jsonl, tokenizer/, ckpt/, plots/, result.json}``.
@@ -63,7 +66,8 @@ class Config:
     beta: float = 0.04             # KL(policy || reference) coefficient (k3 estimator); 0 = no reference
     eps_low: float = 0.2           # ratio clip below 1 - eps_low
     eps_high: float = 0.28         # ratio clip above 1 + eps_high (dapo clip-higher; others use eps_low)
-    lr: float = 1e-4               # AdamW learning rate (constant)
+    lr: float = 1e-4               # AdamW learning rate (constant after warmup)
+    warmup_steps: int = 10         # linear learning-rate warmup (Adam's first steps are sign-like: keep them small)
     weight_decay: float = 0.0      # AdamW weight decay
     grad_clip: float = 1.0         # global grad-norm clip (0 = off)
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})  # reward name -> weight
@@ -71,12 +75,15 @@ class Config:
     length_budget: int = 200       # characters before the length / efficiency penalties start
     eval_every: int = 10           # steps between held-out greedy pass@1 evals (0 = only start and end)
     eval_problems: int = 64        # held-out problems per eval
+    eval_seed: int = 0             # held-out set (tasks' eval split, seeds EVAL_SEED_BASE + eval_seed)
     save_every: int = 0            # steps between checkpoints (0 = only at the end)
     seed: int = 0                  # rollout / problem seed
     device: str = "auto"           # auto / cpu / cuda
     out_dir: str = "runs"          # parent of the run dir
     name: str = "grpo"             # run dir name
     plots: bool = True             # write plots/grpo.png at the end
+    aux_weight: float = 0.0        # multiplier of the MoE balance loss during RL (0: routing stays as trained;
+                                   # Adam rescales its gradient to full steps when the policy gradient is small)
     update_router_bias: bool = False  # MoE aux-loss-free bias updates during RL (off: they move routing
                                       # regardless of reward and showed up as KL drift in our runs)
 
@@ -136,7 +143,8 @@ def step_problems(cfg: Config, step: int, rng: random.Random) -> list:
 
 def grpo_update(model, ref_model, opt, prompts: list[list[int]], responses: list[list[int]],
                 adv_B: torch.Tensor, *, pad_id: int, variant: str, mu: int, beta: float, eps_low: float,
-                eps_high: float, max_tokens: int, grad_clip: float, update_router_bias: bool = False) -> dict:
+                eps_high: float, max_tokens: int, grad_clip: float, update_router_bias: bool = False,
+                aux_weight: float = 0.0) -> dict:
     """``mu`` optimizer steps of the GRPO loss on one rollout batch; returns averaged stats.
 
     ``responses`` include the eos token when the sample finished, so stopping is learned too.
@@ -155,7 +163,7 @@ def grpo_update(model, ref_model, opt, prompts: list[list[int]], responses: list
         lp, out = token_logprobs(model, ids, with_aux=True)
         loss, st = policy_loss(variant, lp, old_lp, adv_B, mask, ref_logp_BT=ref_lp, beta=beta,
                                eps_low=eps_low, eps_high=eps_high, max_tokens=max_tokens)
-        total = loss + out.aux_loss
+        total = loss + aux_weight * out.aux_loss if aux_weight > 0 else loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         if update_router_bias and out.expert_counts is not None:
@@ -188,7 +196,7 @@ def main(cfg: Config) -> dict:
     V = VARIANTS[cfg.variant]
     ctx = RewardContext(length_budget=cfg.length_budget, multi_weights=dict(cfg.multi_weights))
     log = MetricsLogger(run_dir / "metrics.jsonl")
-    heldout = heldout_problems(cfg.tasks, cfg.eval_problems, cfg.seed, cfg.max_difficulty or None)
+    heldout = heldout_problems(cfg.tasks, cfg.eval_problems, cfg.eval_seed, cfg.max_difficulty or None)
     rng = random.Random(cfg.seed)
     G = cfg.group_size
 
@@ -205,6 +213,8 @@ def main(cfg: Config) -> dict:
     for step in range(1, cfg.steps + 1):
         # ---- one GRPO step -------------------------------------------------------------------
         t0 = time.time()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
         probs = step_problems(cfg, step, rng)
         prompts = [C.prompt_ids(tok, p.prompt) for p in probs]
         group_prompts = [p for p in prompts for _ in range(G)]
@@ -225,7 +235,8 @@ def main(cfg: Config) -> dict:
             st = grpo_update(model, ref, opt, [group_prompts[i] for i in idx], resp, adv_NG.view(-1)[idx],
                              pad_id=tok.pad_id, variant=cfg.variant, mu=cfg.mu, beta=cfg.beta,
                              eps_low=cfg.eps_low, eps_high=cfg.eps_high, max_tokens=cfg.max_new_tokens + 1,
-                             grad_clip=cfg.grad_clip, update_router_bias=cfg.update_router_bias)
+                             grad_clip=cfg.grad_clip, update_router_bias=cfg.update_router_bias,
+                             aux_weight=cfg.aux_weight)
         t3 = time.time()
         # ---- metrics -----------------------------------------------------------------------------
         fmt = [format_score(t) for t in texts]

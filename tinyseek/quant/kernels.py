@@ -5,7 +5,7 @@ weight to float on every call before the GEMM; at decode (one row per sequence) 
 costs more than the matmul itself. These kernels read the integer codes directly, convert in
 registers and accumulate in fp32 (``y[m, n] = sum_g s[n, g] * sum_{k in g} x[m, k] * q[n, k]``),
 parallel over output rows; they are compiled once with ``torch.utils.cpp_extension.load_inline``
-(``-O3 -march=native``, cached in the torch extensions dir).
+(``-O3 -march=native -ffast-math``: the sums may be reassociated; cached in the torch extensions dir).
 
 Off by default (the first build takes a minute): :func:`enable` or ``TINYSEEK_QUANT_KERNELS=1``.
 When disabled, unavailable (no compiler) or not applicable (CUDA tensors, non-fp32 input, more
@@ -25,6 +25,12 @@ _SRC = r"""
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <vector>
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float half_to_float(const at::Half* h) { return _cvtsh_ss(*reinterpret_cast<const uint16_t*>(h)); }
+#else
+static inline float half_to_float(const at::Half* h) { return (float)*h; }
+#endif
 
 // output of x (..., K) times an (N, K) weight: (..., N)
 static torch::Tensor out_like(const torch::Tensor& x, int64_t N) {
@@ -56,10 +62,10 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s) {
   return y;
 }
 
-// x (..., K) fp32 contiguous, p (N, ceil(K/2)) uint8 nibbles (code + 8, low nibble = even column),
-// s (N, G) fp16 scales, group size gs (even) -> (M, N). Each weight row is dequantised into a
-// thread-local float buffer (contiguous, vectorisable), then dotted with every row of x: one
-// long reduction per output instead of one short one per group.
+// x (..., K) fp32 contiguous, p (N, H = ceil(K/2)) uint8 nibbles (code + 8, low nibble = even
+// column), s (N, G) fp16 scales, group size gs (even) -> (..., N). x is split once per call into
+// its even and odd columns, so byte j of a row meets x_even[j] (low nibble) and x_odd[j] (high
+// nibble): one contiguous, vectorisable loop per output, the group scale gathered per byte.
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor p, torch::Tensor s, int64_t gs) {
   const int64_t K = x.size(-1), M = x.numel() / K, N = p.size(0), H = p.size(1), G = s.size(1);
   auto y = out_like(x, N);
@@ -67,27 +73,30 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor p, torch::Tensor s, int64_t
   const uint8_t* pp = p.data_ptr<uint8_t>();
   const at::Half* sp = s.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
+  std::vector<float> xe(M * H, 0.f), xo(M * H, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) (k % 2 ? xo : xe)[m * H + k / 2] = xp[m * K + k];
+  const int64_t hg = gs / 2;  // bytes per group
+  int shift = -1;
+  if (hg > 0 && (hg & (hg - 1)) == 0) { shift = 0; while ((int64_t(1) << shift) < hg) ++shift; }
+  std::vector<int32_t> gidx(H);
+  for (int64_t j = 0; j < H; ++j) gidx[j] = (int32_t)std::min<int64_t>(G - 1, shift >= 0 ? (j >> shift) : j / hg);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    std::vector<float> w(2 * H + gs);
-    float* wp = w.data();
+    std::vector<float> sf(G);
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* row = pp + n * H;
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t k0 = g * gs, nb = (std::min(K, k0 + gs) - k0 + 1) / 2;
-        const uint8_t* b = row + k0 / 2;
-        const float sc = (float)sp[n * G + g];
-        float* wg = wp + k0;
-        #pragma omp simd
-        for (int64_t j = 0; j < nb; ++j) {
-          wg[2 * j] = (float)((int)(b[j] & 0x0F) - 8) * sc;
-          wg[2 * j + 1] = (float)((int)(b[j] >> 4) - 8) * sc;
-        }
-      }
+      for (int64_t g = 0; g < G; ++g) sf[g] = half_to_float(sp + n * G + g);
+      const float* sfp = sf.data();
+      const int32_t* gi = gidx.data();
       for (int64_t m = 0; m < M; ++m) {
-        const float* xr = xp + m * K;
+        const float* e = xe.data() + m * H;
+        const float* o = xo.data() + m * H;
         float acc = 0.f;
         #pragma omp simd reduction(+:acc)
-        for (int64_t k = 0; k < K; ++k) acc += xr[k] * wp[k];
+        for (int64_t j = 0; j < H; ++j) {
+          const int b = row[j];
+          acc += (e[j] * (float)((b & 0x0F) - 8) + o[j] * (float)((b >> 4) - 8)) * sfp[gi[j]];
+        }
         yp[m * N + n] = acc;
       }
     }
@@ -116,7 +125,7 @@ def _module():
 
                 _state["module"] = load_inline(
                     name="tinyseek_quant_kernels", cpp_sources=[_SRC], functions=["int8_mm", "int4_mm"],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                    extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as e:  # no compiler / headers: the PyTorch-op path is used
                 _state["failed"] = True
                 print(f"tinyseek.quant.kernels: build failed, using the PyTorch path ({type(e).__name__})")
