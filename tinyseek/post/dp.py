@@ -61,4 +61,6 @@ def make_private(model, optimizer, cfg, n_examples: int):
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=cfg.dp_noise_multiplier, max_grad_norm=cfg.dp_max_grad_norm,
             loss_reduction="mean", poisson_sampling=True)
+    # Opacus' hooks on the first layer (the embedding: integer inputs) make torch warn at every backward
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     return model, optimizer, DPEngine(engine, loader)

@@ -6,6 +6,21 @@ from pathlib import Path
 from tinyseek.common import read_metrics
 
 
+def moving_average(xs: list[float], w: int) -> list[float]:
+    """Trailing mean over up to ``w`` points.
+
+    >>> moving_average([1, 2, 3, 4], 2)
+    [1.0, 1.5, 2.5, 3.5]
+    """
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x
+        if i >= w:
+            acc -= xs[i - w]
+        out.append(acc / min(i + 1, w))
+    return out
+
+
 def plot_grpo(metrics_path: str | Path, out_png: str | Path) -> Path:
     """Reward, accuracy, response length per step and held-out pass@1 from a GRPO metrics.jsonl."""
     import matplotlib
@@ -19,7 +34,11 @@ def plot_grpo(metrics_path: str | Path, out_png: str | Path) -> Path:
     panels = [("reward_mean", "mean reward"), ("accuracy", "training accuracy"),
               ("response_length", "response length (tokens)")]
     for ax, (key, title) in zip(axes, panels):
-        ax.plot([r["step"] for r in train], [r[key] for r in train], lw=1)
+        xs, ys = [r["step"] for r in train], [r[key] for r in train]
+        ax.plot(xs, ys, lw=0.8, alpha=0.4)
+        w = max(1, len(ys) // 15)
+        ax.plot(xs, moving_average(ys, w), lw=2, label=f"{w}-step mean")
+        ax.legend(loc="lower right", fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("step")
     axes[3].plot([r["step"] for r in ev], [r["eval_pass1"] for r in ev], marker="o")

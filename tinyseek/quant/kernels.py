@@ -7,6 +7,11 @@ registers and accumulate in fp32 (``y[m, n] = sum_g s[n, g] * sum_{k in g} x[m, 
 parallel over output rows; they are compiled once with ``torch.utils.cpp_extension.load_inline``
 (``-O3 -march=native -ffast-math``: the sums may be reassociated; cached in the torch extensions dir).
 
+Measured here (1 thread, one 8192x4096 matrix times one row, median): fp32 ``F.linear`` 6.0 ms;
+fused int8 1.2 ms; fused int4 (group 32 or 128) 5.3-5.5 ms; the PyTorch-op path 81 ms (int8) and
+184 ms (int4), since it materialises the float weight. At the cpu-tiny sizes (384x128) the call
+overheads dominate: fp32 4 us, fused int8 7 us, fused int4 13 us.
+
 Off by default (the first build takes a minute): :func:`enable` or ``TINYSEEK_QUANT_KERNELS=1``.
 When disabled, unavailable (no compiler) or not applicable (CUDA tensors, non-fp32 input, more
 than ``MAX_ROWS`` rows) the PyTorch-op path runs; results agree to float rounding (tested).
