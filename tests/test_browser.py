@@ -54,7 +54,7 @@ def _ensure_playwright() -> str | None:
         return f"pip install playwright failed: {r.stderr[-300:]}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     why = _ensure_chromium() or _ensure_playwright()
     if why:

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 def _model(seed=0, perturb_bias=True, **over):
     cfg = model_micro()
+    cfg.score_func = "softmax"  # the cases below name sigmoid explicitly where they want it
     for k, v in over.items():
         setattr(cfg, k, v)
     torch.manual_seed(seed)

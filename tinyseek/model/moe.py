@@ -174,15 +174,22 @@ def _grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
     if key not in _GROUPED_OK:
         ok = hasattr(torch, "_grouped_mm")
         if ok:
-            try:
-                a = torch.randn(32, 16, device=device, dtype=dtype, requires_grad=True)
-                b = torch.randn(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
-                y = torch._grouped_mm(a, b, offs=torch.tensor([16, 32], device=device, dtype=torch.int32))
-                y.backward(torch.ones_like(y))
+            try:  # probe fwd+bwd with grad on, whatever mode the first caller is in (no_grad, inference)
+                with torch.inference_mode(False), torch.enable_grad(), \
+                        torch.autocast(device.type, enabled=False):
+                    _probe_grouped_mm(device, dtype)
             except Exception:
                 ok = False
         _GROUPED_OK[key] = ok
     return _GROUPED_OK[key]
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> None:
+    # deterministic inputs: the probe must not consume the global RNG (exact resume relies on it)
+    a = torch.linspace(-1, 1, 32 * 16, device=device, dtype=dtype).view(32, 16).requires_grad_()
+    b = torch.linspace(-1, 1, 2 * 16 * 16, device=device, dtype=dtype).view(2, 16, 16).requires_grad_()
+    y = torch._grouped_mm(a, b, offs=torch.tensor([16, 32], device=device, dtype=torch.int32))
+    y.backward(torch.ones_like(y))
 
 
 class MoE(nn.Module):
