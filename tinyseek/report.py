@@ -103,7 +103,7 @@ def summary_rows(run: Path) -> list[tuple[str, str]]:
     rows = []
     for s in STAGE_ORDER:
         if not is_done(run, s):
-            rows.append((s, "not run"))
+            rows.append((s, "this report" if s == "report" else "not run"))
             continue
         r = stage_result(run, s)
         rows.append((s, _one_line(s, r)))
