@@ -146,6 +146,6 @@ def test_grpo_config_errors():
     from tinyseek.errors import UserError
     from tinyseek.post import grpo
     for bad in ({"variant": "ppo"}, {"group_size": 1}, {"rewards": {"style": 1.0}}, {"curriculum": "zigzag"},
-                {"multi_weights": {"beauty": 1.0}}, {"temperature": 0.0}):
+                {"multi_weights": {"beauty": 1.0}}, {"temperature": 0.0}, {"ema": 1.0}):
         with pytest.raises(UserError):
             grpo.Config(**bad).validate()
