@@ -93,6 +93,13 @@ def preset(name: str) -> Config:
     p = _STAGE_PRESETS[name]
     cfg = Config(preset=name, data=data_stage.preset(p["data"]), pretrain=pretrain_stage.preset(p["pretrain"]),
                  sft=sft.preset(p["sft"]), grpo=grpo.preset(p["grpo"]))
+    if name == "cpu-tiny":  # the post-training recipe measured in tests/test_post_e2e.py, on the pretrained model
+        tasks = "arithmetic,chain_sum"
+        cfg.sft.tasks, cfg.sft.difficulty, cfg.sft.n_examples, cfg.sft.epochs = tasks, 1, 2000, 5
+        cfg.sft.batch_size, cfg.sft.lr = 32, 3e-3
+        g = cfg.grpo
+        g.tasks, g.difficulty, g.max_difficulty, g.steps, g.prompts_per_step = tasks, 1, 1, 150, 32
+        g.group_size, g.max_new_tokens, g.lr, g.mu, g.ema = 8, 24, 2e-4, 1, 0.95
     if name == "micro":  # CI's end-to-end run: seconds per stage; enough SFT to learn the format
         cfg.eval_problems = 24
         cfg.sft.epochs, cfg.sft.lr = 10, 3e-3

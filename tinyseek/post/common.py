@@ -139,3 +139,21 @@ def worked_response(problem) -> str:
 
 def decode(tok, ids: list[int]) -> str:
     return tok.decode(ids, skip_special=False)
+
+
+def start_policy_run(cfg: Any, stage: str):
+    """The shared start of the sft / grpo / dpo stages: seed every RNG, pick the device, load the
+    tokenizer and the policy from ``cfg.init`` (fresh ``cfg.model`` when empty), create the run dir
+    with ``config.json`` and a copy of the tokenizer. Returns ``(device, run_dir, tok, model)``."""
+    from tinyseek.common import atomic_write_json, get_device, seed_everything
+    from tinyseek.config import to_dict
+
+    seed_everything(cfg.seed)
+    device = get_device(cfg.device)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    tok = load_tokenizer_for(cfg.init, cfg.tokenizer)
+    model, _ = load_policy(cfg.init, cfg.model, tok.vocab_size, device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", {"stage": stage, **to_dict(cfg)})
+    save_tokenizer(tok, run_dir)
+    return device, run_dir, tok, model

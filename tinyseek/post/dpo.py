@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tinyseek.common import MetricsLogger, atomic_write_json, get_device, print0, seed_everything
-from tinyseek.config import ConfigError, ModelConfig, model_micro, to_dict
+from tinyseek.common import MetricsLogger, atomic_write_json, print0
+from tinyseek.config import ConfigError, ModelConfig, model_micro
 from tinyseek.errors import UserError
 from tinyseek.post import common as C
 from tinyseek.post.losses import dpo_loss
@@ -119,14 +119,7 @@ def pair_logps(model, tok, batch: list[dict], device) -> tuple[torch.Tensor, tor
 
 def main(cfg: Config) -> dict:
     cfg.validate()
-    seed_everything(cfg.seed)
-    device = get_device(cfg.device)
-    run_dir = Path(cfg.out_dir) / cfg.name
-    tok = C.load_tokenizer_for(cfg.init, cfg.tokenizer)
-    model, _ = C.load_policy(cfg.init, cfg.model, tok.vocab_size, device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", {"stage": "dpo", **to_dict(cfg)})
-    C.save_tokenizer(tok, run_dir)
+    device, run_dir, tok, model = C.start_policy_run(cfg, "dpo")
     pairs = load_pairs(cfg.pairs) if cfg.pairs else build_pairs(model, tok, cfg)
     if not cfg.pairs:
         from tinyseek.post.rejection import write_jsonl

@@ -34,12 +34,11 @@ import copy
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from tinyseek.common import MetricsLogger, atomic_write_json, get_device, print0, seed_everything
-from tinyseek.config import ConfigError, ModelConfig, model_micro, model_preset, to_dict
+from tinyseek.common import MetricsLogger, atomic_write_json, print0
+from tinyseek.config import ConfigError, ModelConfig, model_micro, model_preset
 from tinyseek.post import common as C
 from tinyseek.post.curriculum import SCHEDULES, levels_for_step
 from tinyseek.post.losses import ADVANTAGES, VARIANTS, dynamic_sampling_keep, policy_loss
@@ -186,14 +185,7 @@ def grpo_update(model, ref_model, opt, prompts: list[list[int]], responses: list
 def main(cfg: Config) -> dict:
     cfg.validate()
     from tinyseek.eval import evaluate, heldout_problems
-    seed_everything(cfg.seed)
-    device = get_device(cfg.device)
-    run_dir = Path(cfg.out_dir) / cfg.name
-    tok = C.load_tokenizer_for(cfg.init, cfg.tokenizer)
-    model, _ = C.load_policy(cfg.init, cfg.model, tok.vocab_size, device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", {"stage": "grpo", **to_dict(cfg)})
-    C.save_tokenizer(tok, run_dir)
+    device, run_dir, tok, model = C.start_policy_run(cfg, "grpo")
     ref = None
     if cfg.beta > 0:
         ref = copy.deepcopy(model).eval()

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from tinyseek.common import MetricsLogger, atomic_write_json, get_device, print0, seed_everything
-from tinyseek.config import ConfigError, ModelConfig, model_micro, model_preset, to_dict
+from tinyseek.common import MetricsLogger, atomic_write_json, print0
+from tinyseek.config import ConfigError, ModelConfig, model_micro, model_preset
 from tinyseek.errors import UserError
 from tinyseek.post import common as C
 from tinyseek.post.seqs import pack, sft_targets
@@ -136,14 +136,7 @@ def _index_batches(n: int, batch_size: int, rng: random.Random, dp_engine=None):
 
 def main(cfg: Config) -> dict:
     cfg.validate()
-    seed_everything(cfg.seed)
-    device = get_device(cfg.device)
-    run_dir = Path(cfg.out_dir) / cfg.name
-    tok = C.load_tokenizer_for(cfg.init, cfg.tokenizer)
-    model, _ = C.load_policy(cfg.init, cfg.model, tok.vocab_size, device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", {"stage": "sft", **to_dict(cfg)})
-    C.save_tokenizer(tok, run_dir)
+    device, run_dir, tok, model = C.start_policy_run(cfg, "sft")
     data = encode_examples(tok, load_examples(cfg), model.cfg.max_seq_len)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
