@@ -9,7 +9,6 @@ from tinyseek.errors import UserError
 from tinyseek.post import common as C
 from tinyseek.post import distill, dpo, rejection, sft
 from tinyseek.post.rewards import is_correct
-from tinyseek.post.rollout import sample
 
 N, SEED = 8, 3  # the teacher memorises these problems: make_problems("arithmetic", N, SEED, 1)
 
