@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 
-import httpx
 import pytest
 
-from serve_fixtures import make_model, make_tokenizer
+from serve_fixtures import make_model, make_tokenizer, start_uvicorn
 from tinyseek.serve.engine import Engine, SamplingParams
 from tinyseek.serve.server import Config, create_app
 
@@ -69,26 +66,12 @@ def browser():
 
 @pytest.fixture()
 def live_server():
-    import uvicorn
-
     tok = make_tokenizer()
     model = make_model(tok)
     eng = Engine(model, tok, max_batch=2, max_len=96)
     eng.step_listeners.append(lambda n, dt: time.sleep(0.005))  # slow enough to see tokens arrive one by one
     app = create_app(eng, tok, Config(max_tokens=32))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(500):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.02)
+    url, server, th = start_uvicorn(app)
     yield url, model, tok
     server.should_exit = True
     th.join(30)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -10,7 +9,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from serve_fixtures import make_model, make_tokenizer
+from serve_fixtures import make_model, make_tokenizer, start_uvicorn
 from tinyseek.serve.engine import Engine, SamplingParams
 from tinyseek.serve.safety import SafetyFilter
 from tinyseek.serve.server import Config, create_app
@@ -270,33 +269,14 @@ def test_timeout_gives_504(model, tok):
         assert "error" in events[-1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_graceful_shutdown_finishes_in_flight(model, tok):
     """A real uvicorn on loopback: ask it to exit while a request is generating; the request still
     completes with all its tokens and the server then stops."""
-    import uvicorn
-
     eng = Engine(model, tok, max_batch=2, max_len=96)
     slow = threading.Event()
     eng.step_listeners.append(lambda n, dt: time.sleep(0.01) if not slow.is_set() else None)
     app = create_app(eng, tok, Config(max_tokens=64))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=30))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(500):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.02)
+    base, server, th = start_uvicorn(app, timeout_graceful_shutdown=30)
     result = {}
 
     def call():

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from tinyseek.common import atomic_write_json, get_device, seed_everything
+from tinyseek.common import atomic_write_json
 from tinyseek.config import ConfigError
-from tinyseek.errors import UserError
 
 
 @dataclass
@@ -113,15 +112,8 @@ def heldout_problems(tasks: str, n: int, seed: int, difficulty: int | None):
 
 def main(cfg: Config) -> dict:
     cfg.validate()
-    from tinyseek.post.common import find_run_dir, load_tokenizer_for
-    from tinyseek.train.checkpoint import load_model
-    if not Path(cfg.ckpt).exists():
-        raise UserError(f"checkpoint {cfg.ckpt} does not exist")
-    seed_everything(cfg.seed)
-    device = get_device(cfg.device)
-    tok = load_tokenizer_for(cfg.ckpt, cfg.tokenizer)
-    model, _ = load_model(cfg.ckpt, device=str(device))
-    model.eval()
+    from tinyseek.post.common import find_run_dir, load_sampling_model
+    _, tok, model = load_sampling_model(cfg.ckpt, cfg.tokenizer, cfg.seed, cfg.device)
     probs = heldout_problems(cfg.tasks, cfg.n_problems, cfg.seed, cfg.difficulty or None)
     res = evaluate(model, tok, probs, k=cfg.k, n_samples=cfg.n_samples, temperature=cfg.temperature,
                    top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)

@@ -157,3 +157,19 @@ def start_policy_run(cfg: Any, stage: str):
     atomic_write_json(run_dir / "config.json", {"stage": stage, **to_dict(cfg)})
     save_tokenizer(tok, run_dir)
     return device, run_dir, tok, model
+
+
+def load_sampling_model(ckpt: str, tokenizer: str, seed: int, device_name: str, what: str = "checkpoint"):
+    """The shared start of the stages that sample from a finished checkpoint (eval, rejection,
+    distill's teacher): refuse a missing path in one line, seed every RNG, pick the device, load the
+    tokenizer and the model (eval mode). Returns ``(device, tok, model)``."""
+    from tinyseek.common import get_device, seed_everything
+    from tinyseek.train.checkpoint import load_model
+
+    if not Path(ckpt).exists():
+        raise UserError(f"{what} {ckpt} does not exist")
+    seed_everything(seed)
+    device = get_device(device_name)
+    tok = load_tokenizer_for(ckpt, tokenizer)
+    model, _ = load_model(ckpt, device=str(device))
+    return device, tok, model  # load_model returns it in eval mode

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tinyseek.common import MetricsLogger, atomic_write_json, get_device, print0, seed_everything
+from tinyseek.common import MetricsLogger, atomic_write_json, print0
 from tinyseek.config import ConfigError, ModelConfig, model_micro, to_dict
 from tinyseek.errors import UserError
 from tinyseek.post import common as C
@@ -86,15 +86,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
 def main(cfg: Config) -> dict:
     cfg.validate()
     from tinyseek.post.rejection import grade_samples, select_verified, write_jsonl
-    from tinyseek.train.checkpoint import load_model
-    if not Path(cfg.teacher).exists():
-        raise UserError(f"teacher checkpoint {cfg.teacher} does not exist")
-    seed_everything(cfg.seed)
-    device = get_device(cfg.device)
+    device, tok, teacher = C.load_sampling_model(cfg.teacher, "", cfg.seed, cfg.device, what="teacher checkpoint")
     run_dir = Path(cfg.out_dir) / cfg.name
-    tok = C.load_tokenizer_for(cfg.teacher)
-    teacher, _ = load_model(cfg.teacher, device=str(device))
-    teacher.eval()
     student, _ = C.load_policy(cfg.student_init, cfg.model, tok.vocab_size, device)
     if cfg.kd_weight > 0 and student.cfg.vocab_size != teacher.cfg.vocab_size:
         raise UserError(f"logit KD needs equal vocab sizes (student {student.cfg.vocab_size}, "

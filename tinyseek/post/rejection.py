@@ -13,9 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinyseek.common import atomic_write_text, get_device, print0, seed_everything
+from tinyseek.common import atomic_write_text, print0
 from tinyseek.config import ConfigError
-from tinyseek.errors import UserError
 from tinyseek.post import common as C
 
 
@@ -100,13 +99,7 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 def main(cfg: Config) -> dict:
     cfg.validate()
-    from tinyseek.train.checkpoint import load_model
-    if not Path(cfg.ckpt).exists():
-        raise UserError(f"checkpoint {cfg.ckpt} does not exist")
-    seed_everything(cfg.seed)
-    device = get_device(cfg.device)
-    tok = C.load_tokenizer_for(cfg.ckpt, cfg.tokenizer)
-    model, _ = load_model(cfg.ckpt, device=str(device))
+    _, tok, model = C.load_sampling_model(cfg.ckpt, cfg.tokenizer, cfg.seed, cfg.device)
     problems = C.make_problems(cfg.tasks, cfg.n_problems, seed=cfg.seed, difficulty=cfg.difficulty or None)
     graded = grade_samples(model, tok, problems, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
