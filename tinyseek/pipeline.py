@@ -272,9 +272,8 @@ def main(cfg: Config) -> dict:
             timings[stage] = results[stage].get("_seconds", 0.0)
         else:
             marker(run, stage).unlink(missing_ok=True)
-            out_dir = run / stage
             if stage not in RESUMABLE or stage in redo:
-                shutil.rmtree(out_dir, ignore_errors=True) if stage not in ("report",) else None
+                shutil.rmtree(run / stage, ignore_errors=True)  # unmarked output: never used downstream
             print0(f"[{i + 1}/{len(STAGE_ORDER)}] {stage} ...")
             t0 = time.perf_counter()
             res = STAGES[stage](cfg, run) or {}

@@ -72,11 +72,7 @@ def _plots(run: Path, rep: Path) -> dict[str, Path]:
     pre = read_metrics(run / "pretrain" / "metrics.jsonl")
     if pre:
         from tinyseek.plots import plot_loss
-        keys = ("loss", "val_loss") if any("val_loss" in r for r in pre) else ("loss",)
-        try:
-            out["loss"] = plot_loss(pre, rep / "loss.png", keys=keys, title="pretraining loss")
-        except TypeError:
-            out["loss"] = plot_loss(pre, rep / "loss.png", keys=keys)
+        out["loss"] = plot_loss(pre, rep / "loss.png", title="pretraining loss")  # + held-out val_loss points
         p = plot_expert_heatmap(pre, rep / "expert_load.png")
         if p:
             out["expert_load"] = p
@@ -86,10 +82,7 @@ def _plots(run: Path, rep: Path) -> dict[str, Path]:
     sft = read_metrics(run / "sft" / "metrics.jsonl")
     if sft and any("loss" in r for r in sft):
         from tinyseek.plots import plot_loss
-        try:
-            out["sft"] = plot_loss(sft, rep / "sft_loss.png", keys=("loss",), title="SFT loss")
-        except TypeError:
-            out["sft"] = plot_loss(sft, rep / "sft_loss.png", keys=("loss",))
+        out["sft"] = plot_loss(sft, rep / "sft_loss.png", title="SFT loss")
     return out
 
 

@@ -106,8 +106,10 @@ class Transformer(nn.Module):
         else:
             pos_BT = cache.lengths[:, None] + torch.arange(T, device=idx_BT.device)
             key_len = int(cache.lengths.max()) + T
-        if (cache is None and T > self.cfg.max_seq_len) or (key_len is not None and key_len > (cache.max_len if cache else 0)):
-            raise ValueError(f"sequence of length {key_len or T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        need = T if cache is None else key_len
+        limit = self.cfg.max_seq_len if cache is None else min(cache.max_len, self.cfg.max_seq_len)
+        if need > limit:
+            raise ValueError(f"sequence of length {need} exceeds the limit {limit} (max_seq_len / cache length)")
         cos, sin = self.rotary(pos_BT)
         x = self.embed(idx_BT)
         aux = x.new_zeros((), dtype=torch.float32)
