@@ -102,3 +102,18 @@ def test_final_model_answers_in_the_task_format(killed_then_finished):
     serve = json.loads((run / "stages" / "serve.json").read_text())
     assert serve["health"] == 200
     assert serve["response"].strip() and serve["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--redo", "bogus"], "unknown stage 'bogus'"),
+    (["--quant", "int3"], "quant variants are int8 and int4"),
+    (["--eval-problems", "0"], "eval_problems must be > 0"),
+    (["--sft.epochs", "x"], "--sft.epochs expects int"),
+])
+def test_bad_run_options_are_one_line_errors(argv, needle, tmp_path, capsys):
+    from tinyseek.cli import main as cli_main
+    assert cli_main(["run", "--runs-dir", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tinyseek: error:") and needle in err and "\n" not in err
+    assert not any(tmp_path.iterdir())  # nothing written for a rejected run
