@@ -29,6 +29,17 @@ def test_text_ingest_streams_paragraph_chunks(tmp_path):
     assert "".join(d.text for d in ingest.iter_text(g, 2000)) == HAMLET
 
 
+@pytest.mark.parametrize("name", ["c.txt.gz", "c.jsonl.gz"])
+def test_truncated_gzip_keeps_what_was_read_and_reports_the_rest(tmp_path, name):
+    lines = [json.dumps({"text": f"line {i} " + "x" * 50}) for i in range(3000)]
+    body = gzip.compress(("\n".join(lines) + "\n").encode())
+    f = tmp_path / name
+    f.write_bytes(body[: len(body) // 2])                             # cut mid-stream
+    docs = list(ingest.iter_documents([f], doc_chars=2000))
+    assert docs[-1].text is None and docs[-1].error.startswith("read error")
+    assert not any(d.error for d in docs[:-1]) and sum(len(d.text) for d in docs[:-1]) > 1000
+
+
 def test_jsonl_ingest_reports_bad_lines(tmp_path):
     f = tmp_path / "x.jsonl"
     f.write_bytes(b'{"content": "fine"}\n\n[1, 2]\n{"content": 5}\n\xff\xfe\n{"content": "ok"}\n')

@@ -16,7 +16,7 @@ import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from tinyseek.errors import UserError
 
@@ -85,8 +85,10 @@ def _lines(f, join: bool = True) -> Iterator[bytes]:
         yield line
 
 
-def iter_jsonl(path: Path, text_field: str = "text", source: str = "") -> Iterator[Doc]:
-    source = source or path.name
+def _read_guarded(path: Path, source: str, docs: Callable[[Any], Iterator[Doc]]) -> Iterator[Doc]:
+    """``docs(binary_file)`` for ``path``; a file that cannot be opened, or fails mid-read (a
+    truncated gzip, an I/O error), becomes one error ``Doc`` instead of an exception, after the
+    documents read before the failure."""
     try:
         f = _open_binary(path)
     except OSError as e:
@@ -94,32 +96,42 @@ def iter_jsonl(path: Path, text_field: str = "text", source: str = "") -> Iterat
         return
     with f:
         try:
-            for i, raw in enumerate(_lines(f), 1):
-                loc = f"{path}:{i}"
-                if raw == b"":
-                    yield Doc(None, source, loc, f"line longer than {MAX_RECORD} bytes")
-                    continue
-                if not raw.strip():
-                    continue
-                try:
-                    rec = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    yield Doc(None, source, loc, "invalid UTF-8")
-                    continue
-                except json.JSONDecodeError as e:
-                    yield Doc(None, source, loc, f"invalid JSON ({e.msg})")
-                    continue
-                if not isinstance(rec, dict):
-                    yield Doc(None, source, loc, "record is not a JSON object")
-                    continue
-                val = rec.get(text_field)
-                if not isinstance(val, str):
-                    why = "missing" if text_field not in rec else f"non-string ({type(val).__name__})"
-                    yield Doc(None, source, loc, f"{why} field {text_field!r}")
-                    continue
-                yield Doc(val, source, loc)
+            yield from docs(f)
         except (OSError, EOFError) as e:  # truncated gzip etc.
             yield Doc(None, source, f"{path}:?", f"read error: {e}")
+
+
+def _jsonl_docs(f, path: Path, text_field: str, source: str) -> Iterator[Doc]:
+    for i, raw in enumerate(_lines(f), 1):
+        loc = f"{path}:{i}"
+        if raw == b"":
+            yield Doc(None, source, loc, f"line longer than {MAX_RECORD} bytes")
+            continue
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            yield Doc(None, source, loc, "invalid UTF-8")
+            continue
+        except json.JSONDecodeError as e:
+            yield Doc(None, source, loc, f"invalid JSON ({e.msg})")
+            continue
+        if not isinstance(rec, dict):
+            yield Doc(None, source, loc, "record is not a JSON object")
+            continue
+        val = rec.get(text_field)
+        if not isinstance(val, str):
+            why = "missing" if text_field not in rec else f"non-string ({type(val).__name__})"
+            yield Doc(None, source, loc, f"{why} field {text_field!r}")
+            continue
+        yield Doc(val, source, loc)
+
+
+def iter_jsonl(path: Path, text_field: str = "text", source: str = "") -> Iterator[Doc]:
+    """One document per JSON line; every bad line becomes an error ``Doc`` naming its line."""
+    source = source or path.name
+    yield from _read_guarded(path, source, lambda f: _jsonl_docs(f, path, text_field, source))
 
 
 def iter_parquet(path: Path, text_field: str = "text", source: str = "", batch_rows: int = 1024) -> Iterator[Doc]:
@@ -176,14 +188,12 @@ def chunk_paragraphs(lines: Iterable[tuple[int, str]], doc_chars: int, where: st
 def iter_text(path: Path, doc_chars: int = 4000, source: str = "") -> Iterator[Doc]:
     """Plain text, cut into paragraph-aligned documents; invalid UTF-8 bytes become U+FFFD."""
     source = source or path.name
-    try:
-        f = _open_binary(path)
-    except OSError as e:
-        yield Doc(None, source, f"{path}:0", f"unreadable file: {e.strerror}")
-        return
-    with f:
+
+    def docs(f):
         lines = ((i, raw.decode("utf-8", errors="replace")) for i, raw in enumerate(_lines(f, join=False), 1))
         yield from chunk_paragraphs(lines, doc_chars, str(path), source)
+
+    yield from _read_guarded(path, source, docs)
 
 
 def iter_documents(paths: Iterable[str | Path], text_field: str = "text", doc_chars: int = 4000,
