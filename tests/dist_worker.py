@@ -2,7 +2,7 @@
 ``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_worker.py OUT_DIR MODE:COMPRESSION[:FLAG...] ...``
 Flags: ``ckpt`` turns on per-block activation checkpointing; ``nan`` poisons rank 0's loss at
 step 4 (the step is skipped, as the trainer does); ``resume`` stops two steps before
-the end, takes the model and optimizer state through the checkpoint helpers, rebuilds everything
+the end, takes the model, optimizer and compression-hook state through the checkpoint helpers, rebuilds everything
 from them and finishes the run.
 
 For each configuration in turn (one launch, one process group, so the suite pays the process
@@ -34,6 +34,7 @@ def build(dist: D.Dist, mode: str, compression: str, ckpt: bool, state: dict | N
     opt = torch.optim.AdamW(wrapped.parameters(), lr=3e-3, weight_decay=0.0)
     if state is not None:
         D.load_optim_state_dict(wrapped, opt, state["optim"], mode)
+        D.load_comm_state_dict(wrapped, state["comm"])
     return wrapped, stats, opt
 
 
@@ -69,7 +70,8 @@ def train(dist: D.Dist, mode: str, compression: str, steps: int, flags: list[str
     losses, comm, extra = [], [], {}
     for s in range(steps):
         if "resume" in flags and s == steps - 2:
-            state = {"model": D.full_state_dict(wrapped), "optim": D.optim_state_dict(wrapped, opt, mode)}
+            state = {"model": D.full_state_dict(wrapped), "optim": D.optim_state_dict(wrapped, opt, mode),
+                     "comm": D.comm_state_dict(wrapped)}
             extra["optim_state_keys"] = sorted(state["optim"]["state"])
             extra["optim_n_params"] = [len(gr["params"]) for gr in state["optim"]["param_groups"]]
             wrapped, stats, opt = build(dist, mode, compression, ckpt, state)

@@ -73,12 +73,14 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
 # save / find / load
 # ---------------------------------------------------------------------------------------------
 def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module | None, optimizer: Any, meta: dict,
-                    model_state: dict | None = None, optim_state: dict | None = None) -> Path:
+                    model_state: dict | None = None, optim_state: dict | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
     """Write ``ckpt_root/step_{step:06d}`` atomically and return its path.
 
     ``meta`` must be JSON-serialisable; ``step`` and (from ``model.cfg``) ``model_config`` are
     added when missing. ``model_state`` / ``optim_state`` override ``model.state_dict()`` /
     ``optimizer.state_dict()`` (for sharded models whose full state was gathered by the caller).
+    ``extra`` maps file names to objects written with ``torch.save`` into the same directory.
     """
     from tinyseek.config import to_dict
 
@@ -97,6 +99,8 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module | None, o
         if optim_state is not None:
             torch.save(optim_state, tmp / "optim.pt")
         torch.save(rng_state(), tmp / "rng.pt")
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
         # meta.json last: its presence marks a complete directory even without the rename
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
     return final

@@ -52,9 +52,9 @@ reduce-scatters them in the reduce dtype (evaluation forwards are charged their 
 
 Checkpoints: :func:`full_state_dict` and :func:`optim_state_dict` give the same (plain,
 unsharded, integer-keyed optimizer) format under every mode, so runs resume across modes. The
-PowerSGD hook state (error feedback, warm-start Q) is not checkpointed: a resumed run restarts it,
-including its ``powersgd_start`` plain all-reduce steps, so a resumed PowerSGD run is close to but
-not bit-identical with an uninterrupted one.
+PowerSGD hook state (error feedback, warm-start P and Q, step counter, RNG) is per rank:
+:func:`comm_state_dict` / :func:`load_comm_state_dict` save and restore it per parameter, so it
+survives DDP's bucket rebuild and a resumed PowerSGD run matches the uninterrupted one exactly.
 
 Deviation from plain DDP worth knowing: MoE ``expert_bias`` buffers are updated from local
 token counts; trainers should :func:`all_reduce_sum_` the counts before
@@ -75,6 +75,7 @@ import torch.distributed as tdist
 import torch.nn as nn
 
 from tinyseek.config import ConfigError
+from tinyseek.train.powersgd_state import LayoutTracker
 
 MODES = ("ddp", "fsdp", "none")
 COMPRESSIONS = ("none", "powersgd", "fp16", "bf16", "powersgd_fp16")
@@ -323,13 +324,16 @@ def _drop_nonfinite_powersgd_state(state: Any, idx: int) -> None:
         state.error_dict.pop(idx, None)
 
 
-def _counting_wrapper(hook: Callable, stats: CommStats) -> Callable:
+def _counting_wrapper(hook: Callable, stats: CommStats, tracker: LayoutTracker | None = None) -> Callable:
     """Count the raw fp32 bytes of every bucket handed to ``hook`` (the sent bytes are counted at
-    the all-reduce itself); for PowerSGD also drop non-finite compression memory afterwards."""
+    the all-reduce itself); for PowerSGD also keep its state aligned with the bucket's parameter
+    order (``tracker``) and drop non-finite compression memory afterwards."""
 
     def wrapped(state, bucket):
         buf = bucket.buffer()
         stats.add(raw=ring_bytes("all_reduce", buf.numel() * 4, stats.world_size))
+        if tracker is not None:
+            tracker.before_hook(bucket)
         fut = hook(state, bucket)
         if state is None or not hasattr(state, "error_dict"):
             return fut
@@ -412,7 +416,11 @@ def _wrap_ddp(model, dist, compression, powersgd_rank, powersgd_start, stats):
     ddp = DDP(model, **kw)
     _install_counting_proxy()
     state, hook = _ddp_hook(compression, powersgd_rank, powersgd_start)
-    ddp.register_comm_hook(state, _counting_wrapper(hook, stats))
+    tracker = None
+    if state is not None and hasattr(state, "error_dict"):
+        tracker = LayoutTracker(state, {id(p): n for n, p in model.named_parameters()})
+    ddp.register_comm_hook(state, _counting_wrapper(hook, stats, tracker))
+    ddp._tinyseek_comm_tracker = tracker  # for comm_state_dict / load_comm_state_dict
     return ddp
 
 
@@ -566,6 +574,30 @@ def load_optim_state_dict(wrapped: nn.Module, opt: torch.optim.Optimizer, sd: di
     full = {"state": {fqns[i]: s for i, s in sd["state"].items()},
             "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in sd["param_groups"]]}
     set_optimizer_state_dict(wrapped, opt, full, options=StateDictOptions(full_state_dict=True))
+
+
+def comm_state_dict(wrapped: nn.Module) -> dict | None:
+    """This rank's gradient-compression state, or None when the hook keeps none.
+
+    For PowerSGD: error feedback (local to each rank, so every rank saves its own), warm-start P
+    and Q (per parameter, see :mod:`tinyseek.train.powersgd_state`), the step counter and the
+    random generator that draws fresh Q, all on the CPU.
+    """
+    tracker = getattr(wrapped, "_tinyseek_comm_tracker", None)
+    return tracker.state_dict() if tracker is not None else None
+
+
+def load_comm_state_dict(wrapped: nn.Module, sd: dict | None) -> bool:
+    """Restore :func:`comm_state_dict` into a freshly wrapped model; returns whether it did.
+
+    Nothing to restore (a checkpoint from a run without PowerSGD, or this run has none) leaves
+    the hook's fresh state: it then restarts, which is correct but not bit-identical.
+    """
+    tracker = getattr(wrapped, "_tinyseek_comm_tracker", None)
+    if sd is None or tracker is None or sd.get("kind") != "powersgd":
+        return False
+    tracker.load_state_dict(sd)
+    return True
 
 
 def _is_fsdp(m: nn.Module) -> bool:

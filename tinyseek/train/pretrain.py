@@ -29,8 +29,10 @@ data's tokenizer is copied to ``runs/<name>/tokenizer`` for the later stages.
 Checkpoints (``tinyseek/train/checkpoint.py``) hold model, optimizer, RNG states, data-loader
 position and loop state, so ``--resume`` continues exactly: on CPU a resumed run reproduces the
 uninterrupted loss sequence bit for bit (tests/test_pretrain.py kills a real run with SIGKILL).
-Not exact: PowerSGD's error-feedback state is not checkpointed (it restarts), and a resume with a
-different world size keeps the stream position but changes the per-rank batches.
+Under torchrun each rank's PowerSGD state (error feedback, warm-start factors) is gathered into
+``comm.pt`` and restored per parameter, so a resumed PowerSGD run is exact too. Not exact: a
+resume with a different world size keeps the stream position but changes the per-rank batches
+(and restarts PowerSGD).
 
 MFU counts ``6 * (active non-embedding params) + 6 * layers * heads * (qk_dim + v_dim) * seq_len``
 FLOPs per token (the nanochat/PaLM estimate; the attention term ignores causal masking) against
@@ -464,6 +466,28 @@ def _dist_module():
         return None
 
 
+def _gather_comm_states(D, wrapped, cfg: Config, world: int) -> list | None:
+    """Every rank's gradient-compression state (PowerSGD keeps local error feedback), gathered
+    on rank 0 for the checkpoint; None when the run compresses without state."""
+    if D is None or world < 2 or not cfg.compression.startswith("powersgd"):
+        return None
+    mine = D.comm_state_dict(wrapped)
+    out = [None] * world if torch.distributed.get_rank() == 0 else None
+    torch.distributed.gather_object(mine, out, dst=0)
+    return out
+
+
+def _restore_comm_state(D, wrapped, resume_dir: Path, rank: int, world: int) -> None:
+    path = resume_dir / "comm.pt"
+    if D is None or world < 2 or not path.is_file():
+        return
+    states = torch.load(path, weights_only=False)
+    if len(states) != world:
+        print0(f"note: {path} holds PowerSGD state for {len(states)} ranks, this run has {world}: it restarts")
+        return
+    D.load_comm_state_dict(wrapped, states[rank])
+
+
 def _full_states(wrapped, model, opt, fsdp: bool) -> tuple[dict | None, dict | None]:
     """Model and optimizer state for a checkpoint; FSDP2 gathers full (unsharded) tensors."""
     if not fsdp:
@@ -586,6 +610,7 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
         step, skipped, tokens_seen = int(meta["step"]), int(meta["skipped_steps"]), int(meta["tokens_seen"])
         logger.truncate_after(step)
         rng = torch.load(resume_dir / "rng.pt", weights_only=False)
+        _restore_comm_state(D, wrapped, resume_dir, rank, world)
         print0(f"resumed from {resume_dir} at step {step}")
     elif is_main and logger.path.exists():
         logger.path.unlink()  # a fresh run starts a fresh curve
@@ -605,13 +630,15 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
 
     def save(step_now: int) -> Path | None:
         msd, osd = _full_states(wrapped, model, opt, fsdp)  # collective under FSDP: all ranks
+        comm_states = _gather_comm_states(D, wrapped, cfg, world)  # collective under PowerSGD
         path = None
         if is_main:
             meta_out = {"step": step_now, "model_config": to_dict(cfg.model), "train_config": to_dict(cfg),
                         "loader": loader.state_dict(), "skipped_steps": skipped, "tokens_seen": tokens_seen,
                         "micro_batch": micro, "grad_accum": accum, "world_size": world,
                         "data": str(train_path), "tokenizer": tokenizer_dir, "time": time.time()}
-            path = ckpt.save_checkpoint(ckpt_root, step_now, model, opt, meta_out, model_state=msd, optim_state=osd)
+            path = ckpt.save_checkpoint(ckpt_root, step_now, model, opt, meta_out, model_state=msd, optim_state=osd,
+                                        extra={"comm.pt": comm_states} if comm_states else None)
             ckpt.prune_checkpoints(ckpt_root, cfg.keep_last)
         barrier()
         return path
