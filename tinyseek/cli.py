@@ -37,18 +37,39 @@ def usage() -> str:
             "`tinyseek <stage> --help` lists that stage's options.")
 
 
-def stage_help(mod) -> str:
+def field_comments(cls) -> dict[str, str]:
+    """``{field: comment}`` from the ``name: type = default  # comment`` lines of a dataclass."""
+    import inspect
+    import re
+
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # subclasses override their bases' comments
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M):
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def stage_help(stage: str, mod) -> str:
     import dataclasses
-    lines = [f"tinyseek {mod.__name__.rsplit('.', 1)[-1]} options (defaults shown):"]
+
+    lines = [f"usage: tinyseek {stage} [--preset NAME] [--option value ...]", "options (defaults shown):"]
+    rows: list[tuple[str, str]] = []
 
     def walk(cfg, prefix=""):
+        notes = field_comments(type(cfg))
         for f in dataclasses.fields(cfg):
             v = getattr(cfg, f.name)
             if dataclasses.is_dataclass(v):
                 walk(v, prefix + f.name + ".")
             else:
-                lines.append(f"  --{prefix}{f.name.replace('_', '-')} {v!r}")
+                rows.append((f"  --{prefix}{f.name.replace('_', '-')} {v!r}", notes.get(f.name, "")))
     walk(mod.Config())
+    width = min(48, max(len(a) for a, _ in rows) + 2)
+    lines += [f"{a:<{width}}{b}".rstrip() if len(a) < width else f"{a}  {b}".rstrip() for a, b in rows]
     return "\n".join(lines)
 
 
@@ -59,7 +80,7 @@ def run_stage(stage: str, argv: list[str]):
         raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     mod = importlib.import_module(STAGES[stage])
     if "-h" in argv or "--help" in argv:
-        print(stage_help(mod))
+        print(stage_help(stage, mod))
         return None
     preset = None
     rest = []

@@ -111,7 +111,7 @@ class HeuristicConfig:
     max_dup_line_frac: float = 0.35      # share of non-empty lines repeating an earlier line
     max_top_3gram_frac: float = 0.2      # word-character share covered by the most frequent 3-gram
     min_mean_word_len: float = 2.0       # mean non-CJK word length bounds (skipped if mostly CJK)
-    max_mean_word_len: float = 12.0
+    max_mean_word_len: float = 12.0      # upper bound of the same
 
 
 def relaxed_heuristics() -> HeuristicConfig:
