@@ -7,6 +7,8 @@ side in ONE run; plus the training MFU of the ``cpu-tiny`` model against the mea
 
 Repetitions are interleaved (A, B, C, A, B, C, ...) and we report medians, since the machine is shared
 and noisy. Ratios are tokens/s of a candidate divided by tokens/s of the dense equal-active FFN.
+``--clock cpu`` times process CPU seconds instead of wall seconds: with ``--threads 1`` that is the
+compute time of the one thread, blind to the time other jobs on a shared machine take from it.
 HF blocks are built from a config offline; their expert weights are uninitialised by design, so we
 initialise every candidate the same way (normal, std 0.02 -> a near-uniform router for all).
 """
@@ -26,7 +28,7 @@ import torch.nn as nn
 
 from tinyseek.config import ModelConfig, model_cpu_tiny  # noqa: E402
 from tinyseek.model.layers import SwiGLU  # noqa: E402
-from tinyseek.model.moe import MoE  # noqa: E402
+from tinyseek.model.moe import _DISPATCH, MoE  # noqa: E402
 from tinyseek.model.transformer import Transformer  # noqa: E402
 
 
@@ -62,8 +64,10 @@ CONFIGS = {
 def ours(bc: BenchConfig, impl: str = "auto") -> nn.Module:
     cfg = ModelConfig(d_model=bc.d_model, n_routed_experts=bc.n_experts, top_k=bc.top_k, moe_d_ff=bc.expert_ff,
                       n_shared_experts=bc.n_shared, score_func="softmax", aux_loss="switch",
-                      bias_update_speed=0.001, moe_impl=impl, n_layers=2, n_dense_layers=1).validate()
-    return _OutOnly(MoE(cfg))
+                      bias_update_speed=0.001, moe_impl="auto", n_layers=2, n_dense_layers=1).validate()
+    m = MoE(cfg)
+    m.impl = impl  # may also be an internal variant the config does not offer (grouped_autograd)
+    return _OutOnly(m)
 
 
 class _OutOnly(nn.Module):
@@ -112,6 +116,9 @@ def init_(m: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------
+CLOCK = time.perf_counter  # or time.process_time (--clock cpu)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -120,14 +127,14 @@ def _sync(device: torch.device) -> None:
 def fwd_bwd_seconds(m: nn.Module, x: torch.Tensor, gy: torch.Tensor, iters: int) -> float:
     """Mean seconds of one forward+backward over ``iters`` calls."""
     _sync(x.device)
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for _ in range(iters):
         for p in m.parameters():
             p.grad = None
         xi = x.detach().requires_grad_(True)
         m(xi).backward(gy)
     _sync(x.device)
-    return (time.perf_counter() - t0) / iters
+    return (CLOCK() - t0) / iters
 
 
 def interleaved(cands: dict[str, nn.Module], make_input, reps: int, iters: int, warmup: int = 2) -> dict[str, float]:
@@ -243,24 +250,35 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers blocks")
     ap.add_argument("--no-mfu", action="store_true", help="skip the cpu-tiny MFU measurement")
     ap.add_argument("--mfu-batch", type=int, default=8)
-    ap.add_argument("--impls", default="padded", help="also time these moe_impl values of ours (comma list)")
+    ap.add_argument("--impls", default="grouped_autograd,padded",
+                    help="also time these dispatch variants of ours (comma list; '' for none)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall seconds, or process CPU seconds (use with --threads 1 on a shared machine)")
     args = ap.parse_args()
+    impls = [i for i in args.impls.split(",") if i]
+    bad = [i for i in impls if i not in _DISPATCH]
+    if bad:
+        raise SystemExit(f"moe_vs_hf: error: unknown --impls {bad}, choose from {sorted(_DISPATCH)}")
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("moe_vs_hf: error: --device cuda but no GPU is available")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() > 1:
+        raise SystemExit("moe_vs_hf: error: --clock cpu sums the CPU time of all threads: use it with --threads 1")
     print(f"torch {torch.__version__}, device {device}, dtype {dtype}, threads {torch.get_num_threads()}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, clock {args.clock}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if not args.no_hf:
         import transformers
         print(f"transformers {transformers.__version__}")
     for key in args.configs.split(","):
         bc = CONFIGS[key]
         tps = bench_moe(bc, device, dtype, args.reps, args.iters, not args.no_hf,
-                        [i for i in args.impls.split(",") if i])
+                        impls)
         print(f"\n[{key}] {bc.name}, d={bc.d_model}, {bc.batch}x{bc.seq} tokens, dense FFN width {bc.active_ff}, "
               f"median of {args.reps}")
         base = tps["dense"]

@@ -49,11 +49,11 @@ ROUTINGS = {
 }
 
 
-@pytest.mark.parametrize("impl", ["grouped", "sorted", "padded"])
+@pytest.mark.parametrize("impl", ["grouped", "grouped_autograd", "sorted", "padded"])
 @pytest.mark.parametrize("capacity", [0.0, 1.0])
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_fast_paths_match_reference_loop(impl, capacity, routing):
-    if impl == "grouped" and not moe_mod._grouped_mm_ok(torch.device("cpu"), torch.float32):
+    if impl.startswith("grouped") and not moe_mod._grouped_mm_ok(torch.device("cpu"), torch.float32):
         pytest.skip("torch._grouped_mm unavailable on this CPU build")
     cfg = moe_cfg(capacity_factor=capacity, **ROUTINGS[routing])
     m = make_moe(cfg).train()
@@ -70,7 +70,7 @@ def test_fast_paths_match_reference_loop(impl, capacity, routing):
         assert int(s["dropped"]) > 0  # cf=1 with a random router must drop something: test is not vacuous
 
 
-@pytest.mark.parametrize("impl", ["grouped", "sorted", "padded"])
+@pytest.mark.parametrize("impl", ["grouped", "grouped_autograd", "sorted", "padded"])
 def test_fast_paths_handle_empty_experts(impl):
     """Experts that receive no token (zero-size groups) must not break the grouped kernels."""
     cfg = moe_cfg(n_routed_experts=8, top_k=1, score_func="sigmoid", aux_loss="none")
