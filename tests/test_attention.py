@@ -149,3 +149,96 @@ def test_sliding_window_model_receptive_field():
         d = (model(idx).logits - model(idx2).logits).abs().amax(-1)[0]
     assert (d[reach + 1:] == 0).all()
     assert (d[:reach + 1] > 0).all()
+
+
+def _set_mla_impl(model: Transformer, impl: str) -> None:
+    for b in model.blocks:
+        b.attn.impl = impl
+
+
+def _decode_logits(model: Transformer, idx: torch.Tensor, steps: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        cache, pieces, t = model.new_cache(idx.shape[0]), [], 0
+        for step in steps:
+            pieces.append(model(idx[:, t:t + step], cache=cache).logits)
+            t += step
+    return torch.cat(pieces, dim=1)
+
+
+@pytest.mark.parametrize("variant", ["mla", "mla-qlora", "mla-window"])
+def test_absorbed_mla_matches_naive(variant):
+    """The absorbed MLA decode (attention over the cached latent, kv_b_proj folded into the query
+    and the output) gives the logits of the naive form that re-expands keys and values; "absorbed"
+    is also forced onto the prefill (T == key length) and onto multi-token chunks."""
+    model = make_model(variant)
+    idx = torch.randint(0, model.cfg.vocab_size, (3, 20), generator=torch.Generator().manual_seed(7))
+    steps = [6, 1, 1, 4, 1, 1, 2, 4]
+    out = {}
+    for impl in ("naive", "absorbed", "auto"):
+        _set_mla_impl(model, impl)
+        out[impl] = _decode_logits(model, idx, steps)  # no grad: the folded-weight form
+        if impl == "absorbed":  # with grad enabled the weights are not folded (differentiable form)
+            with torch.enable_grad():
+                out["unfolded"] = _decode_logits(model, idx, steps)
+    _set_mla_impl(model, "auto")
+    assert model.blocks[0].attn._folded is not None  # the folded form really ran
+    for impl in ("absorbed", "unfolded", "auto"):
+        torch.testing.assert_close(out[impl], out["naive"], atol=ATOL, rtol=1e-4, msg=impl)
+    # the two forms are different computations (so the comparison above could fail)
+    assert not torch.equal(out["absorbed"], out["naive"])
+
+
+def test_folded_weights_follow_weight_updates():
+    """The folded decode weights are rebuilt when a source weight changes in place (an optimizer
+    step between GRPO rollouts) or is replaced (a load onto another device makes new storage)."""
+    model = make_model("mla-qlora")
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(9))
+    steps = [4, 1, 1, 1, 1, 1, 1]
+    before = _decode_logits(model, idx, steps)
+    with torch.no_grad():
+        for b in model.blocks:
+            for lin in (b.attn.q_b_proj, b.attn.kv_b_proj, b.attn.o_proj, b.attn.q_a_proj):
+                lin.weight.mul_(1.3)
+    after = _decode_logits(model, idx, steps)
+    _set_mla_impl(model, "naive")
+    naive = _decode_logits(model, idx, steps)
+    torch.testing.assert_close(after, naive, atol=ATOL, rtol=1e-4)
+    assert not torch.allclose(before, after, atol=1e-3)
+    _set_mla_impl(model, "auto")
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})  # same values, new versions
+    torch.testing.assert_close(_decode_logits(model, idx, steps), naive, atol=ATOL, rtol=1e-4)
+
+
+def test_absorbed_mla_auto_choice():
+    from tinyseek.model.attention import _use_absorbed
+
+    lin = torch.nn.Linear(4, 4)
+    assert not _use_absorbed("auto", 7, 7, lin)       # prefill into a fresh cache: expand once
+    assert _use_absorbed("auto", 1, 8, lin)           # decode step
+    assert _use_absorbed("auto", 3, 10, lin)          # chunk continuing a cached sequence
+    assert not _use_absorbed("naive", 1, 8, lin) and _use_absorbed("absorbed", 7, 7, lin)
+    # a kv_b_proj whose weight we cannot read (some wrapper module) stays on the naive form
+    assert not _use_absorbed("auto", 1, 8, torch.nn.Sequential(lin))
+
+
+def test_absorbed_mla_with_quantized_kv_b_proj():
+    """A quantized kv_b_proj (int8 QuantLinear) is absorbed through its dequantised weight."""
+    from tinyseek.quant.modules import QuantLinear
+
+    model = make_model("mla")
+    for b in model.blocks:
+        b.attn.kv_b_proj = QuantLinear.from_float(b.attn.kv_b_proj.weight.detach(), 8)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(8))
+    steps = [5, 1, 1, 1, 2, 1, 1]
+    _set_mla_impl(model, "naive")
+    naive = _decode_logits(model, idx, steps)
+    _set_mla_impl(model, "auto")
+    torch.testing.assert_close(_decode_logits(model, idx, steps), naive, atol=ATOL, rtol=1e-4)
+
+
+def test_mla_cache_holds_only_the_latent():
+    model = make_model("mla")
+    c = model.cfg
+    cache = model.new_cache(2, 10)
+    assert [list(layer) for layer in cache.layers] == [["latent"]] * c.n_layers
+    assert cache.nbytes() == c.n_layers * 2 * 10 * (c.kv_lora_rank + c.qk_rope_head_dim) * 4

@@ -43,9 +43,12 @@ def test_greedy_matches_uncached_reference(model, tok):
     assert out.finish_reason == "length" and out.prompt_tokens == len(ids)
 
 
-@pytest.mark.parametrize("attn", ["mla", "gqa"])
+@pytest.mark.parametrize("attn", ["mla", "mla-naive", "gqa"])
 def test_greedy_alone_equals_batched(tok, attn):
-    model = make_model(tok, seed=1, attn=attn)
+    model = make_model(tok, seed=1, attn=attn.split("-")[0])
+    if attn == "mla-naive":  # decode re-expanding the latent cache instead of the absorbed form
+        for b in model.blocks:
+            b.attn.impl = "naive"
     eng = Engine(model, tok, max_batch=4)  # fewer slots than prompts: requests join as others leave
     prompts = [tok.encode(p) for p in PROMPTS]
     lengths = [7, 20, 3, 15, 11, 9]  # different lengths so the batch changes shape while decoding
@@ -60,6 +63,18 @@ def test_greedy_alone_equals_batched(tok, attn):
     # all admitted at once but prefilled in several small chunks (budget = max_len = 64 padded tokens)
     chunked = Engine(model, tok, max_batch=8, max_len=64, prefill_tokens=0).generate(prompts, params)
     assert [c.token_ids for c in chunked] == [a.token_ids for a in alone]
+
+
+def test_absorbed_and_naive_mla_decode_agree(tok):
+    """Greedy tokens of the default (absorbed) MLA decode equal those of the naive form."""
+    model = make_model(tok, seed=2)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+    absorbed = [c.token_ids for c in Engine(model, tok, max_batch=8).generate(prompts, sp)]
+    for b in model.blocks:
+        b.attn.impl = "naive"
+    naive = [c.token_ids for c in Engine(model, tok, max_batch=8).generate(prompts, sp)]
+    assert absorbed == naive and len(set(map(tuple, absorbed))) > 1
 
 
 def test_seeded_sampling_independent_of_batch(model, tok):
@@ -179,6 +194,24 @@ def test_background_scheduler_admits_into_running_batch(model, tok):
     finally:
         eng.stop()
     assert eng._thread is None
+
+
+def test_idle_engine_gathers_a_burst_but_not_a_lone_request(model, tok):
+    """Requests arriving together are prefilled in one forward (a full batch starts at once); a lone
+    request waits only the quiet gap (max_wait / 4), not the whole max_wait."""
+    eng = Engine(model, tok, max_batch=4, max_wait=3.0)
+    sp = SamplingParams(max_tokens=2, ignore_eos=True)
+    with eng._cv:  # the scheduler thread cannot look at the queue until all four are in
+        eng.start()
+        burst = [eng.submit(tok.encode(p), sp) for p in PROMPTS[:4]]
+    try:
+        assert all(len(r.result(30).token_ids) == 2 for r in burst)
+        assert eng.stats["prefills"] == 1
+        t0 = time.monotonic()
+        lone = eng.submit(tok.encode("hello"), sp).result(30)
+        assert lone.first_token_s < 2.5 and time.monotonic() - t0 >= 0.75 - 0.05  # the gap, not 3 s
+    finally:
+        eng.stop()
 
 
 def test_cancel_timeout_and_drain(model, tok):
@@ -311,6 +344,18 @@ def test_sampling_distribution_matches_filtered_softmax(top_k, top_p):
     expect = torch.where(keep, p, 0.0)
     expect = expect / expect.sum()
     assert torch.allclose(freq, expect, atol=2.0 / n)
+
+
+def test_sampling_never_picks_a_filtered_token_at_the_cdf_end():
+    """A uniform that rounds up to 1 lands past the end of the CDF: the pick must fall back to the
+    last token with probability > 0, not a token removed by top-p / top-k."""
+    from tinyseek.serve.sampling import sample_tokens
+
+    logits = torch.tensor([[0.0, 2.0, 1.0], [0.0, 2.0, 1.0]])
+    u = [0.9999999999, 0.3]  # the first rounds to 1.0 in float32
+    assert sample_tokens(logits, [1.0, 1.0], [0, 0], [0.5, 0.5], u).tolist() == [1, 1]
+    # top-p 0.9 keeps tokens 1 and 2 (sorted: 1, 2, 0): the end falls back to token 2, not 0
+    assert sample_tokens(logits, [1.0, 1.0], [0, 0], [0.9, 1.0], [0.9999999999, 0.0]).tolist() == [2, 1]
 
 
 def test_leaving_a_stream_early_cancels_the_request(model, tok):

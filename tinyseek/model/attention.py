@@ -2,9 +2,15 @@
 sliding window, and the per-row KV cache of :mod:`tinyseek.model.cache`.
 
 Deviations from the DeepSeek-V3 reference, on purpose:
-- MLA caches the normalised latent ``c_kv`` and the roped shared key ``k_pe`` and re-expands keys and
-  values with ``kv_b_proj`` at every step ("naive" mode, no weight absorption). Simple and exact;
-  the absorbed variant only pays off at large head counts.
+- MLA caches the normalised latent ``c_kv`` and the roped shared key ``k_pe`` (one buffer). A forward
+  without a cache, or a prefill that fills a fresh one, expands per-head keys and values with
+  ``kv_b_proj`` ("naive"). Decode steps (queries that continue a cached sequence) use the absorbed
+  form (``MLA._absorbed``): ``kv_b_proj`` is folded into the query and the output and attention
+  runs over the latent itself, so a step no longer re-expands the whole cache (that made the step
+  cost grow with batch x length). Without grad and with plain Linear weights, the folding is done
+  once on the weights (``MLA._absorbed_folded``: two GEMMs a layer instead of five), refreshed when
+  a weight changes. ``MLA.impl`` = "auto" | "naive" | "absorbed" selects; the forms agree up to
+  float rounding (tests compare them). The cache stays the latent (the whole point of MLA).
 - No YaRN scaling (our contexts are short); softmax scale is 1/sqrt(qk_nope + qk_rope).
 """
 from __future__ import annotations
@@ -33,6 +39,20 @@ def attention_mask(pos_BT: torch.Tensor, key_len: int, window: int) -> torch.Ten
     return m.unsqueeze(1)
 
 
+def attention_bias(pos_BT: torch.Tensor, key_len: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive form of :func:`attention_mask` without the head axis: (B, T, L), 0 or -inf.
+
+    >>> attention_bias(torch.tensor([[1]]), 3, 0, torch.float32).tolist()
+    [[[0.0, 0.0, -inf]]]
+    """
+    j = torch.arange(key_len, device=pos_BT.device)
+    p = pos_BT.unsqueeze(-1)
+    hide = j > p
+    if window > 0:
+        hide = hide | (j <= p - window)
+    return torch.zeros(hide.shape, dtype=dtype, device=pos_BT.device).masked_fill_(hide, float("-inf"))
+
+
 def _sdpa(q, k, v, pos_BT, key_len, window, cached, scale, gqa=False):
     if not cached and window == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -59,32 +79,170 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.nope + self.vdim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.vdim, cfg.d_model, bias=False)
         self.scale = qk ** -0.5
+        # cached forward: "auto" (absorbed for decode steps, naive for a fresh prefill), "naive", "absorbed"
+        self.impl = "auto"
+        self._folded = None  # (source weight versions, folded decode weights): see _folded_weights
 
     def forward(self, x_BTD, cos, sin, pos_BT, cache_layer=None, key_len=None):
         B, T, _ = x_BTD.shape
-        H = self.n_heads
+        absorbed = cache_layer is not None and _use_absorbed(self.impl, T, key_len, self.kv_b_proj)
+        if absorbed and not torch.is_grad_enabled():
+            folded = self._folded_weights(x_BTD.dtype)
+            if folded is not None:
+                return self._absorbed_folded(x_BTD, folded, cos, sin, pos_BT, cache_layer["latent"], key_len)
         if hasattr(self, "q_proj"):
             q = self.q_proj(x_BTD)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        q_BHTK = q.view(B, T, H, self.nope + self.rope).transpose(1, 2)
-        q_nope, q_pe = q_BHTK.split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
+        q_BTHK = q.view(B, T, self.n_heads, self.nope + self.rope)
         ckv, k_pe = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_rank, self.rope], dim=-1)
         ckv_BTC = self.kv_a_layernorm(ckv)
+        if absorbed:
+            return self._absorbed(q_BTHK, ckv_BTC, k_pe, cos, sin, pos_BT, cache_layer["latent"], key_len)
         kpe_BTR = apply_rope(k_pe.unsqueeze(1), cos, sin).squeeze(1)
         if cache_layer is not None:
-            write_rows(cache_layer["ckv"], ckv_BTC, pos_BT, 1)
-            write_rows(cache_layer["kpe"], kpe_BTR, pos_BT, 1)
-            ckv_BTC = cache_layer["ckv"][:, :key_len].to(x_BTD.dtype)
-            kpe_BTR = cache_layer["kpe"][:, :key_len].to(x_BTD.dtype)
-        L = ckv_BTC.shape[1]
-        kv = self.kv_b_proj(ckv_BTC).view(B, L, H, self.nope + self.vdim).transpose(1, 2)
+            lat = cache_layer["latent"]  # (B, L, C + R): [c_kv | k_pe]
+            write_rows(lat, torch.cat([ckv_BTC, kpe_BTR], dim=-1), pos_BT, 1)
+            ckv_BTC, kpe_BTR = lat[:, :key_len].to(x_BTD.dtype).split([self.kv_rank, self.rope], dim=-1)
+        return self._expanded(q_BTHK, ckv_BTC, kpe_BTR, cos, sin, pos_BT, cache_layer is not None)
+
+    def _expanded(self, q_BTHK, ckv_BLC, kpe_BLR, cos, sin, pos_BT, cached):
+        """Naive MLA: expand per-head keys and values from the latent with ``kv_b_proj``."""
+        B, T, H, _ = q_BTHK.shape
+        q_nope, q_pe = q_BTHK.transpose(1, 2).split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        L = ckv_BLC.shape[1]
+        kv = self.kv_b_proj(ckv_BLC).view(B, L, H, self.nope + self.vdim).transpose(1, 2)
         k_nope, v_BHLK = kv.split([self.nope, self.vdim], dim=-1)
-        k_BHLK = torch.cat([k_nope, kpe_BTR.unsqueeze(1).expand(B, H, L, self.rope)], dim=-1)
+        k_BHLK = torch.cat([k_nope, kpe_BLR.unsqueeze(1).expand(B, H, L, self.rope)], dim=-1)
         q_BHTK = torch.cat([q_nope, q_pe], dim=-1)
-        o = _sdpa(q_BHTK, k_BHLK, v_BHLK, pos_BT, L, self.window, cache_layer is not None, self.scale)
+        o = _sdpa(q_BHTK, k_BHLK, v_BHLK, pos_BT, L, self.window, cached, self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.vdim))
+
+    def _absorbed(self, q_BTHK, ckv_BTC, k_pe_BTR, cos, sin, pos_BT, lat, key_len):
+        """Absorbed MLA over the cached latent ``[c_kv | k_pe]`` (X = C + R wide), never re-expanded.
+
+        Score of head h: ``q_nope . (W_uk[h] c) + q_pe . k_pe = [q_nope W_uk[h] | q_pe] . [c | k_pe]``,
+        and its output ``W_uv[h] (sum_j p_j c_j)``. So the key half of ``kv_b_proj`` is applied to
+        the query, the value half to the attention output, and attention itself is one head shared
+        by all H heads (:meth:`_latent_attention`). Per step this costs O(B * L * H * X) instead of
+        re-expanding O(B * L * C * H * (nope + v)) every step."""
+        B, T, H, _ = q_BTHK.shape
+        N = B * T
+        w = _linear_weight(self.kv_b_proj, q_BTHK.dtype).view(H, self.nope + self.vdim, self.kv_rank)
+        q_HNC = torch.bmm(q_BTHK[..., :self.nope].reshape(N, H, self.nope).transpose(0, 1), w[:, :self.nope])
+        # rope the queries' rope parts and the new key's together: (B, T, H + 1, R)
+        pe = apply_rope(torch.cat([q_BTHK[..., self.nope:], k_pe_BTR.unsqueeze(2)], dim=2),
+                        cos.transpose(1, 2), sin.transpose(1, 2))
+        o_NHC = self._latent_attention(q_HNC.transpose(0, 1), pe, ckv_BTC, pos_BT, lat, key_len)
+        o_HNV = torch.bmm(o_NHC.transpose(0, 1), w[:, self.nope:].transpose(1, 2))
+        return self.o_proj(o_HNV.transpose(0, 1).reshape(B, T, H * self.vdim))
+
+    def _absorbed_folded(self, x_BTD, folded, cos, sin, pos_BT, lat, key_len):
+        """:meth:`_absorbed` with the weights folded once (:meth:`_folded_weights`): one GEMM gives
+        the latent queries, the new latent, the rope parts and their ``rotate_half`` (so RoPE is
+        ``pe * cos + pe_rot * sin``); one GEMM maps the attended latent to the model width (``W_o``
+        after ``W_uv``). Five GEMM calls a layer become two, and RoPE three elementwise ops."""
+        B, T, _ = x_BTD.shape
+        H, C, R = self.n_heads, self.kv_rank, self.rope
+        w_in, w_qb, w_out = folded
+        y = F.linear(x_BTD, w_in)
+        if w_qb is None:  # [q_lat (H*C) | c_kv (C) | pe (H+1)*R | rotate_half(pe) (H+1)*R]
+            q_lat, ckv, pe, pe_rot = y.split([H * C, C, (H + 1) * R, (H + 1) * R], dim=-1)
+        else:  # [q_a | c_kv | k_pe | rotate_half(k_pe)], then q_b: [q_lat | q_pe | rotate_half(q_pe)]
+            qa, ckv, k_pe, k_rot = y.split([w_qb.shape[1], C, R, R], dim=-1)
+            q_lat, q_pe, q_rot = F.linear(self.q_a_layernorm(qa), w_qb).split([H * C, H * R, H * R], dim=-1)
+            pe, pe_rot = torch.cat([q_pe, k_pe], dim=-1), torch.cat([q_rot, k_rot], dim=-1)
+        pe = pe.view(B, T, H + 1, R) * cos.transpose(1, 2) + pe_rot.view(B, T, H + 1, R) * sin.transpose(1, 2)
+        o_NHC = self._latent_attention(q_lat.reshape(B * T, H, C), pe, self.kv_a_layernorm(ckv), pos_BT, lat, key_len)
+        return F.linear(o_NHC.reshape(B, T, H * C), w_out)
+
+    def _latent_attention(self, q_NHC, pe_BTJR, ckv_BTC, pos_BT, lat, key_len):
+        """Cache write and one-head attention over the latent cache: the N = B*T tokens' H queries
+        ``[q_lat | q_pe]`` are rows of a (B, T*H, X) batch against the cache (B, L, X). ``pe_BTJR``:
+        the roped rope parts of the H queries and (last, J = H + 1) of the new key. Returns the
+        attended latent (N, H, C)."""
+        B, T, J, R = pe_BTJR.shape
+        H, C, X = J - 1, self.kv_rank, self.kv_rank + self.rope
+        write_rows(lat, torch.cat([ckv_BTC, pe_BTJR[:, :, H]], dim=-1), pos_BT, 1)
+        lat_BLX = lat[:, :key_len]
+        if lat_BLX.dtype != q_NHC.dtype:
+            lat_BLX = lat_BLX.to(q_NHC.dtype)
+        q_BQX = torch.cat([q_NHC, pe_BTJR[:, :, :H].reshape(B * T, H, R)], dim=-1).view(B, T * H, X)
+        bias = attention_bias(pos_BT, lat_BLX.shape[1], self.window, q_BQX.dtype)  # (B, T, L)
+        if T > 1:
+            bias = bias.repeat_interleave(H, dim=1)                              # (B, T*H, L)
+        s_BQL = torch.baddbmm(bias, q_BQX, lat_BLX.transpose(1, 2), alpha=self.scale)
+        p_BQL = s_BQL.softmax(-1) if s_BQL.dtype == torch.float32 else s_BQL.float().softmax(-1).to(s_BQL.dtype)
+        return torch.bmm(p_BQL, lat_BLX).view(B * T, H, X)[..., :C]
+
+    def _folded_weights(self, dtype: torch.dtype):
+        """``(w_in, w_qb, w_out)`` for :meth:`_absorbed_folded`, or None where a projection is not a
+        plain ``nn.Linear`` (quantized) or a weight is an inference tensor (no version counter).
+
+        ``w_in`` stacks [per head ``W_uk[h]^T W_q_nope[h]`` | ``W_ckv`` | ``W_q_pe``, ``W_k_pe`` | the
+        same rows rotated by ``rotate_half``] (no q LoRA), or [``W_q_a`` | ``W_ckv`` | ``W_k_pe`` | its
+        rotation] with ``w_qb`` the folded ``q_b_proj`` [latent | rope | rotated rope]; ``w_out[:, h]
+        = W_o[:, h] W_uv[h]``. Folded in fp32 once and kept until a source weight changes (its
+        storage or version: an optimizer step or a load bumps it), so GRPO's updates are seen. A
+        write through ``weight.data`` bypasses the version counter: reset ``_folded = None`` then."""
+        lora = not hasattr(self, "q_proj")
+        mods = [self.q_b_proj if lora else self.q_proj, self.kv_a_proj_with_mqa, self.kv_b_proj, self.o_proj]
+        if lora:
+            mods.append(self.q_a_proj)
+        if not all(type(m) is nn.Linear for m in mods) or any(m.weight.is_inference() for m in mods):
+            return None
+        key = (dtype,) + tuple((m.weight.data_ptr(), m.weight._version) for m in mods)
+        if self._folded is not None and self._folded[0] == key:
+            return self._folded[1]
+        H, C, R, nope = self.n_heads, self.kv_rank, self.rope, self.nope
+        with torch.no_grad():
+            wq = mods[0].weight.float().view(H, nope + R, -1)                      # (H, nope + R, Din)
+            wkv = self.kv_b_proj.weight.float().view(H, nope + self.vdim, C)
+            wq_lat = torch.einsum("hnc,hnd->hcd", wkv[:, :nope], wq[:, :nope]).reshape(H * C, -1)
+            wq_pe = wq[:, nope:].reshape(H * R, -1)
+            w_kva = self.kv_a_proj_with_mqa.weight.float()
+            w_ckv, w_kpe = w_kva[:C], w_kva[C:]
+            if lora:
+                w_in = torch.cat([self.q_a_proj.weight.float(), w_ckv, w_kpe, _rotate_half_rows(w_kpe, R)])
+                w_qb = torch.cat([wq_lat, wq_pe, _rotate_half_rows(wq_pe, R)])
+            else:
+                pe = torch.cat([wq_pe, w_kpe])
+                w_in, w_qb = torch.cat([wq_lat, w_ckv, pe, _rotate_half_rows(pe, R)]), None
+            wo = self.o_proj.weight.float().view(-1, H, self.vdim)
+            w_out = torch.einsum("dhv,hvc->dhc", wo, wkv[:, nope:]).reshape(wo.shape[0], H * C)
+            folded = tuple(None if w is None else w.to(dtype).contiguous() for w in (w_in, w_qb, w_out))
+        self._folded = (key, folded)
+        return folded
+
+
+def _rotate_half_rows(w_MD: torch.Tensor, R: int) -> torch.Tensor:
+    """Rows of a weight whose outputs come in RoPE groups of R, rearranged so that ``x @ W'.T ==
+    rotate_half(x @ W.T)`` per group (``rotate_half([a, b]) = [-b, a]``).
+
+    >>> from tinyseek.model.layers import rotate_half
+    >>> w = torch.randn(8, 3); x = torch.randn(2, 3)
+    >>> torch.allclose(x @ _rotate_half_rows(w, 4).T, rotate_half((x @ w.T).view(2, 2, 4)).view(2, 8))
+    True
+    """
+    g = w_MD.view(-1, 2, R // 2, w_MD.shape[-1])
+    return torch.stack([-g[:, 1], g[:, 0]], dim=1).reshape(w_MD.shape)
+
+
+def _use_absorbed(impl: str, T: int, key_len: int, kv_b_proj: nn.Module) -> bool:
+    """``auto``: absorbed when the queries continue a cached sequence (decode steps, chunks), naive
+    for a prefill that fills a fresh cache (there, expanding the T keys once is the cheaper order).
+    A ``kv_b_proj`` without a readable weight (not a Linear or quantized Linear) stays naive."""
+    if impl == "naive" or (impl == "auto" and T >= key_len):
+        return False
+    return isinstance(kv_b_proj, nn.Linear) or hasattr(kv_b_proj, "dequant")
+
+
+def _linear_weight(mod: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The ``(out, in)`` float weight of an ``nn.Linear`` or a quantized stand-in (``dequant``)."""
+    if isinstance(mod, nn.Linear):
+        return mod.weight if mod.weight.dtype == dtype else mod.weight.to(dtype)
+    return mod.dequant(dtype)
 
 
 class GQA(nn.Module):

@@ -2,7 +2,8 @@
 
 That per-row length is what lets the serving engine admit a new request into a running batch
 (continuous batching): each slot is an independent sequence. For MLA the cache stores the
-compressed latent (``kv_lora_rank`` + ``qk_rope_head_dim`` floats per token, shared by all heads),
+compressed latent (``kv_lora_rank`` + ``qk_rope_head_dim`` floats per token, shared by all heads,
+in one ``latent`` buffer ``[c_kv | k_pe]`` so that absorbed decoding attends over it without a copy),
 which is the whole point of MLA; for GQA it stores keys and values of the ``n_kv_heads`` heads.
 
 With a sliding window the cache is still full length (no ring buffer): the window is applied as a
@@ -22,10 +23,8 @@ class KVCache:
         self.layers: list[dict[str, torch.Tensor]] = []
         for _ in range(cfg.n_layers):
             if cfg.attn == "mla":
-                self.layers.append({
-                    "ckv": torch.zeros(batch_size, self.max_len, cfg.kv_lora_rank, device=device, dtype=dtype),
-                    "kpe": torch.zeros(batch_size, self.max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype),
-                })
+                width = cfg.kv_lora_rank + cfg.qk_rope_head_dim  # [c_kv | k_pe] per token
+                self.layers.append({"latent": torch.zeros(batch_size, self.max_len, width, device=device, dtype=dtype)})
             else:
                 hd = cfg.gqa_head_dim
                 self.layers.append({
@@ -46,9 +45,9 @@ class KVCache:
 
 def write_rows(buf: torch.Tensor, new: torch.Tensor, pos_BT: torch.Tensor, seq_dim: int) -> None:
     """Write ``new`` (B, ..T..) into ``buf`` (B, ..L..) at positions ``pos_BT`` along ``seq_dim``."""
+    if new.dtype != buf.dtype:
+        new = new.to(buf.dtype)
     if seq_dim == 1:  # buf (B, L, C), new (B, T, C)
-        idx = pos_BT.unsqueeze(-1).expand(-1, -1, buf.shape[-1])
-        buf.scatter_(1, idx, new.to(buf.dtype))
+        buf.scatter_(1, pos_BT.unsqueeze(-1).expand(-1, -1, buf.shape[-1]), new)
     else:  # seq_dim == 2: buf (B, H, L, K), new (B, H, T, K)
-        idx = pos_BT[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[-1])
-        buf.scatter_(2, idx, new.to(buf.dtype))
+        buf.scatter_(2, pos_BT[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[-1]), new)

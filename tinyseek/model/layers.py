@@ -17,10 +17,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * self.weight.float()).to(dtype)
+        # x * rsqrt(mean(x^2) + eps) * weight in fp32: one fused op (the hand-written form cost 8
+        # small ops, which dominate a decode step of a small model)
+        w = self.weight
+        if x.dtype == torch.float32 and w.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), w.float(), self.eps).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -50,7 +52,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x_BHTK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return (x_BHTK * cos.to(x_BHTK.dtype)) + (rotate_half(x_BHTK) * sin.to(x_BHTK.dtype))
+    if cos.dtype != x_BHTK.dtype:
+        cos, sin = cos.to(x_BHTK.dtype), sin.to(x_BHTK.dtype)
+    return (x_BHTK * cos) + (rotate_half(x_BHTK) * sin)
 
 
 class SwiGLU(nn.Module):

@@ -17,8 +17,8 @@ positions, allocated once. Each request lives in one slot. A scheduler step:
 Requests can join and leave between any two decode steps (continuous batching). ``generate()`` is
 the batch API used by GRPO rollouts and eval (it runs the steps in the caller's thread, or hands
 the requests to the background thread when one runs); ``stream()`` is its one-prompt streaming
-form (terminal chat). The server uses ``start()`` (a background scheduler thread that waits up to
-``max_wait`` seconds to gather a batch before starting an idle engine), ``astream()`` (async
+form (terminal chat). The server uses ``start()`` (a background scheduler thread; when idle it
+gathers a burst of arrivals, up to ``max_wait`` seconds, before the first prefill), ``astream()`` (async
 iterator of token/text events) and ``acomplete()`` (await the final completion only).
 
 Not done (on purpose, for size): no prefix caching, no chunked prefill fused with decode steps (a
@@ -142,7 +142,8 @@ class Engine:
                  eos_id: int | None = None, max_wait: float = 0.0, prefill_tokens: int = 8192):
         """``max_len``: cache positions per slot (prompt + completion), default the model's
         ``max_seq_len``. ``eos_id`` defaults to ``tokenizer.eos_id``. ``max_wait``: seconds the
-        background scheduler waits to fill a batch when idle. ``prefill_tokens``: padded tokens
+        background scheduler waits at most to gather a burst of requests when idle (it stops
+        earlier once no request came for ``max_wait / 4``). ``prefill_tokens``: padded tokens
         per prefill forward (larger admissions are split)."""
         if max_batch < 1:
             raise UserError(f"max_batch must be >= 1, got {max_batch}")
@@ -159,6 +160,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.cache = model.new_cache(max_batch, self.max_len)
         self.slots: list[Request | None] = [None] * max_batch
+        self._views: dict[int, _RowsView] = {}  # first-n-rows views of the cache, made once per n
         self._last = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # next input id per slot
         self._queue: deque[Request] = deque()
         self._cv = threading.Condition()
@@ -298,16 +300,27 @@ class Engine:
                     self._cv.wait()
                 if self._stopping and not self._queue and self.num_active() == 0:
                     return
-                if self.num_active() == 0 and self.max_wait > 0:  # idle: gather a batch first
-                    end = self._queue[0].submitted + self.max_wait
-                    while len(self._queue) < self.max_batch and (left := end - time.monotonic()) > 0:
-                        self._cv.wait(left)
+                if self.num_active() == 0 and self.max_wait > 0:  # idle: gather a burst first
+                    self._gather_burst()
             with self._drive:
                 try:
                     self.step()
                 except Exception:  # step() already failed the affected requests; keep the thread alive
                     import traceback
                     traceback.print_exc()
+
+    def _gather_burst(self) -> None:
+        """An idle engine waits (holding ``_cv``) while requests keep arriving: until none came for
+        ``max_wait / 4``, ``max_wait`` after the first, or the batch is full. A lone request thus
+        waits only the short gap, and a burst (clients that all got their answers at once and
+        send again) is prefilled in one forward instead of one straggler at a time."""
+        end = self._queue[0].submitted + self.max_wait
+        gap = self.max_wait / 4
+        while len(self._queue) < self.max_batch:
+            left = min(end, self._queue[-1].submitted + gap) - time.monotonic()
+            if left <= 0:
+                return
+            self._cv.wait(left)
 
     def num_active(self) -> int:
         return sum(r is not None for r in self.slots)
@@ -397,29 +410,40 @@ class Engine:
         t0 = time.perf_counter()
         busy = [i for i, r in enumerate(self.slots) if r is not None]
         n = busy[-1] + 1
-        view = _RowsView(self.cache, n)
-        if len(busy) < n:  # holes: keep their length at 0 so they do not stretch the key length
+        view = self._views.get(n)
+        if view is None:
+            view = self._views[n] = _RowsView(self.cache, n)
+        packed = len(busy) == n  # the usual case: no finished slot below the highest busy one
+        if not packed:  # holes: keep their length at 0 so they do not stretch the key length
             holes = torch.tensor([i for i in range(n) if self.slots[i] is None], device=self.device)
             view.lengths[holes] = 0
         logits = self.model(self._last[:n, None], cache=view).logits[:, -1]
-        if len(busy) < n:
+        if packed:
+            rows = slice(0, n)
+        else:
             view.lengths[holes] = 0
-        reqs = [self.slots[i] for i in busy]
-        self._sample_and_advance(reqs, logits[torch.tensor(busy, device=self.device)] if len(busy) < n else logits)
+            rows = torch.tensor(busy, device=self.device)
+            logits = logits[rows]
+        self._sample_and_advance([self.slots[i] for i in busy], logits, rows)
         self.stats["steps"] += 1
         self.stats["decode_tokens"] += len(busy)
         dt = time.perf_counter() - t0
         for cb in self.step_listeners:
             cb(len(busy), dt)
 
-    def _sample_and_advance(self, reqs: list[Request], logits_NV: torch.Tensor) -> None:
+    def _sample_and_advance(self, reqs: list[Request], logits_NV: torch.Tensor,
+                            rows: slice | torch.Tensor | None = None) -> None:
+        """Sample one token per request (row i of ``logits_NV`` is ``reqs[i]``), store it as the
+        slot's next input (``rows``: the slots, default ``[r.slot for r in reqs]``) and append it."""
         if self.n_vocab < logits_NV.shape[-1]:
             logits_NV = logits_NV[:, :self.n_vocab]
         ps = [r.params for r in reqs]
         u = [r.rng.random() if (p.temperature > 0 and p.top_k != 1) else 0.0 for r, p in zip(reqs, ps)]
         toks_t = sample_tokens(logits_NV, [p.temperature for p in ps], [p.top_k for p in ps],
                                [p.top_p for p in ps], u)
-        self._last[torch.tensor([r.slot for r in reqs], device=self.device)] = toks_t
+        if rows is None:
+            rows = torch.tensor([r.slot for r in reqs], device=self.device)
+        self._last[rows] = toks_t
         now = time.monotonic()
         for r, t in zip(reqs, toks_t.tolist()):
             self._append(r, t, now)

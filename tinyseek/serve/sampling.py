@@ -57,14 +57,15 @@ def sample_tokens(logits_NV: torch.Tensor, temperature: list[float], top_k: list
     [1]
     """
     N = logits_NV.shape[0]
-    out = logits_NV.argmax(-1)
     rows = [i for i in range(N) if temperature[i] > 0 and top_k[i] != 1]
     if not rows:
-        return out
+        return logits_NV.argmax(-1)
     dev = logits_NV.device
-    idx = torch.tensor(rows, device=dev)
-    temp = torch.tensor([temperature[i] for i in rows], device=dev)
-    x = logits_NV[idx].float()
+    every = len(rows) == N  # all rows sample: no gather / scatter of rows
+    idx = None if every else torch.tensor(rows, device=dev)
+    temp_u = torch.tensor([[temperature[i] for i in rows], [u[i] for i in rows]], device=dev)
+    temp = temp_u[0]
+    x = (logits_NV if every else logits_NV[idx]).float()
     ks = [top_k[i] for i in rows]
     if all(k == 0 for k in ks) and all(top_p[i] >= 1.0 for i in rows):
         # plain temperature sampling needs no sorting: inverse CDF over the probabilities in id order
@@ -76,10 +77,16 @@ def sample_tokens(logits_NV: torch.Tensor, temperature: list[float], top_k: list
             srt, order = torch.sort(x, dim=-1, descending=True, stable=True)
         p = filtered_probs(srt, temp, torch.tensor(ks, device=dev), torch.tensor([top_p[i] for i in rows], device=dev))
     cdf = p.cumsum(-1)
-    target = torch.tensor([u[i] for i in rows], device=dev, dtype=cdf.dtype) * cdf[:, -1]
+    target = temp_u[1].to(cdf.dtype) * cdf[:, -1]
     j = torch.searchsorted(cdf, target[:, None], right=True).clamp(max=p.shape[-1] - 1)
-    # never land on a zero-probability entry (possible only through rounding at the very end)
-    last = p.shape[-1] - 1 - (p > 0).flip(-1).int().argmax(-1, keepdim=True)
-    j = torch.minimum(j, last)
-    out[idx] = (order.gather(1, j) if order is not None else j).squeeze(1)
+    # never land on a zero-probability entry (possible only through rounding at the very end); the
+    # check is cheap, the fix (last nonzero entry of each row) is done only when some row needs it
+    if bool((p.gather(1, j) == 0).any()):
+        last = p.shape[-1] - 1 - (p > 0).flip(-1).int().argmax(-1, keepdim=True)
+        j = torch.minimum(j, last)
+    tok = (order.gather(1, j) if order is not None else j).squeeze(1)
+    if every:
+        return tok
+    out = logits_NV.argmax(-1)
+    out[idx] = tok
     return out
