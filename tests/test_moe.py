@@ -277,3 +277,18 @@ def test_auto_uses_grouped_kernel_on_cpu_when_available():
     assert m._pick_impl(x) == expected
     if hasattr(torch, "_grouped_mm") and torch.__version__ >= (2, 13):
         assert expected == "grouped"  # torch 2.13 CPU runs _grouped_mm in fp32 with autograd
+
+
+def test_auto_picks_the_fused_node_only_when_gradients_flow():
+    from tinyseek.model.moe import _grouped_mm_ok
+
+    cfg = model_micro()
+    m = MoE(cfg)
+    x = torch.randn(6, cfg.d_model)
+    if not _grouped_mm_ok(x.device, x.dtype):
+        pytest.skip("no grouped_mm here: auto is the sorted loop")
+    assert m._pick_impl(x) == "grouped"                       # weights require grad
+    with torch.no_grad():
+        assert m._pick_impl(x) == "grouped_autograd"
+    with torch.inference_mode():
+        assert m._pick_impl(x) == "grouped_autograd"

@@ -216,7 +216,12 @@ class MoE(nn.Module):
     def _pick_impl(self, x_ND: torch.Tensor) -> str:
         if self.impl != "auto":
             return self.impl
-        return "grouped" if _grouped_mm_ok(x_ND.device, self._compute_dtype(x_ND)) else "sorted"
+        if not _grouped_mm_ok(x_ND.device, self._compute_dtype(x_ND)):
+            return "sorted"
+        # the fused node pays for its backward plan up front: without gradients (decoding, rollouts,
+        # eval) the plain grouped GEMMs are 15-25% faster per layer (measured on cpu-tiny, 1-256 tokens)
+        needs_grad = torch.is_grad_enabled() and (x_ND.requires_grad or self.experts.w_gate_up.requires_grad)
+        return "grouped" if needs_grad else "grouped_autograd"
 
     # --- dispatch implementations: (x_ND, idx_NK, w_NK, keep_A or None, counts_E) -> y_ND --------
     def _loop(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
