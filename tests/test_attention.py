@@ -242,3 +242,16 @@ def test_mla_cache_holds_only_the_latent():
     cache = model.new_cache(2, 10)
     assert [list(layer) for layer in cache.layers] == [["latent"]] * c.n_layers
     assert cache.nbytes() == c.n_layers * 2 * 10 * (c.kv_lora_rank + c.qk_rope_head_dim) * 4
+
+
+def test_logits_at_gives_the_requested_positions_only():
+    model = make_model("mla")
+    idx = torch.randint(0, model.cfg.vocab_size, (3, 9), generator=torch.Generator().manual_seed(2))
+    at = torch.tensor([8, 0, 4])
+    with torch.no_grad():
+        full = model(idx).logits
+        some = model(idx, cache=model.new_cache(3), logits_at=at).logits
+    assert some.shape == (3, 1, model.cfg.vocab_size)
+    torch.testing.assert_close(some[:, 0], full[torch.arange(3), at], atol=ATOL, rtol=1e-4)
+    with pytest.raises(ValueError, match="exclusive"):
+        model(idx, idx, logits_at=at)

@@ -96,9 +96,10 @@ class Transformer(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> ModelOutput:
+                cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> ModelOutput:
         """``targets`` use -100 for positions without loss. With ``cache``, ``idx`` continues each
-        row from ``cache.lengths`` and the lengths advance by T."""
+        row from ``cache.lengths`` and the lengths advance by T. ``logits_at`` (B,) positions:
+        logits only there, shape (B, 1, V) (a prefill needs the last prompt position only)."""
         B, T = idx_BT.shape
         if cache is None:
             pos_BT = torch.arange(T, device=idx_BT.device).expand(B, T)
@@ -127,6 +128,10 @@ class Transformer(nn.Module):
                 dropped.append(stats["dropped"])
         if cache is not None:
             cache.lengths += T
+        if logits_at is not None:
+            if targets_BT is not None:
+                raise ValueError("logits_at and targets are exclusive (the loss needs every position)")
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]
         logits = self.lm_head(self.norm(x))
         out = ModelOutput(logits=logits, aux_loss=aux,
                           expert_counts=torch.stack(counts) if counts else None,

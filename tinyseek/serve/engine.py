@@ -390,8 +390,7 @@ class Engine:
             ids[i, :len(r.prompt)] = torch.tensor(r.prompt)
         lens = torch.tensor([len(r.prompt) for r in reqs], device=dev)
         tmp = self.model.new_cache(k, T, dtype=next(iter(self.cache.layers[0].values())).dtype)
-        logits = self.model(ids.to(dev), cache=tmp).logits
-        last = logits[torch.arange(k, device=dev), lens - 1]
+        last = self.model(ids.to(dev), cache=tmp, logits_at=lens - 1).logits[:, 0]
         rows = torch.tensor([r.slot for r in reqs], device=dev)
         for big, small in zip(self.cache.layers, tmp.layers):
             for name, buf in big.items():
