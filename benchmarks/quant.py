@@ -7,10 +7,14 @@
 Columns: file size of ``model.safetensors`` and its ratio to fp32; resident weight memory (bytes
 of the model's tensors, RoPE tables excluded), its ratio, and the ratio over the quantized part
 only ("qpart x"); held-out perplexity (val shards beside the checkpoint) and its change; greedy
-KV-cache decode tokens/s (batch 1, all variants timed in interleaved rounds, median) and its ratio
-to fp32, with the PyTorch-op path and ("fused") with the optional C++ kernels of
-``tinyseek/quant/kernels.py``; held-out task pass@1 (greedy) when ``--task-model`` is given (that
-model quantized with the same settings).
+KV-cache decode tokens/s (batch 1, ``model(tok, cache=...)`` as the serving engine calls it, all
+variants timed in interleaved rounds, median) and its ratio to fp32, as shipped (the fused C
+kernels of ``tinyseek/quant/kernels.py``, on by default) and ("plain") with them off
+(``TINYSEEK_QUANT_KERNELS=0``: PyTorch ops only); held-out task pass@1 (greedy) when
+``--task-model`` is given (that model quantized with the same settings).
+
+The quantized variants quantize the token embedding too (format v2); ``int8 rtn-fpemb`` is int8
+with the embedding left fp32 (the format-v1 layout), to show what the embedding costs on disk.
 
 Calibration rows: ``rtn`` = round-to-nearest min-max scales, no data; ``minmax`` / ``percentile``
 / ``kl`` = AWQ-style scale search on the calibration batches with that activation-range
@@ -91,7 +95,9 @@ def main() -> None:
     ap.add_argument("--task-difficulty", type=int, default=1, help="0 = the task's own mix")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--no-kernels", action="store_true", help="skip the fused-kernel decode column")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain (kernels off) decode column")
+    ap.add_argument("--data", default="", help="token shard folder (default: beside the checkpoint, or the "
+                    "run's config.json 'data')")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,9 +115,9 @@ def main() -> None:
         print(f"trained cpu-tiny for {args.train_steps} steps in {time.time() - t:.0f}s -> {args.ckpt}")
     step = resolve_checkpoint(args.ckpt)
     base, meta = load_model(step, device=args.device)
-    data = find_calib_data(argparse.Namespace(calib_data=""), step)
+    data = find_calib_data(argparse.Namespace(calib_data=args.data), step) or _data_from_run_config(step)
     if data is None:
-        raise SystemExit(f"no token shards beside {step} (expected <run>/data/train)")
+        raise SystemExit(f"no token shards beside {step} (expected <run>/data/train); pass --data")
     T = min(256, base.cfg.max_seq_len)
     calib = load_batches(data, args.calib_batches, 8, T, args.device)
     val = load_batches(held_out_path(data) or data, args.eval_batches, 8, T, args.device)
@@ -147,6 +153,11 @@ def main() -> None:
     variants.append(("fp32", srt, fdir / "model.safetensors", "sorted-moe", None))
     cals = args.calibrations.split(",")
     specs = [("int8", 0)] + [("int4", int(g)) for g in args.groups.split(",") if g]
+    q = copy.deepcopy(base)  # int8 with a float embedding (format v1 layout): what the embedding costs
+    spec = QuantSpec("int8", embed=False)
+    rep = quantize_model(q, spec)
+    d = save_quantized(q, work / "int8-fpemb", quant_config(q, spec, rep["modules"]), meta)
+    fpemb = ("int8", q, d / "model.safetensors", "rtn-fpemb", None)
     for method, g in specs:
         for cal in cals:
             spec = QuantSpec(method, g or 128, "minmax" if cal == "rtn" else cal,
@@ -161,6 +172,8 @@ def main() -> None:
                 tq = copy.deepcopy(task[1])
                 quantize_model(tq, spec, None if cal == "rtn" else task[3])
             variants.append((name, q, d / "model.safetensors", cal, tq))
+            if name == "int8" and cal == "rtn":
+                variants.append(fpemb)
             print(f"  quantized {name} {cal}: {time.time() - t:.1f}s, smoothed {rep['smoothed']} matrices, "
                   f"calib rel err {rep['err']:.3g} (rtn {rep['err_rtn']:.3g})", flush=True)
     if args.qat_steps:
@@ -206,34 +219,37 @@ def main() -> None:
         t = time.time()
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-        q = copy.deepcopy(base)
-        quantize_(q, Int8WeightOnlyConfig())
-        tq = None
-        if task:
-            tq = copy.deepcopy(task[1])
-            quantize_(tq, Int8WeightOnlyConfig())
+        def ao(model):
+            quantize_(model, Int8WeightOnlyConfig())
+            for mod in model.modules():  # torchao's Int8Tensor weights cannot be read back as float
+                if type(mod).__name__ == "MLA":  # matrices by the absorbed MLA decode: use the naive one
+                    mod.impl = "naive"
+            return model
+
+        q = ao(copy.deepcopy(base))
+        tq = ao(copy.deepcopy(task[1])) if task else None
         variants.append(("torchao-int8", q, None, "linears", tq))
         print(f"  torchao Int8WeightOnly: {time.time() - t:.1f}s (incl. import)")
 
     # ---- measure -----------------------------------------------------------------------
     from tinyseek.quant import kernels
 
-    use_k = not args.no_kernels and args.device == "cpu" and kernels.enable()
-    kernels.enable(False)
+    shipped = kernels.available() if args.device == "cpu" else False  # default settings
+    print(f"  fused kernels as shipped: {'on' if shipped else 'off/unavailable'}")
     rows = []
     prompt = val[0][0][:1, :32]
     times: dict[tuple[int, bool], list[float]] = {}
-    modes = [False, True] if use_k else [False]
+    modes = [shipped] + ([False] if shipped and not args.no_plain else [])
     for i, (_, m, _, _, _) in enumerate(variants):
         decode_seconds(m, prompt, 8)  # warm-up
     for _ in range(args.rounds):
         for i, (name, m, _, _, _) in enumerate(variants):
             for k in modes:
-                if k and (name == "fp32" or name == "torchao-int8"):
-                    continue
+                if k != shipped and (name == "fp32" or name == "torchao-int8"):
+                    continue  # float models do not use the kernels: one column
                 kernels.enable(k)
                 times.setdefault((i, k), []).append(decode_seconds(m, prompt, args.decode_tokens))
-    kernels.enable(False)
+    kernels.enable(shipped)
     f_bytes = weight_bytes(base)["total"]
     for i, (name, m, path, cal, tq) in enumerate(variants):
         if name == "torchao-int8":  # tensor subclasses: count the int8 data + scales it holds
@@ -246,13 +262,14 @@ def main() -> None:
             "mem_mb": wb["total"] / 1e6,
             "part_x": (f_bytes - wb["float"]) / wb["quantized"] if wb["quantized"] else float("nan"),
             "ppl": perplexity(m, val),
-            "tok_s": args.decode_tokens / statistics.median(times[(i, False)]),
-            "tok_s_k": args.decode_tokens / statistics.median(times[(i, True)]) if (i, True) in times else float("nan"),
+            "tok_s": args.decode_tokens / statistics.median(times[(i, shipped)]),
+            "tok_s_k": args.decode_tokens / statistics.median(times[(i, False)])
+            if shipped and (i, False) in times else float("nan"),
             "acc": task_accuracy(tq, task[0], task[2]) if task and tq is not None else float("nan"),
         })
     f = rows[0]
     head = (f"{'model':<13}{'calib':<11}{'file MB':>8}{'x':>6}{'mem MB':>8}{'x':>6}{'qpart x':>8}"
-            f"{'ppl':>8}{'dppl %':>8}{'tok/s':>8}{'x':>6}{'fused':>8}{'x':>6}" + (f"{'task acc':>9}" if task else ""))
+            f"{'ppl':>8}{'dppl %':>8}{'tok/s':>8}{'x':>6}{'plain':>8}{'x':>6}" + (f"{'task acc':>9}" if task else ""))
     print()
     print(f"checkpoint {step} | {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params | "
           f"held-out {args.eval_batches}x8x{T} tokens | decode batch 1, {args.decode_tokens} tokens, "
@@ -266,6 +283,20 @@ def main() -> None:
               f"{r['ppl']:>8.4f}{100 * (r['ppl'] / f['ppl'] - 1):>+8.2f}{r['tok_s']:>8.1f}{r['tok_s'] / f['tok_s']:>6.2f}"
               f"{_fmt(r['tok_s_k'], '.1f'):>8}{_fmt(r['tok_s_k'] / f['tok_s'], '.2f'):>6}"
               + (f"{_fmt(r['acc'], '.3f'):>9}" if task else ""))
+
+
+def _data_from_run_config(step: Path) -> Path | None:
+    """The ``data`` shard folder named in the run's ``config.json`` (pipeline runs keep shards there)."""
+    import json
+
+    for run in (step.parent.parent, step.parent, step):
+        cfg = run / "config.json"
+        if cfg.is_file():
+            d = json.loads(cfg.read_text()).get("data")
+            for cand in ((Path(d), ROOT / d) if d else ()):
+                if (cand / "index.json").is_file():
+                    return cand
+    return None
 
 
 def _fmt(v: float, spec: str) -> str:

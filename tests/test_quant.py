@@ -14,9 +14,9 @@ from tinyseek.errors import UserError
 from tinyseek.model import Transformer
 from tinyseek.model.moe import MoE
 from tinyseek.quant.calibrate import activation_range, search_smoothing
-from tinyseek.quant.modules import QuantExperts, QuantLinear, dequantize_weight
+from tinyseek.quant.modules import QuantEmbedding, QuantExperts, QuantLinear, dequantize_weight
 from tinyseek.quant.ops import pack_int4, unpack_int4
-from tinyseek.quant.qat import QATExperts, QATLinear, convert_qat, iter_batches, prepare_qat, qat_finetune
+from tinyseek.quant.qat import QATEmbedding, QATExperts, QATLinear, convert_qat, iter_batches, prepare_qat, qat_finetune
 from tinyseek.quant.quantize import (QuantSpec, load_quantized, quant_config, quantize_model, save_quantized,
                                      weight_bytes)
 
@@ -146,7 +146,7 @@ def _dequantised_float_copy(float_model: Transformer, qmodel: Transformer) -> Tr
     """The float model with every quantized weight replaced by its dequantised value."""
     ref = copy.deepcopy(float_model)
     for name, mod in qmodel.named_modules():
-        if isinstance(mod, QuantLinear):
+        if isinstance(mod, (QuantLinear, QuantEmbedding)):
             ref.get_submodule(name).weight.data.copy_(mod.dequant())
         elif isinstance(mod, QuantExperts):
             ref.get_submodule(name).w_gate_up.data.copy_(mod.w_gate_up)
@@ -167,7 +167,9 @@ def test_quantized_model_logits_close_to_float(attn, spec):
     kinds = report["modules"]
     assert any(v.startswith("experts") for v in kinds.values()) and "lm_head" in kinds
     assert not any("router" in n for n in kinds)
-    assert isinstance(q.embed, torch.nn.Embedding) and q.embed.weight.dtype == torch.float32
+    assert isinstance(q.embed, QuantEmbedding) and kinds["embed"] == "embedding"
+    assert all(b.ffn.router.weight.dtype == torch.float32 for b in q.blocks if isinstance(b.ffn, MoE))
+    assert all(b.attn_norm.weight.dtype == torch.float32 for b in q.blocks)   # routers and norms stay fp32
     with torch.no_grad():
         out = q(idx).logits
         exact = _dequantised_float_copy(m, q)(idx).logits
@@ -183,33 +185,118 @@ def test_quantized_model_logits_close_to_float(attn, spec):
 def test_weight_part_really_4x_and_over_6x_smaller_on_disk(tmp_path):
     from tinyseek.train.checkpoint import save_weights
 
-    m = micro(d_model=128, d_ff=256, moe_d_ff=64)
+    m = micro(d_model=128, d_ff=256, moe_d_ff=64, kv_lora_rank=64)
     save_weights(m.state_dict(), tmp_path / "float.safetensors")
     fsize = (tmp_path / "float.safetensors").stat().st_size
     sizes = {}
-    for spec in (QuantSpec("int8", search="none"), QuantSpec("int4", 128, search="none"),
-                 QuantSpec("int4", 32, search="none")):
+    for spec in (QuantSpec("int8", search="none"), QuantSpec("int8", search="none", embed=False),
+                 QuantSpec("int4", 128, search="none"), QuantSpec("int4", 32, search="none")):
         q = copy.deepcopy(m)
         rep = quantize_model(q, spec)
-        d = save_quantized(q, tmp_path / f"{spec.method}{spec.group_size}", quant_config(q, spec, rep["modules"]))
+        d = save_quantized(q, tmp_path / f"{spec.method}{spec.group_size}{spec.embed}",
+                           quant_config(q, spec, rep["modules"]))
         wb_f, wb_q = weight_bytes(m), weight_bytes(q)
         part_ratio = (wb_f["total"] - wb_q["float"]) / wb_q["quantized"]
         file = (d / "model.safetensors").stat().st_size
         assert file == pytest.approx(wb_q["total"], rel=0.05)     # the file holds what memory holds
-        sizes[(spec.method, spec.group_size)] = (part_ratio, fsize / file)
-    assert sizes[("int8", 128)][0] > 3.8       # fp32 per-row scales: 4K/(K+4), 3.88 at K=128
-    assert sizes[("int4", 128)][0] > 7.0 and sizes[("int4", 32)][0] > 6.5
-    assert sizes[("int4", 128)][1] > sizes[("int8", 128)][1] > 2.5
+        assert all(t.dtype == torch.float16 for k, t in q.state_dict().items()
+                   if k.endswith(("scale", "s_gate_up", "s_down")))
+        sizes[(spec.method, spec.group_size, spec.embed)] = (part_ratio, fsize / file)
+    assert sizes[("int8", 128, True)][0] > 3.88       # fp16 per-row scales: 4K/(K+2), 3.88 at K=64, 3.94 at K=128
+    assert sizes[("int8", 128, True)][1] > 3.8        # embedding quantized too: the whole file ~4x
+    assert sizes[("int8", 128, False)][1] < 3.5       # a float embedding alone costs the 4x
+    assert sizes[("int4", 128, True)][0] > 7.0 and sizes[("int4", 32, True)][0] > 6.5
+    assert sizes[("int4", 32, True)][1] > 6.0
+
+
+def test_scales_round_up_so_nothing_clips():
+    from tinyseek.quant.ops import group_scales, quantize
+
+    w = torch.tensor([[0.0007, -0.00031, 0.0002], [1.3, 0.5, -0.7]])  # row 0: subnormal fp16 scale
+    s = group_scales(w, 8, 0)
+    assert torch.equal(s, s.half().float()) and torch.all(s * 127 >= w.abs().amax(1, keepdim=True))
+    q = quantize(w, 8, 0, s)
+    assert int(q.abs().max()) <= 127
+    assert torch.all((q.float() * s - w).abs() <= s / 2 + 1e-12)   # plain rounding error, no clipping
+
+
+def test_quantized_embedding_looks_up_dequantised_rows():
+    torch.manual_seed(0)
+    w = torch.randn(50, 24)
+    for bits, g in ((8, 0), (4, 32)):
+        emb = QuantEmbedding.from_float(w, bits, g)
+        idx = torch.tensor([[3, 0, 49], [7, 7, 1]])
+        out = emb(idx)
+        assert out.shape == (2, 3, 24) and out.dtype == torch.float32
+        assert torch.equal(out, emb.dequant()[idx])
+        assert rel(out, w[idx]) < (0.01 if bits == 8 else 0.15)
+        with pytest.raises(IndexError):
+            emb(torch.tensor([50]))
+
+
+def test_tied_embedding_is_quantized_once(tmp_path):
+    m = micro(tie_embeddings=True)
+    q = copy.deepcopy(m)
+    spec = QuantSpec("int8")
+    rep = quantize_model(q, spec)
+    assert rep["modules"]["embed"] == "embedding" and rep["modules"]["lm_head"] == "linear_tied"
+    assert q.lm_head.qweight is q.embed.qweight and q.lm_head.scale is q.embed.scale
+    d = save_quantized(q, tmp_path / "q", quant_config(q, spec, rep["modules"]))
+    q2, _ = load_quantized(d)
+    assert q2.lm_head.qweight is q2.embed.qweight
+    idx = tokens()
+    with torch.no_grad():
+        assert torch.equal(q2(idx).logits, q(idx).logits)
+        assert rel(q(idx).logits, m(idx).logits) < 0.03
+    untied = micro()
+    rep_u = quantize_model(untied, spec)
+    d_u = save_quantized(untied, tmp_path / "u", quant_config(untied, spec, rep_u["modules"]))
+    table = m.cfg.vocab_size * m.cfg.d_model
+    assert (d_u / "model.safetensors").stat().st_size - (d / "model.safetensors").stat().st_size > 0.9 * table
+    with pytest.raises(UserError, match="ties lm_head to the embedding"):
+        quantize_model(micro(tie_embeddings=True), QuantSpec("int8", embed=False))
+
+
+def _as_format_v1(q, d):
+    """Rewrite a v2 int8 checkpoint without a quantized embedding as format 1 (fp32 int8 scales)."""
+    from tinyseek.train.checkpoint import save_weights
+
+    state = {k: (t.float() if t.dtype == torch.float16 else t) for k, t in q.state_dict().items()}
+    save_weights(state, d / "model.safetensors")
+    c = json.loads((d / "quant_config.json").read_text())
+    c["format_version"] = 1
+    for k in ("scale_dtype", "embed"):
+        c.pop(k)
+    (d / "quant_config.json").write_text(json.dumps(c))
+
+
+def test_format_v1_checkpoint_still_loads(tmp_path):
+    m = micro()
+    spec = QuantSpec("int8", embed=False)
+    rep = quantize_model(m, spec)
+    d = save_quantized(m, tmp_path / "q", quant_config(m, spec, rep["modules"]))
+    _as_format_v1(m, d)
+    q1, _ = load_quantized(d)
+    assert q1.lm_head.scale.dtype == torch.float32 and isinstance(q1.embed, torch.nn.Embedding)
+    idx = tokens()
+    with torch.no_grad():
+        assert torch.allclose(q1(idx).logits, m(idx).logits, atol=1e-4)
+    c = json.loads((d / "quant_config.json").read_text())
+    c["modules"]["embed"] = "embedding"      # v1 never quantized the embedding
+    (d / "quant_config.json").write_text(json.dumps(c))
+    with pytest.raises(UserError, match="unknown to format version 1"):
+        load_quantized(d)
 
 
 # ---------------------------------------------------------------------------------------------
 # QAT
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,gs", [("int4", 32), ("int8", 0)])
-def test_qat_converted_model_matches_fake_quant_forward(method, gs):
-    m = micro()
+@pytest.mark.parametrize("method,gs,tie", [("int4", 32, False), ("int8", 0, False), ("int8", 0, True)])
+def test_qat_converted_model_matches_fake_quant_forward(method, gs, tie):
+    m = micro(tie_embeddings=tie)
     prepare_qat(m, method, gs)
     assert any(isinstance(x, QATLinear) for x in m.modules()) and any(isinstance(x, QATExperts) for x in m.modules())
+    assert isinstance(m.embed, QATEmbedding) and (m.lm_head.weight is m.embed.weight) == tie
     data = [(tokens(4, 32, seed=s), tokens(4, 32, seed=s + 10)) for s in range(2)]
     before = m.lm_head.weight.detach().clone()
     losses = qat_finetune(m, iter_batches(data), steps=3, lr=1e-3)
@@ -219,8 +306,9 @@ def test_qat_converted_model_matches_fake_quant_forward(method, gs):
     with torch.no_grad():
         fake = m(idx).logits
     kinds = convert_qat(m)
-    assert not any(isinstance(x, (QATLinear, QATExperts)) for x in m.modules())
-    assert "lm_head" in kinds
+    assert not any(isinstance(x, (QATLinear, QATExperts, QATEmbedding)) for x in m.modules())
+    assert kinds["lm_head"] == ("linear_tied" if tie else "linear") and kinds["embed"] == "embedding"
+    assert (m.lm_head.qweight is m.embed.qweight) == tie
     with torch.no_grad():
         real = m(idx).logits
     assert torch.allclose(real, fake, atol=1e-4, rtol=1e-4)
@@ -263,13 +351,15 @@ def _edit(d, **changes):
 
 
 @pytest.mark.parametrize("change,needle", [
-    ({"format_version": 2}, "format version"),
+    ({"format_version": 3}, "format version"),
+    ({"scale_dtype": "float32"}, "scale_dtype"),
+    ({"embed": False}, "embed is False"),
     ({"bits": 8}, "bits"),
     ({"method": "int3"}, "unknown method"),
     ({"group_size": 128}, "tensor"),            # consistent-looking config, wrong tensor shapes
     ({"group_size": 48}, "group size"),
     ({"d_model": 96}, "disagree on the model config"),
-    ({"d_model": 96, "drop_meta": True}, "tensor embed.weight"),
+    ({"d_model": 96, "drop_meta": True}, "tensor embed.qweight"),
     ({"format": "gguf"}, "not a tinyseek-quant"),
 ])
 def test_load_refuses_mismatch(tmp_path, change, needle):
@@ -312,7 +402,7 @@ def test_stage_main_writes_loadable_smaller_checkpoint(tmp_path):
     from tinyseek.train.checkpoint import load_model
 
     m, step = _run_dir(tmp_path)
-    cfg = stage.Config(ckpt=str(tmp_path / "run"), method="int4", group_size=32, calibration="kl", search="awq",
+    cfg = stage.Config(ckpt=str(tmp_path / "run"), method="int4", group_size=32, calibration="percentile", search="awq",
                        calib_batches=2, calib_batch_size=2, calib_seq_len=32, max_rows=128, eval_batches=1)
     met = stage.main(cfg)
     out = tmp_path / "run" / "quant" / "int4-g32"
@@ -320,7 +410,8 @@ def test_stage_main_writes_loadable_smaller_checkpoint(tmp_path):
     assert met["file_ratio"] > 2.5 and met["quantized_part_ratio"] > 6.5
     assert met["ppl_quant"] < met["ppl_float"] * 1.5
     q, meta = load_model(out)
-    assert meta["note"] == "x" and meta["quant"]["calibration"] == "kl"
+    assert meta["note"] == "x" and meta["quant"]["calibration"] == "percentile" and meta["quant"]["embed"]
+    assert isinstance(q.embed, QuantEmbedding)
     assert isinstance(q.lm_head, QuantLinear)
     with pytest.raises(UserError, match="already quantized"):
         stage.main(stage.Config(ckpt=str(out)))
@@ -351,35 +442,98 @@ def test_cli_bad_option_is_one_line_error():
 
 
 # ---------------------------------------------------------------------------------------------
-# optional fused CPU kernels (first build takes a minute or two: slow tier)
+# fused CPU kernels (on by default; built with the C compiler in well under a second)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_fused_kernels_match_pytorch_path():
+@pytest.fixture
+def kernels_on():
     from tinyseek.quant import kernels
 
+    saved = kernels._state["enabled"]
     if not kernels.enable():
-        pytest.skip("no C++ toolchain for the optional kernels")
-    try:
-        torch.manual_seed(0)
-        for k, n in ((128, 384), (96, 128), (7, 5)):
-            w = torch.randn(n, k)
-            for bits, g in ((8, 0), (4, 32), (4, 64), (4, 128)):
-                ql = QuantLinear.from_float(w, bits, g, smooth_K=torch.rand(k) + 0.5)
-                x = torch.randn(3, k)
-                fused = ql(x)
-                kernels.enable(False)
-                ref = ql(x)
-                kernels.enable(True)
-                assert torch.allclose(fused, ref, atol=1e-4, rtol=1e-4)
-        m = micro()
-        q = copy.deepcopy(m)
-        quantize_model(q, QuantSpec("int4", 32, search="awq"), [tokens(4, 32)], max_rows=128)
-        idx = tokens(1, 16)
-        with torch.no_grad():
-            cache = q.new_cache(1)
-            fused = torch.cat([q(idx[:, i:i + 1], cache=cache).logits for i in range(16)], 1)
-            kernels.enable(False)
-            ref = q(idx).logits
-        assert torch.allclose(fused, ref, atol=1e-4)
-    finally:
+        pytest.skip("no C compiler for the fused kernels")
+    yield kernels
+    kernels.enable(saved)
+
+
+def test_fused_kernels_match_pytorch_path(kernels_on):
+    kernels = kernels_on
+    torch.manual_seed(0)
+
+    def both(fn):
+        kernels.enable(True)
+        a = fn()
         kernels.enable(False)
+        b = fn()
+        kernels.enable(True)
+        return a, b
+
+    for k, n in ((128, 384), (96, 128), (7, 5), (33, 19)):   # odd / partial-group / tail widths
+        w = torch.randn(n, k)
+        for bits, g in ((8, 0), (4, 32), (4, 64), (4, 128)):
+            for smooth in (None, torch.rand(k) + 0.5):
+                ql = QuantLinear.from_float(w, bits, g, smooth_K=smooth)
+                for rows in (1, 3, 8):
+                    x = torch.randn(rows, k)
+                    fused, ref = both(lambda: ql(x))
+                    assert torch.allclose(fused, ref, atol=1e-4, rtol=1e-4)
+                fused, ref = both(ql.dequant)
+                assert torch.allclose(fused, ref, atol=1e-6)
+            emb = QuantEmbedding.from_float(w, bits, g)
+            idx = torch.randint(0, n, (2, 3))
+            fused, ref = both(lambda: emb(idx))
+            assert torch.equal(fused, ref)
+            with pytest.raises(IndexError):
+                emb(torch.tensor([n]))
+            for sm in (None, {"gate_up": torch.rand(3, k) + 0.5, "down": torch.rand(3, 24) + 0.5}):
+                ex = QuantExperts.from_float(torch.randn(3, k, 2 * 24), torch.randn(3, 24, k), bits, g, smooth=sm)
+                x = torch.randn(2, k)
+                for e in range(3):
+                    fused, ref = both(lambda: ex.expert_forward(e, x))
+                    assert rel(fused, ref) < 1e-5   # outputs ~1e2 here: float summation order only
+    m = micro()
+    q = copy.deepcopy(m)
+    quantize_model(q, QuantSpec("int4", 32))
+    idx = tokens(1, 16)
+    with torch.no_grad():    # token-by-token decode on the kernels == full forward on the PyTorch path
+        cache = q.new_cache(1)
+        fused = torch.cat([q(idx[:, i:i + 1], cache=cache).logits for i in range(16)], 1)
+        kernels.enable(False)
+        ref = q(idx).logits
+    assert torch.allclose(fused, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["ctypes", "ctypes-portable"])
+def test_ctypes_and_portable_builds_match_too(kernels_on, monkeypatch, portable):
+    """Without Python.h the kernels load through ctypes instead of as an extension; without
+    AVX-512 they run portable loops: same results."""
+    kernels = kernels_on
+    monkeypatch.setitem(kernels._state, "lib", kernels.load("ctypes", portable=portable))
+    torch.manual_seed(0)
+    w = torch.randn(40, 33)
+    for bits, g in ((8, 0), (4, 32)):
+        ql, emb = QuantLinear.from_float(w, bits, g), QuantEmbedding.from_float(w, bits, g)
+        ex = QuantExperts.from_float(torch.randn(2, 33, 2 * 16), torch.randn(2, 16, 33), bits, g,
+                                     smooth={"gate_up": torch.rand(2, 33) + 0.5, "down": torch.rand(2, 16) + 0.5})
+        x, idx = torch.randn(3, 33), torch.tensor([[0, 39, 5]])
+        fused = (ql(x), emb(idx), ex.expert_forward(1, x), ql.dequant())
+        kernels.enable(False)
+        ref = (ql(x), emb(idx), ex.expert_forward(1, x), ql.dequant())
+        kernels.enable(True)
+        for a, b in zip(fused, ref):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_kernels_fall_back_cleanly_without_a_compiler(tmp_path, monkeypatch, capsys):
+    from tinyseek.quant import kernels
+
+    monkeypatch.setattr(kernels, "_state", {"enabled": True, "lib": None, "failed": False})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("TINYSEEK_KERNEL_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    ql = QuantLinear.from_float(torch.randn(16, 32), 8)
+    x = torch.randn(1, 32)
+    y = ql(x)                                   # first use tries to build, fails, falls back
+    assert not kernels.available()
+    assert "using the PyTorch path" in capsys.readouterr().out
+    assert torch.allclose(y, x @ ql.dequant().t(), atol=1e-5)
+    assert not list((tmp_path / "cache").glob("*.so"))

@@ -1,14 +1,18 @@
-"""Quantized drop-in modules: :class:`QuantLinear` (for ``nn.Linear``) and :class:`QuantExperts`
-(for the stacked MoE experts). Both hold only integer codes + scales (int4: two codes per byte),
-so the weights really take 8 or ~4.5 bits in memory; the float weight exists only transiently
-inside a forward call.
+"""Quantized drop-in modules: :class:`QuantLinear` (for ``nn.Linear``), :class:`QuantExperts`
+(for the stacked MoE experts) and :class:`QuantEmbedding` (for the token embedding). They hold
+only integer codes + fp16 scales (int4: two codes per byte), so the weights really take ~8 or
+~4.5 bits in memory; the float weight exists only transiently inside a forward call.
 
 - int8 (W8A16): for a few rows (decode) ``linear(x, q) * s`` (scale the small output), for many
   rows (prefill) dequantise the weight once (``q * s``) and do one float GEMM.
 - int4 (W4A16): unpack nibbles -> int8 codes -> ``codes * group scale`` -> one float GEMM. The
   dequantised weight is never cached across calls (that would undo the memory saving).
-- decode (at most ``kernels.MAX_ROWS`` rows, fp32, CPU): optional fused C++ kernels that read the
-  codes directly (:mod:`tinyseek.quant.kernels`; off unless enabled).
+- decode (at most ``kernels.MAX_ROWS`` rows, fp32, CPU): fused C kernels that read the codes
+  directly (:mod:`tinyseek.quant.kernels`; on by default where a C compiler builds them), one call
+  per Linear and one per whole SwiGLU expert.
+- embedding: only the looked-up rows are dequantised (``codes[idx] * scale[idx]``); with tied
+  embeddings the ``lm_head`` QuantLinear shares the same code and scale tensors (same (V, D)
+  layout, scales along D).
 - ``smooth`` (optional, AWQ-style smoothing; see ``calibrate.py``): the weight was quantized as
   ``W * s`` per input column (``s`` in fp16), so the input is divided by ``s`` first. For experts
   the ``1 / s`` is folded into the dequantised weight.
@@ -31,7 +35,7 @@ from tinyseek.quant.ops import SCALE_DTYPE, dequantize, group_scales, n_groups, 
 
 def quantize_weight(w_NK: torch.Tensor, bits: int, group_size: int, clip_NG=None,
                     smooth_K: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stored codes, scales) of one ``(N, K)`` weight: int8 ``(N, K)`` + fp32 ``(N, 1)``, or packed
+    """(stored codes, scales) of one ``(N, K)`` weight: int8 ``(N, K)`` + fp16 ``(N, 1)``, or packed
     uint8 ``(N, Kp/2)`` + fp16 ``(N, G)``. ``smooth_K`` multiplies the columns first (AWQ)."""
     w = w_NK.detach().float()
     if smooth_K is not None:
@@ -47,26 +51,35 @@ def quantize_weight(w_NK: torch.Tensor, bits: int, group_size: int, clip_NG=None
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, bits: int, k: int, group_size: int,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Float ``(N, k)`` from :func:`quantize_weight`'s output."""
+    if dtype == torch.float32:
+        w = kernels.dequant_rows(qweight, scale, bits, k, group_size)
+        if w is not None:
+            return w
     q = unpack_int4(qweight) if bits == 4 else qweight
     return dequantize(q, scale, k, group_size if bits == 4 else 0, dtype)
+
+
+def _empty_codes(n: int, k: int, bits: int, group_size: int, device=None, scale_dtype: torch.dtype | None = None):
+    """Zero codes + unit scales of an ``(n, k)`` weight in the stored layout."""
+    if bits == 8:
+        q = torch.zeros(n, k, dtype=torch.int8, device=device)
+    else:
+        q = torch.zeros(n, (k + 1) // 2, dtype=torch.uint8, device=device)
+    return q, torch.ones(n, n_groups(k, group_size if bits == 4 else 0), dtype=scale_dtype or SCALE_DTYPE[bits],
+                         device=device)
 
 
 class QuantLinear(nn.Module):
     """Weight-only quantized ``nn.Linear`` (no bias: the model has none)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 0,
-                 smooth: bool = False, device=None):
+                 smooth: bool = False, device=None, scale_dtype: torch.dtype | None = None):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.group_size = group_size if bits == 4 else 0
-        if bits == 8:
-            q = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
-            s = torch.ones(out_features, 1, dtype=SCALE_DTYPE[8], device=device)
-        else:
-            q = torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8, device=device)
-            s = torch.ones(out_features, n_groups(in_features, self.group_size), dtype=SCALE_DTYPE[4], device=device)
+        q, s = _empty_codes(out_features, in_features, bits, self.group_size, device, scale_dtype)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", s)
         self.register_buffer("smooth", torch.ones(in_features, device=device, dtype=torch.float16) if smooth else None)
@@ -89,11 +102,12 @@ class QuantLinear(nn.Module):
         return w / self.smooth.to(dtype) if self.smooth is not None else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.smooth is not None:
-            x = x / self.smooth.to(x.dtype)
-        y = kernels.quant_mm(x, self.qweight, self.scale, self.bits, self.group_size)
+        b = self._buffers  # direct dict reads: this runs once per Linear per decode step
+        y = kernels.quant_mm(x, b["qweight"], b["scale"], self.bits, self.group_size, b["smooth"])
         if y is not None:
             return y
+        if b["smooth"] is not None:
+            x = x / b["smooth"].to(x.dtype)
         if self.bits == 8 and x.numel() // self.in_features <= self.in_features:
             return F.linear(x, self.qweight.to(x.dtype)) * self.scale.view(-1).to(x.dtype)
         return F.linear(x, dequantize_weight(self.qweight, self.scale, self.bits, self.in_features, self.group_size, x.dtype))
@@ -107,17 +121,13 @@ class QuantExperts(nn.Module):
     """Quantized stand-in for ``tinyseek.model.moe.Experts`` (stacked SwiGLU experts)."""
 
     def __init__(self, n_experts: int, dim: int, hidden: int, bits: int, group_size: int = 0,
-                 smooth: bool = False, device=None):
+                 smooth: bool = False, device=None, scale_dtype: torch.dtype | None = None):
         super().__init__()
         self.n_experts, self.dim, self.hidden, self.bits = n_experts, dim, hidden, bits
         self.group_size = group_size if bits == 4 else 0
         for name, (n_out, k_in) in (("gate_up", (2 * hidden, dim)), ("down", (dim, hidden))):
-            if bits == 8:
-                q = torch.zeros(n_experts, n_out, k_in, dtype=torch.int8, device=device)
-                s = torch.ones(n_experts, n_out, 1, dtype=SCALE_DTYPE[8], device=device)
-            else:
-                q = torch.zeros(n_experts, n_out, (k_in + 1) // 2, dtype=torch.uint8, device=device)
-                s = torch.ones(n_experts, n_out, n_groups(k_in, self.group_size), dtype=SCALE_DTYPE[4], device=device)
+            q, s = _empty_codes(n_out, k_in, bits, self.group_size, device, scale_dtype)
+            q, s = q.expand(n_experts, *q.shape).clone(), s.expand(n_experts, *s.shape).clone()
             self.register_buffer(f"q_{name}", q)
             self.register_buffer(f"s_{name}", s)
             self.register_buffer(f"smooth_{name}",
@@ -165,25 +175,55 @@ class QuantExperts(nn.Module):
         if x_MD.shape[0] == 0:
             return x_MD.new_zeros(0, self.dim)
         if x_MD.shape[0] <= kernels.MAX_ROWS:
-            y = self._fused(e, x_MD)
+            b = self._buffers  # the whole expert in one call
+            y = kernels.swiglu(x_MD, b["q_gate_up"], b["s_gate_up"], b["q_down"], b["s_down"], e,
+                               self.bits, self.group_size, b["smooth_gate_up"], b["smooth_down"])
             if y is not None:
                 return y
         g, u = (x_MD @ self._dequant("gate_up", e, x_MD.dtype)).chunk(2, dim=-1)
         return (F.silu(g) * u) @ self._dequant("down", e, x_MD.dtype)
 
-    def _fused(self, e: int, x_MD: torch.Tensor) -> torch.Tensor | None:
-        """Decode path with the fused kernels (None when they are off or not applicable)."""
-        if self.smooth_gate_up is not None:
-            x_MD = x_MD / self.smooth_gate_up[e].to(x_MD.dtype)
-        h = kernels.quant_mm(x_MD, self.q_gate_up[e], self.s_gate_up[e], self.bits, self.group_size)
-        if h is None:
-            return None
-        g, u = h.chunk(2, dim=-1)
-        h = F.silu(g) * u
-        if self.smooth_down is not None:
-            h = h / self.smooth_down[e].to(h.dtype)
-        return kernels.quant_mm(h, self.q_down[e], self.s_down[e], self.bits, self.group_size)
-
     def extra_repr(self) -> str:
         return (f"n_experts={self.n_experts}, dim={self.dim}, hidden={self.hidden}, bits={self.bits}, "
                 f"group_size={self.group_size}, smooth={self.smooth_gate_up is not None}")
+
+
+class QuantEmbedding(nn.Module):
+    """Quantized ``nn.Embedding``: the ``(V, D)`` table as codes + scales (per row for int8,
+    per group of D for int4); a lookup dequantises only the rows it returns (fp32)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int = 0, device=None):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, bits
+        self.group_size = group_size if bits == 4 else 0
+        q, s = _empty_codes(num_embeddings, embedding_dim, bits, self.group_size, device)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", s)
+
+    @classmethod
+    def from_float(cls, w_VD: torch.Tensor, bits: int, group_size: int = 0) -> "QuantEmbedding":
+        V, D = w_VD.shape
+        m = cls(V, D, bits, group_size, device=w_VD.device)
+        q, s = quantize_weight(w_VD, bits, group_size)
+        m.qweight.copy_(q)
+        m.scale.copy_(s)
+        return m
+
+    def dequant(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole float table ``(V, D)``."""
+        return dequantize_weight(self.qweight, self.scale, self.bits, self.embedding_dim, self.group_size, dtype)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        b = self._buffers
+        y = kernels.dequant_rows(b["qweight"], b["scale"], self.bits, self.embedding_dim, self.group_size, idx)
+        if y is not None:
+            return y
+        flat = idx.reshape(-1)
+        w = dequantize_weight(b["qweight"].index_select(0, flat), b["scale"].index_select(0, flat), self.bits,
+                              self.embedding_dim, self.group_size, torch.float32)
+        return w.view(*idx.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"

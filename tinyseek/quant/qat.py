@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyseek.quant.modules import QuantExperts, QuantLinear
+from tinyseek.quant.modules import QuantEmbedding, QuantExperts, QuantLinear
 from tinyseek.quant.ops import fake_quantize
 
 
@@ -32,6 +32,17 @@ class QATLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, fake_quantize(self.weight, self.bits, self.group_size).to(x.dtype))
+
+
+class QATEmbedding(nn.Embedding):
+    """``nn.Embedding`` whose lookups read the fake-quantized table (rows quantized like a Linear's)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int = 0, device=None):
+        super().__init__(num_embeddings, embedding_dim, device=device)
+        self.bits, self.group_size = bits, group_size if bits == 4 else 0
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, fake_quantize(self.weight, self.bits, self.group_size))
 
 
 class QATExperts(nn.Module):
@@ -70,11 +81,14 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def prepare_qat(model: nn.Module, method: str = "int4", group_size: int = 128, lm_head: bool = True) -> nn.Module:
-    """Swap the quantization targets of ``model`` for fake-quant modules (in place); returns it."""
-    from tinyseek.quant.quantize import METHOD_BITS, quant_targets
+def prepare_qat(model: nn.Module, method: str = "int4", group_size: int = 128, lm_head: bool = True,
+                embed: bool = True) -> nn.Module:
+    """Swap the quantization targets of ``model`` for fake-quant modules (in place); returns it.
+    A tied head keeps sharing its (master) weight with the fake-quant embedding."""
+    from tinyseek.quant.quantize import METHOD_BITS, check_tied, quant_targets
 
     bits = METHOD_BITS[method]
+    tied = check_tied(model, lm_head, embed)
     linears, experts = quant_targets(model, lm_head)
     for name in linears:
         old = model.get_submodule(name)
@@ -88,9 +102,16 @@ def prepare_qat(model: nn.Module, method: str = "int4", group_size: int = 128, l
         new.weight_gate_up.copy_(old.w_gate_up)
         new.weight_down.copy_(old.w_down)
         _set(model, name, new)
+    if embed:
+        old = model.embed
+        new = QATEmbedding(old.num_embeddings, old.embedding_dim, bits, group_size, device=old.weight.device)
+        new.weight.copy_(old.weight)
+        model.embed = new
+        if tied:
+            model.lm_head.weight = new.weight
     from tinyseek.quant.quantize import prefer_per_expert_dispatch
     prefer_per_expert_dispatch(model)
-    model.qat = {"method": method, "group_size": group_size if bits == 4 else 0, "lm_head": lm_head}
+    model.qat = {"method": method, "group_size": group_size if bits == 4 else 0, "lm_head": lm_head, "embed": embed}
     return model
 
 
@@ -98,14 +119,25 @@ def prepare_qat(model: nn.Module, method: str = "int4", group_size: int = 128, l
 def convert_qat(model: nn.Module) -> dict[str, str]:
     """Replace fake-quant modules by real quantized ones (in place); returns the ``modules`` table
     for :func:`tinyseek.quant.quantize.quant_config`."""
+    from tinyseek.quant.quantize import head_is_tied, tie_quantized_head
+
+    tied = head_is_tied(model)
     kinds = {}
     for name, m in list(model.named_modules()):
-        if isinstance(m, QATLinear):
+        if isinstance(m, QATEmbedding):
+            _set(model, name, QuantEmbedding.from_float(m.weight, m.bits, m.group_size))
+            kinds[name] = "embedding"
+        elif isinstance(m, QATLinear) and tied and name == "lm_head":
+            _set(model, name, QuantLinear(m.in_features, m.out_features, m.bits, m.group_size, device=m.weight.device))
+            kinds[name] = "linear_tied"
+        elif isinstance(m, QATLinear):
             _set(model, name, QuantLinear.from_float(m.weight, m.bits, m.group_size))
             kinds[name] = "linear"
         elif isinstance(m, QATExperts):
             _set(model, name, QuantExperts.from_float(m.weight_gate_up, m.weight_down, m.bits, m.group_size))
             kinds[name] = "experts"
+    if kinds.get("lm_head") == "linear_tied":
+        tie_quantized_head(model)
     return kinds
 
 

@@ -3,16 +3,26 @@ int4, packed two per byte), optional AWQ-style smoothing from a calibration set,
 quantized checkpoint format.
 
 What is quantized: every ``nn.Linear`` inside the blocks (attention projections, dense SwiGLU,
-shared experts), the stacked routed experts (``QuantExperts``), and ``lm_head`` if
-``QuantSpec.lm_head``. What stays float: the embedding, all RMSNorms, the MoE routers (their
-``weight`` and ``expert_bias``; routing decisions are fragile), and the RoPE tables.
+shared experts), the stacked routed experts (``QuantExperts``), ``lm_head`` if
+``QuantSpec.lm_head`` and the token embedding if ``QuantSpec.embed`` (``QuantEmbedding``, same
+method and group size; with tied embeddings the head and the embedding share one quantized table,
+so both flags must agree and the head is not smoothed). What stays float (fp32, as trained): all
+RMSNorms, the MoE routers (their ``weight`` and ``expert_bias``; routing decisions are fragile),
+and the RoPE tables (derived, not stored). Those few are 18 KB of a 2.0 MB int8 cpu-tiny file;
+fp16 storage would save 9 KB (0.45%) and perturb routing, so they stay fp32.
 
 Checkpoint directory (written atomically)::
 
-    model.safetensors    integer codes, scales, the float tensors; tied aliases recorded
-    quant_config.json    {"format": "tinyseek-quant", "format_version", "method", "bits", "group_size",
-                          "calibration", "search", "lm_head", "model_config", "modules": {name: kind}}
+    model.safetensors    integer codes, fp16 scales, the float tensors; tied aliases recorded
+    quant_config.json    {"format": "tinyseek-quant", "format_version": 2, "method", "bits", "group_size",
+                          "scale_dtype": "float16", "calibration", "search", "lm_head", "embed",
+                          "model_config", "modules": {name: kind}}
     meta.json            the source checkpoint's meta (with "model_config") plus {"quant": ...}
+
+Format versions: 2 (current) stores every scale in fp16 and may quantize the embedding (module
+kinds ``embedding`` and ``linear_tied``); 1 (older) stored int8 scales in fp32 and never quantized
+the embedding. Version 1 checkpoints still load (their int8 layers then take the PyTorch-op path,
+the fused kernels read fp16 scales only).
 
 :func:`load_quantized` checks format, version, method/bits/group size, the model config and every
 tensor's dtype and shape against the config, and refuses a mismatch with a one-line ``UserError``.
@@ -29,10 +39,13 @@ import torch.nn as nn
 
 from tinyseek.errors import UserError
 from tinyseek.quant.calibrate import CALIBRATIONS, activation_range, collect_inputs, search_smoothing
-from tinyseek.quant.modules import QuantExperts, QuantLinear
+from tinyseek.quant.modules import QuantEmbedding, QuantExperts, QuantLinear
 
 FORMAT = "tinyseek-quant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+MODULE_KINDS = {1: ("linear", "linear_smooth", "experts", "experts_smooth"),
+                2: ("linear", "linear_smooth", "linear_tied", "experts", "experts_smooth", "embedding")}
 METHOD_BITS = {"int8": 8, "int4": 4}
 GROUP_SIZES = (32, 64, 128)
 SEARCHES = ("none", "awq")
@@ -45,7 +58,8 @@ class QuantSpec:
     calibration: str = "minmax"   # with search="awq": activation range per input channel, "minmax", "percentile" or "kl"
     percentile: float = 99.9      # percentile calibration: which percentile of |x|
     search: str = "none"          # "none": round-to-nearest min-max scales (no data); "awq": AWQ smoothing searched on the calibration set
-    lm_head: bool = True          # also quantize the output head (the embedding always stays float)
+    lm_head: bool = True          # also quantize the output head
+    embed: bool = True            # also quantize the token embedding (dequantised per looked-up row)
 
     @property
     def bits(self) -> int:
@@ -90,6 +104,30 @@ def quant_targets(model: nn.Module, lm_head: bool) -> tuple[list[str], list[str]
     return linears, experts
 
 
+def head_is_tied(model: nn.Module) -> bool:
+    """Whether ``lm_head`` and the embedding share one weight (float, QAT or quantized model)."""
+    head, emb = model.lm_head, model.embed
+    if isinstance(head, QuantLinear) and isinstance(emb, QuantEmbedding):
+        return head.qweight is emb.qweight
+    w = getattr(head, "weight", None)
+    return w is not None and w is getattr(emb, "weight", None)
+
+
+def check_tied(model: nn.Module, lm_head: bool, embed: bool) -> bool:
+    """Tied head and embedding are quantized together or not at all; returns whether tied."""
+    tied = head_is_tied(model)
+    if tied and lm_head != embed:
+        raise UserError("this model ties lm_head to the embedding: quantize both or neither "
+                        f"(got lm_head={lm_head}, embed={embed})")
+    return tied
+
+
+def tie_quantized_head(model: nn.Module) -> None:
+    """Make ``lm_head`` (a QuantLinear) use the QuantEmbedding's codes and scales."""
+    model.lm_head.qweight = model.embed.qweight
+    model.lm_head.scale = model.embed.scale
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -119,7 +157,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calib_batches: Iterable[to
     """
     spec.validate()
     bits, gs = spec.bits, spec.eff_group_size
+    tied = check_tied(model, spec.lm_head, spec.embed)
     linears, experts = quant_targets(model, spec.lm_head)
+    if tied:
+        linears = [n for n in linears if n != "lm_head"]  # quantized once, as the embedding
     use_data = spec.search == "awq" and calib_batches is not None
     inputs = collect_inputs(model, calib_batches, linears, experts, max_rows) if use_data else {}
     kinds, errs, errs_rtn, smoothed = {}, [], [], 0
@@ -155,6 +196,14 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calib_batches: Iterable[to
             sm = sm if any_s else None  # no expert gained: store no scale vectors
         _set_module(model, name, QuantExperts.from_float(ex.w_gate_up, ex.w_down, bits, gs, smooth=sm))
         kinds[name] = "experts_smooth" if sm is not None else "experts"
+    if spec.embed:
+        model.embed = QuantEmbedding.from_float(model.embed.weight, bits, gs)
+        kinds["embed"] = "embedding"
+        if tied:
+            model.lm_head = QuantLinear(model.embed.embedding_dim, model.embed.num_embeddings, bits, gs,
+                                        device=model.embed.qweight.device)
+            tie_quantized_head(model)
+            kinds["lm_head"] = "linear_tied"
     prefer_per_expert_dispatch(model)
     mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
     return {"modules": kinds, "smoothed": smoothed, "err": mean(errs), "err_rtn": mean(errs_rtn)}
@@ -167,7 +216,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes held by the model's tensors: ``{"total", "quantized", "float"}`` where ``quantized`` is
     everything inside QuantLinear/QuantExperts (codes + scales) and tied tensors count once."""
     seen, out = set(), {"total": 0, "quantized": 0, "float": 0}
-    qnames = {n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))}
+    qnames = {n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts, QuantEmbedding))}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key in seen or name.endswith(("rotary.cos", "rotary.sin")):
@@ -186,9 +235,9 @@ def quant_config(model: nn.Module, spec: QuantSpec, kinds: dict[str, str]) -> di
     from tinyseek.config import to_dict
 
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "method": spec.method, "bits": spec.bits,
-            "group_size": spec.eff_group_size, "calibration": spec.calibration, "percentile": spec.percentile,
-            "search": spec.search, "lm_head": spec.lm_head, "model_config": to_dict(model.cfg),
-            "modules": dict(sorted(kinds.items()))}
+            "group_size": spec.eff_group_size, "scale_dtype": "float16", "calibration": spec.calibration,
+            "percentile": spec.percentile, "search": spec.search, "lm_head": spec.lm_head,
+            "embed": "embed" in kinds, "model_config": to_dict(model.cfg), "modules": dict(sorted(kinds.items()))}
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, qcfg: dict, meta: dict | None = None) -> Path:
@@ -215,8 +264,12 @@ def _check_config(qcfg: dict, path: Path, expect: dict | None):
 
     if not isinstance(qcfg, dict) or qcfg.get("format") != FORMAT:
         bad(f"quant_config.json is not a {FORMAT} config")
-    if qcfg.get("format_version") != FORMAT_VERSION:
-        bad(f"format version {qcfg.get('format_version')!r} is not supported (this tinyseek reads {FORMAT_VERSION})")
+    version = qcfg.get("format_version")
+    if version not in READ_VERSIONS:
+        bad(f"format version {version!r} is not supported (this tinyseek reads "
+            f"{', '.join(map(str, READ_VERSIONS))}; re-run tinyseek quantize on the float checkpoint)")
+    if version >= 2 and qcfg.get("scale_dtype") != "float16":
+        bad(f"scale_dtype {qcfg.get('scale_dtype')!r} is not supported (format {version} stores float16 scales)")
     method = qcfg.get("method")
     if method not in METHOD_BITS:
         bad(f"unknown method {method!r} (expected int8 or int4)")
@@ -234,6 +287,14 @@ def _check_config(qcfg: dict, path: Path, expect: dict | None):
         bad(f"bad model_config ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     if not isinstance(qcfg.get("modules"), dict):
         bad("missing the 'modules' table")
+    for name, kind in qcfg["modules"].items():
+        if kind not in MODULE_KINDS[version]:
+            bad(f"module {name!r} has kind {kind!r}, unknown to format version {version}")
+    mods = qcfg["modules"]
+    if version >= 2 and qcfg.get("embed") != ("embed" in mods):
+        bad(f"embed is {qcfg.get('embed')!r} but the modules table {'has' if 'embed' in mods else 'lacks'} 'embed'")
+    if (mods.get("lm_head") == "linear_tied") != (mcfg.tie_embeddings and "embed" in mods and "lm_head" in mods):
+        bad("lm_head kind 'linear_tied' must go with tie_embeddings and a quantized embedding")
     return mcfg
 
 
@@ -242,17 +303,25 @@ def build_quantized_skeleton(mcfg, qcfg: dict) -> nn.Module:
     from tinyseek.model.transformer import Transformer
 
     bits, gs = qcfg["bits"], qcfg["group_size"]
+    # format 1 stored int8 scales in fp32; format 2 stores every scale in fp16
+    sdt = torch.float32 if qcfg.get("format_version") == 1 and bits == 8 else torch.float16
     model = Transformer(mcfg)
     mods = dict(model.named_modules())
     for name, kind in qcfg["modules"].items():
         old = mods.get(name)
-        if kind in ("linear", "linear_smooth") and isinstance(old, nn.Linear):
-            new = QuantLinear(old.in_features, old.out_features, bits, gs, smooth=kind == "linear_smooth")
+        if kind in ("linear", "linear_smooth", "linear_tied") and isinstance(old, nn.Linear):
+            new = QuantLinear(old.in_features, old.out_features, bits, gs, smooth=kind == "linear_smooth",
+                              scale_dtype=sdt)
         elif kind in ("experts", "experts_smooth") and old is not None and hasattr(old, "w_gate_up"):
-            new = QuantExperts(old.n_experts, old.w_gate_up.shape[1], old.hidden, bits, gs, smooth=kind == "experts_smooth")
+            new = QuantExperts(old.n_experts, old.w_gate_up.shape[1], old.hidden, bits, gs,
+                               smooth=kind == "experts_smooth", scale_dtype=sdt)
+        elif kind == "embedding" and isinstance(old, nn.Embedding):
+            new = QuantEmbedding(old.num_embeddings, old.embedding_dim, bits, gs)
         else:
             raise UserError(f"quant_config.json names module {name!r} ({kind}) that this model config does not have")
         _set_module(model, name, new)
+    if qcfg["modules"].get("lm_head") == "linear_tied":
+        tie_quantized_head(model)
     return model
 
 

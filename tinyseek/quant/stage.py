@@ -34,7 +34,8 @@ class Config:
     calibration: str = "minmax"    # with search=awq: activation range per input channel, "minmax", "percentile", "kl"
     percentile: float = 99.9       # for calibration=percentile
     search: str = "none"           # "none" (round-to-nearest, the measured default) or "awq" (scale search on calib data)
-    lm_head: bool = True           # quantize the output head too (the embedding stays float)
+    lm_head: bool = True           # quantize the output head too
+    embed: bool = True             # quantize the token embedding too (rows dequantised on lookup)
     calib_data: str = ""           # token shard folder; "" -> <run>/data/train beside the checkpoint, if any
     calib_batches: int = 8         # calibration batches
     calib_batch_size: int = 8      # sequences per calibration batch
@@ -47,7 +48,8 @@ class Config:
     seed: int = 0                  # row sampling / QAT data order
 
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.method, self.group_size, self.calibration, self.percentile, self.search, self.lm_head)
+        return QuantSpec(self.method, self.group_size, self.calibration, self.percentile, self.search, self.lm_head,
+                         self.embed)
 
     def validate(self) -> "Config":
         if not self.ckpt:
@@ -150,7 +152,7 @@ def main(cfg: Config) -> dict:
     spec = cfg.spec()
     qat_losses = []
     if cfg.qat_steps > 0 and calib is not None:
-        prepare_qat(model, spec.method, spec.group_size, spec.lm_head)
+        prepare_qat(model, spec.method, spec.group_size, spec.lm_head, spec.embed)
         qat_losses = qat_finetune(model, iter_batches(calib), cfg.qat_steps, cfg.qat_lr)
         kinds = convert_qat(model)
         report = {"smoothed": 0, "err": float("nan"), "err_rtn": float("nan")}
