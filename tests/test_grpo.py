@@ -93,8 +93,9 @@ def test_pack_masks_only_response_tokens():
     assert mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
 
 
+@pytest.mark.parametrize("mu", [1, 2])  # mu = 1 takes the no-extra-forward path (old logp = detached logp)
 @pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo"])
-def test_one_grpo_step_raises_logprob_of_better_sample(variant):
+def test_one_grpo_step_raises_logprob_of_better_sample(variant, mu):
     torch.manual_seed(0)
     model = Transformer(model_micro())
     ref = Transformer(model_micro())
@@ -114,7 +115,7 @@ def test_one_grpo_step_raises_logprob_of_better_sample(variant):
 
     before = seq_lp()
     model.train()
-    st = grpo_update(model, ref, opt, prompts, resps, adv, pad_id=0, variant=variant, mu=2, beta=0.04,
+    st = grpo_update(model, ref, opt, prompts, resps, adv, pad_id=0, variant=variant, mu=mu, beta=0.04,
                      eps_low=0.2, eps_high=0.28, max_tokens=4, grad_clip=1.0)
     after = seq_lp()
     assert after[0] > before[0]          # highest reward: more likely
@@ -149,3 +150,18 @@ def test_grpo_config_errors():
                 {"multi_weights": {"beauty": 1.0}}, {"temperature": 0.0}, {"ema": 1.0}):
         with pytest.raises(UserError):
             grpo.Config(**bad).validate()
+
+
+def test_shuffle_rewards_null_control_changes_the_update_not_the_rewards(tmp_path):
+    from tinyseek.post import grpo
+    from tinyseek.train.checkpoint import load_model
+    out = {}
+    for shuffle in (False, True):
+        cfg = grpo.Config(out_dir=str(tmp_path), name=f"g{int(shuffle)}", steps=1, prompts_per_step=4, group_size=4,
+                          max_new_tokens=8, eval_every=0, eval_problems=2, warmup_steps=1, lr=1e-2, beta=0.0,
+                          rewards={"accuracy": 1.0, "format": 0.2, "length": 0.5}, length_budget=6, plots=False,
+                          shuffle_rewards=shuffle)  # length_budget 6: the length penalty varies within groups
+        res = grpo.main(cfg)
+        out[shuffle] = (res["reward_first"], load_model(res["checkpoint"])[0].state_dict())
+    assert out[False][0] == pytest.approx(out[True][0]) and out[True][0] != 0  # same samples, same rewards
+    assert any(not torch.equal(out[False][1][k], out[True][1][k]) for k in out[False][1])  # different update

@@ -100,6 +100,7 @@ def preset(name: str) -> Config:
         g = cfg.grpo
         g.tasks, g.difficulty, g.max_difficulty, g.steps, g.prompts_per_step = tasks, 1, 1, 150, 32
         g.group_size, g.max_new_tokens, g.lr, g.mu, g.ema = 8, 24, 2e-4, 1, 0.95
+        g.temperature = 0.6  # low-temperature rollouts move the greedy answer (see grpo.py docstring)
     if name == "micro":  # CI's end-to-end run: seconds per stage; enough SFT to learn the format
         cfg.eval_problems = 24
         cfg.sft.epochs, cfg.sft.lr = 10, 3e-3
