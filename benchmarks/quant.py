@@ -21,6 +21,9 @@ Calibration rows: ``rtn`` = round-to-nearest min-max scales, no data; ``minmax``
 calibrator (see ``tinyseek/quant/calibrate.py``); ``qat`` = fake-quant fine-tune then convert;
 ``ft-ctrl`` / ``ft+rtn`` = the same fine-tune in fp32 (and that model RTN-quantized): the control
 that separates what QAT buys from what more training of an under-trained model buys.
+``fold MB``: the MLA decode weights folded once after the first decode step (``MLA._folded``, fp32,
+from the dequantised weights in the quantized models): resident during decode on top of ``mem MB``,
+never written to the checkpoint.
 ``fp32 sorted-moe`` is the float model with the per-expert MoE dispatch the quantized models use
 (speed reference; the default ``auto`` picks ``torch._grouped_mm``).
 ``torchao-int8`` (with ``--torchao``) is torchao's Int8WeightOnlyConfig applied to the Linear
@@ -266,10 +269,12 @@ def main() -> None:
             "tok_s_k": args.decode_tokens / statistics.median(times[(i, False)])
             if shipped and (i, False) in times else float("nan"),
             "acc": task_accuracy(tq, task[0], task[2]) if task and tq is not None else float("nan"),
+            "fold_mb": _folded_bytes(m) / 1e6,
         })
     f = rows[0]
     head = (f"{'model':<13}{'calib':<11}{'file MB':>8}{'x':>6}{'mem MB':>8}{'x':>6}{'qpart x':>8}"
-            f"{'ppl':>8}{'dppl %':>8}{'tok/s':>8}{'x':>6}{'plain':>8}{'x':>6}" + (f"{'task acc':>9}" if task else ""))
+            f"{'ppl':>8}{'dppl %':>8}{'tok/s':>8}{'x':>6}{'plain':>8}{'x':>6}{'fold MB':>8}"
+            + (f"{'task acc':>9}" if task else ""))
     print()
     print(f"checkpoint {step} | {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params | "
           f"held-out {args.eval_batches}x8x{T} tokens | decode batch 1, {args.decode_tokens} tokens, "
@@ -281,8 +286,19 @@ def main() -> None:
               f"{r['mem_mb']:>8.3f}{f['mem_mb'] / r['mem_mb']:>6.2f}"
               f"{('' if math.isnan(r['part_x']) else format(r['part_x'], '.2f')):>8}"
               f"{r['ppl']:>8.4f}{100 * (r['ppl'] / f['ppl'] - 1):>+8.2f}{r['tok_s']:>8.1f}{r['tok_s'] / f['tok_s']:>6.2f}"
-              f"{_fmt(r['tok_s_k'], '.1f'):>8}{_fmt(r['tok_s_k'] / f['tok_s'], '.2f'):>6}"
+              f"{_fmt(r['tok_s_k'], '.1f'):>8}{_fmt(r['tok_s_k'] / f['tok_s'], '.2f'):>6}{r['fold_mb']:>8.3f}"
               + (f"{_fmt(r['acc'], '.3f'):>9}" if task else ""))
+
+
+def _folded_bytes(model) -> int:
+    """Bytes of the MLA decode weights folded after decoding (``MLA._folded``: float, built from the
+    dequantised weights in quantized models; a decode-time cache, not in the checkpoint)."""
+    total = 0
+    for mod in model.modules():
+        folded = getattr(mod, "_folded", None)
+        if folded is not None:
+            total += sum(w.numel() * w.element_size() for w in folded[1] if w is not None)
+    return total
 
 
 def _data_from_run_config(step: Path) -> Path | None:

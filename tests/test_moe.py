@@ -290,5 +290,6 @@ def test_auto_picks_the_fused_node_only_when_gradients_flow():
     assert m._pick_impl(x) == "grouped"                       # weights require grad
     with torch.no_grad():
         assert m._pick_impl(x) == "grouped_autograd"
+        assert m._pick_impl(x[:1]) == "sorted"                # one token: only top_k experts run
     with torch.inference_mode():
         assert m._pick_impl(x) == "grouped_autograd"

@@ -515,9 +515,18 @@ def test_ctypes_and_portable_builds_match_too(kernels_on, monkeypatch, portable)
         ex = QuantExperts.from_float(torch.randn(2, 33, 2 * 16), torch.randn(2, 16, 33), bits, g,
                                      smooth={"gate_up": torch.rand(2, 33) + 0.5, "down": torch.rand(2, 16) + 0.5})
         x, idx = torch.randn(3, 33), torch.tensor([[0, 39, 5]])
-        fused = (ql(x), emb(idx), ex.expert_forward(1, x), ql.dequant())
+        e_NK, w_NK = torch.tensor([[0, 1], [1, 1], [1, 0]]), torch.rand(3, 2)
+        b = ex._buffers
+        moe_all = lambda: kernels.moe(x, e_NK, w_NK, b["q_gate_up"], b["s_gate_up"], b["q_down"],  # noqa: E731
+                                      b["s_down"], bits, g, b["smooth_gate_up"], b["smooth_down"])
+        gate, up, down = (QuantLinear.from_float(torch.randn(*s), bits, g) for s in ((16, 33), (16, 33), (33, 16)))
+        ffn = lambda: kernels.ffn(x, gate, up, down)  # noqa: E731
+        fused = (ql(x), emb(idx), ex.expert_forward(1, x), ql.dequant(), moe_all(), ffn())
         kernels.enable(False)
-        ref = (ql(x), emb(idx), ex.expert_forward(1, x), ql.dequant())
+        ref = (ql(x), emb(idx), ex.expert_forward(1, x), ql.dequant(),
+               sum(w_NK[:, k, None] * torch.stack([ex.expert_forward(int(e), x[i:i + 1])[0]
+                                                   for i, e in enumerate(e_NK[:, k])]) for k in range(2)),
+               down(torch.nn.functional.silu(gate(x)) * up(x)))
         kernels.enable(True)
         for a, b in zip(fused, ref):
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
@@ -537,3 +546,92 @@ def test_kernels_fall_back_cleanly_without_a_compiler(tmp_path, monkeypatch, cap
     assert "using the PyTorch path" in capsys.readouterr().out
     assert torch.allclose(y, x @ ql.dequant().t(), atol=1e-5)
     assert not list((tmp_path / "cache").glob("*.so"))
+
+
+@pytest.mark.parametrize("bits,g", [(8, 0), (4, 32)])
+def test_fused_moe_dispatch_and_swiglu_match_reference(kernels_on, bits, g):
+    """Decode fast paths of a quantized model: all routed experts of a MoE layer in one kernel call
+    (``quant_fused`` dispatch) and a whole quantized SwiGLU in one call (``QuantSwiGLU``) give the
+    reference results (``loop`` dispatch / three QuantLinear calls on the PyTorch path)."""
+    from tinyseek.quant.modules import QuantSwiGLU
+    from tinyseek.quant.quantize import QUANT_DISPATCH, prepare_decode
+
+    kernels = kernels_on
+    m = micro()
+    moe = next(b.ffn for b in m.blocks if isinstance(b.ffn, MoE))
+    ex = moe.experts
+    D, E = m.cfg.d_model, ex.n_experts
+    sm = {"gate_up": torch.rand(E, D) + 0.5, "down": torch.rand(E, ex.hidden) + 0.5}
+    for smooth in (None, sm):
+        moe.experts = QuantExperts.from_float(ex.w_gate_up, ex.w_down, bits, g, smooth=smooth)
+        moe.impl = "auto"
+        prepare_decode(moe)
+        assert moe.impl == QUANT_DISPATCH
+        for n in (1, 3, 8, 20):                       # 20 tokens: above MAX_ROWS, the sorted fallback
+            x = torch.randn(1, n, D)
+            with torch.no_grad():
+                fused = moe(x)[0]
+                moe.impl = "loop"
+                kernels.enable(False)
+                ref = moe(x)[0]
+                kernels.enable(True)
+                moe.impl = QUANT_DISPATCH
+            assert torch.allclose(fused, ref, atol=1e-5, rtol=1e-4), n
+    b = moe.experts._buffers
+    with pytest.raises(IndexError):
+        kernels.moe(torch.randn(1, D), torch.tensor([[0, E]]), torch.ones(1, 2), b["q_gate_up"], b["s_gate_up"],
+                    b["q_down"], b["s_down"], bits, g)
+    sw = m.blocks[0].ffn                              # the dense FFN (a SwiGLU)
+    for lin in ("gate_proj", "up_proj", "down_proj"):  # each with its own AWQ smoothing
+        w = getattr(sw, lin).weight
+        setattr(sw, lin, QuantLinear.from_float(w, bits, g, smooth_K=torch.rand(w.shape[1]) + 0.5))
+    keys = set(m.state_dict())
+    prepare_decode(m)
+    assert type(m.blocks[0].ffn) is QuantSwiGLU and set(m.state_dict()) == keys
+    for shape in ((1, 1, D), (2, 3, D), (1, 12, D)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            fused = m.blocks[0].ffn(x)
+            kernels.enable(False)
+            ref = m.blocks[0].ffn(x)
+            kernels.enable(True)
+        assert fused.shape == x.shape and torch.allclose(fused, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32)], ids=["int8", "int4-g32"])
+def test_quantized_mla_decode_folds_dequantised_weights(tmp_path, spec):
+    """Decode steps of a quantized MLA model use the folded absorbed form (built from the
+    dequantised weights), agree with the naive form, and refold after new weights are loaded;
+    a saved and reloaded checkpoint gets the same decode fast paths."""
+    from tinyseek.quant.modules import QuantSwiGLU
+    from tinyseek.quant.quantize import QUANT_DISPATCH
+
+    q = micro()
+    rep = quantize_model(q, spec)
+    idx = tokens(2, 14)
+
+    def decode(model, impl):
+        for b in model.blocks:
+            b.attn.impl = impl
+        with torch.no_grad():
+            cache = model.new_cache(2)
+            out = [model(idx[:, :6], cache=cache).logits]
+            out += [model(idx[:, t:t + 1], cache=cache).logits for t in range(6, 14)]
+        return torch.cat(out, 1)
+
+    auto = decode(q, "auto")
+    assert all(b.attn._folded is not None for b in q.blocks)
+    naive = decode(q, "naive")
+    assert torch.allclose(auto, naive, atol=1e-4, rtol=1e-4)
+    other = micro()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    quantize_model(other, spec)
+    q.load_state_dict(other.state_dict())             # new codes: the folded weights must follow
+    torch.testing.assert_close(decode(q, "auto"), decode(other, "naive"), atol=1e-4, rtol=1e-4)
+    d = save_quantized(q, tmp_path / "q", quant_config(q, spec, rep["modules"]))
+    loaded, _ = load_quantized(d)
+    assert isinstance(loaded.blocks[0].ffn, QuantSwiGLU)
+    assert any(getattr(b.ffn, "impl", None) == QUANT_DISPATCH for b in loaded.blocks)
+    assert torch.equal(decode(loaded, "auto"), decode(q, "auto"))

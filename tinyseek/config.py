@@ -63,7 +63,7 @@ class ModelConfig:
     aux_loss_alpha: float = 0.01   # balance loss coefficient
     bias_update_speed: float = 0.001  # aux-loss-free balancing speed gamma; 0 disables the bias
     capacity_factor: float = 0.0   # expert capacity = ceil(cf * tokens * k / N); 0 = dropless
-    moe_impl: str = "auto"         # "grouped" (torch._grouped_mm, fused backward), "padded" (bmm), "sorted" (sorted loop), "loop" (reference), "auto" (grouped; its plain-autograd form without gradients; sorted without grouped_mm)
+    moe_impl: str = "auto"         # "grouped" (torch._grouped_mm, fused backward), "padded" (bmm), "sorted" (sorted loop), "loop" (reference), "auto" (grouped; without gradients its plain-autograd form, sorted for one token; sorted without grouped_mm)
 
     @property
     def gqa_head_dim(self) -> int:

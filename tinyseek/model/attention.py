@@ -7,10 +7,11 @@ Deviations from the DeepSeek-V3 reference, on purpose:
   ``kv_b_proj`` ("naive"). Decode steps (queries that continue a cached sequence) use the absorbed
   form (``MLA._absorbed``): ``kv_b_proj`` is folded into the query and the output and attention
   runs over the latent itself, so a step no longer re-expands the whole cache (that made the step
-  cost grow with batch x length). Without grad and with plain Linear weights, the folding is done
-  once on the weights (``MLA._absorbed_folded``: two GEMMs a layer instead of five), refreshed when
-  a weight changes. ``MLA.impl`` = "auto" | "naive" | "absorbed" selects; the forms agree up to
-  float rounding (tests compare them). The cache stays the latent (the whole point of MLA).
+  cost grow with batch x length). Without grad, with plain Linear or quantized (``dequant``) weights,
+  the folding is done once on the (dequantised) weights (``MLA._absorbed_folded``: two GEMMs a
+  layer instead of five), refreshed when a weight changes. ``MLA.impl`` = "auto" | "naive" |
+  "absorbed" selects; the forms agree up to float rounding (tests compare them). The cache stays the
+  latent (the whole point of MLA).
 - No YaRN scaling (our contexts are short); softmax scale is 1/sqrt(qk_nope + qk_rope).
 """
 from __future__ import annotations
@@ -178,7 +179,9 @@ class MLA(nn.Module):
 
     def _folded_weights(self, dtype: torch.dtype):
         """``(w_in, w_qb, w_out)`` for :meth:`_absorbed_folded`, or None where a projection is not a
-        plain ``nn.Linear`` (quantized) or a weight is an inference tensor (no version counter).
+        plain ``nn.Linear`` or quantized stand-in (see :func:`_source_tensors`) or a weight is an
+        inference tensor (no version counter). Quantized projections fold their dequantised float
+        weights: the folded matrices are float (a decode-time cache, not stored in checkpoints).
 
         ``w_in`` stacks [per head ``W_uk[h]^T W_q_nope[h]`` | ``W_ckv`` | ``W_q_pe``, ``W_k_pe`` | the
         same rows rotated by ``rotate_half``] (no q LoRA), or [``W_q_a`` | ``W_ckv`` | ``W_k_pe`` | its
@@ -190,26 +193,28 @@ class MLA(nn.Module):
         mods = [self.q_b_proj if lora else self.q_proj, self.kv_a_proj_with_mqa, self.kv_b_proj, self.o_proj]
         if lora:
             mods.append(self.q_a_proj)
-        if not all(type(m) is nn.Linear for m in mods) or any(m.weight.is_inference() for m in mods):
+        srcs = [_source_tensors(m) for m in mods]
+        if any(t is None for t in srcs) or any(t.is_inference() for ts in srcs for t in ts):
             return None
-        key = (dtype,) + tuple((m.weight.data_ptr(), m.weight._version) for m in mods)
+        key = (dtype,) + tuple((t.data_ptr(), t._version) for ts in srcs for t in ts)
         if self._folded is not None and self._folded[0] == key:
             return self._folded[1]
         H, C, R, nope = self.n_heads, self.kv_rank, self.rope, self.nope
         with torch.no_grad():
-            wq = mods[0].weight.float().view(H, nope + R, -1)                      # (H, nope + R, Din)
-            wkv = self.kv_b_proj.weight.float().view(H, nope + self.vdim, C)
+            wq = _linear_weight(mods[0], torch.float32).view(H, nope + R, -1)      # (H, nope + R, Din)
+            wkv = _linear_weight(self.kv_b_proj, torch.float32).view(H, nope + self.vdim, C)
             wq_lat = torch.einsum("hnc,hnd->hcd", wkv[:, :nope], wq[:, :nope]).reshape(H * C, -1)
             wq_pe = wq[:, nope:].reshape(H * R, -1)
-            w_kva = self.kv_a_proj_with_mqa.weight.float()
+            w_kva = _linear_weight(self.kv_a_proj_with_mqa, torch.float32)
             w_ckv, w_kpe = w_kva[:C], w_kva[C:]
             if lora:
-                w_in = torch.cat([self.q_a_proj.weight.float(), w_ckv, w_kpe, _rotate_half_rows(w_kpe, R)])
+                w_in = torch.cat([_linear_weight(self.q_a_proj, torch.float32), w_ckv, w_kpe,
+                                  _rotate_half_rows(w_kpe, R)])
                 w_qb = torch.cat([wq_lat, wq_pe, _rotate_half_rows(wq_pe, R)])
             else:
                 pe = torch.cat([wq_pe, w_kpe])
                 w_in, w_qb = torch.cat([wq_lat, w_ckv, pe, _rotate_half_rows(pe, R)]), None
-            wo = self.o_proj.weight.float().view(-1, H, self.vdim)
+            wo = _linear_weight(self.o_proj, torch.float32).view(-1, H, self.vdim)
             w_out = torch.einsum("dhv,hvc->dhc", wo, wkv[:, nope:]).reshape(wo.shape[0], H * C)
             folded = tuple(None if w is None else w.to(dtype).contiguous() for w in (w_in, w_qb, w_out))
         self._folded = (key, folded)
@@ -236,6 +241,17 @@ def _use_absorbed(impl: str, T: int, key_len: int, kv_b_proj: nn.Module) -> bool
     if impl == "naive" or (impl == "auto" and T >= key_len):
         return False
     return isinstance(kv_b_proj, nn.Linear) or hasattr(kv_b_proj, "dequant")
+
+
+def _source_tensors(mod: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """The tensors a projection's weight is made of (its folded form is rebuilt when one changes):
+    ``(weight,)`` of a plain ``nn.Linear``, the codes/scales of a quantized stand-in (``dequant``),
+    None for anything else (not folded)."""
+    if type(mod) is nn.Linear:
+        return (mod.weight,)
+    if hasattr(mod, "dequant"):
+        return tuple(b for b in mod.buffers(recurse=False) if b is not None)
+    return None
 
 
 def _linear_weight(mod: nn.Module, dtype: torch.dtype) -> torch.Tensor:

@@ -221,7 +221,11 @@ class MoE(nn.Module):
         # the fused node pays for its backward plan up front: without gradients (decoding, rollouts,
         # eval) the plain grouped GEMMs are 15-25% faster per layer (measured on cpu-tiny, 1-256 tokens)
         needs_grad = torch.is_grad_enabled() and (x_ND.requires_grad or self.experts.w_gate_up.requires_grad)
-        return "grouped" if needs_grad else "grouped_autograd"
+        if needs_grad:
+            return "grouped"
+        # one token (batch-1 decode): only top_k experts run, and the sorted loop skips the rest
+        # (grouped_mm visits every expert): ~10% faster per layer on cpu-tiny
+        return "sorted" if x_ND.shape[0] == 1 else "grouped_autograd"
 
     # --- dispatch implementations: (x_ND, idx_NK, w_NK, keep_A or None, counts_E) -> y_ND --------
     def _loop(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
@@ -328,3 +332,11 @@ class MoE(nn.Module):
 
 _DISPATCH = {"loop": MoE._loop, "sorted": MoE._sorted, "grouped": MoE._grouped, "padded": MoE._padded,
              "grouped_autograd": MoE._grouped_autograd, "compiled": MoE._compiled}
+
+
+def register_dispatch(name: str, fn) -> None:
+    """Add a dispatch path ``fn(moe, x_ND, idx_NK, w_NK, keep_A, counts_E) -> y_ND`` selected by
+    ``moe.impl = name`` (e.g. the quantized experts' fused kernel, ``tinyseek/quant/modules.py``)."""
+    if name in _DISPATCH and _DISPATCH[name] is not fn:
+        raise ValueError(f"MoE dispatch {name!r} is already registered")
+    _DISPATCH[name] = fn

@@ -7,6 +7,8 @@ registers and accumulate in fp32 (``y[m, n] = sum_g s[n, g] * sum_{k in g} x[m, 
 
 - ``ts_mm``       x (M, K) times an int8 (N, K) or packed-int4 (N, ceil(K/2)) weight, fp16 scales
 - ``ts_swiglu``   one whole SwiGLU expert (gate|up matmul, ``silu(g) * u``, down matmul) in one call
+- ``ts_ffn``      a dense SwiGLU FFN of three separate matrices (``QuantSwiGLU``) in one call
+- ``ts_moe``      all routed experts of a MoE layer for a few tokens, weighted and summed, in one call
 - ``ts_dequant``  float rows of a quantized matrix, all of them or gathered by index (embedding lookup)
 
 They are plain C (no PyTorch headers; AVX-512 intrinsics where the CPU has them, portable loops
@@ -253,6 +255,55 @@ void ts_swiglu(int bits, const float* x, const void* qgu, const uint16_t* sgu, c
   free(buf);
 }
 
+/* Dense SwiGLU FFN from three separate matrices (QuantLinear gate_proj, up_proj: (F, D); down_proj:
+   (D, F)): y (M, D) = (silu(x Wg^T) * (x Wu^T)) Wd^T, each matrix with its optional AWQ smoothing. */
+void ts_ffn(int bits, const float* x, const void* qg, const uint16_t* sg, const uint16_t* smg, const void* qu,
+            const uint16_t* su, const uint16_t* smu, const void* qd, const uint16_t* sd, const uint16_t* smd,
+            float* y, int64_t M, int64_t D, int64_t F, int64_t G1, int64_t G2, int64_t gs, int nt) {
+  float *bg, *bu;
+  const float* xg = smooth_input(x, smg, M, D, &bg);
+  const float* xu = smooth_input(x, smu, M, D, &bu);
+  float* h = (float*)malloc((size_t)(3 * M * F) * sizeof(float));
+  float* u = h + M * F;
+  float* a = u + M * F;
+  mm(bits, xg, qg, sg, h, M, F, D, G1, gs, nt);
+  mm(bits, xu, qu, su, u, M, F, D, G1, gs, nt);
+  for (int64_t i = 0; i < M * F; ++i) {
+    a[i] = h[i] / (1.f + expf(-h[i])) * u[i];
+    if (smd) a[i] /= h2f(smd[i % F]);
+  }
+  mm(bits, a, qd, sd, y, M, D, F, G2, gs, nt);
+  free(h);
+  free(bu);
+  free(bg);
+}
+
+/* All routed experts of a MoE layer for a few tokens (decode): y (N, D) with
+   y[n] = sum_k w[n, k] * expert_{idx[n, k]}(x[n]); stacked experts as ts_swiglu's matrices, expert e
+   at e times the per-expert strides. Returns -1 (y partly written) on an expert outside [0, E). */
+int ts_moe(int bits, const float* x, const int64_t* idx, const float* w, int64_t N, int64_t TK, int64_t E,
+           const uint8_t* qgu, const uint16_t* sgu, const uint16_t* smgu, const uint8_t* qd, const uint16_t* sd,
+           const uint16_t* smd, float* y, int64_t D, int64_t F, int64_t G1, int64_t G2, int64_t gs, int nt) {
+  const int64_t rgu = bits == 8 ? D : (D + 1) / 2, rd = bits == 8 ? F : (F + 1) / 2;  /* bytes a row */
+  float* t = (float*)malloc((size_t)D * sizeof(float));
+  memset(y, 0, (size_t)(N * D) * sizeof(float));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < TK; ++k) {
+      const int64_t e = idx[n * TK + k];
+      if (e < 0 || e >= E) {
+        free(t);
+        return -1;
+      }
+      ts_swiglu(bits, x + n * D, qgu + e * 2 * F * rgu, sgu + e * 2 * F * G1, smgu ? smgu + e * D : NULL,
+                qd + e * D * rd, sd + e * D * G2, smd ? smd + e * F : NULL, t, 1, D, F, G1, G2, gs, nt);
+      const float wk = w[n * TK + k];
+      float* yr = y + n * D;
+      for (int64_t d = 0; d < D; ++d) yr[d] += wk * t[d];
+    }
+  free(t);
+  return 0;
+}
+
 /* out (R, K) float rows of a quantized (V, K) matrix: row r is idx[r] (idx may be NULL: r).
    Returns -1 (writing nothing more) on an index outside [0, V). */
 int ts_dequant(int bits, const int64_t* idx, int64_t R, int64_t V, const void* q, const uint16_t* s,
@@ -322,7 +373,32 @@ static PyObject* py_dequant(PyObject* self, PyObject* const* args, Py_ssize_t na
   Py_END_ALLOW_THREADS
   return PyLong_FromLong(rc);
 }
+static PyObject* py_moe(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  long long v[20];
+  int rc;
+  if (ints(args, nargs, 20, v)) return NULL;
+  Py_BEGIN_ALLOW_THREADS
+  rc = ts_moe((int)v[0], PTR(const float*, 1), PTR(const int64_t*, 2), PTR(const float*, 3), v[4], v[5], v[6],
+              PTR(const uint8_t*, 7), PTR(const uint16_t*, 8), PTR(const uint16_t*, 9), PTR(const uint8_t*, 10),
+              PTR(const uint16_t*, 11), PTR(const uint16_t*, 12), PTR(float*, 13), v[14], v[15], v[16], v[17],
+              v[18], (int)v[19]);
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLong(rc);
+}
+static PyObject* py_ffn(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  long long v[19];
+  if (ints(args, nargs, 19, v)) return NULL;
+  Py_BEGIN_ALLOW_THREADS
+  ts_ffn((int)v[0], PTR(const float*, 1), PTR(const void*, 2), PTR(const uint16_t*, 3), PTR(const uint16_t*, 4),
+         PTR(const void*, 5), PTR(const uint16_t*, 6), PTR(const uint16_t*, 7), PTR(const void*, 8),
+         PTR(const uint16_t*, 9), PTR(const uint16_t*, 10), PTR(float*, 11), v[12], v[13], v[14], v[15], v[16],
+         v[17], (int)v[18]);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
 static PyMethodDef methods[] = {
+  {"ts_ffn", (PyCFunction)(void (*)(void))py_ffn, METH_FASTCALL, NULL},
+  {"ts_moe", (PyCFunction)(void (*)(void))py_moe, METH_FASTCALL, NULL},
   {"ts_mm", (PyCFunction)(void (*)(void))py_mm, METH_FASTCALL, NULL},
   {"ts_swiglu", (PyCFunction)(void (*)(void))py_swiglu, METH_FASTCALL, NULL},
   {"ts_dequant", (PyCFunction)(void (*)(void))py_dequant, METH_FASTCALL, NULL},
@@ -412,8 +488,8 @@ def build(kind: str = "pyext", cache: Path | None = None, portable: bool = False
 
 
 def load(kind: str = "pyext", portable: bool = False):
-    """Build (if needed) and load the kernels; returns an object with ``ts_mm``, ``ts_swiglu`` and
-    ``ts_dequant`` taking integers (pointers as ints, 0 = NULL)."""
+    """Build (if needed) and load the kernels; returns an object with ``ts_mm``, ``ts_swiglu``,
+    ``ts_ffn``, ``ts_moe`` and ``ts_dequant`` taking integers (pointers as ints, 0 = NULL)."""
     path = build(kind, portable=portable)
     if kind == "pyext":
         spec = importlib.util.spec_from_file_location("_tinyseek_quant", path)
@@ -425,6 +501,11 @@ def load(kind: str = "pyext", portable: bool = False):
     lib.ts_mm.restype = None
     lib.ts_swiglu.argtypes = [_INT, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT]
     lib.ts_swiglu.restype = None
+    lib.ts_ffn.argtypes = [_INT, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT]
+    lib.ts_ffn.restype = None
+    lib.ts_moe.argtypes = [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64,
+                           _I64, _INT]
+    lib.ts_moe.restype = _INT
     lib.ts_dequant.argtypes = [_INT, _P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64]
     lib.ts_dequant.restype = _INT
     return lib
@@ -508,6 +589,63 @@ def swiglu(x_MD: torch.Tensor, q_gu: torch.Tensor, s_gu: torch.Tensor, q_d: torc
                   q_d.data_ptr() + e * q_d.stride(0) * q_d.element_size(), s_d.data_ptr() + e * s_d.stride(0) * 2,
                   _row_ptr(sm_d, e), y.data_ptr(), M, D, F2 // 2, s_gu.shape[-1], s_d.shape[-1],
                   _group(bits, group_size, D), torch.get_num_threads())
+    return y
+
+
+def ffn(x: torch.Tensor, gate, up, down):
+    """``down(silu(gate(x)) * up(x))`` for three :class:`~tinyseek.quant.modules.QuantLinear` of
+    one bit width / group size in one call, ``x (..., D)``; None when not applicable."""
+    D = x.shape[-1]
+    n = x.numel()
+    g, u, d = gate._buffers, up._buffers, down._buffers
+    if n > MAX_ROWS * D or not _usable(x, g["scale"]) or u["scale"].dtype is not torch.float16 \
+            or d["scale"].dtype is not torch.float16:
+        return None
+    if any(b["smooth"] is not None and b["smooth"].dtype is not torch.float16 for b in (g, u, d)):
+        return None
+    lib = _ready()
+    if lib is None:
+        return None
+    if not x.is_contiguous():
+        x = x.contiguous()
+    bits, gs = gate.bits, gate.group_size
+    y = torch.empty(x.shape, dtype=torch.float32)
+    lib.ts_ffn(bits, x.data_ptr(), g["qweight"].data_ptr(), g["scale"].data_ptr(), _ptr(g["smooth"]),
+               u["qweight"].data_ptr(), u["scale"].data_ptr(), _ptr(u["smooth"]), d["qweight"].data_ptr(),
+               d["scale"].data_ptr(), _ptr(d["smooth"]), y.data_ptr(), n // D, D, gate.out_features,
+               g["scale"].shape[-1], d["scale"].shape[-1], _group(bits, gs, D), torch.get_num_threads())
+    return y
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def moe(x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, q_gu: torch.Tensor, s_gu: torch.Tensor,
+        q_d: torch.Tensor, s_d: torch.Tensor, bits: int, group_size: int, sm_gu: torch.Tensor | None = None,
+        sm_d: torch.Tensor | None = None):
+    """All routed experts for a few tokens in one call: ``y[n] = sum_k w[n, k] * expert_{idx[n, k]}(x[n])``
+    (stacked buffers as in :func:`swiglu`), or None when not applicable. Replaces the sort / gather /
+    per-expert calls / concatenate / scatter-add of a dispatch at decode. An expert index outside
+    the stack raises ``IndexError``."""
+    N, D = x_ND.shape
+    if (N > MAX_ROWS or not _usable(x_ND, s_gu) or w_NK.dtype is not torch.float32 or idx_NK.device.type != "cpu"
+            or (sm_gu is not None and sm_gu.dtype is not torch.float16)):
+        return None
+    lib = _ready()
+    if lib is None:
+        return None
+    x_ND, w_NK = x_ND.contiguous(), w_NK.contiguous()
+    if idx_NK.dtype is not torch.int64 or not idx_NK.is_contiguous():
+        idx_NK = idx_NK.to(torch.int64).contiguous()
+    E, F2 = q_gu.shape[0], q_gu.shape[1]
+    y = torch.empty(N, D, dtype=torch.float32)
+    rc = lib.ts_moe(bits, x_ND.data_ptr(), idx_NK.data_ptr(), w_NK.data_ptr(), N, idx_NK.shape[1], E,
+                    q_gu.data_ptr(), s_gu.data_ptr(), 0 if sm_gu is None else sm_gu.data_ptr(), q_d.data_ptr(),
+                    s_d.data_ptr(), 0 if sm_d is None else sm_d.data_ptr(), y.data_ptr(), D, F2 // 2,
+                    s_gu.shape[-1], s_d.shape[-1], _group(bits, group_size, D), torch.get_num_threads())
+    if rc != 0:
+        raise IndexError(f"expert index out of range for {E} experts")
     return y
 
 

@@ -9,7 +9,8 @@ only integer codes + fp16 scales (int4: two codes per byte), so the weights real
   dequantised weight is never cached across calls (that would undo the memory saving).
 - decode (at most ``kernels.MAX_ROWS`` rows, fp32, CPU): fused C kernels that read the codes
   directly (:mod:`tinyseek.quant.kernels`; on by default where a C compiler builds them), one call
-  per Linear and one per whole SwiGLU expert.
+  per Linear, one per whole SwiGLU expert, one per dense / shared-expert FFN (:class:`QuantSwiGLU`)
+  and one for all routed experts of a MoE layer (``quantize.quant_fused_dispatch``).
 - embedding: only the looked-up rows are dequantised (``codes[idx] * scale[idx]``); with tied
   embeddings the ``lm_head`` QuantLinear shares the same code and scale tensors (same (V, D)
   layout, scales along D).
@@ -29,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinyseek.model.layers import SwiGLU
+from tinyseek.model.moe import register_dispatch
 from tinyseek.quant import kernels
 from tinyseek.quant.ops import SCALE_DTYPE, dequantize, group_scales, n_groups, pack_int4, quantize, unpack_int4
 
@@ -115,6 +118,29 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, smooth={self.smooth is not None}")
+
+
+class QuantSwiGLU(SwiGLU):
+    """A ``SwiGLU`` (dense FFN, shared expert) whose three projections are ``QuantLinear`` of one
+    bit width and group size: the same children (same state dict), but a decode call runs the
+    whole FFN in one fused kernel call (:func:`kernels.ffn`) instead of three module calls plus
+    two elementwise ops; otherwise ``SwiGLU.forward``."""
+
+    def __init__(self, src: SwiGLU):
+        nn.Module.__init__(self)
+        self.gate_proj, self.up_proj, self.down_proj = src.gate_proj, src.up_proj, src.down_proj
+
+    @staticmethod
+    def fits(m: nn.Module) -> bool:
+        """Whether ``m`` is a plain SwiGLU of three QuantLinear with one format."""
+        if type(m) is not SwiGLU:
+            return False
+        parts = (m.gate_proj, m.up_proj, m.down_proj)
+        return all(type(p) is QuantLinear for p in parts) and len({(p.bits, p.group_size) for p in parts}) == 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.ffn(x, self.gate_proj, self.up_proj, self.down_proj)
+        return y if y is not None else super().forward(x)
 
 
 class QuantExperts(nn.Module):
@@ -227,3 +253,24 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"
+
+
+QUANT_DISPATCH = "quant_fused"  # MoE.impl of quantized experts (see prefer_per_expert_dispatch)
+
+
+def quant_fused_dispatch(moe: nn.Module, x_ND, idx_NK, w_NK, keep_A, counts_E):
+    """MoE dispatch for ``QuantExperts``: a few tokens without capacity drops (decode) go through
+    ONE fused kernel call over all their (token, expert) pairs (:func:`kernels.moe`), skipping the
+    sort, gathers, per-expert calls, concatenation and scatter-add; anything else (prefill, capacity
+    drops, kernels off) takes the ``sorted`` dispatch. Same maths up to float summation order."""
+    ex = moe.experts
+    if keep_A is None and x_ND.shape[0] <= kernels.MAX_ROWS and isinstance(ex, QuantExperts):
+        b = ex._buffers
+        y = kernels.moe(x_ND, idx_NK, w_NK, b["q_gate_up"], b["s_gate_up"], b["q_down"], b["s_down"], ex.bits,
+                        ex.group_size, b["smooth_gate_up"], b["smooth_down"])
+        if y is not None:
+            return y
+    return moe._sorted(x_ND, idx_NK, w_NK, keep_A, counts_E)
+
+
+register_dispatch(QUANT_DISPATCH, quant_fused_dispatch)  # MoE.impl = QUANT_DISPATCH selects it

@@ -119,7 +119,7 @@ def prepare_qat(model: nn.Module, method: str = "int4", group_size: int = 128, l
 def convert_qat(model: nn.Module) -> dict[str, str]:
     """Replace fake-quant modules by real quantized ones (in place); returns the ``modules`` table
     for :func:`tinyseek.quant.quantize.quant_config`."""
-    from tinyseek.quant.quantize import head_is_tied, tie_quantized_head
+    from tinyseek.quant.quantize import head_is_tied, prepare_decode, tie_quantized_head
 
     tied = head_is_tied(model)
     kinds = {}
@@ -138,6 +138,7 @@ def convert_qat(model: nn.Module) -> dict[str, str]:
             kinds[name] = "experts"
     if kinds.get("lm_head") == "linear_tied":
         tie_quantized_head(model)
+    prepare_decode(model)
     return kinds
 
 

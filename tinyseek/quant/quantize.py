@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from tinyseek.errors import UserError
 from tinyseek.quant.calibrate import CALIBRATIONS, activation_range, collect_inputs, search_smoothing
-from tinyseek.quant.modules import QuantEmbedding, QuantExperts, QuantLinear
+from tinyseek.quant.modules import QUANT_DISPATCH, QuantEmbedding, QuantExperts, QuantLinear, QuantSwiGLU
 
 FORMAT = "tinyseek-quant"
 FORMAT_VERSION = 2
@@ -134,14 +134,30 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def prefer_per_expert_dispatch(model: nn.Module) -> None:
-    """MoE layers with quantized experts and ``moe_impl="auto"`` use the ``sorted`` dispatch: it
+    """MoE layers with quantized experts and ``moe_impl="auto"`` use a per-expert dispatch: it
     dequantises only the experts that received tokens (2 of 8 when decoding one token), where the
-    ``grouped`` path would dequantise the whole stack every call. Same maths either way."""
-    from tinyseek.model.moe import MoE
+    ``grouped`` path would dequantise the whole stack every call. ``QuantExperts`` get
+    :func:`~tinyseek.quant.modules.quant_fused_dispatch` (``QUANT_DISPATCH``, registered in the MoE
+    dispatch table when ``tinyseek.quant.modules`` is imported: one fused kernel call at decode,
+    ``sorted`` otherwise), ``QATExperts`` get ``sorted``. Same maths either way."""
+    from tinyseek.model import moe as moe_mod
 
     for m in model.modules():
-        if isinstance(m, MoE) and m.impl == "auto" and type(m.experts).__name__ in ("QuantExperts", "QATExperts"):
-            m.impl = "sorted"
+        if isinstance(m, moe_mod.MoE) and m.impl == "auto":
+            if isinstance(m.experts, QuantExperts):
+                m.impl = QUANT_DISPATCH
+            elif type(m.experts).__name__ == "QATExperts":
+                m.impl = "sorted"
+
+
+def prepare_decode(model: nn.Module) -> None:
+    """Set a quantized model up for fast decode (after quantizing or loading; idempotent): the
+    per-expert MoE dispatch (:func:`prefer_per_expert_dispatch`) and :class:`QuantSwiGLU` for every
+    dense FFN / shared expert made of QuantLinear (same children, so the state dict is unchanged)."""
+    prefer_per_expert_dispatch(model)
+    for name, m in list(model.named_modules()):
+        if QuantSwiGLU.fits(m):
+            _set_module(model, name, QuantSwiGLU(m))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +220,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calib_batches: Iterable[to
                                         device=model.embed.qweight.device)
             tie_quantized_head(model)
             kinds["lm_head"] = "linear_tied"
-    prefer_per_expert_dispatch(model)
+    prepare_decode(model)
     mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
     return {"modules": kinds, "smoothed": smoothed, "err": mean(errs), "err_rtn": mean(errs_rtn)}
 
@@ -359,7 +375,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", expect:
             raise UserError(f"quantized checkpoint {p}: tensor {k} is {state[k].dtype} {tuple(state[k].shape)} but "
                             f"{qcfg['method']} group {qcfg['group_size']} needs {t.dtype} {tuple(t.shape)}")
     model.load_state_dict(state, strict=True)
-    prefer_per_expert_dispatch(model)
+    prepare_decode(model)
     model.to(device).eval()
     meta.setdefault("quant", {k: v for k, v in qcfg.items() if k not in ("model_config", "modules")})
     return model, meta
