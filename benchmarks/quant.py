@@ -24,8 +24,9 @@ that separates what QAT buys from what more training of an under-trained model b
 ``fold MB``: the MLA decode weights folded once after the first decode step (``MLA._folded``, fp32,
 from the dequantised weights in the quantized models): resident during decode on top of ``mem MB``,
 never written to the checkpoint.
-``fp32 sorted-moe`` is the float model with the per-expert MoE dispatch the quantized models use
-(speed reference; the default ``auto`` picks ``torch._grouped_mm``).
+``fp32 sorted-moe`` is the float model with the per-expert MoE dispatch forced everywhere (speed
+reference; for one decoded token the default ``auto`` picks it too, so the two fp32 rows differ
+only by timing noise at batch 1).
 ``torchao-int8`` (with ``--torchao``) is torchao's Int8WeightOnlyConfig applied to the Linear
 layers (its experts stay fp32), for comparison.
 """
@@ -45,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tinyseek.model.moe import MoE  # noqa: E402
 from tinyseek.quant.quantize import QuantSpec, quant_config, quantize_model, save_quantized, weight_bytes  # noqa: E402
 
 
@@ -151,7 +153,7 @@ def main() -> None:
     # quantize.prefer_per_expert_dispatch); the same dispatch in fp32, for a like-for-like speed
     srt = copy.deepcopy(base)
     for mod in srt.modules():
-        if hasattr(mod, "impl") and getattr(mod, "impl") == "auto":
+        if isinstance(mod, MoE) and mod.impl == "auto":  # MoE layers only (MLA has an impl too)
             mod.impl = "sorted"
     variants.append(("fp32", srt, fdir / "model.safetensors", "sorted-moe", None))
     cals = args.calibrations.split(",")
