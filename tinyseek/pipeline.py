@@ -98,7 +98,8 @@ def preset(name: str) -> Config:
         cfg.sft.tasks, cfg.sft.difficulty, cfg.sft.n_examples, cfg.sft.epochs = tasks, 1, 2000, 5
         cfg.sft.batch_size, cfg.sft.lr = 32, 3e-3
         g = cfg.grpo
-        g.tasks, g.difficulty, g.max_difficulty, g.steps, g.prompts_per_step = tasks, 1, 1, 150, 32
+        # 250 steps: held-out pass@1 mean over 3 seeds 0.48 vs 0.41 at 150 steps (README results)
+        g.tasks, g.difficulty, g.max_difficulty, g.steps, g.prompts_per_step = tasks, 1, 1, 250, 32
         g.group_size, g.max_new_tokens, g.lr, g.mu, g.ema = 8, 24, 2e-4, 1, 0.95
         g.temperature = 0.6  # low-temperature rollouts move the greedy answer (see grpo.py docstring)
     if name == "micro":  # CI's end-to-end run: seconds per stage; enough SFT to learn the format
