@@ -35,6 +35,16 @@ def _inputs(N=7, k=2, E=4, D=6, Fh=5, drop=False, seed=0, dtype=torch.float64):
     return (x, w_gu, w_d, w_R, tok_R, rows, starts, offs), counts_E
 
 
+def assert_matches_loop(m, impl: str, x, atol: float, rtol: float) -> None:
+    """Outputs, input grads and every parameter grad of ``impl`` equal the reference loop's."""
+    y_ref, dx_ref, g_ref, _ = run(m, "loop", x)
+    y, dx, g, _ = run(m, impl, x)
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(dx, dx_ref, atol=atol, rtol=rtol)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], atol=atol, rtol=rtol, msg=name)
+
+
 def _reference(x, w_gu, w_d, w_R, tok_R, rows, starts, offs):
     """The same maths with plain autograd ops, expert by expert."""
     Fh = w_d.shape[1]
@@ -99,12 +109,7 @@ def test_grouped_handles_widths_the_kernel_refuses():
     cfg = moe_cfg(d_model=6, moe_d_ff=5, kv_lora_rank=4, qk_nope_head_dim=2, qk_rope_head_dim=2, v_head_dim=2)
     m = make_moe(cfg).train()
     x = torch.randn(2, 7, cfg.d_model, generator=torch.Generator().manual_seed(5))
-    y_ref, dx_ref, g_ref, _ = run(m, "loop", x)
-    y, dx, g, _ = run(m, "grouped", x)
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-5)
-    for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert_matches_loop(m, "grouped", x, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("capacity", [0.0, 1.0])
@@ -113,12 +118,7 @@ def test_moe_grouped_float64_matches_loop(capacity):
     cfg = moe_cfg(capacity_factor=capacity, top_k=3)
     m = make_moe(cfg).double().train()
     x = torch.randn(2, 9, cfg.d_model, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    y_ref, dx_ref, g_ref, _ = run(m, "loop", x)
-    y, dx, g, _ = run(m, "grouped", x)
-    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(dx, dx_ref, atol=1e-12, rtol=1e-10)
-    for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], atol=1e-12, rtol=1e-10, msg=name)
+    assert_matches_loop(m, "grouped", x, atol=1e-12, rtol=1e-10)
 
 
 def test_grouped_forward_without_grad_and_in_eval():
@@ -166,9 +166,4 @@ def test_compiled_variant_matches_loop():
     cfg = moe_cfg(capacity_factor=1.0)
     m = make_moe(cfg).train()
     x = torch.randn(3, 11, cfg.d_model, generator=torch.Generator().manual_seed(8))
-    y_ref, dx_ref, g_ref, _ = run(m, "loop", x)
-    y, dx, g, _ = run(m, "compiled", x)
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-5)
-    for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert_matches_loop(m, "compiled", x, atol=1e-5, rtol=1e-5)
