@@ -545,6 +545,18 @@ def _group(bits: int, group_size: int, k: int) -> int:
     return group_size if bits == 4 and group_size > 0 else k + k % 2
 
 
+def _lib_for(x: torch.Tensor, scale: torch.Tensor, fits: bool, *fp16: torch.Tensor | None):
+    """The loaded kernels for one call, or None: ``fits`` (the wrapper's own size / dtype checks),
+    ``x`` and ``scale`` usable (:func:`_usable`), every other scale / smoothing vector given in
+    ``fp16`` absent or fp16, the kernels enabled and built."""
+    if not fits or not _usable(x, scale):
+        return None
+    for t in fp16:
+        if t is not None and t.dtype is not torch.float16:
+            return None
+    return _ready()
+
+
 def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int,
              smooth: torch.Tensor | None = None):
     """``(x / smooth) @ W_hat^T`` for ``x (..., K)`` with the fused kernel, or None when not enabled
@@ -553,18 +565,14 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits: 
     Kept lean: it runs once per Linear per decode step."""
     K = x.shape[-1]
     n = x.numel()
-    if n > MAX_ROWS * K or not _usable(x, scale) or (smooth is not None and smooth.dtype is not torch.float16):
-        return None
-    lib = _ready()
+    lib = _lib_for(x, scale, n <= MAX_ROWS * K, smooth)
     if lib is None:
         return None
-    if not x.is_contiguous():
-        x = x.contiguous()
+    x = x.contiguous()
     N = qweight.shape[0]
     y = torch.empty(x.shape[:-1] + (N,), dtype=torch.float32)
-    lib.ts_mm(bits, x.data_ptr(), qweight.data_ptr(), scale.data_ptr(), 0 if smooth is None else smooth.data_ptr(),
-              y.data_ptr(), n // K, N, K,
-              scale.shape[-1], group_size if bits == 4 and group_size > 0 else K + K % 2, torch.get_num_threads())
+    lib.ts_mm(bits, x.data_ptr(), qweight.data_ptr(), scale.data_ptr(), _ptr(smooth), y.data_ptr(), n // K, N, K,
+              scale.shape[-1], _group(bits, group_size, K), torch.get_num_threads())
     return y
 
 
@@ -574,13 +582,10 @@ def swiglu(x_MD: torch.Tensor, q_gu: torch.Tensor, s_gu: torch.Tensor, q_d: torc
     AWQ smoothing ``sm_gu (E, D)`` / ``sm_d (E, F)``) applied to ``x (M, D)`` in one call:
     ``(silu(g) * u) @ W_down``; None when not applicable."""
     M, D = x_MD.shape
-    if M > MAX_ROWS or not _usable(x_MD, s_gu) or (sm_gu is not None and sm_gu.dtype is not torch.float16):
-        return None
-    lib = _ready()
+    lib = _lib_for(x_MD, s_gu, M <= MAX_ROWS, sm_gu)
     if lib is None:
         return None
-    if not x_MD.is_contiguous():
-        x_MD = x_MD.contiguous()
+    x_MD = x_MD.contiguous()
     F2 = q_gu.shape[1]
     y = torch.empty(M, D, dtype=torch.float32)
     # expert e's slices by pointer offset (no view objects); the buffers are contiguous
@@ -598,16 +603,10 @@ def ffn(x: torch.Tensor, gate, up, down):
     D = x.shape[-1]
     n = x.numel()
     g, u, d = gate._buffers, up._buffers, down._buffers
-    if n > MAX_ROWS * D or not _usable(x, g["scale"]) or u["scale"].dtype is not torch.float16 \
-            or d["scale"].dtype is not torch.float16:
-        return None
-    if any(b["smooth"] is not None and b["smooth"].dtype is not torch.float16 for b in (g, u, d)):
-        return None
-    lib = _ready()
+    lib = _lib_for(x, g["scale"], n <= MAX_ROWS * D, u["scale"], d["scale"], g["smooth"], u["smooth"], d["smooth"])
     if lib is None:
         return None
-    if not x.is_contiguous():
-        x = x.contiguous()
+    x = x.contiguous()
     bits, gs = gate.bits, gate.group_size
     y = torch.empty(x.shape, dtype=torch.float32)
     lib.ts_ffn(bits, x.data_ptr(), g["qweight"].data_ptr(), g["scale"].data_ptr(), _ptr(g["smooth"]),
@@ -629,10 +628,8 @@ def moe(x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, q_gu: torc
     per-expert calls / concatenate / scatter-add of a dispatch at decode. An expert index outside
     the stack raises ``IndexError``."""
     N, D = x_ND.shape
-    if (N > MAX_ROWS or not _usable(x_ND, s_gu) or w_NK.dtype is not torch.float32 or idx_NK.device.type != "cpu"
-            or (sm_gu is not None and sm_gu.dtype is not torch.float16)):
-        return None
-    lib = _ready()
+    fits = N <= MAX_ROWS and w_NK.dtype is torch.float32 and idx_NK.device.type == "cpu"
+    lib = _lib_for(x_ND, s_gu, fits, sm_gu)
     if lib is None:
         return None
     x_ND, w_NK = x_ND.contiguous(), w_NK.contiguous()
@@ -641,8 +638,8 @@ def moe(x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, q_gu: torc
     E, F2 = q_gu.shape[0], q_gu.shape[1]
     y = torch.empty(N, D, dtype=torch.float32)
     rc = lib.ts_moe(bits, x_ND.data_ptr(), idx_NK.data_ptr(), w_NK.data_ptr(), N, idx_NK.shape[1], E,
-                    q_gu.data_ptr(), s_gu.data_ptr(), 0 if sm_gu is None else sm_gu.data_ptr(), q_d.data_ptr(),
-                    s_d.data_ptr(), 0 if sm_d is None else sm_d.data_ptr(), y.data_ptr(), D, F2 // 2,
+                    q_gu.data_ptr(), s_gu.data_ptr(), _ptr(sm_gu), q_d.data_ptr(), s_d.data_ptr(), _ptr(sm_d),
+                    y.data_ptr(), D, F2 // 2,
                     s_gu.shape[-1], s_d.shape[-1], _group(bits, group_size, D), torch.get_num_threads())
     if rc != 0:
         raise IndexError(f"expert index out of range for {E} experts")
