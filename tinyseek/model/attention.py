@@ -32,12 +32,17 @@ def attention_mask(pos_BT: torch.Tensor, key_len: int, window: int) -> torch.Ten
     >>> attention_mask(torch.tensor([[0, 1, 2]]), 3, 2).int().squeeze().tolist()
     [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
     """
+    return _visible(pos_BT, key_len, window).unsqueeze(1)
+
+
+def _visible(pos_BT: torch.Tensor, key_len: int, window: int) -> torch.Tensor:
+    """(B, T, L): whether the query at absolute position p sees key j (p - window < j <= p)."""
     j = torch.arange(key_len, device=pos_BT.device)
     p = pos_BT.unsqueeze(-1)  # (B, T, 1)
     m = j <= p
     if window > 0:
         m = m & (j > p - window)
-    return m.unsqueeze(1)
+    return m
 
 
 def attention_bias(pos_BT: torch.Tensor, key_len: int, window: int, dtype: torch.dtype) -> torch.Tensor:
@@ -46,12 +51,8 @@ def attention_bias(pos_BT: torch.Tensor, key_len: int, window: int, dtype: torch
     >>> attention_bias(torch.tensor([[1]]), 3, 0, torch.float32).tolist()
     [[[0.0, 0.0, -inf]]]
     """
-    j = torch.arange(key_len, device=pos_BT.device)
-    p = pos_BT.unsqueeze(-1)
-    hide = j > p
-    if window > 0:
-        hide = hide | (j <= p - window)
-    return torch.zeros(hide.shape, dtype=dtype, device=pos_BT.device).masked_fill_(hide, float("-inf"))
+    seen = _visible(pos_BT, key_len, window)
+    return torch.full(seen.shape, float("-inf"), dtype=dtype, device=pos_BT.device).masked_fill_(seen, 0.0)
 
 
 def _sdpa(q, k, v, pos_BT, key_len, window, cached, scale, gqa=False):
