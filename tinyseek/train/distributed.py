@@ -326,8 +326,8 @@ def _drop_nonfinite_powersgd_state(state: Any, idx: int) -> None:
 
 def _counting_wrapper(hook: Callable, stats: CommStats, tracker: LayoutTracker | None = None) -> Callable:
     """Count the raw fp32 bytes of every bucket handed to ``hook`` (the sent bytes are counted at
-    the all-reduce itself); for PowerSGD also keep its state aligned with the bucket's parameter
-    order (``tracker``) and drop non-finite compression memory afterwards."""
+    the all-reduce itself); for PowerSGD (``tracker`` given) also keep its state aligned with the
+    bucket's parameter order and drop non-finite compression memory afterwards."""
 
     def wrapped(state, bucket):
         buf = bucket.buffer()
@@ -335,7 +335,7 @@ def _counting_wrapper(hook: Callable, stats: CommStats, tracker: LayoutTracker |
         if tracker is not None:
             tracker.before_hook(bucket)
         fut = hook(state, bucket)
-        if state is None or not hasattr(state, "error_dict"):
+        if tracker is None:  # not PowerSGD: no compression memory to sanitise
             return fut
         idx = bucket.index()
 

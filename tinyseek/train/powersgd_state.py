@@ -16,6 +16,7 @@ regrouping is exact: a resumed run reproduces the uninterrupted one bit for bit
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +28,7 @@ Layout = tuple[tuple[str, tuple[int, ...]], ...]  # (parameter name, shape) in b
 
 def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     n = shape[0] if shape else 1
-    numel = 1
-    for s in shape:
-        numel *= s
-    return n, numel // n if n else 0
+    return n, math.prod(shape) // n if n else 0
 
 
 def _compressed(shape: tuple[int, ...], rank: int, min_rate: float) -> tuple[bool, int, int, int]:
@@ -66,7 +64,7 @@ def explode(layout: Layout, error: torch.Tensor | None, p: torch.Tensor | None, 
     if error is not None:
         off = 0
         for name, shape in layout:
-            k = _matrix_shape(shape)[0] * _matrix_shape(shape)[1]
+            k = math.prod(shape)
             pieces[name]["error"] = error[off:off + k].clone()
             off += k
         if off != error.numel():
@@ -112,14 +110,20 @@ class LayoutTracker:
     def layout_of(self, bucket) -> Layout:
         return tuple((self.names[id(p)], tuple(p.shape)) for p in bucket.parameters())
 
-    def _explode_all(self) -> None:
-        st = self.state
+    def _exploded(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every bucket's state split per parameter (the buckets' own memory is left as it is)."""
+        st, out = self.state, {}
         for idx, layout in self.layouts.items():
             got = explode(layout, st.error_dict.get(idx), st.p_memory_dict.get(idx), st.q_memory_dict.get(idx),
                           *self._args())
             for name, d in got.items():
-                self.pending.setdefault(name, {}).update(d)
-        st.error_dict.clear(), st.p_memory_dict.clear(), st.q_memory_dict.clear()
+                out.setdefault(name, {}).update(d)
+        return out
+
+    def _explode_all(self) -> None:
+        for name, d in self._exploded().items():
+            self.pending.setdefault(name, {}).update(d)
+        self.state.error_dict.clear(), self.state.p_memory_dict.clear(), self.state.q_memory_dict.clear()
         self.layouts.clear()
 
     def before_hook(self, bucket) -> None:
@@ -141,11 +145,8 @@ class LayoutTracker:
         st = self.state
         params: dict[str, dict[str, torch.Tensor]] = {k: {n: t.cpu() for n, t in d.items()}
                                                       for k, d in self.pending.items()}
-        for idx, layout in self.layouts.items():
-            got = explode(layout, st.error_dict.get(idx), st.p_memory_dict.get(idx), st.q_memory_dict.get(idx),
-                          *self._args())
-            for name, d in got.items():
-                params.setdefault(name, {}).update({k: t.cpu() for k, t in d.items()})
+        for name, d in self._exploded().items():
+            params.setdefault(name, {}).update({k: t.cpu() for k, t in d.items()})
         return {"kind": "powersgd", "params": params, "iter": st.iter, "rng": st.rng.get_state(),
                 "total_numel_before_compression": st.total_numel_before_compression,
                 "total_numel_after_compression": st.total_numel_after_compression,
