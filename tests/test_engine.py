@@ -214,6 +214,43 @@ def test_idle_engine_gathers_a_burst_but_not_a_lone_request(model, tok):
         eng.stop()
 
 
+def test_busy_engine_coalesces_trickling_arrivals_into_one_prefill(model, tok):
+    """While rows decode, requests that arrive one by one wait (at most max_wait) until they fill
+    the free slots and share one prefill; the running row keeps decoding meanwhile."""
+    sp = SamplingParams(max_tokens=60, ignore_eos=True)
+    eng = Engine(model, tok, max_batch=4, max_wait=30.0)
+    long = eng.submit(tok.encode("hello"), sp)
+    eng.step()
+    assert eng.stats["prefills"] == 1
+    late = []
+    for p in PROMPTS[1:4]:
+        late.append(eng.submit(tok.encode(p), sp))
+        steps = eng.stats["steps"]
+        eng.step()
+        assert eng.stats["steps"] == steps + 1  # the running row decoded
+        if len(late) < 3:
+            assert eng.stats["prefills"] == 1 and all(r.slot is None for r in late)
+    assert eng.stats["prefills"] == 2 and all(r.slot is not None for r in late)  # 3 queued = 3 free: one prefill
+    assert len(long.token_ids) == 5  # prefill token + 4 decode steps
+    # a lone arrival is held back no longer than max_wait
+    eng = Engine(model, tok, max_batch=4, max_wait=0.05)
+    eng.submit(tok.encode("hello"), sp)
+    eng.step()
+    lone = eng.submit(tok.encode("a"), sp)
+    eng.step()
+    assert lone.slot is None
+    time.sleep(0.06)
+    eng.step()
+    assert lone.slot is not None and eng.stats["prefills"] == 2
+    # without max_wait (generate() for GRPO / eval) nothing is held back
+    eng = Engine(model, tok, max_batch=4)
+    eng.submit(tok.encode("hello"), sp)
+    eng.step()
+    lone = eng.submit(tok.encode("a"), sp)
+    eng.step()
+    assert lone.slot is not None
+
+
 def test_cancel_timeout_and_drain(model, tok):
     eng = Engine(model, tok, max_batch=2).start()
     try:

@@ -12,7 +12,7 @@ registers and accumulate in fp32 (``y[m, n] = sum_g s[n, g] * sum_{k in g} x[m, 
 - ``ts_dequant``  float rows of a quantized matrix, all of them or gathered by index (embedding lookup)
 
 They are plain C (no PyTorch headers; AVX-512 intrinsics where the CPU has them, portable loops
-otherwise), compiled once with the system C compiler (``cc -O3 -march=native -ffast-math -fopenmp
+otherwise), compiled once (:mod:`tinyseek.ckernels`) with the system C compiler (``cc -O3 -march=native -ffast-math -fopenmp
 -shared``, well under a second) into a per-machine cache (``$TINYSEEK_KERNEL_CACHE`` or
 ``~/.cache/tinyseek/kernels``, keyed by source, compiler, flags and CPU flags; written to a temp
 name then renamed, so concurrent first uses are safe). Built as a small CPython extension where
@@ -45,19 +45,14 @@ scale+zero-point format).
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import importlib.util
 import os
-import platform
-import shutil
-import subprocess
-import sysconfig
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from tinyseek import ckernels
+from tinyseek.ckernels import I64 as _I64, INT as _INT, P as _P
 
 MAX_ROWS = 8  # above this, dequantise + one BLAS GEMM is faster
 
@@ -408,11 +403,17 @@ PyMODINIT_FUNC PyInit__tinyseek_quant(void) { return PyModule_Create(&module); }
 #endif
 """
 
-_FLAG_SETS = (["-O3", "-march=native", "-ffast-math", "-fopenmp"], ["-O3", "-ffast-math", "-fopenmp"],
-              ["-O3", "-ffast-math"])
+_NAME = "_tinyseek_quant"  # the extension's module name (PyInit__tinyseek_quant above)
+_SIGS = {
+    "ts_mm": ([_INT, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT], None),
+    "ts_swiglu": ([_INT, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT], None),
+    "ts_ffn": ([_INT, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT], None),
+    "ts_moe": ([_INT, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT],
+               _INT),
+    "ts_dequant": ([_INT, _P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64], _INT),
+}
 _lock = threading.Lock()
 _state: dict = {"enabled": os.environ.get("TINYSEEK_QUANT_KERNELS", "1") != "0", "lib": None, "failed": False}
-_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
 def enable(flag: bool = True) -> bool:
@@ -426,107 +427,21 @@ def available() -> bool:
     return _ready() is not None
 
 
-def _cache_dir() -> Path:
-    d = os.environ.get("TINYSEEK_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tinyseek",
-                                                                 "kernels")
-    try:
-        Path(d).mkdir(parents=True, exist_ok=True)
-        if os.access(d, os.W_OK):
-            return Path(d)
-    except OSError:
-        pass
-    return Path(tempfile.gettempdir())
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def _python_include() -> str | None:
-    inc = sysconfig.get_paths().get("include")
-    return inc if inc and os.path.isfile(os.path.join(inc, "Python.h")) else None
-
-
 def build(kind: str = "pyext", cache: Path | None = None, portable: bool = False) -> Path:
     """Compile the kernels (or reuse the cached build); returns the shared library's path.
     ``kind``: "pyext" (a CPython extension; needs Python.h) or "ctypes" (plain C). ``portable``
     leaves out the AVX-512 paths (what a CPU without them gets; for tests)."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc/gcc/clang) on PATH")
-    extra = []
-    if kind == "pyext":
-        inc = _python_include()
-        if inc is None:
-            raise RuntimeError("no Python.h for the extension build")
-        extra = ["-DTS_PYEXT", f"-I{inc}"]
-    if portable:
-        extra.append("-DTS_PORTABLE")
-    cache = cache or _cache_dir()
-    key = hashlib.sha1("\0".join([_SRC, cc, kind, *extra, platform.machine(), _cpu_flags(), repr(_FLAG_SETS)]).encode())
-    name = f"tinyseek_quant_{kind}_{key.hexdigest()[:16]}"
-    lib = cache / f"{name}.so"
-    if lib.is_file():
-        return lib
-    src = cache / f"{name}.c"
-    tmp = cache / f".{name}.{os.getpid()}.{threading.get_ident()}.so"
-    src.write_text(_SRC)
-    err = ""
-    for flags in _FLAG_SETS:  # -march=native or OpenMP may be missing: try plainer flag sets
-        r = subprocess.run([cc, *flags, *extra, "-shared", "-fPIC", str(src), "-o", str(tmp), "-lm"],
-                           capture_output=True, text=True)
-        if r.returncode == 0:
-            os.replace(tmp, lib)  # atomic: concurrent builders each rename a complete file
-            return lib
-        err = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
-    tmp.unlink(missing_ok=True)
-    raise RuntimeError(f"compiling the quant kernels failed: {err}")
+    return ckernels.build(_NAME, _SRC, kind, cache, portable)
 
 
 def load(kind: str = "pyext", portable: bool = False):
     """Build (if needed) and load the kernels; returns an object with ``ts_mm``, ``ts_swiglu``,
     ``ts_ffn``, ``ts_moe`` and ``ts_dequant`` taking integers (pointers as ints, 0 = NULL)."""
-    path = build(kind, portable=portable)
-    if kind == "pyext":
-        spec = importlib.util.spec_from_file_location("_tinyseek_quant", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    lib = ctypes.CDLL(str(path))
-    lib.ts_mm.argtypes = [_INT, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT]
-    lib.ts_mm.restype = None
-    lib.ts_swiglu.argtypes = [_INT, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT]
-    lib.ts_swiglu.restype = None
-    lib.ts_ffn.argtypes = [_INT, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT]
-    lib.ts_ffn.restype = None
-    lib.ts_moe.argtypes = [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64,
-                           _I64, _INT]
-    lib.ts_moe.restype = _INT
-    lib.ts_dequant.argtypes = [_INT, _P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64]
-    lib.ts_dequant.restype = _INT
-    return lib
+    return ckernels.load(_NAME, _SRC, _SIGS, kind, portable)
 
 
 def _lib():
-    if _state["lib"] is not None or _state["failed"]:
-        return _state["lib"]
-    with _lock:
-        if _state["lib"] is None and not _state["failed"]:
-            errors = []
-            for kind in ("pyext", "ctypes"):  # the extension calls faster; plain C needs no Python.h
-                try:
-                    _state["lib"] = load(kind)
-                    break
-                except Exception as e:
-                    errors.append(str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
-            else:  # no compiler / failed build: the PyTorch-op path is used
-                _state["failed"] = True
-                print(f"tinyseek.quant.kernels: not available, using the PyTorch path ({errors[-1]})")
-    return _state["lib"]
+    return ckernels.lazy_lib(_state, _lock, load, "tinyseek.quant.kernels")
 
 
 def _ready():

@@ -4,7 +4,8 @@ One :class:`Engine` owns a model and a KV cache of ``max_batch`` slots (rows) of
 positions, allocated once. Each request lives in one slot. A scheduler step:
 
 1. admits queued requests into free slots (lowest free slot first, so the busy rows stay packed
-   at the top of the cache);
+   at the top of the cache); while rows are decoding, arrivals are held back (at most ``max_wait``)
+   until they fill the free slots, so that requests trickling in share one prefill forward;
 2. prefills the admitted prompts together: right-padded into a small temporary cache, copied into
    their slots, and each slot's length set to its own prompt length (the padding written past it is
    never attended to: the causal mask only looks at positions below a row's length, and the next
@@ -18,7 +19,8 @@ Requests can join and leave between any two decode steps (continuous batching). 
 the batch API used by GRPO rollouts and eval (it runs the steps in the caller's thread, or hands
 the requests to the background thread when one runs); ``stream()`` is its one-prompt streaming
 form (terminal chat). The server uses ``start()`` (a background scheduler thread; when idle it
-gathers a burst of arrivals, up to ``max_wait`` seconds, before the first prefill), ``astream()`` (async
+gathers a burst of arrivals, up to ``max_wait`` seconds, before the first prefill; when busy it
+coalesces arrivals for up to ``max_wait``), ``astream()`` (async
 iterator of token/text events) and ``acomplete()`` (await the final completion only).
 
 Not done (on purpose, for size): no prefix caching, no chunked prefill fused with decode steps (a
@@ -141,9 +143,10 @@ class Engine:
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
                  eos_id: int | None = None, max_wait: float = 0.0, prefill_tokens: int = 8192):
         """``max_len``: cache positions per slot (prompt + completion), default the model's
-        ``max_seq_len``. ``eos_id`` defaults to ``tokenizer.eos_id``. ``max_wait``: seconds the
-        background scheduler waits at most to gather a burst of requests when idle (it stops
-        earlier once no request came for ``max_wait / 4``). ``prefill_tokens``: padded tokens
+        ``max_seq_len``. ``eos_id`` defaults to ``tokenizer.eos_id``. ``max_wait``: seconds a
+        request may wait to be prefilled together with others: an idle background scheduler
+        gathers a burst (stopping earlier once no request came for ``max_wait / 4``); a busy
+        engine holds arrivals back until they fill the free slots (0 = admit at once). ``prefill_tokens``: padded tokens
         per prefill forward (larger admissions are split)."""
         if max_batch < 1:
             raise UserError(f"max_batch must be >= 1, got {max_batch}")
@@ -360,6 +363,8 @@ class Engine:
         admitted = []
         with self._cv:
             free = [i for i, r in enumerate(self.slots) if r is None]
+            if self._hold_back(len(free)):
+                return admitted
             while self._queue and free:
                 r = self._queue.popleft()
                 if r.cancelled or (r.deadline is not None and time.monotonic() > r.deadline):
@@ -369,6 +374,15 @@ class Engine:
                 self.slots[r.slot] = r
                 admitted.append(r)
         return admitted
+
+    def _hold_back(self, n_free: int) -> bool:
+        """Coalesce prefills while decoding: with rows busy, queued requests wait (up to ``max_wait``
+        after the oldest arrived) until they fill the free slots, so that they share one prefill
+        forward instead of paying one each as they trickle in (the busy rows keep decoding
+        meanwhile; only the waiting requests' first token is later)."""
+        if not self._queue or self.max_wait <= 0 or len(self._queue) >= n_free or self.num_active() == 0:
+            return False
+        return time.monotonic() - self._queue[0].submitted < self.max_wait
 
     def _prefill(self, reqs: list[Request]) -> None:
         reqs = sorted(reqs, key=lambda r: len(r.prompt))

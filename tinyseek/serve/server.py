@@ -59,7 +59,7 @@ class Config:
     api_key: str = ""              # require "Authorization: Bearer <key>" on /v1/*; "" = env TINYSEEK_API_KEY or none
     model_name: str = "tinyseek"   # the model id clients must use (or omit)
     max_batch: int = 16            # KV-cache slots = requests decoded together
-    max_wait_ms: float = 5.0       # an idle engine gathers a burst of requests this long at most
+    max_wait_ms: float = 5.0       # a request waits this long at most to share a prefill with others
     max_len: int = 0               # cache positions per request (prompt + completion); 0 = model max_seq_len
     max_prompt_tokens: int = 0     # longest accepted prompt; 0 = max_len - 1
     max_tokens: int = 512          # largest max_tokens a request may ask for
