@@ -309,6 +309,8 @@ def test_qat_converted_model_matches_fake_quant_forward(method, gs, tie):
     assert not any(isinstance(x, (QATLinear, QATExperts, QATEmbedding)) for x in m.modules())
     assert kinds["lm_head"] == ("linear_tied" if tie else "linear") and kinds["embed"] == "embedding"
     assert (m.lm_head.qweight is m.embed.qweight) == tie
+    from tinyseek.quant.quantize import QUANT_DISPATCH    # QAT's "sorted" dispatch gives way to the fused one
+    assert all(b.ffn.impl == QUANT_DISPATCH for b in m.blocks if isinstance(b.ffn, MoE))
     with torch.no_grad():
         real = m(idx).logits
     assert torch.allclose(real, fake, atol=1e-4, rtol=1e-4)

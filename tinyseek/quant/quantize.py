@@ -139,11 +139,13 @@ def prefer_per_expert_dispatch(model: nn.Module) -> None:
     ``grouped`` path would dequantise the whole stack every call. ``QuantExperts`` get
     :func:`~tinyseek.quant.modules.quant_fused_dispatch` (``QUANT_DISPATCH``, registered in the MoE
     dispatch table when ``tinyseek.quant.modules`` is imported: one fused kernel call at decode,
-    ``sorted`` otherwise), ``QATExperts`` get ``sorted``. Same maths either way."""
+    ``sorted`` otherwise), ``QATExperts`` get ``sorted``. Same maths either way. Decided from the
+    configured ``moe_impl``, so it runs again after :func:`~tinyseek.quant.qat.convert_qat` swaps
+    QAT experts (``sorted``) for quantized ones."""
     from tinyseek.model import moe as moe_mod
 
     for m in model.modules():
-        if isinstance(m, moe_mod.MoE) and m.impl == "auto":
+        if isinstance(m, moe_mod.MoE) and (m.impl == "auto" or m.cfg.moe_impl == "auto"):
             if isinstance(m.experts, QuantExperts):
                 m.impl = QUANT_DISPATCH
             elif type(m.experts).__name__ == "QATExperts":
