@@ -279,9 +279,11 @@ def test_auto_uses_grouped_kernel_on_cpu_when_available():
         assert expected == "grouped"  # torch 2.13 CPU runs _grouped_mm in fp32 with autograd
 
 
-def test_auto_picks_the_fused_node_only_when_gradients_flow():
+def test_auto_picks_the_fused_node_only_when_gradients_flow(monkeypatch):
     from tinyseek.model.moe import _grouped_mm_ok
+    from tinyseek.model.moe_kernel import KERNELS
 
+    monkeypatch.setitem(KERNELS.state, "enabled", False)  # the C kernel's choice: tests/test_moe_kernel.py
     cfg = model_micro()
     m = MoE(cfg)
     x = torch.randn(6, cfg.d_model)

@@ -63,7 +63,7 @@ class ModelConfig:
     aux_loss_alpha: float = 0.01   # balance loss coefficient
     bias_update_speed: float = 0.001  # aux-loss-free balancing speed gamma; 0 disables the bias
     capacity_factor: float = 0.0   # expert capacity = ceil(cf * tokens * k / N); 0 = dropless
-    moe_impl: str = "auto"         # "grouped" (torch._grouped_mm, fused backward), "padded" (bmm), "sorted" (sorted loop), "loop" (reference), "auto" (grouped; without gradients its plain-autograd form, sorted for one token; sorted without grouped_mm)
+    moe_impl: str = "auto"         # "grouped" (torch._grouped_mm, fused backward), "padded" (bmm), "sorted" (sorted loop), "loop" (reference), "kernel" (one C call, CPU fp32 inference), "auto" (grouped; without gradients on CPU fp32 the C kernel, else grouped's plain-autograd form, sorted for one token; sorted without grouped_mm)
 
     @property
     def gqa_head_dim(self) -> int:
@@ -112,8 +112,8 @@ class ModelConfig:
             need(self.aux_loss_alpha >= 0, f"model.aux_loss_alpha must be >= 0, got {self.aux_loss_alpha}")
             need(self.bias_update_speed >= 0, f"model.bias_update_speed must be >= 0, got {self.bias_update_speed}")
             need(self.capacity_factor >= 0, f"model.capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")
-            need(self.moe_impl in ("auto", "grouped", "padded", "sorted", "loop"),
-                 f"model.moe_impl must be auto/grouped/padded/sorted/loop, got {self.moe_impl!r}")
+            need(self.moe_impl in ("auto", "grouped", "padded", "sorted", "loop", "kernel"),
+                 f"model.moe_impl must be auto/grouped/padded/sorted/loop/kernel, got {self.moe_impl!r}")
         return self
 
 

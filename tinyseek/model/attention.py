@@ -11,7 +11,8 @@ Deviations from the DeepSeek-V3 reference, on purpose:
   the folding is done once on the (dequantised) weights (``MLA._absorbed_folded``: two GEMMs a
   layer instead of five), refreshed when a weight changes. ``MLA.impl`` = "auto" | "naive" |
   "absorbed" selects; the forms agree up to float rounding (tests compare them). The cache stays the
-  latent (the whole point of MLA).
+  latent (the whole point of MLA). On CPU fp32 without grad the latent attention itself (scores,
+  softmax, weighted sum over each row's visible keys) is one C call (:mod:`tinyseek.model.attn_kernel`).
 - No YaRN scaling (our contexts are short); softmax scale is 1/sqrt(qk_nope + qk_rope).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinyseek.model import attn_kernel
 from tinyseek.model.cache import write_rows
 from tinyseek.model.layers import RMSNorm, apply_rope
 
@@ -167,6 +169,9 @@ class MLA(nn.Module):
         B, T, J, R = pe_BTJR.shape
         H, C, X = J - 1, self.kv_rank, self.kv_rank + self.rope
         write_rows(lat, torch.cat([ckv_BTC, pe_BTJR[:, :, H]], dim=-1), pos_BT, 1)
+        o_NHC = attn_kernel.latent_attention(q_NHC, pe_BTJR, lat, pos_BT, key_len, self.window, self.scale)
+        if o_NHC is not None:  # the fused C kernel (CPU fp32 without grad); else the PyTorch ops below
+            return o_NHC
         lat_BLX = lat[:, :key_len]
         if lat_BLX.dtype != q_NHC.dtype:
             lat_BLX = lat_BLX.to(q_NHC.dtype)

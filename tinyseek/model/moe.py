@@ -27,8 +27,10 @@ Dispatch implementations, all numerically the same maths:
   compiling fails; like ``grouped_autograd`` not offered by the config yet: +0-2% on CPU).
 - ``padded``: sorted assignments padded per expert to the busiest expert's count, one ``bmm`` per
   projection (some FLOPs wasted on padding, far fewer kernel calls; see ``MoE._padded``).
-``auto`` uses ``grouped`` where the kernel runs for the device/dtype (CPU fp32 in torch >= 2.9, CUDA
-bf16), else ``sorted``. Measured in ``benchmarks/moe_vs_hf.py`` (see ``benchmarks/README.md``).
+- ``kernel``: inference on CPU fp32: all routed experts in one C call (``moe_kernel.py``).
+``auto`` uses ``kernel`` without gradients on CPU fp32 (plain ``Experts``), else ``grouped`` where the
+grouped GEMM runs for the device/dtype (CPU fp32 in torch >= 2.9, CUDA bf16), else ``sorted``.
+Measured in ``benchmarks/moe_vs_hf.py`` (see ``benchmarks/README.md``).
 """
 from __future__ import annotations
 
@@ -216,6 +218,8 @@ class MoE(nn.Module):
     def _pick_impl(self, x_ND: torch.Tensor) -> str:
         if self.impl != "auto":
             return self.impl
+        if _moe_kernel.applies(self, x_ND):  # inference on CPU fp32 (no gradient needed): one C call
+            return _moe_kernel.DISPATCH
         if not _grouped_mm_ok(x_ND.device, self._compute_dtype(x_ND)):
             return "sorted"
         # the fused node pays for its backward plan up front: without gradients (decoding, rollouts,
@@ -340,3 +344,6 @@ def register_dispatch(name: str, fn) -> None:
     if name in _DISPATCH and _DISPATCH[name] is not fn:
         raise ValueError(f"MoE dispatch {name!r} is already registered")
     _DISPATCH[name] = fn
+
+
+from tinyseek.model import moe_kernel as _moe_kernel  # noqa: E402  (registers the "kernel" dispatch)

@@ -1,0 +1,300 @@
+"""Fused fp32 CPU kernel for the routed experts of a MoE layer at inference (decode and prefill).
+
+``y[n] = sum_k w[n, k] * expert_{idx[n, k]}(x[n])`` with ``expert_e(x) = (silu(x @ Wg_e) * (x @ Wu_e))
+@ Wd_e`` over the stacked weights of :class:`tinyseek.model.moe.Experts` (``w_gate_up (E, D, 2F)``,
+gate columns first, and ``w_down (E, F, D)``) in ONE C call per layer, replacing the sort, gathers,
+per-expert GEMM calls (or ``torch._grouped_mm``), activation and scatter-add of the PyTorch dispatch.
+
+Inside the call: a counting sort groups the (token, slot) assignments by expert; each expert's
+assignments go in blocks of up to 4 tokens, so every weight load feeds 4 tokens (16 AVX-512
+accumulators: 4 tokens x 64 columns; masked loads/stores for column tails, so any D / F works;
+portable loops where AVX-512 is missing or ``TS_PORTABLE`` is defined). The routing weight scales
+the activation (F wide) before the down projection, each assignment's output goes to its own row and
+the rows of a token are summed in slot order at the end (deterministic, no write races, the same
+result on any number of threads). Large calls (``N * K * 3 * D * F`` >= 2M multiply-adds, with
+more than one torch thread) share the blocks over OpenMP (``torch.get_num_threads()`` threads);
+small ones stay on the calling thread (a fork/join costs more than ~20 us of work saves on a busy
+2-core machine: at cpu-tiny shapes two threads win from ~32 tokens on).
+
+Selected by ``MoE`` ``auto`` (dispatch ``"kernel"``) when no gradient is needed, the input is a CPU
+fp32 tensor without autocast and the experts are plain :class:`~tinyseek.model.moe.Experts` (the
+quantized model's ``QuantExperts`` keep their own dispatch). The dispatch itself falls back to what
+``auto`` would otherwise run (``sorted`` for one token, else ``grouped_autograd``) for capacity drops,
+when the kernels are off (``TINYSEEK_MODEL_KERNELS=0`` or ``KERNELS.enable(False)``) or did not
+build (no compiler: one printed line), or when a gradient is needed after all. Results equal the
+PyTorch paths up to float summation order (tested against the ``loop`` reference).
+"""
+from __future__ import annotations
+
+import torch
+
+from tinyseek import ckernels
+from tinyseek.ckernels import I64, INT, P
+from tinyseek.model.moe import Experts, register_dispatch
+from tinyseek.model.moe_fused import _grouped_mm_ok
+
+DISPATCH = "kernel"  # MoE.impl of this path (chosen by "auto", see MoE._pick_impl)
+
+_SRC = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#define PAR_WORK 2097152  /* multiply-adds (N K 3 D F) below which a call stays on one thread */
+#define TB 4              /* tokens per block: each weight load feeds TB tokens */
+
+#if defined(__AVX512F__) && !defined(TS_PORTABLE)
+#include <immintrin.h>
+#define TS_AVX512 1
+#endif
+
+/* Y[t][0:Nc] = sum_k X[t][k] * W[k * Nc + 0:Nc] for t < T (W row-major (Kd, Nc)). */
+#ifdef TS_AVX512
+static inline __attribute__((always_inline)) void tile(const int T, const float* const* X, const float* W,
+                                                       int64_t Kd, int64_t Nc, int64_t j, float* const* Y) {
+  __mmask16 m[4];
+  for (int v = 0; v < 4; ++v) {
+    const int64_t r = Nc - j - 16 * v;
+    m[v] = r >= 16 ? (__mmask16)0xFFFF : r <= 0 ? (__mmask16)0 : (__mmask16)((1u << r) - 1u);
+  }
+  __m512 acc[TB][4];
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_setzero_ps();
+  const float* wp = W + j;
+  for (int64_t k = 0; k < Kd; ++k, wp += Nc) {
+    __m512 wv[4];
+    for (int v = 0; v < 4; ++v) wv[v] = _mm512_maskz_loadu_ps(m[v], wp + 16 * v);
+    for (int t = 0; t < T; ++t) {
+      const __m512 xb = _mm512_set1_ps(X[t][k]);
+      for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_fmadd_ps(xb, wv[v], acc[t][v]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(Y[t] + j + 16 * v, m[v], acc[t][v]);
+}
+static inline __attribute__((always_inline)) void gemm_t(const int T, const float* const* X, const float* W,
+                                                         int64_t Kd, int64_t Nc, float* const* Y) {
+  for (int64_t j = 0; j < Nc; j += 64) tile(T, X, W, Kd, Nc, j, Y);
+}
+#else
+static inline __attribute__((always_inline)) void gemm_t(const int T, const float* const* X, const float* W,
+                                                         int64_t Kd, int64_t Nc, float* const* Y) {
+  for (int64_t j0 = 0; j0 < Nc; j0 += 64) {
+    const int64_t nj = Nc - j0 < 64 ? Nc - j0 : 64;
+    float acc[TB][64];
+    for (int t = 0; t < T; ++t)
+      for (int64_t j = 0; j < 64; ++j) acc[t][j] = 0.f;
+    for (int64_t k = 0; k < Kd; ++k) {
+      const float* wr = W + k * Nc + j0;
+      for (int t = 0; t < T; ++t) {
+        const float xv = X[t][k];
+        float* a = acc[t];
+        #pragma omp simd
+        for (int64_t j = 0; j < nj; ++j) a[j] += xv * wr[j];
+      }
+    }
+    for (int t = 0; t < T; ++t) memcpy(Y[t] + j0, acc[t], (size_t)nj * sizeof(float));
+  }
+}
+#endif
+
+static void gemm(int T, const float* const* X, const float* W, int64_t Kd, int64_t Nc, float* const* Y) {
+  switch (T) {  /* constant T: the tile's loops unroll and its accumulators stay in registers */
+    case 1: gemm_t(1, X, W, Kd, Nc, Y); break;
+    case 2: gemm_t(2, X, W, Kd, Nc, Y); break;
+    case 3: gemm_t(3, X, W, Kd, Nc, Y); break;
+    default: gemm_t(4, X, W, Kd, Nc, Y); break;
+  }
+}
+
+/* Routed experts for N tokens: x (N, D), idx / w (N, K) expert ids and routing weights, stacked
+   wgu (E, D, 2F) (gate columns [0, F), up [F, 2F)) and wd (E, F, D); y (N, D). Returns -1 (y not
+   written) on an expert id outside [0, E), -2 when out of memory, else 0. */
+int ts_moe_f32(const float* x, const int64_t* idx, const float* w, int64_t N, int64_t K, int64_t E,
+               const float* wgu, const float* wd, float* y, int64_t D, int64_t F, int nt) {
+  const int64_t A = N * K;
+  for (int64_t a = 0; a < A; ++a)
+    if (idx[a] < 0 || idx[a] >= E) return -1;
+  int64_t* start = (int64_t*)calloc((size_t)(E + 1), sizeof(int64_t));
+  int64_t* order = (int64_t*)malloc((size_t)(A > 0 ? A : 1) * sizeof(int64_t));
+  float* yA = K == 1 ? y : (float*)malloc((size_t)(A > 0 ? A * D : 1) * sizeof(float));
+  if (!start || !order || !yA) {
+    free(start); free(order); if (yA != y) free(yA);
+    return -2;
+  }
+  /* counting sort of the assignments by expert (stable: token order inside an expert) */
+  for (int64_t a = 0; a < A; ++a) start[idx[a] + 1]++;
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  int64_t nblk = 0;
+  for (int64_t e = 0; e < E; ++e) nblk += (start[e + 1] - start[e] + TB - 1) / TB;
+  int64_t* blk = (int64_t*)malloc((size_t)(nblk > 0 ? 2 * nblk : 1) * sizeof(int64_t));  /* (expert, first) */
+  if (!blk) {
+    free(start); free(order); if (yA != y) free(yA);
+    return -2;
+  }
+  {
+    int64_t* fill = (int64_t*)malloc((size_t)E * sizeof(int64_t));
+    if (!fill) {
+      free(blk); free(start); free(order); if (yA != y) free(yA);
+      return -2;
+    }
+    memcpy(fill, start, (size_t)E * sizeof(int64_t));
+    for (int64_t a = 0; a < A; ++a) order[fill[idx[a]]++] = a;
+    free(fill);
+  }
+  for (int64_t e = 0, b = 0; e < E; ++e)
+    for (int64_t s = start[e]; s < start[e + 1]; s += TB, ++b) { blk[2 * b] = e; blk[2 * b + 1] = s; }
+  int fail = 0;
+  #pragma omp parallel if (nt > 1 && A * 3 * D * F >= PAR_WORK) num_threads(nt)
+  {
+    float* h = (float*)malloc((size_t)(TB * 3 * F) * sizeof(float));  /* gate|up (TB, 2F), act (TB, F) */
+    if (!h) {
+      #pragma omp atomic write
+      fail = 1;
+    }
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < nblk; ++b) {
+      if (!h) continue;
+      const int64_t e = blk[2 * b], s = blk[2 * b + 1];
+      const int T = (int)(start[e + 1] - s < TB ? start[e + 1] - s : TB);
+      const float* xs[TB];
+      float* hs[TB];
+      const float* as[TB];
+      float* ys[TB];
+      float* act = h + TB * 2 * F;
+      for (int t = 0; t < T; ++t) {
+        const int64_t a = order[s + t];
+        xs[t] = x + (a / K) * D;
+        hs[t] = h + t * 2 * F;
+        as[t] = act + t * F;
+        ys[t] = yA + a * D;
+      }
+      gemm(T, xs, wgu + e * D * 2 * F, D, 2 * F, hs);
+      for (int t = 0; t < T; ++t) {
+        const float wt = w[order[s + t]];
+        const float* g = hs[t];
+        float* o = act + t * F;
+        #pragma omp simd
+        for (int64_t f = 0; f < F; ++f) o[f] = g[f] / (1.f + expf(-g[f])) * g[F + f] * wt;
+      }
+      gemm(T, as, wd + e * F * D, F, D, ys);
+    }
+    free(h);
+  }
+  if (!fail && K > 1) {  /* each token's rows summed in slot order */
+    for (int64_t n = 0; n < N; ++n) {
+      float* o = y + n * D;
+      const float* r = yA + n * K * D;
+      memcpy(o, r, (size_t)D * sizeof(float));
+      for (int64_t k = 1; k < K; ++k) {
+        const float* rk = r + k * D;
+        #pragma omp simd
+        for (int64_t d = 0; d < D; ++d) o[d] += rk[d];
+      }
+    }
+  }
+  free(blk); free(start); free(order); if (yA != y) free(yA);
+  return fail ? -2 : 0;
+}
+
+#ifdef TS_PYEXT  /* the same function as a CPython extension: a call costs ~0.2 us, ctypes ~1.7 */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+static PyObject* py_moe_f32(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  long long v[12];
+  int rc;
+  if (nargs != 12) {
+    PyErr_Format(PyExc_TypeError, "expected 12 integer arguments, got %zd", nargs);
+    return NULL;
+  }
+  for (Py_ssize_t i = 0; i < 12; ++i) {
+    v[i] = PyLong_AsLongLong(args[i]);
+    if (v[i] == -1 && PyErr_Occurred()) return NULL;
+  }
+  Py_BEGIN_ALLOW_THREADS
+  rc = ts_moe_f32((const float*)(intptr_t)v[0], (const int64_t*)(intptr_t)v[1], (const float*)(intptr_t)v[2],
+                  v[3], v[4], v[5], (const float*)(intptr_t)v[6], (const float*)(intptr_t)v[7],
+                  (float*)(intptr_t)v[8], v[9], v[10], (int)v[11]);
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLong(rc);
+}
+static PyMethodDef methods[] = {
+  {"ts_moe_f32", (PyCFunction)(void (*)(void))py_moe_f32, METH_FASTCALL, NULL},
+  {NULL, NULL, 0, NULL}};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tinyseek_moe", NULL, -1, methods};
+PyMODINIT_FUNC PyInit__tinyseek_moe(void) { return PyModule_Create(&module); }
+#endif
+"""
+
+_SIGS = {"ts_moe_f32": ([P, P, P, I64, I64, I64, P, P, P, I64, I64, INT], INT)}
+KERNELS = ckernels.Kernels("_tinyseek_moe", _SRC, _SIGS, "TINYSEEK_MODEL_KERNELS", "tinyseek.model.moe_kernel")
+
+
+def routed_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, w_gate_up: torch.Tensor,
+                   w_down: torch.Tensor, lib=None) -> torch.Tensor | None:
+    """``y[n] = sum_k w[n, k] * expert_{idx[n, k]}(x[n])`` in one kernel call, or None where the kernel
+    does not apply (kernels off / not built, not CPU fp32, a gradient needed). ``lib`` overrides the
+    loaded library (tests: the ctypes and portable builds). An expert id outside ``[0, E)`` raises
+    ``IndexError``. Kept lean (it runs once per MoE layer per decode step)."""
+    if lib is None:
+        st = KERNELS.state
+        lib = st["lib"] if st["enabled"] else None
+        if lib is None:
+            lib = KERNELS.ready()
+            if lib is None:
+                return None
+    f32 = torch.float32
+    if not (x_ND.dtype is f32 and w_NK.dtype is f32 and w_gate_up.dtype is f32 and w_down.dtype is f32
+            and x_ND.is_cpu and w_gate_up.is_cpu and w_down.is_cpu and idx_NK.is_cpu and w_NK.is_cpu):
+        return None
+    if torch.is_grad_enabled() and (x_ND.requires_grad or w_NK.requires_grad or w_gate_up.requires_grad
+                                    or w_down.requires_grad):
+        return None
+    N, D = x_ND.shape
+    E, D_in, F2 = w_gate_up.shape
+    if D_in != D or w_down.shape != (E, F2 // 2, D) or idx_NK.shape != w_NK.shape or idx_NK.shape[0] != N:
+        raise ValueError(f"expert shapes {tuple(w_gate_up.shape)} / {tuple(w_down.shape)} do not fit input "
+                         f"{tuple(x_ND.shape)} and routing {tuple(idx_NK.shape)}")
+    x_ND, w_NK = x_ND.contiguous(), w_NK.contiguous()
+    if not (w_gate_up.is_contiguous() and w_down.is_contiguous()):
+        w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()
+    if idx_NK.dtype is not torch.int64 or not idx_NK.is_contiguous():
+        idx_NK = idx_NK.to(torch.int64).contiguous()
+    y = torch.empty(N, D, dtype=f32)
+    rc = lib.ts_moe_f32(x_ND.data_ptr(), idx_NK.data_ptr(), w_NK.data_ptr(), N, idx_NK.shape[1], E,
+                        w_gate_up.data_ptr(), w_down.data_ptr(), y.data_ptr(), D, F2 // 2, torch.get_num_threads())
+    if rc:
+        if rc == -1:
+            raise IndexError(f"expert index out of range for {E} experts")
+        raise MemoryError("moe kernel: out of memory")
+    return y
+
+
+def applies(moe, x_ND: torch.Tensor) -> bool:
+    """Whether ``auto`` picks this dispatch (``MoE._pick_impl``): kernels enabled, plain ``Experts``,
+    CPU fp32 input without autocast, and no gradient needed (the same test as ``auto``'s choice
+    between ``grouped`` and its no-gradient paths). Cheap (never builds)."""
+    st = KERNELS.state
+    if not st["enabled"] or st["failed"] or x_ND.dtype is not torch.float32 or x_ND.device.type != "cpu":
+        return False
+    ex = moe.experts
+    if not isinstance(ex, Experts) or torch.is_autocast_enabled("cpu"):
+        return False
+    return not (torch.is_grad_enabled() and (x_ND.requires_grad or ex.w_gate_up.requires_grad))
+
+
+def kernel_dispatch(moe, x_ND, idx_NK, w_NK, keep_A, counts_E):
+    """MoE dispatch ``"kernel"``: all routed experts in one C call (:func:`routed_experts`); with
+    capacity drops, other experts, or where the kernel does not apply, what ``auto`` runs otherwise."""
+    ex = moe.experts
+    if keep_A is None and isinstance(ex, Experts):
+        y = routed_experts(x_ND, idx_NK, w_NK, ex.w_gate_up, ex.w_down)
+        if y is not None:
+            return y
+    if x_ND.shape[0] == 1 or not _grouped_mm_ok(x_ND.device, moe._compute_dtype(x_ND)):
+        return moe._sorted(x_ND, idx_NK, w_NK, keep_A, counts_E)
+    return moe._grouped_autograd(x_ND, idx_NK, w_NK, keep_A, counts_E)
+
+
+register_dispatch(DISPATCH, kernel_dispatch)
