@@ -376,13 +376,15 @@ class Engine:
         return admitted
 
     def _hold_back(self, n_free: int) -> bool:
-        """Coalesce prefills while decoding: with rows busy, queued requests wait (up to ``max_wait``
-        after the oldest arrived) until they fill the free slots, so that they share one prefill
-        forward instead of paying one each as they trickle in (the busy rows keep decoding
-        meanwhile; only the waiting requests' first token is later)."""
+        """Coalesce prefills while decoding: with rows busy, queued requests wait while more keep
+        arriving (the newest came less than ``max_wait / 4`` ago), at most ``max_wait`` after the
+        oldest, and not once they fill the free slots; so requests trickling in share one prefill
+        forward instead of paying one each (the busy rows keep decoding meanwhile; only the waiting
+        requests' first token is later)."""
         if not self._queue or self.max_wait <= 0 or len(self._queue) >= n_free or self.num_active() == 0:
             return False
-        return time.monotonic() - self._queue[0].submitted < self.max_wait
+        now = time.monotonic()
+        return now - self._queue[0].submitted < self.max_wait and now - self._queue[-1].submitted < self.max_wait / 4
 
     def _prefill(self, reqs: list[Request]) -> None:
         reqs = sorted(reqs, key=lambda r: len(r.prompt))
