@@ -10,6 +10,7 @@ from tinyseek.model import moe_kernel
 from tinyseek.model.moe import MoE
 from tinyseek.model.moe_fused import _grouped_mm_ok
 from tinyseek.model.transformer import Transformer
+from test_moe import make_moe
 
 
 @pytest.fixture
@@ -24,15 +25,6 @@ def moe_cfg(d: int, f: int, e: int, k: int, score: str, **kw) -> ModelConfig:
                 n_routed_experts=e, n_shared_experts=1, moe_d_ff=f, top_k=k, score_func=score)
     base.update(kw)
     return ModelConfig(**base)  # not validated: odd widths are fine for a lone MoE layer
-
-
-def make_moe(cfg: ModelConfig, seed: int = 0) -> MoE:
-    torch.manual_seed(seed)
-    m = MoE(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0.0, 0.2)
-    return m
 
 
 def reference(x, idx, w, w_gate_up, w_down):
