@@ -9,7 +9,9 @@
 2. Engine alone vs Hugging Face ``generate`` on the same weights (exported with
    ``tinyseek.model.hf_export.export_hf`` and loaded by ``AutoModelForCausalLM``), greedy, at batch
    1 and 16 with equal-length prompts and a fixed number of new tokens. Target: engine ahead at
-   batch 1 and >= 2x at batch 16. Also reported: how many greedy tokens agree between the two.
+   batch 1 and >= 2x at batch 16. Also reported: how many greedy tokens agree between the two, and
+   the same engine with the fp32 C kernels switched off (``tinyseek.ckernels.enable_all(False)``:
+   what the kernels buy).
 
     .venv/bin/python benchmarks/serve_load.py                 # CPU: cpu-tiny-sized model, fp32
     .venv/bin/python benchmarks/serve_load.py --device cuda   # GPU: gpu-small-sized model, bf16
@@ -191,6 +193,7 @@ def run_load(args, model) -> list[dict]:
 # 2. engine vs HF generate
 # ---------------------------------------------------------------------------------------------
 def run_engine_vs_hf(args, model) -> list[dict]:
+    from tinyseek import ckernels
     from tinyseek.serve.engine import Engine, SamplingParams
 
     try:
@@ -234,23 +237,37 @@ def run_engine_vs_hf(args, model) -> list[dict]:
                 torch.cuda.synchronize()
             return time.perf_counter() - t0, r
 
-        timed(run_engine), timed(run_hf)  # warm-up
-        te, th = [], []
+        def run_engine_plain():  # the same engine with the fp32 C kernels switched off (PyTorch ops)
+            before = ckernels.enable_all(False)
+            try:
+                return run_engine()
+            finally:
+                ckernels.restore(before)
+
+        timed(run_engine), timed(run_hf), timed(run_engine_plain)  # warm-up
+        te, th, tp = [], [], []
         for _ in range(args.reps):  # interleaved
             t, ours = timed(run_engine)
             te.append(t)
             t, theirs = timed(run_hf)
             th.append(t)
+            t, plain = timed(run_engine_plain)
+            tp.append(t)
+        plain_agree = statistics.mean(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), M) / M
+                                      for x, y in zip(ours, plain))
         agree = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y)) / (B * M)
         # tokens agree up to the first divergence (later tokens follow different prefixes)
         prefix = statistics.mean(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), M) / M
                                  for x, y in zip(ours, theirs))
         res = {"batch": B, "new_tokens": M, "engine_tok_s": B * M / min(te), "hf_tok_s": B * M / min(th),
-               "greedy_prefix_agreement": prefix, "greedy_token_agreement": agree}
+               "engine_plain_tok_s": B * M / min(tp), "greedy_prefix_agreement": prefix,
+               "greedy_token_agreement": agree, "plain_prefix_agreement": plain_agree}
         res["ratio"] = res["engine_tok_s"] / res["hf_tok_s"]
         results.append(res)
         print(f"  batch {B:3d}: engine {res['engine_tok_s']:9.1f} tok/s, HF generate {res['hf_tok_s']:9.1f} tok/s, "
-              f"ratio {res['ratio']:.2f}x (greedy agreement: {prefix:.0%} of tokens before first divergence)",
+              f"ratio {res['ratio']:.2f}x (greedy agreement: {prefix:.0%} of tokens before first divergence); "
+              f"engine without the C kernels {res['engine_plain_tok_s']:9.1f} tok/s "
+              f"(kernels {res['engine_tok_s'] / res['engine_plain_tok_s']:.2f}x, agreement {plain_agree:.0%})",
               flush=True)
     return results
 

@@ -125,6 +125,23 @@ def lazy_lib(state: dict, lock: threading.Lock, loader, label: str):
     return state["lib"]
 
 
+REGISTRY: list["Kernels"] = []  # every Kernels made (the fp32 model kernels register on import)
+
+
+def enable_all(flag: bool) -> list[bool]:
+    """Switch every registered :class:`Kernels` on or off (A/B runs); returns their previous
+    switches for :func:`restore`."""
+    before = [k.state["enabled"] for k in REGISTRY]
+    for k in REGISTRY:
+        k.state["enabled"] = flag
+    return before
+
+
+def restore(before: list[bool]) -> None:
+    for k, flag in zip(REGISTRY, before):
+        k.state["enabled"] = flag
+
+
 class Kernels:
     """One kernel library, built and loaded lazily on first use (thread-safe), with an on/off switch
     (``env_var=0`` turns it off). ``state`` is a plain dict (``enabled``, ``lib``, ``failed``) that
@@ -134,6 +151,7 @@ class Kernels:
         self.name, self.src, self.signatures, self.label = name, src, signatures, label
         self.state = {"enabled": os.environ.get(env_var, "1") != "0", "lib": None, "failed": False}
         self._lock = threading.Lock()
+        REGISTRY.append(self)
 
     def load(self, kind: str = "pyext", portable: bool = False):
         return load(self.name, self.src, self.signatures, kind, portable)
