@@ -218,7 +218,8 @@ def test_model_decode_with_kernel_matches_full_forward(name):
                 logits = model(tok, cache=cache).logits[:, -1]
                 for b in range(3):
                     outs[b].append(logits[b])
-        assert counter.calls == n_new * model.cfg.n_layers  # every decode step of every layer: the kernel
+        # the (short) prefill and every decode step of every layer: the kernel
+        assert counter.calls == (n_new + 1) * model.cfg.n_layers
     for b, pl in enumerate(prompt_lens):
         torch.testing.assert_close(torch.stack(outs[b]), refs[b][pl:pl + n_new], atol=ATOL, rtol=RTOL)
 
@@ -236,8 +237,13 @@ def test_model_kernel_equals_torch_path_and_training_is_untouched():
                 pieces.append(model(idx[:, t:t + step], cache=cache).logits)
                 t += step
         res[on] = torch.cat(pieces, dim=1)
-        assert counter.calls == (4 * model.cfg.n_layers if on else 0)
+        assert counter.calls == (5 * model.cfg.n_layers if on else 0)  # the 5-token prefill too
     torch.testing.assert_close(res[True], res[False], atol=ATOL, rtol=RTOL)
+    from tinyseek.model.attention import SHORT_PREFILL
+    long_idx = torch.randint(0, model.cfg.vocab_size, (1, SHORT_PREFILL + 1))
+    with torch.no_grad(), kernels(True) as counter:
+        model(long_idx, cache=model.new_cache(1))   # a longer prefill expands the keys (naive form)
+        assert counter.calls == 0
     with kernels(True) as counter:
         for b in model.blocks:
             b.attn.impl = "absorbed"

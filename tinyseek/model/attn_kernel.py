@@ -332,6 +332,13 @@ _SIGS = {
 KERNELS = ckernels.Kernels("_tinyseek_attn", _SRC, _SIGS, "TINYSEEK_ATTN_KERNELS", "tinyseek.model.attn_kernel")
 
 
+def fits(x: torch.Tensor) -> bool:
+    """Whether :func:`latent_attention` will run for a layer input ``x`` (CPU fp32, no gradient
+    needed, kernels enabled and built)."""
+    return (x.dtype is torch.float32 and x.is_cpu and not (torch.is_grad_enabled() and x.requires_grad)
+            and KERNELS.ready() is not None)
+
+
 def latent_attention(q_NHC: torch.Tensor, pe_BTJR: torch.Tensor, lat: torch.Tensor, pos_BT: torch.Tensor,
                      key_len: int, window: int, scale: float, lib=None) -> torch.Tensor | None:
     """The attended latent ``(N, H, C)`` (contiguous) of :meth:`MLA._latent_attention` in one kernel
