@@ -19,6 +19,7 @@ from tinyseek.config import ModelConfig
 from tinyseek.model.attention import build_attention
 from tinyseek.model.cache import KVCache
 from tinyseek.model.layers import RMSNorm, Rotary, SwiGLU
+from tinyseek.model.linear_kernel import Linear
 from tinyseek.model.moe import MoE, update_bias
 
 
@@ -59,7 +60,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.gqa_head_dim
