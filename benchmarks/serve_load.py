@@ -60,7 +60,8 @@ def free_port() -> int:
 def start_server(run_dir: Path, args, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tinyseek", "serve", "--ckpt", str(run_dir), "--port", str(port),
            "--device", args.device, "--max-batch", str(max(args.clients)), "--max-tokens", str(args.max_tokens),
-           "--max-queue", "1000", "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]
+           "--max-queue", "1000", "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning",
+           "--engine-process", args.engine_process]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -285,6 +286,8 @@ def main() -> int:
                          "to the same load from other jobs on a shared machine)")
     ap.add_argument("--max-wait-ms", type=float, default=5.0,
                     help="server --max-wait-ms: an idle engine gathers a burst of requests this long at most")
+    ap.add_argument("--engine-process", choices=["true", "false"], default="true",
+                    help="the server's engine in its own process (the server's default) or in its thread")
     ap.add_argument("--rounds", type=int, default=3,
                     help="load rounds (all levels each, interleaved); the best round of each level is kept")
     ap.add_argument("--hf-batches", default="1,16")

@@ -99,6 +99,19 @@ class StreamEvent:
 _ids = itertools.count()
 
 
+def check_prompt(prompt: list[int], max_len: int, vocab_size: int) -> list[int]:
+    """The prompt as a list of ints, or :class:`UserError` (empty, too long for ``max_len`` cache
+    positions, an id outside the vocabulary)."""
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise UserError("prompt is empty")
+    if len(prompt) >= max_len:
+        raise UserError(f"prompt has {len(prompt)} tokens; the limit is {max_len - 1}")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise UserError(f"prompt token ids must be in [0, {vocab_size})")
+    return prompt
+
+
 class Request:
     """Handle for one submitted prompt: wait with :meth:`result`, stop with :meth:`cancel`."""
 
@@ -184,13 +197,7 @@ class Engine:
         token (only once, at the end, with ``stream=False``); ``holds`` are extra strings whose
         prefixes are held back from streamed text."""
         params = (params or SamplingParams()).validate()
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise UserError("prompt is empty")
-        if len(prompt) >= self.max_len:
-            raise UserError(f"prompt has {len(prompt)} tokens; the limit is {self.max_len - 1}")
-        if min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
-            raise UserError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        prompt = check_prompt(prompt, self.max_len, self.cfg.vocab_size)
         if params.stop and self.tokenizer is None:
             raise UserError("stop strings need an engine with a tokenizer")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)

@@ -60,6 +60,7 @@ class Config:
     model_name: str = "tinyseek"   # the model id clients must use (or omit)
     max_batch: int = 16            # KV-cache slots = requests decoded together
     max_wait_ms: float = 5.0       # a request waits this long at most to share a prefill with others
+    engine_process: bool = True    # run the engine in its own process (no GIL contention with the HTTP side)
     max_len: int = 0               # cache positions per request (prompt + completion); 0 = model max_seq_len
     max_prompt_tokens: int = 0     # longest accepted prompt; 0 = max_len - 1
     max_tokens: int = 512          # largest max_tokens a request may ask for
@@ -502,6 +503,16 @@ def build(cfg: Config):
     """``(app, engine)`` from a config: load the checkpoint, the tokenizer, the safety filter."""
     from tinyseek.serve.loading import load_for_serving
 
+    if cfg.engine_process:
+        from tinyseek.serve.engine_proc import ProcessEngine
+
+        if not cfg.ckpt:
+            raise UserError("--ckpt is required (a run dir, ckpt root or step dir)")
+        if not Path(cfg.ckpt).exists():
+            raise UserError(f"checkpoint path {cfg.ckpt} does not exist")
+        engine = ProcessEngine(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype, max_batch=cfg.max_batch,
+                               max_len=cfg.max_len, max_wait=cfg.max_wait_ms / 1000)
+        return create_app(engine, engine.tokenizer, cfg), engine
     model, tok, _meta = load_for_serving(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype)
     engine = Engine(model, tok, max_batch=cfg.max_batch, max_len=cfg.max_len or None,
                     max_wait=cfg.max_wait_ms / 1000)
