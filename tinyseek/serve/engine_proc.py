@@ -15,10 +15,12 @@ The child (``spawn``: safe with CUDA and with OpenMP threads) loads the checkpoi
 the engine's own scheduler thread, and reads commands (submit / cancel / stop) from a pipe. After
 every scheduler step it sends one message back: the events of that step (tokens, text deltas,
 completions), the decode steps' (batch size, seconds) for the metrics, and a status snapshot
-(active, queued, counters). The parent's reader thread hands events to the waiting requests.
+(active, queued, counters); a step without events sends only every 50 ms (the parent's reader
+thread shares its GIL with the HTTP event loop: one message per step made the child wait on a
+full pipe, 0.45 ms a step). The parent's reader thread hands events to the waiting requests.
 
 Deviations from the in-process engine: ``queue_depth()`` / ``num_active()`` / ``stats`` are the
-child's last snapshot (at most one step old); a child that dies fails its in-flight requests with
+child's last snapshot (at most 50 ms old while it decodes); a child that dies fails its in-flight requests with
 ``finish_reason="error"`` and later submissions with a one-line error.
 """
 from __future__ import annotations
@@ -27,11 +29,13 @@ import asyncio
 import itertools
 import multiprocessing as mp
 import threading
+import time
 from typing import Any, AsyncIterator, Callable
 
 from tinyseek.errors import UserError
 from tinyseek.serve.engine import Completion, Engine, SamplingParams, StreamEvent, check_prompt
 
+STATS_EVERY_S = 0.05      # step records and the status snapshot go at least this often while decoding
 _START_TIMEOUT_S = 600.0  # loading a big checkpoint (and compiling the C kernels) may take a while
 
 
@@ -46,15 +50,20 @@ class _ChildEngine(Engine):
         self._send = send
         self._outbox: list[tuple[int, StreamEvent]] = []
         self._steps: list[tuple[int, float]] = []
+        self._last_send = 0.0
         self.step_listeners.append(lambda b, dt: self._steps.append((b, dt)))
 
     def step(self) -> None:
         super().step()
-        self.flush()
+        self.flush(force=False)
 
-    def flush(self) -> None:
-        if not (self._outbox or self._steps):
+    def flush(self, force: bool = True) -> None:
+        """Send the outbox: at once when it holds events, else (step records only) at most every
+        ``STATS_EVERY_S`` (a message per step would cost the parent's reader more than it is worth)."""
+        now = time.monotonic()
+        if not (self._outbox or (self._steps and (force or now - self._last_send >= STATS_EVERY_S))):
             return
+        self._last_send = now
         events, self._outbox = self._outbox, []
         steps, self._steps = self._steps, []
         self._send(("step", events, steps, self.snapshot()))
