@@ -3,7 +3,6 @@ MLA._latent_attention: per-row positions, sliding windows, cache views, multi-to
 threaded path, every build; whole-model KV-cache decode with the kernel; fallbacks."""
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -12,35 +11,16 @@ from tinyseek.config import ModelConfig, model_cpu_tiny, model_micro
 from tinyseek.model import attn_kernel
 from tinyseek.model.attention import MLA
 from tinyseek.model.transformer import Transformer
+from kernel_fixtures import switched
 
 ATOL, RTOL = 2e-5, 1e-4
 
 pytestmark = pytest.mark.skipif(attn_kernel.KERNELS.lib() is None, reason="no C compiler for the kernels")
 
 
-class _Counting:
-    """Stands in for the loaded library and counts the kernel calls."""
-
-    def __init__(self, lib):
-        self.lib, self.calls = lib, 0
-
-    def ts_latent_attn(self, *args):
-        self.calls += 1
-        return self.lib.ts_latent_attn(*args)
-
-
-@contextlib.contextmanager
 def kernels(on: bool):
     """Kernels on (counting calls) or off, restored afterwards."""
-    state = attn_kernel.KERNELS.state
-    saved = dict(state)
-    counter = _Counting(attn_kernel.KERNELS.lib())
-    state.update(enabled=on, lib=counter)
-    try:
-        yield counter
-    finally:
-        state.clear()
-        state.update(saved)
+    return switched(attn_kernel.KERNELS, "ts_latent_attn", on)
 
 
 def mla(C=64, R=16, H=4, window=0) -> MLA:

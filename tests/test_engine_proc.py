@@ -8,32 +8,13 @@ import time
 
 import pytest
 
-from serve_fixtures import make_model, make_tokenizer
+from serve_fixtures import make_model
+from test_server import model, run_dir, tok  # noqa: F401  (the same fixtures)
 from tinyseek.errors import UserError
 from tinyseek.serve.engine import Engine, SamplingParams
 from tinyseek.serve.engine_proc import ProcessEngine
 
 PROMPTS = ["hello", "the quick brown fox", "a", "12+7=", "xyz" * 5]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return make_model(tok)
-
-
-@pytest.fixture(scope="module")
-def run_dir(model, tok, tmp_path_factory):
-    from tinyseek.train.checkpoint import save_checkpoint
-
-    d = tmp_path_factory.mktemp("run")
-    save_checkpoint(d / "ckpt", 1, model, None, {})
-    tok.save(d / "tokenizer")
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The fp32 C kernel for few-row linear layers (tinyseek/model/linear_kernel.py) == F.linear."""
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -12,33 +11,18 @@ from tinyseek.config import ModelConfig, model_cpu_tiny, model_micro
 from tinyseek.model import linear_kernel
 from tinyseek.model.linear_kernel import MAX_ROWS, Linear, linear
 from tinyseek.model.transformer import Transformer
+from kernel_fixtures import switched
 
 pytestmark = pytest.mark.skipif(linear_kernel.KERNELS.lib() is None, reason="no C compiler for the kernels")
 
 
-class _Counting:
-    """Stands in for the loaded library and counts the kernel calls (and their row counts)."""
-
-    def __init__(self, lib):
-        self.lib, self.rows = lib, []
-
-    def ts_linear_f32(self, *args):
-        self.rows.append(args[6])
-        return self.lib.ts_linear_f32(*args)
-
-
-@contextlib.contextmanager
 def kernels(on: bool):
-    """Kernels on (counting calls) or off, restored afterwards."""
-    state = linear_kernel.KERNELS.state
-    saved = dict(state)
-    counter = _Counting(linear_kernel.KERNELS.lib())
-    state.update(enabled=on, lib=counter)
-    try:
-        yield counter
-    finally:
-        state.clear()
-        state.update(saved)
+    """Kernels on (counting calls, ``rows(counter)``: each call's row count) or off, restored afterwards."""
+    return switched(linear_kernel.KERNELS, "ts_linear_f32", on)
+
+
+def rows(counter) -> list[int]:
+    return [a[6] for a in counter.args]
 
 
 def close(a, b, tol=1e-5):
@@ -117,7 +101,7 @@ def test_falls_back_where_it_does_not_apply():
             assert linear(torch.randn(4, 31), w) is None                  # bad shapes: F.linear reports them
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 assert linear(x, w) is None
-        assert counter.rows == [4, 4]
+        assert rows(counter) == [4, 4]
     with kernels(False) as counter, torch.no_grad():
         assert linear(x, w) is None
     with kernels(True) as counter, torch.no_grad():
@@ -135,13 +119,13 @@ def test_linear_module_is_an_nn_linear():
     x = torch.randn(3, 5, 20)
     with kernels(True) as counter:
         y = m(x)                                                          # grad enabled: F.linear
-        assert y.requires_grad and counter.rows == []
+        assert y.requires_grad and rows(counter) == []
         assert torch.equal(y, ref(x))
         with torch.no_grad():
-            assert close(m(x), ref(x)) and counter.rows == [15]
+            assert close(m(x), ref(x)) and rows(counter) == [15]
             assert m(torch.randn(MAX_ROWS + 1, 20)).shape == (MAX_ROWS + 1, 12)  # too many rows: F.linear
-            assert counter.rows == [15]
-            assert m.double()(x.double()).dtype == torch.float64 and counter.rows == [15]
+            assert rows(counter) == [15]
+            assert m.double()(x.double()).dtype == torch.float64 and rows(counter) == [15]
 
 
 def test_builds_and_threads_agree():
@@ -217,14 +201,14 @@ def test_model_decode_with_kernel_matches_full_forward(name):
             cache = model.new_cache(3)
             model(pad, cache=cache)
             cache.lengths[:] = torch.tensor(prompt_lens)
-            n_prefill = len(counter.rows)
+            n_prefill = len(rows(counter))
             outs = [[] for _ in seqs]
             for i in range(n_new):
                 tok = torch.stack([s[pl + i] for s, pl in zip(seqs, prompt_lens)])[:, None]
                 logits = model(tok, cache=cache).logits[:, -1]
                 for b in range(3):
                     outs[b].append(logits[b])
-        decode_rows = counter.rows[n_prefill:]
+        decode_rows = rows(counter)[n_prefill:]
         # every linear of a decode step (attention in/out, router, shared/dense FFN, lm_head): 3 rows
         assert len(decode_rows) >= n_new * (2 * model.cfg.n_layers + 1) and set(decode_rows) == {3}
     for b, pl in enumerate(prompt_lens):
@@ -241,7 +225,7 @@ def test_training_step_is_untouched():
         with kernels(on) as counter:
             out = model(idx[:, :-1], targets_BT=idx[:, 1:])
             out.loss.backward()
-        assert counter.rows == []
+        assert rows(counter) == []
         res[on] = (out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert torch.equal(res[True][0], res[False][0])
     assert res[True][1].keys() == res[False][1].keys()
@@ -271,4 +255,4 @@ def test_torch_compile_traces_f_linear():
     compiled = torch.compile(m, backend="eager", fullgraph=True)
     with torch.no_grad(), kernels(True) as counter:
         y = compiled(x)
-        assert counter.rows == [] and close(y, F.linear(x, m.weight, m.bias))
+        assert rows(counter) == [] and close(y, F.linear(x, m.weight, m.bias))
