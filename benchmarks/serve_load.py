@@ -5,7 +5,10 @@
    level's time limit (8 s; requests in flight then finish) or request budget is reached. Reported: aggregate completion tokens/s, p50/p99 request latency, errors.
    The levels run ``--rounds`` times, interleaved (1, 4, 16, 64, 1, 4, ...), and the best round of
    each level is kept: on a shared machine one level can otherwise land in a busy minute.
-   Target: 16 clients >= 8x the aggregate tokens/s of 1 client.
+   Target: 16 clients >= 8x the aggregate tokens/s of 1 client. By default the server pins its
+   engine process to all CPUs but the last (``--engine-cpus auto``) and the load generator runs on
+   the last one with the server's HTTP side, standing in for remote clients (``--pin-clients none``
+   lets the OS place it; ``--engine-cpus ""`` turns the server's pinning off).
 2. Engine alone vs Hugging Face ``generate`` on the same weights (exported with
    ``tinyseek.model.hf_export.export_hf`` and loaded by ``AutoModelForCausalLM``), greedy, at batch
    1 and 16 with equal-length prompts and a fixed number of new tokens. Target: engine ahead at
@@ -23,6 +26,7 @@ interleaved and the best of ``--reps`` is kept for the engine-vs-HF part.
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import json
 import socket
@@ -61,7 +65,7 @@ def start_server(run_dir: Path, args, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tinyseek", "serve", "--ckpt", str(run_dir), "--port", str(port),
            "--device", args.device, "--max-batch", str(max(args.clients)), "--max-tokens", str(args.max_tokens),
            "--max-queue", "1000", "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning",
-           "--engine-process", args.engine_process]
+           "--engine-process", args.engine_process, "--engine-cpus", args.engine_cpus]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -139,6 +143,14 @@ def run_load(args, model) -> list[dict]:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(run_dir, args, port)
+        saved_affinity = None
+        if args.pin_clients == "auto" and args.engine_process == "true" and hasattr(os, "sched_setaffinity"):
+            from tinyseek.serve.engine_proc import available_cpus, parse_cpus, pin_process
+
+            engine_cpus = parse_cpus(args.engine_cpus, available_cpus())
+            if engine_cpus:
+                saved_affinity = available_cpus()
+                pin_process([c for c in saved_affinity if c not in engine_cpus])
         try:
             t0 = time.monotonic()
             while True:
@@ -182,6 +194,8 @@ def run_load(args, model) -> list[dict]:
                                                          f"(p50 {r['p50_s']:.3f} s, p99 {r['p99_s']:.3f} s)"
                                                          for r in results), flush=True)
         finally:
+            if saved_affinity is not None:
+                pin_process(saved_affinity)
             proc.terminate()
             try:
                 proc.wait(60)
@@ -278,7 +292,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", default="", help="model preset (default cpu-tiny on CPU, gpu-small on CUDA)")
     ap.add_argument("--clients", default="1,4,16,64")
-    ap.add_argument("--requests", type=int, default=1024, help="requests per level at most (split over its clients)")
+    ap.add_argument("--requests", type=int, default=2048, help="requests per level at most (split over its clients)")
     ap.add_argument("--min-requests-per-client", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64, help="completion tokens per request")
     ap.add_argument("--time-limit", type=float, default=8.0,
@@ -288,6 +302,11 @@ def main() -> int:
                     help="server --max-wait-ms: an idle engine gathers a burst of requests this long at most")
     ap.add_argument("--engine-process", choices=["true", "false"], default="true",
                     help="the server's engine in its own process (the server's default) or in its thread")
+    ap.add_argument("--engine-cpus", default="auto",
+                    help="the server's --engine-cpus (auto: the engine process on all CPUs but the last)")
+    ap.add_argument("--pin-clients", choices=["auto", "none"], default="auto",
+                    help="auto: the load generator runs on the CPUs the engine does not own (it stands in "
+                         "for remote clients); none: wherever the OS puts it")
     ap.add_argument("--rounds", type=int, default=3,
                     help="load rounds (all levels each, interleaved); the best round of each level is kept")
     ap.add_argument("--hf-batches", default="1,16")

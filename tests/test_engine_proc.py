@@ -111,3 +111,20 @@ def test_stop_drains_then_refuses_and_a_dead_child_fails_requests(run_dir, tok):
     assert "exited" in got["c"].error
     eng.stop(timeout=1)
     assert not eng._proc.is_alive()
+
+
+def test_engine_cpus_pin_the_child_and_bad_lists_are_one_line_errors(run_dir):
+    from tinyseek.serve.engine_proc import available_cpus, parse_cpus
+
+    avail = available_cpus()
+    for bad in ("0-x", "999999", ",".join(map(str, avail))):  # not a list, not available, none left
+        with pytest.raises(UserError):
+            parse_cpus(bad, avail)
+    if len(avail) < 2 or not hasattr(os, "sched_getaffinity"):
+        pytest.skip("needs two CPUs and Linux affinity")
+    eng = ProcessEngine(str(run_dir), device="cpu", max_batch=1, cpus=avail[:1])
+    try:
+        assert os.sched_getaffinity(eng._proc.pid) == set(avail[:1])
+        assert os.sched_getaffinity(0) == set(avail)      # the parent is left alone
+    finally:
+        eng.stop(timeout=5)

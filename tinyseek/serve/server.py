@@ -61,6 +61,7 @@ class Config:
     max_batch: int = 16            # KV-cache slots = requests decoded together
     max_wait_ms: float = 5.0       # a request waits this long at most to share a prefill with others
     engine_process: bool = True    # run the engine in its own process (no GIL contention with the HTTP side)
+    engine_cpus: str = "auto"      # engine process CPUs: auto (all but one, the HTTP side gets the last), "" (no pinning), or e.g. 0-2
     max_len: int = 0               # cache positions per request (prompt + completion); 0 = model max_seq_len
     max_prompt_tokens: int = 0     # longest accepted prompt; 0 = max_len - 1
     max_tokens: int = 512          # largest max_tokens a request may ask for
@@ -504,14 +505,15 @@ def build(cfg: Config):
     from tinyseek.serve.loading import load_for_serving
 
     if cfg.engine_process:
-        from tinyseek.serve.engine_proc import ProcessEngine
+        from tinyseek.serve.engine_proc import ProcessEngine, available_cpus, parse_cpus
 
         if not cfg.ckpt:
             raise UserError("--ckpt is required (a run dir, ckpt root or step dir)")
         if not Path(cfg.ckpt).exists():
             raise UserError(f"checkpoint path {cfg.ckpt} does not exist")
+        cpus = parse_cpus(cfg.engine_cpus, available_cpus())
         engine = ProcessEngine(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype, max_batch=cfg.max_batch,
-                               max_len=cfg.max_len, max_wait=cfg.max_wait_ms / 1000)
+                               max_len=cfg.max_len, max_wait=cfg.max_wait_ms / 1000, cpus=cpus)
         return create_app(engine, engine.tokenizer, cfg), engine
     model, tok, _meta = load_for_serving(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype)
     engine = Engine(model, tok, max_batch=cfg.max_batch, max_len=cfg.max_len or None,
@@ -524,8 +526,15 @@ def main(cfg: Config) -> dict:
 
     cfg.validate()
     app, engine = build(cfg)
+    where = ""
+    if getattr(engine, "cpus", None):  # the engine process owns these CPUs: keep the HTTP side off them
+        from tinyseek.serve.engine_proc import available_cpus, pin_process
+
+        rest = [c for c in available_cpus() if c not in engine.cpus]
+        pin_process(rest)
+        where = f", engine on CPUs {engine.cpus}, HTTP on {rest}"
     print(f"tinyseek serve: model '{cfg.model_name}' on http://{cfg.host}:{cfg.port}  "
-          f"(max_batch {cfg.max_batch}, max_len {engine.max_len}, device {engine.device})", flush=True)
+          f"(max_batch {cfg.max_batch}, max_len {engine.max_len}, device {engine.device}{where})", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                                            timeout_graceful_shutdown=cfg.shutdown_timeout_s))
     server.run()
