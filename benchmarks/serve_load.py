@@ -5,10 +5,10 @@
    level's time limit (8 s; requests in flight then finish) or request budget is reached. Reported: aggregate completion tokens/s, p50/p99 request latency, errors.
    The levels run ``--rounds`` times, interleaved (1, 4, 16, 64, 1, 4, ...), and the best round of
    each level is kept: on a shared machine one level can otherwise land in a busy minute.
-   Target: 16 clients >= 8x the aggregate tokens/s of 1 client. By default the server pins its
-   engine process to all CPUs but the last (``--engine-cpus auto``) and the load generator runs on
-   the last one with the server's HTTP side, standing in for remote clients (``--pin-clients none``
-   lets the OS place it; ``--engine-cpus ""`` turns the server's pinning off).
+   Target: 16 clients >= 8x the aggregate tokens/s of 1 client. ``--engine-cpus auto`` runs the
+   server with its engine process pinned to all CPUs but the last, and the load generator then
+   runs on the last one with the server's HTTP side, standing in for remote clients
+   (``--pin-clients none`` lets the OS place it).
 2. Engine alone vs Hugging Face ``generate`` on the same weights (exported with
    ``tinyseek.model.hf_export.export_hf`` and loaded by ``AutoModelForCausalLM``), greedy, at batch
    1 and 16 with equal-length prompts and a fixed number of new tokens. Target: engine ahead at
@@ -302,8 +302,8 @@ def main() -> int:
                     help="server --max-wait-ms: an idle engine gathers a burst of requests this long at most")
     ap.add_argument("--engine-process", choices=["true", "false"], default="true",
                     help="the server's engine in its own process (the server's default) or in its thread")
-    ap.add_argument("--engine-cpus", default="auto",
-                    help="the server's --engine-cpus (auto: the engine process on all CPUs but the last)")
+    ap.add_argument("--engine-cpus", default="",
+                    help="the server's --engine-cpus (default: none; auto: the engine process on all CPUs but the last)")
     ap.add_argument("--pin-clients", choices=["auto", "none"], default="auto",
                     help="auto: the load generator runs on the CPUs the engine does not own (it stands in "
                          "for remote clients); none: wherever the OS puts it")

@@ -19,12 +19,14 @@ completions), the decode steps' (batch size, seconds) for the metrics, and a sta
 thread shares its GIL with the HTTP event loop: one message per step made the child wait on a
 full pipe, 0.45 ms a step). The parent's reader thread hands events to the waiting requests.
 
-CPU placement (``--engine-cpus``, default ``auto``): on a machine with two or more CPUs the engine
-process is pinned to all but one of them and the HTTP process (``tinyseek serve``) to the last
-one, so the two never take turns on a core (measured on the 2-core CPU, 16 clients vs 1 over
-HTTP: 8.3-9.1x pinned against 6.2-7.7x unpinned in alternated runs; the step at ~15 rows 1.3-1.5
-ms instead of 1.6-1.9). The engine then runs one torch thread per CPU it owns (unless
-``OMP_NUM_THREADS`` says otherwise).
+CPU placement (``--engine-cpus``, off by default): ``auto`` pins the engine process to all CPUs
+but the last and the HTTP process (``tinyseek serve``) to the last one, so the two never take
+turns on a core; the engine then runs one torch thread per CPU it owns (unless ``OMP_NUM_THREADS``
+says otherwise). Measured on the 2-core CPU with the load generator kept on the HTTP core: 16
+clients vs 1 over HTTP 7.7-10.3x pinned against 6.2-7.2x unpinned (the step at ~15 rows 1.3-1.7
+ms instead of 1.6-2.1), but at 64 clients the single HTTP core cannot keep up (4.4-5.1k tok/s,
+mean batch 6-10, against ~7.5k unpinned). So it is an option for machines whose HTTP side is
+light next to the engine, not the default.
 
 Deviations from the in-process engine: ``queue_depth()`` / ``num_active()`` / ``stats`` are the
 child's last snapshot (at most 50 ms old while it decodes); a child that dies fails its in-flight requests with

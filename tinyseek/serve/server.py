@@ -61,7 +61,7 @@ class Config:
     max_batch: int = 16            # KV-cache slots = requests decoded together
     max_wait_ms: float = 5.0       # a request waits this long at most to share a prefill with others
     engine_process: bool = True    # run the engine in its own process (no GIL contention with the HTTP side)
-    engine_cpus: str = "auto"      # engine process CPUs: auto (all but one, the HTTP side gets the last), "" (no pinning), or e.g. 0-2
+    engine_cpus: str = ""          # pin the engine process: "" (no), auto (all CPUs but the last, which the HTTP side gets), or e.g. 0-2
     max_len: int = 0               # cache positions per request (prompt + completion); 0 = model max_seq_len
     max_prompt_tokens: int = 0     # longest accepted prompt; 0 = max_len - 1
     max_tokens: int = 512          # largest max_tokens a request may ask for
