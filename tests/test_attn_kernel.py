@@ -11,7 +11,7 @@ from tinyseek.config import ModelConfig, model_cpu_tiny, model_micro
 from tinyseek.model import attn_kernel
 from tinyseek.model.attention import MLA
 from tinyseek.model.transformer import Transformer
-from kernel_fixtures import switched
+from kernel_fixtures import ragged_decode, switched
 
 ATOL, RTOL = 2e-5, 1e-4
 
@@ -178,30 +178,12 @@ def test_model_decode_with_kernel_matches_full_forward(name):
     """Prefill, then token-by-token decode (absorbed MLA, kernel on) with rows at different
     positions: the logits of the full forward of each row."""
     model = _model(MODELS[name]())
-    g = torch.Generator().manual_seed(11)
-    V = model.cfg.vocab_size
-    seqs = [torch.randint(0, V, (n,), generator=g) for n in (14, 9, 12)]
-    prompt_lens = [8, 3, 6]
     n_new = 6
-    with torch.no_grad():
-        refs = [model(s[None, :pl + n_new]).logits[0] for s, pl in zip(seqs, prompt_lens)]
-        pad = torch.zeros(3, max(prompt_lens), dtype=torch.long)
-        for b, (s, pl) in enumerate(zip(seqs, prompt_lens)):
-            pad[b, :pl] = s[:pl]
-        with kernels(True) as counter:
-            cache = model.new_cache(3)
-            model(pad, cache=cache)
-            cache.lengths[:] = torch.tensor(prompt_lens)
-            outs = [[] for _ in seqs]
-            for i in range(n_new):
-                tok = torch.stack([s[pl + i] for s, pl in zip(seqs, prompt_lens)])[:, None]
-                logits = model(tok, cache=cache).logits[:, -1]
-                for b in range(3):
-                    outs[b].append(logits[b])
-        # the (short) prefill and every decode step of every layer: the kernel
-        assert counter.calls == (n_new + 1) * model.cfg.n_layers
-    for b, pl in enumerate(prompt_lens):
-        torch.testing.assert_close(torch.stack(outs[b]), refs[b][pl:pl + n_new], atol=ATOL, rtol=RTOL)
+    outs, refs, counter, _ = ragged_decode(model, lambda: kernels(True), n_new=n_new)
+    # the (short) prefill and every decode step of every layer: the kernel
+    assert counter.calls == (n_new + 1) * model.cfg.n_layers
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
 
 
 def test_model_kernel_equals_torch_path_and_training_is_untouched():

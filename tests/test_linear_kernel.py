@@ -11,7 +11,7 @@ from tinyseek.config import ModelConfig, model_cpu_tiny, model_micro
 from tinyseek.model import linear_kernel
 from tinyseek.model.linear_kernel import MAX_ROWS, Linear, linear
 from tinyseek.model.transformer import Transformer
-from kernel_fixtures import switched
+from kernel_fixtures import ragged_decode, switched
 
 pytestmark = pytest.mark.skipif(linear_kernel.KERNELS.lib() is None, reason="no C compiler for the kernels")
 
@@ -187,32 +187,13 @@ def test_model_decode_with_kernel_matches_full_forward(name):
     """KV-cache decode (kernel on, rows at different positions) == each row's full forward; the
     kernel ran for the decode steps, and the kernel-on logits equal the kernel-off ones."""
     model = _model(MODELS[name]())
-    g = torch.Generator().manual_seed(11)
-    V = model.cfg.vocab_size
-    seqs = [torch.randint(0, V, (n,), generator=g) for n in (14, 9, 12)]
-    prompt_lens, n_new = [8, 3, 6], 6
-    with torch.no_grad():
-        with kernels(False):
-            refs = [model(s[None, :pl + n_new]).logits[0] for s, pl in zip(seqs, prompt_lens)]
-        pad = torch.zeros(3, max(prompt_lens), dtype=torch.long)
-        for b, (s, pl) in enumerate(zip(seqs, prompt_lens)):
-            pad[b, :pl] = s[:pl]
-        with kernels(True) as counter:
-            cache = model.new_cache(3)
-            model(pad, cache=cache)
-            cache.lengths[:] = torch.tensor(prompt_lens)
-            n_prefill = len(rows(counter))
-            outs = [[] for _ in seqs]
-            for i in range(n_new):
-                tok = torch.stack([s[pl + i] for s, pl in zip(seqs, prompt_lens)])[:, None]
-                logits = model(tok, cache=cache).logits[:, -1]
-                for b in range(3):
-                    outs[b].append(logits[b])
-        decode_rows = rows(counter)[n_prefill:]
-        # every linear of a decode step (attention in/out, router, shared/dense FFN, lm_head): 3 rows
-        assert len(decode_rows) >= n_new * (2 * model.cfg.n_layers + 1) and set(decode_rows) == {3}
-    for b, pl in enumerate(prompt_lens):
-        torch.testing.assert_close(torch.stack(outs[b]), refs[b][pl:pl + n_new], atol=2e-5, rtol=1e-4)
+    n_new = 6
+    outs, refs, counter, n_prefill = ragged_decode(model, lambda: kernels(True), lambda: kernels(False), n_new)
+    decode_rows = rows(counter)[n_prefill:]
+    # every linear of a decode step (attention in/out, router, shared/dense FFN, lm_head): 3 rows
+    assert len(decode_rows) >= n_new * (2 * model.cfg.n_layers + 1) and set(decode_rows) == {3}
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
 def test_training_step_is_untouched():
