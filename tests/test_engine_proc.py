@@ -100,6 +100,7 @@ def test_stop_drains_then_refuses_and_a_dead_child_fails_requests(run_dir, tok):
         if ev.finished:
             got["c"] = ev.completion
     eng.submit(tok.encode("hello"), SamplingParams(max_tokens=30, ignore_eos=True), keep, stream=False)
+    os.kill(eng._proc.pid, signal.SIGINT)  # Ctrl-C reaches the child too: it waits for the parent's stop
     eng.stop(drain=True, timeout=30)
     assert got["c"].finish_reason == "length" and len(got["c"].token_ids) == 30  # finished, not dropped
     with pytest.raises(UserError, match="not running"):

@@ -38,6 +38,7 @@ import asyncio
 import itertools
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from typing import Any, AsyncIterator, Callable
@@ -140,6 +141,9 @@ class _ChildEngine(Engine):
 
 
 def _child_main(conn, spec: dict) -> None:
+    # Ctrl-C in a terminal signals the whole process group: the parent's graceful shutdown tells us
+    # when to stop (after draining), and a parent that dies closes the pipe, which stops us too
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if spec.get("cpus"):
         pin(spec["cpus"])
         if "OMP_NUM_THREADS" not in os.environ:  # one torch thread per CPU it may use
