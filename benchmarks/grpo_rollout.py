@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 
+import tinyseek  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads libgomp, as the CLI does)
 import torch
 
 from tinyseek.config import model_preset

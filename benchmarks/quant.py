@@ -41,10 +41,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import tinyseek  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads libgomp, as the CLI does)
+import torch  # noqa: E402
 
 from tinyseek.model.moe import MoE  # noqa: E402
 from tinyseek.quant.quantize import QuantSpec, quant_config, quantize_model, save_quantized, weight_bytes  # noqa: E402
