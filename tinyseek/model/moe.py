@@ -260,9 +260,13 @@ class MoE(nn.Module):
             e_S, order_S = e_S[:n], order_S[:n]
         return order_S, e_S, counts_E
 
+    def _sorted_rows(self, w_NK, order_S):
+        """Token id and routing weight of each sorted assignment (assignment a is token a // top_k)."""
+        return torch.div(order_S, self.top_k, rounding_mode="floor"), w_NK.reshape(-1).index_select(0, order_S)
+
     def _gather_sorted(self, x_ND, w_NK, order_S):
-        tok_S = torch.div(order_S, self.top_k, rounding_mode="floor")
-        return tok_S, x_ND.index_select(0, tok_S), w_NK.reshape(-1).index_select(0, order_S)
+        tok_S, w_S = self._sorted_rows(w_NK, order_S)
+        return tok_S, x_ND.index_select(0, tok_S), w_S
 
     def _combine(self, x_ND, tok_S, y_SD, w_S):
         return torch.zeros_like(x_ND).index_add_(0, tok_S, y_SD * w_S[:, None])
@@ -281,8 +285,7 @@ class MoE(nn.Module):
         routed path one autograd node with a hand-written backward (``tinyseek/model/moe_fused.py``)."""
         dt = self._compute_dtype(x_ND)
         order_S, _, counts_E = self._plan(idx_NK, keep_A, counts_E)
-        tok_R = torch.div(order_S, self.top_k, rounding_mode="floor")
-        w_R = w_NK.reshape(-1).index_select(0, order_S)
+        tok_R, w_R = self._sorted_rows(w_NK, order_S)
         bag_rows, bag_starts = combine_plan(order_S, idx_NK.numel(), self.top_k, keep_A)
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         with torch.autocast(x_ND.device.type, enabled=False):  # inputs are cast to the compute dtype here
@@ -315,8 +318,7 @@ class MoE(nn.Module):
         (F wide) rather than the output (D wide): fewer bytes when F < D."""
         E, dev, dt = self.n_experts, x_ND.device, self._compute_dtype(x_ND)
         order_S, e_S, counts_E = self._plan(idx_NK, keep_A, counts_E)
-        tok_R = torch.div(order_S, self.top_k, rounding_mode="floor")
-        w_R = w_NK.reshape(-1).index_select(0, order_S)
+        tok_R, w_R = self._sorted_rows(w_NK, order_S)
         if padded:
             C = max(int(counts_E.max()), 1)
             starts_E = torch.cumsum(counts_E, 0) - counts_E
