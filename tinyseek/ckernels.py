@@ -24,6 +24,27 @@ import tempfile
 import threading
 from pathlib import Path
 
+# C for a source's ``#ifdef TS_PYEXT`` part: Python.h and ``ts_int_args`` (the METH_FASTCALL
+# arguments as integers). Concatenate it in front of the wrappers.
+PYEXT_PRELUDE = r"""
+#ifdef TS_PYEXT
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+/* v[0..want) = the call's integer arguments: 0, or -1 with a Python exception set */
+static int ts_int_args(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t want, long long* v) {
+  if (nargs != want) {
+    PyErr_Format(PyExc_TypeError, "expected %zd integer arguments, got %zd", want, nargs);
+    return -1;
+  }
+  for (Py_ssize_t i = 0; i < want; ++i) {
+    v[i] = PyLong_AsLongLong(args[i]);
+    if (v[i] == -1 && PyErr_Occurred()) return -1;
+  }
+  return 0;
+}
+#endif
+"""
+
 FLAG_SETS = (["-O3", "-march=native", "-ffast-math", "-fopenmp"], ["-O3", "-ffast-math", "-fopenmp"],
              ["-O3", "-ffast-math"])
 P, I64, INT, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float

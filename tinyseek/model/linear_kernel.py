@@ -195,19 +195,11 @@ void ts_linear_f32(const float* x, int64_t sx, const float* w, int64_t sw, const
   }
 }
 
+""" + ckernels.PYEXT_PRELUDE + r"""
 #ifdef TS_PYEXT  /* the same function as a CPython extension: a call costs ~0.2 us, ctypes ~1.7 */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
 static PyObject* py_linear_f32(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   long long v[10];
-  if (nargs != 10) {
-    PyErr_Format(PyExc_TypeError, "expected 10 integer arguments, got %zd", nargs);
-    return NULL;
-  }
-  for (Py_ssize_t i = 0; i < 10; ++i) {
-    v[i] = PyLong_AsLongLong(args[i]);
-    if (v[i] == -1 && PyErr_Occurred()) return NULL;
-  }
+  if (ts_int_args(args, nargs, 10, v)) return NULL;
 #define PTR(t, i) ((t)(intptr_t)v[i])
   if (v[6] * v[7] * v[8] < 65536) {  /* short: not worth releasing the GIL */
     ts_linear_f32(PTR(const float*, 0), v[1], PTR(const float*, 2), v[3], PTR(const float*, 4), PTR(float*, 5),
