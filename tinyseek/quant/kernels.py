@@ -324,24 +324,12 @@ int ts_dequant(int bits, const int64_t* idx, int64_t R, int64_t V, const void* q
   return 0;
 }
 
-#ifdef TS_PYEXT  /* the same three functions as a CPython extension: a call costs ~0.2 us, ctypes ~1.7 */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-static int ints(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t want, long long* v) {
-  if (nargs != want) {
-    PyErr_Format(PyExc_TypeError, "expected %zd integer arguments, got %zd", want, nargs);
-    return -1;
-  }
-  for (Py_ssize_t i = 0; i < want; ++i) {
-    v[i] = PyLong_AsLongLong(args[i]);
-    if (v[i] == -1 && PyErr_Occurred()) return -1;
-  }
-  return 0;
-}
+""" + ckernels.PYEXT_PRELUDE + r"""
+#ifdef TS_PYEXT  /* the same functions as a CPython extension: a call costs ~0.2 us, ctypes ~1.7 */
 #define PTR(t, i) ((t)(intptr_t)v[i])
 static PyObject* py_mm(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   long long v[12];
-  if (ints(args, nargs, 12, v)) return NULL;
+  if (ts_int_args(args, nargs, 12, v)) return NULL;
   Py_BEGIN_ALLOW_THREADS
   ts_mm((int)v[0], PTR(const float*, 1), PTR(const void*, 2), PTR(const uint16_t*, 3), PTR(const uint16_t*, 4),
         PTR(float*, 5), v[6], v[7], v[8], v[9], v[10], (int)v[11]);
@@ -350,7 +338,7 @@ static PyObject* py_mm(PyObject* self, PyObject* const* args, Py_ssize_t nargs) 
 }
 static PyObject* py_swiglu(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   long long v[16];
-  if (ints(args, nargs, 16, v)) return NULL;
+  if (ts_int_args(args, nargs, 16, v)) return NULL;
   Py_BEGIN_ALLOW_THREADS
   ts_swiglu((int)v[0], PTR(const float*, 1), PTR(const void*, 2), PTR(const uint16_t*, 3), PTR(const uint16_t*, 4),
             PTR(const void*, 5), PTR(const uint16_t*, 6), PTR(const uint16_t*, 7), PTR(float*, 8), v[9], v[10],
@@ -361,7 +349,7 @@ static PyObject* py_swiglu(PyObject* self, PyObject* const* args, Py_ssize_t nar
 static PyObject* py_dequant(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   long long v[10];
   int rc;
-  if (ints(args, nargs, 10, v)) return NULL;
+  if (ts_int_args(args, nargs, 10, v)) return NULL;
   Py_BEGIN_ALLOW_THREADS
   rc = ts_dequant((int)v[0], PTR(const int64_t*, 1), v[2], v[3], PTR(const void*, 4), PTR(const uint16_t*, 5),
                   PTR(float*, 6), v[7], v[8], v[9]);
@@ -371,7 +359,7 @@ static PyObject* py_dequant(PyObject* self, PyObject* const* args, Py_ssize_t na
 static PyObject* py_moe(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   long long v[20];
   int rc;
-  if (ints(args, nargs, 20, v)) return NULL;
+  if (ts_int_args(args, nargs, 20, v)) return NULL;
   Py_BEGIN_ALLOW_THREADS
   rc = ts_moe((int)v[0], PTR(const float*, 1), PTR(const int64_t*, 2), PTR(const float*, 3), v[4], v[5], v[6],
               PTR(const uint8_t*, 7), PTR(const uint16_t*, 8), PTR(const uint16_t*, 9), PTR(const uint8_t*, 10),
@@ -382,7 +370,7 @@ static PyObject* py_moe(PyObject* self, PyObject* const* args, Py_ssize_t nargs)
 }
 static PyObject* py_ffn(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   long long v[19];
-  if (ints(args, nargs, 19, v)) return NULL;
+  if (ts_int_args(args, nargs, 19, v)) return NULL;
   Py_BEGIN_ALLOW_THREADS
   ts_ffn((int)v[0], PTR(const float*, 1), PTR(const void*, 2), PTR(const uint16_t*, 3), PTR(const uint16_t*, 4),
          PTR(const void*, 5), PTR(const uint16_t*, 6), PTR(const uint16_t*, 7), PTR(const void*, 8),
