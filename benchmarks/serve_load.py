@@ -8,7 +8,9 @@
    Target: 16 clients >= 8x the aggregate tokens/s of 1 client. ``--engine-cpus auto`` runs the
    server with its engine process pinned to all CPUs but the last, and the load generator then
    runs on the last one with the server's HTTP side, standing in for remote clients
-   (``--pin-clients none`` lets the OS place it).
+   (``--pin-clients none`` lets the OS place it). ``--client raw`` replaces httpx by a minimal
+   asyncio HTTP/1.1 keep-alive client (TCP_NODELAY: without it Nagle + delayed ACK added ~20 ms to
+   every request), so the load generator takes less of the CPU it shares with the server.
 2. Engine alone vs Hugging Face ``generate`` on the same weights (exported with
    ``tinyseek.model.hf_export.export_hf`` and loaded by ``AutoModelForCausalLM``), greedy, at batch
    1 and 16 with equal-length prompts and a fixed number of new tokens. Target: engine ahead at
@@ -69,7 +71,37 @@ def start_server(run_dir: Path, args, port: int) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-async def load_level(url: str, n_clients: int, per_client: int, max_tokens: int, time_limit: float) -> dict:
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams (one connection, one request at a
+    time): POST JSON, read the status line, headers and a Content-Length body. ``--client raw``
+    uses one per simulated client instead of httpx, so the load generator (which stands in for
+    remote clients) takes less of the CPU it shares with the server here."""
+
+    def __init__(self, url: str):
+        host, _, port = url.removeprefix("http://").partition(":")
+        self.host, self.port = host, int(port)
+        self.reader = self.writer = None
+
+    async def post(self, path: str, body: dict) -> tuple[int, dict]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        data = json.dumps(body).encode()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = next(int(ln.split(":", 1)[1]) for ln in lines[1:] if ln.lower().startswith("content-length:"))
+        return status, json.loads(await self.reader.readexactly(length))
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def load_level(url: str, n_clients: int, per_client: int, max_tokens: int, time_limit: float,
+                     kind: str = "httpx") -> dict:
     import httpx
 
     lat, tokens, errors = [], 0, 0
@@ -77,21 +109,32 @@ async def load_level(url: str, n_clients: int, per_client: int, max_tokens: int,
 
     async def client(i: int, http):
         nonlocal tokens, errors
+        raw = RawClient(url) if kind == "raw" else None
         for j in range(per_client):
             if time.monotonic() > deadline:
-                return
+                break
             body = {"prompt": f"client {i} request {j}: tell me a story about the number {i * 31 + j}",
                     "max_tokens": max_tokens, "temperature": 0.8, "seed": i * 1000 + j, "ignore_eos": True}
             t0 = time.monotonic()
             try:
-                r = await http.post(url + "/v1/completions", json=body)
-                if r.status_code != 200:
+                if raw is not None:
+                    status, doc = await raw.post("/v1/completions", body)
+                else:
+                    r = await http.post(url + "/v1/completions", json=body)
+                    status = r.status_code
+                    doc = r.json() if status == 200 else None
+                if status != 200:
                     errors += 1
                     continue
-                tokens += r.json()["usage"]["completion_tokens"]
+                tokens += doc["usage"]["completion_tokens"]
                 lat.append(time.monotonic() - t0)
-            except httpx.HTTPError:
+            except (httpx.HTTPError, OSError, ValueError, asyncio.IncompleteReadError, StopIteration):
                 errors += 1
+                if raw is not None:
+                    await raw.close()
+                    raw = RawClient(url)
+        if raw is not None:
+            await raw.close()
 
     limits = httpx.Limits(max_connections=n_clients + 4, max_keepalive_connections=n_clients + 4)
     async with httpx.AsyncClient(timeout=max(time_limit * 2, 60), limits=limits) as http:
@@ -170,7 +213,7 @@ def run_load(args, model) -> list[dict]:
             for rnd, n in ((r, n) for r in range(args.rounds) for n in args.clients):
                 per_client = max(args.min_requests_per_client, args.requests // n)
                 m0 = scrape(url)
-                res = asyncio.run(load_level(url, n, per_client, args.max_tokens, args.time_limit))
+                res = asyncio.run(load_level(url, n, per_client, args.max_tokens, args.time_limit, args.client))
                 m1 = scrape(url)
                 steps = m1["tinyseek_batch_size_count"] - m0["tinyseek_batch_size_count"]
                 res["mean_batch"] = (m1["tinyseek_batch_size_sum"] - m0["tinyseek_batch_size_sum"]) / max(steps, 1)
@@ -307,6 +350,8 @@ def main() -> int:
     ap.add_argument("--pin-clients", choices=["auto", "none"], default="auto",
                     help="auto: the load generator runs on the CPUs the engine does not own (it stands in "
                          "for remote clients); none: wherever the OS puts it")
+    ap.add_argument("--client", choices=["httpx", "raw"], default="httpx",
+                    help="load generator: httpx, or a minimal asyncio HTTP/1.1 client (less CPU on the shared cores)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="load rounds (all levels each, interleaved); the best round of each level is kept")
     ap.add_argument("--hf-batches", default="1,16")
