@@ -4,8 +4,9 @@ One :class:`Engine` owns a model and a KV cache of ``max_batch`` slots (rows) of
 positions, allocated once. Each request lives in one slot. A scheduler step:
 
 1. admits queued requests into free slots (lowest free slot first, so the busy rows stay packed
-   at the top of the cache); while rows are decoding, arrivals are held back (at most ``max_wait``)
-   until they fill the free slots, so that requests trickling in share one prefill forward;
+   at the top of the cache); while rows are decoding, arrivals are held back while more keep
+   coming (at most ``max_wait``, not once they fill the free slots), so that requests trickling in
+   share one prefill forward (:meth:`Engine._hold_back`);
 2. prefills the admitted prompts together: right-padded into a small temporary cache, copied into
    their slots, and each slot's length set to its own prompt length (the padding written past it is
    never attended to: the causal mask only looks at positions below a row's length, and the next
@@ -152,14 +153,53 @@ class Request:
         return self.completion
 
 
-class Engine:
+class AsyncCalls:
+    """``acomplete`` / ``astream`` over ``self.submit(prompt, params, listener, timeout=, holds=,
+    stream=)``, whose handle has ``done`` and ``cancel()``: shared by :class:`Engine` and the
+    server's :class:`~tinyseek.serve.engine_proc.ProcessEngine`."""
+
+    async def acomplete(self, prompt: list[int], params: SamplingParams | None = None,
+                        timeout: float | None = None) -> Completion:
+        """Await one completion (needs :meth:`start`); cancelling the awaiting task cancels it."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Completion] = loop.create_future()
+
+        def done(r: Request, ev: StreamEvent) -> None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(ev.completion))
+        req = self.submit(prompt, params, done, timeout=timeout, stream=False)
+        try:
+            return await fut
+        finally:
+            if not req.done:
+                req.cancel()
+
+    async def astream(self, prompt: list[int], params: SamplingParams | None = None,
+                      timeout: float | None = None, holds: list[str] | None = None) -> AsyncIterator[StreamEvent]:
+        """Async iterator of :class:`StreamEvent` for one prompt (needs :meth:`start`). Leaving the
+        loop early cancels the request."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        req = self.submit(prompt, params, lambda r, ev: loop.call_soon_threadsafe(q.put_nowait, ev),
+                          timeout=timeout, holds=holds)
+        try:
+            while True:
+                ev = await q.get()
+                yield ev
+                if ev.finished:
+                    return
+        finally:
+            if not req.done:
+                req.cancel()
+
+
+class Engine(AsyncCalls):
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
                  eos_id: int | None = None, max_wait: float = 0.0, prefill_tokens: int = 8192):
         """``max_len``: cache positions per slot (prompt + completion), default the model's
         ``max_seq_len``. ``eos_id`` defaults to ``tokenizer.eos_id``. ``max_wait``: seconds a
         request may wait to be prefilled together with others: an idle background scheduler
         gathers a burst (stopping earlier once no request came for ``max_wait / 4``); a busy
-        engine holds arrivals back until they fill the free slots (0 = admit at once). ``prefill_tokens``: padded tokens
+        engine coalesces arrivals the same way (:meth:`_hold_back`; 0 = admit at once). ``prefill_tokens``: padded tokens
         per prefill forward (larger admissions are split)."""
         if max_batch < 1:
             raise UserError(f"max_batch must be >= 1, got {max_batch}")
@@ -248,39 +288,6 @@ class Engine:
                 if self._thread is None:
                     with self._drive:
                         self.step()  # retire it now
-
-    async def acomplete(self, prompt: list[int], params: SamplingParams | None = None,
-                        timeout: float | None = None) -> Completion:
-        """Await one completion (needs :meth:`start`); cancelling the awaiting task cancels it."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Completion] = loop.create_future()
-
-        def done(r: Request, ev: StreamEvent) -> None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(ev.completion))
-        req = self.submit(prompt, params, done, timeout=timeout, stream=False)
-        try:
-            return await fut
-        finally:
-            if not req.done:
-                req.cancel()
-
-    async def astream(self, prompt: list[int], params: SamplingParams | None = None,
-                      timeout: float | None = None, holds: list[str] | None = None) -> AsyncIterator[StreamEvent]:
-        """Async iterator of :class:`StreamEvent` for one prompt (needs :meth:`start`). Leaving the
-        loop early cancels the request."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        req = self.submit(prompt, params, lambda r, ev: loop.call_soon_threadsafe(q.put_nowait, ev),
-                          timeout=timeout, holds=holds)
-        try:
-            while True:
-                ev = await q.get()
-                yield ev
-                if ev.finished:
-                    return
-        finally:
-            if not req.done:
-                req.cancel()
 
     # --- background scheduler -----------------------------------------------------------------
     def start(self) -> "Engine":

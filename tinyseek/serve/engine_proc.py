@@ -34,17 +34,16 @@ child's last snapshot (at most 50 ms old while it decodes); a child that dies fa
 """
 from __future__ import annotations
 
-import asyncio
 import itertools
 import multiprocessing as mp
 import os
 import signal
 import threading
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 from tinyseek.errors import UserError
-from tinyseek.serve.engine import Completion, Engine, SamplingParams, StreamEvent, check_prompt
+from tinyseek.serve.engine import AsyncCalls, Completion, Engine, SamplingParams, StreamEvent, _notify, check_prompt
 
 STATS_EVERY_S = 0.05      # step records and the status snapshot go at least this often while decoding
 _START_TIMEOUT_S = 600.0  # loading a big checkpoint (and compiling the C kernels) may take a while
@@ -201,16 +200,19 @@ def _child_main(conn, spec: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # parent side
 # ---------------------------------------------------------------------------------------------
-class _Pending:
-    __slots__ = ("listener", "done", "completion")
+class _Handle:
+    """A request in the child as the parent sees it (what ``Engine.submit``'s Request is in-process):
+    ``done`` once its last event arrived, ``cancel()`` asks the child to stop it."""
+    __slots__ = ("_engine", "rid", "listener", "done")
 
-    def __init__(self, listener):
-        self.listener = listener
-        self.done = False
-        self.completion: Completion | None = None
+    def __init__(self, engine: "ProcessEngine", rid: int, listener):
+        self._engine, self.rid, self.listener, self.done = engine, rid, listener, False
+
+    def cancel(self) -> None:
+        self._engine._cancel(self.rid)
 
 
-class ProcessEngine:
+class ProcessEngine(AsyncCalls):
     """An :class:`~tinyseek.serve.engine.Engine` in a child process, driven over a pipe (see the
     module docstring). Blocks until the child has loaded the checkpoint; a checkpoint that does not
     load raises :class:`UserError` with the child's message. ``cpus``: pin the child to these CPUs
@@ -246,7 +248,7 @@ class ProcessEngine:
         self.tokenizer = load_tokenizer(info["tokenizer"]) if info["tokenizer"] else None
         self._snap = info["snapshot"]
         self.step_listeners: list[Callable[[int, float], None]] = []
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, _Handle] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()   # guards _pending and sends
         self._alive = True
@@ -290,9 +292,9 @@ class ProcessEngine:
 
     def submit(self, prompt: list[int], params: SamplingParams | None = None,
                listener: Callable[[Any, StreamEvent], None] | None = None,
-               timeout: float | None = None, holds: list[str] | None = None, stream: bool = True) -> int:
-        """Queue one prompt in the child; returns its id. ``listener(None, event)`` runs on the
-        reader thread (with ``stream=False`` only once, at the end)."""
+               timeout: float | None = None, holds: list[str] | None = None, stream: bool = True) -> _Handle:
+        """Queue one prompt in the child; returns its handle. ``listener(handle, event)`` runs on
+        the reader thread (with ``stream=False`` only once, at the end)."""
         params = (params or SamplingParams()).validate()
         prompt = check_prompt(prompt, self.max_len, self.vocab_size)
         if params.stop and self.tokenizer is None:
@@ -300,49 +302,15 @@ class ProcessEngine:
         with self._lock:
             if not self._alive:
                 raise UserError("the engine process is not running")
-            rid = next(self._ids)
-            self._pending[rid] = _Pending(listener)
-            self._conn.send(("submit", rid, prompt, params, timeout, holds, stream))
-        return rid
+            h = _Handle(self, next(self._ids), listener)
+            self._pending[h.rid] = h
+            self._conn.send(("submit", h.rid, prompt, params, timeout, holds, stream))
+        return h
 
-    def cancel(self, rid: int) -> None:
+    def _cancel(self, rid: int) -> None:
         with self._lock:
             if self._alive and rid in self._pending:
                 self._conn.send(("cancel", rid))
-
-    async def acomplete(self, prompt: list[int], params: SamplingParams | None = None,
-                        timeout: float | None = None) -> Completion:
-        """Await one completion; cancelling the awaiting task cancels it in the child."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Completion] = loop.create_future()
-
-        def done(_r, ev: StreamEvent) -> None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(ev.completion))
-        rid = self.submit(prompt, params, done, timeout=timeout, stream=False)
-        try:
-            return await fut
-        finally:
-            if not fut.done():
-                self.cancel(rid)
-
-    async def astream(self, prompt: list[int], params: SamplingParams | None = None,
-                      timeout: float | None = None, holds: list[str] | None = None) -> AsyncIterator[StreamEvent]:
-        """Async iterator of :class:`StreamEvent` for one prompt; leaving it early cancels it."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        rid = self.submit(prompt, params, lambda _r, ev: loop.call_soon_threadsafe(q.put_nowait, ev),
-                          timeout=timeout, holds=holds)
-        finished = False
-        try:
-            while True:
-                ev = await q.get()
-                yield ev
-                if ev.finished:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.cancel(rid)
 
     # --- reader thread -------------------------------------------------------------------
     def _read_loop(self) -> None:
@@ -374,28 +342,24 @@ class ProcessEngine:
 
     def _deliver(self, rid: int, ev: StreamEvent) -> None:
         with self._lock:
-            p = self._pending.get(rid)
-            if p is not None and ev.finished:
+            h = self._pending.get(rid)
+            if h is not None and ev.finished:
                 del self._pending[rid]
-        if p is None:
-            return
-        if ev.finished:
-            p.done, p.completion = True, ev.completion
-        if p.listener is not None:
-            try:
-                p.listener(None, ev)
-            except Exception:  # a closed event loop must not stop the reader
-                pass
+        if h is not None:
+            self._hand_over(h, ev)
 
     def _fail_pending(self, why: str) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
-        for p in pending.values():
-            if p.listener is not None:
-                try:
-                    p.listener(None, _error_event(why))
-                except Exception:
-                    pass
+        for h in pending.values():
+            self._hand_over(h, _error_event(why))
+
+    @staticmethod
+    def _hand_over(h: _Handle, ev: StreamEvent) -> None:
+        if ev.finished:
+            h.done = True
+        if h.listener is not None:
+            _notify(h, ev)  # a broken listener (closed event loop) cancels its request, as in Engine
 
 
 def _error_event(msg: str) -> StreamEvent:

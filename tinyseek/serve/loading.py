@@ -53,15 +53,20 @@ def serving_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
+def check_ckpt(ckpt: str) -> None:
+    """:class:`UserError` for a missing ``--ckpt`` or a path that does not exist."""
+    if not ckpt:
+        raise UserError("--ckpt is required (a run dir, ckpt root or step dir)")
+    if not Path(ckpt).exists():
+        raise UserError(f"checkpoint path {ckpt} does not exist")
+
+
 def load_for_serving(ckpt: str, tokenizer: str = "", device: str = "auto", dtype: str = "auto"):
     """``(model, tokenizer, meta)`` ready for :class:`tinyseek.serve.engine.Engine`."""
     from tinyseek.common import get_device
     from tinyseek.train.checkpoint import load_model
 
-    if not ckpt:
-        raise UserError("--ckpt is required (a run dir, ckpt root or step dir)")
-    if not Path(ckpt).exists():
-        raise UserError(f"checkpoint path {ckpt} does not exist")
+    check_ckpt(ckpt)
     dev = get_device(device)
     model, meta = load_model(ckpt, device=dev)
     dt = serving_dtype(dtype, dev)

@@ -502,15 +502,12 @@ def _sse(obj: dict) -> str:
 
 def build(cfg: Config):
     """``(app, engine)`` from a config: load the checkpoint, the tokenizer, the safety filter."""
-    from tinyseek.serve.loading import load_for_serving
+    from tinyseek.serve.loading import check_ckpt, load_for_serving
 
     if cfg.engine_process:
         from tinyseek.serve.engine_proc import ProcessEngine, available_cpus, parse_cpus
 
-        if not cfg.ckpt:
-            raise UserError("--ckpt is required (a run dir, ckpt root or step dir)")
-        if not Path(cfg.ckpt).exists():
-            raise UserError(f"checkpoint path {cfg.ckpt} does not exist")
+        check_ckpt(cfg.ckpt)  # before starting a process for nothing
         cpus = parse_cpus(cfg.engine_cpus, available_cpus())
         engine = ProcessEngine(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype, max_batch=cfg.max_batch,
                                max_len=cfg.max_len, max_wait=cfg.max_wait_ms / 1000, cpus=cpus)
