@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyseek.model import attn_kernel, linear_kernel
+from tinyseek.model import attn_kernel
 from tinyseek.model.cache import write_rows
-from tinyseek.model.linear_kernel import Linear
+from tinyseek.model.linear_kernel import Linear, linear_or_f
 from tinyseek.model.layers import RMSNorm, apply_rope
 
 
@@ -90,8 +90,9 @@ class MLA(nn.Module):
 
     def forward(self, x_BTD, cos, sin, pos_BT, cache_layer=None, key_len=None):
         B, T, _ = x_BTD.shape
-        short = T <= SHORT_PREFILL and attn_kernel.fits(x_BTD)  # the fused kernel runs: absorbed prefill
-        absorbed = cache_layer is not None and _use_absorbed(self.impl, T, key_len, self.kv_b_proj, short)
+        absorbed = cache_layer is not None and _use_absorbed(
+            self.impl, T, key_len, self.kv_b_proj,
+            short_prefill=T <= SHORT_PREFILL and attn_kernel.fits(x_BTD))  # the fused kernel runs
         if absorbed and not torch.is_grad_enabled():
             folded = self._folded_weights(x_BTD.dtype)
             if folded is not None:
@@ -152,9 +153,7 @@ class MLA(nn.Module):
         B, T, _ = x_BTD.shape
         H, C, R = self.n_heads, self.kv_rank, self.rope
         w_in, w_qb, w_out = folded
-        y = linear_kernel.linear(x_BTD, w_in)  # the C kernel where it applies, else F.linear
-        if y is None:
-            y = F.linear(x_BTD, w_in)
+        y = linear_or_f(x_BTD, w_in)  # the C kernel where it applies, else F.linear
         if w_qb is None:  # [q_lat (H*C) | c_kv (C) | pe (H+1)*R | rotate_half(pe) (H+1)*R]
             q_lat, ckv, pe, pe_rot = y.split([H * C, C, (H + 1) * R, (H + 1) * R], dim=-1)
         else:  # [q_a | c_kv | k_pe | rotate_half(k_pe)], then q_b: [q_lat | q_pe | rotate_half(q_pe)]
@@ -163,9 +162,7 @@ class MLA(nn.Module):
             pe, pe_rot = torch.cat([q_pe, k_pe], dim=-1), torch.cat([q_rot, k_rot], dim=-1)
         pe = pe.view(B, T, H + 1, R) * cos.transpose(1, 2) + pe_rot.view(B, T, H + 1, R) * sin.transpose(1, 2)
         o_NHC = self._latent_attention(q_lat.reshape(B * T, H, C), pe, self.kv_a_layernorm(ckv), pos_BT, lat, key_len)
-        o = o_NHC.reshape(B, T, H * C)
-        y = linear_kernel.linear(o, w_out)
-        return F.linear(o, w_out) if y is None else y
+        return linear_or_f(o_NHC.reshape(B, T, H * C), w_out)
 
     def _latent_attention(self, q_NHC, pe_BTJR, ckv_BTC, pos_BT, lat, key_len):
         """Cache write and one-head attention over the latent cache: the N = B*T tokens' H queries

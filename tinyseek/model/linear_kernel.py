@@ -303,6 +303,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
+def linear_or_f(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`linear` where it applies, else ``F.linear`` (same result up to summation order)."""
+    y = linear(x, weight, bias)
+    return F.linear(x, weight, bias) if y is None else y
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` whose forward uses :func:`linear` where it applies (CPU fp32 inference at up to
     :data:`MAX_ROWS` rows), else ``F.linear``: with a gradient needed, exactly ``nn.Linear``'s op.
@@ -310,11 +316,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if not (torch.is_grad_enabled() and w.requires_grad):
-            y = linear(x, w, self.bias)
-            if y is not None:
-                return y
-        return F.linear(x, w, self.bias)
+        if torch.is_grad_enabled() and w.requires_grad:  # training: exactly nn.Linear's op, no checks
+            return F.linear(x, w, self.bias)
+        return linear_or_f(x, w, self.bias)
 
 
 def register_opacus() -> None:

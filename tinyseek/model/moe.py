@@ -40,8 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyseek.model import linear_kernel as _linear_kernel
 from tinyseek.model.layers import SwiGLU
+from tinyseek.model.linear_kernel import linear_or_f
 from tinyseek.model.moe_fused import _grouped_mm_ok, combine_plan, routed_experts
 
 # ---------------------------------------------------------------------------------------------
@@ -154,10 +154,7 @@ class Router(nn.Module):
             with torch.autocast(dev, enabled=False):
                 logits = F.linear(x_ND.float(), self.weight.float())
         else:
-            x32 = x_ND.float()
-            logits = _linear_kernel.linear(x32, self.weight)  # C kernel (fp32 inference) or None
-            if logits is None:
-                logits = F.linear(x32, self.weight.float())
+            logits = linear_or_f(x_ND.float(), self.weight.float())  # C kernel at fp32 inference
         scores_NE = logits.softmax(-1) if c.score_func == "softmax" else logits.sigmoid()
         bias = self.expert_bias if c.bias_update_speed > 0 else None
         idx_NK, w_NK = route(scores_NE, c.top_k, bias, c.n_groups, c.topk_groups, c.score_func,
