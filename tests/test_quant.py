@@ -537,7 +537,7 @@ def test_ctypes_and_portable_builds_match_too(kernels_on, monkeypatch, portable)
 def test_kernels_fall_back_cleanly_without_a_compiler(tmp_path, monkeypatch, capsys):
     from tinyseek.quant import kernels
 
-    monkeypatch.setattr(kernels, "_state", {"enabled": True, "lib": None, "failed": False})
+    monkeypatch.setattr(kernels.KERNELS, "state", {"enabled": True, "lib": None, "failed": False})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("TINYSEEK_KERNEL_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)

@@ -146,7 +146,7 @@ def lazy_lib(state: dict, lock: threading.Lock, loader, label: str):
     return state["lib"]
 
 
-REGISTRY: list["Kernels"] = []  # every Kernels made (the fp32 model kernels register on import)
+REGISTRY: list["Kernels"] = []  # every Kernels made (the fp32 model and the quant kernels register on import)
 
 
 def enable_all(flag: bool) -> list[bool]:

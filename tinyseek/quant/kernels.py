@@ -45,8 +45,6 @@ scale+zero-point format).
 """
 from __future__ import annotations
 
-import os
-import threading
 from pathlib import Path
 
 import torch
@@ -400,19 +398,18 @@ _SIGS = {
                _INT),
     "ts_dequant": ([_INT, _P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64], _INT),
 }
-_lock = threading.Lock()
-_state: dict = {"enabled": os.environ.get("TINYSEEK_QUANT_KERNELS", "1") != "0", "lib": None, "failed": False}
+KERNELS = ckernels.Kernels(_NAME, _SRC, _SIGS, "TINYSEEK_QUANT_KERNELS", "tinyseek.quant.kernels")
+_state = KERNELS.state  # enabled / lib / failed (tests patch its entries)
 
 
 def enable(flag: bool = True) -> bool:
     """Turn the fused kernels on or off; returns whether they are usable (building them if needed)."""
-    _state["enabled"] = flag
-    return not flag or _lib() is not None
+    return KERNELS.enable(flag)
 
 
 def available() -> bool:
     """Enabled and built (builds on first call)."""
-    return _ready() is not None
+    return KERNELS.ready() is not None
 
 
 def build(kind: str = "pyext", cache: Path | None = None, portable: bool = False) -> Path:
@@ -425,18 +422,7 @@ def build(kind: str = "pyext", cache: Path | None = None, portable: bool = False
 def load(kind: str = "pyext", portable: bool = False):
     """Build (if needed) and load the kernels; returns an object with ``ts_mm``, ``ts_swiglu``,
     ``ts_ffn``, ``ts_moe`` and ``ts_dequant`` taking integers (pointers as ints, 0 = NULL)."""
-    return ckernels.load(_NAME, _SRC, _SIGS, kind, portable)
-
-
-def _lib():
-    return ckernels.lazy_lib(_state, _lock, load, "tinyseek.quant.kernels")
-
-
-def _ready():
-    """The loaded kernels when enabled (building them on first use), else None."""
-    if not _state["enabled"]:
-        return None
-    return _state["lib"] or _lib()
+    return KERNELS.load(kind, portable)
 
 
 def _usable(x: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -457,7 +443,7 @@ def _lib_for(x: torch.Tensor, scale: torch.Tensor, fits: bool, *fp16: torch.Tens
     for t in fp16:
         if t is not None and t.dtype is not torch.float16:
             return None
-    return _ready()
+    return KERNELS.ready()
 
 
 def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int,
@@ -561,7 +547,7 @@ def dequant_rows(qweight: torch.Tensor, scale: torch.Tensor, bits: int, k: int, 
     raises ``IndexError`` like ``F.embedding``."""
     if not (qweight.is_cpu and scale.dtype is torch.float16):
         return None
-    lib = _ready()
+    lib = KERNELS.ready()
     if lib is None:
         return None
     if not (qweight.is_contiguous() and scale.is_contiguous()):
