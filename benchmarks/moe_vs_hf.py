@@ -20,9 +20,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-# as tinyseek/__init__.py does, before torch loads libgomp (its busy-waiting wrecks timings on shared cores)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+import tinyseek  # noqa: E402,F401  (first: OMP_WAIT_POLICY=PASSIVE and THP_MEM_ALLOC_ENABLE=1 before torch loads)
 import torch  # noqa: E402
 import torch.nn as nn
 
@@ -270,7 +268,8 @@ def main() -> None:
     if args.clock == "cpu" and torch.get_num_threads() > 1:
         raise SystemExit("moe_vs_hf: error: --clock cpu sums the CPU time of all threads: use it with --threads 1")
     print(f"torch {torch.__version__}, device {device}, dtype {dtype}, threads {torch.get_num_threads()}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, clock {args.clock}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}, "
+          f"clock {args.clock}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if not args.no_hf:
         import transformers

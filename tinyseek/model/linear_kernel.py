@@ -176,6 +176,16 @@ static void chunk(const float* x, int64_t sx, const float* w, int64_t sw, const 
 }
 #endif
 
+#define PF_DIST 2  /* chunks ahead whose weight rows are prefetched (single-thread calls) */
+/* Ask for the cache lines of weight rows [0, n) (row stride sw floats, K used) ahead of their use.
+   A decode step's weights are cold (the model does not stay in cache between steps) and the 16
+   rows a chunk streams at once defeat the hardware prefetcher: cold calls at 16 rows took ~1.6-2x
+   the hot time, with this ~1.3x (lm_head 2048x128: 132 -> 104 us; 384x128: 34 -> 21 us). */
+static inline void prefetch_rows(const float* w, int64_t sw, int64_t n, int64_t K) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t k = 0; k < K; k += 16) __builtin_prefetch(w + r * sw + k, 0, 3);
+}
+
 /* y (M, N) contiguous = x (M, K) @ w^T (+ b): x[m, k] at x[m * sx + k], w[n, k] at w[n * sw + k],
    b (N) or NULL. */
 void ts_linear_f32(const float* x, int64_t sx, const float* w, int64_t sw, const float* b, float* y, int64_t M,
@@ -191,6 +201,10 @@ void ts_linear_f32(const float* x, int64_t sx, const float* w, int64_t sw, const
   }
   for (int64_t j = 0; j < nb; ++j) {  /* small: no OpenMP call at all (its serial team costs ~0.3 us) */
     const int64_t n0 = j * NC;
+    if (j + PF_DIST < nb) {
+      const int64_t n1 = n0 + PF_DIST * NC;
+      prefetch_rows(w + n1 * sw, sw, N - n1 < NC ? N - n1 : NC, K);
+    }
     chunk(x, sx, w, sw, b, y, M, N, K, n0, N - n0 < NC ? (int)(N - n0) : NC);
   }
 }
