@@ -67,7 +67,8 @@ def start_server(run_dir: Path, args, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tinyseek", "serve", "--ckpt", str(run_dir), "--port", str(port),
            "--device", args.device, "--max-batch", str(max(args.clients)), "--max-tokens", str(args.max_tokens),
            "--max-queue", "1000", "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning",
-           "--engine-process", args.engine_process, "--engine-cpus", args.engine_cpus]
+           "--engine-process", args.engine_process, "--engine-cpus", args.engine_cpus,
+           "--mix-prefill", args.mix_prefill]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -343,6 +344,8 @@ def main() -> int:
                          "to the same load from other jobs on a shared machine)")
     ap.add_argument("--max-wait-ms", type=float, default=5.0,
                     help="server --max-wait-ms: an idle engine gathers a burst of requests this long at most")
+    ap.add_argument("--mix-prefill", choices=["true", "false"], default="true",
+                    help="tinyseek serve --mix-prefill: new prompts ride along with the decode step's forward")
     ap.add_argument("--engine-process", choices=["true", "false"], default="true",
                     help="the server's engine in its own process (the server's default) or in its thread")
     ap.add_argument("--engine-cpus", default="",

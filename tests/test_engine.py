@@ -218,7 +218,8 @@ def test_busy_engine_coalesces_trickling_arrivals_into_one_prefill(model, tok):
     """While rows decode, requests that arrive one by one wait (at most max_wait) until they fill
     the free slots and share one prefill; the running row keeps decoding meanwhile."""
     sp = SamplingParams(max_tokens=60, ignore_eos=True)
-    eng = Engine(model, tok, max_batch=4, max_wait=30.0)
+    # (with mixed prefill a busy engine admits at once: see test_mixed_step_...)
+    eng = Engine(model, tok, max_batch=4, max_wait=30.0, mix_prefill=False)
     long = eng.submit(tok.encode("hello"), sp)
     eng.step()
     assert eng.stats["prefills"] == 1
@@ -233,14 +234,14 @@ def test_busy_engine_coalesces_trickling_arrivals_into_one_prefill(model, tok):
     assert eng.stats["prefills"] == 2 and all(r.slot is not None for r in late)  # 3 queued = 3 free: one prefill
     assert len(long.token_ids) == 5  # prefill token + 4 decode steps
     # without max_wait (generate() for GRPO / eval) nothing is held back
-    eng = Engine(model, tok, max_batch=4)
+    eng = Engine(model, tok, max_batch=4, mix_prefill=False)
     eng.submit(tok.encode("hello"), sp)
     eng.step()
     lone = eng.submit(tok.encode("a"), sp)
     eng.step()
     assert lone.slot is not None
     # once arrivals pause for max_wait / 4 the waiting ones are admitted (here 0.1 s, not max_wait)
-    eng = Engine(model, tok, max_batch=4, max_wait=0.4)
+    eng = Engine(model, tok, max_batch=4, max_wait=0.4, mix_prefill=False)
     eng.submit(tok.encode("hello"), sp)
     eng.step()
     lone = eng.submit(tok.encode("a"), sp)
@@ -253,6 +254,62 @@ def test_busy_engine_coalesces_trickling_arrivals_into_one_prefill(model, tok):
         pytest.skip("machine too busy to tell the arrival gap from max_wait")
     eng.step()
     assert lone.slot is not None and eng.stats["prefills"] == 2
+
+
+def test_mixed_step_prefills_new_prompts_inside_the_decode_forward(model, tok):
+    """While rows decode, a new request's prompt goes into the same forward as their next tokens
+    (one model call per step, no prefill forward, no hold-back) and it gets the same tokens as
+    alone; with mix_prefill=False the same requests take a prefill forward of their own."""
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+    alone = [Engine(model, tok, max_batch=1).generate([tok.encode(p)], sp)[0].token_ids for p in PROMPTS[:3]]
+    calls = {"forward": 0, "ragged": 0}
+    for mix in (True, False):
+        eng = Engine(model, tok, max_batch=4, max_wait=30.0 if mix else 0.0, mix_prefill=mix)
+        first = eng.submit(tok.encode(PROMPTS[0]), sp)
+        eng.step()  # nothing decodes yet: an ordinary prefill (+ decode)
+        late = [eng.submit(tok.encode(p), sp) for p in PROMPTS[1:3]]
+        for name in calls:
+            calls[name] = 0
+        fwd, rag = model.forward, model.forward_ragged
+        model.forward = lambda *a, **k: (calls.__setitem__("forward", calls["forward"] + 1), fwd(*a, **k))[1]
+        model.forward_ragged = lambda *a, **k: (calls.__setitem__("ragged", calls["ragged"] + 1), rag(*a, **k))[1]
+        try:
+            steps = eng.stats["steps"]
+            eng.step()
+        finally:
+            del model.forward, model.forward_ragged  # back to the class methods
+        assert all(r.slot is not None for r in late)  # admitted at once (mixed: max_wait 30 s is not waited)
+        assert eng.stats["prefills"] == 2 and eng.stats["steps"] == steps + 1
+        assert calls == ({"forward": 0, "ragged": 1} if mix else {"forward": 2, "ragged": 0})
+        assert [len(r.token_ids) for r in late] == ([1, 1] if mix else [2, 2])  # prefill token (+ decode)
+        while not all(r.done for r in [first] + late):
+            eng.step()
+        assert [r.result().token_ids for r in [first] + late] == alone
+
+
+def test_mixed_step_needs_the_kernels_and_mla(tok):
+    """No ragged forward for GQA, for MLA forced to the naive form, or without the C kernels: the
+    engine then prefills separately (and still gives the same tokens)."""
+    from tinyseek.model import attn_kernel
+
+    gqa = make_model(tok, seed=1, attn="gqa")
+    assert not gqa.can_ragged(gqa.new_cache(2, 16))
+    mla = make_model(tok, seed=1)
+    cache = mla.new_cache(2, 16)
+    with torch.no_grad():
+        assert mla.can_ragged(cache)
+        before = attn_kernel.KERNELS.state["enabled"]
+        attn_kernel.KERNELS.enable(False)
+        try:
+            assert not mla.can_ragged(cache)
+        finally:
+            attn_kernel.KERNELS.enable(before)
+        mla.blocks[0].attn.impl = "naive"
+        try:
+            assert not mla.can_ragged(cache)
+        finally:
+            mla.blocks[0].attn.impl = "auto"
+    assert not mla.can_ragged(cache)  # gradients on
 
 
 def test_cancel_timeout_and_drain(model, tok):

@@ -151,18 +151,49 @@ class MLA(nn.Module):
         ``pe * cos + pe_rot * sin``); one GEMM maps the attended latent to the model width (``W_o``
         after ``W_uv``). Five GEMM calls a layer become two, and RoPE three elementwise ops."""
         B, T, _ = x_BTD.shape
+        q_lat, ckv, pe = self._folded_in(x_BTD, folded, cos, sin)
+        o_NHC = self._latent_attention(q_lat.reshape(B * T, self.n_heads, self.kv_rank), pe, ckv, pos_BT, lat, key_len)
+        return linear_or_f(o_NHC.reshape(B, T, -1), folded[2])
+
+    def _folded_in(self, x_BTD, folded, cos, sin):
+        """The folded input GEMM(s) of :meth:`_absorbed_folded`: (latent queries (B, T, H*C), the new
+        normalised latent (B, T, C), the roped rope parts of the H queries and the key (B, T, H+1, R))."""
+        B, T, _ = x_BTD.shape
         H, C, R = self.n_heads, self.kv_rank, self.rope
-        w_in, w_qb, w_out = folded
+        w_in, w_qb, _ = folded
         y = linear_or_f(x_BTD, w_in)  # the C kernel where it applies, else F.linear
         if w_qb is None:  # [q_lat (H*C) | c_kv (C) | pe (H+1)*R | rotate_half(pe) (H+1)*R]
             q_lat, ckv, pe, pe_rot = y.split([H * C, C, (H + 1) * R, (H + 1) * R], dim=-1)
         else:  # [q_a | c_kv | k_pe | rotate_half(k_pe)], then q_b: [q_lat | q_pe | rotate_half(q_pe)]
             qa, ckv, k_pe, k_rot = y.split([w_qb.shape[1], C, R, R], dim=-1)
-            q_lat, q_pe, q_rot = F.linear(self.q_a_layernorm(qa), w_qb).split([H * C, H * R, H * R], dim=-1)
+            q_lat, q_pe, q_rot = linear_or_f(self.q_a_layernorm(qa), w_qb).split([H * C, H * R, H * R], dim=-1)
             pe, pe_rot = torch.cat([q_pe, k_pe], dim=-1), torch.cat([q_rot, k_rot], dim=-1)
         pe = pe.view(B, T, H + 1, R) * cos.transpose(1, 2) + pe_rot.view(B, T, H + 1, R) * sin.transpose(1, 2)
-        o_NHC = self._latent_attention(q_lat.reshape(B * T, H, C), pe, self.kv_a_layernorm(ckv), pos_BT, lat, key_len)
-        return linear_or_f(o_NHC.reshape(B, T, H * C), w_out)
+        return q_lat, self.kv_a_layernorm(ckv), pe
+
+    def can_ragged(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_ragged` runs for layer input ``x``: not forced to the naive form, no
+        gradient, the weights fold (plain or quantized Linear projections) and the latent-attention
+        kernel runs."""
+        return self.impl != "naive" and (not torch.is_grad_enabled() or not x.requires_grad) \
+            and attn_kernel.fits(x) and self._folded_weights(x.dtype) is not None
+
+    def forward_ragged(self, x_1ND, cos, sin, rows_N, pos_N, lat):
+        """Absorbed MLA for a ragged batch of N tokens, token n at position ``pos_N[n]`` of cache row
+        ``rows_N[n]`` (decode tokens of busy rows and whole prompts of new ones in ONE forward, see
+        :meth:`tinyseek.model.transformer.Transformer.forward_ragged`): writes the new latents
+        into ``lat`` (S, L, C + R), then each token attends over its row up to its own position
+        (so a prompt is causal within itself). Only where :meth:`can_ragged` holds (no PyTorch
+        path: the engine uses separate prefill and decode forwards otherwise)."""
+        N = x_1ND.shape[1]
+        folded = self._folded_weights(x_1ND.dtype)
+        q_lat, ckv, pe = self._folded_in(x_1ND, folded, cos, sin)
+        lat[rows_N, pos_N] = torch.cat([ckv[0], pe[0, :, self.n_heads]], dim=-1).to(lat.dtype)
+        o_NHC = attn_kernel.latent_attention_rows(q_lat.reshape(N, self.n_heads, self.kv_rank), pe[0], lat,
+                                                  rows_N, pos_N, self.window, self.scale)
+        if o_NHC is None:
+            raise RuntimeError("MLA.forward_ragged needs the latent-attention kernel (check can_ragged first)")
+        return linear_or_f(o_NHC.reshape(1, N, -1), folded[2])
 
     def _latent_attention(self, q_NHC, pe_BTJR, ckv_BTC, pos_BT, lat, key_len):
         """Cache write and one-head attention over the latent cache: the N = B*T tokens' H queries

@@ -229,12 +229,13 @@ static void weighted_sum(const float* P, const float* inv, const float* lat, int
    qc (N, H, C) latent query parts: element [n, h, c] at qc[n * qc_sn + h * qc_sh + c];
    qr rope parts: [b, t, h, r] at qr[b * qr_sb + t * qr_st + h * qr_sh + r];
    lat cache: [b, j, x] at lat[b * lat_sb + j * lat_sl + x], X = C + R;
-   pos (B, T) contiguous absolute positions; out (N, H, C) contiguous.
+   pos (B, T) contiguous absolute positions; out (N, H, C) contiguous; rows NULL (query token n = (b,
+   t) reads cache row b), or (N) cache rows, one per query token (a ragged batch: B = 1, T = N).
    Returns 0, or -1 when scratch memory could not be allocated. */
 int ts_latent_attn(const float* qc, int64_t qc_sn, int64_t qc_sh, const float* qr, int64_t qr_sb, int64_t qr_st,
                    int64_t qr_sh, const float* lat, int64_t lat_sb, int64_t lat_sl, const int64_t* pos, float* out,
                    int64_t B, int64_t T, int64_t H, int64_t C, int64_t R, int64_t key_len, int64_t window, float scale,
-                   int nt) {
+                   int nt, const int64_t* rows) {
   const int64_t X = C + R, N = B * T;
   const int64_t scratch = H * X + H * (key_len > 0 ? key_len : 1) + 2 * H;
   int rc = 0;
@@ -269,7 +270,7 @@ int ts_latent_attn(const float* qc, int64_t qc_sn, int64_t qc_sh, const float* q
         #pragma omp simd
         for (int64_t k = 0; k < R; ++k) qh[C + k] = scale * r[k];
       }
-      const float* latb = lat + b * lat_sb;
+      const float* latb = lat + (rows ? rows[n] : b) * lat_sb;
       scores(q, latb, lat_sl, lo, Lv, H, X, S);
       for (int64_t h = 0; h < H; ++h) {
         float* sh = S + h * Lv;
@@ -289,7 +290,7 @@ int ts_latent_attn(const float* qc, int64_t qc_sn, int64_t qc_sh, const float* q
 #ifdef TS_PYEXT  /* the same function as a CPython extension: a call costs ~0.2 us, ctypes ~1.7 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#define NARGS 21
+#define NARGS 22
 #define SCALE_ARG 19
 static PyObject* py_latent_attn(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   long long v[NARGS];
@@ -312,7 +313,7 @@ static PyObject* py_latent_attn(PyObject* self, PyObject* const* args, Py_ssize_
   Py_BEGIN_ALLOW_THREADS
   rc = ts_latent_attn(PTR(const float*, 0), v[1], v[2], PTR(const float*, 3), v[4], v[5], v[6], PTR(const float*, 7),
                       v[8], v[9], PTR(const int64_t*, 10), PTR(float*, 11), v[12], v[13], v[14], v[15], v[16], v[17],
-                      v[18], (float)scale, (int)v[20]);
+                      v[18], (float)scale, (int)v[20], PTR(const int64_t*, 21));
   Py_END_ALLOW_THREADS
   return PyLong_FromLong(rc);
 }
@@ -326,7 +327,7 @@ PyMODINIT_FUNC PyInit__tinyseek_attn(void) { return PyModule_Create(&module); }
 
 _SIGS = {
     "ts_latent_attn": ([_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64,
-                        _I64, _I64, _F32, _INT], _INT),
+                        _I64, _I64, _F32, _INT, _P], _INT),
 }
 
 KERNELS = ckernels.Kernels("_tinyseek_attn", _SRC, _SIGS, "TINYSEEK_ATTN_KERNELS", "tinyseek.model.attn_kernel")
@@ -376,7 +377,42 @@ def latent_attention(q_NHC: torch.Tensor, pe_BTJR: torch.Tensor, lat: torch.Tens
     out = torch.empty(N, H, C, dtype=f32)
     rc = lib.ts_latent_attn(q_NHC.data_ptr(), qs[0], qs[1], pe_BTJR.data_ptr(), ps[0], ps[1], ps[2], lat.data_ptr(),
                             ls[0], ls[1], pos_BT.data_ptr(), out.data_ptr(), B, T, H, C, R, key_len, window,
-                            scale, torch.get_num_threads())
+                            scale, torch.get_num_threads(), 0)
+    if rc != 0:
+        raise MemoryError("latent attention kernel: out of memory for its scratch buffer")
+    return out
+
+
+def latent_attention_rows(q_NHC: torch.Tensor, pe_NJR: torch.Tensor, lat: torch.Tensor, rows_N: torch.Tensor,
+                          pos_N: torch.Tensor, window: int, scale: float, lib=None) -> torch.Tensor | None:
+    """:func:`latent_attention` for a ragged batch: query token n belongs to cache row ``rows_N[n]`` at
+    position ``pos_N[n]`` and sees that row's keys up to its own position (the cache already holds
+    the new tokens). Used by :meth:`tinyseek.model.transformer.Transformer.forward_ragged` (decode
+    rows and new prompts in one forward). ``pe_NJR``: roped rope parts (N, H + 1, R). None where
+    the kernel does not apply (the caller has no PyTorch path for this form: it checks
+    :func:`fits` first)."""
+    f32 = torch.float32
+    if not (q_NHC.dtype is f32 and pe_NJR.dtype is f32 and lat.dtype is f32 and q_NHC.is_cpu and lat.is_cpu):
+        return None
+    if torch.is_grad_enabled() and (q_NHC.requires_grad or pe_NJR.requires_grad or lat.requires_grad):
+        return None
+    N, H, C = q_NHC.shape
+    ls = lat.stride()
+    if (pe_NJR.shape[:2] != (N, H + 1) or len(ls) != 3 or ls[2] != 1 or lat.shape[2] != C + pe_NJR.shape[2]
+            or rows_N.shape != (N,) or pos_N.shape != (N,)):
+        return None
+    if lib is None:
+        lib = KERNELS.ready()
+        if lib is None:
+            return None
+    q_NHC, pe_NJR = q_NHC.contiguous(), pe_NJR.contiguous()
+    rows_N = rows_N.to(torch.int64).contiguous()
+    pos_N = pos_N.to(torch.int64).contiguous()
+    qs, ps = q_NHC.stride(), pe_NJR.stride()
+    out = torch.empty(N, H, C, dtype=f32)
+    rc = lib.ts_latent_attn(q_NHC.data_ptr(), qs[0], qs[1], pe_NJR.data_ptr(), 0, ps[0], ps[1], lat.data_ptr(),
+                            ls[0], ls[1], pos_N.data_ptr(), out.data_ptr(), 1, N, H, C, pe_NJR.shape[2],
+                            lat.shape[1], window, scale, torch.get_num_threads(), rows_N.data_ptr())
     if rc != 0:
         raise MemoryError("latent attention kernel: out of memory for its scratch buffer")
     return out

@@ -43,7 +43,13 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x, cos, sin, pos_BT, cache_layer=None, key_len=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, pos_BT, cache_layer, key_len)
+        return self._ffn(x + self.attn(self.attn_norm(x), cos, sin, pos_BT, cache_layer, key_len))
+
+    def forward_ragged(self, x_1ND, cos, sin, rows_N, pos_N, cache_layer):
+        return self._ffn(x_1ND + self.attn.forward_ragged(self.attn_norm(x_1ND), cos, sin, rows_N, pos_N,
+                                                          cache_layer["latent"]))
+
+    def _ffn(self, x):
         h = self.ffn_norm(x)
         if self.is_moe:
             y, stats = self.ffn(h)
@@ -142,6 +148,34 @@ class Transformer(nn.Module):
                                           ignore_index=-100)
             out.loss = out.ce_loss + aux
         return out
+
+    def can_ragged(self, cache: KVCache | None) -> bool:
+        """Whether :meth:`forward_ragged` runs here: MLA layers whose absorbed form folds, the
+        latent-attention C kernel available (CPU fp32), inference (no gradient), an MLA cache."""
+        if self.cfg.attn != "mla" or cache is None or "latent" not in cache.layers[0] or torch.is_grad_enabled():
+            return False
+        probe = cache.layers[0]["latent"][:0, 0]  # dtype / device of the activations' kind
+        return all(b.attn.can_ragged(probe) for b in self.blocks)
+
+    @torch.no_grad()
+    def forward_ragged(self, idx_N: torch.Tensor, rows_N: torch.Tensor, pos_N: torch.Tensor, cache: KVCache,
+                       logits_at: torch.Tensor) -> torch.Tensor:
+        """One forward over a ragged batch: token ``idx_N[n]`` at position ``pos_N[n]`` of cache row
+        ``rows_N[n]`` (the serving engine's mixed step: one token of each decoding row plus whole
+        prompts of newly admitted ones, so a prefill rides along with a decode step instead of
+        costing a forward of its own). Each row's tokens must be given in position order and the
+        row's earlier positions already be in the cache. ``cache.lengths`` is left alone (the caller
+        advances it). Returns the logits (len(logits_at), V) of the tokens ``logits_at`` (indices
+        into N). Per token, the same operations as :meth:`forward` with a cache (the absorbed MLA
+        form, the C kernels: a token's result does not depend on the others'; tested). Only where
+        :meth:`can_ragged` holds."""
+        if int(pos_N.max()) >= min(cache.max_len, self.cfg.max_seq_len):
+            raise ValueError(f"position {int(pos_N.max())} exceeds the cache length {cache.max_len}")
+        cos, sin = self.rotary(pos_N[None])
+        x = self.embed(idx_N[None])
+        for i, block in enumerate(self.blocks):
+            x, _ = block.forward_ragged(x, cos, sin, rows_N, pos_N, cache.layers[i])
+        return self.lm_head(self.norm(x[:, logits_at]))[0]
 
     # --- aux-loss-free balancing -------------------------------------------------------------
     @torch.no_grad()

@@ -194,13 +194,16 @@ class AsyncCalls:
 
 class Engine(AsyncCalls):
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
-                 eos_id: int | None = None, max_wait: float = 0.0, prefill_tokens: int = 8192):
+                 eos_id: int | None = None, max_wait: float = 0.0, prefill_tokens: int = 8192,
+                 mix_prefill: bool = True):
         """``max_len``: cache positions per slot (prompt + completion), default the model's
         ``max_seq_len``. ``eos_id`` defaults to ``tokenizer.eos_id``. ``max_wait``: seconds a
         request may wait to be prefilled together with others: an idle background scheduler
         gathers a burst (stopping earlier once no request came for ``max_wait / 4``); a busy
         engine coalesces arrivals the same way (:meth:`_hold_back`; 0 = admit at once). ``prefill_tokens``: padded tokens
-        per prefill forward (larger admissions are split)."""
+        per prefill forward (larger admissions are split). ``mix_prefill``: while rows decode, new
+        prompts go into the decode step's forward (:meth:`_mixed`) where the model supports it
+        (MLA with the fp32 CPU kernels), instead of a prefill forward of their own."""
         if max_batch < 1:
             raise UserError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model.eval()
@@ -228,6 +231,8 @@ class Engine(AsyncCalls):
         self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "prefills": 0, "finished": 0}
         self.prefill_seconds = 0.0
         self.step_listeners: list[Callable[[int, float], None]] = []  # (batch size, seconds) per decode
+        self.mix_prefill = mix_prefill
+        self._ragged: tuple | None = None  # (weights key, model.can_ragged) cached per weights version
 
     # --- submission --------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams | None = None,
@@ -352,6 +357,9 @@ class Engine(AsyncCalls):
         try:
             self._retire_cancelled()
             admitted = self._admit()
+            if admitted and self._mixable(admitted):
+                self._mixed(admitted)  # prefill and decode in one forward
+                return
             if admitted:
                 self._prefill(admitted)
             if self.num_active():
@@ -379,11 +387,18 @@ class Engine(AsyncCalls):
             free = [i for i, r in enumerate(self.slots) if r is None]
             if self._hold_back(len(free)):
                 return admitted
+            # a mixed step takes what fits next to the busy rows' tokens; the rest waits one step
+            budget = MIX_MAX_TOKENS - self.num_active() if self._mixing() else None
             while self._queue and free:
-                r = self._queue.popleft()
+                r = self._queue[0]
+                if budget is not None and admitted and len(r.prompt) > budget:
+                    break
+                self._queue.popleft()
                 if r.cancelled or (r.deadline is not None and time.monotonic() > r.deadline):
                     self._finish(r, "cancelled" if r.cancelled else "timeout")
                     continue
+                if budget is not None:
+                    budget -= len(r.prompt)
                 r.slot = free.pop(0)
                 self.slots[r.slot] = r
                 admitted.append(r)
@@ -396,6 +411,8 @@ class Engine(AsyncCalls):
         forward instead of paying one each (the busy rows keep decoding meanwhile; only the waiting
         requests' first token is later)."""
         if not self._queue or self.max_wait <= 0 or len(self._queue) >= n_free or self.num_active() == 0:
+            return False
+        if self._mixing():  # a prefill rides along with the decode step: no need to wait
             return False
         now = time.monotonic()
         return now - self._queue[0].submitted < self.max_wait and now - self._queue[-1].submitted < self.max_wait / 4
@@ -434,6 +451,61 @@ class Engine(AsyncCalls):
         self.stats["prefills"] += 1
         self.prefill_seconds += time.perf_counter() - t0
         self._sample_and_advance(reqs, last)
+
+    def _mixing(self) -> bool:
+        """Whether admissions now would go into a mixed step (rows are decoding, mixing possible)."""
+        return self.mix_prefill and self.num_active() > 0 and self._ragged_ok()
+
+    def _ragged_ok(self) -> bool:
+        ok = self._ragged
+        if ok is None or ok[0] != self._weights_key():
+            ok = self._ragged = (self._weights_key(), self.model.can_ragged(self.cache))
+        return ok[1]
+
+    def _weights_key(self):
+        """Changes when the model's parameters are replaced or updated (GRPO steps, loads)."""
+        p = next(self.model.parameters())
+        return p.data_ptr(), p._version, p.dtype
+
+    def _mixable(self, admitted: list[Request]) -> bool:
+        """Whether the new requests' prompts can share one forward with the busy rows' decode tokens
+        (:meth:`_mixed`): rows are decoding, mixing is on and the model supports ragged forwards,
+        and all the tokens fit :data:`MIX_MAX_TOKENS` (so every GEMM stays in the C kernel, whose
+        rows do not depend on each other: a request's tokens are the same mixed or not)."""
+        if not self.mix_prefill or len(admitted) == self.num_active():
+            return False
+        n = self.num_active() - len(admitted) + sum(len(r.prompt) for r in admitted)
+        return n <= MIX_MAX_TOKENS and self._ragged_ok()
+
+    def _mixed(self, admitted: list[Request]) -> None:
+        """One forward for the busy rows' next tokens and the admitted requests' whole prompts
+        (:meth:`~tinyseek.model.transformer.Transformer.forward_ragged`): the new requests get their
+        first token, the others their next one. A separate prefill forward costs about as much as a
+        decode step (at cpu-tiny sizes most of a forward is per-call overhead, not arithmetic) and
+        stalls every busy row; here a prompt costs only its own tokens. Counted as one decode step
+        of all its rows and one prefill."""
+        t0 = time.perf_counter()
+        dev = self.device
+        new = set(id(r) for r in admitted)
+        busy = [i for i, r in enumerate(self.slots) if r is not None and id(r) not in new]
+        dec = torch.tensor(busy, device=dev)
+        lens = [len(r.prompt) for r in admitted]
+        new_rows = torch.tensor([r.slot for r in admitted], device=dev)
+        ids = torch.cat([self._last[dec], torch.tensor([t for r in admitted for t in r.prompt], device=dev)])
+        rows = torch.cat([dec, new_rows.repeat_interleave(torch.tensor(lens, device=dev))])
+        pos = torch.cat([self.cache.lengths[dec], torch.cat([torch.arange(n, device=dev) for n in lens])])
+        ends = torch.tensor(lens, device=dev).cumsum(0) + len(busy) - 1
+        logits = self.model.forward_ragged(ids, rows, pos, self.cache, torch.cat([torch.arange(len(busy), device=dev), ends]))
+        self.cache.lengths[dec] += 1
+        self.cache.lengths[new_rows] = torch.tensor(lens, device=dev)
+        self._sample_and_advance([self.slots[i] for i in busy] + admitted, logits, torch.cat([dec, new_rows]))
+        self.stats["steps"] += 1
+        self.stats["decode_tokens"] += len(busy)
+        self.stats["prefills"] += 1
+        self.stats["prefill_tokens"] += sum(lens)
+        dt = time.perf_counter() - t0
+        for cb in self.step_listeners:
+            cb(len(busy) + len(admitted), dt)
 
     def _decode(self) -> None:
         t0 = time.perf_counter()
@@ -525,6 +597,9 @@ class Engine(AsyncCalls):
             new, r._new_ids = r._new_ids, []
             _notify(r, StreamEvent(new, delta, True, r.completion))
         r._done.set()
+
+
+MIX_MAX_TOKENS = 128  # tokens of a mixed step at most (the linear C kernel's row limit, MAX_ROWS)
 
 
 def _notify(r: Request, ev: StreamEvent) -> None:

@@ -160,7 +160,7 @@ def _child_main(conn, spec: dict) -> None:
         model, tok, meta = load_for_serving(spec["ckpt"], spec["tokenizer"], spec["device"], spec["dtype"])
         tok_spec = spec["tokenizer"] or find_tokenizer(spec["ckpt"], meta)
         engine = _ChildEngine(model, tok, max_batch=spec["max_batch"], max_len=spec["max_len"] or None,
-                              max_wait=spec["max_wait"], send=send)
+                              max_wait=spec["max_wait"], mix_prefill=spec["mix_prefill"], send=send)
     except Exception as e:  # a bad checkpoint / tokenizer: one line back to the parent
         send(("failed", f"{e}" if isinstance(e, UserError) else f"{type(e).__name__}: {e}"))
         return
@@ -219,13 +219,14 @@ class ProcessEngine(AsyncCalls):
     (and, unless ``OMP_NUM_THREADS`` is set, give it one torch thread per CPU); None = no pinning."""
 
     def __init__(self, ckpt: str, tokenizer: str = "", device: str = "auto", dtype: str = "auto",
-                 max_batch: int = 16, max_len: int = 0, max_wait: float = 0.0, cpus: list[int] | None = None):
+                 max_batch: int = 16, max_len: int = 0, max_wait: float = 0.0, cpus: list[int] | None = None,
+                 mix_prefill: bool = True):
         from tinyseek.tokenizer import load_tokenizer
 
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=True)
         spec = {"ckpt": ckpt, "tokenizer": tokenizer, "device": device, "dtype": dtype, "max_batch": max_batch,
-                "max_len": max_len, "max_wait": max_wait, "cpus": cpus}
+                "max_len": max_len, "max_wait": max_wait, "cpus": cpus, "mix_prefill": mix_prefill}
         self._proc = ctx.Process(target=_child_main, args=(child, spec), name="tinyseek-engine", daemon=True)
         self._proc.start()
         child.close()

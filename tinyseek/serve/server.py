@@ -60,6 +60,7 @@ class Config:
     model_name: str = "tinyseek"   # the model id clients must use (or omit)
     max_batch: int = 16            # KV-cache slots = requests decoded together
     max_wait_ms: float = 5.0       # a request waits this long at most to share a prefill with others
+    mix_prefill: bool = True       # new prompts join the decode step's forward (MLA + CPU kernels) instead of a prefill forward
     engine_process: bool = True    # run the engine in its own process (no GIL contention with the HTTP side)
     engine_cpus: str = ""          # pin the engine process: "" (no), auto (all CPUs but the last, which the HTTP side gets), or e.g. 0-2
     max_len: int = 0               # cache positions per request (prompt + completion); 0 = model max_seq_len
@@ -510,11 +511,12 @@ def build(cfg: Config):
         check_ckpt(cfg.ckpt)  # before starting a process for nothing
         cpus = parse_cpus(cfg.engine_cpus, available_cpus())
         engine = ProcessEngine(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype, max_batch=cfg.max_batch,
-                               max_len=cfg.max_len, max_wait=cfg.max_wait_ms / 1000, cpus=cpus)
+                               max_len=cfg.max_len, max_wait=cfg.max_wait_ms / 1000, cpus=cpus,
+                               mix_prefill=cfg.mix_prefill)
         return create_app(engine, engine.tokenizer, cfg), engine
     model, tok, _meta = load_for_serving(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype)
     engine = Engine(model, tok, max_batch=cfg.max_batch, max_len=cfg.max_len or None,
-                    max_wait=cfg.max_wait_ms / 1000)
+                    max_wait=cfg.max_wait_ms / 1000, mix_prefill=cfg.mix_prefill)
     return create_app(engine, tok, cfg), engine
 
 
