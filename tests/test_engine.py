@@ -285,6 +285,25 @@ def test_mixed_step_prefills_new_prompts_inside_the_decode_forward(model, tok):
         while not all(r.done for r in [first] + late):
             eng.step()
         assert [r.result().token_ids for r in [first] + late] == alone
+    # the same engine with the attention kernels switched off later: separate prefills again, same tokens
+    from tinyseek.model import attn_kernel
+
+    before = attn_kernel.KERNELS.state["enabled"]
+    attn_kernel.KERNELS.enable(False)
+    try:
+        eng.mix_prefill = True
+        first = eng.submit(tok.encode(PROMPTS[0]), sp)
+        eng.step()
+        late = eng.submit(tok.encode(PROMPTS[1]), sp)
+        prefills = eng.stats["prefills"]
+        eng.step()
+        assert eng.stats["prefills"] == prefills + 1 and len(late.token_ids) == 2  # prefill forward + decode
+        while not (first.done and late.done):
+            eng.step()
+        plain = [Engine(model, tok, max_batch=1).generate([tok.encode(p)], sp)[0].token_ids for p in PROMPTS[:2]]
+        assert [first.result().token_ids, late.result().token_ids] == plain
+    finally:
+        attn_kernel.KERNELS.enable(before)
 
 
 def test_mixed_step_needs_the_kernels_and_mla(tok):

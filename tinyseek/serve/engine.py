@@ -388,7 +388,7 @@ class Engine(AsyncCalls):
             if self._hold_back(len(free)):
                 return admitted
             # a mixed step takes what fits next to the busy rows' tokens; the rest waits one step
-            budget = MIX_MAX_TOKENS - self.num_active() if self._mixing() else None
+            budget = MIX_MAX_TOKENS - self.num_active() if self._queue and self._mixing() else None
             while self._queue and free:
                 r = self._queue[0]
                 if budget is not None and admitted and len(r.prompt) > budget:
@@ -463,9 +463,12 @@ class Engine(AsyncCalls):
         return ok[1]
 
     def _weights_key(self):
-        """Changes when the model's parameters are replaced or updated (GRPO steps, loads)."""
+        """Changes when the model's parameters are replaced or updated (GRPO steps, loads) or the
+        attention kernels are switched."""
+        from tinyseek.model import attn_kernel
+
         p = next(self.model.parameters())
-        return p.data_ptr(), p._version, p.dtype
+        return p.data_ptr(), p._version, p.dtype, attn_kernel.KERNELS.state["enabled"]
 
     def _mixable(self, admitted: list[Request]) -> bool:
         """Whether the new requests' prompts can share one forward with the busy rows' decode tokens
