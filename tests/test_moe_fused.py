@@ -167,3 +167,37 @@ def test_compiled_variant_matches_loop():
     m = make_moe(cfg).train()
     x = torch.randn(3, 11, cfg.d_model, generator=torch.Generator().manual_seed(8))
     assert_matches_loop(m, "compiled", x, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_mm_on_threads_equals_one_thread():
+    """With more than one torch thread the experts' GEMMs are shared out over worker threads (one
+    expert on one thread): the same numbers as on one thread, for both layouts, empty groups
+    included, and the caller's thread count (and that of threads started later) is left alone."""
+    import threading
+
+    from tinyseek.model import moe_fused
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1536, 128, generator=g)
+    b3 = torch.randn(6, 128, 96, generator=g)
+    dy = torch.randn(1536, 96, generator=g)
+    offs = torch.tensor([100, 100, 700, 900, 1500, 1536], dtype=torch.int32)  # group 1 empty
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = (moe_fused.grouped_mm(a, b3, offs), moe_fused.grouped_mm(a.t(), dy, offs))
+        torch.set_num_threads(2)
+        assert a.shape[0] * a.shape[1] * b3.shape[-1] >= moe_fused.PAR_MIN_MACS  # the threaded path runs
+        two = (moe_fused.grouped_mm(a, b3, offs), moe_fused.grouped_mm(a.t(), dy, offs))
+        assert torch.get_num_threads() == 2
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert torch.count_nonzero(two[1][1]) == 0  # the empty group's weight gradient
+    ref = torch.cat([a[s:e] @ b3[i] for i, (s, e) in enumerate(zip([0] + offs.tolist()[:-1], offs.tolist()))])
+    torch.testing.assert_close(two[0], ref)
