@@ -4,9 +4,13 @@ One :class:`Engine` owns a model and a KV cache of ``max_batch`` slots (rows) of
 positions, allocated once. Each request lives in one slot. A scheduler step:
 
 1. admits queued requests into free slots (lowest free slot first, so the busy rows stay packed
-   at the top of the cache); while rows are decoding, arrivals are held back while more keep
-   coming (at most ``max_wait``, not once they fill the free slots), so that requests trickling in
-   share one prefill forward (:meth:`Engine._hold_back`);
+   at the top of the cache); while rows are decoding, the admitted prompts go into the decode
+   forward itself (a *mixed step*, :meth:`Engine._mixed`: one ragged forward over the busy rows'
+   next tokens and the new prompts, up to :data:`MIX_MAX_TOKENS` tokens; MLA models with the fp32
+   CPU kernels) and steps 2-3 are that one forward. Where mixing does not apply (GQA, GPU, kernels
+   off, ``mix_prefill=False``) arrivals are held back while more keep coming (at most
+   ``max_wait``, not once they fill the free slots), so that requests trickling in share one
+   prefill forward (:meth:`Engine._hold_back`);
 2. prefills the admitted prompts together: right-padded into a small temporary cache, copied into
    their slots, and each slot's length set to its own prompt length (the padding written past it is
    never attended to: the causal mask only looks at positions below a row's length, and the next
@@ -24,9 +28,9 @@ gathers a burst of arrivals, up to ``max_wait`` seconds, before the first prefil
 coalesces arrivals for up to ``max_wait``), ``astream()`` (async
 iterator of token/text events) and ``acomplete()`` (await the final completion only).
 
-Not done (on purpose, for size): no prefix caching, no chunked prefill fused with decode steps (a
-prefill is its own forward between two decode steps), no paged KV memory (a slot owns ``max_len``
-positions), no CUDA graphs.
+Not done (on purpose, for size): no prefix caching, no chunking of long prompts (a prompt goes
+into one forward, mixed or not; a mixed step takes whole prompts only), no paged KV memory (a slot
+owns ``max_len`` positions), no CUDA graphs.
 
 Exactness: a request's tokens depend only on its own prompt, parameters and seed: sampling is per
 row with a per-request generator, positions are per row and padding is masked. Bitwise equality of
@@ -49,6 +53,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import torch
 
 from tinyseek.errors import UserError
+from tinyseek.model.linear_kernel import MAX_ROWS as _LINEAR_MAX_ROWS
 from tinyseek.serve.detok import TextTracker
 from tinyseek.serve.sampling import sample_tokens
 
@@ -602,7 +607,7 @@ class Engine(AsyncCalls):
         r._done.set()
 
 
-MIX_MAX_TOKENS = 128  # tokens of a mixed step at most (the linear C kernel's row limit, MAX_ROWS)
+MIX_MAX_TOKENS = _LINEAR_MAX_ROWS  # tokens of a mixed step at most: the linear C kernel's row limit
 
 
 def _notify(r: Request, ev: StreamEvent) -> None:
