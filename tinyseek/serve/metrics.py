@@ -180,10 +180,10 @@ class ServerMetrics:
             r.add(Gauge("tinyseek_queue_depth", "Requests waiting for a batch slot", engine.queue_depth))
             r.add(Gauge("tinyseek_active_requests", "Requests in the running batch", engine.num_active))
             engine.step_listeners.append(self.on_step)
-            for key, help in (("prefills", "Prefill forwards run (each admits one or more requests)"),
+            for key, help in (("prefills", "Admissions of new prompts: prefill forwards and mixed steps (each admits one or more requests)"),
                               ("prefill_tokens", "Prompt tokens prefilled")):
                 r.add(Gauge(f"tinyseek_{key}_total", help, lambda key=key: engine.stats[key]))
-            r.add(Gauge("tinyseek_prefill_seconds_total", "Time spent in prefill forwards",
+            r.add(Gauge("tinyseek_prefill_seconds_total", "Time spent in prefill forwards (mixed steps count as decode steps)",
                         lambda: engine.prefill_seconds))
 
     def on_step(self, batch_size: int, seconds: float) -> None:
