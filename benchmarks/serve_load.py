@@ -4,7 +4,9 @@
    ``/v1/completions`` requests (``max_tokens`` tokens, ``ignore_eos``) one after the other until the
    level's time limit (8 s; requests in flight then finish) or request budget is reached. Reported: aggregate completion tokens/s, p50/p99 request latency, errors.
    The levels run ``--rounds`` times, interleaved (1, 4, 16, 64, 1, 4, ...), and the best round of
-   each level is kept: on a shared machine one level can otherwise land in a busy minute.
+   each level is kept: on a shared machine one level can otherwise land in a busy minute. Also
+   printed: each round's 16-client / 1-client ratio (adjacent levels, so about the same machine
+   state) and their median.
    Target: 16 clients >= 8x the aggregate tokens/s of 1 client. ``--engine-cpus auto`` runs the
    server with its engine process pinned to all CPUs but the last, and the load generator then
    runs on the last one with the server's HTTP side, standing in for remote clients
@@ -211,6 +213,7 @@ def run_load(args, model) -> list[dict]:
             asyncio.run(load_level(url, 2, 1, 8, 60))  # warm-up
             best: dict[int, dict] = {}
             errs: dict[int, int] = {}  # errors of every round, not only the kept one
+            per_round: dict[int, list[float]] = {}  # tokens/s of every round
             for rnd, n in ((r, n) for r in range(args.rounds) for n in args.clients):
                 per_client = max(args.min_requests_per_client, args.requests // n)
                 m0 = scrape(url)
@@ -225,6 +228,7 @@ def run_load(args, model) -> list[dict]:
                 res["decode_s"] = m1["tinyseek_decode_step_seconds_sum"] - m0["tinyseek_decode_step_seconds_sum"]
                 res["round"] = rnd
                 errs[n] = errs.get(n, 0) + res["errors"]
+                per_round.setdefault(n, []).append(res["tokens_per_s"])
                 if n not in best or res["tokens_per_s"] > best[n]["tokens_per_s"]:
                     best[n] = res
                 print(f"  {n:3d} clients: {res['requests']:4d} requests, {res['errors']} errors, "
@@ -232,7 +236,8 @@ def run_load(args, model) -> list[dict]:
                       f"(server: mean batch {res['mean_batch']:.1f}, decode step {res['mean_step_ms']:.1f} ms, "
                       f"{res['prefills']:.0f} prefills {res['prefill_s']:.2f} s, decode {res['decode_s']:.2f} s)",
                       flush=True)
-            results = [{**best[n], "errors_all_rounds": errs[n]} for n in args.clients]
+            results = [{**best[n], "errors_all_rounds": errs[n], "rounds_tokens_per_s": per_round[n]}
+                       for n in args.clients]
             if args.rounds > 1:
                 print("  best round per level: " + ", ".join(f"{r['clients']} clients {r['tokens_per_s']:.1f} tok/s "
                                                          f"(p50 {r['p50_s']:.3f} s, p99 {r['p99_s']:.3f} s)"
@@ -386,6 +391,12 @@ def main() -> int:
             n_err = sum(r["errors_all_rounds"] for r in load)
             print(f"  16 clients / 1 client aggregate tokens/s: {r16:.2f}x (target >= 8x: "
                   f"{'met' if r16 >= 8 else 'NOT met'}); errors total (all rounds): {n_err}", flush=True)
+            # each round's 16-client level against the 1-client level next to it (same machine state)
+            paired = [b / a for a, b in zip(by[1]["rounds_tokens_per_s"], by[16]["rounds_tokens_per_s"]) if a > 0]
+            out["scaling_16_vs_1_per_round"] = paired
+            if len(paired) > 1:
+                print(f"  per round: {', '.join(f'{x:.2f}x' for x in paired)} (median {statistics.median(paired):.2f}x)",
+                      flush=True)
     if not args.skip_hf:
         print(f"2. engine vs HF generate (greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens)", flush=True)
         out["engine_vs_hf"] = hf = run_engine_vs_hf(args, model)
