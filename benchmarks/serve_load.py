@@ -4,9 +4,12 @@
    ``/v1/completions`` requests (``max_tokens`` tokens, ``ignore_eos``) one after the other until the
    level's time limit (8 s; requests in flight then finish) or request budget is reached. Reported: aggregate completion tokens/s, p50/p99 request latency, errors.
    The levels run ``--rounds`` times, interleaved (1, 4, 16, 64, 1, 4, ...), and the best round of
-   each level is kept: on a shared machine one level can otherwise land in a busy minute. Also
-   printed: each round's 16-client / 1-client ratio (adjacent levels, so about the same machine
-   state) and their median.
+   each level is kept: on a shared machine one level can otherwise land in a busy minute. The
+   16 vs 1 client target is judged on the median over rounds of each round's 16-client / 1-client
+   ratio (adjacent levels, so about the same machine state): the best rounds of the two levels can
+   come from different machine states (on this 2-core VM a 16-row decode step takes 1.7 ms in a
+   quiet minute and 2.2-2.8 ms when neighbours load the memory bus, a 1-row step 1.0-1.2 ms), and
+   that ratio is printed too.
    Target: 16 clients >= 8x the aggregate tokens/s of 1 client. ``--engine-cpus auto`` runs the
    server with its engine process pinned to all CPUs but the last, and the load generator then
    runs on the last one with the server's HTTP side, standing in for remote clients
@@ -360,7 +363,7 @@ def main() -> int:
                          "for remote clients); none: wherever the OS puts it")
     ap.add_argument("--client", choices=["httpx", "raw"], default="httpx",
                     help="load generator: httpx, or a minimal asyncio HTTP/1.1 client (less CPU on the shared cores)")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--rounds", type=int, default=5,
                     help="load rounds (all levels each, interleaved); the best round of each level is kept")
     ap.add_argument("--hf-batches", default="1,16")
     ap.add_argument("--prompt-len", type=int, default=16)
@@ -389,14 +392,13 @@ def main() -> int:
             r16 = by[16]["tokens_per_s"] / by[1]["tokens_per_s"]
             out["scaling_16_vs_1"] = r16
             n_err = sum(r["errors_all_rounds"] for r in load)
-            print(f"  16 clients / 1 client aggregate tokens/s: {r16:.2f}x (target >= 8x: "
-                  f"{'met' if r16 >= 8 else 'NOT met'}); errors total (all rounds): {n_err}", flush=True)
             # each round's 16-client level against the 1-client level next to it (same machine state)
             paired = [b / a for a, b in zip(by[1]["rounds_tokens_per_s"], by[16]["rounds_tokens_per_s"]) if a > 0]
             out["scaling_16_vs_1_per_round"] = paired
-            if len(paired) > 1:
-                print(f"  per round: {', '.join(f'{x:.2f}x' for x in paired)} (median {statistics.median(paired):.2f}x)",
-                      flush=True)
+            med = statistics.median(paired)
+            print(f"  16 clients / 1 client aggregate tokens/s: best rounds {r16:.2f}x; per round "
+                  f"{', '.join(f'{x:.2f}x' for x in paired)}, median {med:.2f}x (target >= 8x: "
+                  f"{'met' if med >= 8 else 'NOT met'}); errors total (all rounds): {n_err}", flush=True)
     if not args.skip_hf:
         print(f"2. engine vs HF generate (greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens)", flush=True)
         out["engine_vs_hf"] = hf = run_engine_vs_hf(args, model)
