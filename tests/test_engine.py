@@ -306,6 +306,28 @@ def test_mixed_step_prefills_new_prompts_inside_the_decode_forward(model, tok):
         attn_kernel.KERNELS.enable(before)
 
 
+def test_mixed_step_takes_only_what_fits(model, tok, monkeypatch):
+    """A mixed step holds at most MIX_MAX_TOKENS tokens: prompts that do not fit next to the busy
+    rows wait a step, and a prompt too long to fit at all gets a prefill forward of its own."""
+    from tinyseek.serve import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "MIX_MAX_TOKENS", 12)
+    sp = SamplingParams(max_tokens=20, ignore_eos=True)
+    eng = Engine(model, tok, max_batch=4)
+    eng.submit(tok.encode("hi"), sp)
+    eng.step()  # one busy row
+    a, b = eng.submit(tok.encode("abcdef"), sp), eng.submit(tok.encode("ghijkl"), sp)  # 6 tokens each
+    eng.step()
+    assert a.slot is not None and b.slot is None  # 1 + 6 fit, + 6 more would not
+    assert len(a.token_ids) == 1  # mixed: its first token from the shared forward
+    eng.step()
+    assert b.slot is not None and len(b.token_ids) == 1
+    long = eng.submit(tok.encode("x" * 20), sp)  # 3 busy rows + 20 tokens > 12: a prefill forward
+    prefills = eng.stats["prefills"]
+    eng.step()
+    assert long.slot is not None and len(long.token_ids) == 2 and eng.stats["prefills"] == prefills + 1
+
+
 def test_mixed_step_needs_the_kernels_and_mla(tok):
     """No ragged forward for GQA, for MLA forced to the naive form, or without the C kernels: the
     engine then prefills separately (and still gives the same tokens)."""

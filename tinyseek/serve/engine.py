@@ -458,8 +458,11 @@ class Engine(AsyncCalls):
         self._sample_and_advance(reqs, last)
 
     def _mixing(self) -> bool:
-        """Whether admissions now would go into a mixed step (rows are decoding, mixing possible)."""
-        return self.mix_prefill and self.num_active() > 0 and self._ragged_ok()
+        """Whether admissions now would go into a mixed step: rows are decoding, mixing is possible
+        and the first queued prompt fits next to them (else: a prefill forward, held back as usual)."""
+        n = self.num_active()
+        first = len(self._queue[0].prompt) if self._queue else 1
+        return self.mix_prefill and 0 < n and n + first <= MIX_MAX_TOKENS and self._ragged_ok()
 
     def _ragged_ok(self) -> bool:
         ok = self._ragged
