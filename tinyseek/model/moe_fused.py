@@ -29,7 +29,9 @@ functions, one fused loop each instead of ~4 and ~6 passes over memory. The firs
 
 The GEMMs are ``torch._grouped_mm`` where it runs for the device and dtype (CPU fp32 in torch >= 2.9,
 CUDA bf16), else the same per-expert ``torch.mm`` loop (:func:`grouped_mm`; e.g. float64, which
-``gradcheck`` needs). The backward makes the same GEMM calls as torch's own derivative of
+``gradcheck`` needs). With more than one torch thread on CPU the experts' GEMMs are shared out
+over worker threads instead, one expert per thread (:func:`_grouped_mm_threads`: MKL runs these
+small GEMMs no faster on two threads than on one). The backward makes the same GEMM calls as torch's own derivative of
 ``_grouped_mm``. Numerically the same maths as the per-expert reference loop in
 :class:`tinyseek.model.moe.MoE` (tests compare outputs and every gradient, and ``gradcheck`` the node).
 """
@@ -149,8 +151,8 @@ def _mm_groups(a, b, spans, groups, out) -> None:
 
 def _grouped_mm_threads(a, b, offs_E, nt: int) -> torch.Tensor:
     """:func:`grouped_mm` with the groups split into ``nt`` contiguous runs of about equal rows, one
-    per worker thread (the caller waits). Every output element is computed by one ``torch.mm``
-    exactly as on one thread."""
+    per worker thread (the caller waits). Every output element comes from one single-threaded
+    ``torch.mm`` call, whatever the thread count (deterministic)."""
     spans = _spans(offs_E)
     out = _grouped_out(a, b, len(spans))
     total = max(spans[-1][1], 1)
