@@ -295,6 +295,48 @@ def test_graceful_shutdown_finishes_in_flight(model, tok):
     assert eng._thread is None  # the engine was drained and stopped by the lifespan shutdown
 
 
+def test_concurrent_streams_join_running_batches_with_the_same_text(model, tok):
+    """A real uvicorn: greedy requests (half streamed, with a stop string) sent one at a time, then
+    all at once and staggered so that they join running batches (mixed steps): the same texts."""
+    import asyncio
+
+    eng = Engine(model, tok, max_batch=4, max_len=96, max_wait=0.002)
+    app = create_app(eng, tok, Config(max_tokens=64))
+    base, server, th = start_uvicorn(app)
+    mixed = []
+    ragged = model.forward_ragged
+    model.forward_ragged = lambda *a, **k: (mixed.append(1), ragged(*a, **k))[1]
+    prompts = ["hello", "the quick brown fox", "a", "12+7=", "what is it", "xyz xyz", "ab", "tell me"]
+
+    async def one(c, p, stream):
+        body = {"prompt": p, "max_tokens": 12, "temperature": 0, "stop": ["zz"], "stream": stream}
+        if not stream:
+            return (await c.post(base + "/v1/completions", json=body)).json()["choices"][0]["text"]
+        async with c.stream("POST", base + "/v1/completions", json=body) as r:
+            return "".join([json.loads(ln[6:])["choices"][0].get("text", "") async for ln in r.aiter_lines()
+                            if ln.startswith("data: ") and ln != "data: [DONE]"])
+
+    async def late(c, i, p):
+        await asyncio.sleep(0.004 * i)
+        return await one(c, p, i % 2 == 1)
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as c:
+            alone = [await one(c, p, False) for p in prompts]
+            together = await asyncio.gather(*[one(c, p, i % 2 == 0) for i, p in enumerate(prompts)])
+            staggered = await asyncio.gather(*[late(c, i, p) for i, p in enumerate(prompts)])
+            return alone, together, staggered
+
+    try:
+        alone, together, staggered = asyncio.run(main())
+    finally:
+        del model.forward_ragged  # back to the class method
+        server.should_exit = True
+        th.join(60)
+    assert together == alone and staggered == alone
+    assert mixed  # some requests joined running batches inside a decode forward
+
+
 @pytest.fixture(scope="module")
 def run_dir(model, tok, tmp_path_factory):
     """A run dir as training leaves it: ckpt/step_*/ and tokenizer/."""
