@@ -361,8 +361,8 @@ class Engine(AsyncCalls):
         """Admit + prefill new requests, then decode one token for every busy slot."""
         try:
             self._retire_cancelled()
-            admitted = self._admit()
-            if admitted and self._mixable(admitted):
+            admitted, mixed = self._admit()
+            if mixed:
                 self._mixed(admitted)  # prefill and decode in one forward
                 return
             if admitted:
@@ -386,17 +386,20 @@ class Engine(AsyncCalls):
                 elif r.deadline is not None and now > r.deadline:
                     self._finish(r, "timeout")
 
-    def _admit(self) -> list[Request]:
+    def _admit(self) -> tuple[list[Request], bool]:
+        """Queued requests moved into free slots, and whether they go into a mixed step with the
+        busy rows (:meth:`_mixed`; then they fit :data:`MIX_MAX_TOKENS` together with them)."""
         admitted = []
         with self._cv:
             free = [i for i, r in enumerate(self.slots) if r is None]
             if self._hold_back(len(free)):
-                return admitted
+                return admitted, False
             # a mixed step takes what fits next to the busy rows' tokens; the rest waits one step
+            # (the first queued prompt fits, or _mixing would be False)
             budget = MIX_MAX_TOKENS - self.num_active() if self._queue and self._mixing() else None
             while self._queue and free:
                 r = self._queue[0]
-                if budget is not None and admitted and len(r.prompt) > budget:
+                if budget is not None and len(r.prompt) > budget:
                     break
                 self._queue.popleft()
                 if r.cancelled or (r.deadline is not None and time.monotonic() > r.deadline):
@@ -407,7 +410,7 @@ class Engine(AsyncCalls):
                 r.slot = free.pop(0)
                 self.slots[r.slot] = r
                 admitted.append(r)
-        return admitted
+        return admitted, budget is not None and bool(admitted)
 
     def _hold_back(self, n_free: int) -> bool:
         """Coalesce prefills while decoding: with rows busy, queued requests wait while more keep
@@ -458,17 +461,21 @@ class Engine(AsyncCalls):
         self._sample_and_advance(reqs, last)
 
     def _mixing(self) -> bool:
-        """Whether admissions now would go into a mixed step: rows are decoding, mixing is possible
-        and the first queued prompt fits next to them (else: a prefill forward, held back as usual)."""
+        """Whether admissions now would go into a mixed step: rows are decoding, mixing is on and the
+        model supports ragged forwards, and the first queued prompt fits next to the busy rows in
+        :data:`MIX_MAX_TOKENS` (so every GEMM stays in the C kernel, whose rows do not depend on each
+        other: a request's tokens are the same mixed or not). Else a prefill forward, held back as
+        usual."""
         n = self.num_active()
         first = len(self._queue[0].prompt) if self._queue else 1
         return self.mix_prefill and 0 < n and n + first <= MIX_MAX_TOKENS and self._ragged_ok()
 
     def _ragged_ok(self) -> bool:
-        ok = self._ragged
-        if ok is None or ok[0] != self._weights_key():
-            ok = self._ragged = (self._weights_key(), self.model.can_ragged(self.cache))
-        return ok[1]
+        """``model.can_ragged``, asked again only when the weights or the kernel switch change."""
+        key = self._weights_key()
+        if self._ragged is None or self._ragged[0] != key:
+            self._ragged = (key, self.model.can_ragged(self.cache))
+        return self._ragged[1]
 
     def _weights_key(self):
         """Changes when the model's parameters are replaced or updated (GRPO steps, loads) or the
@@ -477,16 +484,6 @@ class Engine(AsyncCalls):
 
         p = next(self.model.parameters())
         return p.data_ptr(), p._version, p.dtype, attn_kernel.KERNELS.state["enabled"]
-
-    def _mixable(self, admitted: list[Request]) -> bool:
-        """Whether the new requests' prompts can share one forward with the busy rows' decode tokens
-        (:meth:`_mixed`): rows are decoding, mixing is on and the model supports ragged forwards,
-        and all the tokens fit :data:`MIX_MAX_TOKENS` (so every GEMM stays in the C kernel, whose
-        rows do not depend on each other: a request's tokens are the same mixed or not)."""
-        if not self.mix_prefill or len(admitted) == self.num_active():
-            return False
-        n = self.num_active() - len(admitted) + sum(len(r.prompt) for r in admitted)
-        return n <= MIX_MAX_TOKENS and self._ragged_ok()
 
     def _mixed(self, admitted: list[Request]) -> None:
         """One forward for the busy rows' next tokens and the admitted requests' whole prompts
