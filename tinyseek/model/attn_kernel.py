@@ -349,11 +349,7 @@ def latent_attention(q_NHC: torch.Tensor, pe_BTJR: torch.Tensor, lat: torch.Tens
     C + R), already holding the new tokens; ``lib``: a loaded kernel library to use instead of
     :data:`KERNELS` (tests compare builds)."""
     # kept lean (each tensor attribute costs ~0.1 us; this runs once per layer per decode step)
-    f32 = torch.float32
-    if not (q_NHC.dtype is f32 and pe_BTJR.dtype is f32 and lat.dtype is f32 and q_NHC.is_cpu and lat.is_cpu
-            and pe_BTJR.is_cpu and pos_BT.is_cpu):
-        return None
-    if torch.is_grad_enabled() and (q_NHC.requires_grad or pe_BTJR.requires_grad or lat.requires_grad):
+    if not _inputs_fit(q_NHC, pe_BTJR, lat, pos_BT):
         return None
     B, T, J, R = pe_BTJR.shape
     N, H, C = q_NHC.shape
@@ -374,13 +370,25 @@ def latent_attention(q_NHC: torch.Tensor, pe_BTJR: torch.Tensor, lat: torch.Tens
         ps = pe_BTJR.stride()
     if pos_BT.dtype is not torch.int64 or not pos_BT.is_contiguous():
         pos_BT = pos_BT.to(torch.int64).contiguous()
-    out = torch.empty(N, H, C, dtype=f32)
-    rc = lib.ts_latent_attn(q_NHC.data_ptr(), qs[0], qs[1], pe_BTJR.data_ptr(), ps[0], ps[1], ps[2], lat.data_ptr(),
-                            ls[0], ls[1], pos_BT.data_ptr(), out.data_ptr(), B, T, H, C, R, key_len, window,
-                            scale, torch.get_num_threads(), 0)
+    out = torch.empty(N, H, C, dtype=torch.float32)
+    _check(lib.ts_latent_attn(q_NHC.data_ptr(), qs[0], qs[1], pe_BTJR.data_ptr(), ps[0], ps[1], ps[2], lat.data_ptr(),
+                              ls[0], ls[1], pos_BT.data_ptr(), out.data_ptr(), B, T, H, C, R, key_len, window,
+                              scale, torch.get_num_threads(), 0))
+    return out
+
+
+def _inputs_fit(q: torch.Tensor, pe: torch.Tensor, lat: torch.Tensor, pos: torch.Tensor) -> bool:
+    """CPU fp32 query / rope / cache tensors, CPU positions, no gradient to record."""
+    f32 = torch.float32
+    if not (q.dtype is f32 and pe.dtype is f32 and lat.dtype is f32 and q.is_cpu and lat.is_cpu and pe.is_cpu
+            and pos.is_cpu):
+        return False
+    return not (torch.is_grad_enabled() and (q.requires_grad or pe.requires_grad or lat.requires_grad))
+
+
+def _check(rc: int) -> None:
     if rc != 0:
         raise MemoryError("latent attention kernel: out of memory for its scratch buffer")
-    return out
 
 
 def latent_attention_rows(q_NHC: torch.Tensor, pe_NJR: torch.Tensor, lat: torch.Tensor, rows_N: torch.Tensor,
@@ -391,10 +399,7 @@ def latent_attention_rows(q_NHC: torch.Tensor, pe_NJR: torch.Tensor, lat: torch.
     rows and new prompts in one forward). ``pe_NJR``: roped rope parts (N, H + 1, R). None where
     the kernel does not apply (the caller has no PyTorch path for this form: it checks
     :func:`fits` first)."""
-    f32 = torch.float32
-    if not (q_NHC.dtype is f32 and pe_NJR.dtype is f32 and lat.dtype is f32 and q_NHC.is_cpu and lat.is_cpu):
-        return None
-    if torch.is_grad_enabled() and (q_NHC.requires_grad or pe_NJR.requires_grad or lat.requires_grad):
+    if not _inputs_fit(q_NHC, pe_NJR, lat, pos_N):
         return None
     N, H, C = q_NHC.shape
     ls = lat.stride()
@@ -409,10 +414,8 @@ def latent_attention_rows(q_NHC: torch.Tensor, pe_NJR: torch.Tensor, lat: torch.
     rows_N = rows_N.to(torch.int64).contiguous()
     pos_N = pos_N.to(torch.int64).contiguous()
     qs, ps = q_NHC.stride(), pe_NJR.stride()
-    out = torch.empty(N, H, C, dtype=f32)
-    rc = lib.ts_latent_attn(q_NHC.data_ptr(), qs[0], qs[1], pe_NJR.data_ptr(), 0, ps[0], ps[1], lat.data_ptr(),
-                            ls[0], ls[1], pos_N.data_ptr(), out.data_ptr(), 1, N, H, C, pe_NJR.shape[2],
-                            lat.shape[1], window, scale, torch.get_num_threads(), rows_N.data_ptr())
-    if rc != 0:
-        raise MemoryError("latent attention kernel: out of memory for its scratch buffer")
+    out = torch.empty(N, H, C, dtype=torch.float32)
+    _check(lib.ts_latent_attn(q_NHC.data_ptr(), qs[0], qs[1], pe_NJR.data_ptr(), 0, ps[0], ps[1], lat.data_ptr(),
+                              ls[0], ls[1], pos_N.data_ptr(), out.data_ptr(), 1, N, H, C, pe_NJR.shape[2],
+                              lat.shape[1], window, scale, torch.get_num_threads(), rows_N.data_ptr()))
     return out
