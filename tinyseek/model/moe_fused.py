@@ -44,6 +44,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from tinyseek.model import moe_train_kernel as _mtk
+
 _GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 
@@ -155,20 +157,35 @@ def _grouped_mm_threads(a, b, offs_E, nt: int) -> torch.Tensor:
     ``torch.mm`` call, whatever the thread count (deterministic)."""
     spans = _spans(offs_E)
     out = _grouped_out(a, b, len(spans))
-    total = max(spans[-1][1], 1)
+    runs = expert_runs(spans, nt)
+    pool = _pool(nt)
+    for f in [pool.submit(_mm_groups, a, b, spans, range(lo, hi), out) for lo, hi in runs]:
+        f.result()
+    return out
+
+
+def expert_runs(spans: list[tuple[int, int]], nt: int) -> list[tuple[int, int]]:
+    """Groups ``[lo, hi)`` in at most ``nt`` contiguous runs of about equal rows (empty runs left out).
+
+    >>> expert_runs([(0, 10), (10, 12), (12, 20), (20, 30)], 2)
+    [(0, 2), (2, 4)]
+    """
+    total = max(spans[-1][1], 1) if spans else 1
     bounds, g = [0], 0
     for k in range(1, nt):  # the first group whose rows end past k/nt of all rows starts run k
         while g < len(spans) and spans[g][1] * nt < total * k:
             g += 1
         bounds.append(max(g, bounds[-1]))
     bounds.append(len(spans))
-    runs = [range(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
-    pool = _POOL.get((nt, os.getpid()))  # (a forked child gets pools of its own)
+    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
+def _pool(nt: int):
+    """The process's pool of ``nt`` one-thread GEMM workers (a forked child gets pools of its own)."""
+    pool = _POOL.get((nt, os.getpid()))
     if pool is None:
         pool = _POOL[(nt, os.getpid())] = _start_pool(nt)
-    for f in [pool.submit(_mm_groups, a, b, spans, r, out) for r in runs]:
-        f.result()
-    return out
+    return pool
 
 
 def combine_plan(order_S: torch.Tensor, n_assign: int, top_k: int,
@@ -254,6 +271,13 @@ class RoutedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, w_gate_up, w_down, w_R, tok_R, bag_rows, bag_starts, offs_E, compiled=False):
         Fh = w_down.shape[1]
+        ctx.kern = _train_kernel(x_ND, w_gate_up, w_down, w_R, compiled)
+        if ctx.kern is not None:  # each expert's chain in one C pass (moe_train_kernel)
+            ctx.runs = _kernel_runs(offs_E, x_ND.shape[1] * 2 * Fh * tok_R.shape[0])
+            y_RD, x_RD, h_RF2, act_RF = _mtk.forward(ctx.kern, x_ND, w_gate_up, w_down, w_R, tok_R, offs_E,
+                                                     ctx.runs)
+            ctx.save_for_backward(x_RD, act_RF, w_gate_up, w_down, w_R, tok_R, bag_rows, bag_starts, offs_E, h_RF2)
+            return _bag_sum(bag_rows, bag_starts, y_RD)
         x_RD = x_ND.index_select(0, tok_R)
         h_RF2 = grouped_mm(x_RD, w_gate_up, offs_E)
         if compiled:
@@ -276,6 +300,12 @@ class RoutedExperts(torch.autograd.Function):
         x_RD, act_RF, w_gate_up, w_down, w_R, tok_R, bag_rows, bag_starts, offs_E, *act_saved = ctx.saved_tensors
         need_x, need_wgu, need_wd, need_w = ctx.needs_input_grad[:4]
         Fh = w_down.shape[1]
+        if ctx.kern is not None:
+            dx_RD, d_wgu, d_wd, d_w = _mtk.backward(ctx.kern, dout_ND, w_gate_up, w_down, w_R, tok_R, offs_E, x_RD,
+                                                    act_saved[0], act_RF, ctx.runs, need_wgu, need_wd, need_w,
+                                                    need_x)
+            d_x = _bag_sum(bag_rows, bag_starts, dx_RD) if need_x else None
+            return d_x, d_wgu, d_wd, d_w, None, None, None, None, None
         dy_RD = dout_ND.contiguous().index_select(0, tok_R)  # the combine's backward is a gather
         d_wd = grouped_mm(act_RF.t(), dy_RD, offs_E) if need_wd else None
         dact_RF = grouped_mm(dy_RD, w_down.transpose(-2, -1), offs_E)
@@ -299,6 +329,23 @@ class RoutedExperts(torch.autograd.Function):
             dx_RD = grouped_mm(dh_RF2, w_gate_up.transpose(-2, -1), offs_E)
             d_x = _bag_sum(bag_rows, bag_starts, dx_RD)  # the gather's backward: sum a token's rows
         return d_x, d_wgu, d_wd, d_w, None, None, None, None, None
+
+
+def _train_kernel(x_ND, w_gate_up, w_down, w_R, compiled: bool):
+    """The loaded training kernel (:mod:`tinyseek.model.moe_train_kernel`) where it runs, else None."""
+    if compiled or not _mtk.applies(x_ND, w_gate_up, w_down, w_R):
+        return None
+    return _mtk.ready()
+
+
+def _kernel_runs(offs_E: torch.Tensor, macs: int) -> list[tuple[int, int]]:
+    """Expert ranges for the kernel: one per worker thread on a multi-threaded CPU (big enough
+    calls, as :func:`grouped_mm`), else all experts on the calling thread."""
+    spans = _spans(offs_E)
+    nt = torch.get_num_threads()
+    if nt > 1 and len(spans) > 1 and macs >= PAR_MIN_MACS:
+        return expert_runs(spans, nt)
+    return [(0, len(spans))]
 
 
 def routed_experts(x_ND, w_gate_up, w_down, w_R, tok_R, bag_rows, bag_starts, offs_E,

@@ -1,0 +1,153 @@
+"""The fp32 CPU training kernel of the routed experts (tinyseek/model/moe_train_kernel.py) == the
+PyTorch path of the fused node == the per-expert autograd reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinyseek.model import moe_fused
+from tinyseek.model import moe_train_kernel as mtk
+from tinyseek.model.moe_fused import routed_experts
+from test_moe import make_moe, moe_cfg, run
+from test_moe_fused import _inputs, _reference
+
+
+@pytest.fixture
+def kern():
+    k = mtk.ready()
+    if k is None:
+        pytest.skip("the training kernel is not available here (no compiler or no sgemm_ in this torch)")
+    return k
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the kernel's forward and backward calls."""
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = mtk.forward, mtk.backward
+
+    def f(*a, **kw):
+        calls["fwd"] += 1
+        return fwd(*a, **kw)
+
+    def b(*a, **kw):
+        calls["bwd"] += 1
+        return bwd(*a, **kw)
+
+    monkeypatch.setattr(mtk, "forward", f)
+    monkeypatch.setattr(mtk, "backward", b)
+    return calls
+
+
+def _node_grads(args, gy, on: bool):
+    mtk.KERNELS.state["enabled"] = on
+    try:
+        y = routed_experts(*args)
+        return [y.detach()] + list(torch.autograd.grad(y, args[:4], gy))
+    finally:
+        mtk.KERNELS.state["enabled"] = True
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_kernel_node_equals_torch_path_and_reference(kern, counted, drop):
+    """Output and the gradients of x, both expert weights and the routing weights; an expert with
+    no rows (3) and, with ``drop``, a token that lost every assignment."""
+    args, counts = _inputs(N=40, k=2, E=4, D=24, Fh=20, drop=drop, seed=5, dtype=torch.float32)
+    assert counts[3] == 0
+    gy = torch.randn(40, 24, generator=torch.Generator().manual_seed(1))
+    with_kernel = _node_grads(args, gy, True)
+    assert counted == {"fwd": 1, "bwd": 1}
+    torch_path = _node_grads(args, gy, False)
+    assert counted == {"fwd": 1, "bwd": 1}  # switched off: not called
+    y_ref = _reference(*args)
+    ref = [y_ref.detach()] + list(torch.autograd.grad(y_ref, args[:4], gy))
+    for name, a, b, r in zip(("y", "x", "w_gate_up", "w_down", "w_R"), with_kernel, torch_path, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4, msg=name)
+    assert torch.count_nonzero(with_kernel[2][3]) == 0 and torch.count_nonzero(with_kernel[3][3]) == 0
+    if drop:
+        assert with_kernel[0][0].abs().sum() == 0
+
+
+def test_kernel_computes_only_requested_grads(kern, counted):
+    args, _ = _inputs(N=30, k=3, E=5, D=16, Fh=12, seed=6, dtype=torch.float32)
+    x, w_gu, w_d, w_R = args[:4]
+    x.requires_grad_(False)
+    w_d.requires_grad_(False)
+    y = routed_experts(*args)
+    gy = torch.randn_like(y)
+    g_gu, g_w = torch.autograd.grad(y, (w_gu, w_R), gy)
+    r_gu, r_w = torch.autograd.grad(_reference(*args), (w_gu, w_R), gy)
+    torch.testing.assert_close(g_gu, r_gu, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(g_w, r_w, atol=2e-5, rtol=1e-4)
+    assert counted["bwd"] == 1
+
+
+def test_kernel_on_threads_equals_one_thread(kern, counted):
+    """Above ``PAR_MIN_MACS`` on two threads, the experts are shared out over worker threads: the
+    same bits as one thread (each expert's GEMMs on one thread either way)."""
+    args, counts = _inputs(N=1024, k=2, E=6, D=128, Fh=96, seed=7, dtype=torch.float32)
+    assert int(counts.sum()) * 128 * 192 >= moe_fused.PAR_MIN_MACS
+    gy = torch.randn(1024, 128, generator=torch.Generator().manual_seed(2))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _node_grads(args, gy, True)
+        torch.set_num_threads(2)
+        assert len(moe_fused._kernel_runs(args[7], int(counts.sum()) * 128 * 192)) == 2
+        two = _node_grads(args, gy, True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert counted == {"fwd": 2, "bwd": 2}
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_ctypes_build_equals_extension(kern):
+    """The plain-C build (no Python.h) computes the same numbers as the extension."""
+    lib_c = mtk.KERNELS.load("ctypes")
+    args, _ = _inputs(N=50, k=2, E=4, D=32, Fh=16, seed=8, dtype=torch.float32)
+    x, w_gu, w_d, w_R, tok_R, _, _, offs = [a.detach() if torch.is_tensor(a) else a for a in args]
+    runs = [(0, 4)]
+    outs = [mtk.forward(k, x, w_gu, w_d, w_R, tok_R, offs, runs) for k in (kern, (lib_c, kern[1]))]
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    dout = torch.randn_like(x)
+    grads = [mtk.backward(k, dout, w_gu, w_d, w_R, tok_R, offs, *outs[0][1:], runs, True, True, True, True)
+             for k in (kern, (lib_c, kern[1]))]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_moe_training_uses_the_kernel_and_matches_the_loop(kern, counted):
+    """``auto`` in training on CPU fp32 takes the fused node, which runs the kernel; every gradient
+    equals the reference loop's."""
+    cfg = moe_cfg(capacity_factor=1.0)
+    m = make_moe(cfg).train()
+    x = torch.randn(3, 11, cfg.d_model, generator=torch.Generator().manual_seed(9))
+    y_ref, dx_ref, g_ref, _ = run(m, "loop", x)
+    y, dx, g, _ = run(m, "auto", x)
+    assert counted == {"fwd": 1, "bwd": 1}
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-5)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_without_sgemm_the_torch_path_runs(monkeypatch, tmp_path, counted):
+    assert mtk.find_sgemm(str(tmp_path)) == 0  # no libtorch_cpu there
+    monkeypatch.setitem(mtk._SGEMM, "addr", 0)
+    assert mtk.ready() is None
+    args, _ = _inputs(N=20, k=2, E=4, D=8, Fh=8, seed=10, dtype=torch.float32)
+    y = routed_experts(*args)
+    y.sum().backward()
+    assert counted == {"fwd": 0, "bwd": 0}
+    torch.testing.assert_close(y, _reference(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_not_used_for_float64_or_compiled_mode(kern, counted):
+    args, _ = _inputs(seed=11)  # float64 (gradcheck's dtype): the PyTorch path
+    routed_experts(*args).sum().backward()
+    assert counted == {"fwd": 0, "bwd": 0}
+    assert moe_fused._train_kernel(*[a.float() for a in args[:4]], compiled=True) is None
