@@ -77,10 +77,21 @@ int ts_experts_fwd(const float* x, const int64_t* tok, const float* w, const int
     for (int64_t r = s; r < t; ++r) memcpy(xr + r * D, x + tok[r] * D, (size_t)D * sizeof(float));
     mm(g, 'N', 'N', (int)R, (int)(2 * F), (int)D, xr + s * D, (int)D, wgu + e * D * 2 * F, (int)(2 * F),
        h + s * 2 * F, (int)(2 * F));
+    /* while the SwiGLU pass runs on hot rows, pull this expert's W_down and the next used expert's
+       W_gate_up towards the cache (the GEMMs that read them next would otherwise wait on memory) */
+    const char* pf0 = (const char*)(wd + e * F * D);
+    int64_t pf0_n = F * D * (int64_t)sizeof(float);
+    int64_t en = e + 1;
+    while (en < e1 && offs[en] - offs[en - 1] <= 0) ++en;
+    const char* pf1 = en < e1 ? (const char*)(wgu + en * D * 2 * F) : NULL;
+    int64_t pf1_n = pf1 ? D * 2 * F * (int64_t)sizeof(float) : 0;
+    int64_t step0 = (pf0_n + R * 64 - 1) / (R * 64) * 64, step1 = (pf1_n + R * 64 - 1) / (R * 64) * 64;
     for (int64_t r = s; r < t; ++r) {
       const float* hr = h + r * 2 * F;
       float* ar = act + r * F;
       const float wr = w[r];
+      for (int64_t o = (r - s) * step0; o < (r - s + 1) * step0 && o < pf0_n; o += 64) __builtin_prefetch(pf0 + o, 0, 2);
+      for (int64_t o = (r - s) * step1; o < (r - s + 1) * step1 && o < pf1_n; o += 64) __builtin_prefetch(pf1 + o, 0, 1);
       #pragma omp simd
       for (int64_t j = 0; j < F; ++j) {
         float gg = hr[j];
@@ -117,11 +128,19 @@ int ts_experts_bwd(const float* dout, const int64_t* tok, const float* w, const 
     if (dwd) mm(g, 'T', 'N', (int)F, (int)D, (int)R, act + s * F, (int)F, dy, (int)D, dwd + e * F * D, (int)D);
     if (!(dwgu || dw || dx)) continue;
     mm(g, 'N', 'T', (int)R, (int)F, (int)D, dy, (int)D, wd + e * F * D, (int)D, dact, (int)F);
+    /* during the SwiGLU backward pass: this expert's W_gate_up and gathered x (the two GEMMs after it) */
+    const char* pf0 = (const char*)(wgu + e * D * 2 * F);
+    int64_t pf0_n = dx ? D * 2 * F * (int64_t)sizeof(float) : 0;
+    const char* pf1 = (const char*)(xr + s * D);
+    int64_t pf1_n = dwgu ? R * D * (int64_t)sizeof(float) : 0;
+    int64_t step0 = (pf0_n + R * 64 - 1) / (R * 64) * 64, step1 = (pf1_n + R * 64 - 1) / (R * 64) * 64;
     for (int64_t r = 0; r < R; ++r) {
       const float* hr = h + (s + r) * 2 * F;
       const float* da = dact + r * F;
       float* dhr = dh + r * 2 * F;
       const float wr = w[s + r];
+      for (int64_t o = r * step0; o < (r + 1) * step0 && o < pf0_n; o += 64) __builtin_prefetch(pf0 + o, 0, 2);
+      for (int64_t o = r * step1; o < (r + 1) * step1 && o < pf1_n; o += 64) __builtin_prefetch(pf1 + o, 0, 2);
       float dot = 0.f;
       #pragma omp simd reduction(+:dot)
       for (int64_t j = 0; j < F; ++j) {
