@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from tinyseek.model.layers import SwiGLU
 from tinyseek.model.linear_kernel import linear_or_f
 from tinyseek.model.moe_fused import _grouped_mm_ok, combine_plan, routed_experts
+from tinyseek.model.route_kernel import sort_by_expert, topk_indices
 
 # ---------------------------------------------------------------------------------------------
 # pure functions
@@ -70,7 +71,7 @@ def route(scores_NE: torch.Tensor, top_k: int, bias_E: torch.Tensor | None = Non
         gscore = g.topk(min(2, E // n_groups), dim=-1).values.sum(-1) if score_func == "sigmoid" else g.amax(-1)
         keep_g = torch.zeros_like(gscore, dtype=torch.bool).scatter_(1, gscore.topk(topk_groups, dim=-1).indices, True)
         sel = sel.masked_fill(~keep_g.repeat_interleave(E // n_groups, dim=1), float("-inf"))
-    idx_NK = sel.topk(top_k, dim=-1).indices
+    idx_NK = topk_indices(sel, top_k)  # sel.topk(top_k).indices (a C pass on CPU fp32)
     w_NK = scores_NE.gather(1, idx_NK)
     if norm_topk_prob and (top_k > 1 or score_func == "sigmoid"):
         w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20)
@@ -250,9 +251,9 @@ class MoE(nn.Module):
         e_A = idx_NK.reshape(-1)
         if keep_A is not None:
             e_A = e_A.masked_fill(~keep_A, self.n_experts)
-        e_S, order_S = torch.sort(e_A, stable=True)
+        e_S, order_S, counts = sort_by_expert(e_A, self.n_experts + 1)  # stable (a counting sort on CPU)
         if keep_A is not None:
-            counts_E = torch.bincount(e_A, minlength=self.n_experts + 1)[:self.n_experts]
+            counts_E = counts[:self.n_experts]
             n = int(counts_E.sum())
             e_S, order_S = e_S[:n], order_S[:n]
         return order_S, e_S, counts_E

@@ -1,0 +1,136 @@
+"""C kernels for the MoE router's bookkeeping on CPU: per-token top-k expert selection and the stable
+sort of assignments by expert.
+
+On CPU, ``torch.topk`` over (2048 tokens, 64 experts) for k=6 takes ~1.3 ms and the stable
+``torch.sort`` of the 12288 assignments ~0.4 ms on one thread: together ~1.5% of a 64-expert MoE
+block's training step (fwd+bwd) at d=256. Here:
+
+- :func:`topk_indices`: one pass over each row keeping the k best in a small sorted list (insertion;
+  strict ``>``, so equal scores keep the lower expert id first), ~0.1 ms;
+- :func:`sort_by_expert`: a counting sort (stable: assignments of one expert keep their order), the
+  same ``(sorted ids, order)`` as ``torch.sort(e_A, stable=True)``, ~0.03 ms.
+
+Used for CPU fp32 / int64 contiguous tensors when the model kernels are on
+(``TINYSEEK_MODEL_KERNELS``) and built; else the PyTorch ops run (same results; for top-k also the
+same order wherever scores are distinct: ``torch.topk`` does not define the order of ties).
+"""
+from __future__ import annotations
+
+import torch
+
+from tinyseek import ckernels
+from tinyseek.ckernels import I64, INT, P
+
+_SRC = r"""
+#include <stdint.h>
+#include <string.h>
+
+/* idx[n, :k] = the k largest of s[n, :E], largest first (ties: lower index first) */
+int ts_topk_f32(const float* s, int64_t N, int64_t E, int64_t k, int64_t* idx) {
+  if (k < 1 || k > E || k > 64) return -1;
+  float v[64];
+  int64_t id[64];
+  for (int64_t n = 0; n < N; ++n) {
+    const float* row = s + n * E;
+    int64_t c = 0;
+    for (int64_t j = 0; j < E; ++j) {
+      float x = row[j];
+      if (c == k && !(x > v[k - 1])) continue;
+      int64_t p = c < k ? c++ : k - 1;
+      while (p > 0 && x > v[p - 1]) { v[p] = v[p - 1]; id[p] = id[p - 1]; --p; }
+      v[p] = x; id[p] = j;
+    }
+    memcpy(idx + n * k, id, (size_t)k * sizeof(int64_t));
+  }
+  return 0;
+}
+
+/* stable counting sort of e[0..A) with values in [0, B): sorted values, source positions, counts */
+int ts_sort_ids(const int64_t* e, int64_t A, int64_t B, int64_t* sorted, int64_t* order, int64_t* counts) {
+  memset(counts, 0, (size_t)B * sizeof(int64_t));
+  for (int64_t a = 0; a < A; ++a) {
+    if (e[a] < 0 || e[a] >= B) return -1;
+    counts[e[a]]++;
+  }
+  int64_t pos = 0;
+  for (int64_t b = 0; b < B; ++b) {  /* counts -> start offsets, written back after the scatter */
+    int64_t c = counts[b];
+    counts[b] = pos;
+    pos += c;
+  }
+  for (int64_t a = 0; a < A; ++a) {
+    int64_t p = counts[e[a]]++;
+    sorted[p] = e[a];
+    order[p] = a;
+  }
+  for (int64_t b = B - 1; b > 0; --b) counts[b] -= counts[b - 1];  /* ends -> counts */
+  return 0;
+}
+""" + ckernels.PYEXT_PRELUDE + r"""
+#ifdef TS_PYEXT
+static PyObject* py_topk(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  long long v[5];
+  if (ts_int_args(args, nargs, 5, v)) return NULL;
+  return PyLong_FromLong(ts_topk_f32((const float*)(intptr_t)v[0], v[1], v[2], v[3], (int64_t*)(intptr_t)v[4]));
+}
+static PyObject* py_sort(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  long long v[6];
+  if (ts_int_args(args, nargs, 6, v)) return NULL;
+  return PyLong_FromLong(ts_sort_ids((const int64_t*)(intptr_t)v[0], v[1], v[2], (int64_t*)(intptr_t)v[3],
+                                     (int64_t*)(intptr_t)v[4], (int64_t*)(intptr_t)v[5]));
+}
+static PyMethodDef methods[] = {
+  {"ts_topk_f32", (PyCFunction)(void (*)(void))py_topk, METH_FASTCALL, NULL},
+  {"ts_sort_ids", (PyCFunction)(void (*)(void))py_sort, METH_FASTCALL, NULL},
+  {NULL, NULL, 0, NULL}};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tinyseek_route", NULL, -1, methods};
+PyMODINIT_FUNC PyInit__tinyseek_route(void) { return PyModule_Create(&module); }
+#endif
+"""
+
+_SIGS = {"ts_topk_f32": ([P, I64, I64, I64, P], INT), "ts_sort_ids": ([P, I64, I64, P, P, P], INT)}
+KERNELS = ckernels.Kernels("_tinyseek_route", _SRC, _SIGS, "TINYSEEK_MODEL_KERNELS", "tinyseek.model.route_kernel")
+MAX_K = 64  # the kernel's top-k limit (torch.topk beyond)
+
+
+def _lib():
+    st = KERNELS.state
+    if not st["enabled"] or st["failed"]:
+        return None
+    return st["lib"] if st["lib"] is not None else KERNELS.ready()
+
+
+def topk_indices(sel_NE: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest entries of each row, largest first (``sel.topk(k).indices``).
+
+    >>> topk_indices(torch.tensor([[0.1, 0.7, 0.2, 0.7]]), 3).tolist()   # the tie: lower id first
+    [[1, 3, 2]]
+    """
+    lib = _lib() if sel_NE.dim() == 2 and 1 <= k <= min(MAX_K, sel_NE.shape[1]) else None
+    if lib is None or sel_NE.dtype is not torch.float32 or sel_NE.device.type != "cpu" or sel_NE.requires_grad:
+        return sel_NE.topk(k, dim=-1).indices
+    sel_NE = sel_NE.contiguous()
+    N, E = sel_NE.shape
+    idx = torch.empty(N, k, dtype=torch.int64)
+    if lib.ts_topk_f32(sel_NE.data_ptr(), N, E, k, idx.data_ptr()):
+        raise ValueError(f"top-k: k={k} does not fit {E} experts")
+    return idx
+
+
+def sort_by_expert(e_A: torch.Tensor, n_bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.sort(e_A, stable=True)`` plus the count of each value in ``[0, n_bins)``.
+
+    >>> [t.tolist() for t in sort_by_expert(torch.tensor([2, 0, 2, 1, 0]), 3)]
+    [[0, 0, 1, 2, 2], [1, 4, 3, 0, 2], [2, 1, 2]]
+    """
+    lib = _lib()
+    if lib is None or e_A.dtype is not torch.int64 or e_A.device.type != "cpu" or e_A.dim() != 1:
+        e_S, order_S = torch.sort(e_A, stable=True)
+        return e_S, order_S, torch.bincount(e_A, minlength=n_bins)[:n_bins]
+    e_A = e_A.contiguous()
+    A = e_A.shape[0]
+    e_S, order_S, counts = torch.empty(A, dtype=torch.int64), torch.empty(A, dtype=torch.int64), \
+        torch.empty(n_bins, dtype=torch.int64)
+    if lib.ts_sort_ids(e_A.data_ptr(), A, n_bins, e_S.data_ptr(), order_S.data_ptr(), counts.data_ptr()):
+        raise IndexError(f"expert id outside [0, {n_bins})")
+    return e_S, order_S, counts
