@@ -7,8 +7,12 @@ side in ONE run; plus the training MFU of the ``cpu-tiny`` model against the mea
 
 Repetitions are interleaved (A, B, C, A, B, C, ...) and we report medians, since the machine is shared
 and noisy. Ratios are tokens/s of a candidate divided by tokens/s of the dense equal-active FFN.
-``--clock cpu`` times process CPU seconds instead of wall seconds: with ``--threads 1`` that is the
-compute time of the one thread, blind to the time other jobs on a shared machine take from it.
+``--clock cpu`` times the CPU seconds of the calling thread instead of wall seconds: with ``--threads 1``
+(every GEMM on that thread) that is the compute time, blind to the time other jobs on a shared machine
+take from it and to background threads of this process (importing transformers starts some: with
+process CPU time the first config measured ~13% slow for the dense FFN, ~6% for ours).
+``ours_kernels_off`` is our block with the C kernels switched off (the fused node's PyTorch ops). The
+run tunes glibc malloc as the training stages do (``tinyseek/malloc.py``), for every candidate alike.
 HF blocks are built from a config offline; their expert weights are uninitialised by design, so we
 initialise every candidate the same way (normal, std 0.02 -> a near-uniform router for all).
 """
@@ -24,6 +28,7 @@ import tinyseek  # noqa: E402,F401  (first: OMP_WAIT_POLICY=PASSIVE and THP_MEM_
 import torch  # noqa: E402
 import torch.nn as nn
 
+from tinyseek import ckernels, malloc  # noqa: E402
 from tinyseek.config import ModelConfig, model_cpu_tiny  # noqa: E402
 from tinyseek.model.layers import SwiGLU  # noqa: E402
 from tinyseek.model.moe import _DISPATCH, MoE  # noqa: E402
@@ -66,6 +71,22 @@ def ours(bc: BenchConfig, impl: str = "auto") -> nn.Module:
     m = MoE(cfg)
     m.impl = impl  # may also be an internal variant the config does not offer (grouped_autograd)
     return _OutOnly(m)
+
+
+class _KernelsOff(nn.Module):
+    """Ours with the C kernels switched off while its forward runs (the fused node decides there,
+    for its backward too): the PyTorch ops of the same node, for comparison."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        before = ckernels.enable_all(False)
+        try:
+            return self.m(x)
+        finally:
+            ckernels.restore(before)
 
 
 class _OutOnly(nn.Module):
@@ -114,7 +135,7 @@ def init_(m: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------
-CLOCK = time.perf_counter  # or time.process_time (--clock cpu)
+CLOCK = time.perf_counter  # or time.thread_time (--clock cpu)
 
 
 def _sync(device: torch.device) -> None:
@@ -143,23 +164,33 @@ def interleaved(cands: dict[str, nn.Module], make_input, reps: int, iters: int, 
     times: dict[str, list[float]] = {k: [] for k in cands}
     for _ in range(reps):
         for k, m in cands.items():
+            # an untimed call first: the timed one then starts from this candidate's own memory
+            # state, not the one the previous candidate left (seen: the dense FFN timed right after
+            # the HF blocks ran up to 15% slower, which inflated every ratio against it)
+            fwd_bwd_seconds(m, x, gy, 1)
             times[k].append(fwd_bwd_seconds(m, x, gy, iters))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench_moe(bc: BenchConfig, device: torch.device, dtype: torch.dtype, reps: int, iters: int,
-              with_hf: bool, extra_impls: list[str]) -> dict[str, float]:
+              with_hf: bool, extra_impls: list[str]) -> list[dict[str, float]]:
+    """Tokens/s per candidate, in two groups, each interleaved on its own with its own dense FFN:
+    ours and its variants (the ratios the targets are about), then ours against the HF blocks.
+    Apart because the big HF blocks leave the allocator's memory in a state that the candidate timed
+    after them inherits (seen: the dense FFN at 16 experts ran 10-15% slow when interleaved with them,
+    inflating every ratio against it)."""
     torch.manual_seed(0)
-    cands: dict[str, nn.Module] = {"dense": dense(bc), "ours": ours(bc)}
+    groups: list[dict[str, nn.Module]] = [{"dense": dense(bc), "ours": ours(bc)}]
+    if device.type == "cpu":
+        groups[0]["ours_kernels_off"] = _KernelsOff(ours(bc))
     for impl in extra_impls:
-        cands[f"ours_{impl}"] = ours(bc, impl)
+        groups[0][f"ours_{impl}"] = ours(bc, impl)
     if with_hf:
-        cands["hf_qwen2moe"] = hf_qwen2moe(bc, None)  # standalone block: eager per-expert loop
-        cands["hf_qwen2moe_grouped"] = hf_qwen2moe(bc, "grouped_mm")  # transformers 5 model default
-        cands["hf_deepseekv3"] = hf_deepseekv3(bc, None)
-        cands["hf_deepseekv3_grouped"] = hf_deepseekv3(bc, "grouped_mm")
-    for m in cands.values():
-        init_(m).to(device=device, dtype=dtype).train()
+        groups.append({"dense": dense(bc), "ours": ours(bc),
+                       "hf_qwen2moe": hf_qwen2moe(bc, None),  # standalone block: eager per-expert loop
+                       "hf_qwen2moe_grouped": hf_qwen2moe(bc, "grouped_mm"),  # transformers 5 model default
+                       "hf_deepseekv3": hf_deepseekv3(bc, None),
+                       "hf_deepseekv3_grouped": hf_deepseekv3(bc, "grouped_mm")})
     g = torch.Generator(device="cpu").manual_seed(1)
 
     def make_input():
@@ -167,9 +198,15 @@ def bench_moe(bc: BenchConfig, device: torch.device, dtype: torch.dtype, reps: i
         gy = torch.randn(bc.batch, bc.seq, bc.d_model, generator=g).to(device, dtype) * 1e-3
         return x, gy
 
-    secs = interleaved(cands, make_input, reps, iters)
     tokens = bc.batch * bc.seq
-    return {k: tokens / s for k, s in secs.items()}
+    out = []
+    for cands in groups:
+        for m in cands.values():
+            init_(m).to(device=device, dtype=dtype).train()
+        secs = interleaved(cands, make_input, reps, iters)
+        out.append({k: tokens / s for k, s in secs.items()})
+        del cands
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,42 +288,45 @@ def main() -> None:
     ap.add_argument("--impls", default="grouped_autograd,padded",
                     help="also time these dispatch variants of ours (comma list; '' for none)")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                    help="wall seconds, or process CPU seconds (use with --threads 1 on a shared machine)")
+                    help="wall seconds, or CPU seconds of the calling thread (with --threads 1, on a shared machine)")
     args = ap.parse_args()
     impls = [i for i in args.impls.split(",") if i]
     bad = [i for i in impls if i not in _DISPATCH]
     if bad:
         raise SystemExit(f"moe_vs_hf: error: unknown --impls {bad}, choose from {sorted(_DISPATCH)}")
     global CLOCK
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("moe_vs_hf: error: --device cuda but no GPU is available")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    tuned = malloc.tune()  # as the training stages do; both sides of every ratio run in this process
     if args.clock == "cpu" and torch.get_num_threads() > 1:
         raise SystemExit("moe_vs_hf: error: --clock cpu sums the CPU time of all threads: use it with --threads 1")
     print(f"torch {torch.__version__}, device {device}, dtype {dtype}, threads {torch.get_num_threads()}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}, "
-          f"clock {args.clock}, "
+          f"clock {args.clock}, malloc {tuned or 'glibc defaults'}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if not args.no_hf:
         import transformers
         print(f"transformers {transformers.__version__}")
     for key in args.configs.split(","):
         bc = CONFIGS[key]
-        tps = bench_moe(bc, device, dtype, args.reps, args.iters, not args.no_hf,
-                        impls)
+        groups = bench_moe(bc, device, dtype, args.reps, args.iters, not args.no_hf, impls)
         print(f"\n[{key}] {bc.name}, d={bc.d_model}, {bc.batch}x{bc.seq} tokens, dense FFN width {bc.active_ff}, "
               f"median of {args.reps}")
-        base = tps["dense"]
-        for k, v in tps.items():
-            print(f"  {k:24s} {v:10.0f} tok/s   {v / base:5.2f}x dense")
-        if "hf_qwen2moe" in tps:
-            print(f"  ours / hf_qwen2moe = {tps['ours'] / tps['hf_qwen2moe']:.2f}x, "
-                  f"ours / hf_deepseekv3 = {tps['ours'] / tps['hf_deepseekv3']:.2f}x, "
-                  f"ours / best HF = {tps['ours'] / max(v for k, v in tps.items() if k.startswith('hf')):.2f}x")
+        for i, tps in enumerate(groups):
+            if i:
+                print("  -- against Hugging Face (interleaved apart, with a dense FFN of its own):")
+            base = tps["dense"]
+            for k, v in tps.items():
+                print(f"  {k:24s} {v:10.0f} tok/s   {v / base:5.2f}x dense")
+            if "hf_qwen2moe" in tps:
+                print(f"  ours / hf_qwen2moe = {tps['ours'] / tps['hf_qwen2moe']:.2f}x, "
+                      f"ours / hf_deepseekv3 = {tps['ours'] / tps['hf_deepseekv3']:.2f}x, "
+                      f"ours / best HF = {tps['ours'] / max(v for k, v in tps.items() if k.startswith('hf')):.2f}x")
     if not args.no_mfu:
         r = mfu_cpu_tiny(device, dtype, args.mfu_batch, args.reps)
         print(f"\n[mfu] cpu-tiny fwd+bwd, {r['batch']}x{r['seq']} tokens, {r['params'] / 1e6:.2f}M params "

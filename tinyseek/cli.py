@@ -30,6 +30,9 @@ STAGES: dict[str, str] = {
     "run": "tinyseek.pipeline",
 }
 
+# stages that train: glibc malloc keeps their big per-step buffers mapped (tinyseek/malloc.py)
+TRAINING_STAGES = {"pretrain", "sft", "grpo", "dpo", "rejection", "distill", "run"}
+
 
 def usage() -> str:
     return ("usage: tinyseek <stage> [--preset NAME] [--option value ...]\n"
@@ -98,6 +101,9 @@ def run_stage(stage: str, argv: list[str]):
     cfg = mod.preset(preset) if preset else mod.Config()
     apply_overrides(cfg, rest)
     cfg.validate()
+    if stage in TRAINING_STAGES:
+        from tinyseek import malloc
+        malloc.tune()
     return mod.main(cfg)
 
 
