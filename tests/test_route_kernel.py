@@ -76,3 +76,23 @@ def test_ctypes_build_equals_extension(lib):
     assert lib_c.ts_topk_f32(s.data_ptr(), 20, 16, 5, b.data_ptr()) == 0
     assert torch.equal(a, b) and torch.equal(a, s.topk(5, dim=-1).indices)
     assert lib_c.ts_topk_f32(s.data_ptr(), 20, 16, 17, b.data_ptr()) == -1  # k > E refused
+
+
+@pytest.mark.parametrize("E", [7, 16, 64, 100])
+def test_portable_build_equals_avx512_build(lib, E):
+    """The portable loops (no AVX-512) pick the same experts; a NaN row still gets distinct valid ids."""
+    lib_p = rk.KERNELS.load("ctypes", portable=True)
+    s = torch.randn(30, E, generator=torch.Generator().manual_seed(E))
+    s[3, :] = 0.25  # all tied
+    s[4, : E // 2] = float("-inf")
+    s[5, 1] = float("nan")
+    k = min(6, E)
+    a, b = torch.empty(30, k, dtype=torch.int64), torch.empty(30, k, dtype=torch.int64)
+    assert lib.ts_topk_f32(s.data_ptr(), 30, E, k, a.data_ptr()) == 0
+    assert lib_p.ts_topk_f32(s.data_ptr(), 30, E, k, b.data_ptr()) == 0
+    rows = [r for r in range(30) if r != 5]
+    assert torch.equal(a[rows], b[rows])
+    assert a[3].tolist() == list(range(k))
+    for t in (a, b):
+        assert t.min() >= 0 and t.max() < E
+        assert all(len(set(r.tolist())) == k for r in t)
