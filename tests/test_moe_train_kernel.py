@@ -151,3 +151,93 @@ def test_not_used_for_float64_or_compiled_mode(kern, counted):
     routed_experts(*args).sum().backward()
     assert counted == {"fwd": 0, "bwd": 0}
     assert moe_fused._train_kernel(*[a.float() for a in args[:4]], compiled=True) is None
+
+
+@pytest.mark.slow
+def test_torch_compile_of_the_block_traces_the_torch_ops():
+    """Under ``torch.compile`` tracing neither the training kernel nor the route kernels run (no
+    data pointers to fake tensors): the compiled block trains and matches eager."""
+    cfg = moe_cfg()
+    m = make_moe(cfg).train()
+    x = torch.randn(2, 9, cfg.d_model, generator=torch.Generator().manual_seed(12))
+    y_ref, dx_ref, g_ref, _ = run(m, "auto", x)
+    compiled = torch.compile(m)
+    m.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(True)
+    y, stats = compiled(xi)
+    w = torch.linspace(-1.0, 1.0, y.numel()).view_as(y)  # the loss of test_moe.run
+    ((y * w).sum() + stats["aux_loss"]).backward()
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xi.grad, dx_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _shared_moe(e=16, k=2, f=64, shared=2, d=64):
+    cfg = moe_cfg(d_model=d, n_routed_experts=e, top_k=k, moe_d_ff=f, n_shared_experts=shared,
+                  kv_lora_rank=16, n_heads=2)
+    return make_moe(cfg).train(), cfg
+
+
+def _folded_calls(monkeypatch):
+    calls = []
+    real = moe_fused.ExpertsWithShared.apply
+    monkeypatch.setattr(moe_fused.ExpertsWithShared, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_shared_expert_folded_on_two_threads_equals_apart(kern, two_threads, monkeypatch):
+    """On 2 threads the shared expert joins the routed experts' node (its GEMMs on the first worker):
+    the output and every gradient as with the shared expert apart (and as the reference loop), the
+    same bits when run twice."""
+    m, cfg = _shared_moe()
+    calls = _folded_calls(monkeypatch)
+    x = torch.randn(4, 256, cfg.d_model, generator=torch.Generator().manual_seed(13))
+    folded = run(m, "auto", x)
+    assert calls == [1]
+    again = run(m, "auto", x)
+    assert torch.equal(folded[0], again[0]) and all(torch.equal(folded[2][n], again[2][n]) for n in folded[2])
+    with monkeypatch.context() as mp:
+        mp.setattr(type(m), "_grouped_with_shared", lambda *a: None)
+        apart = run(m, "auto", x)
+    ref = run(m, "loop", x)
+    assert calls == [1, 1]
+    for other in (apart, ref):
+        torch.testing.assert_close(folded[0], other[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(folded[1], other[1], atol=1e-5, rtol=1e-5)
+        for name in other[2]:
+            torch.testing.assert_close(folded[2][name], other[2][name], atol=1e-5, rtol=1e-4, msg=name)
+    assert {n for n in folded[2] if n.startswith("shared.")} == {"shared.gate_proj.weight", "shared.up_proj.weight",
+                                                                 "shared.down_proj.weight"}
+
+
+def test_shared_expert_stays_apart_where_folding_does_not_apply(kern, two_threads, monkeypatch):
+    m, cfg = _shared_moe()
+    calls = _folded_calls(monkeypatch)
+    x = torch.randn(4, 256, cfg.d_model, generator=torch.Generator().manual_seed(14))
+    torch.set_num_threads(1)
+    run(m, "auto", x)  # one thread: nothing to overlap
+    torch.set_num_threads(2)
+    h = m.shared.up_proj.register_forward_hook(lambda mod, i, o: None)  # e.g. a per-sample gradient tool
+    run(m, "auto", x)
+    h.remove()
+    run(m, "auto", x[:, :4])  # too small to share out
+    with torch.no_grad():
+        m(x)  # inference
+    assert calls == []
+    run(m, "auto", x)
+    assert calls == [1]
+
+
+def test_expert_runs_balance_the_shared_expert_head():
+    spans = [(i * 10, (i + 1) * 10) for i in range(8)]  # 8 experts x 10 rows
+    assert moe_fused.expert_runs(spans, 2) == [(0, 4), (4, 8)]
+    assert moe_fused.expert_runs(spans, 2, head=40) == [(0, 2), (2, 8)]  # 40 + 20 | 60
+    assert moe_fused.expert_runs(spans, 2, head=200) == [(0, 0), (0, 8)]  # the head alone outweighs all
+    assert moe_fused.expert_runs(spans, 3, head=30) == [(0, 1), (1, 4), (4, 8)]  # 40 | 30 | 40 of 110

@@ -19,7 +19,9 @@ Dispatch implementations, all numerically the same maths:
 - ``loop``: readable per-expert loop with boolean masks: the reference the tests compare against.
 - ``sorted``: assignments sorted by expert, one slice per expert (no masks).
 - ``grouped``: sorted assignments and one ``torch._grouped_mm`` per projection for all experts; the
-  routed path is one autograd node with a hand-written backward (``moe_fused.RoutedExperts``).
+  routed path is one autograd node with a hand-written backward (``moe_fused.RoutedExperts``). On
+  CPU fp32 that node runs each expert's whole chain (gather, GEMMs, fused SwiGLU) in one C pass
+  while its rows are in cache (``moe_train_kernel.py``).
 - ``grouped_autograd``: the same GEMMs with plain autograd (what ``grouped`` was before the fused
   node; kept to measure what the fused node buys, not selectable from the config).
 - ``compiled``: ``grouped`` with the elementwise work between its GEMMs fused by ``torch.compile``
@@ -30,6 +32,7 @@ Dispatch implementations, all numerically the same maths:
 - ``kernel``: inference on CPU fp32: all routed experts in one C call (``moe_kernel.py``).
 ``auto`` uses ``kernel`` without gradients on CPU fp32 (plain ``Experts``), else ``grouped`` where the
 grouped GEMM runs for the device/dtype (CPU fp32 in torch >= 2.9, CUDA bf16), else ``sorted``.
+The router's top-k and the sort of assignments by expert are C passes on CPU (``route_kernel.py``).
 Measured in ``benchmarks/moe_vs_hf.py`` (see ``benchmarks/README.md``).
 """
 from __future__ import annotations
@@ -41,8 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyseek.model.layers import SwiGLU
-from tinyseek.model.linear_kernel import linear_or_f
-from tinyseek.model.moe_fused import _grouped_mm_ok, combine_plan, routed_experts
+from tinyseek.model.linear_kernel import Linear, linear_or_f
+from tinyseek.model.moe_fused import (ExpertsWithShared, _grouped_mm_ok, _train_kernel, combine_plan,
+                                      kernel_runs_with_shared, routed_experts)
 from tinyseek.model.route_kernel import sort_by_expert, topk_indices
 
 # ---------------------------------------------------------------------------------------------
@@ -203,9 +207,14 @@ class MoE(nn.Module):
             cap = math.ceil(self.cfg.capacity_factor * N * self.top_k / self.n_experts)
             keep_A = capacity_keep(e_A, w_NK.detach().reshape(-1), self.n_experts, cap)
             dropped = (~keep_A).sum()
-        y_ND = _DISPATCH[self._pick_impl(x_ND)](self, x_ND, idx_NK, w_NK.to(x_ND.dtype), keep_A, counts_E)
-        if self.shared is not None:
-            y_ND = y_ND + self.shared(x_ND)
+        impl = self._pick_impl(x_ND)
+        y_ND = None
+        if impl == "grouped" and self.shared is not None:  # routed + shared in one node where it pays
+            y_ND = self._grouped_with_shared(x_ND, idx_NK, w_NK.to(x_ND.dtype), keep_A, counts_E)
+        if y_ND is None:
+            y_ND = _DISPATCH[impl](self, x_ND, idx_NK, w_NK.to(x_ND.dtype), keep_A, counts_E)
+            if self.shared is not None:
+                y_ND = y_ND + self.shared(x_ND)
         stats = {"aux_loss": aux}
         if self.training:  # token counts drive the aux-free bias update: training only
             stats["counts"] = counts_E.detach()
@@ -291,6 +300,31 @@ class MoE(nn.Module):
                                   w_R.to(dt), tok_R, bag_rows, bag_starts, offs_E, compiled)
         return y_ND.to(x_ND.dtype)
 
+    def _grouped_with_shared(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
+        """``grouped`` plus the shared expert in one node (``moe_fused.ExpertsWithShared``: on several
+        CPU threads the shared expert's GEMMs run beside the routed experts' C kernel), or None where
+        that does not apply: one thread, not CPU fp32 / kernels off, a shared expert that is not a
+        plain bias-free SwiGLU, or hooks on it (e.g. per-sample gradient tools)."""
+        if torch.get_num_threads() < 2 or not _shared_foldable(self.shared):
+            return None
+        ex = self.experts
+        if torch.is_autocast_enabled(x_ND.device.type) or not _train_kernel_applies(x_ND, ex, self.shared):
+            return None
+        kern = _train_kernel(x_ND, ex.w_gate_up, ex.w_down, w_NK, False)
+        if kern is None:
+            return None
+        order_S, _, counts_E = self._plan(idx_NK, keep_A, counts_E)
+        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        runs = kernel_runs_with_shared(offs_E, x_ND.shape[0], x_ND.shape[1], self.shared.gate_proj.out_features,
+                                       ex.hidden)
+        if runs is None:
+            return None
+        tok_R, w_R = self._sorted_rows(w_NK, order_S)
+        bag_rows, bag_starts = combine_plan(order_S, idx_NK.numel(), self.top_k, keep_A)
+        sh = self.shared
+        return ExpertsWithShared.apply(x_ND, ex.w_gate_up, ex.w_down, w_R, tok_R, bag_rows, bag_starts, offs_E,
+                                       sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight, kern, runs)
+
     def _compiled(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
         """``grouped`` with its elementwise work fused by ``torch.compile`` (first call compiles)."""
         return self._grouped(x_ND, idx_NK, w_NK, keep_A, counts_E, compiled=True)
@@ -340,6 +374,28 @@ class MoE(nn.Module):
 
 _DISPATCH = {"loop": MoE._loop, "sorted": MoE._sorted, "grouped": MoE._grouped, "padded": MoE._padded,
              "grouped_autograd": MoE._grouped_autograd, "compiled": MoE._compiled}
+
+
+def _shared_foldable(sh) -> bool:
+    """A plain SwiGLU of bias-free linear layers, without module hooks (global ones included)."""
+    if type(sh) is not SwiGLU:
+        return False
+    mods = (sh, sh.gate_proj, sh.up_proj, sh.down_proj)
+    if any(type(m) not in (nn.Linear, Linear) or m.bias is not None for m in mods[1:]):
+        return False
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    if any(getattr(m, h, None) for m in mods for h in hooks):
+        return False
+    g = nn.modules.module
+    return not any(getattr(g, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                        "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+def _train_kernel_applies(x_ND, ex, sh) -> bool:
+    """CPU fp32 plain tensors for the input, the experts and the shared expert."""
+    ws = (ex.w_gate_up, ex.w_down, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
+    return x_ND.dtype is torch.float32 and x_ND.device.type == "cpu" and all(
+        type(w) in (nn.Parameter, torch.Tensor) and w.dtype is torch.float32 and w.device.type == "cpu" for w in ws)
 
 
 def register_dispatch(name: str, fn) -> None:

@@ -27,6 +27,11 @@ routing weight forward; their backward with the routing-weight gradient) is two 
 functions, one fused loop each instead of ~4 and ~6 passes over memory. The first call compiles
 (about 30 s on CPU, needs a C++ compiler); if compiling fails we warn once and use the eager code.
 
+On CPU fp32 (kernels on and built) the node's forward and backward are instead the C training kernel
+of :mod:`tinyseek.model.moe_train_kernel`: the same maths expert by expert, each expert's chain in
+cache, with PyTorch's own BLAS GEMM; the code below is then only the fallback (and the path for
+CUDA, float64, ``compiled``). Otherwise:
+
 The GEMMs are ``torch._grouped_mm`` where it runs for the device and dtype (CPU fp32 in torch >= 2.9,
 CUDA bf16), else the same per-expert ``torch.mm`` loop (:func:`grouped_mm`; e.g. float64, which
 ``gradcheck`` needs). With more than one torch thread on CPU the experts' GEMMs are shared out
@@ -112,14 +117,24 @@ PAR_MIN_MACS = 4_000_000  # multiply-adds of a grouped GEMM below which it stays
 _POOL: dict = {}
 
 
+def _one_thread() -> None:
+    """Make the calling (worker) thread a one-thread torch/MKL thread for good. PyTorch sets a
+    thread's count lazily, on its first parallel op, to the LAST count anyone stored; so the count
+    must be initialised first (``get_num_threads``) and set after, or the caller's
+    ``set_num_threads(nt)`` below would reach the workers on their first torch op (it did: the
+    workers ran MKL on 2 threads each, 4 threads on 2 cores, until this was found)."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
 def _start_pool(nt: int):
     """``nt`` worker threads that run one-thread GEMMs. ``torch.set_num_threads`` is per thread for
     OpenMP and MKL, but it also stores the count that threads started later begin with: so all
-    workers are started (and set to 1) here, then the caller's count is stored again."""
+    workers are started (and set to 1, :func:`_one_thread`) here, then the caller's count is stored
+    again."""
     from concurrent.futures import ThreadPoolExecutor
 
-    pool = ThreadPoolExecutor(max_workers=nt, thread_name_prefix="tinyseek-experts",
-                              initializer=torch.set_num_threads, initargs=(1,))
+    pool = ThreadPoolExecutor(max_workers=nt, thread_name_prefix="tinyseek-experts", initializer=_one_thread)
     barrier = threading.Barrier(nt)
     for f in [pool.submit(barrier.wait, 60) for _ in range(nt)]:
         f.result()
@@ -164,20 +179,28 @@ def _grouped_mm_threads(a, b, offs_E, nt: int) -> torch.Tensor:
     return out
 
 
-def expert_runs(spans: list[tuple[int, int]], nt: int) -> list[tuple[int, int]]:
-    """Groups ``[lo, hi)`` in at most ``nt`` contiguous runs of about equal rows (empty runs left out).
+def expert_runs(spans: list[tuple[int, int]], nt: int, head: int = 0) -> list[tuple[int, int]]:
+    """Groups ``[lo, hi)`` in at most ``nt`` contiguous runs of about equal rows: each cut at the group
+    boundary closest to k/nt of the work. ``head``: work worth that many rows already given to run
+    0 (which may then be left with no group: ``(0, 0)``). Empty runs after the first are left out.
 
     >>> expert_runs([(0, 10), (10, 12), (12, 20), (20, 30)], 2)
     [(0, 2), (2, 4)]
+    >>> expert_runs([(0, 10), (10, 12), (12, 20), (20, 30)], 2, head=14)
+    [(0, 1), (1, 4)]
+    >>> expert_runs([(0, 10), (10, 20)], 2, head=40)
+    [(0, 0), (0, 2)]
     """
-    total = max(spans[-1][1], 1) if spans else 1
-    bounds, g = [0], 0
-    for k in range(1, nt):  # the first group whose rows end past k/nt of all rows starts run k
-        while g < len(spans) and spans[g][1] * nt < total * k:
-            g += 1
-        bounds.append(max(g, bounds[-1]))
+    ends = [0] + [e for _, e in spans]
+    total = ends[-1] + head
+    bounds = [0]
+    for k in range(1, nt):
+        target = total * k / nt
+        lo = bounds[-1]
+        bounds.append(min(range(lo, len(spans) + 1), key=lambda g: (abs(head + ends[g] - target), g)))
     bounds.append(len(spans))
-    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+    runs = [(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    return runs[:1] + [r for r in runs[1:] if r[1] > r[0]] if head else [r for r in runs if r[1] > r[0]]
 
 
 def _pool(nt: int):
@@ -331,10 +354,104 @@ class RoutedExperts(torch.autograd.Function):
         return d_x, d_wgu, d_wd, d_w, None, None, None, None, None
 
 
+class ExpertsWithShared(torch.autograd.Function):
+    """The C-kernel :class:`RoutedExperts` and the shared expert (a SwiGLU, nn.Linear weight layouts
+    ``W_gate (S, D)``, ``W_up (S, D)``, ``W_down (D, S)``) as one node, returning their sum: on several
+    CPU threads the shared expert's GEMMs (one thread's MKL) run on the first worker alongside that
+    worker's experts, the other experts on the other workers (``runs`` from
+    :func:`kernel_runs_with_shared`). Apart, the shared expert's GEMMs ran on MKL's own threads,
+    which scale worse at these sizes (a 2048 x 256 -> 256 SwiGLU fwd+bwd: 27.5 ms on 1 thread,
+    16-21 ms on 2), and the elementwise work of both was serial. Same maths as the two apart."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w_gate_up, w_down, w_R, tok_R, bag_rows, bag_starts, offs_E, w_sg, w_su, w_sd,
+                kern, runs):
+        x_ND, w_sg, w_su, w_sd = x_ND.contiguous(), w_sg.contiguous(), w_su.contiguous(), w_sd.contiguous()
+        buf = _shared_buffers_fwd(x_ND, w_sg, w_sd)
+        y_RD, x_RD, h_RF2, act_RF = _mtk.forward(kern, x_ND, w_gate_up, w_down, w_R, tok_R, offs_E, runs,
+                                                 lambda: _shared_forward(x_ND, w_sg, w_su, w_sd, *buf))
+        ctx.kern, ctx.runs = kern, runs
+        ctx.save_for_backward(x_ND, x_RD, act_RF, h_RF2, w_gate_up, w_down, w_R, tok_R, bag_rows, bag_starts, offs_E,
+                              w_sg, w_su, w_sd, *buf[1:])
+        return _bag_sum(bag_rows, bag_starts, y_RD).add_(buf[0])
+
+    @staticmethod
+    def backward(ctx, dout_ND):
+        (x_ND, x_RD, act_RF, h_RF2, w_gate_up, w_down, w_R, tok_R, bag_rows, bag_starts, offs_E,
+         w_sg, w_su, w_sd, g_NS, u_NS, s_NS, a_NS) = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dout_ND = dout_ND.contiguous()
+        buf = _shared_buffers_bwd(x_ND, w_sg, w_sd, need[0], need[8], need[9], need[10])
+        dx_RD, d_wgu, d_wd, d_w = _mtk.backward(
+            ctx.kern, dout_ND, w_gate_up, w_down, w_R, tok_R, offs_E, x_RD, h_RF2, act_RF, ctx.runs, need[1],
+            need[2], need[3], need[0],
+            lambda: _shared_backward(dout_ND, x_ND, w_sg, w_su, w_sd, g_NS, u_NS, s_NS, a_NS, *buf))
+        dx_s, d_wsg, d_wsu, d_wsd = buf[:4]
+        d_x = _bag_sum(bag_rows, bag_starts, dx_RD).add_(dx_s) if need[0] else None
+        return d_x, d_wgu, d_wd, d_w, None, None, None, None, d_wsg, d_wsu, d_wsd, None, None
+
+
+# The shared expert's work below runs on a pool worker: every tensor it writes is allocated by the
+# caller (main thread) and passed in. Allocated on the worker, they came from glibc's per-thread
+# arena, which hands freed memory back to the kernel: the worker faulted its 4 MB activations in
+# afresh every step (2048 x 256 -> 512 SwiGLU forward: 44-56 ms on the worker, 20-30 ms of it system
+# time, against 19 ms on the main thread).
+def _shared_buffers_fwd(x_ND, w_sg, w_sd):
+    N, S, D = x_ND.shape[0], w_sg.shape[0], w_sd.shape[0]
+    return x_ND.new_empty(N, D), *(x_ND.new_empty(N, S) for _ in range(4))
+
+
+@torch.no_grad()  # grad mode is per thread (on by default on a worker)
+def _shared_forward(x_ND, w_sg, w_su, w_sd, y, g, u, s, a) -> None:
+    """SwiGLU ``y = down(silu(gate(x)) * up(x))`` into the given buffers (g, u, s = silu(g), a = s*u)."""
+    torch.mm(x_ND, w_sg.t(), out=g)
+    torch.mm(x_ND, w_su.t(), out=u)
+    torch.ops.aten.silu.out(g, out=s)
+    torch.mul(s, u, out=a)
+    torch.mm(a, w_sd.t(), out=y)
+
+
+def _shared_buffers_bwd(x_ND, w_sg, w_sd, need_x, need_sg, need_su, need_sd):
+    N, S, D = x_ND.shape[0], w_sg.shape[0], w_sd.shape[0]
+    e = x_ND.new_empty
+    return (e(N, D) if need_x else None, e(S, D) if need_sg else None, e(S, D) if need_su else None,
+            e(D, S) if need_sd else None, e(N, S), e(N, S), e(N, S))
+
+
+@torch.no_grad()
+def _shared_backward(dy, x_ND, w_sg, w_su, w_sd, g, u, s, a, dx, d_wsg, d_wsu, d_wsd, da, du, dg) -> None:
+    """Gradients of :func:`_shared_forward` into the given buffers (None: not needed)."""
+    if d_wsd is not None:
+        torch.mm(dy.t(), a, out=d_wsd)
+    torch.mm(dy, w_sd, out=da)
+    torch.mul(da, s, out=du)
+    torch.ops.aten.silu_backward.grad_input(da.mul_(u), g, grad_input=dg)
+    if d_wsg is not None:
+        torch.mm(dg.t(), x_ND, out=d_wsg)
+    if d_wsu is not None:
+        torch.mm(du.t(), x_ND, out=d_wsu)
+    if dx is not None:
+        torch.mm(dg, w_sg, out=dx)
+        dx.addmm_(du, w_su)
+
+
+def kernel_runs_with_shared(offs_E: torch.Tensor, n_tokens: int, d_model: int, shared_width: int,
+                            expert_width: int):
+    """Expert ranges for :class:`ExpertsWithShared` (the first worker also runs the shared expert,
+    which costs as much as ``n_tokens * S / F`` routed rows), or None where it does not pay (one
+    thread, or less work than :data:`PAR_MIN_MACS`)."""
+    nt = torch.get_num_threads()
+    spans = _spans(offs_E)
+    head = n_tokens * shared_width // max(expert_width, 1)
+    if nt < 2 or ((spans[-1][1] if spans else 0) + head) * d_model * 3 * expert_width < PAR_MIN_MACS:
+        return None
+    return expert_runs(spans, nt, head=head)
+
+
 def _train_kernel(x_ND, w_gate_up, w_down, w_R, compiled: bool):
     """The loaded training kernel (:mod:`tinyseek.model.moe_train_kernel`) where it runs, else None."""
-    if compiled or not _mtk.applies(x_ND, w_gate_up, w_down, w_R):
-        return None
+    if compiled or torch.compiler.is_compiling() or not _mtk.applies(x_ND, w_gate_up, w_down, w_R):
+        return None  # (under torch.compile tracing: no data pointers)
     return _mtk.ready()
 
 

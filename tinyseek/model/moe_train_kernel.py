@@ -107,14 +107,15 @@ int ts_experts_fwd(const float* x, const int64_t* tok, const float* w, const int
 int ts_experts_bwd(const float* dout, const int64_t* tok, const float* w, const int32_t* offs,
                    int64_t e0, int64_t e1, int64_t D, int64_t F, const float* wgu, const float* wd,
                    const float* xr, const float* h, const float* act,
-                   float* dwgu, float* dwd, float* dw, float* dx, void* gemm) {
+                   float* dwgu, float* dwd, float* dw, float* dx, float* work, void* gemm) {
   sgemm_t g = (sgemm_t)gemm;
   int64_t maxR = 0;
   for (int64_t e = e0; e < e1; ++e) {
     int64_t R = offs[e] - (e ? offs[e - 1] : 0);
     if (R > maxR) maxR = R;
   }
-  float* ws = maxR ? (float*)malloc((size_t)maxR * (D + 3 * F) * sizeof(float)) : NULL;
+  /* workspace: the caller's (maxR x (D + 3F) floats), else our own */
+  float* ws = work ? work : (maxR ? (float*)malloc((size_t)maxR * (D + 3 * F) * sizeof(float)) : NULL);
   if (maxR && !ws) return -2;
   float* dy = ws; float* dact = ws + maxR * D; float* dh = dact + maxR * F;
   for (int64_t e = e0; e < e1; ++e) {
@@ -157,7 +158,7 @@ int ts_experts_bwd(const float* dout, const int64_t* tok, const float* w, const 
     if (dx) mm(g, 'N', 'T', (int)R, (int)D, (int)(2 * F), dh, (int)(2 * F), wgu + e * D * 2 * F, (int)(2 * F),
                dx + s * D, (int)D);
   }
-  free(ws);
+  if (!work) free(ws);
   return 0;
 }
 """ + ckernels.PYEXT_PRELUDE + r"""
@@ -175,15 +176,16 @@ static PyObject* py_fwd(PyObject* self, PyObject* const* args, Py_ssize_t nargs)
   return PyLong_FromLong(rc);
 }
 static PyObject* py_bwd(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  long long v[18];
+  long long v[19];
   int rc;
-  if (ts_int_args(args, nargs, 18, v)) return NULL;
+  if (ts_int_args(args, nargs, 19, v)) return NULL;
   Py_BEGIN_ALLOW_THREADS
   rc = ts_experts_bwd((const float*)(intptr_t)v[0], (const int64_t*)(intptr_t)v[1], (const float*)(intptr_t)v[2],
                       (const int32_t*)(intptr_t)v[3], v[4], v[5], v[6], v[7], (const float*)(intptr_t)v[8],
                       (const float*)(intptr_t)v[9], (const float*)(intptr_t)v[10], (const float*)(intptr_t)v[11],
                       (const float*)(intptr_t)v[12], (float*)(intptr_t)v[13], (float*)(intptr_t)v[14],
-                      (float*)(intptr_t)v[15], (float*)(intptr_t)v[16], (void*)(intptr_t)v[17]);
+                      (float*)(intptr_t)v[15], (float*)(intptr_t)v[16], (float*)(intptr_t)v[17],
+                      (void*)(intptr_t)v[18]);
   Py_END_ALLOW_THREADS
   return PyLong_FromLong(rc);
 }
@@ -197,7 +199,7 @@ PyMODINIT_FUNC PyInit__tinyseek_moe_train(void) { return PyModule_Create(&module
 """
 
 _SIGS = {"ts_experts_fwd": ([P, P, P, P, I64, I64, I64, I64, P, P, P, P, P, P, P], ctypes.c_int),
-         "ts_experts_bwd": ([P, P, P, P, I64, I64, I64, I64, P, P, P, P, P, P, P, P, P, P], ctypes.c_int)}
+         "ts_experts_bwd": ([P, P, P, P, I64, I64, I64, I64, P, P, P, P, P, P, P, P, P, P, P], ctypes.c_int)}
 KERNELS = ckernels.Kernels("_tinyseek_moe_train", _SRC, _SIGS, "TINYSEEK_MODEL_KERNELS",
                            "tinyseek.model.moe_train_kernel")
 
@@ -254,8 +256,9 @@ def _check(rc: int) -> None:
         raise MemoryError("moe training kernel: out of memory for its workspace")
 
 
-def forward(kern, x_ND, w_gate_up, w_down, w_R, tok_R, offs_E, runs):
-    """(y_RD, x_RD, h_R2F, act_RF); ``runs``: expert ranges, one per worker (see :func:`run_split`)."""
+def forward(kern, x_ND, w_gate_up, w_down, w_R, tok_R, offs_E, runs, first=None):
+    """(y_RD, x_RD, h_R2F, act_RF); ``runs``: expert ranges, one per worker, ``first``: more work for
+    the first run's thread (see :func:`run_split`)."""
     lib, addr = kern
     R, D = tok_R.shape[0], x_ND.shape[1]
     F = w_down.shape[1]
@@ -265,12 +268,12 @@ def forward(kern, x_ND, w_gate_up, w_down, w_R, tok_R, offs_E, runs):
     ptrs = (x_ND.data_ptr(), tok_R.data_ptr(), w_R.data_ptr(), offs_E.data_ptr())
     tail = (D, F, w_gate_up.data_ptr(), w_down.data_ptr(), x_RD.data_ptr(), h.data_ptr(), act.data_ptr(),
             y.data_ptr(), addr)
-    run_split(lambda e0, e1: _check(lib.ts_experts_fwd(*ptrs, e0, e1, *tail)), runs)
+    run_split(lambda e0, e1: _check(lib.ts_experts_fwd(*ptrs, e0, e1, *tail)), runs, first)
     return y, x_RD, h, act
 
 
 def backward(kern, dout_ND, w_gate_up, w_down, w_R, tok_R, offs_E, x_RD, h, act, runs,
-             need_wgu: bool, need_wd: bool, need_w: bool, need_x: bool):
+             need_wgu: bool, need_wd: bool, need_w: bool, need_x: bool, first=None):
     """(dx_RD, d_w_gate_up, d_w_down, d_w_R), None for what is not needed."""
     lib, addr = kern
     R, D = x_RD.shape
@@ -288,17 +291,31 @@ def backward(kern, dout_ND, w_gate_up, w_down, w_R, tok_R, offs_E, x_RD, h, act,
 
     ptrs = (dout_ND.data_ptr(), tok_R.data_ptr(), w_R.data_ptr(), offs_E.data_ptr())
     tail = (D, F, w_gate_up.data_ptr(), w_down.data_ptr(), x_RD.data_ptr(), h.data_ptr(), act.data_ptr(),
-            p(d_wgu), p(d_wd), p(d_w), p(dx), addr)
-    run_split(lambda e0, e1: _check(lib.ts_experts_bwd(*ptrs, e0, e1, *tail)), runs)
+            p(d_wgu), p(d_wd), p(d_w), p(dx))
+    # each run's workspace comes from here (the calling thread): a worker's own malloc arena gives
+    # freed memory back and faults it in again on every call
+    ends = offs_E.tolist()
+    counts = [b - a for a, b in zip([0] + ends[:-1], ends)]
+    work = {r: x_RD.new_empty(max(counts[r[0]:r[1]], default=0) * (D + 3 * F)) for r in runs}
+    run_split(lambda e0, e1: _check(lib.ts_experts_bwd(*ptrs, e0, e1, *tail, p(work[(e0, e1)]) if
+                                                       work[(e0, e1)].numel() else 0, addr)), runs, first)
     return dx, d_wgu, d_wd, d_w
 
 
-def run_split(fn, runs) -> None:
+def run_split(fn, runs, first=None) -> None:
     """``fn(e0, e1)`` for each expert range: on the calling thread for one range, else one range per
-    worker thread of :mod:`tinyseek.model.moe_fused`'s pool (the C calls release the GIL)."""
-    if len(runs) == 1:
+    worker thread of :mod:`tinyseek.model.moe_fused`'s pool (the C calls release the GIL).
+    ``first()``, if given, runs before the first range, on the same thread."""
+    def run0():
+        if first is not None:
+            first()
         fn(*runs[0])
+
+    if len(runs) == 1:
+        run0()
         return
     from tinyseek.model.moe_fused import _pool
-    for f in [_pool(len(runs)).submit(fn, *r) for r in runs]:
+    pool = _pool(max(len(runs), torch.get_num_threads()))  # the workers grouped_mm uses too
+    futs = [pool.submit(run0)] + [pool.submit(fn, *r) for r in runs[1:]]
+    for f in futs:
         f.result()

@@ -131,7 +131,7 @@ MAX_K = 64  # the kernel's top-k limit (torch.topk beyond)
 
 def _lib():
     st = KERNELS.state
-    if not st["enabled"] or st["failed"]:
+    if not st["enabled"] or st["failed"] or torch.compiler.is_compiling():  # tracing: the torch ops
         return None
     return st["lib"] if st["lib"] is not None else KERNELS.ready()
 
