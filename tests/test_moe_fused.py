@@ -201,3 +201,18 @@ def test_grouped_mm_on_threads_equals_one_thread():
     assert torch.count_nonzero(two[1][1]) == 0  # the empty group's weight gradient
     ref = torch.cat([a[s:e] @ b3[i] for i, (s, e) in enumerate(zip([0] + offs.tolist()[:-1], offs.tolist()))])
     torch.testing.assert_close(two[0], ref)
+
+
+def test_pool_workers_stay_one_thread_after_their_first_torch_op():
+    """PyTorch sets a thread's count lazily on its first parallel op, to the last count stored by
+    anyone: the workers must have been initialised before the caller stored its count again."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        pool = moe_fused._pool(2)
+        counts = {pool.submit(lambda: (torch.ones(64, 64) @ torch.ones(64, 64), torch.get_num_threads())[1]).result()
+                  for _ in range(6)}
+        assert counts == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
