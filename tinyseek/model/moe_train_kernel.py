@@ -28,7 +28,11 @@ kept. Measured (64 experts top-6, d=256, F=256, 2048 tokens, 1 thread): see ``be
 A call covers a range of experts ``[e0, e1)`` on the calling thread; with several torch threads the
 caller shares the experts out over worker threads (as :func:`tinyseek.model.moe_fused.grouped_mm`
 does), each expert's GEMMs on one thread: every output element comes from one thread whatever the
-thread count (deterministic). Expert weight gradients of experts without rows are zero.
+thread count (deterministic). Expert weight gradients of experts without rows are zero. Every buffer
+a worker writes (outputs, the backward's per-expert workspace) is allocated by the calling thread: a
+worker's own glibc arena gives freed memory back to the kernel and faults it in again on every call.
+On several threads the shared expert can ride along on the first worker
+(:class:`tinyseek.model.moe_fused.ExpertsWithShared`, the ``first`` argument of :func:`run_split`).
 
 Used by ``RoutedExperts`` when: CPU, fp32 everywhere, kernels on (``TINYSEEK_MODEL_KERNELS`` /
 ``KERNELS.enable``), the C build worked and ``sgemm_`` was found (else one printed line and the
