@@ -58,6 +58,9 @@ CONFIGS = {
     "e64k6": BenchConfig("64 experts top-6 (F=128, shared 256)", 256, 64, 6, 128, 2),
     # same with expert width 256 (= d_model), shared 512: active width 2048
     "e64k6w": BenchConfig("64 experts top-6 (F=256, shared 512)", 256, 64, 6, 256, 2),
+    # the ends of the range (8-64 experts, top-2..8)
+    "e8k2": BenchConfig("8 experts top-2 (F=256, shared 512)", 256, 8, 2, 256, 2),
+    "e64k8": BenchConfig("64 experts top-8 (F=128, shared 256)", 256, 64, 8, 128, 2),
 }
 
 
