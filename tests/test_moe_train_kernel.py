@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinyseek.model import moe_fused
+from tinyseek.model import moe_fused, moe_shared
 from tinyseek.model import moe_train_kernel as mtk
 from tinyseek.model.moe_fused import routed_experts
 from test_moe import make_moe, moe_cfg, run
@@ -179,8 +179,8 @@ def _shared_moe(e=16, k=2, f=64, shared=2, d=64):
 
 def _folded_calls(monkeypatch):
     calls = []
-    real = moe_fused.ExpertsWithShared.apply
-    monkeypatch.setattr(moe_fused.ExpertsWithShared, "apply", lambda *a: calls.append(1) or real(*a))
+    real = moe_shared.ExpertsWithShared.apply
+    monkeypatch.setattr(moe_shared.ExpertsWithShared, "apply", lambda *a: calls.append(1) or real(*a))
     return calls
 
 

@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 from tinyseek.model.layers import SwiGLU
 from tinyseek.model.linear_kernel import Linear, linear_or_f
-from tinyseek.model.moe_fused import (ExpertsWithShared, _grouped_mm_ok, _train_kernel, combine_plan,
-                                      kernel_runs_with_shared, routed_experts)
+from tinyseek.model.moe_fused import _grouped_mm_ok, _train_kernel, combine_plan, routed_experts
+from tinyseek.model.moe_shared import ExpertsWithShared, kernel_runs_with_shared
 from tinyseek.model.route_kernel import sort_by_expert, topk_indices
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ class MoE(nn.Module):
         return y_ND.to(x_ND.dtype)
 
     def _grouped_with_shared(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
-        """``grouped`` plus the shared expert in one node (``moe_fused.ExpertsWithShared``: on several
+        """``grouped`` plus the shared expert in one node (``moe_shared.ExpertsWithShared``: on several
         CPU threads the shared expert's GEMMs run beside the routed experts' C kernel), or None where
         that does not apply: one thread, not CPU fp32 / kernels off, a shared expert that is not a
         plain bias-free SwiGLU, or hooks on it (e.g. per-sample gradient tools)."""

@@ -32,7 +32,7 @@ thread count (deterministic). Expert weight gradients of experts without rows ar
 a worker writes (outputs, the backward's per-expert workspace) is allocated by the calling thread: a
 worker's own glibc arena gives freed memory back to the kernel and faults it in again on every call.
 On several threads the shared expert can ride along on the first worker
-(:class:`tinyseek.model.moe_fused.ExpertsWithShared`, the ``first`` argument of :func:`run_split`).
+(:class:`tinyseek.model.moe_shared.ExpertsWithShared`, the ``first`` argument of :func:`run_split`).
 
 Used by ``RoutedExperts`` when: CPU, fp32 everywhere, kernels on (``TINYSEEK_MODEL_KERNELS`` /
 ``KERNELS.enable``), the C build worked and ``sgemm_`` was found (else one printed line and the
