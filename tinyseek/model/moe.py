@@ -260,7 +260,7 @@ class MoE(nn.Module):
         e_A = idx_NK.reshape(-1)
         if keep_A is not None:
             e_A = e_A.masked_fill(~keep_A, self.n_experts)
-        e_S, order_S, counts = sort_by_expert(e_A, self.n_experts + 1)  # stable (a counting sort on CPU)
+        e_S, order_S, counts = sort_by_expert(e_A, self.n_experts + 1, counts=keep_A is not None)  # stable
         if keep_A is not None:
             counts_E = counts[:self.n_experts]
             n = int(counts_E.sum())
@@ -287,43 +287,46 @@ class MoE(nn.Module):
         y_SD = torch.cat(outs) if outs else x_SD
         return self._combine(x_ND, tok_S, y_SD, w_S)
 
-    def _grouped(self, x_ND, idx_NK, w_NK, keep_A, counts_E, compiled: bool = False):
-        """Sorted assignments and one ``torch._grouped_mm`` per projection over all experts, the whole
-        routed path one autograd node with a hand-written backward (``tinyseek/model/moe_fused.py``)."""
-        dt = self._compute_dtype(x_ND)
+    def _grouped_plan(self, idx_NK, w_NK, keep_A, counts_E):
+        """(routing weight and token of each sorted row, combine bags, int32 cumulative rows per expert):
+        the node arguments after the weights, in their order."""
         order_S, _, counts_E = self._plan(idx_NK, keep_A, counts_E)
         tok_R, w_R = self._sorted_rows(w_NK, order_S)
         bag_rows, bag_starts = combine_plan(order_S, idx_NK.numel(), self.top_k, keep_A)
-        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        return w_R, tok_R, bag_rows, bag_starts, torch.cumsum(counts_E, 0, dtype=torch.int32)
+
+    def _grouped(self, x_ND, idx_NK, w_NK, keep_A, counts_E, compiled: bool = False, plan=None):
+        """Sorted assignments and one ``torch._grouped_mm`` per projection over all experts, the whole
+        routed path one autograd node with a hand-written backward (``tinyseek/model/moe_fused.py``).
+        ``plan``: a :meth:`_grouped_plan` already made."""
+        dt = self._compute_dtype(x_ND)
+        w_R, tok_R, bag_rows, bag_starts, offs_E = plan or self._grouped_plan(idx_NK, w_NK, keep_A, counts_E)
         with torch.autocast(x_ND.device.type, enabled=False):  # inputs are cast to the compute dtype here
             y_ND = routed_experts(x_ND.to(dt), self.experts.w_gate_up.to(dt), self.experts.w_down.to(dt),
                                   w_R.to(dt), tok_R, bag_rows, bag_starts, offs_E, compiled)
         return y_ND.to(x_ND.dtype)
 
     def _grouped_with_shared(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
-        """``grouped`` plus the shared expert in one node (``moe_shared.ExpertsWithShared``: on several
-        CPU threads the shared expert's GEMMs run beside the routed experts' C kernel), or None where
-        that does not apply: one thread, not CPU fp32 / kernels off, a shared expert that is not a
-        plain bias-free SwiGLU, or hooks on it (e.g. per-sample gradient tools)."""
+        """``grouped`` plus the shared expert (``moe_shared.ExpertsWithShared``: one node, where on
+        several CPU threads the shared expert's GEMMs run beside the routed experts' C kernel; apart
+        where the work is too small to share out), or None where the node does not apply: one
+        thread, not CPU fp32 / kernels off, a shared expert that is not a plain bias-free SwiGLU, or
+        hooks on it (e.g. per-sample gradient tools)."""
         if torch.get_num_threads() < 2 or not _shared_foldable(self.shared):
             return None
-        ex = self.experts
-        if torch.is_autocast_enabled(x_ND.device.type) or not _train_kernel_applies(x_ND, ex, self.shared):
+        ex, sh = self.experts, self.shared
+        if torch.is_autocast_enabled(x_ND.device.type) or not _plain_cpu_f32(
+                ex.w_gate_up, ex.w_down, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight):
             return None
         kern = _train_kernel(x_ND, ex.w_gate_up, ex.w_down, w_NK, False)
         if kern is None:
             return None
-        order_S, _, counts_E = self._plan(idx_NK, keep_A, counts_E)
-        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        runs = kernel_runs_with_shared(offs_E, x_ND.shape[0], x_ND.shape[1], self.shared.gate_proj.out_features,
-                                       ex.hidden)
+        plan = self._grouped_plan(idx_NK, w_NK, keep_A, counts_E)
+        runs = kernel_runs_with_shared(plan[4], x_ND.shape[0], x_ND.shape[1], sh.gate_proj.out_features, ex.hidden)
         if runs is None:
-            return None
-        tok_R, w_R = self._sorted_rows(w_NK, order_S)
-        bag_rows, bag_starts = combine_plan(order_S, idx_NK.numel(), self.top_k, keep_A)
-        sh = self.shared
-        return ExpertsWithShared.apply(x_ND, ex.w_gate_up, ex.w_down, w_R, tok_R, bag_rows, bag_starts, offs_E,
-                                       sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight, kern, runs)
+            return self._grouped(x_ND, idx_NK, w_NK, keep_A, counts_E, plan=plan) + sh(x_ND)
+        return ExpertsWithShared.apply(x_ND, ex.w_gate_up, ex.w_down, *plan, sh.gate_proj.weight, sh.up_proj.weight,
+                                       sh.down_proj.weight, kern, runs)
 
     def _compiled(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
         """``grouped`` with its elementwise work fused by ``torch.compile`` (first call compiles)."""
@@ -391,11 +394,11 @@ def _shared_foldable(sh) -> bool:
                                                         "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
-def _train_kernel_applies(x_ND, ex, sh) -> bool:
-    """CPU fp32 plain tensors for the input, the experts and the shared expert."""
-    ws = (ex.w_gate_up, ex.w_down, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
-    return x_ND.dtype is torch.float32 and x_ND.device.type == "cpu" and all(
-        type(w) in (nn.Parameter, torch.Tensor) and w.dtype is torch.float32 and w.device.type == "cpu" for w in ws)
+def _plain_cpu_f32(*ws) -> bool:
+    """Plain (no tensor subclass) CPU fp32 tensors; the input and the experts' dtype and device are
+    ``moe_fused._train_kernel``'s to check."""
+    return all(type(w) in (nn.Parameter, torch.Tensor) and w.dtype is torch.float32 and w.device.type == "cpu"
+               for w in ws)
 
 
 def register_dispatch(name: str, fn) -> None:

@@ -297,7 +297,7 @@ class RoutedExperts(torch.autograd.Function):
         Fh = w_down.shape[1]
         ctx.kern = _train_kernel(x_ND, w_gate_up, w_down, w_R, compiled)
         if ctx.kern is not None:  # each expert's chain in one C pass (moe_train_kernel)
-            ctx.runs = _kernel_runs(offs_E, x_ND.shape[1] * 2 * Fh * tok_R.shape[0])
+            ctx.runs = kernel_runs(offs_E, x_ND.shape[1] * 2 * Fh * tok_R.shape[0]) or [(0, offs_E.numel())]
             y_RD, x_RD, h_RF2, act_RF = _mtk.forward(ctx.kern, x_ND, w_gate_up, w_down, w_R, tok_R, offs_E,
                                                      ctx.runs)
             ctx.save_for_backward(x_RD, act_RF, w_gate_up, w_down, w_R, tok_R, bag_rows, bag_starts, offs_E, h_RF2)
@@ -362,14 +362,15 @@ def _train_kernel(x_ND, w_gate_up, w_down, w_R, compiled: bool):
     return _mtk.ready()
 
 
-def _kernel_runs(offs_E: torch.Tensor, macs: int) -> list[tuple[int, int]]:
-    """Expert ranges for the kernel: one per worker thread on a multi-threaded CPU (big enough
-    calls, as :func:`grouped_mm`), else all experts on the calling thread."""
-    spans = _spans(offs_E)
+def kernel_runs(offs_E: torch.Tensor, macs: int, head: int = 0) -> list[tuple[int, int]] | None:
+    """Expert ranges for the training kernel, one per worker thread (``head``: work worth that many
+    rows already given to the first, see :func:`expert_runs`), or None where the work stays on the
+    calling thread: one torch thread, fewer than :data:`PAR_MIN_MACS` multiply-adds (as
+    :func:`grouped_mm`), or a single expert and nothing beside it."""
     nt = torch.get_num_threads()
-    if nt > 1 and len(spans) > 1 and macs >= PAR_MIN_MACS:
-        return expert_runs(spans, nt)
-    return [(0, len(spans))]
+    if nt < 2 or macs < PAR_MIN_MACS or (offs_E.numel() < 2 and not head):
+        return None
+    return expert_runs(_spans(offs_E), nt, head)
 
 
 def routed_experts(x_ND, w_gate_up, w_down, w_R, tok_R, bag_rows, bag_starts, offs_E,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from tinyseek.model import moe_train_kernel as _mtk
-from tinyseek.model.moe_fused import PAR_MIN_MACS, _bag_sum, _spans, expert_runs
+from tinyseek.model.moe_fused import _bag_sum, kernel_runs
 
 
 class ExpertsWithShared(torch.autograd.Function):
@@ -102,10 +102,7 @@ def kernel_runs_with_shared(offs_E: torch.Tensor, n_tokens: int, d_model: int, s
                             expert_width: int):
     """Expert ranges for :class:`ExpertsWithShared` (the first worker also runs the shared expert,
     which costs as much as ``n_tokens * S / F`` routed rows), or None where it does not pay (one
-    thread, or less work than :data:`PAR_MIN_MACS`)."""
-    nt = torch.get_num_threads()
-    spans = _spans(offs_E)
+    thread, or less work than ``moe_fused.PAR_MIN_MACS``)."""
     head = n_tokens * shared_width // max(expert_width, 1)
-    if nt < 2 or ((spans[-1][1] if spans else 0) + head) * d_model * 3 * expert_width < PAR_MIN_MACS:
-        return None
-    return expert_runs(spans, nt, head=head)
+    rows = int(offs_E[-1]) if offs_E.numel() else 0
+    return kernel_runs(offs_E, (rows + head) * d_model * 3 * expert_width, head)

@@ -153,8 +153,11 @@ def topk_indices(sel_NE: torch.Tensor, k: int) -> torch.Tensor:
     return idx
 
 
-def sort_by_expert(e_A: torch.Tensor, n_bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.sort(e_A, stable=True)`` plus the count of each value in ``[0, n_bins)``.
+def sort_by_expert(e_A: torch.Tensor, n_bins: int, counts: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``torch.sort(e_A, stable=True)`` plus the count of each value in ``[0, n_bins)`` (the kernel
+    has them for free; on the PyTorch path only with ``counts``, since a CUDA ``bincount`` waits
+    for the device).
 
     >>> [t.tolist() for t in sort_by_expert(torch.tensor([2, 0, 2, 1, 0]), 3)]
     [[0, 0, 1, 2, 2], [1, 4, 3, 0, 2], [2, 1, 2]]
@@ -162,11 +165,11 @@ def sort_by_expert(e_A: torch.Tensor, n_bins: int) -> tuple[torch.Tensor, torch.
     lib = _lib()
     if lib is None or e_A.dtype is not torch.int64 or e_A.device.type != "cpu" or e_A.dim() != 1:
         e_S, order_S = torch.sort(e_A, stable=True)
-        return e_S, order_S, torch.bincount(e_A, minlength=n_bins)[:n_bins]
+        return e_S, order_S, torch.bincount(e_A, minlength=n_bins)[:n_bins] if counts else None
     e_A = e_A.contiguous()
     A = e_A.shape[0]
-    e_S, order_S, counts = torch.empty(A, dtype=torch.int64), torch.empty(A, dtype=torch.int64), \
+    e_S, order_S, counts_B = torch.empty(A, dtype=torch.int64), torch.empty(A, dtype=torch.int64), \
         torch.empty(n_bins, dtype=torch.int64)
-    if lib.ts_sort_ids(e_A.data_ptr(), A, n_bins, e_S.data_ptr(), order_S.data_ptr(), counts.data_ptr()):
+    if lib.ts_sort_ids(e_A.data_ptr(), A, n_bins, e_S.data_ptr(), order_S.data_ptr(), counts_B.data_ptr()):
         raise IndexError(f"expert id outside [0, {n_bins})")
-    return e_S, order_S, counts
+    return e_S, order_S, counts_B
