@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-PROBE = r"""
+def fault_probe(setup: str) -> str:
+    """A script that runs ``setup`` (which imports torch), then prints the minor page faults of five
+    40 MB tensors each freed and allocated again (as a training step does)."""
+    return setup + r"""
 import resource
-import tinyseek, torch
-def fresh():  # 40 MB: above glibc's largest mmap threshold, so every allocation is a fresh mapping
+def fresh():  # 40 MB: above glibc's default largest mmap threshold (32 MB)
     x = torch.empty(10 * 2**20).fill_(1.0); del x
 fresh()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -18,6 +20,9 @@ for _ in range(5):
     fresh()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
+
+
+PROBE = fault_probe("import tinyseek, torch")
 PAGES = 5 * 40 * 2**20 // 4096  # what five 40 MB allocations fault in 4 KB pages
 
 

@@ -11,20 +11,9 @@ import types
 import pytest
 
 from tinyseek import cli
+from test_hugepages import fault_probe
 
-PROBE = r"""
-import resource, sys
-from tinyseek import malloc
-print(malloc.tune())
-import torch
-def step():  # a 40 MB tensor freed and allocated again, as a training step does
-    x = torch.empty(10 * 2**20).fill_(1.0); del x
-step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
+PROBE = fault_probe("from tinyseek import malloc\nprint(malloc.tune())\nimport torch")
 
 glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 

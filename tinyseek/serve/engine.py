@@ -498,14 +498,15 @@ class Engine(AsyncCalls):
         busy = [i for i, r in enumerate(self.slots) if r is not None and id(r) not in new]
         dec = torch.tensor(busy, device=dev)
         lens = [len(r.prompt) for r in admitted]
+        lens_t = torch.tensor(lens, device=dev)
         new_rows = torch.tensor([r.slot for r in admitted], device=dev)
         ids = torch.cat([self._last[dec], torch.tensor([t for r in admitted for t in r.prompt], device=dev)])
-        rows = torch.cat([dec, new_rows.repeat_interleave(torch.tensor(lens, device=dev))])
+        rows = torch.cat([dec, new_rows.repeat_interleave(lens_t)])
         pos = torch.cat([self.cache.lengths[dec], torch.cat([torch.arange(n, device=dev) for n in lens])])
-        ends = torch.tensor(lens, device=dev).cumsum(0) + len(busy) - 1
+        ends = lens_t.cumsum(0) + len(busy) - 1
         logits = self.model.forward_ragged(ids, rows, pos, self.cache, torch.cat([torch.arange(len(busy), device=dev), ends]))
         self.cache.lengths[dec] += 1
-        self.cache.lengths[new_rows] = torch.tensor(lens, device=dev)
+        self.cache.lengths[new_rows] = lens_t
         self._sample_and_advance([self.slots[i] for i in busy] + admitted, logits, torch.cat([dec, new_rows]))
         self.stats["steps"] += 1
         self.stats["decode_tokens"] += len(busy)
