@@ -637,3 +637,46 @@ def test_quantized_mla_decode_folds_dequantised_weights(tmp_path, spec):
     assert isinstance(loaded.blocks[0].ffn, QuantSwiGLU)
     assert any(getattr(b.ffn, "impl", None) == QUANT_DISPATCH for b in loaded.blocks)
     assert torch.equal(decode(loaded, "auto"), decode(q, "auto"))
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_biased_linear_keeps_its_float_bias_through_quantize_qat_save_load(tmp_path, method):
+    """Imported models have biased projections (Qwen2 q/k/v): the bias stays float and is added
+    after the quantized product, in quantize_model and QAT's convert."""
+    torch.manual_seed(0)
+    cfg = model_micro()
+    cfg.attn, cfg.n_kv_heads = "gqa", 2
+    model = Transformer(cfg).eval()
+    for b in model.blocks:  # give the q/k/v projections a bias, as an imported Qwen2 model has
+        for n in ("q_proj", "k_proj", "v_proj"):
+            old = getattr(b.attn, n)
+            new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+            new.weight.data.copy_(old.weight.data)
+            new.bias.data.normal_(0, 0.5)
+            setattr(b.attn, n, new)
+    lin = model.blocks[0].attn.q_proj
+    x = torch.randn(5, lin.in_features)
+    spec = QuantSpec(method=method, group_size=32)
+    ql = QuantLinear.from_float(lin.weight, spec.bits, spec.eff_group_size, bias_N=lin.bias)
+    no_bias = QuantLinear.from_float(lin.weight, spec.bits, spec.eff_group_size)
+    with torch.no_grad():
+        assert torch.allclose(ql(x) - no_bias(x), lin.bias.expand(5, -1), atol=1e-5)
+    idx = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref = model(idx).logits
+    q = copy.deepcopy(model)
+    report = quantize_model(q, spec)
+    assert q.blocks[1].attn.k_proj.bias is not None
+    with torch.no_grad():
+        got = q(idx).logits
+    err = (got - ref).abs().max()
+    assert err < (0.05 if method == "int8" else 0.2) * ref.abs().max()
+    for b in q.blocks:  # the same quantized model without its biases is far off: they were used
+        for n in ("q_proj", "k_proj", "v_proj"):
+            getattr(b.attn, n).bias.zero_()
+    with torch.no_grad():
+        assert (q(idx).logits - ref).abs().max() > 2 * err
+    fq = prepare_qat(copy.deepcopy(model), method, 32)
+    assert fq.blocks[0].attn.v_proj.bias is not None
+    convert_qat(fq)
+    assert torch.equal(fq.blocks[0].attn.v_proj.bias, model.blocks[0].attn.v_proj.bias)

@@ -73,10 +73,11 @@ def _empty_codes(n: int, k: int, bits: int, group_size: int, device=None, scale_
 
 
 class QuantLinear(nn.Module):
-    """Weight-only quantized ``nn.Linear`` (no bias: the model has none)."""
+    """Weight-only quantized ``nn.Linear``. A bias (imported Qwen2 q/k/v projections, Llama with
+    ``attention_bias``) stays float (fp32) and is added after the quantized product."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 0,
-                 smooth: bool = False, device=None, scale_dtype: torch.dtype | None = None):
+                 smooth: bool = False, device=None, scale_dtype: torch.dtype | None = None, bias: bool = False):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -86,15 +87,18 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", q)
         self.register_buffer("scale", s)
         self.register_buffer("smooth", torch.ones(in_features, device=device, dtype=torch.float16) if smooth else None)
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
     def from_float(cls, w_NK: torch.Tensor, bits: int, group_size: int = 0, clip_NG=None,
-                   smooth_K: torch.Tensor | None = None) -> "QuantLinear":
+                   smooth_K: torch.Tensor | None = None, bias_N: torch.Tensor | None = None) -> "QuantLinear":
         N, K = w_NK.shape
-        m = cls(K, N, bits, group_size, smooth=smooth_K is not None, device=w_NK.device)
+        m = cls(K, N, bits, group_size, smooth=smooth_K is not None, device=w_NK.device, bias=bias_N is not None)
         q, s = quantize_weight(w_NK, bits, group_size, clip_NG, smooth_K)
         m.qweight.copy_(q)
         m.scale.copy_(s)
+        if bias_N is not None:
+            m.bias.copy_(bias_N.detach().float())
         if smooth_K is not None:
             m.smooth.copy_(smooth_K)
         return m
@@ -106,6 +110,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self._buffers  # direct dict reads: this runs once per Linear per decode step
+        y = self._product(x, b)
+        return y if b["bias"] is None else y + b["bias"].to(y.dtype)
+
+    def _product(self, x: torch.Tensor, b: dict) -> torch.Tensor:
+        """``x @ W^T`` without the bias."""
         y = kernels.quant_mm(x, b["qweight"], b["scale"], self.bits, self.group_size, b["smooth"])
         if y is not None:
             return y
@@ -117,7 +126,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, smooth={self.smooth is not None}")
+                f"group_size={self.group_size}, smooth={self.smooth is not None}, bias={self.bias is not None}")
 
 
 class QuantSwiGLU(SwiGLU):

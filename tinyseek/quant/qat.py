@@ -26,12 +26,14 @@ from tinyseek.quant.ops import fake_quantize
 class QATLinear(nn.Linear):
     """``nn.Linear`` whose forward uses the fake-quantized weight."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 0, device=None):
-        super().__init__(in_features, out_features, bias=False, device=device)
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 0, device=None,
+                 bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias, device=device)
         self.bits, self.group_size = bits, group_size if bits == 4 else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, fake_quantize(self.weight, self.bits, self.group_size).to(x.dtype))
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, fake_quantize(self.weight, self.bits, self.group_size).to(x.dtype), b)
 
 
 class QATEmbedding(nn.Embedding):
@@ -92,8 +94,11 @@ def prepare_qat(model: nn.Module, method: str = "int4", group_size: int = 128, l
     linears, experts = quant_targets(model, lm_head)
     for name in linears:
         old = model.get_submodule(name)
-        new = QATLinear(old.in_features, old.out_features, bits, group_size, device=old.weight.device)
+        new = QATLinear(old.in_features, old.out_features, bits, group_size, device=old.weight.device,
+                        bias=old.bias is not None)
         new.weight.copy_(old.weight)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
         _set(model, name, new)
     for name in experts:
         old = model.get_submodule(name)
@@ -131,7 +136,7 @@ def convert_qat(model: nn.Module) -> dict[str, str]:
             _set(model, name, QuantLinear(m.in_features, m.out_features, m.bits, m.group_size, device=m.weight.device))
             kinds[name] = "linear_tied"
         elif isinstance(m, QATLinear):
-            _set(model, name, QuantLinear.from_float(m.weight, m.bits, m.group_size))
+            _set(model, name, QuantLinear.from_float(m.weight, m.bits, m.group_size, bias_N=m.bias))
             kinds[name] = "linear"
         elif isinstance(m, QATExperts):
             _set(model, name, QuantExperts.from_float(m.weight_gate_up, m.weight_down, m.bits, m.group_size))

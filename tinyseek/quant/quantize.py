@@ -197,7 +197,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calib_batches: Iterable[to
     for name in linears:
         lin = model.get_submodule(name)
         s = smoothing(name, lin.weight)
-        _set_module(model, name, QuantLinear.from_float(lin.weight, bits, gs, smooth_K=s))
+        _set_module(model, name, QuantLinear.from_float(lin.weight, bits, gs, smooth_K=s, bias_N=lin.bias))
         kinds[name] = "linear_smooth" if s is not None else "linear"
     for name in experts:
         ex = model.get_submodule(name)
@@ -329,7 +329,7 @@ def build_quantized_skeleton(mcfg, qcfg: dict) -> nn.Module:
         old = mods.get(name)
         if kind in ("linear", "linear_smooth", "linear_tied") and isinstance(old, nn.Linear):
             new = QuantLinear(old.in_features, old.out_features, bits, gs, smooth=kind == "linear_smooth",
-                              scale_dtype=sdt)
+                              scale_dtype=sdt, bias=old.bias is not None)
         elif kind in ("experts", "experts_smooth") and old is not None and hasattr(old, "w_gate_up"):
             new = QuantExperts(old.n_experts, old.w_gate_up.shape[1], old.hidden, bits, gs,
                                smooth=kind == "experts_smooth", scale_dtype=sdt)
