@@ -22,6 +22,7 @@ STAGES: dict[str, str] = {
     "dpo": "tinyseek.post.dpo",
     "rejection": "tinyseek.post.rejection",
     "distill": "tinyseek.post.distill",
+    "import": "tinyseek.importer",
     "eval": "tinyseek.eval",
     "export": "tinyseek.export",
     "quantize": "tinyseek.quant.stage",
@@ -59,7 +60,9 @@ def field_comments(cls) -> dict[str, str]:
 def stage_help(stage: str, mod) -> str:
     import dataclasses
 
-    lines = [f"usage: tinyseek {stage} [--preset NAME] [--option value ...]", "options (defaults shown):"]
+    pos = getattr(mod, "POSITIONAL", None)
+    head = f"usage: tinyseek {stage}" + (f" {pos.upper()}" if pos else "") + " [--preset NAME] [--option value ...]"
+    lines = [head, "options (defaults shown):"]
     rows: list[tuple[str, str]] = []
 
     def walk(cfg, prefix=""):
@@ -99,6 +102,9 @@ def run_stage(stage: str, argv: list[str]):
             rest.append(argv[i])
             i += 1
     cfg = mod.preset(preset) if preset else mod.Config()
+    positional = getattr(mod, "POSITIONAL", None)  # e.g. `tinyseek import SRC`: a leading bare argument
+    if positional and rest and not rest[0].startswith("--"):
+        setattr(cfg, positional, rest.pop(0))
     apply_overrides(cfg, rest)
     cfg.validate()
     if stage in TRAINING_STAGES:
