@@ -13,6 +13,12 @@ temp directory that :func:`latest_checkpoint` never picks up. ``latest_checkpoin
 - ``rng.pt``: python / numpy / torch (and CUDA) RNG states at save time.
 - ``meta.json``: ``{"step", "model_config", ...}`` plus whatever the trainer adds (train config,
   data-loader position, loop state such as skipped steps and tokens seen).
+
+A LoRA adapter checkpoint (:mod:`tinyseek.model.lora`) has ``adapter.safetensors`` (the adapters'
+``lora_A`` / ``lora_B`` weights only) instead of ``model.safetensors``, and its ``meta.json`` records
+``{"lora": {"rank", "alpha", "targets", "dropout"}, "base": <absolute path of the base step dir>}``;
+``optim.pt`` holds the adapters' optimizer state. :func:`load_model` loads the base (which may itself
+be an adapter checkpoint), applies the adapters and merges them: callers get a plain model.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from tinyseek.common import atomic_dir, rng_state
 from tinyseek.errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d+)$")
+WEIGHT_FILES = ("model.safetensors", "adapter.safetensors")  # a full model / LoRA adapters (one per step dir)
 
 
 def step_dir(ckpt_root: str | Path, step: int) -> Path:
@@ -74,13 +81,14 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
 # ---------------------------------------------------------------------------------------------
 def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module | None, optimizer: Any, meta: dict,
                     model_state: dict | None = None, optim_state: dict | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, weights_file: str = "model.safetensors") -> Path:
     """Write ``ckpt_root/step_{step:06d}`` atomically and return its path.
 
     ``meta`` must be JSON-serialisable; ``step`` and (from ``model.cfg``) ``model_config`` are
     added when missing. ``model_state`` / ``optim_state`` override ``model.state_dict()`` /
     ``optimizer.state_dict()`` (for sharded models whose full state was gathered by the caller).
     ``extra`` maps file names to objects written with ``torch.save`` into the same directory.
+    ``weights_file``: ``adapter.safetensors`` for a LoRA adapter checkpoint (see the module doc).
     """
     from tinyseek.config import to_dict
 
@@ -90,12 +98,14 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module | None, o
         meta["model_config"] = to_dict(model.cfg)
     if "model_config" not in meta:
         raise ValueError("save_checkpoint needs meta['model_config'] or a model with .cfg")
+    if weights_file not in WEIGHT_FILES:
+        raise ValueError(f"weights_file must be one of {WEIGHT_FILES}, got {weights_file!r}")
     state = model_state if model_state is not None else model.state_dict()
     if optim_state is None and optimizer is not None:
         optim_state = optimizer.state_dict()
     final = step_dir(ckpt_root, step)
     with atomic_dir(final) as tmp:
-        save_weights(state, tmp / "model.safetensors")
+        save_weights(state, tmp / weights_file)
         if optim_state is not None:
             torch.save(optim_state, tmp / "optim.pt")
         torch.save(rng_state(), tmp / "rng.pt")
@@ -116,7 +126,7 @@ def list_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
         m = STEP_RE.match(d.name)
         if not m or not d.is_dir():
             continue
-        if not (d / "meta.json").is_file() or not (d / "model.safetensors").is_file():
+        if not (d / "meta.json").is_file() or not any((d / f).is_file() for f in WEIGHT_FILES):
             continue
         try:
             json.loads((d / "meta.json").read_text())
@@ -127,7 +137,8 @@ def list_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The highest complete ``step_*`` directory, or None. Never a ``.tmp-*`` or partial dir."""
+    """The highest complete ``step_*`` directory (full or adapter checkpoint), or None. Never a
+    ``.tmp-*`` or partial dir."""
     ck = list_checkpoints(ckpt_root)
     return ck[-1][1] if ck else None
 
@@ -173,9 +184,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Build the model recorded in a checkpoint and load its weights; returns ``(model, meta)``.
 
     ``path`` is a step dir, a ckpt root, or a run dir (latest step). A directory with
-    ``quant_config.json`` is handed to ``tinyseek.quant.quantize.load_quantized``.
+    ``quant_config.json`` is handed to ``tinyseek.quant.quantize.load_quantized``; a LoRA adapter
+    checkpoint (``adapter.safetensors``) to :func:`_load_adapter`, which returns the base with the
+    adapters merged (a plain model).
     """
-    p = Path(path)
+    return _load_model(Path(path), device, ())
+
+
+def _load_model(p: Path, device, chain: tuple):
+    """:func:`load_model`; ``chain``: the adapter checkpoints whose base is being loaded (loop guard)."""
     if (p / "quant_config.json").is_file():
         from tinyseek.quant.quantize import load_quantized
         return load_quantized(p, device)
@@ -183,6 +200,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     if (d / "quant_config.json").is_file():
         from tinyseek.quant.quantize import load_quantized
         return load_quantized(d, device)
+    if (d / "adapter.safetensors").is_file():
+        return _load_adapter(d, device, chain)
     from tinyseek.config import ModelConfig, from_dict
     from tinyseek.model.transformer import Transformer
 
@@ -194,11 +213,40 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     return model, meta
 
 
+def _load_adapter(d: Path, device, chain: tuple):
+    """The base checkpoint of adapter checkpoint ``d`` (loaded by :func:`load_model`, so it may be an
+    adapter checkpoint too) with ``d``'s adapters applied and merged; ``(model, meta of d)``."""
+    from tinyseek.model.lora import apply_lora, load_lora_state_dict, merge_lora
+
+    meta = read_meta(d)
+    lora, base = meta.get("lora"), meta.get("base")
+    if not isinstance(lora, dict) or not base:
+        raise UserError(f"adapter checkpoint {d} has no 'lora' / 'base' entries in meta.json")
+    if not Path(base).exists():
+        raise UserError(f"adapter checkpoint {d}: its base checkpoint {base} does not exist (moved or deleted?)")
+    key = str(d.resolve())
+    if key in chain or len(chain) > 64:
+        raise UserError(f"adapter checkpoint {d}: its chain of base checkpoints loops")
+    model, _ = _load_model(Path(base), "cpu", chain + (key,))
+    apply_lora(model, lora["rank"], lora["alpha"], lora["targets"], lora.get("dropout", 0.0))
+    load_lora_state_dict(model, load_weights(d / "adapter.safetensors"))
+    merge_lora(model)
+    model.to(device)
+    model.eval()
+    return model, meta
+
+
 def load_training_state(step_path: str | Path, model: nn.Module, optimizer: Any | None,
                         map_location: str | torch.device = "cpu") -> tuple[dict, dict | None]:
-    """Load weights into ``model`` and state into ``optimizer``; returns ``(meta, rng_states)``."""
+    """Load weights into ``model`` and state into ``optimizer``; returns ``(meta, rng_states)``.
+    For an adapter checkpoint ``model`` must carry the same adapters (:func:`tinyseek.model.lora.apply_lora`
+    on its base); only the adapters are loaded."""
     d = Path(step_path)
-    model.load_state_dict(load_weights(d / "model.safetensors", device="cpu"), strict=True)
+    if (d / "adapter.safetensors").is_file():
+        from tinyseek.model.lora import load_lora_state_dict
+        load_lora_state_dict(model, load_weights(d / "adapter.safetensors", device="cpu"))
+    else:
+        model.load_state_dict(load_weights(d / "model.safetensors", device="cpu"), strict=True)
     if optimizer is not None:
         if not (d / "optim.pt").is_file():
             raise UserError(f"checkpoint {d} has no optim.pt; cannot resume training from it")
