@@ -7,6 +7,10 @@ Conventions:
 - The tokenizer comes from ``tokenizer`` if set, else from ``<run dir>/tokenizer`` next to the
   checkpoint, else the byte-level fallback tokenizer. Every stage copies it into its own run dir so
   a run dir is self-contained.
+- LoRA (``lora_rank > 0`` in a stage's config, :mod:`tinyseek.model.lora`): the policy loaded
+  from ``init`` is the frozen base, adapters wrap the target projections, the optimizer gets only
+  the adapters (:func:`trainable`), and :func:`save` writes adapter checkpoints (``adapter.safetensors``
+  + the base's absolute path in ``meta.json``), which ``load_model`` merges back into a plain model.
 - A worked solution is rendered as ``<think>{solution}</think><answer>{answer}</answer>``.
 - Training problems come from the tasks' ``train`` split, held-out ones from the ``eval`` split (a
   hash of the prompt text decides, see :mod:`tinyseek.tasks`), and eval seeds start at
@@ -14,6 +18,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,7 @@ import torch
 
 from tinyseek.config import ConfigError, ModelConfig
 from tinyseek.errors import UserError
+from tinyseek.model.lora import BaseView, apply_lora, check_options, has_lora, lora_state_dict
 
 EVAL_SEED_BASE = 10_000_019  # eval problem seeds live at and above this; training seeds stay far below
 
@@ -56,17 +62,23 @@ def save_tokenizer(tok, run_dir: Path) -> None:
     tok.save(dst)
 
 
-def load_policy(init: str, model_cfg: ModelConfig, vocab_size: int, device: torch.device):
-    """(model, meta): from ``init`` if given, else a fresh ``Transformer(model_cfg)`` sized to the vocab."""
+def load_policy(init: str, model_cfg: ModelConfig, vocab_size: int, device: torch.device, lora: Any = None):
+    """(model, meta): from ``init`` if given, else a fresh ``Transformer(model_cfg)`` sized to the vocab.
+    ``lora``: a stage config whose ``lora_*`` fields put adapters on the loaded model (:func:`attach_lora`)."""
     from tinyseek.model.transformer import Transformer
     if init:
         if not Path(init).exists():
             raise UserError(f"checkpoint {init} does not exist")
         from tinyseek.train.checkpoint import load_model
         model, meta = load_model(init, device=str(device))
-        if model.cfg.vocab_size < vocab_size:
+        grew = model.cfg.vocab_size < vocab_size
+        if grew:
             resize_vocab(model, vocab_size)
+        if lora is not None:
+            attach_lora(lora, model, init, vocab_grew=grew)
         return model.to(device), meta
+    if lora is not None:
+        attach_lora(lora, None, init)
     cfg = ModelConfig(**{**model_cfg.__dict__})
     cfg.vocab_size = max(cfg.vocab_size, vocab_size)
     return Transformer(cfg).to(device), {}
@@ -98,10 +110,63 @@ def resize_vocab(model, vocab_size: int) -> None:
 
 
 def save(run_dir: Path, step: int, model, optimizer, meta: dict) -> Path:
+    """``run_dir/ckpt/step_*``: the full model, or for a LoRA model its adapters only (see above)."""
     from tinyseek.config import to_dict
     from tinyseek.train.checkpoint import save_checkpoint
     meta = {**meta, "model_config": to_dict(model.cfg)}
+    if has_lora(model):
+        info = model.lora_info
+        meta.update(lora={k: info[k] for k in ("rank", "alpha", "targets", "dropout")}, base=info["base"])
+        return save_checkpoint(Path(run_dir) / "ckpt", step, None, optimizer, meta,
+                               model_state=lora_state_dict(model), weights_file="adapter.safetensors")
     return save_checkpoint(Path(run_dir) / "ckpt", step, model, optimizer, meta)
+
+
+def base_checkpoint(init: str) -> str:
+    """The absolute path of the step dir (or quantized dir) that ``init`` names: what an adapter
+    checkpoint records as its base."""
+    from tinyseek.train.checkpoint import resolve_checkpoint
+    p = Path(init)
+    return str((p if (p / "quant_config.json").is_file() else resolve_checkpoint(p)).resolve())
+
+
+def attach_lora(cfg: Any, model, init: str, vocab_grew: bool = False) -> list[str]:
+    """With ``cfg.lora_rank > 0``: freeze ``model`` (loaded from checkpoint ``init``) and wrap
+    ``cfg.lora_targets`` in adapters (:func:`tinyseek.model.lora.apply_lora`); returns the wrapped
+    module paths ([] when LoRA is off). ``vocab_grew``: the embedding was grown for the tokenizer
+    (new rows an adapter checkpoint would not keep: refused)."""
+    rank = getattr(cfg, "lora_rank", 0)
+    if rank <= 0:
+        return []
+    if not init:
+        raise UserError("LoRA needs a base checkpoint to adapt (--init, or --student-init for distill)")
+    if vocab_grew:
+        raise UserError(f"the tokenizer has more tokens than the base checkpoint {init}'s vocabulary: LoRA "
+                        "cannot learn new token embeddings; fine-tune without LoRA first")
+    return apply_lora(model, rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout, base=base_checkpoint(init))
+
+
+def reference_model(model):
+    """The frozen reference: for a LoRA model the model itself with its adapters off
+    (:class:`tinyseek.model.lora.BaseView`, no second copy), else a frozen copy in eval mode."""
+    if has_lora(model):
+        return BaseView(model)
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def check_lora(cfg: Any, init: str, init_flag: str = "--init") -> None:
+    """The stage configs' ``lora_*`` fields: :class:`ConfigError` for bad values, or LoRA without a base."""
+    check_options(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
+    if cfg.lora_rank > 0 and not init:
+        raise ConfigError(f"lora_rank > 0 needs a base checkpoint to adapt ({init_flag} PATH)")
+
+
+def trainable(model) -> list:
+    """What the optimizer trains: every parameter of a plain model, the adapters of a LoRA model."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def task_names(spec: str) -> list[str]:
@@ -144,7 +209,8 @@ def decode(tok, ids: list[int]) -> str:
 def start_policy_run(cfg: Any, stage: str):
     """The shared start of the sft / grpo / dpo stages: seed every RNG, pick the device, load the
     tokenizer and the policy from ``cfg.init`` (fresh ``cfg.model`` when empty), create the run dir
-    with ``config.json`` and a copy of the tokenizer. Returns ``(device, run_dir, tok, model)``."""
+    with ``config.json`` and a copy of the tokenizer; adapters on the policy when ``cfg.lora_rank > 0``.
+    Returns ``(device, run_dir, tok, model)``."""
     from tinyseek.common import atomic_write_json, get_device, seed_everything
     from tinyseek.config import to_dict
 
@@ -152,7 +218,7 @@ def start_policy_run(cfg: Any, stage: str):
     device = get_device(cfg.device)
     run_dir = Path(cfg.out_dir) / cfg.name
     tok = load_tokenizer_for(cfg.init, cfg.tokenizer)
-    model, _ = load_policy(cfg.init, cfg.model, tok.vocab_size, device)
+    model, _ = load_policy(cfg.init, cfg.model, tok.vocab_size, device, lora=cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", {"stage": stage, **to_dict(cfg)})
     save_tokenizer(tok, run_dir)

@@ -7,7 +7,8 @@ well-formatted ones (:func:`tinyseek.post.rejection.select_verified`) become the
 (Hinton et al.), which needs the same tokenizer for teacher and student (it is: the student is built
 with the teacher's tokenizer).
 
-The student is a fresh ``--model`` preset (or ``--student-init`` checkpoint).
+The student is a fresh ``--model`` preset (or ``--student-init`` checkpoint; with ``--lora-rank R``
+only LoRA adapters on that checkpoint train and are saved, see :mod:`tinyseek.model.lora`).
 """
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ class Config:
     device: str = "auto"           # auto / cpu / cuda
     out_dir: str = "runs"          # parent of the run dir
     name: str = "distill"          # run dir name
+    lora_rank: int = 0             # LoRA adapter rank (> 0: base frozen, adapters trained and saved); 0 = off
+    lora_alpha: float = 16.0       # LoRA scale numerator: a projection adds (lora_alpha / lora_rank) * B A x
+    lora_targets: str = "all-linear"  # nn.Linear names to adapt (q_proj,o_proj,gate_proj,...); all-linear: all but lm_head
+    lora_dropout: float = 0.0      # dropout on the adapters' input (training only)
 
     def validate(self) -> "Config":
         if not self.teacher:
@@ -58,6 +63,7 @@ class Config:
                 raise ConfigError(f"{k} must be > 0, got {getattr(self, k)}")
         if self.kd_weight < 0 or self.kd_temperature <= 0 or self.temperature <= 0 or self.lr <= 0:
             raise ConfigError("kd_weight must be >= 0; kd_temperature, temperature and lr must be > 0")
+        C.check_lora(self, self.student_init, "--student-init")
         self.model.validate()
         return self
 
@@ -88,7 +94,7 @@ def main(cfg: Config) -> dict:
     from tinyseek.post.rejection import grade_samples, select_verified, write_jsonl
     device, tok, teacher = C.load_sampling_model(cfg.teacher, "", cfg.seed, cfg.device, what="teacher checkpoint")
     run_dir = Path(cfg.out_dir) / cfg.name
-    student, _ = C.load_policy(cfg.student_init, cfg.model, tok.vocab_size, device)
+    student, _ = C.load_policy(cfg.student_init, cfg.model, tok.vocab_size, device, lora=cfg)
     if cfg.kd_weight > 0 and student.cfg.vocab_size != teacher.cfg.vocab_size:
         raise UserError(f"logit KD needs equal vocab sizes (student {student.cfg.vocab_size}, "
                         f"teacher {teacher.cfg.vocab_size}); set --model.vocab-size {teacher.cfg.vocab_size}")
@@ -106,7 +112,8 @@ def main(cfg: Config) -> dict:
     data = [(C.prompt_ids(tok, r["prompt"]), tok.encode(r["response"]) + [tok.eos_id]) for r in rows]
     data = [d for d in data if len(d[0]) + len(d[1]) <= student.cfg.max_seq_len]
     # ---- student training ----------------------------------------------------------------------
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    params = C.trainable(student)  # all parameters, or only the LoRA adapters
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95))
     log = MetricsLogger(run_dir / "metrics.jsonl")
     rng = random.Random(cfg.seed)
     student.train()
@@ -128,10 +135,10 @@ def main(cfg: Config) -> dict:
                 loss = loss + cfg.kd_weight * kd
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if out.expert_counts is not None:
+            if out.expert_counts is not None and not cfg.lora_rank:  # LoRA: the base (router biases too) is frozen
                 student.update_expert_bias(out.expert_counts.detach())
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             step += 1
             last = {"ce_loss": float(out.ce_loss.detach()), "kd_loss": float(kd.detach()), "epoch": epoch}
@@ -141,6 +148,7 @@ def main(cfg: Config) -> dict:
     res = {"run_dir": str(run_dir), "checkpoint": str(ckpt), "n_examples": len(data), "steps": step,
            "teacher_sample_accuracy": sum(s["correct"] for g in graded for s in g) / (len(probs) * cfg.k),
            "student_params": student.num_params(), "teacher_params": teacher.num_params(),
+           "trainable_params": sum(p.numel() for p in params),
            "final_ce_loss": last["ce_loss"], "elapsed_s": round(time.time() - t0, 2)}
     atomic_write_json(run_dir / "result.json", res)
     return res

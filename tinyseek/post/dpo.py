@@ -3,7 +3,9 @@
 Pairs come from ``--pairs file.jsonl`` (``{"prompt", "chosen", "rejected"}`` lines) or are built
 on the fly: sample ``k`` completions per problem from the starting policy, score each with the
 reward registry (weights from config), and pair the highest-reward sample (chosen) with the
-lowest (rejected) when their rewards differ. The frozen reference is the starting checkpoint.
+lowest (rejected) when their rewards differ. The frozen reference is the starting checkpoint (with
+``--lora-rank R``: the same model with its adapters switched off, no second copy; only the adapters
+train and are saved, see :mod:`tinyseek.model.lora`).
 Loss: :func:`tinyseek.post.losses.dpo_loss` on summed response log-probs (the eos included).
 
 Simplifications: one offline round of pairs (no iterative re-sampling); pairs whose rewards tie
@@ -11,7 +13,6 @@ are dropped; no length normalisation of log-probs (as in the DPO paper).
 """
 from __future__ import annotations
 
-import copy
 import json
 import random
 import time
@@ -51,6 +52,10 @@ class Config:
     device: str = "auto"           # auto / cpu / cuda
     out_dir: str = "runs"          # parent of the run dir
     name: str = "dpo"              # run dir name
+    lora_rank: int = 0             # LoRA adapter rank (> 0: base frozen, adapters trained and saved); 0 = off
+    lora_alpha: float = 16.0       # LoRA scale numerator: a projection adds (lora_alpha / lora_rank) * B A x
+    lora_targets: str = "all-linear"  # nn.Linear names to adapt (q_proj,o_proj,gate_proj,...); all-linear: all but lm_head
+    lora_dropout: float = 0.0      # dropout on the adapters' input (training only)
 
     def validate(self) -> "Config":
         for k in ("n_problems", "k", "epochs", "batch_size", "max_new_tokens"):
@@ -66,6 +71,7 @@ class Config:
             check_weights(self.rewards)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        C.check_lora(self, self.init, "--init")
         self.model.validate()
         return self
 
@@ -129,10 +135,9 @@ def main(cfg: Config) -> dict:
                                                                          len(tok.encode(p["rejected"]))) + 1 <= max_len]
     if not pairs:
         raise UserError("no preference pairs: every group's samples had equal rewards (or were too long)")
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    ref = C.reference_model(model)
+    params = C.trainable(model)  # all parameters, or only the LoRA adapters
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99))
     log = MetricsLogger(run_dir / "metrics.jsonl")
     rng = random.Random(cfg.seed)
     model.train()
@@ -150,7 +155,7 @@ def main(cfg: Config) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             step += 1
             m = {"loss": float(loss.detach()), "margin": float(margin.mean()),

@@ -12,6 +12,9 @@ What this simplifies, honestly:
   this step's updates, so with ``mu = 1`` the ratio is exactly 1 and clipping never triggers;
   clipping matters only for ``mu > 1``.
 - The reference model is the starting checkpoint, never refreshed (R1 refreshes it periodically).
+  With ``--lora-rank R`` only LoRA adapters train (:mod:`tinyseek.model.lora`): the reference is
+  the same model with its adapters switched off (no second copy), rollouts run the adapted model
+  (wrapped MLA projections take the unfolded decode path) and checkpoints hold the adapters only.
 - Old/reference log-probs are recomputed with a full forward pass rather than kept from sampling
   (simpler; the same numbers up to float noise); with ``mu = 1`` the old log-probs are the
   detached current ones (no extra forward: the ratio is 1 either way). They are untempered: with
@@ -39,7 +42,6 @@ Writes ``runs/<name>/{config.json, metrics.jsonl, tokenizer/, ckpt/, plots/, res
 """
 from __future__ import annotations
 
-import copy
 import random
 import time
 from dataclasses import dataclass, field
@@ -101,6 +103,10 @@ class Config:
                                    # per step; the final eval and checkpoint use the averaged weights
     shuffle_rewards: bool = False  # control run: permute rewards within each group, so updates are as large
                                    # but carry no signal; held-out changes then measure training noise
+    lora_rank: int = 0             # LoRA adapter rank (> 0: base frozen, adapters trained and saved); 0 = off
+    lora_alpha: float = 16.0       # LoRA scale numerator: a projection adds (lora_alpha / lora_rank) * B A x
+    lora_targets: str = "all-linear"  # nn.Linear names to adapt (q_proj,o_proj,gate_proj,...); all-linear: all but lm_head
+    lora_dropout: float = 0.0      # dropout on the adapters' input (training only)
 
     def validate(self) -> "Config":
         if self.variant not in VARIANTS:
@@ -120,6 +126,8 @@ class Config:
             raise ConfigError("beta must be >= 0 and eps_low, eps_high, lr > 0")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
+        if self.lora_rank > 0 and self.update_router_bias:
+            raise ConfigError("update_router_bias changes the base model's router biases: not with LoRA (lora_rank > 0)")
         if self.max_difficulty < self.difficulty:
             self.max_difficulty = self.difficulty
         try:
@@ -130,6 +138,7 @@ class Config:
         if bad:
             raise ConfigError(f"unknown multi_weights {sorted(bad)}; choose from {', '.join(DEFAULT_MULTI_WEIGHTS)}")
         C.task_names(self.tasks)
+        C.check_lora(self, self.init, "--init")
         self.model.validate()
         return self
 
@@ -189,7 +198,8 @@ def grpo_update(model, ref_model, opt, prompts: list[list[int]], responses: list
         total.backward()
         if update_router_bias and out.expert_counts is not None:
             model.update_expert_bias(out.expert_counts.detach())
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else torch.tensor(0.0)
+        gn = (torch.nn.utils.clip_grad_norm_(C.trainable(model), grad_clip) if grad_clip > 0
+              else torch.tensor(0.0))
         opt.step()
         st.update(loss=float(loss.detach()), grad_norm=float(gn))
         for k, v in st.items():
@@ -201,12 +211,9 @@ def main(cfg: Config) -> dict:
     cfg.validate()
     from tinyseek.eval import evaluate, heldout_problems
     device, run_dir, tok, model = C.start_policy_run(cfg, "grpo")
-    ref = None
-    if cfg.beta > 0:
-        ref = copy.deepcopy(model).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    ref = C.reference_model(model) if cfg.beta > 0 else None  # LoRA: the base, adapters off (no copy)
+    params = C.trainable(model)  # all parameters, or only the LoRA adapters
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     V = VARIANTS[cfg.variant]
     ctx = RewardContext(length_budget=cfg.length_budget, multi_weights=dict(cfg.multi_weights))
     log = MetricsLogger(run_dir / "metrics.jsonl")
@@ -222,7 +229,7 @@ def main(cfg: Config) -> dict:
         return r
 
     first_eval = run_eval(0)
-    ema = [p.detach().clone() for p in model.parameters()] if cfg.ema > 0 else None
+    ema = [p.detach().clone() for p in params] if cfg.ema > 0 else None
     model.train()
     history = []
     t_start = time.time()
@@ -257,7 +264,7 @@ def main(cfg: Config) -> dict:
                              aux_weight=cfg.aux_weight)
         if ema is not None:
             with torch.no_grad():
-                for e, p in zip(ema, model.parameters()):
+                for e, p in zip(ema, params):
                     e.lerp_(p.detach(), 1.0 - cfg.ema)
         t3 = time.time()
         # ---- metrics -----------------------------------------------------------------------------
@@ -284,7 +291,7 @@ def main(cfg: Config) -> dict:
             C.save(run_dir, step, model, opt, {"stage": "grpo", "step": step})
     if ema is not None:  # the averaged weights become the result
         with torch.no_grad():
-            for e, p in zip(ema, model.parameters()):
+            for e, p in zip(ema, params):
                 p.copy_(e)
     last_eval = run_eval(cfg.steps)
     ckpt = C.save(run_dir, cfg.steps, model, opt, {"stage": "grpo", "step": cfg.steps})

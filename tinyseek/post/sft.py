@@ -8,7 +8,9 @@ Prompt tokens get target -100, so only the response (and its eos) is learned.
 
 Starts from ``--init`` (a pretrained checkpoint) or a fresh ``--model`` preset; writes
 ``runs/<name>/{config.json, metrics.jsonl, tokenizer/, ckpt/step_*/}``. With ``--dp true`` the
-update is DP-SGD through Opacus (see :mod:`tinyseek.post.dp`); epsilon is reported.
+update is DP-SGD through Opacus (see :mod:`tinyseek.post.dp`); epsilon is reported. With
+``--lora-rank R`` only LoRA adapters on the ``--init`` model train (:mod:`tinyseek.model.lora`) and
+the checkpoint holds the adapters; the MoE routers' aux-loss-free biases then stay as the base has them.
 """
 from __future__ import annotations
 
@@ -52,6 +54,10 @@ class Config:
     dp_noise_multiplier: float = 1.0  # DP-SGD Gaussian noise std / clip norm
     dp_max_grad_norm: float = 1.0  # DP-SGD per-sample gradient clip
     dp_delta: float = 1e-5         # delta of the (epsilon, delta) guarantee
+    lora_rank: int = 0             # LoRA adapter rank (> 0: base frozen, adapters trained and saved); 0 = off
+    lora_alpha: float = 16.0       # LoRA scale numerator: a projection adds (lora_alpha / lora_rank) * B A x
+    lora_targets: str = "all-linear"  # nn.Linear names to adapt (q_proj,o_proj,gate_proj,...); all-linear: all but lm_head
+    lora_dropout: float = 0.0      # dropout on the adapters' input (training only)
 
     def validate(self) -> "Config":
         for k in ("n_examples", "epochs", "batch_size"):
@@ -64,6 +70,7 @@ class Config:
         if self.dp and not (self.dp_noise_multiplier >= 0 and self.dp_max_grad_norm > 0 and 0 < self.dp_delta < 1):
             raise ConfigError("dp needs dp_noise_multiplier >= 0, dp_max_grad_norm > 0 and 0 < dp_delta < 1")
         C.task_names(self.tasks)
+        C.check_lora(self, self.init, "--init")
         self.model.validate()
         return self
 
@@ -140,7 +147,8 @@ def main(cfg: Config) -> dict:
     data = encode_examples(tok, load_examples(cfg), model.cfg.max_seq_len)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    params = C.trainable(model)  # all parameters, or only the LoRA adapters
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     dp_engine = None
     if cfg.dp:
         from tinyseek.post.dp import make_private
@@ -164,9 +172,9 @@ def main(cfg: Config) -> dict:
             loss = out.loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if out.expert_counts is not None:
+            if out.expert_counts is not None and not cfg.lora_rank:  # LoRA: the base (router biases too) is frozen
                 model.update_expert_bias(out.expert_counts.detach())
-            gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                      if cfg.grad_clip > 0 and dp_engine is None else torch.tensor(0.0))  # DP clips per sample
             opt.step()
             step += 1
