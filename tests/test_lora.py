@@ -279,6 +279,10 @@ def test_sft_lora_end_to_end_through_the_cli_options(base_run, tmp_path):
     base, _ = ckpt.load_model(base_run)
     assert type(model) is Transformer and any(not torch.equal(a, b) for a, b in
                                               zip(model.state_dict().values(), base.state_dict().values()))
+    # quantize takes it unchanged (its float source is the merged model)
+    q = cli.run_stage("quantize", ["--ckpt", str(tmp_path / "lora")])
+    assert not (Path(q["out"]) / "adapter.safetensors").exists() and q["file_bytes_float"] > 0
+    ckpt.load_model(q["out"])
     # a following full stage takes it as --init unchanged (the merged model trains like any other)
     res2 = sft.main(sft.Config(init=str(tmp_path / "lora"), out_dir=str(tmp_path), name="after", n_examples=8,
                                epochs=1, batch_size=8))

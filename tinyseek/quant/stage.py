@@ -170,10 +170,11 @@ def main(cfg: Config) -> dict:
     qcfg["qat_steps"] = len(qat_losses)
     save_quantized(model, out, qcfg, meta)
     for f in step.iterdir():  # carry tokenizer and other side files along
-        if f.is_file() and f.name not in ("model.safetensors", "optim.pt", "rng.pt", "meta.json") \
-                and not (out / f.name).exists():
+        if f.is_file() and not (out / f.name).exists() \
+                and f.name not in ("model.safetensors", "adapter.safetensors", "optim.pt", "rng.pt", "meta.json"):
             shutil.copy2(f, out / f.name)
-    src_size = (step / "model.safetensors").stat().st_size
+    src = step / "model.safetensors"  # a LoRA adapter checkpoint has none: the merged float weights' bytes
+    src_size = src.stat().st_size if src.is_file() else before["total"]
     out_size = (out / "model.safetensors").stat().st_size
     metrics = {
         "out": str(out), "method": spec.method, "group_size": spec.eff_group_size,
