@@ -178,7 +178,7 @@ def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     >>> s = expected_shapes({"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
     ...                      "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 10})
     >>> s["model.layers.0.self_attn.k_proj.weight"], len(s)
-    ((4, 8), 11)
+    ((4, 8), 12)
     """
     d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     h = cfg["num_attention_heads"]
@@ -540,3 +540,215 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
         elif ".self_attn.k_proj." in k:
             tensors[k] = unpermute_qk(tensors[k], kv).contiguous()
     return cfg, tensors, _tokenizer_files(path, meta, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# write_gguf
+# ---------------------------------------------------------------------------------------------
+def _llama_cfg(hf_cfg: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """The HF config with LlamaConfig's defaults filled in; UserError for what a llama GGUF cannot say."""
+    mt, archs = hf_cfg.get("model_type"), hf_cfg.get("architectures") or []
+    if mt != "llama" and "LlamaForCausalLM" not in archs:
+        raise UserError(f"write_gguf writes Llama models; this config is {mt or archs!r}")
+    miss = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+            if not hf_cfg.get(k)]
+    if miss:
+        raise UserError(f"the Llama config lacks {', '.join(miss)}")
+    if hf_cfg.get("hidden_act", "silu") != "silu":
+        raise UserError(f"hidden_act {hf_cfg['hidden_act']!r}: llama.cpp's llama architecture uses silu")
+    rp = dict(hf_cfg.get("rope_parameters") or hf_cfg.get("rope_scaling") or {})
+    rtype = rp.get("rope_type", rp.get("type", "default"))
+    if rtype not in ("default", "linear"):
+        raise UserError(f"rope type {rtype!r} is not supported in GGUF export (default and linear are)")
+    if rp.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError("partial rotary (partial_rotary_factor != 1) has no llama GGUF form")
+    d, h = hf_cfg["hidden_size"], hf_cfg["num_attention_heads"]
+    emb = tensors.get("model.embed_tokens.weight")
+    return {**hf_cfg,
+            "vocab_size": hf_cfg.get("vocab_size") or (emb.shape[0] if emb is not None else 0),
+            "num_key_value_heads": hf_cfg.get("num_key_value_heads") or h,
+            "head_dim": hf_cfg.get("head_dim") or d // h,
+            "rms_norm_eps": hf_cfg.get("rms_norm_eps", 1e-6),
+            "max_position_embeddings": hf_cfg.get("max_position_embeddings", 2048),
+            "tie_word_embeddings": bool(hf_cfg.get("tie_word_embeddings", False)),
+            "rope_theta": float(rp.get("rope_theta", hf_cfg.get("rope_theta", 10000.0))),
+            "rope_type": rtype, "rope_factor": float(rp.get("factor", 1.0))}
+
+
+def pre_name(pre: dict | None, has_merges: bool = True) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level tokenizer.json pre-tokenizer (UserError if none fits).
+
+    >>> bl = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    >>> pre_name(bl), pre_name({"type": "Sequence", "pretokenizers": [
+    ...     {"type": "Digits", "individual_digits": True}, bl]})
+    ('gpt-2', 'smollm')
+    """
+    def byte_level(p, regex):
+        return (isinstance(p, dict) and p.get("type") == "ByteLevel" and not p.get("add_prefix_space", False)
+                and p.get("use_regex", True) == regex)
+
+    parts = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    if len(parts) == 1 and byte_level(parts[0], True):
+        return "gpt-2"
+    if len(parts) == 1 and byte_level(parts[0], False) and not has_merges:
+        return "gpt-2"  # nothing to merge: every split encodes the same
+    if len(parts) == 2 and byte_level(parts[1], True) and parts[0].get("type") == "Digits" \
+            and parts[0].get("individual_digits"):
+        return "smollm"  # llama.cpp: \p{N} then the GPT-2 regex
+    if len(parts) == 2 and byte_level(parts[1], False) and parts[0].get("type") == "Split" \
+            and parts[0].get("behavior") == "Isolated" and not parts[0].get("invert"):
+        regex = (parts[0].get("pattern") or {}).get("Regex")
+        for name in ("llama-bpe", "qwen2", "tekken", "gpt-4o", "qwen35"):
+            if PRE_TOKENIZER_SPLITS[name] == regex:
+                return name
+    raise UserError(f"tokenizer.json pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp equivalent "
+                    "(byte-level BPE with the GPT-2, llama3, qwen2, tekken or gpt-4o split is supported)")
+
+
+def _token_id(tok, vocab: dict[str, int]) -> int | None:
+    if isinstance(tok, dict):
+        tok = tok.get("content")
+    return vocab.get(tok) if isinstance(tok, str) else None
+
+
+def tokenizer_metadata(tokenizer_dir: str | Path, hf_cfg: dict, vocab_size: int) -> list[tuple[str, str, object]]:
+    """GGUF tokenizer keys ``[(key, kind, value)]`` from an HF tokenizer dir (byte-level BPE tokenizer.json
+    [+ tokenizer_config.json]); the token list is padded to ``vocab_size`` with ``[PADi]`` (type UNUSED)."""
+    d = Path(tokenizer_dir)
+    try:
+        tj = json.loads((d / "tokenizer.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {d / 'tokenizer.json'}: {getattr(e, 'strerror', None) or e}") from None
+    tc = {}
+    if (d / "tokenizer_config.json").exists():
+        try:
+            tc = json.loads((d / "tokenizer_config.json").read_text())
+        except ValueError as e:
+            raise UserError(f"{d / 'tokenizer_config.json'} is not JSON: {e}") from None
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE":
+        raise UserError(f"{d}/tokenizer.json: model {model.get('type')!r} is not supported (byte-level BPE is)")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    pre = pre_name(tj.get("pre_tokenizer"), bool(merges))
+    vocab = dict(model.get("vocab") or {})
+    added = {a["id"]: a for a in tj.get("added_tokens") or []}
+    vocab.update({a["content"]: i for i, a in added.items()})
+    top = max(vocab.values(), default=-1)
+    if top >= vocab_size:
+        raise UserError(f"tokenizer has token id {top}, beyond the model's vocab_size {vocab_size}")
+    tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
+    for t, i in vocab.items():
+        tokens[i], types[i] = t, NORMAL
+    for i, a in added.items():
+        tokens[i], types[i] = a["content"], CONTROL if a.get("special") else USER_DEFINED
+    post = tj.get("post_processor") or {}
+    single = post.get("single") or [] if post.get("type") == "TemplateProcessing" else []
+    out = [("tokenizer.ggml.model", "str", "gpt2"), ("tokenizer.ggml.pre", "str", pre),
+           ("tokenizer.ggml.tokens", "arr", tokens), ("tokenizer.ggml.token_type", "arr", types),
+           ("tokenizer.ggml.merges", "arr", merges)]
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
+                      ("pad", "padding_token_id")):
+        i = _token_id(tc.get(f"{name}_token"), vocab)
+        if i is None and name == "unk":
+            i = _token_id(model.get("unk_token"), vocab)
+        if i is None:
+            i = hf_cfg.get(f"{name}_token_id")
+        if isinstance(i, int) and 0 <= i < vocab_size:
+            out.append((f"tokenizer.ggml.{key}", "u32", i))
+    add_bos = tc.get("add_bos_token", bool(single) and "SpecialToken" in single[0])
+    add_eos = tc.get("add_eos_token", bool(single) and "SpecialToken" in single[-1])
+    out += [("tokenizer.ggml.add_bos_token", "bool", bool(add_bos)),
+            ("tokenizer.ggml.add_eos_token", "bool", bool(add_eos))]
+    if isinstance(tc.get("chat_template"), str):
+        out.append(("tokenizer.chat_template", "str", tc["chat_template"]))
+    return out
+
+
+def write_gguf(hf_cfg: dict, tensors: dict[str, torch.Tensor], tokenizer_dir: str | Path | None,
+               out_path: str | Path, qtype: str = "f16") -> dict:
+    """Write a Llama model (HF config dict + HF-named tensors [+ HF tokenizer dir]) as a llama.cpp GGUF file.
+
+    ``qtype`` ("f32", "f16", "q8_0") is the type of the 2-D weights; norms and biases stay F32, and a
+    weight whose rows do not fill whole Q8_0 blocks falls back to F16 (both as llama.cpp's converter does).
+    Written atomically (a temp file beside ``out_path``, then a rename): on any error nothing is left.
+    Returns ``{"path", "qtype", "n_tensors", "bytes"}``.
+    """
+    import gguf
+
+    if qtype not in QTYPES:
+        raise UserError(f"GGUF qtype {qtype!r} is not supported (choose from {', '.join(QTYPES)})")
+    cfg = _llama_cfg(hf_cfg, tensors)
+    want = expected_shapes(cfg)
+    ts = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg["tie_word_embeddings"]:
+        ts.pop("lm_head.weight", None)
+    missing = [k for k in want if k not in ts]
+    if missing:
+        raise UserError(f"tensor {missing[0]} is missing ({len(missing)} missing) for the Llama config given")
+    for k, t in ts.items():
+        if k not in want:
+            raise UserError(f"tensor {k} is not part of a Llama model with this config")
+        if tuple(t.shape) != want[k]:
+            raise UserError(f"tensor {k} has shape {list(t.shape)}; the config says {list(want[k])}")
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise UserError(f"tensor {k} is not finite floating point")
+        if qtype == "f16" and t.dim() == 2 and float(t.abs().max()) > 65504.0:
+            raise UserError(f"tensor {k} exceeds the float16 range; export with qtype f32 or q8_0")
+    tok_meta = tokenizer_metadata(tokenizer_dir, hf_cfg, cfg["vocab_size"]) if tokenizer_dir is not None else []
+
+    GT = gguf.GGMLQuantizationType
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    w = None
+    try:
+        w = gguf.GGUFWriter(tmp, "llama")
+        w.add_string("general.name", str(hf_cfg.get("_name_or_path") or out.stem))
+        w.add_uint32("general.file_type", int(file_type))
+        w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
+        for k, v in (("vocab_size", cfg["vocab_size"]), ("context_length", cfg["max_position_embeddings"]),
+                     ("embedding_length", cfg["hidden_size"]), ("block_count", cfg["num_hidden_layers"]),
+                     ("feed_forward_length", cfg["intermediate_size"]),
+                     ("rope.dimension_count", cfg["head_dim"]),
+                     ("attention.head_count", cfg["num_attention_heads"]),
+                     ("attention.head_count_kv", cfg["num_key_value_heads"]),
+                     ("attention.key_length", cfg["head_dim"]), ("attention.value_length", cfg["head_dim"])):
+            w.add_uint32(f"llama.{k}", int(v))
+        w.add_float32("llama.attention.layer_norm_rms_epsilon", float(cfg["rms_norm_eps"]))
+        w.add_float32("llama.rope.freq_base", cfg["rope_theta"])
+        if cfg["rope_type"] == "linear":
+            w.add_string("llama.rope.scaling.type", "linear")
+            w.add_float32("llama.rope.scaling.factor", cfg["rope_factor"])
+        for key, kind, val in tok_meta:
+            {"str": w.add_string, "u32": w.add_uint32, "bool": w.add_bool, "arr": w.add_array}[kind](key, val)
+        n_heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+        for k in want:
+            t = ts[k].detach().to("cpu", torch.float32)
+            proj = k.split(".")[-2]
+            if proj in n_heads:
+                t = permute_qk(t, n_heads[proj])
+            a = t.contiguous().numpy()
+            if a.ndim == 1 or qtype == "f32":
+                w.add_tensor(hf_to_gguf_name(k), a)
+            elif qtype == "q8_0" and a.shape[-1] % gguf.GGML_QUANT_SIZES[GT.Q8_0][0] == 0:
+                w.add_tensor(hf_to_gguf_name(k), gguf.quants.quantize(a, GT.Q8_0), raw_dtype=GT.Q8_0)
+            else:
+                w.add_tensor(hf_to_gguf_name(k), a.astype(np.float16))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        if w is not None:
+            with contextlib.suppress(Exception):
+                w.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return {"path": str(out), "qtype": qtype, "n_tensors": len(want), "bytes": out.stat().st_size}
