@@ -19,9 +19,17 @@ round-trips through ``encode``/``decode``).
 
 Saved layout (``save(dir)``): ``dir/tokenizer.json`` (HF format, BPE only) and
 ``dir/tokenizer_config.json`` (``{"type": "bpe"|"bytes", "special_tokens": [...], ...}``).
+
+A third kind, ``"hf"`` (:class:`HFTokenizer`), is an imported model's own tokenizer in Hugging Face's
+format: ``tokenizer.json`` + a ``tokenizer_config.json`` without our ``"type"`` key (and possibly
+``special_tokens_map.json``, ``chat_template.jinja``, ``generation_config.json``). It encodes as
+transformers' ``AutoTokenizer`` does on the same files and renders the model's own Jinja chat template
+as transformers' ``apply_chat_template`` does; the R1 tags ``<think>``/``<answer>`` are plain text on
+top. :func:`load_tokenizer` tells the kinds apart.
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -81,11 +89,17 @@ class Tokenizer:
         self._special_by_id = {i: t for t, i in self._special.items()}
         self.eos_id = self._special[EOS]
         self.pad_id = self._special[PAD]
+        self.bos_id: int | None = None            # our tokenizers have no BOS
+        self.stop_ids: tuple[int, ...] = (self.eos_id,)  # ids that end generation
+        self.chat_template: str | None = None     # None: the built-in format (apply_chat_template)
         self.special_ids = set(self._special_by_id)
+        # strings a chat message must not contain (they would forge turns of the template)
+        self.control_tokens: tuple[str, ...] = (SYSTEM, USER, ASSISTANT, EOS, PAD)
 
     # -- core ---------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special-token strings become their ids. No BOS/EOS added."""
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; special-token strings become their ids. No BOS/EOS added (our
+        tokenizers add none, so ``add_special_tokens`` changes nothing)."""
         if self._hf is not None:
             return self._hf.encode(text, add_special_tokens=False).ids
         out: list[int] = []
@@ -187,35 +201,339 @@ def byte_tokenizer() -> Tokenizer:
     return Tokenizer(None)
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer dir (``tokenizer.json`` and/or ``tokenizer_config.json``), a ``tokenizer.json``
-    file, or the string ``"bytes"`` for :func:`byte_tokenizer`."""
+def load_tokenizer(path: str | Path) -> "Tokenizer | HFTokenizer":
+    """Load a tokenizer dir, a ``tokenizer.json`` file, or the string ``"bytes"`` for
+    :func:`byte_tokenizer`. Our own dirs record ``{"type": "bpe"|"bytes"}`` in
+    ``tokenizer_config.json``; a ``tokenizer_config.json`` without ``"type"`` (Hugging Face's format),
+    or a ``tokenizer.json`` alone that lacks our special tokens, gives an :class:`HFTokenizer`."""
     if str(path) == "bytes":
         return byte_tokenizer()
     p = Path(path)
+    if p.is_file() and p.name == "tokenizer.json" and (p.parent / "tokenizer_config.json").is_file():
+        p = p.parent  # the whole dir: its config says which kind
     if p.is_dir():
         cfg_path = p / "tokenizer_config.json"
         if cfg_path.is_file():
-            try:
-                kind = json.loads(cfg_path.read_text()).get("type", "bpe")
-            except json.JSONDecodeError as e:
-                raise UserError(f"corrupt {cfg_path}: {e}") from None
+            kind = _json_object(cfg_path.read_text(encoding="utf-8"), str(cfg_path)).get("type")
             if kind == "bytes":
                 return byte_tokenizer()
+            if kind is None:
+                return HFTokenizer.from_dir(p)
         p = p / "tokenizer.json"
     if not p.is_file():
         raise UserError(f"no tokenizer at {path} (expected a tokenizer dir or tokenizer.json)")
-    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import Tokenizer as RustTokenizer
     try:
-        hf = HFTokenizer.from_file(str(p))
+        hf = RustTokenizer.from_file(str(p))
     except Exception as e:  # the Rust error is one long line
         raise UserError(f"cannot read tokenizer {p}: {str(e).splitlines()[0][:200]}") from None
+    if any(hf.token_to_id(t) is None for t in SPECIAL_TOKENS):  # not one of ours: a bare HF tokenizer
+        try:
+            return HFTokenizer({"tokenizer.json": p.read_bytes().decode("utf-8")}, str(p.parent))
+        except UserError:
+            raise UserError(f"tokenizer {p} lacks tinyseek's special tokens and has no Hugging Face "
+                            "tokenizer_config.json naming its eos_token; retrain with tinyseek tokenizer "
+                            "or add the config") from None
     return Tokenizer(hf)
 
 
+# ------------------------------------------------------------------------------------------------
+# Hugging Face format: an imported model's own tokenizer and chat template
+# ------------------------------------------------------------------------------------------------
+# the files of an HF tokenizer dir that we read and copy (text files; slow-tokenizer files are not needed
+# once tokenizer.json exists); additional_chat_templates/*.jinja come along too
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+            "chat_template.json", "generation_config.json", "added_tokens.json")
+HF_TEMPLATE_DIR = "additional_chat_templates"
+# transformers' named special tokens (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES): the template sees them
+NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+# used when the files carry no chat template (a base model): our format with the model's own eos
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt and (messages | length == 0 or messages[-1]['role'] != 'assistant') %}"
+    "<|assistant|>{% endif %}")
+
+
+class HFTokenizer:
+    """An imported model's tokenizer in Hugging Face's format (``kind == "hf"``): the same API as
+    :class:`Tokenizer` plus ``bos_id``, ``stop_ids`` and the model's ``chat_template``.
+
+    Built from the files' texts (``{name: text}``, see :data:`HF_FILES`) so that :meth:`save` and
+    :meth:`hf_files` give them back unchanged and transformers loads a saved dir as before. What
+    transformers does on load is repeated here: the tokenizer.json backend (``_hf``, a
+    ``tokenizers.Tokenizer``), the named special tokens of ``tokenizer_config.json`` (legacy
+    ``special_tokens_map.json`` where the config has no ``added_tokens_decoder``), added tokens the
+    config lists but tokenizer.json lacks, ``split_special_tokens``; the chat template from
+    ``chat_template.jinja`` / ``additional_chat_templates/`` / the config (a string, or a list of
+    ``{name, template}`` whose ``default`` is used), else a processor's ``chat_template.json``, else
+    :data:`FALLBACK_CHAT_TEMPLATE`. ``stop_ids``: eos, then ``generation_config.json``'s
+    ``eos_token_id`` (an int or a list). Not repeated: ``clean_up_tokenization_spaces`` on
+    decode (transformers itself ignores it for BPE), model classes that rebuild the backend from a
+    slow tokenizer (tokenizer.json is the truth here)."""
+
+    kind = "hf"
+
+    def __init__(self, files: dict[str, str], source: str = "<memory>"):
+        from tokenizers import AddedToken, Tokenizer as RustTokenizer
+
+        if "tokenizer.json" not in files:
+            raise UserError(f"{source}: no tokenizer.json (a Hugging Face tokenizer dir needs one; "
+                            "convert a slow/sentencepiece tokenizer with transformers first)")
+        self._files = dict(files)
+        self.source = source
+        cfg = _json_object(files.get("tokenizer_config.json", "{}"), f"{source}/tokenizer_config.json")
+        try:
+            hf = RustTokenizer.from_str(files["tokenizer.json"])
+        except Exception as e:  # the Rust error is one long line
+            raise UserError(f"cannot read tokenizer {source}/tokenizer.json: {str(e).splitlines()[0][:200]}") from None
+        self._hf = hf
+
+        # named special tokens: the config, or (legacy, as transformers) special_tokens_map.json over it
+        named: dict[str, object] = {k: cfg.get(k) for k in NAMED_SPECIAL}
+        if "added_tokens_decoder" not in cfg and "special_tokens_map.json" in files:
+            smap = _json_object(files["special_tokens_map.json"], f"{source}/special_tokens_map.json")
+            named.update({k: v for k, v in smap.items() if k in NAMED_SPECIAL})
+        named = {k: v for k, v in named.items() if v is not None}
+
+        # added tokens transformers would add on load: config entries tokenizer.json lacks, then named
+        # special tokens that are not added tokens yet (as special tokens)
+        have = hf.get_added_tokens_decoder()
+        to_add = []
+        for i, d in sorted(((int(i), d) for i, d in (cfg.get("added_tokens_decoder") or {}).items())):
+            if isinstance(d, dict) and "content" in d:
+                t = AddedToken(**{k: v for k, v in d.items() if not k.startswith("__")})
+                if i not in have or repr(have[i]) != repr(t):
+                    to_add.append(t)
+        known = {str(t) for t in have.values()} | {str(t) for t in to_add}
+        for k, v in named.items():
+            content = _token_content(v)
+            if content is not None and content not in known:
+                attrs = {a: b for a, b in v.items() if not a.startswith("__")} if isinstance(v, dict) else {}
+                attrs.update(content=content, special=True)
+                to_add.append(AddedToken(**attrs))
+                known.add(content)
+        if to_add:
+            hf.add_tokens(to_add)
+        hf.encode_special_tokens = bool(cfg.get("split_special_tokens", False))
+
+        self.special_tokens_map = {k: c for k, v in named.items() if (c := _token_content(v)) is not None}
+        ids = {k: hf.token_to_id(c) for k, c in self.special_tokens_map.items()}
+        self.bos_id: int | None = ids.get("bos_token")
+        eos = ids.get("eos_token")
+        gen = _json_object(files.get("generation_config.json", "{}"), f"{source}/generation_config.json")
+        gen_eos = gen.get("eos_token_id")
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else [i for i in gen_eos or [] if isinstance(i, int)]
+        if eos is None and gen_eos:
+            eos = gen_eos[0]
+        if eos is None:
+            raise UserError(f"{source}: no eos_token (tokenizer_config.json) or eos_token_id "
+                            "(generation_config.json) names a token of the tokenizer")
+        self.eos_id: int = eos
+        self.pad_id: int = ids["pad_token"] if ids.get("pad_token") is not None else eos
+        self.stop_ids: tuple[int, ...] = (eos, *sorted(set(gen_eos) - {eos}))
+        added = hf.get_added_tokens_decoder()
+        self.special_ids = {i for i, t in added.items() if t.special} | {i for i in ids.values() if i is not None}
+        # the special tokens' strings: a chat message must not contain them (they would forge turns)
+        self.control_tokens: tuple[str, ...] = tuple(sorted({added[i].content if i in added else hf.id_to_token(i)
+                                                            for i in self.special_ids}, key=lambda t: (-len(t), t)))
+        self.vocab_size: int = max(hf.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1)
+        self.model_max_length = cfg.get("model_max_length")
+
+        # chat templates: chat_template.jinja and additional_chat_templates/*.jinja over the config's
+        templates: dict[str, str] = {}
+        ct = cfg.get("chat_template")
+        if isinstance(ct, str):
+            templates["default"] = ct
+        elif isinstance(ct, list):
+            templates.update({t["name"]: t["template"] for t in ct if isinstance(t, dict) and "name" in t})
+        elif isinstance(ct, dict):
+            templates.update(ct)
+        from_files = {n[len(HF_TEMPLATE_DIR) + 1:-len(".jinja")]: t for n, t in files.items()
+                      if n.startswith(HF_TEMPLATE_DIR + "/") and n.endswith(".jinja")}
+        if "chat_template.jinja" in files:
+            from_files["default"] = files["chat_template.jinja"]
+        if from_files:
+            templates = from_files
+        if not templates and "chat_template.json" in files:  # a processor's (transformers' tokenizer ignores it)
+            legacy = _json_object(files["chat_template.json"], f"{source}/chat_template.json").get("chat_template")
+            if isinstance(legacy, str):
+                templates["default"] = legacy
+        self.chat_templates = templates
+        self.chat_template: str = templates.get("default") or FALLBACK_CHAT_TEMPLATE
+        self.own_chat_template = "default" in templates  # False: the fallback (a model without a template)
+        self._compiled = None
+
+    # -- core ---------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text`` as transformers' ``tok(text, add_special_tokens=False)``: special-token
+        strings become their ids, no BOS/EOS is added (a chat template that writes a BOS into the text
+        gets exactly one). ``add_special_tokens=True``: what tokenizer.json's post-processor adds
+        (e.g. Llama 3's BOS), as ``tok(text)``."""
+        return self._hf.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text of ``ids`` as transformers' ``tok.decode(ids, skip_special_tokens=skip_special)``;
+        a cut-off multi-byte character becomes U+FFFD."""
+        return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def token_to_id(self, tok: str) -> int | None:
+        return self._hf.token_to_id(tok)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._hf.id_to_token(int(i))
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The model's chat template rendered as transformers' ``apply_chat_template(messages,
+        tokenize=False, add_generation_prompt=...)`` does (sandboxed Jinja, the same globals)."""
+        if self._compiled is None:
+            self._compiled = _compile_chat_template(self.chat_template)
+        msgs = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise UserError(f"message {i} must be a dict with role and content")
+            m = {k: v for k, v in m.items() if v is not None}  # as transformers: None values dropped
+            reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if k in m), None)
+            if reasoning is not None:
+                m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+            msgs.append(copy.deepcopy(m))
+        import jinja2
+        try:
+            return self._compiled.render(messages=msgs, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self.special_tokens_map)
+        except jinja2.TemplateError as e:
+            raise UserError(f"chat template: {e}") from None
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __getstate__(self) -> dict:  # picklable (data loader workers): the compiled template is rebuilt
+        return {**self.__dict__, "_compiled": None}
+
+    def __repr__(self) -> str:
+        return (f"HFTokenizer(source={self.source!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id}, "
+                f"stop_ids={self.stop_ids})")
+
+    # -- files --------------------------------------------------------------------------------
+    def hf_files(self) -> dict[str, str]:
+        """The original files' texts by name (``tokenizer.json``, ``tokenizer_config.json``, ...)."""
+        return dict(self._files)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the original files unchanged into ``out_dir`` (atomically): transformers and
+        :func:`load_tokenizer` read the copy as they read the source."""
+        out_dir = Path(out_dir)
+        with atomic_dir(out_dir) as tmp:
+            for name, text in self._files.items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_bytes(text.encode("utf-8"))
+        return out_dir
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "HFTokenizer":
+        p = Path(path)
+        names = [n for n in HF_FILES if (p / n).is_file()]
+        if (p / HF_TEMPLATE_DIR).is_dir():
+            names += sorted(f"{HF_TEMPLATE_DIR}/{f.name}" for f in (p / HF_TEMPLATE_DIR).glob("*.jinja"))
+        files = {}
+        for n in names:
+            try:
+                files[n] = (p / n).read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{p / n} is not UTF-8 text") from None
+        return cls(files, str(p))
+
+
+def _json_object(text: str, where: str) -> dict:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"corrupt {where}: {e}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"corrupt {where}: expected a JSON object")
+    return obj
+
+
+def _token_content(v) -> str | None:
+    """A special token's string from its config value: a string or an AddedToken dict."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, dict) and isinstance(v.get("content"), str):
+        return v["content"]
+    return None
+
+
+def _compile_chat_template(template: str):
+    """A Jinja template compiled in a sandbox with the options and globals transformers gives chat
+    templates: trim_blocks, lstrip_blocks, loop controls, the ``{% generation %}`` tag (rendered as its
+    body), ``raise_exception``, ``strftime_now``, a ``tojson`` that keeps non-ASCII text, and ``dict`` /
+    ``namespace`` that refuse underscore names."""
+    import datetime
+
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):  # {% generation %}...{% endgeneration %}: marks assistant text
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def strftime_now(fmt):
+        return datetime.datetime.now().strftime(fmt)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def no_underscore(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot use the name {name!r}")
+
+    class SafeNamespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):  # noqa: N805 (jinja's signature trick: `self` may be a keyword)
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                no_underscore(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            no_underscore(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    class DictMaker:  # `dict(...)` and `dict.fromkeys(...)` without reaching the dict type itself
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=DictMaker(),
+                       namespace=SafeNamespace)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"chat template: syntax error at line {e.lineno}: {e.message}") from None
+
+
 def _new_bpe():
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-    tok = HFTokenizer(models.BPE())
+    from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers
+    tok = RustTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
