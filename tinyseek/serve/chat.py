@@ -89,7 +89,8 @@ def main(cfg: Config, stdin=None, stdout=None) -> dict:
         budget = engine.max_len - min(cfg.max_tokens, engine.max_len // 2)
         ids = fit_history(tok, messages, budget)
         sp = SamplingParams(max_tokens=min(cfg.max_tokens, engine.max_len - len(ids)), temperature=cfg.temperature,
-                            top_k=cfg.top_k, top_p=cfg.top_p, seed=None if cfg.seed < 0 else cfg.seed + turns)
+                            top_k=cfg.top_k, top_p=cfg.top_p, seed=None if cfg.seed < 0 else cfg.seed + turns,
+                            stop_token_ids=list(getattr(tok, "stop_ids", ())))  # e.g. <|eot_id|> beside eos
         print("bot> ", end="", file=stdout, flush=True)
         t0, reply, comp = time.perf_counter(), "", None
         try:

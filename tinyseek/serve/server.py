@@ -17,8 +17,11 @@ Behaviour worth knowing:
   prefix so a blocked word is never sent.
 - Graceful shutdown (SIGINT/SIGTERM): uvicorn stops accepting connections and waits up to
   ``shutdown_timeout_s`` for in-flight requests; the engine then drains and stops.
-- Chat messages have the template's role markers (``<|user|>`` ...) removed, so a message cannot
-  forge turns; ``<think>``/``<answer>`` tags are kept (they are part of assistant turns).
+- Chat messages have the template's role markers (``<|user|>`` ...; an imported model's special
+  tokens, ``tokenizer.control_tokens``) removed, so a message cannot forge turns; ``<think>``/``<answer>``
+  tags are kept (they are part of assistant turns). An imported model's own chat template renders the
+  prompt, and generation stops at any of its ``stop_ids`` (eos plus e.g. ``<|eot_id|>``); a
+  ``/v1/completions`` prompt gets what its tokenizer adds to a text (Llama 3's BOS; ours add nothing).
 - Only ``n = 1``; ``logprobs`` are not supported (400). Penalties and other OpenAI fields are ignored.
   Extensions: ``top_k`` and ``ignore_eos`` (as in vLLM).
 """
@@ -185,7 +188,10 @@ def parse_sampling(body: dict, cfg: Config) -> tuple[SamplingParams, bool, bool]
     return sp, stream, bool(opts.get("include_usage", False))
 
 
-def parse_messages(body: dict) -> list[dict]:
+def parse_messages(body: dict, markers: tuple[str, ...] | list[str] | None = None) -> list[dict]:
+    """The request's messages as ``{role, content}`` with the chat template's control strings
+    (``markers``, default our role markers) removed from the content."""
+    markers = _ROLE_MARKERS if markers is None else markers
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise _bad("'messages' must be a non-empty list", "messages")
@@ -198,13 +204,37 @@ def parse_messages(body: dict) -> list[dict]:
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         if not isinstance(content, str):
             raise _bad(f"messages[{i}].content must be a string", "messages")
-        for marker in _ROLE_MARKERS:  # user text must not forge turns of the chat template
-            content = content.replace(marker, "")
+        content = strip_markers(content, markers)  # user text must not forge turns of the chat template
         out.append({"role": m["role"], "content": content})
     return out
 
 
 _ROLE_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|eos|>", "<|pad|>")
+
+
+def strip_markers(text: str, markers) -> str:
+    """``text`` without any of ``markers``, repeated until none is left (removing one must not join
+    the pieces of another).
+
+    >>> strip_markers("a<|us<|eos|>er|>b", ("<|user|>", "<|eos|>"))
+    'ab'
+    """
+    while True:
+        before = text
+        for m in markers:
+            if m:
+                text = text.replace(m, "")
+        if text == before:
+            return text
+
+
+def add_stop_ids(sp: SamplingParams, tokenizer) -> SamplingParams:
+    """Every id in ``tokenizer.stop_ids`` ends the request too (an imported model's end-of-turn
+    tokens beside its eos), unless the request asked to ignore eos."""
+    stops = getattr(tokenizer, "stop_ids", ())
+    if not sp.ignore_eos:
+        sp.stop_token_ids = list(dict.fromkeys([*sp.stop_token_ids, *stops]))
+    return sp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,8 +338,8 @@ def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: Saf
                            "not_found_error", "model", "model_not_found")
         return body
 
-    def encode_prompt(text: str) -> list[int]:
-        ids = tokenizer.encode(text)
+    def encode_prompt(text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
         if not ids:
             raise _bad("the prompt is empty", "prompt")
         if len(ids) > max_prompt:
@@ -370,6 +400,7 @@ def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: Saf
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         sp.max_tokens = max(1, min(sp.max_tokens, engine.max_len - len(ids)))
+        add_stop_ids(sp, tokenizer)
         refused = safety.check(checked_text) if safety.active else None
         if refused is not None and refused.blocked:
             metrics.refusals.inc(stage="prompt")
@@ -439,7 +470,7 @@ def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: Saf
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
-        msgs = parse_messages(body)
+        msgs = parse_messages(body, getattr(tokenizer, "control_tokens", None))
         sp, stream, include_usage = parse_sampling(body, cfg)
         ids = encode_prompt(tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
         user_text = "\n".join(m["content"] for m in msgs if m["role"] == "user")
@@ -454,7 +485,7 @@ def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: Saf
         if not isinstance(prompt, str):
             raise _bad("'prompt' must be a string", "prompt")
         sp, stream, include_usage = parse_sampling(body, cfg)
-        ids = encode_prompt(prompt)
+        ids = encode_prompt(prompt, add_special_tokens=True)  # an imported model's BOS, as tok(prompt) adds it
         return await respond("completion", ids, sp, stream, include_usage, prompt)
 
     @app.get("/v1/models")
