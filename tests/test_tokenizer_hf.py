@@ -57,6 +57,10 @@ LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
 LLAMA_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+SPM_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+                "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+                "{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Hello world! Hello there, how are you today?",
     "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.",
@@ -129,6 +133,9 @@ def dirs(tmp_path_factory):
     (root / "llama" / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": bos, "eos_token_id": [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]]}))
 
+    PreTrainedTokenizerFast(tokenizer_object=_sentencepiece_style(), bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>", chat_template=SPM_TEMPLATE).save_pretrained(root / "spm")
+
     legacy = root / "legacy"
     legacy.mkdir()
     (legacy / "tokenizer.json").write_text((root / "smol" / "tokenizer.json").read_text())
@@ -141,7 +148,34 @@ def dirs(tmp_path_factory):
         "eos_token": {"content": "<|im_end|>", "lstrip": False, "normalized": False, "rstrip": False,
                       "single_word": False},
         "mask_token": "<mask>", "bos_token": "<|im_start|>"}))
-    return {"smol": root / "smol", "llama": root / "llama", "legacy": legacy}
+    return {"smol": root / "smol", "llama": root / "llama", "spm": root / "spm", "legacy": legacy}
+
+
+def _sentencepiece_style():
+    """A Llama-2 / Mistral style tokenizer.json: BPE over "▁"-joined text with byte fallback
+    (<0x00>..<0xFF> tokens for characters outside the vocabulary), a decoder that strips the leading
+    space, BOS added by the post-processor."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.normalizer = norm
+    t.train_from_iterator(CORPUS * 5, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                          limit_alphabet=60, show_progress=False))
+    learned = json.loads(t.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for tok, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(tok, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    t = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    t.normalizer = norm
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+    from tokenizers import AddedToken
+    t.add_special_tokens([AddedToken(x, special=True, normalized=False) for x in ("<unk>", "<s>", "</s>")])
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B:1",
+                                                     special_tokens=[("<s>", 1)])
+    return t
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +185,7 @@ def pairs(dirs):
     return {k: (load_tokenizer(d), AutoTokenizer.from_pretrained(str(d))) for k, d in dirs.items()}
 
 
-@pytest.mark.parametrize("name", ["smol", "llama", "legacy"])
+@pytest.mark.parametrize("name", ["smol", "llama", "spm", "legacy"])
 def test_encode_decode_equal_transformers(pairs, name):
     ours, ref = pairs[name]
     assert isinstance(ours, HFTokenizer) and ours.kind == "hf"
@@ -168,7 +202,7 @@ def test_encode_decode_equal_transformers(pairs, name):
     assert all(ours.id_to_token(i) == ref.convert_ids_to_tokens(i) for i in range(ours.vocab_size))
 
 
-@pytest.mark.parametrize("name", ["smol", "llama", "legacy"])
+@pytest.mark.parametrize("name", ["smol", "llama", "spm", "legacy"])
 def test_chat_template_equal_transformers(pairs, name):
     ours, ref = pairs[name]
     for msgs in CONVERSATIONS:
@@ -210,7 +244,8 @@ def test_r1_tags_are_plain_text(pairs):
         for s in ["<think>1+1=2</think><answer>2</answer>", "<think>\n数字 😀\n</think>\n<answer> 42 </answer>"]:
             ids = ours.encode(s)
             assert ours.decode(ids) == s and ours.decode(ids, skip_special=True) == s
-        assert ours.token_to_id("<think>") is None  # no new embedding rows
+        assert ours.token_to_id("<think>") not in ours.special_ids  # text, not a control token
+    assert pairs["smol"][0].token_to_id("<think>") is None  # no new embedding rows
 
 
 def test_template_errors(pairs, dirs, tmp_path):
@@ -399,3 +434,44 @@ def test_pickles(pairs):
     again = pickle.loads(pickle.dumps(ours))
     assert again.encode(TEXTS[9]) == ours.encode(TEXTS[9])
     assert again.apply_chat_template(CONVERSATIONS[1]) == ours.apply_chat_template(CONVERSATIONS[1])
+
+
+@pytest.mark.slow
+def test_engine_process_serves_an_imported_run_dir(served, dirs, tmp_path):
+    """The engine in its own process loads the HF-format tokenizer too and stops at the stop ids."""
+    from fastapi.testclient import TestClient
+
+    from tinyseek.serve.engine import Engine, SamplingParams
+    from tinyseek.serve.server import Config, build
+    from tinyseek.train.checkpoint import save_checkpoint
+
+    tok, _, model = served
+    save_checkpoint(tmp_path / "ckpt", 0, model, None, {})
+    load_tokenizer(dirs["llama"]).save(tmp_path / "tokenizer")
+    msgs = [{"role": "user", "content": "数字 😀"}]
+    ids = tok.encode(tok.apply_chat_template(msgs))
+    ref = Engine(model, tok, max_batch=1).generate([ids], SamplingParams(max_tokens=6,
+                                                                          stop_token_ids=list(tok.stop_ids)))[0]
+    app, eng = build(Config(ckpt=str(tmp_path), device="cpu", max_batch=2, engine_process=True))
+    try:
+        assert eng.tokenizer.kind == "hf"
+        with TestClient(app) as c:
+            r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 6, "temperature": 0,
+                                                     "stream": True})
+        pieces = [json.loads(b[6:]) for b in r.text.split("\n\n") if b.startswith("data: {")]
+        assert "".join(p["choices"][0]["delta"].get("content") or "" for p in pieces if p["choices"]) == ref.text
+    finally:
+        eng.stop(drain=False, timeout=5)
+
+
+def test_hf_export_tokenizer_writer_accepts_it(pairs, tmp_path):
+    """tinyseek.model.hf_export writes the backend (``_hf``) and the eos/pad tokens: transformers reads it."""
+    from transformers import AutoTokenizer
+
+    from tinyseek.model.hf_export import _write_tokenizer
+
+    ours, _ = pairs["llama"]
+    _write_tokenizer(ours, tmp_path, 128)
+    ref = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert [ref(t, add_special_tokens=False)["input_ids"] for t in TEXTS] == [ours.encode(t) for t in TEXTS]
+    assert ref.eos_token_id == ours.eos_id
