@@ -47,11 +47,29 @@ class ModelConfig:
     qk_rope_head_dim: int = 16     # MLA: per-head decoupled RoPE width (key part shared by heads)
     v_head_dim: int = 32           # MLA: per-head value width
     sliding_window: int = 0        # attend to at most this many previous tokens; 0 = full causal
+    qkv_bias: bool = False         # GQA: bias on the q/k/v projections (Qwen2, Llama attention_bias)
+    o_bias: bool = False           # GQA: bias on the output projection (Llama / Qwen3 attention_bias)
+    qk_norm: bool = False          # GQA: RMSNorm (norm_eps) over each head's query and key before RoPE (Qwen3)
+    latent_norm_eps: float = 0.0   # MLA: eps of the q/kv latent RMSNorms; 0 = norm_eps (HF DeepseekV3: 1e-6)
+    # --- RoPE scaling (HF rope_parameters; the inverse frequencies come from layers.ROPE_TYPES) ---
+    rope_type: str = "default"     # "default", "linear" (positions / factor), "llama3" (Llama 3.1 bands), "yarn"
+    rope_factor: float = 1.0       # linear / llama3 / yarn: context extension factor
+    rope_low_freq_factor: float = 1.0   # llama3: wavelengths above original_len / this are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_len / this are kept
+    rope_original_max_len: int = 0      # llama3 / yarn: the pretraining context (HF original_max_position_embeddings)
+    yarn_beta_fast: float = 32.0   # yarn: rotations bounding the extrapolated (unchanged) dims
+    yarn_beta_slow: float = 1.0    # yarn: rotations bounding the interpolated (divided by factor) dims
+    yarn_mscale: float = 0.0       # yarn: HF mscale (0 = unset); cos/sin scale 0.1*mscale*ln(factor)+1 over the next
+    yarn_mscale_all_dim: float = 0.0  # yarn: HF mscale_all_dim (0 = unset); MLA also scales its softmax by its square
+    yarn_attn_factor: float = 0.0  # yarn: explicit cos/sin scale (HF attention_factor); 0 = from factor and mscales
+    yarn_truncate: bool = True     # yarn: round the correction range to whole dims (HF truncate)
     # --- feed-forward ---
     d_ff: int = 384                # dense SwiGLU hidden width (dense layers)
     n_dense_layers: int = 1        # first-k blocks use a dense FFN (DeepSeek-V3 first_k_dense_replace)
     n_routed_experts: int = 8      # fine-grained routed experts per MoE layer; 0 = all layers dense
     n_shared_experts: int = 1      # always-on shared experts (fused into one SwiGLU of S x width)
+    shared_d_ff: int = 0           # hidden width of the fused shared expert; 0 = n_shared_experts * moe_d_ff
+    shared_expert_gate: bool = False  # scale the shared expert's output by sigmoid(x . w), w a (1, D) weight (Qwen2-MoE)
     moe_d_ff: int = 96             # hidden width of one routed / shared expert
     top_k: int = 2                 # experts per token
     score_func: str = "sigmoid"    # router score: "sigmoid" (V3, exports to HF DeepseekV3) or "softmax" (V2)
@@ -63,11 +81,24 @@ class ModelConfig:
     aux_loss_alpha: float = 0.01   # balance loss coefficient
     bias_update_speed: float = 0.001  # aux-loss-free balancing speed gamma; 0 disables the bias
     capacity_factor: float = 0.0   # expert capacity = ceil(cf * tokens * k / N); 0 = dropless
+    hf_arch: str = ""              # Hugging Face architecture imported from (e.g. "Qwen2ForCausalLM"); HF export writes it back
+    hf_rope_interleave: bool = False  # the imported checkpoint rotated interleaved pairs (DeepseekV3 rope_interleave): export permutes back
     moe_impl: str = "auto"         # "grouped" (torch._grouped_mm, fused backward), "padded" (bmm), "sorted" (sorted loop), "loop" (reference), "kernel" (one C call, CPU fp32 inference), "auto" (grouped; without gradients on CPU fp32 the C kernel, else grouped's plain-autograd form, sorted for one token; sorted without grouped_mm)
 
     @property
     def gqa_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the (fused) shared expert; 0 = none."""
+        if self.n_shared_experts <= 0:
+            return 0
+        return self.shared_d_ff or self.n_shared_experts * self.moe_d_ff
+
+    @property
+    def mla_latent_eps(self) -> float:
+        return self.latent_norm_eps or self.norm_eps
 
     @property
     def is_moe(self) -> bool:
@@ -92,6 +123,22 @@ class ModelConfig:
         if self.attn == "gqa":
             need(self.gqa_head_dim % 2 == 0, f"model.head_dim must be even for RoPE, got {self.gqa_head_dim}")
         need(self.sliding_window >= 0, f"model.sliding_window must be >= 0, got {self.sliding_window}")
+        need(self.latent_norm_eps >= 0, f"model.latent_norm_eps must be >= 0 (0 = norm_eps), got {self.latent_norm_eps}")
+        if self.attn == "mla":
+            for name in ("qkv_bias", "o_bias", "qk_norm"):
+                need(not getattr(self, name), f"model.{name} is a GQA setting (attn='mla')")
+        need(self.rope_type in ("default", "linear", "llama3", "yarn"),
+             f"model.rope_type must be default/linear/llama3/yarn, got {self.rope_type!r}")
+        if self.rope_type != "default":
+            need(self.rope_factor > 0, f"model.rope_factor must be > 0, got {self.rope_factor}")
+        if self.rope_type in ("llama3", "yarn"):
+            need(self.rope_original_max_len > 0,
+                 f"model.rope_original_max_len must be > 0 for rope_type={self.rope_type!r}")
+        if self.rope_type == "llama3":
+            need(self.rope_high_freq_factor > self.rope_low_freq_factor > 0,
+                 "model.rope_high_freq_factor must exceed model.rope_low_freq_factor > 0")
+        for name in ("yarn_mscale", "yarn_mscale_all_dim", "yarn_attn_factor"):
+            need(getattr(self, name) >= 0, f"model.{name} must be >= 0 (0 = unset), got {getattr(self, name)}")
         need(0 <= self.n_dense_layers <= self.n_layers,
              f"model.n_dense_layers must be in [0, n_layers={self.n_layers}], got {self.n_dense_layers}")
         need(self.n_routed_experts >= 0, f"model.n_routed_experts must be >= 0, got {self.n_routed_experts}")
@@ -100,6 +147,9 @@ class ModelConfig:
                  f"model.top_k ({self.top_k}) must be between 1 and model.n_routed_experts ({self.n_routed_experts})")
             need(self.moe_d_ff > 0, f"model.moe_d_ff must be > 0, got {self.moe_d_ff}")
             need(self.n_shared_experts >= 0, f"model.n_shared_experts must be >= 0, got {self.n_shared_experts}")
+            need(self.shared_d_ff >= 0, f"model.shared_d_ff must be >= 0 (0 = n_shared_experts * moe_d_ff), got {self.shared_d_ff}")
+            need(not self.shared_expert_gate or self.n_shared_experts > 0,
+                 "model.shared_expert_gate needs a shared expert (model.n_shared_experts > 0)")
             need(self.score_func in ("softmax", "sigmoid"), f"model.score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
             need(self.n_groups >= 1 and self.n_routed_experts % self.n_groups == 0,
                  f"model.n_routed_experts ({self.n_routed_experts}) must be divisible by model.n_groups ({self.n_groups})")

@@ -13,7 +13,13 @@ Deviations from the DeepSeek-V3 reference, on purpose:
   "absorbed" selects; the forms agree up to float rounding (tests compare them). The cache stays the
   latent (the whole point of MLA). On CPU fp32 without grad the latent attention itself (scores,
   softmax, weighted sum over each row's visible keys) is one C call (:mod:`tinyseek.model.attn_kernel`).
-- No YaRN scaling (our contexts are short); softmax scale is 1/sqrt(qk_nope + qk_rope).
+- Softmax scale 1/sqrt(qk_nope + qk_rope), times YaRN's ``mscale(factor, mscale_all_dim)^2`` where the
+  config scales RoPE that way (``layers.mla_softmax_mscale``, as DeepSeek-V3 and HF do); the RoPE table
+  itself carries YaRN's cos/sin factor (``layers.Rotary``).
+
+GQA has the options of the Llama family: biases on q/k/v (``qkv_bias``, Qwen2) and on the output
+(``o_bias``), and a per-head RMSNorm of queries and keys before RoPE (``qk_norm``, Qwen3). MLA has none
+of them (the absorbed/folded decode forms assume bias-free projections).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import torch.nn.functional as F
 from tinyseek.model import attn_kernel
 from tinyseek.model.cache import write_rows
 from tinyseek.model.linear_kernel import Linear, linear_or_f
-from tinyseek.model.layers import RMSNorm, apply_rope
+from tinyseek.model.layers import RMSNorm, apply_rope, mla_softmax_mscale
 
 
 def attention_mask(pos_BT: torch.Tensor, key_len: int, window: int) -> torch.Tensor:
@@ -75,15 +81,16 @@ class MLA(nn.Module):
         qk = self.nope + self.rope
         if cfg.q_lora_rank > 0:
             self.q_a_proj = Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.mla_latent_eps)
             self.q_b_proj = Linear(cfg.q_lora_rank, self.n_heads * qk, bias=False)
         else:
             self.q_proj = Linear(cfg.d_model, self.n_heads * qk, bias=False)
         self.kv_a_proj_with_mqa = Linear(cfg.d_model, self.kv_rank + self.rope, bias=False)
-        self.kv_a_layernorm = RMSNorm(self.kv_rank, cfg.norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, cfg.mla_latent_eps)
         self.kv_b_proj = Linear(self.kv_rank, self.n_heads * (self.nope + self.vdim), bias=False)
         self.o_proj = Linear(self.n_heads * self.vdim, cfg.d_model, bias=False)
-        self.scale = qk ** -0.5
+        m = mla_softmax_mscale(cfg)
+        self.scale = qk ** -0.5 * m * m  # m = 1 unless YaRN with mscale_all_dim (HF's order of products)
         # cached forward: "auto" (absorbed for decode steps, naive for a fresh prefill), "naive", "absorbed"
         self.impl = "auto"
         self._folded = None  # (source weight versions, folded decode weights): see _folded_weights
@@ -314,15 +321,23 @@ class GQA(nn.Module):
         self.n_heads, self.n_kv = cfg.n_heads, cfg.n_kv_heads
         self.hd = cfg.gqa_head_dim
         self.window = cfg.sliding_window
-        self.q_proj = Linear(cfg.d_model, self.n_heads * self.hd, bias=False)
-        self.k_proj = Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
-        self.v_proj = Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
-        self.o_proj = Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
+        self.q_proj = Linear(cfg.d_model, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.hd, cfg.d_model, bias=cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's width, before RoPE
+            self.q_norm = RMSNorm(self.hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x_BTD, cos, sin, pos_BT, cache_layer=None, key_len=None):
         B, T, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.hd).transpose(1, 2)
-        k = self.k_proj(x_BTD).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.hd)
+        k = self.k_proj(x_BTD).view(B, T, self.n_kv, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x_BTD).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_layer is not None:

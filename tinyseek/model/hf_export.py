@@ -59,15 +59,20 @@ def rope_perm(dim: int) -> list[int]:
     return [j for i in range(half) for j in (i, i + half)]
 
 
-def permute_rope_rows(w_OI: torch.Tensor, group: int, start: int, dim: int) -> torch.Tensor:
-    """Permute, inside every block of ``group`` output rows, rows ``start .. start+dim`` by :func:`rope_perm`.
+def permute_rope_rows(w_OI: torch.Tensor, group: int, start: int, dim: int, inverse: bool = False) -> torch.Tensor:
+    """Permute, inside every block of ``group`` output rows, rows ``start .. start+dim`` by :func:`rope_perm`
+    (rotate-half -> interleaved pairs), or by its inverse (``inverse``: interleaved -> rotate-half, import).
 
     >>> permute_rope_rows(torch.arange(8.0)[:, None], group=4, start=0, dim=4).flatten().tolist()
     [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]
+    >>> w = torch.arange(6.0)[:, None]
+    >>> permute_rope_rows(permute_rope_rows(w, 6, 0, 6), 6, 0, 6, inverse=True).flatten().tolist()
+    [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     """
     O, I = w_OI.shape
     w = w_OI.reshape(O // group, group, I).clone()
-    idx = torch.tensor(rope_perm(dim)) + start
+    perm = torch.tensor(rope_perm(dim))
+    idx = (torch.argsort(perm) if inverse else perm) + start
     w[:, start:start + dim] = w[:, idx]
     return w.reshape(O, I)
 

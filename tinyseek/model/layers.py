@@ -5,6 +5,8 @@ H heads, D model width, K head width, F FFN width, E experts, N flattened tokens
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,21 +29,150 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), w.float(), self.eps).to(x.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# RoPE inverse frequencies, one pure function per rope type (the maths of transformers'
+# modeling_rope_utils, op for op, so imported models match HF to the last bit of the table)
+# ---------------------------------------------------------------------------------------------
+def inv_freq_default(dim: int, theta: float) -> torch.Tensor:
+    """``1 / theta^(2i/dim)`` for i < dim/2 (plain RoPE).
+
+    >>> inv_freq_default(4, 100.0).tolist()
+    [1.0, 0.10000000149011612]
+    """
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def inv_freq_linear(dim: int, theta: float, factor: float) -> torch.Tensor:
+    """Position interpolation: every frequency divided by ``factor`` (positions / factor).
+
+    >>> inv_freq_linear(4, 100.0, 2.0).tolist()
+    [0.5, 0.05000000074505806]
+    """
+    return inv_freq_default(dim, theta) / factor
+
+
+def inv_freq_llama3(dim: int, theta: float, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_len: int) -> torch.Tensor:
+    """Llama 3.1: wavelengths longer than ``original_max_len / low_freq_factor`` are divided by ``factor``,
+    shorter than ``original_max_len / high_freq_factor`` kept, and the band between blended smoothly.
+
+    >>> f = inv_freq_llama3(8, 10000.0, 8.0, 1.0, 4.0, 64)   # wavelengths 6.3, 63, 628, 6283
+    >>> [round(a / b, 4) for a, b in zip(f.tolist(), inv_freq_default(8, 10000.0).tolist())]
+    [1.0, 0.1304, 0.125, 0.125]
+    """
+    inv_freq = inv_freq_default(dim, theta)
+    low_freq_wavelen = original_max_len / low_freq_factor
+    high_freq_wavelen = original_max_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    inv_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * inv_llama / factor + smooth * inv_llama
+    medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, inv_llama)
+
+
+def inv_freq_yarn(dim: int, theta: float, factor: float, original_max_len: int, beta_fast: float = 32.0,
+                  beta_slow: float = 1.0, truncate: bool = True) -> torch.Tensor:
+    """YaRN: dims that rotate more than ``beta_fast`` times over ``original_max_len`` keep their frequency
+    (extrapolation), fewer than ``beta_slow`` times are divided by ``factor`` (interpolation), a linear
+    ramp between. The cos/sin scale that goes with it is :func:`yarn_attention_factor`.
+
+    >>> f = inv_freq_yarn(8, 10000.0, 4.0, 64)
+    >>> [round(a / b, 4) for a, b in zip(f.tolist(), inv_freq_default(8, 10000.0).tolist())]
+    [1.0, 0.625, 0.25, 0.25]
+    """
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original_max_len / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no singularity
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's ``0.1 * mscale * ln(scale) + 1`` (1 for scale <= 1).
+
+    >>> round(yarn_get_mscale(40.0, 1.0), 6), yarn_get_mscale(1.0, 5.0)
+    (1.368888, 1.0)
+    """
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_attention_factor(factor: float, mscale: float = 0.0, mscale_all_dim: float = 0.0,
+                          attn_factor: float = 0.0) -> float:
+    """The scale YaRN puts on cos and sin (HF ``attention_factor``): ``attn_factor`` if set, else
+    ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` when both are set (DeepSeek-V3: 1.0 for
+    equal values), else ``mscale(factor)``.
+
+    >>> yarn_attention_factor(40.0, 1.0, 1.0), round(yarn_attention_factor(4.0), 6), yarn_attention_factor(4.0, attn_factor=0.5)
+    (1.0, 1.138629, 0.5)
+    """
+    if attn_factor:
+        return attn_factor
+    if mscale and mscale_all_dim:
+        return float(yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim))
+    return yarn_get_mscale(factor)
+
+
+# rope_type -> (dim, cfg) -> (inverse frequencies (dim/2,), cos/sin scale); cfg a ModelConfig
+ROPE_TYPES = {
+    "default": lambda dim, c: (inv_freq_default(dim, c.rope_theta), 1.0),
+    "linear": lambda dim, c: (inv_freq_linear(dim, c.rope_theta, c.rope_factor), 1.0),
+    "llama3": lambda dim, c: (inv_freq_llama3(dim, c.rope_theta, c.rope_factor, c.rope_low_freq_factor,
+                                              c.rope_high_freq_factor, c.rope_original_max_len), 1.0),
+    "yarn": lambda dim, c: (inv_freq_yarn(dim, c.rope_theta, c.rope_factor, c.rope_original_max_len,
+                                          c.yarn_beta_fast, c.yarn_beta_slow, c.yarn_truncate),
+                            yarn_attention_factor(c.rope_factor, c.yarn_mscale, c.yarn_mscale_all_dim,
+                                                  c.yarn_attn_factor)),
+}
+
+
+def rope_frequencies(cfg, dim: int) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies, cos/sin scale) of ``cfg.rope_type`` for a rotary width ``dim``."""
+    return ROPE_TYPES[cfg.rope_type](dim, cfg)
+
+
+def mla_softmax_mscale(cfg) -> float:
+    """YaRN's ``mscale(factor, mscale_all_dim)`` for a scaled RoPE with ``yarn_mscale_all_dim`` set, else 1:
+    MLA multiplies its softmax scale by its square (DeepSeek-V3's reference code, HF ``yarn_apply_mscale``).
+
+    >>> from tinyseek.config import ModelConfig
+    >>> mla_softmax_mscale(ModelConfig()), round(mla_softmax_mscale(ModelConfig(rope_type="yarn", rope_factor=40.0, yarn_mscale_all_dim=1.0)), 6)
+    (1.0, 1.368888)
+    """
+    if cfg.rope_type == "default" or not cfg.yarn_mscale_all_dim:
+        return 1.0
+    return yarn_get_mscale(cfg.rope_factor, cfg.yarn_mscale_all_dim)
+
+
 class Rotary(nn.Module):
     """RoPE table, indexed by absolute positions (so every batch row may be at a different length).
 
     Uses the "rotate half" layout (Llama/HF ``rotate_half``), not the interleaved-pair layout of the
-    DeepSeek-V3 reference code; HF export therefore sets ``rope_interleave=False``.
+    DeepSeek-V3 reference code; HF import/export permute the RoPE rows of interleaved checkpoints.
+    ``inv_freq`` (from :func:`rope_frequencies`) replaces the plain ``theta`` frequencies; the table is
+    multiplied by ``scale`` (YaRN's attention factor, as HF does to cos and sin).
     """
 
-    def __init__(self, dim: int, max_len: int, theta: float = 10000.0):
+    def __init__(self, dim: int, max_len: int, theta: float = 10000.0, inv_freq: torch.Tensor | None = None,
+                 scale: float = 1.0):
         super().__init__()
-        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        inv = inv_freq_default(dim, theta) if inv_freq is None else inv_freq.float()
         t = torch.arange(max_len, dtype=torch.float32)
         freqs = torch.outer(t, inv)  # (L, dim/2)
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        cos, sin = emb.cos(), emb.sin()
+        if scale != 1.0:
+            cos, sin = cos * scale, sin * scale
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, pos_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (B, 1, T, dim) for broadcasting over heads."""

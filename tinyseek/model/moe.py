@@ -11,6 +11,10 @@ Balance losses (pure functions): ``switch`` = N * sum_i f_i P_i (Switch Transfor
 sum_i (p_i - 1/N)^2 (the seeds' formula), each times ``aux_loss_alpha``. Deviation: we compute them
 over the whole micro-batch, not per sequence (V3 uses a complementary *sequence-wise* loss).
 
+Shared experts: one SwiGLU of width ``cfg.shared_width`` (S experts of ``moe_d_ff`` fused, or
+``shared_d_ff``) added to every token's output, optionally scaled by a sigmoid gate (``SharedGate``,
+Qwen2-MoE's ``shared_expert_gate``).
+
 Capacity: ``capacity_factor`` > 0 caps each expert at ceil(cf * tokens * k / N) assignments; an
 over-full expert keeps its highest-weight assignments and drops the rest (the token still gets the
 shared expert and the residual). 0 = dropless (default, as in V3).
@@ -181,6 +185,18 @@ class Experts(nn.Module):
         return (F.silu(g) * u) @ self.w_down[e]
 
 
+class SharedGate(nn.Module):
+    """Qwen2-MoE's shared-expert gate: ``sigmoid(x . w)`` per token, shape (N, 1). Not an ``nn.Linear``
+    (like the router it stays float when a model is quantized: one row of D weights)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, dim))
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(linear_or_f(x_ND, self.weight))
+
+
 class MoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -188,7 +204,8 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.top_k
         self.router = Router(cfg)
         self.experts = Experts(cfg.n_routed_experts, cfg.d_model, cfg.moe_d_ff)
-        self.shared = SwiGLU(cfg.d_model, cfg.n_shared_experts * cfg.moe_d_ff) if cfg.n_shared_experts > 0 else None
+        self.shared = SwiGLU(cfg.d_model, cfg.shared_width) if cfg.n_shared_experts > 0 else None
+        self.shared_gate = SharedGate(cfg.d_model) if cfg.shared_expert_gate and self.shared is not None else None
         self.impl = cfg.moe_impl
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -209,12 +226,16 @@ class MoE(nn.Module):
             dropped = (~keep_A).sum()
         impl = self._pick_impl(x_ND)
         y_ND = None
-        if impl == "grouped" and self.shared is not None:  # routed + shared in one node where it pays
+        if impl == "grouped" and self.shared is not None and self.shared_gate is None:
+            # routed + shared in one node where it pays
             y_ND = self._grouped_with_shared(x_ND, idx_NK, w_NK.to(x_ND.dtype), keep_A, counts_E)
         if y_ND is None:
             y_ND = _DISPATCH[impl](self, x_ND, idx_NK, w_NK.to(x_ND.dtype), keep_A, counts_E)
             if self.shared is not None:
-                y_ND = y_ND + self.shared(x_ND)
+                s_ND = self.shared(x_ND)
+                if self.shared_gate is not None:
+                    s_ND = self.shared_gate(x_ND) * s_ND
+                y_ND = y_ND + s_ND
         stats = {"aux_loss": aux}
         if self.training:  # token counts drive the aux-free bias update: training only
             stats["counts"] = counts_E.detach()

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from tinyseek.config import ModelConfig
 from tinyseek.model.attention import build_attention
 from tinyseek.model.cache import KVCache
-from tinyseek.model.layers import RMSNorm, Rotary, SwiGLU
+from tinyseek.model.layers import RMSNorm, Rotary, SwiGLU, rope_frequencies
 from tinyseek.model.linear_kernel import Linear
 from tinyseek.model.moe import MoE, update_bias
 
@@ -70,7 +70,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.gqa_head_dim
-        self.rotary = Rotary(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        inv_freq, rope_scale = rope_frequencies(cfg, rope_dim)
+        self.rotary = Rotary(rope_dim, cfg.max_seq_len, inv_freq=inv_freq, scale=rope_scale)
         self.grad_checkpointing = False
         self.reset_parameters()
 
@@ -79,6 +80,9 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         for name, p in self.named_parameters():
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)  # projection biases (qkv_bias / o_bias) start at zero
+                continue
             if p.dim() == 1:
                 continue  # norms stay at one
             nn.init.normal_(p, mean=0.0, std=std)
