@@ -80,3 +80,26 @@ def test_distill_student_learns_teacher_outputs(teacher, tmp_path):
     assert distill.kd_loss(torch.zeros(1, 2, 5), torch.zeros(1, 2, 5), torch.ones(1, 2), 2.0) == 0
     with pytest.raises(UserError):
         distill.Config(teacher="").validate()
+
+
+def test_distill_and_dpo_with_lora_save_adapters_only(teacher, tmp_path):
+    """LoRA on the student (its --student-init) and on the DPO policy: adapters only in the checkpoint,
+    load_model merges them; the DPO reference is the base (adapters off): loss starts at log 2."""
+    from tinyseek.model.lora import has_lora
+    from tinyseek.train.checkpoint import load_model
+    res = distill.main(distill.Config(teacher=teacher, student_init=teacher, n_problems=N, seed=SEED, k=2,
+                                      temperature=0.5, epochs=1, kd_weight=1.0, out_dir=str(tmp_path), name="st",
+                                      lora_rank=4, lora_targets="kv_b_proj,o_proj,gate_proj,up_proj,down_proj"))
+    assert 0 < res["trainable_params"] < 0.2 * res["student_params"]
+    d = load_model(res["checkpoint"])
+    assert not has_lora(d[0]) and d[1]["lora"]["rank"] == 4
+    assert {p.name for p in (tmp_path / "st" / "ckpt").iterdir()} == {res["checkpoint"].rsplit("/", 1)[-1]}
+    pairs = tmp_path / "pairs.jsonl"
+    probs = C.make_problems("arithmetic", N, SEED, 1)
+    pairs.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": C.worked_response(p),
+                                         "rejected": f"<answer>{int(p.answer) + 1}</answer>"}) + "\n" for p in probs))
+    res = dpo.main(dpo.Config(init=teacher, pairs=str(pairs), out_dir=str(tmp_path), name="d", epochs=2,
+                              batch_size=4, lr=2e-3, beta=0.5, lora_rank=8))
+    rows = read_metrics(tmp_path / "d" / "metrics.jsonl")
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-4) and res["loss_last"] < rows[0]["loss"]
+    load_model(res["checkpoint"])

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from tinyseek.common import read_metrics
 from tinyseek.errors import UserError
@@ -94,3 +95,18 @@ def test_sft_from_byte_pretrain_grows_vocab_for_special_tokens(tmp_path):
     assert model.cfg.vocab_size == byte_tokenizer().vocab_size
     x = torch.tensor([[72, 105]])
     assert model(x).logits.shape[-1] == byte_tokenizer().vocab_size
+
+
+def test_dp_sgd_with_lora_from_a_checkpoint(tmp_path):
+    """DP-SGD on LoRA adapters of a dense --init checkpoint: Opacus clips the adapters' per-sample grads."""
+    pytest.importorskip("opacus")
+    base = sft.Config(out_dir=str(tmp_path), name="base", n_examples=8, epochs=1, batch_size=8)
+    base.model.n_routed_experts = 0
+    run = sft.main(base)["run_dir"]
+    cfg = sft.Config(out_dir=str(tmp_path), name="dp", init=run, n_examples=32, epochs=2, batch_size=8, dp=True,
+                     lora_rank=4)
+    res = sft.main(cfg)
+    assert 0 < res["dp_epsilon"] < 100
+    meta = load_model(res["checkpoint"])[1]
+    with safe_open(res["checkpoint"] + "/adapter.safetensors", "pt") as f:
+        assert meta["lora"]["rank"] == 4 and all(".lora_" in k for k in f.keys())

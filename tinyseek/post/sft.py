@@ -150,6 +150,7 @@ def main(cfg: Config) -> dict:
     params = C.trainable(model)  # all parameters, or only the LoRA adapters
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     dp_engine = None
+    model.train()  # before Opacus, which validates training mode (load_model returns eval mode)
     if cfg.dp:
         from tinyseek.post.dp import make_private
         model, opt, dp_engine = make_private(model, opt, cfg, n_examples=len(data))
