@@ -57,6 +57,22 @@ CASES = {
                                 topk_groups=1, routed_scaling=2.0, head_dim=8), True, "Glm4MoeForCausalLM"),
     "gqa_softmax_bias": (dict(attn="gqa", n_kv_heads=1, n_layers=3, n_shared_experts=2), True,
                          "Ernie4_5_MoeForCausalLM"),
+    # settings of the imported architectures, on tinyseek's own models (no hf_arch): the first that fits
+    "gqa_bias_llama3": (dict(attn="gqa", n_kv_heads=2, n_routed_experts=0, qkv_bias=True, rope_type="llama3",
+                             rope_factor=8.0, rope_original_max_len=32), False, "LlamaForCausalLM"),
+    "gqa_sliding": (dict(attn="gqa", n_kv_heads=2, n_routed_experts=0, sliding_window=8, rope_type="yarn",
+                         rope_factor=4.0, rope_original_max_len=32), False, "MistralForCausalLM"),
+    "gqa_qknorm_sliding": (dict(attn="gqa", n_kv_heads=2, n_routed_experts=0, qk_norm=True, qkv_bias=True,
+                                o_bias=True, sliding_window=8), False, "Qwen3ForCausalLM"),
+    "gqa_softmax_shared_nogate": (dict(attn="gqa", n_kv_heads=2, norm_topk_prob=False, bias_update_speed=0.0,
+                                       qkv_bias=True), False, "Qwen2MoeForCausalLM"),
+    "gqa_softmax_shared_gate": (dict(attn="gqa", n_kv_heads=2, bias_update_speed=0.0, shared_expert_gate=True,
+                                     shared_d_ff=40, n_dense_layers=0, n_layers=3), False, "Qwen2MoeForCausalLM"),
+    "gqa_softmax_qknorm": (dict(attn="gqa", n_kv_heads=2, bias_update_speed=0.0, qk_norm=True, n_shared_experts=0),
+                           False, "Qwen3MoeForCausalLM"),
+    "mla_yarn_shared_width": (dict(score_func="sigmoid", rope_type="yarn", rope_factor=4.0, rope_original_max_len=32,
+                                   yarn_mscale=0.8, yarn_mscale_all_dim=1.0, shared_d_ff=64, norm_eps=1e-5,
+                                   latent_norm_eps=1e-6), True, "DeepseekV3ForCausalLM"),
 }
 
 
@@ -177,7 +193,7 @@ def test_export_stage_from_run_dir(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     ([], "--ckpt"),
-    (["--ckpt", "CKPT", "--format", "gguf"], "format"),
+    (["--ckpt", "CKPT", "--format", "onnx"], "format"),
     (["--ckpt", "MISSING"], "does not exist"),
     (["--ckpt", "CKPT"], "score-func sigmoid"),  # micro preset: softmax router with a non-zero bias
 ])

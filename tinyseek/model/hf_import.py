@@ -177,6 +177,13 @@ class _Cfg:
             v = _DEFAULTS[self.arch].get(key, _COMMON_DEFAULTS.get(key, default))
         return v
 
+    def num(self, key: str, kind: type = int) -> Any:
+        """A required number (config.json value or the class default): UserError naming the key if absent."""
+        v = self(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+            raise UserError(f"{self.arch}: config.json needs a number for {key}, got {v!r}")
+        return kind(v)
+
     def fail(self, what: str) -> UserError:
         return UserError(f"{self.arch}: {what} is not supported by tinyseek's import")
 
@@ -228,7 +235,7 @@ def _window(c: _Cfg, n_layers: int, max_seq_len: int) -> int:
         return w
     types = c.hf.get("layer_types")
     if not types:  # transformers' default layouts
-        mwl = int(c("max_window_layers"))
+        mwl = c.num("max_window_layers")
         if arch == "Qwen2MoeForCausalLM":
             types = ["sliding_attention" if (i + 1) % 2 and i < mwl else "full_attention" for i in range(n_layers)]
         else:
@@ -245,7 +252,7 @@ def _window(c: _Cfg, n_layers: int, max_seq_len: int) -> int:
 
 def _moe_prefix(c: _Cfg, n_layers: int, n_experts: int) -> int:
     """Number of leading dense layers for Qwen-MoE layouts (``mlp_only_layers``, ``decoder_sparse_step``)."""
-    step = int(c("decoder_sparse_step"))
+    step = c.num("decoder_sparse_step")
     only = set(c("mlp_only_layers", []) or [])
     moe = [i for i in range(n_layers) if i not in only and n_experts > 0 and step > 0 and (i + 1) % step == 0]
     if not moe:
@@ -267,7 +274,7 @@ def config_from_hf(hf: dict, max_seq_len: int = 0) -> ModelConfig:
     c = _Cfg(hf, arch)
     try:
         return _config(c, arch, max_seq_len)
-    except (KeyError, TypeError, ValueError) as e:  # a missing or malformed required key
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:  # a missing or malformed key
         if isinstance(e, UserError):
             raise
         raise UserError(f"{arch}: config.json lacks or mangles {e.args[0] if e.args else type(e).__name__!s}") from None
@@ -279,13 +286,13 @@ def _config(c: _Cfg, arch: str, max_seq_len: int) -> ModelConfig:
         raise c.fail(f"hidden_act={c('hidden_act')!r} (SwiGLU needs 'silu')")
     if hf.get("mlp_bias"):
         raise c.fail("mlp_bias=true")
-    D, L, H = int(hf["hidden_size"]), int(hf["num_hidden_layers"]), int(hf["num_attention_heads"])
-    max_pos = int(c("max_position_embeddings"))
+    D, L, H = c.num("hidden_size"), c.num("num_hidden_layers"), c.num("num_attention_heads")
+    max_pos = c.num("max_position_embeddings")
     seq = min(max_pos, max_seq_len) if max_seq_len > 0 else max_pos
     kw: dict[str, Any] = dict(
-        vocab_size=int(hf["vocab_size"]), d_model=D, n_layers=L, n_heads=H, max_seq_len=seq,
-        norm_eps=float(c("rms_norm_eps")), tie_embeddings=bool(c("tie_word_embeddings")),
-        init_std=float(c("initializer_range")), d_ff=int(hf["intermediate_size"]), hf_arch=arch,
+        vocab_size=c.num("vocab_size"), d_model=D, n_layers=L, n_heads=H, max_seq_len=seq,
+        norm_eps=c.num("rms_norm_eps", float), tie_embeddings=bool(c("tie_word_embeddings")),
+        init_std=c.num("initializer_range", float), d_ff=c.num("intermediate_size"), hf_arch=arch,
         **_rope(c, max_pos))
     if arch == "DeepseekV3ForCausalLM":
         if c("attention_bias"):
@@ -293,13 +300,13 @@ def _config(c: _Cfg, arch: str, max_seq_len: int) -> ModelConfig:
         E = int(c("n_routed_experts") or 0)
         q_lora = hf["q_lora_rank"] if "q_lora_rank" in hf else c("q_lora_rank")  # null: a plain q_proj
         kw.update(attn="mla", q_lora_rank=int(q_lora or 0),
-                  kv_lora_rank=int(c("kv_lora_rank")), qk_nope_head_dim=int(c("qk_nope_head_dim")),
-                  qk_rope_head_dim=int(c("qk_rope_head_dim")), v_head_dim=int(c("v_head_dim")),
+                  kv_lora_rank=c.num("kv_lora_rank"), qk_nope_head_dim=c.num("qk_nope_head_dim"),
+                  qk_rope_head_dim=c.num("qk_rope_head_dim"), v_head_dim=c.num("v_head_dim"),
                   latent_norm_eps=HF_MLA_LATENT_NORM_EPS, hf_rope_interleave=bool(c("rope_interleave")),
-                  n_routed_experts=E, n_dense_layers=min(int(c("first_k_dense_replace")), L) if E else L,
-                  n_shared_experts=int(c("n_shared_experts") or 0), moe_d_ff=int(c("moe_intermediate_size")),
-                  top_k=int(c("num_experts_per_tok")), score_func="sigmoid", n_groups=int(c("n_group") or 1),
-                  topk_groups=int(c("topk_group") or 1), routed_scaling=float(c("routed_scaling_factor")),
+                  n_routed_experts=E, n_dense_layers=min(c.num("first_k_dense_replace"), L) if E else L,
+                  n_shared_experts=int(c("n_shared_experts") or 0), moe_d_ff=c.num("moe_intermediate_size"),
+                  top_k=c.num("num_experts_per_tok"), score_func="sigmoid", n_groups=int(c("n_group") or 1),
+                  topk_groups=int(c("topk_group") or 1), routed_scaling=c.num("routed_scaling_factor", float),
                   norm_topk_prob=bool(c("norm_topk_prob")), bias_update_speed=0.001,  # the bias is used
                   aux_loss="switch", aux_loss_alpha=0.0001)
         if E and kw["n_routed_experts"] // kw["n_groups"] < 2:
@@ -320,12 +327,12 @@ def _config(c: _Cfg, arch: str, max_seq_len: int) -> ModelConfig:
         if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM"):
             key = next((k for k in ("num_experts", "num_local_experts") if hf.get(k) is not None),
                        "num_local_experts" if arch == "MixtralForCausalLM" else "num_experts")
-            E = int(c(key))
-            k = int(c("num_experts_per_tok"))
+            E = c.num(key)
+            k = c.num("num_experts_per_tok")
             if arch == "MixtralForCausalLM":
-                dense, width, norm = 0, int(hf["intermediate_size"]), True
+                dense, width, norm = 0, c.num("intermediate_size"), True
             else:
-                dense, width, norm = _moe_prefix(c, L, E), int(hf["moe_intermediate_size"]), bool(c("norm_topk_prob"))
+                dense, width, norm = _moe_prefix(c, L, E), c.num("moe_intermediate_size"), bool(c("norm_topk_prob"))
             if dense < L:
                 if k == 1 and norm:
                     raise c.fail("top-1 routing with a renormalised weight (num_experts_per_tok=1 with "
@@ -348,7 +355,7 @@ def _describe(key: str) -> str:
     >>> _describe("model.layers.3.self_attn.q_proj.weight"), _describe("model.embed_tokens.weight")
     ('layer 3 q_proj weight', 'embed_tokens weight')
     >>> _describe("model.layers.1.mlp.experts.5.gate_proj.weight")
-    ('layer 1 expert 5 gate_proj weight')
+    'layer 1 expert 5 gate_proj weight'
     """
     m = re.match(r"model\.layers\.(\d+)\.(?:self_attn\.|mlp\.)?(.*)$", key)
     head, rest = (f"layer {m.group(1)} ", m.group(2)) if m else ("", key.removeprefix("model."))
