@@ -121,6 +121,12 @@ def test_engine_generation_with_adapters_equals_the_merged_model(kind, targets):
     ids = torch.tensor([prompts[0] + with_adapters[0].tokens])
     full = logits(model, ids)[0, len(prompts[0]) - 1:-1]
     assert full.argmax(-1).tolist() == with_adapters[0].tokens
+    # lora.merged (GRPO rollouts): temporary plain projections, the fast paths, the same tokens; wrappers back after
+    adapters = {k: v.clone() for k, v in L.lora_state_dict(model).items()}
+    with L.merged(model):
+        assert not L.has_lora(model)  # plain projections: MLA's folded decode applies again
+        assert sample(model, prompts, eos_id=0, max_tokens=12, temperature=0) == with_adapters
+    assert L.has_lora(model) and all(torch.equal(v, adapters[k]) for k, v in L.lora_state_dict(model).items())
     L.merge_lora(model)
     assert sample(model, prompts, eos_id=0, max_tokens=12, temperature=0) == with_adapters
 

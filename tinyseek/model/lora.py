@@ -14,6 +14,9 @@ base output exactly (``B A x`` is exactly zero). Only ``A`` and ``B`` train.
 - :func:`merge_lora` adds ``(alpha / rank) B A`` into each base weight and puts the plain module
   back (in place): the result is a plain model, the same up to float rounding.
 - :func:`adapters_disabled` / :class:`BaseView`: the base model without a copy (the KL / DPO reference).
+- :func:`merged`: for a block of inference (GRPO rollouts), plain projections with the adapters
+  added in, so the fast decode paths run (the wrapped model decodes correctly but up to 5x slower:
+  MLA then re-expands its cached keys every step).
 
 State dict keys of the adapters: ``<module path>.lora_A.weight`` and ``<module path>.lora_B.weight``
 (:func:`lora_state_dict`); the base weight of a wrapped module sits at ``<module path>.base.weight``.
@@ -228,6 +231,32 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, w in zip(mods, was):
             m.enabled = w
+
+
+@contextlib.contextmanager
+def merged(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every wrapped projection is a plain ``Linear`` holding ``W + scale * B A``
+    (new tensors, computed as :func:`merge_lora` does; base and adapters untouched), so inference
+    runs the fast paths that need plain projections (MLA's folded decode and the mixed serving
+    step, the C kernels): generation then equals the merged model's exactly, at the cost of one
+    temporary copy of the wrapped weights. The wrappers are put back on exit. No-op without adapters."""
+    swapped = []
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            w = m.base.weight
+            lin = Linear(m.in_features, m.out_features, bias=False, device=w.device, dtype=w.dtype)
+            lin.weight = nn.Parameter((w.float() + m.delta_weight()).to(w.dtype), requires_grad=False)
+            lin.bias = m.base.bias
+            lin.train(m.training)
+            parent, _, child = name.rpartition(".")
+            holder = model.get_submodule(parent) if parent else model
+            setattr(holder, child, lin)
+            swapped.append((holder, child, m))
+    try:
+        yield model
+    finally:
+        for holder, child, m in swapped:
+            setattr(holder, child, m)
 
 
 class BaseView:

@@ -24,6 +24,7 @@ import torch
 from tinyseek.common import MetricsLogger, atomic_write_json, print0
 from tinyseek.config import ConfigError, ModelConfig, model_micro
 from tinyseek.errors import UserError
+from tinyseek.model.lora import merged
 from tinyseek.post import common as C
 from tinyseek.post.losses import dpo_loss
 from tinyseek.post.rewards import RewardContext, check_weights, total_reward
@@ -126,7 +127,8 @@ def pair_logps(model, tok, batch: list[dict], device) -> tuple[torch.Tensor, tor
 def main(cfg: Config) -> dict:
     cfg.validate()
     device, run_dir, tok, model = C.start_policy_run(cfg, "dpo")
-    pairs = load_pairs(cfg.pairs) if cfg.pairs else build_pairs(model, tok, cfg)
+    with merged(model):  # LoRA: plain projections for sampling (fast decode paths)
+        pairs = load_pairs(cfg.pairs) if cfg.pairs else build_pairs(model, tok, cfg)
     if not cfg.pairs:
         from tinyseek.post.rejection import write_jsonl
         write_jsonl(run_dir / "pairs.jsonl", pairs)

@@ -13,8 +13,9 @@ What this simplifies, honestly:
   clipping matters only for ``mu > 1``.
 - The reference model is the starting checkpoint, never refreshed (R1 refreshes it periodically).
   With ``--lora-rank R`` only LoRA adapters train (:mod:`tinyseek.model.lora`): the reference is
-  the same model with its adapters switched off (no second copy), rollouts run the adapted model
-  (wrapped MLA projections take the unfolded decode path) and checkpoints hold the adapters only.
+  the same model with its adapters switched off (no second copy), rollouts and evals run the current
+  adapters merged into temporary plain projections (``lora.merged``: MLA's folded decode applies) and
+  checkpoints hold the adapters only.
 - Old/reference log-probs are recomputed with a full forward pass rather than kept from sampling
   (simpler; the same numbers up to float noise); with ``mu = 1`` the old log-probs are the
   detached current ones (no extra forward: the ratio is 1 either way). They are untempered: with
@@ -50,6 +51,7 @@ import torch
 
 from tinyseek.common import MetricsLogger, atomic_write_json, print0
 from tinyseek.config import ConfigError, ModelConfig, model_micro, model_preset
+from tinyseek.model.lora import merged
 from tinyseek.post import common as C
 from tinyseek.post.curriculum import SCHEDULES, levels_for_step
 from tinyseek.post.losses import ADVANTAGES, VARIANTS, dynamic_sampling_keep, policy_loss
@@ -223,7 +225,8 @@ def main(cfg: Config) -> dict:
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
 
     def run_eval(step):
-        r = evaluate(model, tok, heldout, n_samples=0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        with merged(model):  # LoRA: plain projections with the adapters added in (fast decode paths)
+            r = evaluate(model, tok, heldout, n_samples=0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         log.log(step, eval_pass1=r["pass@1"], eval_format=r["format_rate"], eval_length=r["mean_length"])
         print0(f"grpo eval step {step}: pass@1 {r['pass@1']:.3f} format {r['format_rate']:.2f}")
         return r
@@ -241,8 +244,9 @@ def main(cfg: Config) -> dict:
         probs = step_problems(cfg, step, rng)
         prompts = [C.prompt_ids(tok, p.prompt) for p in probs]
         group_prompts = [p for p in prompts for _ in range(G)]
-        samples = sample(model, group_prompts, eos_id=tok.eos_id, max_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step * 997)
+        with merged(model):  # LoRA: the current adapters, merged into temporary plain projections
+            samples = sample(model, group_prompts, eos_id=tok.eos_id, max_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step * 997)
         t1 = time.time()
         texts = [C.decode(tok, s.tokens) for s in samples]
         parts = [reward_breakdown(t, probs[i // G], cfg.rewards, ctx) for i, t in enumerate(texts)]
