@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tinyseek.pipeline import STAGE_ORDER
+from tinyseek.pipeline import PRETRAIN_STAGES as STAGE_ORDER
 
 ROOT = Path(__file__).resolve().parents[1]
 

