@@ -172,6 +172,40 @@ def test_logits_greedy_cache_and_export(pair, tmp_path):
             assert again.get(k) == orig[k], (name, k, again.get(k), orig[k])
 
 
+def test_in_memory_state_dict_imports(pair):
+    """transformers' in-memory names (fused ``experts.gate_up_proj`` / ``down_proj``, Mixtral's ``mlp``)
+    import as well as the saved ones; DeepSeek-V3's MTP layers are skipped as transformers does."""
+    name, hf, d, ours = pair
+    cfg = json.loads((d / "config.json").read_text())
+    tensors = dict(hf.state_dict())
+    if name.startswith("deepseek_v3"):
+        assert cfg["num_nextn_predict_layers"] == 1
+        tensors[f"model.layers.{cfg['num_hidden_layers']}.eh_proj.weight"] = torch.zeros(4, 4)
+    m = model_from_hf(cfg, tensors)
+    idx = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        assert torch.equal(m(idx).logits, ours(idx).logits), name
+    if name == "llama":
+        half = model_from_hf(cfg, tensors, dtype=torch.bfloat16)
+        assert half.embed.weight.dtype == torch.bfloat16 and half.lm_head.weight is half.embed.weight
+        with torch.no_grad():
+            assert torch.isfinite(half(idx).logits.float()).all()
+
+
+def test_legacy_rope_scaling_keys():
+    """Older config.json files: ``rope_scaling`` (``type`` or ``rope_type``) beside a top-level ``rope_theta``."""
+    new = config_from_hf(transformers.LlamaConfig(**CASES["llama"][1]).to_dict())
+    legacy = {**transformers.LlamaConfig(**CASES["llama"][1]).to_dict(), "rope_theta": 10000.0}
+    legacy["rope_scaling"] = {k: v for k, v in legacy.pop("rope_parameters").items() if k != "rope_theta"}
+    assert config_from_hf(legacy) == new
+    ds = transformers.DeepseekV3Config(**CASES["deepseek_v3_yarn"][1]).to_dict()
+    rp = ds.pop("rope_parameters")
+    ds.update(rope_theta=rp.pop("rope_theta"), rope_scaling={**rp, "type": rp.pop("rope_type")})
+    assert config_from_hf(ds) == config_from_hf(transformers.DeepseekV3Config(**CASES["deepseek_v3_yarn"][1]).to_dict())
+    with pytest.raises(UserError, match="quantized"):
+        config_from_hf({**ds, "quantization_config": {"quant_method": "fp8"}})
+
+
 def test_rope_tables_match_transformers():
     """Our inverse frequencies and cos/sin factor per rope type == transformers' ROPE_INIT_FUNCTIONS."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

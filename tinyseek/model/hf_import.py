@@ -286,6 +286,10 @@ def _config(c: _Cfg, arch: str, max_seq_len: int) -> ModelConfig:
         raise c.fail(f"hidden_act={c('hidden_act')!r} (SwiGLU needs 'silu')")
     if hf.get("mlp_bias"):
         raise c.fail("mlp_bias=true")
+    quant = hf.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise c.fail(f"a quantized checkpoint (quantization_config {method!r}; import a float one)")
     D, L, H = c.num("hidden_size"), c.num("num_hidden_layers"), c.num("num_attention_heads")
     max_pos = c.num("max_position_embeddings")
     seq = min(max_pos, max_seq_len) if max_seq_len > 0 else max_pos
