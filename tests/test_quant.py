@@ -642,18 +642,15 @@ def test_quantized_mla_decode_folds_dequantised_weights(tmp_path, spec):
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_biased_linear_keeps_its_float_bias_through_quantize_qat_save_load(tmp_path, method):
     """Imported models have biased projections (Qwen2 q/k/v): the bias stays float and is added
-    after the quantized product, in quantize_model and QAT's convert."""
+    after the quantized product, in quantize_model, a save/load round trip and QAT's convert."""
     torch.manual_seed(0)
     cfg = model_micro()
-    cfg.attn, cfg.n_kv_heads = "gqa", 2
+    cfg.attn, cfg.n_kv_heads, cfg.qkv_bias = "gqa", 2, True  # as an imported Qwen2 model has
     model = Transformer(cfg).eval()
-    for b in model.blocks:  # give the q/k/v projections a bias, as an imported Qwen2 model has
-        for n in ("q_proj", "k_proj", "v_proj"):
-            old = getattr(b.attn, n)
-            new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
-            new.weight.data.copy_(old.weight.data)
-            new.bias.data.normal_(0, 0.5)
-            setattr(b.attn, n, new)
+    with torch.no_grad():
+        for b in model.blocks:
+            for n in ("q_proj", "k_proj", "v_proj"):
+                getattr(b.attn, n).bias.normal_(0, 0.5)
     lin = model.blocks[0].attn.q_proj
     x = torch.randn(5, lin.in_features)
     spec = QuantSpec(method=method, group_size=32)
@@ -669,6 +666,10 @@ def test_biased_linear_keeps_its_float_bias_through_quantize_qat_save_load(tmp_p
     assert q.blocks[1].attn.k_proj.bias is not None
     with torch.no_grad():
         got = q(idx).logits
+    save_quantized(q, tmp_path / "q", quant_config(q, spec, report["modules"]))
+    loaded, _ = load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(idx).logits, got)
     err = (got - ref).abs().max()
     assert err < (0.05 if method == "int8" else 0.2) * ref.abs().max()
     for b in q.blocks:  # the same quantized model without its biases is far off: they were used
