@@ -358,6 +358,25 @@ def test_q8_0_rows_that_do_not_fill_blocks_fall_back_to_f16(tmp_path):
     assert not torch.equal(back[gate], weights[gate].half().float())
 
 
+def test_attention_bias_round_trip(tmp_path):
+    """q/k/v/o biases (Qwen-style Llama exports): written F32, q/k bias rows permuted like the weights."""
+    vocab = 40
+    weights = _hf_weights(vocab, tied=True, seed=4)
+    g = torch.Generator().manual_seed(5)
+    for i in range(L):
+        for proj, n in (("q", H * HD), ("k", KV * HD), ("v", KV * HD), ("o", D)):
+            weights[f"model.layers.{i}.self_attn.{proj}_proj.bias"] = torch.randn(n, generator=g)
+    write_gguf({**_cfg(vocab, tied=True), "attention_bias": True}, weights, None, tmp_path / "b.gguf", "f32")
+    cfg, back, _ = read_gguf(tmp_path / "b.gguf")
+    assert cfg["attention_bias"] is True and cfg["mlp_bias"] is False
+    assert set(back) == set(weights) and all(torch.equal(back[k], w) for k, w in weights.items())
+    raw = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(tmp_path / "b.gguf")).tensors}
+    for proj, n_head in (("q", H), ("k", KV)):
+        for part in ("weight", "bias"):
+            want = _llamacpp_permute(weights[f"model.layers.1.self_attn.{proj}_proj.{part}"].numpy(), n_head)
+            assert np.array_equal(raw[f"blk.1.attn_{proj}.{part}"], want), (proj, part)
+
+
 def test_transformers_loads_written_file(tmp_path, tiny, hf_model):
     """read (tiny) -> write q8_0 -> transformers' GGUF loader gives the weights read_gguf gives."""
     transformers = pytest.importorskip("transformers")
