@@ -148,6 +148,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: str | list[st
     such as the base checkpoint's path) and returns the wrapped module paths."""
     if has_lora(model):
         raise UserError("the model already has LoRA adapters (merge them first)")
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be > 0, got {rank}")
     picked = select_targets(model, targets)
     model._lora_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():

@@ -9,7 +9,7 @@ Conventions:
   a run dir is self-contained.
 - LoRA (``lora_rank > 0`` in a stage's config, :mod:`tinyseek.model.lora`): the policy loaded
   from ``init`` is the frozen base, adapters wrap the target projections, the optimizer gets only
-  the adapters (:func:`trainable`), and :func:`save` writes adapter checkpoints (``adapter.safetensors``
+  the adapters (``trainable``), and :func:`save` writes adapter checkpoints (``adapter.safetensors``
   + the base's absolute path in ``meta.json``), which ``load_model`` merges back into a plain model.
 - A worked solution is rendered as ``<think>{solution}</think><answer>{answer}</answer>``.
 - Training problems come from the tasks' ``train`` split, held-out ones from the ``eval`` split (a
@@ -28,6 +28,7 @@ import torch
 from tinyseek.config import ConfigError, ModelConfig
 from tinyseek.errors import UserError
 from tinyseek.model.lora import BaseView, apply_lora, check_options, has_lora, lora_state_dict
+from tinyseek.model.lora import trainable_parameters as trainable  # all of a plain model, a LoRA model's adapters
 
 EVAL_SEED_BASE = 10_000_019  # eval problem seeds live at and above this; training seeds stay far below
 
@@ -162,11 +163,6 @@ def check_lora(cfg: Any, init: str, init_flag: str = "--init") -> None:
     check_options(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
     if cfg.lora_rank > 0 and not init:
         raise ConfigError(f"lora_rank > 0 needs a base checkpoint to adapt ({init_flag} PATH)")
-
-
-def trainable(model) -> list:
-    """What the optimizer trains: every parameter of a plain model, the adapters of a LoRA model."""
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def task_names(spec: str) -> list[str]:
