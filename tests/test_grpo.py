@@ -165,3 +165,44 @@ def test_shuffle_rewards_null_control_changes_the_update_not_the_rewards(tmp_pat
         out[shuffle] = (res["reward_first"], load_model(res["checkpoint"])[0].state_dict())
     assert out[False][0] == pytest.approx(out[True][0]) and out[True][0] != 0  # same samples, same rewards
     assert any(not torch.equal(out[False][1][k], out[True][1][k]) for k in out[False][1])  # different update
+
+
+def test_token_logprobs_on_response_positions_only_equal_the_full_forward():
+    torch.manual_seed(0)
+    model = Transformer(model_micro()).eval()
+    ids, mask = pack([[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10, 11]], pad_id=0)
+    with torch.no_grad():
+        full = token_logprobs(model, ids)
+        part = token_logprobs(model, ids, mask_BT=mask)
+    m = mask.bool()
+    assert torch.allclose(part[m], full[m], atol=1e-5) and bool((part[~m] == 0).all())
+
+
+@pytest.mark.parametrize("variant,mu", [("grpo", 1), ("dr_grpo", 2), ("dapo", 1)])
+def test_micro_batched_update_equals_the_whole_batch(variant, mu):
+    """Gradient accumulation over chunks (each cut to its own length) gives the whole-batch step."""
+    torch.manual_seed(0)
+    base = Transformer(model_micro())
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 200, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (7,), generator=g)]
+    resps = [torch.randint(1, 200, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (7,), generator=g)]
+    adv = torch.randn(7, generator=g)
+    ref = Transformer(model_micro())
+    ref.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    after = []
+    for mb in (0, 3):
+        model = Transformer(model_micro())
+        model.load_state_dict(base.state_dict())
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        st = grpo_update(model, ref.eval(), opt, prompts, resps, adv, pad_id=0, variant=variant, mu=mu, beta=0.1,
+                         eps_low=0.2, eps_high=0.28, max_tokens=12, grad_clip=0.0, micro_batch=mb)
+        after.append((model.state_dict(), st))
+    (a, sa), (b, sb) = after
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5), k
+    assert sa["loss"] == pytest.approx(sb["loss"], abs=1e-5) and sa["kl"] == pytest.approx(sb["kl"], abs=1e-6)
+    assert any(not torch.equal(a[k], base.state_dict()[k]) for k in a)  # the step moved something

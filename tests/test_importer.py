@@ -33,23 +33,31 @@ def make_tokenizer():
                                                 bos_token=None, chat_template=CHATML)
 
 
-@pytest.fixture(scope="module")
-def hf_src(tmp_path_factory):
-    """A tiny random Qwen2 (q/k/v biases, tied embeddings) and its tokenizer, saved as transformers does."""
-    src = tmp_path_factory.mktemp("qwen2")
+def save_tiny(src, arch: str = "qwen2"):
+    """A tiny random Qwen2 (q/k/v biases) or Llama, tied embeddings, and its tokenizer, saved as
+    transformers does; returns (transformers model, tokenizer)."""
     tok = make_tokenizer()
     tok.save_pretrained(src)
-    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                   tie_word_embeddings=True, initializer_range=0.2, rope_theta=10000.0,
-                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    conf, cls = ((transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if arch == "qwen2"
+                 else (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+    cfg = conf(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+               tie_word_embeddings=True, initializer_range=0.2, rope_theta=10000.0,
+               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    model = cls(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or name.endswith("norm.weight"):
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("norm.weight") else 0.0))
     model.save_pretrained(src)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def hf_src(tmp_path_factory):
+    src = tmp_path_factory.mktemp("qwen2")
+    model, tok = save_tiny(src, "qwen2")
     return src, model, tok
 
 
@@ -112,3 +120,33 @@ def test_bad_sources_are_one_line_exit_2_and_leave_nothing(hf_src, tmp_path, cap
     not_gguf.write_bytes(b"not a gguf file at all")
     _fails(["import", str(not_gguf), "--out", str(out)], out, capsys, "GGUF")
     assert cli.main(["import", str(src), "--out", str(out), "--dtype", "float8"]) == 2
+
+
+def test_real_model_recipe_runs_end_to_end_on_an_imported_llama(tmp_path):
+    """`tinyseek run --preset smollm2 --src DIR` (a tiny Llama instead of SmolLM2, few steps): import ->
+    LoRA SFT -> LoRA GRPO -> int8/int4 -> eval of base/sft/grpo -> HF + GGUF export -> serve -> report."""
+    src = tmp_path / "llama"
+    save_tiny(src, "llama")
+    argv = ["run", "--preset", "smollm2", "--src", str(src), "--runs-dir", str(tmp_path / "runs"), "--name", "r",
+            "--eval-problems", "4", "--sft.n-examples", "16", "--sft.batch-size", "8", "--grpo.steps", "1",
+            "--grpo.prompts-per-step", "2", "--grpo.group-size", "2", "--grpo.max-new-tokens", "8",
+            "--grpo.eval-problems", "2", "--grpo.lora-rank", "4", "--sft.lora-rank", "4"]
+    assert cli.main(argv) == 0
+    run = tmp_path / "runs" / "r"
+    for s in ("import", "sft", "grpo", "quantize", "eval", "export", "serve", "report"):
+        assert (run / "stages" / f"{s}.json").is_file(), s
+    assert not (run / "stages" / "pretrain.json").exists()
+    ev = json.loads((run / "stages" / "eval.json").read_text())
+    assert {"base", "sft", "grpo", "grpo-int8", "grpo-int4"} <= set(ev)
+    assert (run / "grpo" / "ckpt").is_dir() and list((run / "grpo" / "ckpt").glob("*/adapter.safetensors"))
+    gg = next((run / "export" / "gguf").glob("*.gguf"))
+    ours, _ = load_model(run / "grpo")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(gg.parent), gguf_file=gg.name, dtype=torch.float32)
+    idx = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # f16 weights in the file
+        assert (ours(idx).logits - hf(input_ids=idx).logits).abs().max() < 2e-2
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(str(run / "export" / "hf"), dtype=torch.float32)
+    with torch.no_grad():
+        assert (ours(idx).logits - hf2(input_ids=idx).logits).abs().max() < 1e-4
+    md = (run / "report" / "report.md").read_text()
+    assert "| import |" in md and "| pretrain |" not in md

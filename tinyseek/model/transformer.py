@@ -107,10 +107,14 @@ class Transformer(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> ModelOutput:
+                cache: KVCache | None = None, logits_at: torch.Tensor | None = None,
+                logits_mask: torch.Tensor | None = None) -> ModelOutput:
         """``targets`` use -100 for positions without loss. With ``cache``, ``idx`` continues each
         row from ``cache.lengths`` and the lengths advance by T. ``logits_at`` (B,) positions:
-        logits only there, shape (B, 1, V) (a prefill needs the last prompt position only)."""
+        logits only there, shape (B, 1, V) (a prefill needs the last prompt position only). ``logits_mask``
+        (B, T) bool: logits only where it is true, shape (N, V) in row-major order (RL and SFT losses
+        need the response positions only: with a 49k vocabulary the LM head over every prompt token
+        was a third of a GRPO step's memory)."""
         B, T = idx_BT.shape
         if cache is None:
             pos_BT = torch.arange(T, device=idx_BT.device).expand(B, T)
@@ -143,6 +147,10 @@ class Transformer(nn.Module):
             if targets_BT is not None:
                 raise ValueError("logits_at and targets are exclusive (the loss needs every position)")
             x = x[torch.arange(B, device=x.device), logits_at][:, None]
+        elif logits_mask is not None:
+            if targets_BT is not None:
+                raise ValueError("logits_mask and targets are exclusive (the loss needs every position)")
+            x = x[logits_mask]
         logits = self.lm_head(self.norm(x))
         out = ModelOutput(logits=logits, aux_loss=aux,
                           expert_counts=torch.stack(counts) if counts else None,

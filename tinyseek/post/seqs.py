@@ -46,13 +46,21 @@ def sft_targets(ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     return tgt
 
 
-def token_logprobs(model, ids_BT: torch.Tensor, with_aux: bool = False):
+def token_logprobs(model, ids_BT: torch.Tensor, with_aux: bool = False, mask_BT: torch.Tensor | None = None):
     """``log p(ids[t+1] | ids[:t+1])`` for every position, shape (B, T-1), fp32.
 
-    With ``with_aux`` also returns the model output (for the MoE balance loss and expert counts).
+    With ``mask_BT`` (B, T-1) only the masked positions are computed (the LM head runs on those rows
+    only); the others are 0. With ``with_aux`` also returns the model output (for the MoE balance
+    loss and expert counts).
     """
-    out = model(ids_BT[:, :-1])
-    lp = gather_logprobs(out.logits, ids_BT[:, 1:])
+    if mask_BT is None:
+        out = model(ids_BT[:, :-1])
+        lp = gather_logprobs(out.logits, ids_BT[:, 1:])
+        return (lp, out) if with_aux else lp
+    sel = mask_BT.bool()
+    out = model(ids_BT[:, :-1], logits_mask=sel)
+    lp_N = gather_logprobs(out.logits[None], ids_BT[:, 1:][sel][None])[0]
+    lp = torch.zeros(sel.shape, dtype=lp_N.dtype, device=lp_N.device).masked_scatter(sel, lp_N)
     return (lp, out) if with_aux else lp
 
 

@@ -81,6 +81,12 @@ def preset(name: str) -> Config:
         "cpu-tiny": lambda: Config(model=model_preset("cpu-tiny"), n_examples=600, epochs=3, lr=1e-3),
         "gpu-small": lambda: Config(model=model_preset("gpu-small"), n_examples=5000, epochs=2, batch_size=64,
                                     lr=3e-4, tasks="arithmetic,countdown,gsm", difficulty=0),
+        # cold start of a real pretrained model (tinyseek run --preset smollm2): 25 LoRA steps teach
+        # SmolLM2-135M the <think>/<answer> format (format rate 0 -> 1.0)
+        "smollm2": lambda: Config(tasks="arithmetic", difficulty=2, n_examples=400, epochs=1, batch_size=16, lr=1e-3,
+                                  lora_rank=16, lora_alpha=32.0),
+        "smollm2-gpu": lambda: Config(tasks="arithmetic", difficulty=0, n_examples=4000, epochs=2, batch_size=32,
+                                      lr=5e-4, lora_rank=32, lora_alpha=64.0),
     }
     if name not in presets:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
