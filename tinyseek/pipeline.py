@@ -160,13 +160,7 @@ def _data(cfg: Config, run: Path) -> dict:
     c.run_dir, c.name = str(run), run.name
     c.validate()
     res = data_stage.main(c)
-    # one tokenizer for the whole run at <run>/tokenizer: every stage (and `tinyseek serve --ckpt
-    # <run>/<stage>`) finds it by looking up from its checkpoint
-    src = run / "data" / "tokenizer"
-    if src.is_dir():
-        from tinyseek.common import atomic_dir
-        with atomic_dir(run / "tokenizer") as tmp:
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
+    _share_tokenizer(run / "data" / "tokenizer", run)
     return res
 
 
@@ -184,7 +178,18 @@ def _import(cfg: Config, run: Path) -> dict:
     from tinyseek import importer
     c = importer.Config(src=cfg.src or importer.smollm2_gguf(), out=str(run / "import"), force=True)
     c.validate()
-    return importer.main(c)
+    res = importer.main(c)
+    _share_tokenizer(run / "import" / "tokenizer", run)
+    return res
+
+
+def _share_tokenizer(src: Path, run: Path) -> None:
+    """One tokenizer for the whole run at <run>/tokenizer: every stage (and `tinyseek serve --ckpt
+    <run>/<stage>`) finds it by looking up from its checkpoint."""
+    if src.is_dir():
+        from tinyseek.common import atomic_dir
+        with atomic_dir(run / "tokenizer") as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def _base(cfg: Config, run: Path) -> Path:
