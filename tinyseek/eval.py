@@ -77,7 +77,7 @@ def evaluate(model, tok, problems, *, k: int = 8, n_samples: int = 8, temperatur
     from tinyseek.post.rollout import sample
 
     prompts = [prompt_ids(tok, p.prompt) for p in problems]
-    greedy = sample(model, prompts, eos_id=tok.eos_id, max_tokens=max_new_tokens, temperature=0.0, seed=seed)
+    greedy = sample(model, prompts, eos_id=tok.eos_id, stop_ids=tok.stop_ids, max_tokens=max_new_tokens, temperature=0.0, seed=seed)
     texts = [decode(tok, s.tokens) for s in greedy]
     ok = [is_correct(t, p.answer, p.meta) for t, p in zip(texts, problems)]
     res = {
@@ -89,7 +89,7 @@ def evaluate(model, tok, problems, *, k: int = 8, n_samples: int = 8, temperatur
     }
     if n_samples:
         rep = [p for p in prompts for _ in range(n_samples)]
-        samples = sample(model, rep, eos_id=tok.eos_id, max_tokens=max_new_tokens, temperature=temperature,
+        samples = sample(model, rep, eos_id=tok.eos_id, stop_ids=tok.stop_ids, max_tokens=max_new_tokens, temperature=temperature,
                          top_p=top_p, seed=seed + 1)
         scores = []
         correct_sampled = 0

@@ -288,7 +288,7 @@ def main(cfg: Config) -> dict:
         prompts = [C.prompt_ids(tok, p.prompt) for p in probs]
         group_prompts = [p for p in prompts for _ in range(G)]
         with merged(model):  # LoRA: the current adapters, merged into temporary plain projections
-            samples = sample(model, group_prompts, eos_id=tok.eos_id, max_tokens=cfg.max_new_tokens,
+            samples = sample(model, group_prompts, eos_id=tok.eos_id, stop_ids=tok.stop_ids, max_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step * 997)
         t1 = time.time()
         texts = [C.decode(tok, s.tokens) for s in samples]
@@ -303,7 +303,7 @@ def main(cfg: Config) -> dict:
         st: dict[str, float] = {}
         if bool(keep_N.any()):
             idx = [i for i in range(len(samples)) if keep_N[i // G]]
-            resp = [samples[i].tokens + ([tok.eos_id] if samples[i].finished else []) for i in idx]
+            resp = [samples[i].with_end() for i in idx]
             st = grpo_update(model, ref, opt, [group_prompts[i] for i in idx], resp, adv_NG.view(-1)[idx],
                              pad_id=tok.pad_id, variant=cfg.variant, mu=cfg.mu, beta=cfg.beta,
                              eps_low=cfg.eps_low, eps_high=cfg.eps_high, max_tokens=cfg.max_new_tokens + 1,

@@ -58,7 +58,7 @@ def grade_samples(model, tok, problems, *, k: int, temperature: float, top_p: fl
     from tinyseek.post.rewards import format_score, is_correct
     from tinyseek.post.rollout import sample
     prompts = [C.prompt_ids(tok, p.prompt) for p in problems]
-    samples = sample(model, [p for p in prompts for _ in range(k)], eos_id=tok.eos_id, max_tokens=max_new_tokens,
+    samples = sample(model, [p for p in prompts for _ in range(k)], eos_id=tok.eos_id, stop_ids=tok.stop_ids, max_tokens=max_new_tokens,
                      temperature=temperature, top_p=top_p, seed=seed)
     out = []
     for i, p in enumerate(problems):

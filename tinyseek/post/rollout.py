@@ -4,7 +4,8 @@
 ``tinyseek.serve.engine.Engine`` (the same engine that serves requests), so what RL trains on is
 what is served. If the serving engine is not importable (it is built by another module) a small
 batched KV-cache sampler here is used instead; both follow the same contract: continuations
-stop at ``eos_id`` (not included in ``tokens``) or after ``max_tokens``.
+stop at ``eos_id`` or one of ``stop_ids`` (an imported chat model's end-of-turn tokens, e.g. Llama 3's
+``<|eot_id|>``; not included in ``tokens``, recorded in ``end_id``) or after ``max_tokens``.
 """
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ import torch
 class Sample:
     tokens: list[int]        # generated token ids, without the final eos
     finished: bool           # True if the model emitted eos (False = cut at max_tokens)
+    end_id: int | None = None  # the stop token it emitted (eos or one of stop_ids), None if cut
+
+    def with_end(self) -> list[int]:
+        """``tokens`` plus the stop token when there was one (what training should see)."""
+        return self.tokens + ([self.end_id] if self.finished and self.end_id is not None else [])
 
 
 def _engine():
@@ -30,11 +36,12 @@ def _engine():
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, eos_id: int, max_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, seed: int = 0, max_batch: int = 64,
-           use_engine: bool = True) -> list[Sample]:
+           use_engine: bool = True, stop_ids=()) -> list[Sample]:
     """Sample one continuation per prompt (repeat a prompt G times for a group). ``temperature=0``
     is greedy."""
     was_training = model.training
     model.eval()
+    stops = {int(eos_id), *(int(t) for t in stop_ids)}
     try:
         eng = _engine() if use_engine else None
         if eng is not None:
@@ -42,20 +49,20 @@ def sample(model, prompts: list[list[int]], *, eos_id: int, max_tokens: int, tem
             max_len = min(model.cfg.max_seq_len, max(len(p) for p in prompts) + max_tokens + 1)
             engine = Engine(model, None, max_batch=min(max_batch, len(prompts)), max_len=max_len, eos_id=eos_id)
             params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                     stop=[], seed=seed + i) for i in range(len(prompts))]
+                                     stop=[], seed=seed + i, stop_token_ids=sorted(stops - {int(eos_id)}))
+                      for i in range(len(prompts))]
             outs = engine.generate([list(p) for p in prompts], params)
             res = []
             for o in outs:
                 toks = list(o.token_ids)
-                fin = bool(toks) and toks[-1] == eos_id
-                if fin:
+                end = toks[-1] if toks and toks[-1] in stops else None
+                if end is not None:
                     toks = toks[:-1]
-                fin = fin or o.finish_reason in ("stop", "eos")
-                res.append(Sample(toks, fin))
+                res.append(Sample(toks, end is not None or o.finish_reason in ("stop", "eos"), end))
             return res
         res = []
         for i in range(0, len(prompts), max_batch):
-            res += _fallback_sample(model, prompts[i:i + max_batch], eos_id, max_tokens, temperature,
+            res += _fallback_sample(model, prompts[i:i + max_batch], stops, max_tokens, temperature,
                                     top_p, top_k, seed + i)
         return res
     finally:
@@ -83,7 +90,7 @@ def filter_logits(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p
     return x
 
 
-def _fallback_sample(model, prompts, eos_id, max_tokens, temperature, top_p, top_k, seed) -> list[Sample]:
+def _fallback_sample(model, prompts, stops: set[int], max_tokens, temperature, top_p, top_k, seed) -> list[Sample]:
     dev = next(model.parameters()).device
     B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=dev)
@@ -99,7 +106,7 @@ def _fallback_sample(model, prompts, eos_id, max_tokens, temperature, top_p, top
     gen = torch.Generator(device=dev).manual_seed(seed)
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    finished = [False] * B
+    ends: list[int | None] = [None] * B
     for _ in range(max_tokens):
         if int(cache.lengths.max()) >= max_len:
             break
@@ -110,12 +117,12 @@ def _fallback_sample(model, prompts, eos_id, max_tokens, temperature, top_p, top
             nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
         for b in range(B):
             if not done[b]:
-                if int(nxt[b]) == eos_id:
-                    finished[b] = True
+                if int(nxt[b]) in stops:
+                    ends[b] = int(nxt[b])
+                    done[b] = True
                 else:
                     out[b].append(int(nxt[b]))
-        done |= nxt == eos_id
         if bool(done.all()):
             break
         last = model(nxt[:, None], cache=cache).logits[:, -1]
-    return [Sample(o, f) for o, f in zip(out, finished)]
+    return [Sample(o, e is not None, e) for o, e in zip(out, ends)]

@@ -27,7 +27,7 @@ from tinyseek.common import MetricsLogger, atomic_write_json, print0
 from tinyseek.config import ConfigError, ModelConfig, model_micro, model_preset
 from tinyseek.errors import UserError
 from tinyseek.post import common as C
-from tinyseek.post.seqs import pack, sft_targets
+from tinyseek.post.seqs import pack, sft_targets, token_logprobs
 
 
 @dataclass
@@ -172,10 +172,14 @@ def main(cfg: Config) -> dict:
             # ---- one SFT step ----------------------------------------------------------------
             batch = [data[j] for j in idx]
             ids, mask = pack([b[0] for b in batch], [b[1] for b in batch], pad, device)
-            tgt = sft_targets(ids, mask)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_steps)
-            out = model(ids[:, :-1], tgt)
+            if dp_engine is None:  # the LM head on response positions only (same loss, less memory)
+                lp, out = token_logprobs(model, ids, with_aux=True, mask_BT=mask)
+                out.ce_loss = -lp.sum() / mask.sum().clamp(min=1)
+                out.loss = out.ce_loss + out.aux_loss
+            else:  # Opacus' per-sample gradients need the batch axis through every layer
+                out = model(ids[:, :-1], sft_targets(ids, mask))
             loss = out.loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
