@@ -148,5 +148,8 @@ def test_real_model_recipe_runs_end_to_end_on_an_imported_llama(tmp_path):
     hf2 = transformers.AutoModelForCausalLM.from_pretrained(str(run / "export" / "hf"), dtype=torch.float32)
     with torch.no_grad():
         assert (ours(idx).logits - hf2(input_ids=idx).logits).abs().max() < 1e-4
+    msgs = [{"role": "user", "content": "Compute 3 + 4."}]  # the exported tokenizer is the model's own
+    exp_tok = transformers.AutoTokenizer.from_pretrained(str(run / "export" / "hf"))
+    assert exp_tok.apply_chat_template(msgs, tokenize=False) == make_tokenizer().apply_chat_template(msgs, tokenize=False)
     md = (run / "report" / "report.md").read_text()
     assert "| import |" in md and "| pretrain |" not in md

@@ -58,6 +58,7 @@ import torch
 
 from tinyseek.common import atomic_dir, atomic_write_json
 from tinyseek.errors import UserError
+from tinyseek.model.gguf_io import bytes_to_unicode
 
 HF_MLA_LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps
 
@@ -639,7 +640,7 @@ def byte_tokenizer_json(special: dict[str, int]) -> str:
     bytes (byte-level BPE with an empty merge list), special tokens at their ids."""
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
-    alphabet = _bytes_to_unicode()
+    alphabet = bytes_to_unicode()
     tok = HFTokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -649,23 +650,6 @@ def byte_tokenizer_json(special: dict[str, int]) -> str:
     if got != special:  # ids are assigned in order after the 256 bytes: must equal ours
         raise UserError(f"byte tokenizer special ids {special} are not contiguous after the 256 bytes")
     return tok.to_str()
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table used by the ByteLevel pre-tokenizer.
-
-    >>> t = _bytes_to_unicode(); t[ord("a")], t[ord(" ")], len(set(t.values()))
-    ('a', 'Ġ', 256)
-    """
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def _hf_tokenizer_json(tokenizer) -> str:
@@ -679,6 +663,13 @@ def _hf_tokenizer_json(tokenizer) -> str:
 
 
 def _write_tokenizer(tokenizer, out: Path, max_len: int) -> None:
+    """An imported model's tokenizer files as they came (its own chat template, special tokens and
+    generation_config eos ids); ours as a PreTrainedTokenizerFast with the Jinja twin of our template."""
+    hf_files = getattr(tokenizer, "hf_files", None)
+    if hf_files is not None:
+        for name, text in hf_files().items():
+            (out / name).write_text(text, encoding="utf-8")
+        return
     (out / "tokenizer.json").write_text(_hf_tokenizer_json(tokenizer))
     tok_cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -704,7 +695,8 @@ def hf_state(model, tokenizer=None) -> tuple[dict, dict[str, torch.Tensor]]:
         if getattr(tokenizer, "vocab_size", cfg.vocab_size) > cfg.vocab_size:
             raise UserError(f"tokenizer vocab ({tokenizer.vocab_size}) exceeds the model's "
                             f"vocab_size ({cfg.vocab_size})")
-        tok_ids.update(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        tok_ids.update(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                       bos_token_id=getattr(tokenizer, "bos_id", None))
     try:
         hf_cfg, weights = build(cfg, sd, tok_ids, dtype)
     except KeyError as e:
