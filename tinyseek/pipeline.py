@@ -242,8 +242,9 @@ def _eval(cfg: Config, run: Path) -> dict:
                       max_new_tokens=g.max_new_tokens, device=cfg.device,
                       tokenizer=str(run / "sft" / "tokenizer") if (run / "sft" / "tokenizer").exists() else "",
                       out=str(run / "eval" / f"{label}.json"))
-        if label.startswith("grpo-"):
-            c.n_samples = 0  # pass@k of the quantized variants: skipped to save time
+        if label.startswith("grpo-") or label == "base":
+            c.n_samples = 0  # pass@k of the quantized variants, and of the base model (it never writes the
+            #                  R1 format before the cold start: format rate 0), skipped to save time
         c.validate()
         out[label] = ev.main(c)
     return out

@@ -115,7 +115,8 @@ def _one_line(stage: str, r: dict) -> str:
     if stage in ("sft", "grpo"):
         return ", ".join(f"{k} {_fmt(v)}" for k, v in list(_scalars(r).items())[:4])
     if stage == "quantize":
-        return "; ".join(f"{m}: {_fmt(v.get('file_ratio'))}x smaller, ppl {_fmt(v.get('ppl_float'))}->{_fmt(v.get('ppl_quant'))}"
+        return "; ".join(f"{m}: {_fmt(v.get('file_ratio'))}x smaller"
+                         + (f", ppl {_fmt(v.get('ppl_float'))}->{_fmt(v.get('ppl_quant'))}" if v.get("ppl_float") else "")
                          for m, v in r.items() if isinstance(v, dict))
     if stage == "eval":
         return "; ".join(f"{m}: pass@1 {_fmt(v.get('pass@1'))}" for m, v in r.items() if isinstance(v, dict))
@@ -154,9 +155,12 @@ def _sections(run: Path, cfg_dict: dict, plots: dict[str, Path]) -> list[tuple[s
                                        [[s, v.get("input"), v.get("kept"), v.get("dropped"), v.get("reconciled")]
                                         for s, v in srcs.items()])
         secs.append(("Data", body, None))
-    pre = stage_result(run, "pretrain")
-    secs.append(("Pretraining", _md_table(["metric", "value"], [[k, v] for k, v in _scalars(pre).items()])
-                 if pre else "not run", "loss.png" if "loss" in plots else None))
+    pre, imp = stage_result(run, "pretrain"), stage_result(run, "import")
+    if imp and not pre:  # a real pretrained model instead of pretraining
+        secs.append(("Imported model", _md_table(["key", "value"], [[k, v] for k, v in _scalars(imp).items()]), None))
+    else:
+        secs.append(("Pretraining", _md_table(["metric", "value"], [[k, v] for k, v in _scalars(pre).items()])
+                     if pre else "not run", "loss.png" if "loss" in plots else None))
     if "expert_load" in plots:
         last = [r for r in read_metrics(run / "pretrain" / "metrics.jsonl") if "load_max_mean" in r]
         body = ("Share of routed tokens per expert over training (aux-loss-free bias balancing"
