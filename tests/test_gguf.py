@@ -345,6 +345,22 @@ def test_write_read_round_trip(tmp_path, qtype):
     assert tc["chat_template"] == json.loads((tok_dir / "tokenizer_config.json").read_text())["chat_template"]
 
 
+def test_chat_templates_where_transformers_5_saves_them(tmp_path):
+    """chat_template.jinja (transformers 5's save_pretrained) and additional_chat_templates/*.jinja win over
+    tokenizer_config.json's chat_template; named ones are written as llama.cpp's converter writes them."""
+    from gguf import GGUFReader
+    vocab = 352
+    tok_dir = _tinyseek_tokenizer_dir(tmp_path / "tok")
+    (tok_dir / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    (tok_dir / "additional_chat_templates").mkdir()
+    (tok_dir / "additional_chat_templates" / "tool-use.jinja").write_text("{{ tools }}")
+    write_gguf(_cfg(vocab), _hf_weights(vocab, seed=1), tok_dir, tmp_path / "m.gguf", "f32")
+    meta = {f.name: f.contents() for f in GGUFReader(tmp_path / "m.gguf").fields.values()}
+    assert meta["tokenizer.chat_template"] == "{{ messages[0]['content'] }}"
+    assert meta["tokenizer.chat_template.tool_use"] == "{{ tools }}" and meta["tokenizer.chat_templates"] == ["tool_use"]
+    assert read_gguf(tmp_path / "m.gguf")[2]["tokenizer_config.json"]["chat_template"] == "{{ messages[0]['content'] }}"
+
+
 def test_q8_0_rows_that_do_not_fill_blocks_fall_back_to_f16(tmp_path):
     """As llama.cpp's converter: a weight whose rows are not whole Q8_0 blocks (here down_proj, rows of 48) is F16."""
     vocab, ffn = 40, 48

@@ -32,7 +32,10 @@ tokens (type 3) and the bos/eos/unk/pad tokens as special added tokens, user-def
 added tokens, a BOS/EOS template from ``add_bos_token`` / ``add_eos_token``. ``"llama"`` (SentencePiece BPE)
 is rebuilt as transformers' ``LlamaTokenizer``: Metaspace, byte fallback, merges from the file or from the
 scores. On writing, the ``pre`` name is read off tokenizer.json's pre-tokenizer (:func:`pre_name`):
-tinyseek's own (individual digits, then the GPT-2 regex) is llama.cpp's ``"smollm"``.
+tinyseek's own (individual digits, then the GPT-2 regex) is llama.cpp's ``"smollm"``. The chat template is
+read where transformers 5 saves it (``chat_template.jinja`` over ``tokenizer_config.json``; :func:`chat_templates`).
+Checked against llama.cpp itself (llama-cpp-python) in tests/test_llamacpp.py (slow): logits, greedy tokens,
+tokenization and the chat template of exported files.
 
 Not handled (one-line UserError): architectures other than llama, llama3-style rope scaling (a
 ``rope_freqs`` tensor) and rope types other than default / linear, partial rotary, per-layer head counts.
@@ -659,9 +662,43 @@ def tokenizer_metadata(tokenizer_dir: str | Path, hf_cfg: dict, vocab_size: int)
     add_eos = tc.get("add_eos_token", bool(single) and "SpecialToken" in single[-1])
     out += [("tokenizer.ggml.add_bos_token", "bool", bool(add_bos)),
             ("tokenizer.ggml.add_eos_token", "bool", bool(add_eos))]
-    if isinstance(tc.get("chat_template"), str):
-        out.append(("tokenizer.chat_template", "str", tc["chat_template"]))
+    templates = chat_templates(d, tc)
+    if "default" in templates:
+        out.append(("tokenizer.chat_template", "str", templates.pop("default")))
+    for name, t in templates.items():  # named ones as llama.cpp's converter (gguf's add_chat_template) writes them
+        out.append((f"tokenizer.chat_template.{name}", "str", t))
+    if templates:
+        out.append(("tokenizer.chat_templates", "arr", list(templates)))
     return out
+
+
+def chat_templates(tokenizer_dir: str | Path, tc: dict) -> dict[str, str]:
+    """An HF tokenizer dir's chat templates ``{name: template}`` ("default" the one transformers applies), where
+    transformers 5 saves them: ``chat_template.jinja`` and ``additional_chat_templates/*.jinja`` over
+    ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of ``{name, template}``), else a
+    processor's ``chat_template.json``. Names are sanitized as gguf's ``add_chat_template`` does.
+    """
+    d = Path(tokenizer_dir)
+    out: dict[str, str] = {}
+    ct = tc.get("chat_template")
+    if isinstance(ct, str):
+        out["default"] = ct
+    elif isinstance(ct, list):
+        out.update({t["name"]: t["template"] for t in ct if isinstance(t, dict) and isinstance(t.get("template"), str)
+                    and isinstance(t.get("name"), str)})
+    files = {p.stem: p.read_text() for p in sorted((d / "additional_chat_templates").glob("*.jinja"))}
+    if (d / "chat_template.jinja").is_file():
+        files["default"] = (d / "chat_template.jinja").read_text()
+    if files:
+        out = files
+    if not out and (d / "chat_template.json").is_file():
+        try:
+            legacy = json.loads((d / "chat_template.json").read_text()).get("chat_template")
+        except (ValueError, AttributeError):
+            legacy = None
+        if isinstance(legacy, str):
+            out["default"] = legacy
+    return {re.sub(r"[^a-zA-Z0-9_]", "_", k) if k != "default" else k: v for k, v in out.items()}
 
 
 def write_gguf(hf_cfg: dict, tensors: dict[str, torch.Tensor], tokenizer_dir: str | Path | None,
