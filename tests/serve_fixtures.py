@@ -52,3 +52,16 @@ def start_uvicorn(app, **server_kw):
         except httpx.HTTPError:
             time.sleep(0.02)
     return base, server, th
+
+
+def greedy_cached(model, prompt: list[int], n: int) -> list[int]:
+    """Prompt + ``n`` greedy tokens decoded one at a time through the model's KV cache."""
+    import torch
+    ids, cache = torch.tensor([prompt]), model.new_cache(1)
+    with torch.no_grad():
+        logits = model(ids, cache=cache).logits
+        for _ in range(n):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            logits = model(nxt, cache=cache).logits
+    return ids[0].tolist()

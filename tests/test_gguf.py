@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from serve_fixtures import greedy_cached
 from tinyseek.errors import UserError
 from tinyseek.model.gguf_io import read_gguf, write_gguf
 
@@ -570,16 +571,6 @@ def test_smollm2_q8_0_export_loads_in_transformers(smol, tmp_path):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.7
 
 
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids, cache = torch.tensor([prompt]), model.new_cache(1)
-    with torch.no_grad():
-        logits = model(ids, cache=cache).logits
-        for _ in range(n):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-            logits = model(nxt, cache=cache).logits
-    return ids[0].tolist()
-
 
 @pytest.mark.slow
 def test_smollm2_imported_model_matches_transformers(smol):
@@ -607,4 +598,4 @@ def test_smollm2_imported_model_matches_transformers(smol):
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)
                 want = torch.cat([want, nxt], dim=1)
                 out = hf(input_ids=nxt, cache=out.cache, use_cache=True)
-        assert _greedy(ours, ids, 32) == want[0].tolist(), text
+        assert greedy_cached(ours, ids, 32) == want[0].tolist(), text

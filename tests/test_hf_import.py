@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from serve_fixtures import greedy_cached
 from tinyseek.errors import UserError
 from tinyseek.model.hf_export import export_hf
 from tinyseek.model.hf_import import SUPPORTED, config_from_hf, model_from_hf, read_hf_dir, state_from_hf
@@ -100,16 +101,6 @@ def pair(request, tmp_path_factory):
     return name, hf, d, ours
 
 
-def _greedy(model, prompt, n):
-    ids, cache = torch.tensor([prompt]), model.new_cache(1)
-    with torch.no_grad():
-        logits = model(ids, cache=cache).logits
-        for _ in range(n):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-            logits = model(nxt, cache=cache).logits
-    return ids[0].tolist()
-
 
 def _check_fast_paths(model, ids, full, name):
     """Where the C kernels are built, decoding ran through them: the MoE kernel dispatch, and for MLA
@@ -142,7 +133,7 @@ def test_logits_greedy_cache_and_export(pair, tmp_path):
         with torch.no_grad():
             gen = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=NEW, do_sample=False,
                               pad_token_id=0, eos_token_id=None)[0].tolist()
-        seq = _greedy(ours, prompt, NEW)
+        seq = greedy_cached(ours, prompt, NEW)
         assert seq == gen, name
         assert len(set(seq[len(prompt):])) > 3, name  # the continuation is not one repeated token
         # token-by-token decode from a prefill == the full forward over the whole sequence
