@@ -22,6 +22,11 @@ from pathlib import Path
 
 from tinyseek.config import ConfigError
 from tinyseek.errors import UserError
+from tinyseek.model.gguf_io import write_gguf
+from tinyseek.model.hf_export import export_hf, hf_state
+from tinyseek.post.common import find_run_dir
+from tinyseek.tokenizer import load_tokenizer
+from tinyseek.train.checkpoint import load_model
 
 FORMATS = ("hf", "gguf")
 GGUF_QTYPES = ("f32", "f16", "q8_0")
@@ -54,11 +59,6 @@ def preset(name: str) -> Config:
     return presets[name]()
 
 
-def _run_dir(ckpt: Path) -> Path | None:
-    from tinyseek.post.common import find_run_dir
-    return find_run_dir(ckpt)
-
-
 def _tokenizer_dir(cfg: Config, ckpt: Path) -> str | None:
     """The tokenizer to export: ``--tokenizer``, else ``<run dir>/tokenizer``, else None."""
     if cfg.tokenizer == "none":
@@ -67,22 +67,18 @@ def _tokenizer_dir(cfg: Config, ckpt: Path) -> str | None:
         if cfg.tokenizer != "bytes" and not Path(cfg.tokenizer).exists():
             raise UserError(f"tokenizer path {cfg.tokenizer} does not exist")
         return cfg.tokenizer
-    run = _run_dir(ckpt)
+    run = find_run_dir(ckpt)
     if run is not None and (run / "tokenizer").exists():
         return str(run / "tokenizer")
     return None
 
 
 def _tokenizer(cfg: Config, ckpt: Path):
-    from tinyseek.tokenizer import load_tokenizer
     d = _tokenizer_dir(cfg, ckpt)
     return load_tokenizer(d) if d else None
 
 
 def main(cfg: Config) -> dict:
-    from tinyseek.model.hf_export import export_hf
-    from tinyseek.train.checkpoint import load_model
-
     cfg.validate()
     ckpt = Path(cfg.ckpt)
     if not ckpt.exists():
@@ -92,7 +88,7 @@ def main(cfg: Config) -> dict:
         raise UserError(f"{ckpt} is a quantized checkpoint: export the float one (quantize after exporting "
                         "with --format gguf --qtype q8_0, or let transformers quantize the HF export)")
     tok = _tokenizer(cfg, ckpt)
-    out = Path(cfg.out) if cfg.out else (_run_dir(ckpt) or ckpt) / "export" / cfg.format
+    out = Path(cfg.out) if cfg.out else (find_run_dir(ckpt) or ckpt) / "export" / cfg.format
     if cfg.format == "gguf":
         return _export_gguf(cfg, model, meta, tok, out, ckpt)
     summary = export_hf(model, out, tokenizer=tok)
@@ -106,9 +102,6 @@ def main(cfg: Config) -> dict:
 
 def _export_gguf(cfg: Config, model, meta: dict, tok, out: Path, ckpt: Path) -> dict:
     """One GGUF file of a model the Llama architecture expresses (see the module docstring)."""
-    from tinyseek.model.gguf_io import write_gguf
-    from tinyseek.model.hf_export import hf_state
-
     tok_dir = _tokenizer_dir(cfg, ckpt)
     if tok is None or tok_dir is None or not (Path(tok_dir) / "tokenizer.json").is_file():
         raise UserError("GGUF export needs a byte-level BPE tokenizer dir with tokenizer.json (--tokenizer DIR)")

@@ -33,6 +33,10 @@ import torch
 from tinyseek.common import atomic_dir, atomic_write_json
 from tinyseek.config import ConfigError, to_dict
 from tinyseek.errors import UserError
+from tinyseek.model.gguf_io import read_gguf
+from tinyseek.model.hf_import import model_from_hf, read_hf_dir
+from tinyseek.tokenizer import load_tokenizer
+from tinyseek.train.checkpoint import save_checkpoint
 
 POSITIONAL = "src"  # `tinyseek import SRC ...`: the first bare argument sets cfg.src
 GGUF_MAGIC = b"GGUF"
@@ -94,11 +98,9 @@ def read_source(src: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str
     if src.is_file():
         if not is_gguf(src):
             raise UserError(f"{src} is neither a GGUF file (no GGUF magic) nor a Hugging Face checkpoint directory")
-        from tinyseek.model.gguf_io import read_gguf
         return read_gguf(src)
     if not src.is_dir():
         raise UserError(f"import source {src} does not exist")
-    from tinyseek.model.hf_import import read_hf_dir
     hf, tensors = read_hf_dir(src)
     if not (src / "tokenizer.json").is_file():
         raise UserError(f"{src} has no tokenizer.json (tinyseek imports fast tokenizers only; "
@@ -119,10 +121,6 @@ def _write_tokenizer(files: dict, out: Path) -> None:
 
 
 def main(cfg: Config) -> dict:
-    from tinyseek.model.hf_import import model_from_hf
-    from tinyseek.tokenizer import load_tokenizer
-    from tinyseek.train.checkpoint import save_checkpoint
-
     cfg.validate()
     src = Path(cfg.src).expanduser()
     out = Path(cfg.out) if cfg.out else Path("runs") / (src.stem if src.is_file() else src.resolve().name)
