@@ -91,3 +91,48 @@ def test_registry_total_and_unknown():
     with pytest.raises(ValueError, match="unknown reward"):
         R.total_reward(GOOD, prob("38"), {"nope": 1.0})
     assert set(R.REWARDS) >= {"accuracy", "format", "length", "multi", "consistency", "clarity", "efficiency"}
+
+
+# (pred, gold, match): the issue's cases plus the tolerance rule's edges. math-verify (a test peer)
+# gives the same verdict on every row; our rule in words: exact rationals, and when one side is a
+# decimal and neither a plain integer, both rounded to 6 places.
+ANSWER_TABLE = [
+    ("1/2/3", "1/6", True), ("1/2/3", "1.5", False),             # left to right, not 1/(2/3)
+    ("1,2", "12", False), ("4 2", "42", False), ("12,34", "1234", False), ("1,2345", "12345", False),
+    ("1,234,567", "1234567", True), ("1,234", "1234", True), ("1 000", "1000", True),
+    ("1/3", "0.3333333333", True), ("0.3333333333", "1/3", True), ("2/3", "0.6666666667", True),
+    ("0.333333", "1/3", True), ("0.3333334", "1/3", True), ("0.3333336", "1/3", False),
+    ("0.33", "1/3", False), ("1/3", "0.333", False), ("0.667", "2/3", False), ("0.666666", "2/3", False),
+    ("0.5000001", "0.5", True), ("0.5000001", "1/2", True), ("1.0000001", "1", False),
+    ("12.0000004", "12", False), ("0.5", "1/2", True), ("1000.0", "1,000", True), ("$12.50", "12.5", True),
+    ("50%", "50", True), ("-3/6", "-0.5", True), ("3.", "3", True), ("7", "8", False), ("2.5", "5/2", True),
+]
+
+
+@pytest.mark.parametrize("pred,gold,ok", ANSWER_TABLE)
+def test_answers_match_table(pred, gold, ok):
+    assert R.answers_match(pred, gold) is ok
+    assert R.is_correct(f"<think>x</think><answer>{pred}</answer>", gold) is ok
+
+
+def test_answers_match_agrees_with_math_verify():
+    """The peer oracle: on every row of ANSWER_TABLE math-verify's verdict is ours (and the table's)."""
+    mv = pytest.importorskip("math_verify")
+    disagree = [(p, g, ok) for p, g, ok in ANSWER_TABLE
+                if not bool(mv.verify(mv.parse(g), mv.parse(p))) == R.answers_match(p, g) == ok]
+    assert not disagree
+
+
+def test_parse_number_is_exact_and_strict():
+    from fractions import Fraction
+    assert R.parse_number("1/2/3") == Fraction(1, 6)
+    assert R.parse_number("1 / 4") == Fraction(1, 4)
+    assert R.parse_number("0.1") == Fraction(1, 10)                  # exact, not the float 0.1
+    for bad in ("1,2", "4 2", "1,23", "1,,234", "1, 234", "1/0", "1/2/0", "", "/", "1/", "--1", "1.2.3"):
+        assert R.parse_number(bad) is None, bad
+
+
+def test_format_rejects_text_after_the_answer():
+    assert R.format_score("<think>a</think><answer>1</answer>") == 1.0
+    assert R.format_score("<think>a</think><answer>1</answer> and then more") == 0.0
+    assert R.format_score("<think>a</think><answer>1</answer>\n2") == 0.0

@@ -1,11 +1,14 @@
 """Synthetic tasks: determinism, true worked steps, correct answers, difficulty, disjoint train/eval."""
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 
 from tinyseek.errors import UserError
+from tinyseek.post import rewards
 from tinyseek.tasks import TASKS, check_countdown, format_solution, get_task
-from tinyseek.tasks.common import bucket, check_equations, eval_exact
+from tinyseek.tasks.common import bucket, check_equations, eval_exact, fmt_num
 
 N = {"arithmetic": 40, "chain_sum": 40, "countdown": 15, "gsm": 25}
 
@@ -76,10 +79,18 @@ def test_countdown_checker():
 
 
 def test_rewards_accept_our_answers():
-    rewards = pytest.importorskip("tinyseek.post.rewards")
     for name in TASKS:
         for p in get_task(name).generate(4, seed=9, difficulty=1):
             assert rewards.is_correct(format_solution(p), p.answer, p.meta), (name, p)
+
+
+@pytest.mark.parametrize("num,den", [(1, 3), (2, 3), (-7, 9), (22, 7), (1, 8), (5, 2), (1000001, 3)])
+def test_non_integer_golds_accept_the_exact_answer(num, den):
+    """A gold stored by ``fmt_num`` (10 decimals at most) and the exact fraction match both ways."""
+    gold = fmt_num(Fraction(num, den))
+    for pred in (f"{num}/{den}", gold):
+        assert rewards.answers_match(pred, gold) and rewards.answers_match(gold, pred), (pred, gold)
+    assert not rewards.answers_match(f"{num + 1}/{den}", gold)
 
 
 def test_bad_arguments():

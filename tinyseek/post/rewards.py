@@ -3,8 +3,9 @@
 A completion is what the model wrote after the chat template's assistant marker, ideally
 ``<think>worked steps</think><answer>final answer</answer>``. Each reward below is a concrete rule:
 
-- ``accuracy``: 1 if the ``<answer>`` is correct. Numbers are compared after normalisation
-  (``1,000`` == ``1000`` == ``1000.0``; ``1/2`` == ``0.5``). Countdown problems (``meta`` holds
+- ``accuracy``: 1 if the ``<answer>`` is correct. Numbers are compared exactly after normalisation
+  (``1,000`` == ``1000`` == ``1000.0``; ``1/2`` == ``0.5``; ``1,2`` and ``4 2`` are not numbers; a
+  decimal against a non-integer matches to 6 places, so ``0.3333333333`` == ``1/3``). Countdown problems (``meta`` holds
   ``numbers`` and ``target``) are verified instead: the answer must be an arithmetic expression
   that uses only the given numbers (each at most as often as given) and evaluates to the target.
 - ``format``: 1 if the text is exactly one think block followed by one answer block, in that order.
@@ -65,31 +66,72 @@ def extract_think(text: str) -> str:
     return m.group(1) if m else ""
 
 
+# one number: digits with optional thousands groups ("1,234,567" or "1 234 567", one separator kind,
+# every group after the first exactly three digits), an optional decimal part; "3." and ".5" too
+_PLAIN = re.compile(r"[+-]?(?:(?:\d{1,3}(?P<sep>[, ])\d{3}(?:(?P=sep)\d{3})*|\d+)(?:\.\d*)?|\.\d+)")
+ROUND_DECIMALS = 6  # decimals compared when an answer is written as a decimal (math-verify's float_rounding)
+
+
+def _plain(t: str) -> Fraction | None:
+    m = _PLAIN.fullmatch(t)
+    if m is None:
+        return None
+    return Fraction(t.replace(",", "").replace(" ", "").rstrip(".") or "0")
+
+
 def parse_number(s: str | None) -> Fraction | None:
-    """Parse a number leniently: thousands commas, ``$``, ``%``, trailing ``.``, fractions ``a/b``.
+    """A number written in an answer, exactly; None if ``s`` is not one number.
+
+    Accepted: a sign, thousands separators in valid groups only (``1,234,567``; ``1,2`` and ``4 2``
+    are not numbers), a decimal part, a leading ``$``, a trailing ``%`` or ``.``, and fractions
+    ``a/b/c`` read left to right (``1/2/3`` = 1/6, as in math-verify). Division by zero is None.
 
     >>> parse_number("1,000"), parse_number(" $12.50 "), parse_number("-3/6"), parse_number("x")
     (Fraction(1000, 1), Fraction(25, 2), Fraction(-1, 2), None)
+    >>> parse_number("1/2/3"), parse_number("1,2"), parse_number("4 2"), parse_number("1,234,567")
+    (Fraction(1, 6), None, None, Fraction(1234567, 1))
     """
     if s is None:
         return None
-    t = s.strip().replace(",", "").replace("$", "").rstrip("%").rstrip(".").replace(" ", "")
-    if not t:
+    t = s.strip()
+    if t.startswith("$") or t.startswith("-$"):
+        t = t.replace("$", "", 1)
+    t = t.removesuffix("%").rstrip()
+    if t.endswith(".") and not t.endswith(".."):
+        t = t[:-1]
+    parts = [x.strip() for x in t.split("/")]
+    vals = [_plain(x) for x in parts]
+    if not parts or any(v is None for v in vals):
         return None
-    try:
-        if "/" in t:
-            a, b = t.split("/", 1)
-            return Fraction(a) / Fraction(b)
-        return Fraction(t)
-    except (ValueError, ZeroDivisionError):
-        return None
+    out = vals[0]
+    for v in vals[1:]:
+        if v == 0:
+            return None
+        out /= v
+    return out
+
+
+def _kind(s: str) -> str:
+    """How an answer is written: "int" (digits and separators only), "decimal" (has a point), or
+    "fraction"."""
+    t = s.strip().rstrip("%").rstrip(".")
+    return "fraction" if "/" in t else "decimal" if "." in t else "int"
 
 
 def answers_match(pred: str | None, gold: str) -> bool:
-    """Numeric comparison when both parse as numbers, else case/space-insensitive string equality.
+    """Numeric comparison when both parse as numbers (:func:`parse_number`), else case- and
+    space-insensitive string equality.
+
+    Numbers are compared exactly as rationals, with one tolerance (math-verify's rule, checked
+    against it in the tests): when one side is written as a decimal and neither is written as a plain
+    integer, both are rounded to ``ROUND_DECIMALS`` (6) places (half to even) and compared. So a
+    10-decimal gold ``0.3333333333`` and ``1/3`` match either way round, ``0.33`` does not match
+    ``1/3``, and ``1.0000001`` does not match ``1``.
 
     >>> answers_match("1000.0", "1,000"), answers_match("0.5", "1/2"), answers_match("7", "8")
     (True, True, False)
+    >>> answers_match("1/3", "0.3333333333"), answers_match("0.33", "1/3"), answers_match("1,2", "12")
+    (True, False, False)
     >>> answers_match("Paris ", "paris"), answers_match(None, "1")
     (True, False)
     """
@@ -97,7 +139,11 @@ def answers_match(pred: str | None, gold: str) -> bool:
         return False
     a, b = parse_number(pred), parse_number(gold)
     if a is not None and b is not None:
-        return a == b
+        if a == b:
+            return True
+        kinds = {_kind(pred), _kind(gold)}
+        return ("decimal" in kinds and "int" not in kinds
+                and round(a, ROUND_DECIMALS) == round(b, ROUND_DECIMALS))
     return " ".join(pred.lower().split()) == " ".join(gold.lower().split())
 
 
