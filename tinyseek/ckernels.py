@@ -2,22 +2,39 @@
 
 A kernel source is plain C (no PyTorch headers; tensors travel as data pointers). It is compiled
 once with the system C compiler (``cc -O3 -march=native -ffast-math -fopenmp -shared``, plainer
-flag sets where those fail) into a per-machine cache (``$TINYSEEK_KERNEL_CACHE`` or
-``~/.cache/tinyseek/kernels``), keyed by source, compiler, flags and CPU flags, and written to a
-temp name then renamed (concurrent first uses are safe). Built as a small CPython extension where
-``Python.h`` exists (the source's ``#ifdef TS_PYEXT`` part: a call costs ~0.2 us), else loaded
-through ``ctypes`` (~1.7 us a call). ``TS_PORTABLE`` is defined for portable builds (no AVX-512
-paths; for tests). Without a compiler :class:`Kernels` prints one line and reports "not
-available", and callers take their PyTorch path.
+flag sets where those fail) into a per-user cache, and loaded from there by later processes. Built as
+a small CPython extension where ``Python.h`` exists (the source's ``#ifdef TS_PYEXT`` part: a call
+costs ~0.2 us), else loaded through ``ctypes`` (~1.7 us a call). ``TS_PORTABLE`` is defined for
+portable builds (no AVX-512 paths; for tests). Without a compiler :class:`Kernels` prints one line
+and reports "not available", and callers take their PyTorch path.
+
+The cache runs code, so it is private (:func:`cache_dir`, :func:`trusted_file`):
+
+- the directory is ``$TINYSEEK_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/tinyseek/kernels``, else
+  ``~/.cache/tinyseek/kernels``, created 0700; it is used only if it is owned by this user and not
+  writable by group or others (one of ours that others may read is chmod-ed to 0700), and
+  every directory above it is owned by this user or root and not writable by others (unless sticky,
+  like ``/tmp``). Otherwise (``$HOME`` not writable, a shared or foreign directory) this process
+  builds into a fresh ``tempfile.mkdtemp`` directory (0700, removed at exit), never into a shared
+  directory under a predictable name;
+- a library's file name carries a hash of the source, the compiler (path and ``--version``), the
+  flag sets, the Python headers and the CPU flags; a cached library is loaded only if it is a
+  regular file (not a link) owned by this user and not writable by group or others, else it is
+  ignored and rebuilt over;
+- a build writes a fresh temporary file (``mkstemp``) and renames it into place (atomic: concurrent
+  first uses are safe, and no half-written library is ever loaded).
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
+import functools
 import hashlib
 import importlib.util
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sysconfig
 import tempfile
@@ -50,16 +67,91 @@ FLAG_SETS = (["-O3", "-march=native", "-ffast-math", "-fopenmp"], ["-O3", "-ffas
 P, I64, INT, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
 
-def cache_dir() -> Path:
-    d = os.environ.get("TINYSEEK_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tinyseek",
-                                                                 "kernels")
+_PRIVATE: dict = {}              # this process's fallback cache directory (made once)
+_PRIVATE_LOCK = threading.Lock()
+
+
+def _default_dir() -> str:
+    if os.environ.get("TINYSEEK_KERNEL_CACHE"):
+        return os.environ["TINYSEEK_KERNEL_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tinyseek", "kernels")
+
+
+def _safe_ancestors(d: Path) -> bool:
+    """Every directory above ``d`` is owned by this user or root and not writable by group or
+    others, unless it is sticky (``/tmp``: others cannot rename or remove what is ours)."""
+    euid = os.geteuid()
+    for parent in d.parents:
+        try:
+            st = os.stat(parent)
+        except OSError:
+            return False
+        if st.st_uid not in (0, euid) or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            return False
+    return True
+
+
+def private_dir(d: str | Path) -> Path | None:
+    """``d`` (made 0700 if missing) when it is a safe private cache: a real directory owned by this
+    user, not writable by group or others, safe ancestors; else None. A directory of ours that
+    others may only read (0755, an older cache) is tightened to 0700."""
+    d = Path(os.path.realpath(d))  # the checks below apply to where the files really are
     try:
-        Path(d).mkdir(parents=True, exist_ok=True)
-        if os.access(d, os.W_OK):
-            return Path(d)
+        missing = [p for p in (d, *d.parents) if not os.path.lexists(p)]
+        for p in reversed(missing):  # every directory we create is 0700 (whatever the umask)
+            p.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            return None
+        if st.st_mode & 0o022:          # others could have written into it: not ours alone
+            return None
+        if stat.S_IMODE(st.st_mode) & 0o077:  # ours but readable by others (an older cache): tighten
+            os.chmod(d, 0o700)
+            if stat.S_IMODE(os.lstat(d).st_mode) & 0o077:
+                return None
+        if not os.access(d, os.W_OK | os.X_OK) or not _safe_ancestors(d):
+            return None
     except OSError:
-        pass
-    return Path(tempfile.gettempdir())
+        return None
+    return d
+
+
+def _process_private_dir() -> Path:
+    with _PRIVATE_LOCK:
+        if "dir" not in _PRIVATE:
+            d = tempfile.mkdtemp(prefix="tinyseek-kernels-")  # 0700, unpredictable name
+            atexit.register(shutil.rmtree, d, True)
+            _PRIVATE["dir"] = Path(d)
+        return _PRIVATE["dir"]
+
+
+def cache_dir(requested: str | Path | None = None) -> Path:
+    """The kernel cache for this process: ``requested`` (else the default, see the module docstring)
+    when :func:`private_dir` accepts it, else a fresh private directory for this process only."""
+    d = private_dir(requested if requested is not None else _default_dir())
+    return d if d is not None else _process_private_dir()
+
+
+def trusted_file(path: Path) -> bool:
+    """``path`` is a regular file (not a symlink) owned by this user, not writable by group/others."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+@functools.lru_cache(maxsize=8)
+def _compiler_id(cc: str) -> str:
+    """The compiler's resolved path and the first line of ``cc --version`` (part of the cache key)."""
+    path = shutil.which(cc) or cc
+    try:
+        r = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+        version = (r.stdout.strip().splitlines() or [""])[0]
+    except (OSError, subprocess.SubprocessError):
+        version = "?"
+    return f"{os.path.realpath(path)}\0{version}"
 
 
 def _cpu_flags() -> str:
@@ -75,12 +167,14 @@ def _python_include() -> str | None:
     return inc if inc and os.path.isfile(os.path.join(inc, "Python.h")) else None
 
 
-def build(name: str, src: str, kind: str = "pyext", cache: Path | None = None, portable: bool = False) -> Path:
-    """Compile ``src`` (or reuse the cached build); returns the shared library's path. ``kind``:
-    "pyext" (a CPython extension named ``name``; needs Python.h) or "ctypes" (plain C)."""
+def _compiler() -> str:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc/clang) on PATH")
+    return cc
+
+
+def _extra(kind: str, portable: bool) -> list[str]:
     extra = []
     if kind == "pyext":
         inc = _python_include()
@@ -89,31 +183,60 @@ def build(name: str, src: str, kind: str = "pyext", cache: Path | None = None, p
         extra = ["-DTS_PYEXT", f"-I{inc}"]
     if portable:
         extra.append("-DTS_PORTABLE")
-    cache = cache or cache_dir()
-    key = hashlib.sha1("\0".join([src, cc, kind, *extra, platform.machine(), _cpu_flags(), repr(FLAG_SETS)]).encode())
-    stem = f"{name}_{kind}_{key.hexdigest()[:16]}"
-    lib = cache / f"{stem}.so"
-    if lib.is_file():
+    return extra
+
+
+def lib_name(name: str, src: str, kind: str, cc: str, extra: list[str]) -> str:
+    """The cached library's file name: ``name``, ``kind`` and a hash of the source, the compiler
+    (path and version), the flag sets and extra flags, the machine and its CPU flags."""
+    key = hashlib.sha256("\0".join([src, _compiler_id(cc), kind, *extra, platform.machine(), _cpu_flags(),
+                                     repr(FLAG_SETS)]).encode())
+    return f"{name}_{kind}_{key.hexdigest()[:24]}.so"
+
+
+def build(name: str, src: str, kind: str = "pyext", cache: Path | None = None, portable: bool = False) -> Path:
+    """Compile ``src`` (or reuse the cached build); returns the shared library's path. ``kind``:
+    "pyext" (a CPython extension named ``name``; needs Python.h) or "ctypes" (plain C). ``cache``
+    is checked like the default (:func:`cache_dir`); a cached file that fails :func:`trusted_file`
+    is ignored and rebuilt over. The returned file passed :func:`trusted_file`."""
+    cc = _compiler()
+    extra = _extra(kind, portable)
+    cache = cache_dir(cache)
+    lib = cache / lib_name(name, src, kind, cc, extra)
+    if trusted_file(lib):
         return lib
-    c_file = cache / f"{stem}.c"
-    tmp = cache / f".{stem}.{os.getpid()}.{threading.get_ident()}.so"
-    c_file.write_text(src)
+    stem = lib.name[:-len(".so")]
+    fd, c_tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".c", dir=cache)
+    with os.fdopen(fd, "w") as f:
+        f.write(src)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".so", dir=cache)
+    os.close(fd)
     err = ""
-    for flags in FLAG_SETS:  # -march=native or OpenMP may be missing: try plainer flag sets
-        r = subprocess.run([cc, *flags, *extra, "-shared", "-fPIC", str(c_file), "-o", str(tmp), "-lm"],
-                           capture_output=True, text=True)
-        if r.returncode == 0:
-            os.replace(tmp, lib)  # atomic: concurrent builders each rename a complete file
-            return lib
-        err = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
-    tmp.unlink(missing_ok=True)
+    try:
+        for flags in FLAG_SETS:  # -march=native or OpenMP may be missing: try plainer flag sets
+            r = subprocess.run([cc, *flags, *extra, "-shared", "-fPIC", c_tmp, "-o", tmp, "-lm"],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                os.chmod(tmp, 0o700)        # whatever the umask: private, as trusted_file requires
+                os.replace(tmp, lib)        # atomic: concurrent builders each rename a complete file
+                os.replace(c_tmp, cache / f"{stem}.c")  # the source next to its library, for reading
+                if not trusted_file(lib):   # pragma: no cover - only if the directory was tampered with
+                    raise RuntimeError(f"the {name} kernel library {lib} is not private after the build")
+                return lib
+            err = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+    finally:
+        for leftover in (tmp, c_tmp):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     raise RuntimeError(f"compiling the {name} kernels failed: {err}")
 
 
-def load(name: str, src: str, signatures: dict, kind: str = "pyext", portable: bool = False):
+def load(name: str, src: str, signatures: dict, kind: str = "pyext", portable: bool = False,
+         cache: Path | None = None):
     """Build (if needed) and load; returns an object whose functions take integers (pointers as
-    ints, 0 = NULL). ``signatures``: ``{function: (argtypes, restype)}`` for the ctypes form."""
-    path = build(name, src, kind, portable=portable)
+    ints, 0 = NULL). ``signatures``: ``{function: (argtypes, restype)}`` for the ctypes form.
+    Only a library that :func:`build` checked (or built) is loaded."""
+    path = build(name, src, kind, cache, portable)
     if kind == "pyext":
         spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)
