@@ -117,3 +117,168 @@ def test_bad_run_options_are_one_line_errors(argv, needle, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("tinyseek: error:") and needle in err and "\n" not in err
     assert not any(tmp_path.iterdir())  # nothing written for a rejected run
+
+
+# ---------------------------------------------------------------------------------------------
+# stage markers record their inputs: redoing a stage makes every stage reading it stale
+# (the stages are stand-ins that record their calls, so these run in milliseconds)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_stages(monkeypatch):
+    from tinyseek import pipeline as P
+
+    calls: list[str] = []
+
+    def make(stage):
+        def run_stage(cfg, run):
+            calls.append(stage)
+            (run / stage).mkdir(parents=True, exist_ok=True)
+            (run / stage / "out.txt").write_text(stage)
+            if stage == "quantize":  # metrics shaped like the real ones (the report reads them)
+                return {m: {"file_ratio": 4.0} for m in cfg.quant.split(",")}
+            return {"value": len(calls)}
+        return run_stage
+
+    monkeypatch.setattr(P, "STAGES", {s: make(s) for s in P.STAGE_ORDER})
+    return calls
+
+
+def _run(tmp_path, *argv):
+    from tinyseek.pipeline import main, preset
+    from tinyseek.config import apply_overrides
+
+    cfg = preset("micro")
+    apply_overrides(cfg, ["--runs-dir", str(tmp_path), "--name", "r", *argv])
+    return main(cfg.validate())
+
+
+def test_rerun_skips_every_stage_with_unchanged_inputs(fake_stages, tmp_path, capsys):
+    _run(tmp_path)
+    assert fake_stages == list(STAGE_ORDER)
+    fake_stages.clear()
+    _run(tmp_path)
+    assert fake_stages == []
+    assert "stale" not in capsys.readouterr().out
+
+
+def test_redo_makes_every_later_reader_stale(fake_stages, tmp_path, capsys):
+    _run(tmp_path)
+    fake_stages.clear()
+    capsys.readouterr()
+    _run(tmp_path, "--redo", "sft")
+    assert fake_stages == ["sft", "grpo", "quantize", "eval", "export", "serve", "report"]
+    out = capsys.readouterr().out
+    assert "grpo (sft is redone)" in out and "[3/9] sft ... (--redo)" in out
+    fake_stages.clear()
+    _run(tmp_path)  # and afterwards everything is up to date again
+    assert fake_stages == []
+
+
+def test_changed_settings_make_the_stage_and_its_readers_stale(fake_stages, tmp_path, capsys):
+    _run(tmp_path)
+    fake_stages.clear()
+    capsys.readouterr()
+    _run(tmp_path, "--grpo.lr", "0.001")
+    assert fake_stages == ["grpo", "quantize", "eval", "export", "serve", "report"]
+    out = capsys.readouterr().out
+    from tinyseek.pipeline import preset
+    assert f"grpo (its settings changed (lr {preset('micro').grpo.lr} -> 0.001))" in out, out
+    fake_stages.clear()
+    _run(tmp_path, "--grpo.lr", "0.001", "--eval-problems", "7")  # an eval-only setting: eval, the report
+    assert fake_stages == ["eval", "report"]
+
+
+def test_killed_after_a_redo_still_redoes_the_readers(fake_stages, tmp_path, monkeypatch):
+    """--redo sft, killed while GRPO runs: the next plain run redoes GRPO and everything after it
+    (GRPO's old marker still names the old SFT, or is gone), not only the unfinished stage."""
+    from tinyseek import pipeline as P
+
+    _run(tmp_path)
+    fake_stages.clear()
+    real = P.STAGES["grpo"]
+
+    def killed(cfg, run):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(P.STAGES, "grpo", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "--redo", "sft")
+    assert fake_stages == ["sft"]
+    for s in ("grpo", "quantize", "eval", "export", "serve", "report"):
+        assert not (tmp_path / "r" / "stages" / f"{s}.json").exists(), s
+    monkeypatch.setitem(P.STAGES, "grpo", real)
+    fake_stages.clear()
+    _run(tmp_path)
+    assert fake_stages == ["grpo", "quantize", "eval", "export", "serve", "report"]
+
+
+def test_a_stage_redone_behind_the_pipelines_back_is_detected(fake_stages, tmp_path, capsys):
+    """A reader whose recorded input id no longer matches (its input was redone by a run that
+    stopped early with --stop-after) is stale."""
+    _run(tmp_path)
+    fake_stages.clear()
+    _run(tmp_path, "--redo", "sft", "--stop-after", "sft")
+    assert fake_stages == ["sft"]
+    fake_stages.clear()
+    capsys.readouterr()
+    _run(tmp_path)
+    assert fake_stages == ["grpo", "quantize", "eval", "export", "serve", "report"]
+
+
+def test_old_markers_without_inputs_are_kept_but_redo_still_propagates(fake_stages, tmp_path):
+    _run(tmp_path)
+    for m in (tmp_path / "r" / "stages").glob("*.json"):  # markers as written before they recorded inputs
+        d = json.loads(m.read_text())
+        d.pop("_marker")
+        m.write_text(json.dumps(d))
+    fake_stages.clear()
+    _run(tmp_path)
+    assert fake_stages == []
+    _run(tmp_path, "--redo", "grpo")
+    assert fake_stages == ["grpo", "quantize", "eval", "export", "serve", "report"]
+
+
+def test_stage_result_hides_the_marker_bookkeeping(fake_stages, tmp_path):
+    from tinyseek.pipeline import marker_inputs, preset, stage_result
+
+    _run(tmp_path)
+    run = tmp_path / "r"
+    assert "_marker" not in stage_result(run, "grpo") and stage_result(run, "grpo")["value"] == 4  # 4th call
+    m = marker_inputs(run, "grpo")
+    assert m["after"] == {"sft": marker_inputs(run, "sft")["id"]} and m["settings"]["lr"] == preset("micro").grpo.lr
+
+
+# ---------------------------------------------------------------------------------------------
+# pretraining killed between its final checkpoint and its marker
+# ---------------------------------------------------------------------------------------------
+def _final_checkpoint(run: Path, steps: int, meta_extra: dict) -> Path:
+    from tinyseek.common import MetricsLogger
+    from tinyseek.model.transformer import Transformer
+    from tinyseek.train import checkpoint as ck
+    from tinyseek.train.pretrain import preset as pre_preset
+
+    mc = pre_preset("micro").model
+    model = Transformer(mc)
+    log = MetricsLogger(run / "pretrain" / "metrics.jsonl")
+    log.log(steps - 5, loss=2.5, tokens_per_s=1000.0, mfu=0.1)
+    log.log(steps, loss=2.25, tokens_per_s=1200.0, mfu=0.12)
+    log.log(steps, val_loss=2.4)
+    return ck.save_checkpoint(run / "pretrain" / "ckpt", steps, model, None,
+                              {"skipped_steps": 0, "tokens_seen": 1234, **meta_extra})
+
+
+@pytest.mark.parametrize("meta_extra,loss,val", [
+    ({}, 2.25, 2.4),                                      # losses from the last metrics.jsonl records
+    ({"train_loss": 2.0, "val_loss": 2.1}, 2.0, 2.1),     # losses the final checkpoint's meta.json records
+])
+def test_pretrain_marker_from_the_final_checkpoint(tmp_path, monkeypatch, meta_extra, loss, val):
+    from tinyseek import pipeline as P
+
+    def must_not_train(c):
+        raise AssertionError("pretraining ran again")
+    monkeypatch.setattr(P.pretrain_stage, "main", must_not_train)
+    cfg = P.preset("micro")
+    run = tmp_path / "r"
+    step_dir = _final_checkpoint(run, cfg.pretrain.steps, meta_extra)
+    res = P._pretrain(cfg, run)
+    assert res["step"] == cfg.pretrain.steps and res["loss"] == loss and res["val_loss"] == val, res
+    assert res["tokens_seen"] == 1234 and res["from_checkpoint"] == str(step_dir)

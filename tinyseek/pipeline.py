@@ -9,11 +9,17 @@ import -> sft (LoRA) -> grpo (LoRA) -> quantize (int8, int4) -> eval (base, sft,
 -> export (HF, GGUF) -> serve smoke -> report
 
 Every stage writes into ``runs/<name>/<stage>/`` and, when it succeeds, a marker
-``runs/<name>/stages/<stage>.json`` holding its metrics (written atomically, last). A re-run skips
-stages whose marker exists (``--force`` redoes everything, ``--redo sft,grpo`` redoes some), so a
-killed run picks up where it stopped: pretraining resumes from its latest checkpoint; the other
-stages are short and restart from scratch (their output folder is cleared first, which is safe
-because an unmarked stage's output was never used by a later stage).
+``runs/<name>/stages/<stage>.json`` holding its metrics (written atomically, last) and its inputs:
+the settings that decide its output and the id of the marker of every stage it reads
+(:data:`DEPENDS`). A re-run skips a stage whose marker exists and whose inputs are unchanged; a stage
+is redone when asked (``--force`` redoes everything, ``--redo sft,grpo`` redoes some), when its
+settings changed, or when a stage it reads is redone or was redone since (then it is *stale*; the
+run prints which stages are stale and why). So ``--redo sft`` redoes grpo, quantize, eval, export,
+serve and the report too, and a killed run picks up where it stopped: pretraining resumes from its
+latest checkpoint (a run killed between the final checkpoint and the marker takes the marker's
+metrics from that checkpoint); the other stages are short and restart from scratch (their output
+folder is cleared first, which is safe because an unmarked stage's output was never used by a later
+stage).
 
 Stage settings come from each stage's own preset of the same name (``micro``, ``cpu-tiny``,
 ``gpu-small``); nested options override them, e.g. ``tinyseek run --pretrain.steps 200``.
@@ -23,20 +29,32 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tinyseek.common import atomic_write_json, print0
-from tinyseek.config import ConfigError
+from tinyseek.common import atomic_write_json, print0, read_metrics
+from tinyseek.config import ConfigError, to_dict
 from tinyseek.data import pipeline as data_stage
 from tinyseek.errors import UserError
+from tinyseek.train import checkpoint as ckpt_io
 from tinyseek.train import pretrain as pretrain_stage
 
 STAGE_ORDER = ("import", "data", "pretrain", "sft", "grpo", "quantize", "eval", "export", "serve", "report")
 # the stages a preset runs, in order (the others are not part of that recipe)
 PRETRAIN_STAGES = ("data", "pretrain", "sft", "grpo", "quantize", "eval", "export", "serve", "report")
 IMPORT_STAGES = ("import", "sft", "grpo", "quantize", "eval", "export", "serve", "report")
+# what each stage reads besides its own settings: redoing one of these makes the stage stale
+DEPENDS: dict[str, tuple[str, ...]] = {
+    "import": (), "data": (), "pretrain": ("data",), "sft": ("pretrain", "import"), "grpo": ("sft",),
+    "quantize": ("grpo", "data"),  # data: the calibration / held-out perplexity shards
+    "eval": ("import", "sft", "grpo", "quantize"), "export": ("grpo",), "serve": ("quantize", "grpo"),
+    "report": STAGE_ORDER[:-1],
+}
+# fields of a stage's config that the pipeline sets itself (paths, device): not recorded as inputs
+_WIRED = {"data": ("run_dir", "name"), "pretrain": ("run_dir", "name", "data", "device", "resume"),
+          "sft": ("init", "out_dir", "name", "device"), "grpo": ("init", "out_dir", "name", "device")}
 
 # which preset of each stage a pipeline preset uses
 _STAGE_PRESETS = {
@@ -148,8 +166,87 @@ def is_done(run: Path, stage: str) -> bool:
         return False
 
 
+def _read_marker(run: Path, stage: str) -> dict:
+    if not is_done(run, stage):
+        return {}
+    d = json.loads(marker(run, stage).read_text())
+    return d if isinstance(d, dict) else {}
+
+
 def stage_result(run: Path, stage: str) -> dict:
-    return json.loads(marker(run, stage).read_text()) if is_done(run, stage) else {}
+    """The metrics a stage recorded ({} if it is not done), without the marker's bookkeeping."""
+    d = _read_marker(run, stage)
+    d.pop("_marker", None)
+    return d
+
+
+def marker_inputs(run: Path, stage: str) -> dict:
+    """``{"id", "settings", "after": {stage: id}}`` recorded by a stage's marker; {} for a marker
+    written before markers recorded their inputs."""
+    m = _read_marker(run, stage).get("_marker")
+    return m if isinstance(m, dict) else {}
+
+
+def stage_settings(cfg: Config, stage: str) -> dict:
+    """The settings that decide ``stage``'s output, as JSON values (what its marker records; a
+    change makes the stage stale). Paths and the device, which the pipeline wires, are left out."""
+    g = cfg.grpo
+    if stage in _WIRED:
+        d = to_dict(getattr(cfg, stage))
+        for k in _WIRED[stage]:
+            d.pop(k, None)
+    else:
+        d = {"import": {"src": cfg.src},
+             "quantize": {"quant": cfg.quant},
+             "eval": {"quant": cfg.quant, "eval_problems": cfg.eval_problems, "tasks": g.tasks,
+                      "max_difficulty": g.max_difficulty, "max_new_tokens": g.max_new_tokens},
+             "export": {"formats": list(_export_formats(cfg))},
+             "serve": {"quant": cfg.quant, "tasks": g.tasks, "difficulty": g.difficulty,
+                       "max_new_tokens": g.max_new_tokens},
+             "report": {}}[stage]
+    return json.loads(json.dumps(d, default=str))
+
+
+def _diff(old: dict, new: dict, limit: int = 3) -> str:
+    """``"lr 0.003 -> 0.001, epochs 5 -> 10"``: the top-level keys that differ (at most ``limit``)."""
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    parts = [f"{k} {json.dumps(old.get(k))[:40]} -> {json.dumps(new.get(k))[:40]}" for k in keys[:limit]]
+    return ", ".join(parts) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def plan(cfg: Config, run: Path, order: tuple[str, ...], redo: set[str]) -> dict[str, str]:
+    """Why each stage of ``order`` must run: ``""`` = done and up to date (skip); else the reason
+    (``--redo``, ``not done``, or ``stale: ...``). A stage is stale when a stage it reads runs
+    now, when its recorded settings differ from ``cfg``'s, or when a stage it reads was redone
+    after it ran (the recorded marker id differs). Markers without recorded inputs (older runs)
+    are only checked for the first."""
+    why: dict[str, str] = {}
+    for s in order:
+        deps = [d for d in DEPENDS[s] if d in order]
+        rerun = [d for d in deps if why.get(d)]
+        m = marker_inputs(run, s)
+        if s in redo:
+            why[s] = "--force" if cfg.force else "--redo"
+        elif not is_done(run, s):
+            why[s] = "not done"
+        elif rerun:
+            why[s] = f"stale: {', '.join(rerun)} {'is' if len(rerun) == 1 else 'are'} redone"
+        elif m and m.get("settings") != stage_settings(cfg, s):
+            why[s] = f"stale: its settings changed ({_diff(m.get('settings') or {}, stage_settings(cfg, s))})"
+        elif m and (moved := [d for d in deps if (m.get("after") or {}).get(d) != marker_inputs(run, d).get("id")]):
+            why[s] = f"stale: {', '.join(moved)} changed since it ran"
+        else:
+            why[s] = ""
+    return why
+
+
+def dependents(stage: str, order: tuple[str, ...]) -> list[str]:
+    """Every stage of ``order`` that reads ``stage``'s output, directly or through others."""
+    out: list[str] = []
+    for s in order:
+        if any(d == stage or d in out for d in DEPENDS[s] if d in order):
+            out.append(s)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +268,39 @@ def _pretrain(cfg: Config, run: Path) -> dict:
     c.device = cfg.device
     c.resume = True  # a killed run continues from its latest checkpoint
     c.validate()
-    return pretrain_stage.main(c)
+    last = ckpt_io.latest_checkpoint(run / "pretrain" / "ckpt")
+    if last is not None and ckpt_io.read_meta(last).get("step") == c.steps:
+        # killed between the final checkpoint and the marker: nothing left to train
+        print0(f"pretrain: final checkpoint {last} found; its metrics become the stage's result")
+        return pretrain_result(run / "pretrain", last)
+    res = pretrain_stage.main(c)
+    if res.get("loss") is None or res.get("val_loss") is None:  # resumed at the final step: no step ran
+        last = ckpt_io.latest_checkpoint(run / "pretrain" / "ckpt")
+        if last is not None:
+            res = {**pretrain_result(run / "pretrain", last), **{k: v for k, v in res.items() if v is not None}}
+    return res
+
+
+def pretrain_result(run_dir: Path, step_dir: Path) -> dict:
+    """Pretraining's result from its final checkpoint ``step_dir`` alone: the step, token and skip
+    counts from its ``meta.json``; train / held-out loss from ``meta.json`` (``train_loss`` or
+    ``loss``, ``val_loss``) when recorded, else the last ``metrics.jsonl`` record at or before that
+    step that has them (None if neither has them). Never trains."""
+    meta = ckpt_io.read_meta(step_dir)
+    step = int(meta.get("step", 0))
+    recs = [r for r in read_metrics(run_dir / "metrics.jsonl") if isinstance(r.get("step"), int) and r["step"] <= step]
+
+    def last(key: str):
+        return next((r[key] for r in reversed(recs) if r.get(key) is not None), None)
+
+    loss = meta.get("train_loss", meta.get("loss"))
+    val = meta.get("val_loss")
+    return {"step": step, "loss": loss if loss is not None else last("loss"),
+            "val_loss": val if val is not None else last("val_loss"),
+            "skipped_steps": meta.get("skipped_steps"), "tokens_seen": meta.get("tokens_seen"),
+            "tokens_per_s": last("tokens_per_s"), "mfu": last("mfu"), "micro_batch": meta.get("micro_batch"),
+            "grad_accum": meta.get("grad_accum"), "world_size": meta.get("world_size"), "run_dir": str(run_dir),
+            "from_checkpoint": str(step_dir)}
 
 
 def _import(cfg: Config, run: Path) -> dict:
@@ -250,11 +379,14 @@ def _eval(cfg: Config, run: Path) -> dict:
     return out
 
 
+def _export_formats(cfg: Config) -> tuple[str, ...]:
+    return ("hf", "gguf") if cfg.preset in IMPORT_PRESETS else ("hf",)
+
+
 def _export(cfg: Config, run: Path) -> dict:
     from tinyseek import export
     out = {}
-    formats = ("hf", "gguf") if cfg.preset in IMPORT_PRESETS else ("hf",)
-    for fmt in formats:
+    for fmt in _export_formats(cfg):
         c = export.Config(ckpt=str(run / "grpo"), out=str(run / "export" / fmt), format=fmt)
         c.validate()
         try:
@@ -278,7 +410,7 @@ def _serve(cfg: Config, run: Path) -> dict:
     body = {"model": sc.model_name, "messages": [{"role": "user", "content": prob.prompt}],
             "max_tokens": cfg.grpo.max_new_tokens, "temperature": 0}
     t0 = time.perf_counter()
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:  # the server checks Host
         r = client.post("/v1/chat/completions", json=body)
         health = client.get("/health").status_code
     dt = time.perf_counter() - t0
@@ -306,33 +438,43 @@ def main(cfg: Config) -> dict:
     cfg.validate()
     run = cfg.run_dir
     run.mkdir(parents=True, exist_ok=True)
-    from tinyseek.config import to_dict
     atomic_write_json(run / "pipeline_config.json", to_dict(cfg))
     order = stages_for(cfg.preset)
     redo = set(order) if cfg.force else set(_split(cfg.redo))
+    last = order.index(cfg.stop_after) if cfg.stop_after else len(order) - 1
+    settings = {s: stage_settings(cfg, s) for s in order}  # before the stages wire their configs
+    why = plan(cfg, run, order, redo)
+    stale = [f"{s} ({why[s][7:]})" for s in order if why[s].startswith("stale")]
+    if stale:
+        print0("stale (inputs changed; to redo): " + "; ".join(stale))
     timings: dict[str, float] = {}
     results: dict[str, dict] = {}
     t_all = time.perf_counter()
-    for i, stage in enumerate(order):
-        done = is_done(run, stage)
-        if done and stage not in redo:
+    for i, stage in enumerate(order[:last + 1]):
+        if not why[stage]:
             print0(f"[{i + 1}/{len(order)}] {stage}: done already, skipped (--redo {stage} to redo)")
             results[stage] = stage_result(run, stage)
             timings[stage] = results[stage].get("_seconds", 0.0)
-        else:
-            marker(run, stage).unlink(missing_ok=True)
-            if stage not in RESUMABLE or stage in redo:
-                shutil.rmtree(run / stage, ignore_errors=True)  # unmarked output: never used downstream
-            print0(f"[{i + 1}/{len(order)}] {stage} ...")
-            t0 = time.perf_counter()
-            res = STAGES[stage](cfg, run) or {}
-            res = json.loads(json.dumps(res, default=str))
-            res["_seconds"] = round(time.perf_counter() - t0, 2)
-            atomic_write_json(marker(run, stage), res)
-            results[stage], timings[stage] = res, res["_seconds"]
-            print0(f"[{i + 1}/{len(order)}] {stage}: done in {res['_seconds']:.1f}s")
-        if stage == cfg.stop_after:
-            break
+            continue
+        # this stage's output changes: it and every stage reading it are unmarked before it starts
+        # (a run killed from here on redoes them), then its unmarked output is cleared
+        for s in [stage, *dependents(stage, order)]:
+            marker(run, s).unlink(missing_ok=True)
+        deps = [d for d in DEPENDS[stage] if d in order]
+        if stage not in RESUMABLE or why[stage] != "not done" or any(why[d] for d in deps):
+            shutil.rmtree(run / stage, ignore_errors=True)  # unmarked output: never used downstream
+        note = "" if why[stage] == "not done" else f" ({why[stage]})"
+        print0(f"[{i + 1}/{len(order)}] {stage} ...{note}")
+        t0 = time.perf_counter()
+        res = STAGES[stage](cfg, run) or {}
+        res = json.loads(json.dumps(res, default=str))
+        res["_seconds"] = round(time.perf_counter() - t0, 2)
+        res["_marker"] = {"id": uuid.uuid4().hex[:16], "settings": settings[stage],
+                          "after": {d: marker_inputs(run, d).get("id") for d in deps}}
+        atomic_write_json(marker(run, stage), res)
+        res.pop("_marker")
+        results[stage], timings[stage] = res, res["_seconds"]
+        print0(f"[{i + 1}/{len(order)}] {stage}: done in {res['_seconds']:.1f}s")
     total = time.perf_counter() - t_all
     _summary(run, results, timings)
     print0(f"\nreport: {run / 'report' / 'index.html'}  (markdown: {run / 'report' / 'report.md'})")
