@@ -30,7 +30,8 @@ def make(tie: bool = False):
 def test_roundtrip_with_tied_weights_and_buffers(tmp_path):
     model, opt, x = make(tie=True)
     d = ckpt.save_checkpoint(tmp_path / "ckpt", 7, model, opt, {"loader": {"pos": 5, "epoch": 0}})
-    assert d.name == "step_000007" and {p.name for p in d.iterdir()} == {"model.safetensors", "optim.pt", "rng.pt", "meta.json"}
+    assert d.name == "step_000007" and {p.name for p in d.iterdir()} == {"model.safetensors", "optim.pt", "rng.pt", "meta.json",
+                                                                   "checksums.json"}
     with safe_open(str(d / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     assert ("lm_head.weight" in keys) != ("embed.weight" in keys)  # the tied tensor is stored once

@@ -10,9 +10,27 @@ temp directory that :func:`latest_checkpoint` never picks up. ``latest_checkpoin
   ``expert_bias`` included). Tied tensors (``lm_head.weight`` is ``embed.weight``) are stored once;
   the alias is recorded in the safetensors metadata and restored on load.
 - ``optim.pt``: the optimizer state dict (``torch.save``), absent when no optimizer was given.
-- ``rng.pt``: python / numpy / torch (and CUDA) RNG states at save time.
+- ``rng.pt``: python / numpy / torch (and CUDA) RNG states at save time, as tuples, lists of ints
+  and tensors (:func:`tinyseek.common.rng_state`).
 - ``meta.json``: ``{"step", "model_config", ...}`` plus whatever the trainer adds (train config,
   data-loader position, loop state such as skipped steps and tokens seen).
+- ``checksums.json``: ``{"algorithm": "sha256", "files": {name: {"sha256", "bytes"}}}`` for every
+  other file of the directory, meta.json included (:func:`write_checksums`).
+
+Reading is safe and checked. Every ``.pt`` file is read with ``torch.load(..., weights_only=True)``
+(tensors, numbers, strings, tuples, lists, dicts; a file that needs any other class is refused,
+nothing is unpickled). Each file is compared with ``checksums.json`` before it is read
+(:func:`verify_file`); ``TINYSEEK_VERIFY`` picks how: ``full`` (default: sha256 of every file read,
+about 0.45 s per 500 MB on the 2-core CPU machines), ``quick`` (sha256 of files up to 64 MiB, byte
+size only above), ``off``. A mismatch, or a file that is truncated or does not parse, is a one-line
+:class:`UserError` naming the file. Checkpoints written before checksums existed have no
+``checksums.json`` and load unverified; their ``rng.pt`` (numpy state as an ndarray) is read with
+``weights_only=True`` plus an allowlist of numpy's array reconstruction only. Checksums catch
+damage (disk, copy, truncation), not tampering: whoever can rewrite a file can rewrite
+``checksums.json``.
+
+:func:`save_checkpoint` refuses weights holding NaN or inf (a diverged run is an error, not a
+checkpoint).
 
 A LoRA adapter checkpoint (:mod:`tinyseek.model.lora`) has ``adapter.safetensors`` (the adapters'
 ``lora_A`` / ``lora_B`` weights only) instead of ``model.safetensors``, and its ``meta.json`` records
@@ -22,26 +40,162 @@ be an adapter checkpoint), applies the adapters and merges them: callers get a p
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tinyseek.common import atomic_dir, rng_state
+from tinyseek.common import atomic_dir, rng_state, set_rng_state
 from tinyseek.errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "adapter.safetensors")  # a full model / LoRA adapters (one per step dir)
+CHECKSUMS = "checksums.json"
+VERIFY_ENV = "TINYSEEK_VERIFY"   # full (default) | quick | off
+QUICK_MAX_BYTES = 64 << 20       # quick mode hashes files up to this size, checks only the size above
+_VERIFIED: dict[tuple, bool] = {}  # (path, size, mtime_ns, sha256) already hashed in this process
 
 
 def step_dir(ckpt_root: str | Path, step: int) -> Path:
     return Path(ckpt_root) / f"step_{step:06d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# integrity: checksums, damaged files, safe torch.load
+# ---------------------------------------------------------------------------------------------
+def _first_line(e: BaseException) -> str:
+    """The first sentence of an exception's message, short enough for a one-line error."""
+    text = str(e).strip().splitlines()
+    line = (text[0] if text else type(e).__name__).split(". ")[0]
+    return line if len(line) <= 120 else line[:117] + "..."
+
+
+def damaged(path: str | Path, why: str) -> UserError:
+    """The one-line error for an unreadable checkpoint file."""
+    return UserError(f"checkpoint file {path} is damaged ({why}): restore it or pick another checkpoint "
+                     "(--init / --resume from an earlier step, or --overwrite to start over)")
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(d: str | Path) -> dict:
+    """Write ``d/checksums.json``: sha256 and size of every regular file directly in ``d`` (itself
+    excepted). Call it last, inside the atomic directory the files were written to."""
+    d = Path(d)
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in sorted(d.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    out = {"algorithm": "sha256", "files": files}
+    (d / CHECKSUMS).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def verify_mode() -> str:
+    mode = os.environ.get(VERIFY_ENV, "full").strip().lower() or "full"
+    if mode not in ("full", "quick", "off"):
+        raise UserError(f"{VERIFY_ENV} must be full, quick or off, got {mode!r}")
+    return mode
+
+
+def _checksums(d: Path) -> dict | None:
+    p = d / CHECKSUMS
+    if not p.is_file():
+        return None  # written before checksums existed: nothing to compare with
+    try:
+        files = json.loads(p.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not an object")
+        return files
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise damaged(p, _first_line(e)) from None
+
+
+def verify_file(path: str | Path) -> None:
+    """Compare ``path`` with the ``checksums.json`` beside it (see the module doc for
+    ``TINYSEEK_VERIFY``); a :class:`UserError` naming the file on a mismatch. Files not listed, and
+    directories without ``checksums.json`` (older checkpoints), pass unchecked."""
+    path = Path(path)
+    mode = verify_mode()
+    if mode == "off":
+        return
+    entry = (_checksums(path.parent) or {}).get(path.name)
+    if entry is None:
+        return
+    if not path.is_file():
+        raise UserError(f"checkpoint file {path} is missing (listed in {CHECKSUMS}): restore it or pick another checkpoint")
+    st = path.stat()
+    if st.st_size != entry.get("bytes"):
+        raise damaged(path, f"{st.st_size} bytes, {CHECKSUMS} records {entry.get('bytes')}")
+    if mode == "quick" and st.st_size > QUICK_MAX_BYTES:
+        return
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, entry.get("sha256"))
+    if key in _VERIFIED:
+        return
+    if sha256_file(path) != entry.get("sha256"):
+        raise damaged(path, f"sha256 differs from {CHECKSUMS}")
+    _VERIFIED[key] = True
+
+
+def _numpy_globals() -> list:
+    """What an old-format rng.pt / comm.pt needs beyond weights_only's defaults: numpy's ndarray
+    reconstruction (the RNG key, a uint32 array) and nothing that runs code."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    # a file written under numpy 1.x names the function numpy.core.multiarray._reconstruct
+    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+            type(np.dtype(np.uint32))]
+
+
+def load_torch(path: str | Path, map_location: Any = "cpu", numpy_ok: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` after :func:`verify_file`: tensors, numbers,
+    strings and containers only. ``numpy_ok`` also admits numpy arrays (checkpoints written before
+    RNG states were stored as lists). Anything else is refused, never unpickled; a damaged file or a
+    refused one is a one-line :class:`UserError`."""
+    path = Path(path)
+    verify_file(path)
+    try:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            if not numpy_ok:
+                raise
+            with torch.serialization.safe_globals(_numpy_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "unsupported global" in str(e).lower():
+            raise UserError(f"checkpoint file {path} holds pickled objects other than tensors and plain values: "
+                            "refused (tinyseek never unpickles code); restore it from a trusted copy") from None
+        raise damaged(path, _first_line(e)) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, TypeError) as e:
+        raise damaged(path, _first_line(e)) from None
+
+
+def read_json(path: str | Path) -> dict:
+    """A checksum-verified JSON object file; a damaged one is a one-line :class:`UserError`."""
+    path = Path(path)
+    verify_file(path)
+    try:
+        out = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise damaged(path, f"not valid JSON: {_first_line(e)}") from None
+    if not isinstance(out, dict):
+        raise damaged(path, "not a JSON object")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,13 +221,29 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> None:
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """State dict from a safetensors file, with tied aliases filled back in."""
-    state = load_file(str(path), device=str(device))
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    for alias, name in json.loads(meta.get("aliases", "{}")).items():
-        state[alias] = state[name]
+    """State dict from a safetensors file (checked by :func:`verify_file`), with tied aliases filled
+    back in. A damaged file is a one-line :class:`UserError`."""
+    path = Path(path)
+    verify_file(path)
+    try:
+        state = load_file(str(path), device=str(device))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        for alias, name in json.loads(meta.get("aliases", "{}")).items():
+            state[alias] = state[name]
+    except FileNotFoundError:
+        raise UserError(f"checkpoint file {path} does not exist") from None
+    except Exception as e:  # safetensors raises its own SafetensorError (an Exception) for a bad header
+        raise damaged(path, _first_line(e)) from None
     return state
+
+
+def check_finite_state(state: dict[str, torch.Tensor], what: str) -> None:
+    """:class:`UserError` naming the first floating tensor of ``state`` with a NaN or inf."""
+    for k, v in state.items():
+        if torch.is_tensor(v) and v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
+            raise UserError(f"{what}: tensor {k} holds NaN or inf (training diverged): nothing saved; "
+                            "lower --lr or check the model settings")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,9 +271,10 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module | None, o
     if weights_file not in WEIGHT_FILES:
         raise ValueError(f"weights_file must be one of {WEIGHT_FILES}, got {weights_file!r}")
     state = model_state if model_state is not None else model.state_dict()
+    final = step_dir(ckpt_root, step)
+    check_finite_state(state, f"checkpoint {final}")
     if optim_state is None and optimizer is not None:
         optim_state = optimizer.state_dict()
-    final = step_dir(ckpt_root, step)
     with atomic_dir(final) as tmp:
         save_weights(state, tmp / weights_file)
         if optim_state is not None:
@@ -111,8 +282,8 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module | None, o
         torch.save(rng_state(), tmp / "rng.pt")
         for name, obj in (extra or {}).items():
             torch.save(obj, tmp / name)
-        # meta.json last: its presence marks a complete directory even without the rename
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        write_checksums(tmp)  # last: covers every file above, meta.json included
     return final
 
 
@@ -177,7 +348,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_meta(step_path: str | Path) -> dict:
-    return json.loads((Path(step_path) / "meta.json").read_text())
+    """``meta.json`` of a step dir, checksum-verified; damaged or missing: a one-line UserError."""
+    p = Path(step_path) / "meta.json"
+    if not p.is_file():
+        raise UserError(f"checkpoint {step_path} has no meta.json: pick another checkpoint")
+    return read_json(p)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
@@ -206,8 +381,11 @@ def _load_model(p: Path, device, chain: tuple):
     from tinyseek.model.transformer import Transformer
 
     meta = read_meta(d)
-    model = Transformer(from_dict(ModelConfig, meta["model_config"]))
-    model.load_state_dict(load_weights(d / "model.safetensors"), strict=True)
+    try:
+        model = Transformer(from_dict(ModelConfig, meta["model_config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise damaged(d / "meta.json", f"bad model_config: {_first_line(e)}") from None
+    load_state_strict(model, load_weights(d / "model.safetensors"), d / "model.safetensors")
     model.to(device)
     model.eval()
     return model, meta
@@ -236,20 +414,65 @@ def _load_adapter(d: Path, device, chain: tuple):
     return model, meta
 
 
+def load_state_strict(model: nn.Module, state: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint file {path} does not fit the model its meta.json describes "
+                        f"({_first_line(e)}): pick another checkpoint") from None
+
+
+def load_optim_state(d: str | Path, map_location: Any = "cpu") -> dict:
+    """``optim.pt`` of step dir ``d`` (verified, ``weights_only``); missing: a one-line UserError."""
+    p = Path(d) / "optim.pt"
+    if not p.is_file():
+        raise UserError(f"checkpoint {d} has no optim.pt; cannot resume training from it")
+    osd = load_torch(p, map_location=map_location)
+    if not isinstance(osd, dict) or "state" not in osd or "param_groups" not in osd:
+        raise damaged(p, "not an optimizer state dict")
+    return osd
+
+
+def load_optimizer(optimizer: Any, osd: dict, path: Path) -> None:
+    try:
+        optimizer.load_state_dict(osd)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"checkpoint file {path} does not fit this optimizer ({_first_line(e)}): "
+                        "pick another checkpoint") from None
+
+
+def load_rng_state(d: str | Path) -> dict | None:
+    """``rng.pt`` of step dir ``d`` (verified, ``weights_only``; the older numpy-array format too),
+    or None when the checkpoint has none."""
+    p = Path(d) / "rng.pt"
+    if not p.is_file():
+        return None
+    st = load_torch(p, numpy_ok=True)
+    if not isinstance(st, dict) or not {"python", "numpy", "torch"} <= set(st):
+        raise damaged(p, "not an RNG state")
+    return st
+
+
+def restore_rng_state(st: dict, d: str | Path) -> None:
+    """:func:`tinyseek.common.set_rng_state`, with a malformed state a one-line UserError."""
+    try:
+        set_rng_state(st)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise damaged(Path(d) / "rng.pt", f"bad RNG state: {_first_line(e)}") from None
+
+
 def load_training_state(step_path: str | Path, model: nn.Module, optimizer: Any | None,
                         map_location: str | torch.device = "cpu") -> tuple[dict, dict | None]:
     """Load weights into ``model`` and state into ``optimizer``; returns ``(meta, rng_states)``.
     For an adapter checkpoint ``model`` must carry the same adapters (:func:`tinyseek.model.lora.apply_lora`
-    on its base); only the adapters are loaded."""
+    on its base); only the adapters are loaded. Every file is verified and read safely (module doc)."""
     d = Path(step_path)
+    meta = read_meta(d)
     if (d / "adapter.safetensors").is_file():
         from tinyseek.model.lora import load_lora_state_dict
         load_lora_state_dict(model, load_weights(d / "adapter.safetensors", device="cpu"))
     else:
-        model.load_state_dict(load_weights(d / "model.safetensors", device="cpu"), strict=True)
+        load_state_strict(model, load_weights(d / "model.safetensors", device="cpu"), d / "model.safetensors")
     if optimizer is not None:
-        if not (d / "optim.pt").is_file():
-            raise UserError(f"checkpoint {d} has no optim.pt; cannot resume training from it")
-        optimizer.load_state_dict(torch.load(d / "optim.pt", map_location=map_location, weights_only=False))
-    rng = torch.load(d / "rng.pt", weights_only=False) if (d / "rng.pt").is_file() else None
-    return read_meta(d), rng
+        load_optimizer(optimizer, load_optim_state(d, map_location), d / "optim.pt")
+    return meta, load_rng_state(d)

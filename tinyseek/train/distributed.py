@@ -74,6 +74,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 
+from tinyseek.common import numpy_state_from_plain, numpy_state_to_plain
 from tinyseek.config import ConfigError
 from tinyseek.train.powersgd_state import LayoutTracker
 
@@ -581,10 +582,16 @@ def comm_state_dict(wrapped: nn.Module) -> dict | None:
 
     For PowerSGD: error feedback (local to each rank, so every rank saves its own), warm-start P
     and Q (per parameter, see :mod:`tinyseek.train.powersgd_state`), the step counter and the
-    random generator that draws fresh Q, all on the CPU.
+    random generator that draws fresh Q (as plain lists), all on the CPU: tensors and plain values
+    only, so ``torch.load(..., weights_only=True)`` reads it back.
     """
     tracker = getattr(wrapped, "_tinyseek_comm_tracker", None)
-    return tracker.state_dict() if tracker is not None else None
+    if tracker is None:
+        return None
+    sd = tracker.state_dict()
+    if isinstance(sd.get("rng"), tuple):  # numpy RandomState: plain lists, so comm.pt loads with weights_only=True
+        sd["rng"] = numpy_state_to_plain(sd["rng"])
+    return sd
 
 
 def load_comm_state_dict(wrapped: nn.Module, sd: dict | None) -> bool:
@@ -596,7 +603,7 @@ def load_comm_state_dict(wrapped: nn.Module, sd: dict | None) -> bool:
     tracker = getattr(wrapped, "_tinyseek_comm_tracker", None)
     if sd is None or tracker is None or sd.get("kind") != "powersgd":
         return False
-    tracker.load_state_dict(sd)
+    tracker.load_state_dict({**sd, "rng": numpy_state_from_plain(sd["rng"])})
     return True
 
 

@@ -52,9 +52,9 @@ from typing import Any
 
 import torch
 
-from tinyseek.common import (MetricsLogger, atomic_write_json, autocast_ctx, autocast_dtype, print0,
-                             seed_everything, set_rng_state)
-from tinyseek.config import ConfigError, ModelConfig, model_cpu_tiny, model_gpu_small, model_micro, to_dict
+from tinyseek.common import (MetricsLogger, atomic_write_json, autocast_ctx, autocast_dtype, move_aside, print0,
+                             seed_everything)
+from tinyseek.config import ConfigError, ModelConfig, check_finite, model_cpu_tiny, model_gpu_small, model_micro, to_dict
 from tinyseek.data.shards import ShardLoader, read_index, write_shards
 from tinyseek.errors import UserError
 from tinyseek.train import checkpoint as ckpt
@@ -96,7 +96,8 @@ class Config:
     log_every: int = 5               # metrics.jsonl record every N steps
     eval_every: int = 20             # held-out loss every N steps (0 = only at the end)
     eval_batches: int = 4            # micro-batches per held-out evaluation
-    resume: bool = False             # continue from the latest checkpoint in run_dir (fresh start if none)
+    resume: bool = False             # continue from the latest checkpoint in run_dir (none there: an error, see allow_fresh)
+    allow_fresh: bool = False        # with resume: start from step 0 when run_dir holds no checkpoint yet (a killed run's restart)
     overwrite: bool = False          # fresh start in a run_dir that has checkpoints: delete them (else an error)
     seed: int = 1337                 # seeds model init and every RNG
     dist_mode: str = "ddp"           # under torchrun: "ddp" or "fsdp" (FSDP2)
@@ -112,6 +113,7 @@ class Config:
             if not cond:
                 raise ConfigError(msg)
 
+        check_finite(self)  # lr inf, min_lr nan ...: every step would be skipped as non-finite
         self.model.validate()
         for k in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
             need(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
@@ -481,7 +483,9 @@ def _restore_comm_state(D, wrapped, resume_dir: Path, rank: int, world: int) -> 
     path = resume_dir / "comm.pt"
     if D is None or world < 2 or not path.is_file():
         return
-    states = torch.load(path, weights_only=False)
+    states = ckpt.load_torch(path, numpy_ok=True)  # numpy_ok: PowerSGD state written before it was stored as lists
+    if not isinstance(states, list):
+        raise ckpt.damaged(path, "not a list of per-rank states")
     if len(states) != world:
         print0(f"note: {path} holds PowerSGD state for {len(states)} ranks, this run has {world}: it restarts")
         return
@@ -541,6 +545,15 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
 
     # ---- resume point --------------------------------------------------------------------------
     resume_dir = ckpt.latest_checkpoint(ckpt_root) if cfg.resume else None
+    if cfg.resume and resume_dir is None and not cfg.allow_fresh:
+        raise UserError(f"--resume: no complete checkpoint in {ckpt_root}: drop --resume to start from step 0 "
+                        "(or pass --allow-fresh true to start fresh whenever none exists)")
+    if resume_dir is not None:
+        newer = sorted(d.name for d in ckpt_root.iterdir() if ckpt.STEP_RE.match(d.name) and d.is_dir()
+                       and int(ckpt.STEP_RE.match(d.name).group(1)) > int(ckpt.STEP_RE.match(resume_dir.name).group(1)))
+        if newer:
+            print0(f"note: {', '.join(newer)} in {ckpt_root} lack a readable meta.json or weights file: "
+                   f"resuming from {resume_dir.name}")
     if not cfg.resume and ckpt.latest_checkpoint(ckpt_root) is not None:
         if not cfg.overwrite:
             raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue, --overwrite to start "
@@ -563,7 +576,7 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
     from tinyseek.model.transformer import Transformer
     model = Transformer(cfg.model)
     if resume_dir:
-        model.load_state_dict(ckpt.load_weights(resume_dir / "model.safetensors"), strict=True)
+        ckpt.load_state_strict(model, ckpt.load_weights(resume_dir / "model.safetensors"), resume_dir / "model.safetensors")
     model.to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
     model.train()
@@ -601,21 +614,27 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
     step, skipped, tokens_seen = 0, 0, 0
     logger = MetricsLogger(run_dir / "metrics.jsonl", tensorboard=cfg.tensorboard, enabled=is_main)
     if resume_dir:
-        osd = torch.load(resume_dir / "optim.pt", map_location=device, weights_only=False)
+        osd = ckpt.load_optim_state(resume_dir, map_location=device)
         if fsdp or any(isinstance(k, str) for k in osd.get("state", {})):  # FQN-keyed: saved under FSDP2
             _load_fsdp_optim(wrapped, opt, osd)
         else:
-            opt.load_state_dict(osd)
-        loader.load_state_dict(meta["loader"])
-        step, skipped, tokens_seen = int(meta["step"]), int(meta["skipped_steps"]), int(meta["tokens_seen"])
-        logger.truncate_after(step)
-        rng = torch.load(resume_dir / "rng.pt", weights_only=False)
+            ckpt.load_optimizer(opt, osd, resume_dir / "optim.pt")
+        try:
+            loader.load_state_dict(meta["loader"])
+            step, skipped, tokens_seen = int(meta["step"]), int(meta["skipped_steps"]), int(meta["tokens_seen"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ckpt.damaged(resume_dir / "meta.json", f"no usable loop state: {type(e).__name__} {e}") from None
+        rng = ckpt.load_rng_state(resume_dir)
+        if rng is None:
+            raise UserError(f"checkpoint {resume_dir} has no rng.pt: cannot resume exactly from it")
         _restore_comm_state(D, wrapped, resume_dir, rank, world)
+        logger.truncate_after(step)
         print0(f"resumed from {resume_dir} at step {step}")
     elif is_main and logger.path.exists():
-        logger.path.unlink()  # a fresh run starts a fresh curve
+        moved = move_aside(logger.path)  # a fresh run starts a fresh curve; the old one is kept
+        print0(f"note: fresh start: the earlier {logger.path.name} was moved to {moved}")
     if resume_dir:
-        set_rng_state(rng)
+        ckpt.restore_rng_state(rng, resume_dir)
     else:
         seed_everything(cfg.seed + rank)
         logger.log(0, event="start", micro_batch=micro, grad_accum=accum, world_size=world, seq_len=cfg.seq_len,
@@ -629,6 +648,10 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
            f"held-out {heldout.source} | {tokens_per_step:,} tokens/step = {micro} x {accum} x {world} x {cfg.seq_len}")
 
     def save(step_now: int) -> Path | None:
+        if ok_steps == 0:  # the same on every rank (loss and grad norm are global)
+            raise UserError(f"all {step_now - start_step} steps of this run were skipped (non-finite loss or gradient "
+                            f"norm, see {logger.path}): nothing was learned and no checkpoint was written; check --lr "
+                            "and the --model.* settings")
         msd, osd = _full_states(wrapped, model, opt, fsdp)  # collective under FSDP: all ranks
         comm_states = _gather_comm_states(D, wrapped, cfg, world)  # collective under PowerSGD
         path = None
@@ -636,7 +659,10 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
             meta_out = {"step": step_now, "model_config": to_dict(cfg.model), "train_config": to_dict(cfg),
                         "loader": loader.state_dict(), "skipped_steps": skipped, "tokens_seen": tokens_seen,
                         "micro_batch": micro, "grad_accum": accum, "world_size": world,
-                        "data": str(train_path), "tokenizer": tokenizer_dir, "time": time.time()}
+                        "data": str(train_path), "tokenizer": tokenizer_dir, "time": time.time(),
+                        # the newest logged train loss and held-out loss (the final checkpoint's are the run's)
+                        "loss": last.get("loss"), "loss_step": last_loss_step,
+                        "val_loss": val_loss, "val_loss_step": val_loss_step}
             path = ckpt.save_checkpoint(ckpt_root, step_now, model, opt, meta_out, model_state=msd, optim_state=osd,
                                         extra={"comm.pt": comm_states} if comm_states else None)
             ckpt.prune_checkpoints(ckpt_root, cfg.keep_last)
@@ -652,7 +678,8 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
     win_dropped = torch.zeros(n_moe, dtype=torch.long, device=device) if n_moe else None
     win_tokens, win_time, win_comm, win_comm_raw, win_steps = 0, 0.0, 0, 0, 0
     last: dict[str, Any] = {}
-    val_loss = None
+    val_loss, val_loss_step, last_loss_step = None, None, None
+    start_step, ok_steps = step, 0
     eval_model = wrapped if fsdp else model  # FSDP2 needs the sharded module; DDP's forward is not needed
     t_start = time.time()
 
@@ -680,6 +707,7 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
                     D.all_reduce_sum_(dropped, dist)
                 model.update_expert_bias(counts)  # aux-loss-free balancing, before the optimizer step
             opt.step()
+            ok_steps += 1
         else:
             skipped += 1
             logger.log(step + 1, event="skipped_nonfinite", bad_loss=repr(loss_val), bad_grad_norm=repr(gnorm_val),
@@ -722,6 +750,7 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
                            comm_ratio=round(win_comm / max(win_comm_raw, 1), 4))
             logger.log(step, **rec)
             last.update(rec)
+            last_loss_step = step
             if n_moe:
                 win_counts.zero_()
                 win_dropped.zero_()
@@ -733,6 +762,7 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
             if D and dist.enabled:
                 val_loss = D.all_reduce_mean_(torch.tensor([val_loss], device=device), dist).item()
             logger.log(step, val_loss=val_loss)
+            val_loss_step = step
 
         # -------- every ckpt_every steps (and at the end): checkpoint ------------------------------------
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
