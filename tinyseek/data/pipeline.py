@@ -26,14 +26,24 @@ Outputs ``runs/<name>/data/`` (written to a temp dir, then renamed: complete or 
                                      malformed records with path:line; stage throughput
 
 Memory stays bounded by the number of documents (hash sets, MinHash signatures, per-document token
-counts), not their bytes: kept documents and tokens are spilled to temporary files per domain.
+counts), not their bytes: kept documents and tokens are spilled to temporary files per domain, in a
+``.spill-data-<pid>-*`` folder beside the output. The folder is removed when the stage ends, normally
+or by an exception; one left by a killed stage (its ``lock`` file no longer locked: the kernel drops
+the lock when its process dies) is removed when the next data stage for that run starts.
+
+When nothing can be written the error says why: no input files (the supported suffixes listed),
+files without records, records without the text field (its keys listed), or every document dropped
+by the filters (the drop reasons counted). Files of a folder skipped for their suffix are counted and
+named in ``report.json`` (``skipped_files``) and in the printed report.
 Deterministic: same inputs and config -> byte-identical shards.
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -49,6 +59,7 @@ from tinyseek.common import atomic_dir
 from tinyseek.config import ConfigError
 from tinyseek.data import clean as C
 from tinyseek.data.dedup import ExactDedup, NearDedup
+from tinyseek.data.ingest import SUFFIXES
 from tinyseek.data.mixture import mixture_weights, parse_weights, quotas, sample_order, tfidf_scores
 from tinyseek.data.quality import NgramLM, char_entropy, keep_threshold
 from tinyseek.data.shards import write_shards
@@ -61,6 +72,7 @@ REASONS = ("malformed", "too_short", "too_long", "too_few_words", "symbol_ratio"
 STAGES = ("ingest", "clean", "heuristics", "exact_dedup", "near_dedup", "decontam", "entropy", "perplexity",
           "tokenizer", "tokenize", "mixture")
 MAX_MALFORMED_LISTED = 1000  # report lists this many malformed records (all are counted)
+LEGACY_SPILL_AGE = 24 * 3600  # a spill folder without a lock file (older tinyseek) is stale after this many s
 
 
 @dataclass
@@ -158,7 +170,8 @@ def preset(name: str) -> Config:
 class Accounting:
     """Per-source counts (input = kept + sum of dropped) and per-stage throughput."""
 
-    def __init__(self) -> None:
+    def __init__(self, text_field: str = "text") -> None:
+        self.text_field = text_field
         self.input: Counter = Counter()
         self.kept: Counter = Counter()
         self.dropped: dict[str, Counter] = defaultdict(Counter)
@@ -167,6 +180,9 @@ class Accounting:
         self.stage = {s: {"docs": 0, "bytes": 0, "seconds": 0.0} for s in STAGES}
         self.setup_seconds: dict[str, float] = {}  # one-off work outside the per-document stages
         self.examples: dict[str, list[str]] = {}   # reason -> first few dropped docs' locations
+        self.n_texts = 0                           # records that had text (before any filter)
+        self.n_missing_field = 0                   # JSON records without the text field ...
+        self.keys_seen: Counter = Counter()        # ... and the keys they had (first 100 distinct)
 
     def drop(self, source: str, reason: str, loc: str = "") -> None:
         self.dropped[source][reason] += 1
@@ -220,11 +236,87 @@ def format_report(rep: dict) -> str:
     lines.append(f"input = kept + dropped: {'yes' if rep['reconciled'] else 'NO'}"
                  + (f"; {rep['malformed_count']} malformed record(s), first at {rep['malformed'][0]['loc']}"
                     if rep["malformed_count"] else ""))
+    sk = rep.get("skipped_files") or {}
+    if sk.get("count"):
+        lines.append(skipped_line(sk["count"], sk["files"]))
     lines += ["", f"{'stage':<12}{'docs':>9}{'MB':>9}{'seconds':>9}{'docs/s':>11}{'MB/s':>9}"]
     for s, st in rep["stages"].items():
         lines.append(f"{s:<12}{st['docs']:>9}{st['bytes'] / 1e6:>9.2f}{st['seconds']:>9.2f}"
                      f"{st['docs_per_s'] or 0:>11.0f}{st['mb_per_s'] or 0:>9.2f}")
     return "\n".join(lines)
+
+
+def skipped_line(count: int, names: list[str], show: int = 5) -> str:
+    """One line naming the first ``show`` files skipped for their suffix.
+
+    >>> skipped_line(3, ["a.csv", "b.xml", "c.bin"], show=2)
+    'skipped 3 file(s) with an unsupported suffix: a.csv, b.xml, ...'
+    """
+    more = ", ..." if count > min(show, len(names)) else ""
+    return f"skipped {count} file(s) with an unsupported suffix: {', '.join(names[:show])}{more}"
+
+
+def nothing_kept_error(acct: Accounting, sources: list[Source]) -> UserError:
+    """Why no document survived, in one line: no records, no text field, all malformed, or the filters."""
+    n_in = sum(acct.input.values())
+    user = [s for s in sources if "files" in s.meta and not s.meta.get("default")]
+    n_files = sum(s.meta["files"] for s in user)
+    skipped = sum(s.meta.get("skipped_files", 0) for s in user)
+    sk = f"; {skipped_line(skipped, [n for s in user for n in s.meta.get('skipped_names', [])])}" if skipped else ""
+    if n_in == 0:
+        where = ", ".join(s.origin for s in sources)
+        return UserError(f"read {n_files} file(s) from {where} but found no records (empty files?){sk}")
+    if acct.n_texts == 0 and acct.n_missing_field:
+        keys = ", ".join(k for k, _ in acct.keys_seen.most_common(10)) or "none"
+        return UserError(f"{n_in} record(s) read but none has the text field {acct.text_field!r} "
+                         f"({acct.n_missing_field} lack it; keys seen: {keys}); set --text-field to the field "
+                         f"holding the text{sk}")
+    if acct.n_texts == 0:
+        first = acct.malformed[0] if acct.malformed else {"loc": "?", "error": "?"}
+        return UserError(f"all {n_in} record(s) are malformed (first at {first['loc']}: {first['error']}){sk}")
+    dropped = Counter()
+    for c in acct.dropped.values():
+        dropped.update(c)
+    why = ", ".join(f"{r} {n}" for r, n in dropped.most_common())
+    return UserError(f"every document was dropped ({n_in} input: {why}); nothing to write "
+                     f"(see the filters' thresholds){sk}")
+
+
+def new_spill(parent: Path, name: str) -> tuple[Path, int]:
+    """A fresh ``.spill-<name>-<pid>-*`` folder in ``parent`` and an open descriptor holding an
+    exclusive ``flock`` on its ``lock`` file; the kernel releases the lock when the process dies,
+    however it dies, which is how :func:`remove_stale_spills` tells a dead owner from a live one."""
+    d = Path(tempfile.mkdtemp(dir=parent, prefix=f".spill-{name}-{os.getpid()}-"))
+    fd = os.open(d / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return d, fd
+
+
+def remove_stale_spills(parent: Path, name: str) -> list[Path]:
+    """Remove the ``.spill-<name>-*`` folders in ``parent`` whose owning process is gone (their lock
+    can be taken), and lock-less ones (older tinyseek) untouched for ``LEGACY_SPILL_AGE``; returns them.
+    A folder whose owner is alive (a concurrent data stage) is left alone."""
+    removed = []
+    for d in sorted(parent.glob(f".spill-{name}-*")):
+        if not d.is_dir():
+            continue
+        try:
+            fd = os.open(d / "lock", os.O_RDWR)
+        except FileNotFoundError:  # lock-less: older tinyseek, or an owner between mkdtemp and open
+            if time.time() - d.stat().st_mtime >= LEGACY_SPILL_AGE:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its owner is running
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        finally:
+            os.close(fd)
+    return removed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,11 +416,16 @@ def _filter_stream(cfg: Config, sources: list[Source], acct: Accounting, spill: 
             for doc, nbytes in _capped(src, cfg, acct):
                 acct.input[src.name] += 1
                 if doc.text is None:
+                    if doc.keys or doc.error.startswith("missing field"):
+                        acct.n_missing_field += 1
+                        if len(acct.keys_seen) < 100:
+                            acct.keys_seen.update(doc.keys)
                     acct.drop(src.name, "malformed", doc.loc)
                     acct.n_malformed += 1
                     if len(acct.malformed) < MAX_MALFORMED_LISTED:
                         acct.malformed.append({"source": src.name, "loc": doc.loc, "error": doc.error})
                     continue
+                acct.n_texts += 1
                 t0 = time.perf_counter()
                 text = C.clean_text(doc.text)
                 t0 = acct.time("clean", t0, 1, nbytes)
@@ -452,19 +549,28 @@ def main(cfg: Config) -> dict:
                else default_sources(cfg.math_docs, cfg.use_samples, cfg.doc_chars, seed=cfg.seed))
     if not sources:
         raise UserError("no input sources")
-    acct = Accounting()
+    user = [s for s in sources if not s.meta.get("default")]
+    skipped = [n for s in user for n in s.meta.get("skipped_names", [])]
+    n_skipped = sum(s.meta.get("skipped_files", 0) for s in user)
+    if user and sum(s.meta.get("files", 0) for s in user) == 0:
+        raise UserError(f"no input files found in {cfg.inputs} (supported suffixes: {' '.join(SUFFIXES)})"
+                        + (f"; {skipped_line(n_skipped, skipped)}" if n_skipped else ""))
+    acct = Accounting(cfg.text_field)
     out_dir = cfg.out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    spill = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".spill-data-"))
+    for d in remove_stale_spills(out_dir.parent, out_dir.name):
+        if not cfg.quiet:
+            print(f"removed {d}: spill folder of a data stage that did not finish")
+    spill, spill_lock = new_spill(out_dir.parent, out_dir.name)
     try:
         with atomic_dir(out_dir) as tmp:
             counts = _filter_stream(cfg, sources, acct, spill)
             if not counts:
-                raise UserError("every document was dropped; nothing to write (see the filters' thresholds)")
+                raise nothing_kept_error(acct, sources)
             ppl = _perplexity(cfg, counts, acct, spill)
             counts = {d: s["kept"] for d, s in ppl.items() if s["kept"]}
             if not counts:
-                raise UserError("every document was dropped; nothing to write (see the filters' thresholds)")
+                raise nothing_kept_error(acct, sources)
             val_thr = _val_threshold(cfg, counts, spill)
 
             # ---- tokenizer ---------------------------------------------------------------------
@@ -563,6 +669,8 @@ def main(cfg: Config) -> dict:
 
             # ---- manifest and report -------------------------------------------------------------
             rep = acct.report()
+            rep["skipped_files"] = {"count": n_skipped, "files": skipped,
+                                    "supported_suffixes": list(SUFFIXES)}
             rep["total_seconds"] = round(time.perf_counter() - t_start, 3)
             rep["cpu_seconds"] = round(time.process_time() - c_start, 3)  # all threads; < wall on a busy machine
             dom_info = {}
@@ -591,6 +699,7 @@ def main(cfg: Config) -> dict:
             (tmp / "report.json").write_text(json.dumps(rep, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     finally:
         shutil.rmtree(spill, ignore_errors=True)
+        os.close(spill_lock)
     if not cfg.quiet:
         print(format_report(rep))
         val = f", {idx_val['n_tokens']:,} val tokens" if idx_val else ""

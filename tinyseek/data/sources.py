@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from tinyseek.data.ingest import Doc, _lines, _open_binary, chunk_paragraphs, iter_documents, iter_text
+from tinyseek.data.ingest import Doc, _lines, _open_binary, chunk_paragraphs, iter_files, iter_text, scan_files
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 MATH_TASKS = ("arithmetic", "chain_sum", "countdown", "gsm")
@@ -196,15 +196,22 @@ def default_sources(math_docs: int = 1000, use_samples: bool = False, doc_chars:
     return out
 
 
+MAX_SKIPPED_LISTED = 20  # files skipped for their suffix: all counted, this many named
+
+
 def user_sources(spec: str, text_field: str, doc_chars: int) -> list[Source]:
-    """``"[domain=]path,..."`` -> one source per entry (domain defaults to ``web``)."""
+    """``"[domain=]path,..."`` -> one source per entry (domain defaults to ``web``). Folders are listed
+    here, once: ``meta`` has ``files`` (read) and ``skipped_files`` / ``skipped_names`` (left out for
+    their suffix; the first ``MAX_SKIPPED_LISTED`` named)."""
     out = []
     for i, part in enumerate(p.strip() for p in spec.split(",")):
         if not part:
             continue
         domain, path = part.split("=", 1) if "=" in part else ("web", part)
         name = f"{domain}:{Path(path).name}"
+        files, skipped = scan_files([path.strip()])
         out.append(Source(name, domain.strip(),
-                          lambda p=path.strip(), n=name: iter_documents([p], text_field, doc_chars, n),
-                          path.strip()))
+                          lambda f=files, n=name: iter_files(f, text_field, doc_chars, n),
+                          path.strip(), {"files": len(files), "skipped_files": len(skipped),
+                                         "skipped_names": [str(f) for f in skipped[:MAX_SKIPPED_LISTED]]}))
     return out
