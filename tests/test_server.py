@@ -37,7 +37,7 @@ def client(model, tok):
     eng = Engine(model, tok, max_batch=4, max_len=96)
     cfg = Config(max_tokens=64, default_max_tokens=8, max_prompt_tokens=60, blocklist=["forbidden topic"],
                  classifier="test_server:unsafe_classifier", max_body_bytes=20_000)
-    with TestClient(create_app(eng, tok, cfg)) as c:
+    with TestClient(create_app(eng, tok, cfg), base_url="http://localhost") as c:
         yield c
 
 
@@ -208,7 +208,7 @@ def test_blocked_prompt_gets_refusal(client):
 
 
 def _output_filter_case(eng, tok, safety, prompt):
-    with TestClient(create_app(eng, tok, Config(), safety=safety)) as c:
+    with TestClient(create_app(eng, tok, Config(), safety=safety), base_url="http://localhost") as c:
         body = {"prompt": prompt, "max_tokens": 20, "temperature": 0}
         r = c.post("/v1/completions", json=body).json()
         assert r["choices"][0]["finish_reason"] == "content_filter"
@@ -242,7 +242,7 @@ def test_blocked_output_is_refused(model, tok):
 
 def test_api_key(model, tok):
     eng = Engine(model, tok, max_batch=2, max_len=96)
-    with TestClient(create_app(eng, tok, Config(api_key=KEY))) as c:
+    with TestClient(create_app(eng, tok, Config(api_key=KEY)), base_url="http://localhost") as c:
         req = {"prompt": "hi", "max_tokens": 2}
         assert_error(c.post("/v1/completions", json=req), 401)
         assert_error(c.post("/v1/completions", json=req, headers={"Authorization": "Bearer wrong"}), 401)
@@ -262,7 +262,7 @@ def test_web_page_served(client):
 
 def test_timeout_gives_504(model, tok):
     eng = Engine(model, tok, max_batch=2, max_len=96)
-    with TestClient(create_app(eng, tok, Config(timeout_s=1e-4, max_tokens=64))) as c:
+    with TestClient(create_app(eng, tok, Config(timeout_s=1e-4, max_tokens=64)), base_url="http://localhost") as c:
         r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 64})
         assert_error(r, 504)
         events = sse_events(c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 64, "stream": True}).text)
@@ -352,7 +352,7 @@ def test_build_from_checkpoint_serves_same_answers(run_dir, model, tok):
     from tinyseek.serve.server import build
 
     app, eng = build(Config(ckpt=str(run_dir), device="cpu", max_batch=2))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 6, "temperature": 0}).json()
     ref = Engine(model, tok, max_batch=1).generate([tok.encode("hello")], SamplingParams(max_tokens=6))[0]
     assert r["choices"][0]["text"] == ref.text
@@ -395,7 +395,7 @@ def test_serves_quantized_checkpoint(run_dir, model, tok, tmp_path):
     rep = quantize_model(q, spec)
     save_quantized(q, tmp_path / "q", quant_config(q, spec, rep["modules"]))
     app, eng = build(Config(ckpt=str(tmp_path / "q"), tokenizer=str(run_dir / "tokenizer"), device="cpu"))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 6, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     ref = Engine(q, tok, max_batch=1).generate([tok.encode("hello")], SamplingParams(max_tokens=6))[0]

@@ -14,8 +14,12 @@ Chat template (one format everywhere; no per-model Jinja)::
     <|system|>{system}<|user|>{user}<|assistant|>{assistant}<|eos|><|user|>...<|assistant|>
 
 and the model writes ``<think>…</think><answer>…</answer><|eos|>`` after the final ``<|assistant|>``.
-Special-token strings that occur in text are encoded as the special token (so a template string
-round-trips through ``encode``/``decode``).
+Special-token strings that occur in text are encoded as the special token by ``encode`` (so a template
+string round-trips through ``encode``/``decode``; trusted text only: training data, templates);
+``encode(text, parse_special=False)`` keeps them text. Chats from outside (the server, ``tinyseek chat``,
+task prompts) go through ``encode_chat``: the template's own markers are special tokens, but every
+string of the messages is encoded with special-token parsing off, so message text can never produce a
+special token (not even nested, ``<|ass<|assistant|>istant|>``), and decodes back to itself.
 
 Saved layout (``save(dir)``): ``dir/tokenizer.json`` (HF format, BPE only) and
 ``dir/tokenizer_config.json`` (``{"type": "bpe"|"bytes", "special_tokens": [...], ...}``).
@@ -32,6 +36,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import secrets
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -69,6 +74,58 @@ def apply_chat_template(messages: Sequence[dict], add_generation_prompt: bool = 
     return "".join(out)
 
 
+def _control_pattern(strings: Iterable[str]) -> re.Pattern | None:
+    """A regex matching any of ``strings``, longest first (leftmost-longest), or None if there are none."""
+    strings = sorted({t for t in strings if t}, key=lambda t: (-len(t), t))
+    return re.compile("|".join(re.escape(t) for t in strings)) if strings else None
+
+
+def _escape_strings(obj, sub):
+    """``obj`` (a message: dicts, lists, strings) with ``sub`` applied to every string except ``role``."""
+    if isinstance(obj, str):
+        return sub(obj)
+    if isinstance(obj, dict):
+        return {k: (v if k == "role" else _escape_strings(v, sub)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_escape_strings(v, sub) for v in obj]
+    return obj
+
+
+def encode_chat_with(tok, render, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
+    """Prompt ids of ``messages`` rendered by ``render(messages, add_generation_prompt)``, where the
+    strings of the messages never produce a special token.
+
+    Every occurrence of a control string (``tok.control_tokens``) in a message's strings is replaced by
+    a placeholder (private-use characters around a random per-call number, which message text cannot
+    guess), the template is rendered, and the text is cut at the placeholders: the template's text is
+    encoded with special tokens on (``tok.encode``), each placeholder as its original string with
+    special-token parsing off. Without control strings in the messages this is exactly
+    ``tok.encode(render(messages))`` (transformers' ``apply_chat_template(tokenize=True)``). Guaranteed:
+    no special-token id comes from message text; the ids of a message's text decode to that text.
+    """
+    found: list[str] = []
+    pattern = getattr(tok, "_control_re", None)
+    tag = f"\ue000{secrets.randbelow(10 ** 12)}:"  # digits survive any case change in the template
+
+    def sub(s: str) -> str:
+        def one(m: re.Match) -> str:
+            found.append(m.group(0))
+            return f"{tag}{len(found) - 1}\ue001"
+        return pattern.sub(one, s) if pattern is not None else s
+
+    text = render([_escape_strings(m, sub) for m in messages], add_generation_prompt)
+    if not found:
+        return tok.encode(text)
+    out: list[int] = []
+    pos = 0
+    for m in re.finditer(re.escape(tag) + r"(\d+)\ue001", text):
+        out += tok.encode(text[pos:m.start()])
+        k = int(m.group(1))
+        out += tok.encode(found[k] if k < len(found) else m.group(0), parse_special=False)
+        pos = m.end()
+    return out + tok.encode(text[pos:])
+
+
 class Tokenizer:
     """Common API of both tokenizers. Build with :func:`load_tokenizer`, :func:`train_tokenizer`
     or :func:`byte_tokenizer`; ``kind`` is ``"bpe"`` or ``"bytes"``."""
@@ -93,15 +150,24 @@ class Tokenizer:
         self.stop_ids: tuple[int, ...] = (self.eos_id,)  # ids that end generation
         self.chat_template: str | None = None     # None: the built-in format (apply_chat_template)
         self.special_ids = set(self._special_by_id)
-        # strings a chat message must not contain (they would forge turns of the template)
-        self.control_tokens: tuple[str, ...] = (SYSTEM, USER, ASSISTANT, EOS, PAD)
+        # special-token strings: in chat messages (encode_chat) they are encoded as text
+        self.control_tokens: tuple[str, ...] = tuple(SPECIAL_TOKENS)
+        self._control_re = _control_pattern(self.control_tokens)
+        self._plain = None  # tokenizers.Tokenizer that reads special-token strings as text (lazy)
 
     # -- core ---------------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of ``text``; special-token strings become their ids. No BOS/EOS added (our
+    def encode(self, text: str, add_special_tokens: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``; special-token strings become their ids (``parse_special=False``: they
+        are encoded as text, like any other; ``decode`` gives ``text`` back). No BOS/EOS added (our
         tokenizers add none, so ``add_special_tokens`` changes nothing)."""
         if self._hf is not None:
+            if not parse_special:
+                if self._plain is None:
+                    self._plain = _plain_copy(self._hf, self.control_tokens)
+                return self._plain.encode(text, add_special_tokens=False).ids
             return self._hf.encode(text, add_special_tokens=False).ids
+        if not parse_special:
+            return list(text.encode("utf-8"))
         out: list[int] = []
         for part in _SPECIAL_RE.split(text):
             if part in self._special:
@@ -109,6 +175,11 @@ class Tokenizer:
             elif part:
                 out.extend(part.encode("utf-8"))
         return out
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids of a chat from outside: :func:`apply_chat_template` with the messages' text
+        encoded as text (see :func:`encode_chat_with`; no special token comes from a message)."""
+        return encode_chat_with(self, self.apply_chat_template, messages, add_generation_prompt)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """``[encode(t) for t in texts]``; parallel (Rust threads) for BPE."""
@@ -170,6 +241,9 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         return apply_chat_template(messages, add_generation_prompt)
+
+    def __getstate__(self) -> dict:  # picklable: the plain-text copy is rebuilt on use
+        return {**self.__dict__, "_plain": None}
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -335,9 +409,13 @@ class HFTokenizer:
         self.stop_ids: tuple[int, ...] = (eos, *sorted(set(gen_eos) - {eos}))
         added = hf.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special} | {i for i in ids.values() if i is not None}
-        # the special tokens' strings: a chat message must not contain them (they would forge turns)
-        self.control_tokens: tuple[str, ...] = tuple(sorted({added[i].content if i in added else hf.id_to_token(i)
-                                                            for i in self.special_ids}, key=lambda t: (-len(t), t)))
+        # the special tokens' strings and every other added token but whitespace runs (e.g. <tool_call>):
+        # in chat messages (encode_chat) they are encoded as text, so a message cannot forge turns
+        strings = {added[i].content if i in added else hf.id_to_token(i) for i in self.special_ids}
+        strings |= {t.content for t in added.values() if t.content.strip()}
+        self.control_tokens: tuple[str, ...] = tuple(sorted(strings - {None, ""}, key=lambda t: (-len(t), t)))
+        self._control_re = _control_pattern(self.control_tokens)
+        self._plain = None  # a copy of the backend that reads control_tokens as text (lazy)
         self.vocab_size: int = max(hf.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1)
         self.model_max_length = cfg.get("model_max_length")
 
@@ -366,12 +444,23 @@ class HFTokenizer:
         self._compiled = None
 
     # -- core ---------------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False, parse_special: bool = True) -> list[int]:
         """Token ids of ``text`` as transformers' ``tok(text, add_special_tokens=False)``: special-token
         strings become their ids, no BOS/EOS is added (a chat template that writes a BOS into the text
         gets exactly one). ``add_special_tokens=True``: what tokenizer.json's post-processor adds
-        (e.g. Llama 3's BOS), as ``tok(text)``."""
+        (e.g. Llama 3's BOS), as ``tok(text)``. ``parse_special=False``: no added-token string
+        (:attr:`control_tokens`) becomes its id; they are encoded as text by the model's BPE, as
+        transformers' ``split_special_tokens=True`` does."""
+        if not parse_special:
+            if self._plain is None:
+                self._plain = _plain_copy(self._hf, self.control_tokens)
+            return self._plain.encode(text, add_special_tokens=add_special_tokens).ids
         return self._hf.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids of a chat from outside: the model's template (:meth:`apply_chat_template`) with
+        every string of the messages encoded as text (see :func:`encode_chat_with`)."""
+        return encode_chat_with(self, self.apply_chat_template, messages, add_generation_prompt)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
@@ -412,7 +501,7 @@ class HFTokenizer:
         return self.vocab_size
 
     def __getstate__(self) -> dict:  # picklable (data loader workers): the compiled template is rebuilt
-        return {**self.__dict__, "_compiled": None}
+        return {**self.__dict__, "_compiled": None, "_plain": None}
 
     def __repr__(self) -> str:
         return (f"HFTokenizer(source={self.source!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id}, "
@@ -446,6 +535,21 @@ class HFTokenizer:
             except UnicodeDecodeError:
                 raise UserError(f"{p / n} is not UTF-8 text") from None
         return cls(files, str(p))
+
+
+def _plain_copy(hf, strings: Sequence[str]):
+    """A copy of the ``tokenizers.Tokenizer`` ``hf`` that encodes ``strings`` (added tokens) as text:
+    they are marked special in the copy and its ``encode_special_tokens`` is on (the tokenizers
+    library then skips special added tokens when it splits the input)."""
+    from tokenizers import Tokenizer as RustTokenizer
+    d = json.loads(hf.to_str())
+    want = set(strings)
+    for t in d.get("added_tokens") or []:
+        if t.get("content") in want:
+            t["special"] = True
+    plain = RustTokenizer.from_str(json.dumps(d))
+    plain.encode_special_tokens = True
+    return plain
 
 
 def _json_object(text: str, where: str) -> dict:

@@ -189,7 +189,7 @@ def make_problems(tasks: str, n: int, seed: int, difficulty: int | None = None, 
 
 
 def prompt_ids(tok, prompt: str) -> list[int]:
-    return tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
+    return tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)  # prompt text stays text
 
 
 def worked_response(problem) -> str:

@@ -48,10 +48,11 @@ def preset(name: str) -> Config:
 
 
 def fit_history(tokenizer, messages: list[dict], budget: int) -> list[int]:
-    """Prompt ids of the conversation, dropping the oldest non-system turns until it fits ``budget``."""
+    """Prompt ids of the conversation (``tokenizer.encode_chat``: what was typed is text, never a special
+    token), dropping the oldest non-system turns until it fits ``budget``."""
     msgs = list(messages)
     while True:
-        ids = tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+        ids = tokenizer.encode_chat(msgs, add_generation_prompt=True)
         droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
         if len(ids) <= budget or not droppable:
             return ids[-budget:]

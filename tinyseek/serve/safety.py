@@ -2,6 +2,9 @@
 
 - Blocklist: case-insensitive whole-word (or whole-phrase) matches; entries come from the config
   and/or a file (one per line, ``#`` comments).
+- Text is checked after :func:`normalize`: NFKC (full-width and other compatibility forms become
+  their plain letters) and removal of invisible format characters (zero-width space / joiners, word
+  joiner, BOM, soft hyphen, bidi marks: Unicode category Cf), so ``bo\u200bmb`` matches ``bomb``.
 - Classifier hook: any callable ``text -> float | bool`` (a score in [0, 1], or True = unsafe),
   given as ``"package.module:function"`` in the server config; text scoring at or above
   ``threshold`` is refused. It is called on the prompt and on the final output (and on the text
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +24,19 @@ from typing import Callable
 from tinyseek.errors import UserError
 
 DEFAULT_REFUSAL = "I can't help with that request."
+
+
+def normalize(text: str) -> str:
+    """``text`` as the filter sees it: NFKC, without format characters (category Cf: U+200B..U+200D,
+    U+2060, U+FEFF, U+00AD soft hyphen, bidi controls ...).
+
+    >>> normalize("bo\u200bm\u00adb \uff42\uff4f\uff4d\uff42 \ufeffok\u2060")
+    'bomb bomb ok'
+    """
+    text = unicodedata.normalize("NFKC", text)
+    if text.isascii():
+        return text
+    return "".join(c for c in text if unicodedata.category(c) != "Cf")
 
 
 def compile_blocklist(words: list[str]) -> re.Pattern | None:
@@ -69,7 +86,7 @@ class SafetyFilter:
     def __init__(self, blocklist: list[str] | None = None, classifier: Callable[[str], float | bool] | None = None,
                  threshold: float = 0.5, refusal: str = DEFAULT_REFUSAL):
         self.words = list(blocklist or [])
-        self.pattern = compile_blocklist(self.words)
+        self.pattern = compile_blocklist([normalize(w) for w in self.words])
         self.classifier = classifier
         self.threshold = threshold
         self.refusal = refusal
@@ -79,7 +96,8 @@ class SafetyFilter:
         return self.pattern is not None or self.classifier is not None
 
     def check(self, text: str, use_classifier: bool = True) -> Verdict:
-        """Is ``text`` allowed? Keywords first, then the classifier."""
+        """Is ``text`` allowed? Keywords first, then the classifier, both on :func:`normalize` (text)."""
+        text = normalize(text)
         if self.pattern is not None:
             m = self.pattern.search(text)
             if m:

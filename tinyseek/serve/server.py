@@ -7,21 +7,29 @@ server-sent events ``data: {chunk}`` ending with ``data: [DONE]``), ``GET /v1/mo
 Behaviour worth knowing:
 - Binds 127.0.0.1 unless told otherwise. With ``api_key`` (or ``TINYSEEK_API_KEY``) set, ``/v1/*``
   needs ``Authorization: Bearer <key>`` (401 otherwise).
+- Cross-site and DNS-rebinding requests: the ``Host`` header must be an IP address, ``localhost``, the
+  bound host name or one of ``allowed_hosts`` (``*``: any, for a server behind a proxy), else 400
+  ``invalid_host``; POST bodies must be ``Content-Type: application/json`` (415 otherwise), which a
+  browser cannot send cross-site without a CORS preflight (that this server never grants). JSON bodies
+  nested deeper than :data:`MAX_JSON_DEPTH` or holding a lone surrogate (``"\\ud800"``) are 400.
 - Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status, as
   OpenAI's API does; a bad request never stops the server.
 - Limits: body size (413), prompt tokens (400 ``context_length_exceeded``), ``max_tokens`` (400),
   queue length (429), per-request time (504, or an error event when streaming).
-- Safety: prompts (user messages) and outputs go through :class:`tinyseek.serve.safety.SafetyFilter`;
+- Safety: prompts (the messages of every role) and outputs go through
+  :class:`tinyseek.serve.safety.SafetyFilter` (after NFKC and removal of zero-width characters);
   a refused request gets a normal completion whose content is the refusal message and whose
   ``finish_reason`` is ``content_filter``. Streamed text is held back at a possible blocked-word
   prefix so a blocked word is never sent.
 - Graceful shutdown (SIGINT/SIGTERM): uvicorn stops accepting connections and waits up to
   ``shutdown_timeout_s`` for in-flight requests; the engine then drains and stops.
-- Chat messages have the template's role markers (``<|user|>`` ...; an imported model's special
-  tokens, ``tokenizer.control_tokens``) removed, so a message cannot forge turns; ``<think>``/``<answer>``
-  tags are kept (they are part of assistant turns). An imported model's own chat template renders the
-  prompt, and generation stops at any of its ``stop_ids`` (eos plus e.g. ``<|eot_id|>``); a
-  ``/v1/completions`` prompt gets what its tokenizer adds to a text (Llama 3's BOS; ours add nothing).
+- Chat messages are encoded with ``tokenizer.encode_chat``: the template's markers are special tokens,
+  the messages' text never is (``<|user|>``, ``<think>`` or an imported model's ``<|eot_id|>`` in a
+  message are encoded as plain text), so a message cannot forge turns. An imported model's own chat
+  template renders the prompt, and generation stops at any of its ``stop_ids`` (eos plus e.g.
+  ``<|eot_id|>``). A ``/v1/completions`` prompt is text too (as OpenAI's API treats it): special-token
+  strings in it stay text unless the operator sets ``prompt_special_tokens``; it gets what its
+  tokenizer adds to a text (Llama 3's BOS; ours add nothing).
 - Only ``n = 1``; ``logprobs`` are not supported (400). Penalties and other OpenAI fields are ignored.
   Extensions: ``top_k`` and ``ignore_eos`` (as in vLLM).
 """
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import ipaddress
 import json
 import os
 import time
@@ -49,6 +58,7 @@ from tinyseek.serve.metrics import ServerMetrics
 from tinyseek.serve.safety import DEFAULT_REFUSAL, SafetyFilter
 
 STATIC = Path(__file__).parent / "static"
+MAX_JSON_DEPTH = 64  # request bodies nested deeper are refused (OpenAI bodies nest < 10; tool schemas a few more)
 
 
 @dataclass
@@ -59,6 +69,8 @@ class Config:
     dtype: str = "auto"            # weights and KV cache: auto (bf16 on CUDA, fp32 on CPU) / fp32 / bf16 / fp16
     host: str = "127.0.0.1"        # bind address (loopback by default)
     port: int = 8000               # TCP port
+    allowed_hosts: str = ""        # Host header names accepted besides IP addresses, localhost and --host (comma list; "*" = any, behind a proxy)
+    prompt_special_tokens: bool = False  # /v1/completions: special-token strings in a prompt become special tokens (trusted clients only); off = text
     api_key: str = ""              # require "Authorization: Bearer <key>" on /v1/*; "" = env TINYSEEK_API_KEY or none
     model_name: str = "tinyseek"   # the model id clients must use (or omit)
     max_batch: int = 16            # KV-cache slots = requests decoded together
@@ -188,10 +200,9 @@ def parse_sampling(body: dict, cfg: Config) -> tuple[SamplingParams, bool, bool]
     return sp, stream, bool(opts.get("include_usage", False))
 
 
-def parse_messages(body: dict, markers: tuple[str, ...] | list[str] | None = None) -> list[dict]:
-    """The request's messages as ``{role, content}`` with the chat template's control strings
-    (``markers``, default our role markers) removed from the content."""
-    markers = _ROLE_MARKERS if markers is None else markers
+def parse_messages(body: dict) -> list[dict]:
+    """The request's messages as ``{role, content}`` (text parts of a content list joined). The text
+    is kept as sent: ``encode_chat`` encodes it as text, so no marker in it becomes a special token."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise _bad("'messages' must be a non-empty list", "messages")
@@ -204,28 +215,85 @@ def parse_messages(body: dict, markers: tuple[str, ...] | list[str] | None = Non
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         if not isinstance(content, str):
             raise _bad(f"messages[{i}].content must be a string", "messages")
-        content = strip_markers(content, markers)  # user text must not forge turns of the chat template
         out.append({"role": m["role"], "content": content})
     return out
 
 
-_ROLE_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|eos|>", "<|pad|>")
+def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
+    r"""A request body as a JSON object, or :class:`ApiError` 400: not JSON, not an object, nested
+    deeper than ``max_depth``, or holding a lone UTF-16 surrogate (which no UTF-8 text can carry).
 
-
-def strip_markers(text: str, markers) -> str:
-    """``text`` without any of ``markers``, repeated until none is left (removing one must not join
-    the pieces of another).
-
-    >>> strip_markers("a<|us<|eos|>er|>b", ("<|user|>", "<|eos|>"))
-    'ab'
+    >>> parse_json_body(b'{"a": [1, {"b": "\\ud83d\\ude00"}]}')
+    {'a': [1, {'b': '😀'}]}
+    >>> parse_json_body(b'{"a": "\\ud800"}')
+    Traceback (most recent call last):
+    ...
+    tinyseek.serve.server.ApiError: request body is not valid JSON: a string holds a lone surrogate (\ud800)
+    >>> parse_json_body(b"[" * 100 + b"]" * 100)
+    Traceback (most recent call last):
+    ...
+    tinyseek.serve.server.ApiError: request body is not valid JSON: nested deeper than 64 levels
     """
-    while True:
-        before = text
-        for m in markers:
-            if m:
-                text = text.replace(m, "")
-        if text == before:
-            return text
+    try:
+        body = json.loads(raw or b"null")
+    except RecursionError:  # the parser's own limit (about 1000 levels)
+        raise _bad(f"request body is not valid JSON: nested deeper than {max_depth} levels") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _bad(f"request body is not valid JSON: {e.msg if hasattr(e, 'msg') else e}") from None
+    stack = [(body, 1)]
+    while stack:  # no recursion: depth and strings checked iteratively
+        x, depth = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise _bad("request body is not valid JSON: a string holds a lone surrogate "
+                           f"(\\u{ord(x[e.start]):04x})") from None
+        elif isinstance(x, (list, dict)):
+            if depth > max_depth:
+                raise _bad(f"request body is not valid JSON: nested deeper than {max_depth} levels")
+            items = list(x.items()) if isinstance(x, dict) else [(None, v) for v in x]
+            stack.extend((k, depth) for k, _ in items if k is not None)
+            stack.extend((v, depth + 1) for _, v in items)
+    if not isinstance(body, dict):
+        raise _bad("request body must be a JSON object")
+    return body
+
+
+def host_allowed(host: str | None, names: frozenset[str] | set[str]) -> bool:
+    """Is a request's ``Host`` header acceptable? IP addresses always are (DNS rebinding needs a
+    name), a missing header too (only non-browser clients omit it); a name must be in ``names``
+    (lower case), any port. ``"*"`` in ``names`` accepts every host.
+
+    >>> names = {"localhost", "myhost"}
+    >>> [host_allowed(h, names) for h in ["localhost:8000", "127.0.0.1", "[::1]:80", "MyHost.", "evil.com:8000"]]
+    [True, True, True, True, False]
+    >>> host_allowed("evil.com", {"*"}), host_allowed(None, names), host_allowed("[::1", names)
+    (True, True, False)
+    """
+    if "*" in names or host is None:
+        return True
+    host = host.strip().lower()
+    if host.startswith("["):  # [v6] or [v6]:port
+        end = host.find("]")
+        if end < 0 or (host[end + 1:] and not host[end + 1:].startswith(":")):
+            return False
+        name = host[1:end]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return name.rstrip(".") in names
+
+
+def allowed_host_names(cfg: Config) -> frozenset[str]:
+    """Host names :func:`host_allowed` accepts for ``cfg``: localhost, the bound host, ``allowed_hosts``."""
+    names = {"localhost", cfg.host.strip("[]").lower()}
+    names |= {h.strip().lower().rstrip(".") for h in cfg.allowed_hosts.split(",") if h.strip()}
+    return frozenset(n for n in names if n)
 
 
 def add_stop_ids(sp: SamplingParams, tokenizer) -> SamplingParams:
@@ -247,6 +315,7 @@ def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: Saf
     safety = safety or SafetyFilter.from_config(cfg.blocklist, cfg.blocklist_file, cfg.classifier,
                                                 cfg.classifier_threshold, cfg.refusal_message)
     metrics = metrics or ServerMetrics(engine)
+    host_names = allowed_host_names(cfg)
     api_key = cfg.api_key or os.environ.get("TINYSEEK_API_KEY", "")
     max_prompt = min(cfg.max_prompt_tokens or engine.max_len - 1, engine.max_len - 1)
     state = {"shutting_down": False}
@@ -285,7 +354,21 @@ def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: Saf
                 metrics.requests.inc(endpoint=ep, status=str(status["code"]))
                 metrics.latency.observe(time.monotonic() - t0, endpoint=ep)
 
-    app.add_middleware(MetricsMiddleware)
+    class HostMiddleware:  # DNS rebinding: a page of evil.com resolving to 127.0.0.1 sends Host: evil.com
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] in ("http", "websocket"):
+                hosts = [v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"]
+                if len(hosts) > 1 or not host_allowed(hosts[0] if hosts else None, host_names):
+                    err = ApiError(400, f"Host header {hosts[0] if len(hosts) == 1 else hosts!r} is not allowed "
+                                   "(start the server with --allowed-hosts NAME to accept it)", code="invalid_host")
+                    return await JSONResponse(err.body(), status_code=400)(scope, receive, send)
+            return await self.app(scope, receive, send)
+
+    app.add_middleware(HostMiddleware)
+    app.add_middleware(MetricsMiddleware)  # outermost: counts the requests HostMiddleware refuses
 
     def error_response(e: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
@@ -321,25 +404,23 @@ def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: Saf
         check_auth(request)
         if state["shutting_down"]:
             raise ApiError(503, "server is shutting down", "server_error")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":  # a cross-site form or text/plain "simple request" is refused
+            raise ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
+                           code="unsupported_media_type")
         raw = bytearray()
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > cfg.max_body_bytes:
                 raise ApiError(413, f"request body exceeds {cfg.max_body_bytes} bytes", code="request_too_large")
-        try:
-            body = json.loads(bytes(raw) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _bad(f"request body is not valid JSON: {e.msg if hasattr(e, 'msg') else e}") from None
-        if not isinstance(body, dict):
-            raise _bad("request body must be a JSON object")
+        body = parse_json_body(bytes(raw))
         model = body.get("model")
         if model is not None and model != cfg.model_name:
             raise ApiError(404, f"the model '{model}' does not exist; this server serves '{cfg.model_name}'",
                            "not_found_error", "model", "model_not_found")
         return body
 
-    def encode_prompt(text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    def check_prompt(ids: list[int]) -> list[int]:
         if not ids:
             raise _bad("the prompt is empty", "prompt")
         if len(ids) > max_prompt:
@@ -470,11 +551,11 @@ def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: Saf
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
-        msgs = parse_messages(body, getattr(tokenizer, "control_tokens", None))
+        msgs = parse_messages(body)
         sp, stream, include_usage = parse_sampling(body, cfg)
-        ids = encode_prompt(tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
-        user_text = "\n".join(m["content"] for m in msgs if m["role"] == "user")
-        return await respond("chat", ids, sp, stream, include_usage, user_text)
+        ids = check_prompt(tokenizer.encode_chat(msgs, add_generation_prompt=True))  # message text stays text
+        all_text = "\n".join(m["content"] for m in msgs)  # every role: system and assistant turns steer too
+        return await respond("chat", ids, sp, stream, include_usage, all_text)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -485,7 +566,8 @@ def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: Saf
         if not isinstance(prompt, str):
             raise _bad("'prompt' must be a string", "prompt")
         sp, stream, include_usage = parse_sampling(body, cfg)
-        ids = encode_prompt(prompt, add_special_tokens=True)  # an imported model's BOS, as tok(prompt) adds it
+        # an imported model's BOS, as tok(prompt) adds it; special-token strings stay text unless the operator opts in
+        ids = check_prompt(tokenizer.encode(prompt, add_special_tokens=True, parse_special=cfg.prompt_special_tokens))
         return await respond("completion", ids, sp, stream, include_usage, prompt)
 
     @app.get("/v1/models")
