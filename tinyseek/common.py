@@ -45,18 +45,54 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def numpy_state_to_plain(st: tuple) -> list:
+    """A ``np.random.get_state()`` / ``RandomState.get_state()`` tuple as plain Python values
+    (``[name, key as a list of ints, pos, has_gauss, cached_gaussian]``): what ``torch.load(...,
+    weights_only=True)`` and JSON can read back. :func:`numpy_state_from_plain` inverts it exactly.
+
+    >>> rs = np.random.RandomState(3); s = rs.get_state()
+    >>> back = numpy_state_from_plain(numpy_state_to_plain(s))
+    >>> back[0] == s[0] and (back[1] == s[1]).all() and back[2:] == s[2:]
+    True
+    """
+    name, key, pos, has_gauss, cached = st[:5]
+    return [str(name), [int(k) for k in np.asarray(key).tolist()], int(pos), int(has_gauss), float(cached)]
+
+
+def numpy_state_from_plain(st: Any) -> tuple:
+    """The ``set_state`` tuple for a :func:`numpy_state_to_plain` list (an old-format tuple with an
+    ndarray key is accepted as is). A malformed state raises ``ValueError``."""
+    if not isinstance(st, (list, tuple)) or len(st) < 5:
+        raise ValueError("numpy RNG state must be a 5-item list")
+    key = np.asarray(st[1], dtype=np.uint32)
+    if key.shape != (624,):
+        raise ValueError(f"numpy RNG key must hold 624 words, got shape {key.shape}")
+    return (str(st[0]), key, int(st[2]), int(st[3]), float(st[4]))
+
+
 def rng_state() -> dict:
-    """All RNG states needed for exact resume (python, numpy, torch cpu, cuda if present)."""
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """All RNG states needed for exact resume (python, numpy, torch cpu, cuda if present), in types
+    that ``torch.load(..., weights_only=True)`` reads back (tuples/lists of ints, tensors): no pickled
+    numpy objects."""
+    st = {"python": random.getstate(), "numpy": numpy_state_to_plain(np.random.get_state()),
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
+    """Restore :func:`rng_state` (also the older format whose numpy state holds an ndarray).
+    A malformed state raises ``ValueError`` / ``TypeError`` before any generator is changed."""
+    py = st["python"]
+    py = (int(py[0]), tuple(int(v) for v in py[1]), py[2])
+    npst = numpy_state_from_plain(st["numpy"])
+    th = st["torch"]
+    if not isinstance(th, torch.Tensor) or th.dtype != torch.uint8:
+        raise TypeError("torch RNG state must be a uint8 tensor")
+    random.setstate(py)
+    np.random.set_state(npst)
+    torch.set_rng_state(th)
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
@@ -117,6 +153,22 @@ class MetricsLogger:
             except json.JSONDecodeError:
                 continue  # a torn last line from a killed run
         atomic_write_text(self.path, "".join(l + "\n" for l in keep))
+
+
+def move_aside(path: str | Path) -> Path | None:
+    """Rename ``path`` (e.g. ``metrics.jsonl`` before a fresh start) to ``<stem>.<UTC time>.<suffix>``
+    beside it, never overwriting; returns the new path, or None when ``path`` does not exist.
+    Nothing is deleted."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for i in range(1000):
+        dst = path.with_name(f"{path.stem}.{stamp}{'' if i == 0 else f'-{i}'}{path.suffix}")
+        if not dst.exists():
+            os.replace(path, dst)
+            return dst
+    raise FileExistsError(f"no free name to move {path} aside")
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,6 +22,28 @@ from tinyseek.errors import UserError
 
 class ConfigError(UserError, ValueError):
     """A bad configuration value. The message is one line naming the field and the problem."""
+
+
+def check_finite(cfg: Any, prefix: str = "") -> None:
+    """:class:`ConfigError` for the first ``float`` field of dataclass ``cfg`` (nested dataclasses
+    included) that is NaN or infinite: no numeric setting means anything there, and range checks
+    alone miss them (inf passes every lower bound, NaN every check written as ``not x < lo``).
+
+    >>> @dataclass
+    ... class C:
+    ...     lr: float = 1.0
+    >>> try:
+    ...     check_finite(C(lr=float("inf")))
+    ... except ConfigError as e:
+    ...     print(e)
+    lr must be a finite number, got inf
+    """
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            check_finite(v, f"{prefix}{f.name}.")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{prefix}{f.name} must be a finite number, got {v}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +132,10 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        check_finite(self, "model.")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff"):
+            need(getattr(self, name) > 0, f"model.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("norm_eps", "rope_theta", "init_std", "routed_scaling"):  # 0 or less: NaN / inf from step one
             need(getattr(self, name) > 0, f"model.{name} must be > 0, got {getattr(self, name)}")
         need(self.attn in ("mla", "gqa"), f"model.attn must be 'mla' or 'gqa', got {self.attn!r}")
         if self.attn == "gqa":
