@@ -77,6 +77,28 @@ def test_exact_and_near_dedup():
     assert nd.check("3", zh) is None and nd.check("4", zh[:-2] + "！") == "3"
 
 
+def edit_words(text: str, k: int) -> str:
+    """``text`` with ``k`` evenly spaced words changed (an ``x`` appended): Jaccard falls as k grows."""
+    w = text.split(" ")
+    for i in np.linspace(0, len(w) - 1, k).astype(int):
+        w[i] += "x"
+    return " ".join(w)
+
+
+@pytest.mark.parametrize("k, near", [(58, False), (68, True)])
+def test_near_dedup_checks_the_estimate_of_lsh_candidates(k, near):
+    """A pair that LSH makes candidates but whose MinHash estimate is just below the threshold
+    (100/128 = 0.781 < 0.8) is kept; one just above (103/128 = 0.805) is dropped. A detector that
+    trusted LSH candidates without the estimate would drop both."""
+    nd = NearDedup(threshold=0.8)
+    base, other = HAMLET[2000:4000], edit_words(HAMLET[2000:4000], k)
+    est = float(np.mean(nd.signature(base).hashvalues == nd.signature(other).hashvalues))
+    assert nd.check("0", base) is None
+    assert "0" in nd.lsh.query(nd.signature(other))                   # precondition: an LSH candidate ...
+    assert (0.76 <= est < 0.8) if not near else (0.8 <= est <= 0.82)  # ... with an estimate this close
+    assert nd.check("1", other) == ("0" if near else None)
+
+
 def test_entropy_and_perplexity_filters():
     junk = "ab ba aab " * 40
     assert char_entropy(junk) < 2.5 < 3.0 < char_entropy(HAMLET[:3000])

@@ -63,8 +63,6 @@ def shingles(text: str, k: int = 5) -> list[bytes]:
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _MUL = np.uint64(1_000_003)
-_MIX = np.uint64(0x9E3779B97F4A7C15)
-_MUL = np.uint64(1_000_003)
 
 
 def shingle_hashes(text: str, k: int = 5) -> np.ndarray:
