@@ -33,7 +33,10 @@ def test_k3_kl_values():
     kl = L.kl_k3(lp, ref)
     # d = ref - lp = [0, 1, -1]; exp(d) - d - 1
     assert kl.tolist() == pytest.approx([0.0, math.e - 2, math.exp(-1)])
-    assert (kl >= 0).all()
+    # where the naive per-token estimate logp - ref (k1) is negative, k3 is the positive closed form
+    assert (lp - ref)[1] < 0 and float(kl[1]) == pytest.approx(math.exp(1.0) - 1.0 - 1.0)
+    # KL(pi || ref) is not symmetric: swapping the arguments gives the other closed form
+    assert L.kl_k3(ref, lp).tolist() == pytest.approx([0.0, math.exp(-1), math.e - 2])
 
 
 def test_clipped_surrogate_hand_computed():
@@ -120,7 +123,11 @@ def test_one_grpo_step_raises_logprob_of_better_sample(variant, mu):
     after = seq_lp()
     assert after[0] > before[0]          # highest reward: more likely
     assert after[1] < before[1]          # lowest reward: less likely
-    assert st["kl"] >= 0 and "clip_frac" in st and math.isfinite(st["loss"])
+    assert "clip_frac" in st and math.isfinite(st["loss"])
+    if mu == 1:  # the only step sees the policy == the reference
+        assert st["kl"] == pytest.approx(0.0, abs=1e-7)
+    else:        # the mean over two steps; the second sees a moved policy: KL > 0
+        assert st["kl"] > 1e-6
 
 
 def test_grpo_main_smoke_writes_metrics_plot_and_checkpoint(tmp_path):
@@ -206,3 +213,69 @@ def test_micro_batched_update_equals_the_whole_batch(variant, mu):
         assert torch.allclose(a[k], b[k], atol=2e-5), k
     assert sa["loss"] == pytest.approx(sb["loss"], abs=1e-5) and sa["kl"] == pytest.approx(sb["kl"], abs=1e-6)
     assert any(not torch.equal(a[k], base.state_dict()[k]) for k in a)  # the step moved something
+
+
+def test_rewards_and_advantages_stay_with_their_own_prompt_group(tmp_path, monkeypatch):
+    """One GRPO step of ``main`` with the sampler and the update replaced: every sample is graded
+    against its own prompt's answer, and the advantage that reaches the update for a (prompt,
+    response) row is the one computed within that prompt's group (catches transposed groupings)."""
+    from tinyseek import eval as ev
+    from tinyseek.post import grpo
+    from tinyseek.post.rollout import Sample
+
+    N, G = 3, 4
+    seen: dict = {}
+    real_step_problems = grpo.step_problems
+
+    def step_problems(cfg, step, rng):
+        seen["probs"] = real_step_problems(cfg, step, rng)
+        return seen["probs"]
+
+    def correct(n: int, k: int) -> bool:  # a different pattern in each group
+        return [[True, False, False, False], [False, True, True, False], [True, True, True, False]][n][k]
+
+    def fake_sample(model, prompts, **kw):
+        ids = [grpo.C.prompt_ids(seen["tok"], p.prompt) for p in seen["probs"]]
+        assert len({tuple(i) for i in ids}) == N
+        count = [0] * N
+        out = []
+        for p in prompts:  # which problem a prompt is comes from its ids, not from its position
+            n = ids.index(p)
+            out.append(Sample(tokens=[1000 + n, 2000 + count[n]], finished=True, end_id=None))
+            count[n] += 1
+        assert count == [G] * N
+        return out
+
+    def fake_decode(tok, toks):
+        seen["tok"] = tok
+        n, k = toks[0] - 1000, toks[1] - 2000
+        ans = seen["probs"][n].answer if correct(n, k) else seen["probs"][n].answer + "17"
+        return f"<think>x</think><answer>{ans}</answer>"
+
+    def fake_update(model, ref, opt, prompts, responses, adv_B, **kw):
+        seen["update"] = (prompts, responses, adv_B)
+        return {}
+
+    real_prompt_ids = grpo.C.prompt_ids
+
+    def prompt_ids(tok, prompt):
+        seen["tok"] = tok
+        return real_prompt_ids(tok, prompt)
+
+    monkeypatch.setattr(grpo, "step_problems", step_problems)
+    monkeypatch.setattr(grpo, "sample", fake_sample)
+    monkeypatch.setattr(grpo, "grpo_update", fake_update)
+    monkeypatch.setattr(grpo.C, "decode", fake_decode)
+    monkeypatch.setattr(grpo.C, "prompt_ids", prompt_ids)
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: {"pass@1": 0.0, "format_rate": 0.0, "mean_length": 0.0})
+    cfg = grpo.Config(out_dir=str(tmp_path), name="g", steps=1, prompts_per_step=N, group_size=G, max_new_tokens=4,
+                      eval_every=0, eval_problems=1, variant="grpo", rewards={"accuracy": 1.0}, plots=False)
+    grpo.main(cfg)
+    prompts, responses, adv = seen["update"]
+    ids = [real_prompt_ids(seen["tok"], p.prompt) for p in seen["probs"]]
+    want = L.grpo_advantages(torch.tensor([[float(correct(n, k)) for k in range(G)] for n in range(N)]))
+    assert len(prompts) == len(responses) == adv.numel() == N * G
+    for prompt, resp, a in zip(prompts, responses, adv.tolist()):
+        n, k = resp[0] - 1000, resp[1] - 2000
+        assert prompt == ids[n]                                     # the response stays with its prompt
+        assert a == pytest.approx(float(want[n, k]), abs=1e-6), (n, k)  # and gets its own group's advantage

@@ -138,8 +138,27 @@ def test_aux_free_bias_moves_toward_balance(score_func):
     late = sum(ratios[-20:]) / 20  # the sign rule oscillates a little: average the tail
     assert late < 0.6 * ratios[0], ratios
     assert m.router.expert_bias[0] < 0 and m.router.expert_bias[1] < 0  # the hot experts were pushed down
-    # selection only: the mixing weights are the original scores, so the bias has no gradient path
-    assert not m.router.expert_bias.requires_grad
+
+
+def test_expert_bias_is_a_buffer_moved_by_update_bias_not_by_the_optimizer():
+    """The bias is state, not a parameter: the optimizer never sees it, a backward + step leaves it
+    as it was, and only :func:`update_bias` moves it (and it is saved with the module's state)."""
+    cfg = moe_cfg(aux_loss="switch", aux_loss_alpha=0.1, bias_update_speed=0.01)
+    m = make_moe(cfg).train()
+    with torch.no_grad():
+        m.router.expert_bias.copy_(torch.linspace(-0.3, 0.3, cfg.n_routed_experts))
+    assert "router.expert_bias" in dict(m.named_buffers())
+    assert "router.expert_bias" not in dict(m.named_parameters()) and "router.expert_bias" in m.state_dict()
+    opt = torch.optim.SGD(m.parameters(), lr=1.0, weight_decay=0.5)
+    assert all(p is not m.router.expert_bias for g in opt.param_groups for p in g["params"])
+    before, router_before = m.router.expert_bias.clone(), m.router.weight.detach().clone()
+    y, stats = m(torch.randn(2, 6, cfg.d_model, generator=torch.Generator().manual_seed(3)))
+    (y.square().sum() + stats["aux_loss"]).backward()
+    opt.step()
+    assert not torch.equal(m.router.weight.detach(), router_before)    # the step did train the router
+    assert torch.equal(m.router.expert_bias, before)                   # ... and left the bias alone
+    update_bias(m.router.expert_bias, stats["counts"], cfg.bias_update_speed)
+    assert (m.router.expert_bias - before).abs().max() == pytest.approx(cfg.bias_update_speed)
 
 
 def test_bias_not_updated_and_no_counts_in_eval():
@@ -219,14 +238,78 @@ def test_balance_losses_hand_computed():
         balance_loss("bogus", scores, idx)
 
 
-def test_aux_loss_reported_with_alpha_in_training():
-    cfg = moe_cfg(aux_loss="switch", aux_loss_alpha=0.1)
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("kind", ["switch", "variance"])
+def test_aux_loss_reported_with_alpha_in_training(score_func, kind):
+    """``MoE.forward``'s aux loss == alpha * the balance loss of the scores as a distribution: for
+    sigmoid scores (not summing to one) the forward must normalise them, computed here by hand."""
+    cfg = moe_cfg(aux_loss=kind, aux_loss_alpha=0.1, score_func=score_func)
     m = make_moe(cfg).train()
-    x = torch.randn(2, 5, cfg.d_model)
+    x = torch.randn(2, 5, cfg.d_model, generator=torch.Generator().manual_seed(2))
     _, s = m(x)
     idx, _, scores = m.router(x.view(-1, cfg.d_model))
-    assert float(s["aux_loss"].detach()) == pytest.approx(0.1 * float(balance_loss("switch", scores, idx).detach()), rel=1e-6)
+    E = cfg.n_routed_experts
+    P = (scores / scores.sum(-1, keepdim=True)).mean(0)
+    f = torch.bincount(idx.flatten(), minlength=E).float() / idx.numel()
+    want = E * (f * P).sum() if kind == "switch" else ((P - 1.0 / E) ** 2).sum()
+    assert float(s["aux_loss"].detach()) == pytest.approx(0.1 * float(want.detach()), rel=1e-5)
     assert s["aux_loss"].requires_grad  # it trains the router
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_uniform_router_has_minimal_balance_loss_in_forward(score_func):
+    """A uniform router (zero weights: softmax 1/E, sigmoid 0.5 for every expert) has switch loss
+    exactly 1 and variance loss 0, whatever experts the ties pick (sigmoid scores taken as already
+    normalised would give E * 0.5 = 4 here)."""
+    for kind, want in (("switch", 1.0), ("variance", 0.0)):
+        cfg = moe_cfg(aux_loss=kind, aux_loss_alpha=1.0, score_func=score_func)
+        m = make_moe(cfg).train()
+        with torch.no_grad():
+            m.router.weight.zero_()
+        _, s = m(torch.randn(2, 7, cfg.d_model, generator=torch.Generator().manual_seed(0)))
+        assert float(s["aux_loss"].detach()) == pytest.approx(want, abs=1e-6), kind
+
+
+@pytest.mark.parametrize("score_func,top_k", [("softmax", 2), ("sigmoid", 2), ("sigmoid", 1)])
+def test_router_bias_picks_experts_but_weights_are_the_raw_scores(score_func, top_k):
+    """With a non-zero ``expert_bias`` the router selects by score + bias, but mixes with the raw
+    scores of the chosen experts (renormalised over the k chosen where the config says so)."""
+    cfg = moe_cfg(score_func=score_func, top_k=top_k, bias_update_speed=0.01, routed_scaling=1.5)
+    m = make_moe(cfg).train()
+    E = cfg.n_routed_experts
+    with torch.no_grad():
+        m.router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.6, 0.9])[:E])
+    x = torch.randn(16, cfg.d_model, generator=torch.Generator().manual_seed(8))
+    idx, w, scores = m.router(x)
+    biased = (scores + m.router.expert_bias).topk(top_k, -1).indices
+    assert torch.equal(idx.sort(-1).values, biased.sort(-1).values)
+    assert not torch.equal(idx.sort(-1).values, scores.topk(top_k, -1).indices.sort(-1).values)  # bias mattered
+    raw = scores.gather(1, idx)
+    want = raw / raw.sum(-1, keepdim=True) if (top_k > 1 or score_func == "sigmoid") else raw
+    torch.testing.assert_close(w, want * 1.5)
+
+
+def test_sigmoid_top1_routing_weight_is_one_and_softmax_top1_is_the_probability():
+    """Top-1 routing, hand-computed: sigmoid scores renormalised over the one chosen expert give
+    weight 1 (times ``routed_scaling``; DeepSeek-V3's rule), softmax top-1 keeps the probability
+    (V2's rule: renormalise only for k > 1); ``norm_topk_prob=False`` keeps the raw sigmoid score."""
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, 3.0]])
+    sig, soft = logits.sigmoid(), logits.softmax(-1)
+    idx, w = route(sig, 1, score_func="sigmoid", routed_scaling=2.5)
+    assert idx.tolist() == [[0], [2]] and w.tolist() == [[2.5], [2.5]]
+    _, w = route(sig, 1, score_func="sigmoid", norm_topk_prob=False)
+    torch.testing.assert_close(w, sig[[0, 1], [0, 2]][:, None])
+    _, w = route(soft, 1, score_func="softmax")
+    torch.testing.assert_close(w, soft[[0, 1], [0, 2]][:, None])
+    # in the layer: sigmoid top-1 without shared experts is exactly routed_scaling * the chosen expert
+    cfg = moe_cfg(score_func="sigmoid", top_k=1, n_shared_experts=0, routed_scaling=2.5, aux_loss="none")
+    m = make_moe(cfg).eval()
+    x = torch.randn(1, 5, cfg.d_model, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        y, _ = m(x)
+        e = m.router(x.view(-1, cfg.d_model))[0][:, 0]
+        want = torch.stack([2.5 * m.experts.expert_forward(int(e[n]), x[0, n:n + 1])[0] for n in range(5)])
+    torch.testing.assert_close(y[0], want, atol=1e-5, rtol=1e-5)
 
 
 def test_group_limited_routing_stays_in_selected_groups():
