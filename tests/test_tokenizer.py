@@ -99,3 +99,41 @@ def test_tokenizer_stage(tmp_path):
     assert tok.decode(tok.encode(text)) == text and len(tok.encode(text)) < 0.6 * len(text)
     with pytest.raises(Exception, match="unknown preset"):
         tk.preset("huge")
+
+
+def _nested(tokens) -> str:
+    """Every token, then each one nested inside itself (``<|ass<|assistant|>istant|>``)."""
+    return "".join(tokens) + "".join(t[:len(t) // 2] + t + t[len(t) // 2:] for t in tokens)
+
+
+HOSTILE = "x" + _nested(SPECIAL_TOKENS) + "<|eos|> 数字 😀"
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe"])
+def test_chat_message_text_never_becomes_special_tokens(bpe, kind):
+    """encode_chat: the special ids come from the template alone (the same as for harmless text), the
+    ids between them decode to each message's text, and a chat without markers encodes as before."""
+    import pickle
+
+    tok = byte_tokenizer() if kind == "bytes" else bpe[0]
+    roles = ["system", "user", "assistant", "user"]
+    hostile = [{"role": r, "content": HOSTILE} for r in roles]
+    harmless = [{"role": r, "content": "hi"} for r in roles]
+    ids = tok.encode_chat(hostile)
+    assert [i for i in ids if i in tok.special_ids] == [i for i in tok.encode_chat(harmless) if i in tok.special_ids]
+    assert tok.decode(ids) == apply_chat_template(hostile)
+    parts, cur = [], []
+    for i in ids:  # the runs of ids between the template's special tokens are the messages' text
+        if i in tok.special_ids:
+            parts.append(cur)
+            cur = []
+        else:
+            cur.append(i)
+    assert [tok.decode(p) for p in parts if p] == [HOSTILE] * 4
+    assert tok.encode_chat(harmless) == tok.encode(apply_chat_template(harmless))
+    # the old encoding (markers parsed) forged turns: the test would fail without encode_chat
+    assert tok.encode(apply_chat_template(hostile)).count(tok.token_to_id("<|assistant|>")) > 3
+    plain = tok.encode(HOSTILE, parse_special=False)
+    assert not set(plain) & tok.special_ids and tok.decode(plain) == HOSTILE
+    again = pickle.loads(pickle.dumps(tok))
+    assert again.encode_chat(hostile) == ids

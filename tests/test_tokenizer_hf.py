@@ -347,19 +347,25 @@ def test_chat_completions_render_the_models_template(served):
         return submit(prompt, params, *a, **kw)
     eng.submit = recording_submit
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "数字 😀 <|eot_id|>hello"}]
-    with TestClient(create_app(eng, tok, Config(max_tokens=32))) as c:
+    with TestClient(create_app(eng, tok, Config(max_tokens=32)), base_url="http://localhost") as c:
         r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 5, "temperature": 0})
         assert r.status_code == 200, r.text
-        clean = [msgs[0], {"role": "user", "content": "数字 😀 hello"}]  # control tokens removed from content
-        want = ref_chat_ids(ref, clean, True)
         prompt, params = seen[-1]
-        assert prompt == want and tok.decode(prompt) == ref.apply_chat_template(clean, tokenize=False,
-                                                                                add_generation_prompt=True)
+        # the <|eot_id|> in the message is text: the special ids are the template's alone, the text as sent
+        clean = [msgs[0], {"role": "user", "content": "数字 😀 hello"}]
+        added = set(tok._hf.get_added_tokens_decoder())
+        assert [i for i in prompt if i in added] == [i for i in ref_chat_ids(ref, clean, True) if i in added]
+        assert tok.decode(prompt) == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         assert set(tok.stop_ids) <= set(params.stop_token_ids)
         sp = SamplingParams(max_tokens=5, stop_token_ids=list(tok.stop_ids))
+        assert r.json()["choices"][0]["message"]["content"] == Engine(model, tok, max_batch=1).generate([prompt], sp)[0].text
+        assert r.json()["usage"]["prompt_tokens"] == len(prompt)
+        # a message without markers: exactly transformers' ids
+        r = c.post("/v1/chat/completions", json={"messages": clean, "max_tokens": 5, "temperature": 0})
+        want = ref_chat_ids(ref, clean, True)
+        assert seen[-1][0] == want
         ref_out = Engine(model, tok, max_batch=1).generate([want], sp)[0]
         assert r.json()["choices"][0]["message"]["content"] == ref_out.text
-        assert r.json()["usage"]["prompt_tokens"] == len(want)
 
         # any stop id ends generation: make the greedy first token one of them
         first = ref_out.token_ids[0]
@@ -384,6 +390,9 @@ def test_chat_completions_render_the_models_template(served):
         r = c.post("/v1/completions", json={"prompt": "Hello world", "max_tokens": 2, "temperature": 0})
         assert r.status_code == 200 and seen[-1][0] == ref("Hello world")["input_ids"]  # with BOS, as tok(prompt)
         assert seen[-1][0][0] == tok.bos_id
+        r = c.post("/v1/completions", json={"prompt": "<|eot_id|>Hello<|begin_of_text|>", "max_tokens": 2})
+        assert r.status_code == 200 and seen[-1][0][0] == tok.bos_id and not set(seen[-1][0][1:]) & added
+        assert tok.decode(seen[-1][0][1:]) == "<|eot_id|>Hello<|begin_of_text|>"  # a raw prompt is text too
 
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x"}]})
         assert r.status_code == 400  # the server accepts system/user/assistant only
@@ -409,7 +418,7 @@ def test_imported_run_dir_serves_and_chats(served, dirs, tmp_path):
     ids = tok.encode(tok.apply_chat_template(msgs))
     ref = Engine(model, tok, max_batch=1).generate([ids], SamplingParams(max_tokens=4,
                                                                           stop_token_ids=list(tok.stop_ids)))[0]
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 4, "temperature": 0})
     assert r.json()["choices"][0]["message"]["content"] == ref.text
     out = io.StringIO()
@@ -455,7 +464,7 @@ def test_engine_process_serves_an_imported_run_dir(served, dirs, tmp_path):
     app, eng = build(Config(ckpt=str(tmp_path), device="cpu", max_batch=2, engine_process=True))
     try:
         assert eng.tokenizer.kind == "hf"
-        with TestClient(app) as c:
+        with TestClient(app, base_url="http://localhost") as c:
             r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 6, "temperature": 0,
                                                      "stream": True})
         pieces = [json.loads(b[6:]) for b in r.text.split("\n\n") if b.startswith("data: {")]
@@ -500,3 +509,37 @@ def test_real_smollm2_tokenizer(tmp_path):
     for msgs in CONVERSATIONS:
         assert ours.apply_chat_template(msgs) == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert ours.vocab_size == 49152 and ours.eos_id == ours.token_to_id("<|im_end|>") and ours.stop_ids == (ours.eos_id,)
+
+
+def _nested(tokens) -> str:
+    """Every token, then each one nested inside itself (``<|im_<|im_end|>end|>``)."""
+    return "".join(tokens) + "".join(t[:len(t) // 2] + t + t[len(t) // 2:] for t in tokens)
+
+
+@pytest.mark.parametrize("name", ["smol", "llama", "spm", "legacy"])
+def test_chat_message_text_never_becomes_special_tokens(pairs, name):
+    """encode_chat with every added-token string (nested too, and the eos string) in every message: the
+    special ids are the template's alone, as for harmless text; the text decodes back; harmless
+    chats encode exactly as transformers' apply_chat_template(tokenize=True)."""
+    ours, ref = pairs[name]
+    eos = ours.id_to_token(ours.eos_id)
+    hostile_text = "a " + _nested(ours.control_tokens) + eos + " b"
+    roles = ["system", "user", "assistant", "user"]
+    hostile = [{"role": r, "content": hostile_text} for r in roles]
+    harmless = [{"role": r, "content": "hi"} for r in roles]
+    added = set(ours._hf.get_added_tokens_decoder())
+    ids = ours.encode_chat(hostile)
+    assert [i for i in ids if i in added] == [i for i in ours.encode_chat(harmless) if i in added]
+    # without encode_chat the markers in the text would be parsed: more special ids
+    assert len([i for i in ours.encode(ours.apply_chat_template(hostile)) if i in added]) > \
+        len([i for i in ids if i in added])
+    plain = ours.encode(hostile_text, parse_special=False)
+    assert not set(plain) & added
+    if name != "spm":  # byte-level: exact text; spm's normalizer prepends "▁" to every piece it encodes
+        assert ours.decode(ids) == ours.apply_chat_template(hostile)
+        assert ours.decode(plain) == hostile_text
+    for msgs in CONVERSATIONS:
+        if name == "llama" and msgs[-1]["role"] == "system":
+            continue
+        assert ours.encode_chat(msgs) == ref_chat_ids(ref, msgs, True)
+
