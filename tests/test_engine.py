@@ -11,6 +11,7 @@ import torch
 from serve_fixtures import make_model, make_tokenizer
 from tinyseek.errors import UserError
 from tinyseek.serve.detok import TextTracker
+from tinyseek.serve import engine as engine_mod
 from tinyseek.serve.engine import Engine, SamplingParams
 
 PROMPTS = ["hello", "the quick brown fox jumps", "a", "12+7=", "what is love? baby don't hurt me", "xyz" * 7]
@@ -214,7 +215,20 @@ def test_idle_engine_gathers_a_burst_but_not_a_lone_request(model, tok):
         eng.stop()
 
 
-def test_busy_engine_coalesces_trickling_arrivals_into_one_prefill(model, tok):
+class FakeClock:
+    """Stands in for the ``time`` module inside the engine: ``monotonic()`` is ``now``, set by the test."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_busy_engine_coalesces_trickling_arrivals_into_one_prefill(model, tok, monkeypatch):
     """While rows decode, requests that arrive one by one wait (at most max_wait) until they fill
     the free slots and share one prefill; the running row keeps decoding meanwhile."""
     sp = SamplingParams(max_tokens=60, ignore_eos=True)
@@ -240,20 +254,33 @@ def test_busy_engine_coalesces_trickling_arrivals_into_one_prefill(model, tok):
     lone = eng.submit(tok.encode("a"), sp)
     eng.step()
     assert lone.slot is not None
-    # once arrivals pause for max_wait / 4 the waiting ones are admitted (here 0.1 s, not max_wait)
+    # once arrivals pause for max_wait / 4 the waiting ones are admitted (here 0.1 s, not max_wait);
+    # the engine reads a fake clock here, so how busy the machine is cannot change the outcome
+    clock = FakeClock()
+    monkeypatch.setattr(engine_mod, "time", clock)
     eng = Engine(model, tok, max_batch=4, max_wait=0.4, mix_prefill=False)
     eng.submit(tok.encode("hello"), sp)
     eng.step()
     lone = eng.submit(tok.encode("a"), sp)
-    t0 = time.monotonic()
+    clock.now += 0.05
     eng.step()
-    if time.monotonic() - t0 < 0.1:  # (a step on a very busy machine could outlast the gap)
-        assert lone.slot is None
-    time.sleep(0.12)
-    if time.monotonic() - t0 >= 0.4:
-        pytest.skip("machine too busy to tell the arrival gap from max_wait")
+    assert lone.slot is None and eng.stats["prefills"] == 1            # inside the gap: held back
+    clock.now += 0.06
     eng.step()
-    assert lone.slot is not None and eng.stats["prefills"] == 2
+    assert lone.slot is not None and eng.stats["prefills"] == 2        # 0.11 s quiet >= 0.1 s: admitted
+    # a steady trickle (a new arrival every 0.08 s, never a quiet gap) is held at most max_wait
+    eng = Engine(model, tok, max_batch=8, max_wait=0.4, mix_prefill=False)
+    eng.submit(tok.encode("hello"), sp)
+    eng.step()
+    trickle = []
+    for i in range(5):                                                 # arrivals at 0, .08, ..., .32 s
+        trickle.append(eng.submit(tok.encode(PROMPTS[i]), sp))
+        eng.step()
+        assert all(r.slot is None for r in trickle) and eng.stats["prefills"] == 1, i
+        clock.now += 0.08
+    clock.now += 0.01                                                  # 0.41 s after the first arrival
+    eng.step()
+    assert all(r.slot is not None for r in trickle) and eng.stats["prefills"] == 2
 
 
 def test_mixed_step_prefills_new_prompts_inside_the_decode_forward(model, tok):
