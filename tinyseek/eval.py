@@ -7,6 +7,8 @@ even for tiny problem spaces) with seeds from ``EVAL_SEED_BASE + seed``.
 pass@k uses the unbiased estimator of Chen et al. (2021) from ``n_samples >= k`` samples per
 problem at ``temperature``: ``1 - C(n - c, k) / C(n, k)`` averaged over problems, ``c`` correct.
 Correctness is :func:`tinyseek.post.rewards.is_correct` (countdown answers are verified).
+The tokenizer is found as ``serve`` finds it (:func:`tinyseek.serve.loading.find_tokenizer`); none
+found is the same one-line error as ``serve``'s (``--tokenizer bytes`` asks for the byte tokenizer).
 The JSON result goes to stdout and to ``--out`` (default ``<run dir>/eval.json``) atomically.
 """
 from __future__ import annotations
@@ -18,14 +20,17 @@ from pathlib import Path
 
 import torch
 
-from tinyseek.common import atomic_write_json
+from tinyseek.common import atomic_write_json, get_device, seed_everything
 from tinyseek.config import ConfigError
+from tinyseek.post.common import find_run_dir
+from tinyseek.serve.loading import check_ckpt, load_tokenizer_for
+from tinyseek.train.checkpoint import load_model
 
 
 @dataclass
 class Config:
     ckpt: str = ""                 # checkpoint to evaluate (step dir / ckpt root / run dir)
-    tokenizer: str = ""            # tokenizer dir; "" = the one beside the checkpoint
+    tokenizer: str = ""            # tokenizer dir ("bytes" = byte-level); "" = the one beside the checkpoint (as serve finds it)
     tasks: str = "arithmetic"      # comma-separated tasks
     difficulty: int = 1            # task difficulty (0 = the task's own mix)
     n_problems: int = 100          # held-out problems
@@ -112,8 +117,11 @@ def heldout_problems(tasks: str, n: int, seed: int, difficulty: int | None):
 
 def main(cfg: Config) -> dict:
     cfg.validate()
-    from tinyseek.post.common import find_run_dir, load_sampling_model
-    _, tok, model = load_sampling_model(cfg.ckpt, cfg.tokenizer, cfg.seed, cfg.device)
+    check_ckpt(cfg.ckpt)
+    seed_everything(cfg.seed)
+    model, meta = load_model(cfg.ckpt, device=str(get_device(cfg.device)))  # in eval mode
+    # the tokenizer `serve` would use: no tokenizer found is an error there and here, never bytes
+    tok = load_tokenizer_for(cfg.ckpt, cfg.tokenizer, meta)
     probs = heldout_problems(cfg.tasks, cfg.n_problems, cfg.seed, cfg.difficulty or None)
     res = evaluate(model, tok, probs, k=cfg.k, n_samples=cfg.n_samples, temperature=cfg.temperature,
                    top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
