@@ -13,6 +13,7 @@ import torch
 
 from serve_fixtures import greedy_cached
 from tinyseek.errors import UserError
+from tinyseek.model import hf_import
 from tinyseek.model.gguf_io import read_gguf, write_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -276,7 +277,6 @@ def test_sentencepiece_tokenizer_encodes_like_transformers(tmp_path):
 
 def test_imported_model_logits_match_transformers(tiny, hf_model):
     """read_gguf -> hf_import.model_from_hf (tinyseek's Transformer) gives transformers' GGUF model's logits."""
-    hf_import = pytest.importorskip("tinyseek.model.hf_import")
     cfg, tensors, _ = read_gguf(tiny[0] / "tiny.gguf")
     ours = hf_import.model_from_hf(cfg, tensors, max_seq_len=64)
     idx = torch.tensor([[1, 5, 9, 42, 7, 3, 100, 200], [0, 2, 4, 8, 16, 32, 64, 128]])
@@ -576,7 +576,6 @@ def test_smollm2_q8_0_export_loads_in_transformers(smol, tmp_path):
 def test_smollm2_imported_model_matches_transformers(smol):
     """model_from_hf(*read_gguf(SmolLM2)[:2]): logits within 1e-3 of transformers' GGUF model on 5 prompts,
     and the same 32 greedy tokens (ours with its KV cache) on two of them."""
-    hf_import = pytest.importorskip("tinyseek.model.hf_import")
     from transformers import AutoTokenizer
     p, (cfg, tensors, files), hf = smol
     ours = hf_import.model_from_hf(cfg, tensors, max_seq_len=256)
