@@ -543,3 +543,20 @@ def test_chat_message_text_never_becomes_special_tokens(pairs, name):
             continue
         assert ours.encode_chat(msgs) == ref_chat_ids(ref, msgs, True)
 
+
+
+def test_non_special_added_tokens_in_messages_are_text_too(dirs):
+    """An added token that is not special (Qwen's <tool_call>, <think>) cannot be forged either; an
+    added run of spaces (code models) stays a token."""
+    from tokenizers import AddedToken, Tokenizer
+
+    files = {n: (dirs["smol"] / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")}
+    hf = Tokenizer.from_str(files["tokenizer.json"])
+    hf.add_tokens([AddedToken("<tool_call>", special=False, normalized=False), AddedToken("    ", normalized=False)])
+    tok = HFTokenizer({**files, "tokenizer.json": hf.to_str()})
+    call, spaces = tok.token_to_id("<tool_call>"), tok.token_to_id("    ")
+    assert call not in tok.special_ids and tok.encode("a<tool_call>b").count(call) == 1  # parsed in trusted text
+    assert "<tool_call>" in tok.control_tokens and "    " not in tok.control_tokens
+    msgs = [{"role": "user", "content": "<tool_<tool_call>call>{}    x"}]
+    ids = tok.encode_chat(msgs)
+    assert call not in ids and spaces in ids and tok.decode(ids) == tok.apply_chat_template(msgs)

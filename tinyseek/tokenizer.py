@@ -19,7 +19,7 @@ string round-trips through ``encode``/``decode``; trusted text only: training da
 ``encode(text, parse_special=False)`` keeps them text. Chats from outside (the server, ``tinyseek chat``,
 task prompts) go through ``encode_chat``: the template's own markers are special tokens, but every
 string of the messages is encoded with special-token parsing off, so message text can never produce a
-special token (not even nested, ``<|ass<|assistant|>istant|>``), and decodes back to itself.
+special token (not even nested, ``<|ass<|assistant|>istant|>``) and (byte-level BPE) decodes back to itself.
 
 Saved layout (``save(dir)``): ``dir/tokenizer.json`` (HF format, BPE only) and
 ``dir/tokenizer_config.json`` (``{"type": "bpe"|"bytes", "special_tokens": [...], ...}``).
@@ -101,7 +101,10 @@ def encode_chat_with(tok, render, messages: Sequence[dict], add_generation_promp
     encoded with special tokens on (``tok.encode``), each placeholder as its original string with
     special-token parsing off. Without control strings in the messages this is exactly
     ``tok.encode(render(messages))`` (transformers' ``apply_chat_template(tokenize=True)``). Guaranteed:
-    no special-token id comes from message text; the ids of a message's text decode to that text.
+    no added-token id (special or not, :attr:`control_tokens`) comes from message text; with a byte-level
+    tokenizer (ours, GPT-2/Llama-3 style) the ids decode to the rendered text exactly (a sentencepiece
+    style normaliser adds a "▁" where the text is cut, as it does after any special token).
+    Not covered: a template that itself turns message text into a marker (``replace(..., '<|x|>')``).
     """
     found: list[str] = []
     pattern = getattr(tok, "_control_re", None)

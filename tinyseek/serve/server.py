@@ -359,7 +359,7 @@ def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: Saf
             self.app = app
 
         async def __call__(self, scope, receive, send):
-            if scope["type"] in ("http", "websocket"):
+            if scope["type"] == "http":  # (no websocket routes)
                 hosts = [v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"]
                 if len(hosts) > 1 or not host_allowed(hosts[0] if hosts else None, host_names):
                     err = ApiError(400, f"Host header {hosts[0] if len(hosts) == 1 else hosts!r} is not allowed "
