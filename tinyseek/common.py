@@ -232,8 +232,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
             os.replace(tmp, final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(final)  # a full disk's error names no file: name the folder being written
+        if isinstance(e, OSError):  # name the file as it would have been (not the removed temp), or the folder
+            name = Path(os.fsdecode(e.filename)) if e.filename is not None else None
+            e.filename = str(final / name.relative_to(tmp) if name and name.is_relative_to(tmp) else name or final)
         raise
 
 
