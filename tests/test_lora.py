@@ -209,7 +209,7 @@ def test_adapter_checkpoint_is_small_and_load_model_merges_it(tmp_path):
     x = torch.randint(0, 256, (2, 15))
     unmerged = logits(model, x)
     d = C.save(tmp_path / "run", 3, model, opt, {"stage": "sft"})
-    assert {p.name for p in d.iterdir()} == {"adapter.safetensors", "optim.pt", "rng.pt", "meta.json"}
+    assert {p.name for p in d.iterdir()} == {"adapter.safetensors", "optim.pt", "rng.pt", "meta.json", "checksums.json"}
     meta = json.loads((d / "meta.json").read_text())
     assert meta["lora"] == {"rank": 4, "alpha": 16.0, "targets": MLA_NAMES.split(","), "dropout": 0.0}
     assert meta["base"] == str(base_dir.resolve()) and meta["model_config"]["attn"] == "mla"

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from tinyseek.config import ConfigError, ModelConfig
+from tinyseek.common import move_aside, print0
+from tinyseek.config import ConfigError, ModelConfig, check_finite
 from tinyseek.errors import UserError
 from tinyseek.model.lora import BaseView, apply_lora, check_options, has_lora, lora_state_dict
 from tinyseek.model.lora import trainable_parameters as trainable  # all of a plain model, a LoRA model's adapters
@@ -165,6 +166,27 @@ def check_lora(cfg: Any, init: str, init_flag: str = "--init") -> None:
         raise ConfigError(f"lora_rank > 0 needs a base checkpoint to adapt ({init_flag} PATH)")
 
 
+def check_numbers(cfg: Any, nonneg: tuple[str, ...] = (), positive: tuple[str, ...] = ()) -> None:
+    """A stage config's numeric fields: every float finite (:func:`tinyseek.config.check_finite`,
+    ``--lr inf`` included), the ``nonneg`` ones >= 0 and the ``positive`` ones > 0; else a one-line
+    :class:`ConfigError` naming the field."""
+    check_finite(cfg)
+    for k in nonneg:
+        if not getattr(cfg, k) >= 0:
+            raise ConfigError(f"{k} must be >= 0, got {getattr(cfg, k)}")
+    for k in positive:
+        if not getattr(cfg, k) > 0:
+            raise ConfigError(f"{k} must be > 0, got {getattr(cfg, k)}")
+
+
+def fresh_metrics(run_dir: Path) -> None:
+    """A stage starting over in ``run_dir``: move an earlier ``metrics.jsonl`` aside (never deleted, never
+    appended to: one curve per file)."""
+    moved = move_aside(Path(run_dir) / "metrics.jsonl")
+    if moved is not None:
+        print0(f"note: the earlier metrics.jsonl of {run_dir} was moved to {moved.name}")
+
+
 def task_names(spec: str) -> list[str]:
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
@@ -216,6 +238,7 @@ def start_policy_run(cfg: Any, stage: str):
     tok = load_tokenizer_for(cfg.init, cfg.tokenizer)
     model, _ = load_policy(cfg.init, cfg.model, tok.vocab_size, device, lora=cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    fresh_metrics(run_dir)
     atomic_write_json(run_dir / "config.json", {"stage": stage, **to_dict(cfg)})
     save_tokenizer(tok, run_dir)
     return device, run_dir, tok, model

@@ -58,6 +58,7 @@ class Config:
     def validate(self) -> "Config":
         if not self.teacher:
             raise ConfigError("distill needs --teacher PATH (a checkpoint or run dir)")
+        C.check_numbers(self, nonneg=("grad_clip", "difficulty"))
         for k in ("n_problems", "k", "keep_per_problem", "epochs", "batch_size", "max_new_tokens"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"{k} must be > 0, got {getattr(self, k)}")
@@ -99,6 +100,7 @@ def main(cfg: Config) -> dict:
         raise UserError(f"logit KD needs equal vocab sizes (student {student.cfg.vocab_size}, "
                         f"teacher {teacher.cfg.vocab_size}); set --model.vocab-size {teacher.cfg.vocab_size}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    C.fresh_metrics(run_dir)
     atomic_write_json(run_dir / "config.json", {"stage": "distill", **to_dict(cfg)})
     C.save_tokenizer(tok, run_dir)
     # ---- teacher data: sample, verify, keep ---------------------------------------------------

@@ -59,6 +59,7 @@ class Config:
     lora_dropout: float = 0.0      # dropout on the adapters' input (training only)
 
     def validate(self) -> "Config":
+        C.check_numbers(self, nonneg=("grad_clip", "difficulty"), positive=("temperature",))
         for k in ("n_problems", "k", "epochs", "batch_size", "max_new_tokens"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"{k} must be > 0, got {getattr(self, k)}")

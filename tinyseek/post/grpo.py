@@ -43,6 +43,7 @@ Writes ``runs/<name>/{config.json, metrics.jsonl, tokenizer/, ckpt/, plots/, res
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -113,6 +114,12 @@ class Config:
                                    # result, less activation memory); 0 = the whole rollout batch at once
 
     def validate(self) -> "Config":
+        C.check_numbers(self, nonneg=("warmup_steps", "weight_decay", "grad_clip", "aux_weight", "eval_every",
+                                      "save_every", "length_budget", "difficulty"))
+        for what, d in (("rewards", self.rewards), ("multi_weights", self.multi_weights)):
+            for k, v in (d.items() if isinstance(d, dict) else ()):
+                if isinstance(v, (int, float)) and not math.isfinite(v):
+                    raise ConfigError(f"{what}[{k!r}] must be a finite number, got {v}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.curriculum not in SCHEDULES:

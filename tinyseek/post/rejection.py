@@ -37,6 +37,9 @@ class Config:
     def validate(self) -> "Config":
         if not self.ckpt:
             raise ConfigError("rejection needs --ckpt PATH")
+        C.check_numbers(self, nonneg=("difficulty",), positive=("max_new_tokens",))
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.n_problems <= 0 or self.k <= 0 or self.keep_per_problem <= 0:
             raise ConfigError("n_problems, k and keep_per_problem must be > 0")
         if self.temperature <= 0:

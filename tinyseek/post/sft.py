@@ -60,6 +60,7 @@ class Config:
     lora_dropout: float = 0.0      # dropout on the adapters' input (training only)
 
     def validate(self) -> "Config":
+        C.check_numbers(self, nonneg=("warmup_steps", "weight_decay", "grad_clip", "difficulty"), positive=("log_every",))
         for k in ("n_examples", "epochs", "batch_size"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"{k} must be > 0, got {getattr(self, k)}")

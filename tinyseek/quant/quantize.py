@@ -261,7 +261,7 @@ def quant_config(model: nn.Module, spec: QuantSpec, kinds: dict[str, str]) -> di
 def save_quantized(model: nn.Module, out_dir: str | Path, qcfg: dict, meta: dict | None = None) -> Path:
     """Write the quantized checkpoint directory atomically; returns its path."""
     from tinyseek.common import atomic_dir
-    from tinyseek.train.checkpoint import save_weights
+    from tinyseek.train.checkpoint import save_weights, write_checksums
 
     meta = dict(meta or {})
     meta["model_config"] = qcfg["model_config"]
@@ -271,6 +271,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, qcfg: dict, meta: dict
         save_weights(model.state_dict(), tmp / "model.safetensors")
         (tmp / "quant_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        write_checksums(tmp)  # verified by load_weights when the checkpoint is loaded
     return out
 
 
