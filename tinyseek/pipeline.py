@@ -267,6 +267,7 @@ def _pretrain(cfg: Config, run: Path) -> dict:
     c.data = str(run / "data" / "shards")
     c.device = cfg.device
     c.resume = True  # a killed run continues from its latest checkpoint
+    c.allow_fresh = True  # ...and the first run (no checkpoint yet) starts at step 0
     c.validate()
     last = ckpt_io.latest_checkpoint(run / "pretrain" / "ckpt")
     if last is not None and ckpt_io.read_meta(last).get("step") == c.steps:
