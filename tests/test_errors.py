@@ -225,3 +225,45 @@ def test_eval_and_serve_refuse_a_checkpoint_without_tokenizer_alike(ckpt, tmp_pa
     assert "no tokenizer found" in str(serve_err.value) and not (tmp_path / "e.json").exists()
     assert main([*argv, "--tokenizer", "bytes"]) == 0
     assert (tmp_path / "e.json").is_file()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a small tmpfs (options given per call); needs root with mount rights, else skip."""
+    mounted: list[Path] = []
+
+    def mount(name: str, opts: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (not root, or no mount rights)")
+        mounted.append(d)
+        return d
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", str(d)], check=False)
+
+
+@pytest.mark.parametrize("stage", ["eval", "export", "quantize", "pretrain"])
+def test_real_read_only_and_full_file_systems(stage, ckpt, tmpfs, tmp_path, capsys, monkeypatch):
+    """The same errors from real file systems: a read-only mount (EROFS) and a 64 KiB one that fills
+    up (ENOSPC; safetensors and torch report it in their own exception types)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    monkeypatch.chdir(tmp_path)
+    ro = tmpfs("ro", "ro,size=1m")
+    assert main(stage_argv(stage, ro / "out", ckpt)) == 2
+    line = _one_error_line(capsys)
+    assert f"cannot write {ro}" in line and "read-only file system" in line and ".tmp" not in line, line
+    full = tmpfs("full", "size=64k")
+    if stage == "eval":  # its JSON is small: leave it no room
+        with pytest.raises(OSError), open(full / "filler", "wb") as f:
+            for _ in range(1000):
+                f.write(b"\0" * 4096)
+                f.flush()
+    argv = stage_argv(stage, full / "out", ckpt) + (["--steps", "2", "--progress", "false"] if stage == "pretrain" else [])
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert "no space left on device writing" in line and str(full) in line, line
+    assert not _leftovers(full), _leftovers(full)

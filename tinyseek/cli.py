@@ -14,9 +14,12 @@ command quietly with status 141 (128 + SIGPIPE, what shells report for a process
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib
+import inspect
 import os
+import re
 import select
 import shutil
 import sys
@@ -56,9 +59,6 @@ def usage() -> str:
 
 def field_comments(cls) -> dict[str, str]:
     """``{field: comment}`` from the ``name: type = default  # comment`` lines of a dataclass."""
-    import inspect
-    import re
-
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):  # subclasses override their bases' comments
         try:
@@ -71,8 +71,6 @@ def field_comments(cls) -> dict[str, str]:
 
 
 def stage_help(stage: str, mod) -> str:
-    import dataclasses
-
     pos = getattr(mod, "POSITIONAL", None)
     head = f"usage: tinyseek {stage}" + (f" {pos.upper()}" if pos else "") + " [--preset NAME] [--option value ...]"
     lines = [head, "options (defaults shown):"]
@@ -146,10 +144,30 @@ def output_option(cfg) -> tuple[str, str]:
     return "", ""
 
 
+# the temp names of tinyseek.common's atomic writes (``.tmp-<name>-XXXXXXXX`` folders, ``.<name>.XXXXXXXX.tmp``
+# files): an error names the file the user asked for instead
+_TEMP_NAMES = (re.compile(r"^\.tmp-(.+)-[a-z0-9_]{8}$"), re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp$"))
+
+
+def final_name(path: str) -> str:
+    """``path`` with a temp name of an atomic write replaced by the final name.
+
+    >>> final_name("/r/.tmp-export-ab_cd123"), final_name("/r/.eval.json.x1y2z3w4.tmp"), final_name("/r/a.tmp")
+    ('/r/export', '/r/eval.json', '/r/a.tmp')
+    """
+    p = Path(path)
+    for pat in _TEMP_NAMES:
+        m = pat.match(p.name)
+        if m:
+            return str(p.with_name(m.group(1)))
+    return path
+
+
 def _where(e: BaseException, cfg) -> str:
     """The file an error is about: the exception's own file name(s), else the stage's output setting."""
     if isinstance(e, OSError) and e.filename is not None:
-        names = [os.fsdecode(e.filename)] + ([os.fsdecode(e.filename2)] if e.filename2 is not None else [])
+        names = [final_name(os.fsdecode(e.filename))]
+        names += [final_name(os.fsdecode(e.filename2))] if e.filename2 is not None else []
         return " -> ".join(names)
     return f"under {output_option(cfg)[1]}" if output_option(cfg)[1] else "(file not named)"
 
