@@ -83,8 +83,9 @@ def _first_line(e: BaseException) -> str:
 
 def damaged(path: str | Path, why: str) -> UserError:
     """The one-line error for an unreadable checkpoint file."""
-    return UserError(f"checkpoint file {path} is damaged ({why}): restore it or pick another checkpoint "
-                     "(--init / --resume from an earlier step, or --overwrite to start over)")
+    path = Path(path)
+    return UserError(f"checkpoint file {path} is damaged ({why}): restore it, or move {path.parent.name} aside to "
+                     "--resume from an earlier checkpoint (or name another one with --init / --ckpt)")
 
 
 def sha256_file(path: str | Path) -> str:

@@ -29,6 +29,11 @@ data's tokenizer is copied to ``runs/<name>/tokenizer`` for the later stages.
 Checkpoints (``tinyseek/train/checkpoint.py``) hold model, optimizer, RNG states, data-loader
 position and loop state, so ``--resume`` continues exactly: on CPU a resumed run reproduces the
 uninterrupted loss sequence bit for bit (tests/test_pretrain.py kills a real run with SIGKILL).
+``--resume`` with no checkpoint in the run dir is an error unless ``--allow-fresh true`` asks for a
+fresh start; a fresh start moves an earlier ``metrics.jsonl`` aside (``metrics.<UTC time>.jsonl``),
+never deletes it. Every checkpoint's ``meta.json`` records the newest logged train ``loss`` and
+held-out ``val_loss`` (with ``loss_step`` / ``val_loss_step``): the final one holds the run's result.
+A run in which every step was skipped as non-finite fails (UserError) instead of saving a checkpoint.
 Under torchrun each rank's PowerSGD state (error feedback, warm-start factors) is gathered into
 ``comm.pt`` and restored per parameter, so a resumed PowerSGD run is exact too. Not exact: a
 resume with a different world size keeps the stream position but changes the per-rank batches
