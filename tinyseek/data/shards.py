@@ -210,6 +210,10 @@ def read_index(path: str | Path) -> dict:
         raise UserError(f"corrupt shard index {p}: {e}") from None
 
 
+class TooFewTokens(UserError):
+    """The shards hold fewer tokens than one global batch (a caller may fall back to other data)."""
+
+
 class ShardLoader:
     """Yields (x, y) int64 batches of shape (B, T) from a shard folder; resumable; DDP-aware.
 
@@ -235,7 +239,7 @@ class ShardLoader:
         self.n_blocks = max(0, (self.n_tokens - 1) // seq_len)
         self.step_blocks = world_size * batch_size
         if self.n_blocks < self.step_blocks:
-            raise UserError(f"shards at {path} hold {self.n_tokens} tokens, fewer than one global batch "
+            raise TooFewTokens(f"shards at {path} hold {self.n_tokens} tokens, fewer than one global batch "
                             f"({self.step_blocks * seq_len + 1}); lower batch_size/seq_len or add data")
         self.device = torch.device(device)
         self.pos, self.epoch = 0, 0

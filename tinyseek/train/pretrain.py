@@ -60,7 +60,7 @@ import torch
 from tinyseek.common import (MetricsLogger, atomic_write_json, autocast_ctx, autocast_dtype, move_aside, print0,
                              seed_everything)
 from tinyseek.config import ConfigError, ModelConfig, check_finite, model_cpu_tiny, model_gpu_small, model_micro, to_dict
-from tinyseek.data.shards import ShardLoader, read_index, write_shards
+from tinyseek.data.shards import ShardLoader, TooFewTokens, read_index, write_shards
 from tinyseek.errors import UserError
 from tinyseek.train import checkpoint as ckpt
 from tinyseek.train.optim import SCHEDULES, build_optimizer, lr_at, set_lr
@@ -283,9 +283,10 @@ class HeldOut:
         self.n, self.start = n, 0
         try:
             if val is None:
-                raise UserError("no val split")
+                raise TooFewTokens("no val split")
             self.loader = ShardLoader(val, B, T, rank, world, device, shuffle=False)
-        except UserError:  # missing or smaller than one batch: evaluate on the end of the training stream
+        except TooFewTokens:  # missing or smaller than one batch: evaluate on the end of the training stream
+            # (a damaged val split -- checksum, vocabulary -- is an error, not a reason to fall back)
             self.loader = ShardLoader(train, B, T, rank, world, device, shuffle=False)
             self.start = max(0, self.loader.n_blocks - n * world * B)  # position in blocks of T tokens
         self.source = str(self.loader.path) + ("" if self.start == 0 else
