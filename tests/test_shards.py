@@ -144,3 +144,21 @@ def test_missing_and_truncated_shards(tmp_path):
     f.unlink()
     with pytest.raises(UserError, match="missing shard file"):
         ShardLoader(path, 2, 16, verify="off")
+
+
+def test_held_out_falls_back_only_when_val_is_missing_or_small(tmp_path):
+    """pretrain's held-out set uses the tail of train when val is absent or shorter than a batch, but a
+    damaged val split is an error (falling back would hide it)."""
+    from tinyseek.train.pretrain import HeldOut
+
+    train = make(tmp_path / "t")
+    small = make(tmp_path / "v", n_docs=1, doc_len=10)
+    assert HeldOut(train, None, 2, 16, 0, 1, "cpu", 2).start > 0
+    assert HeldOut(train, small, 2, 16, 0, 1, "cpu", 2).start > 0
+    val = make(tmp_path / "w")
+    assert HeldOut(train, val, 2, 16, 0, 1, "cpu", 2).start == 0
+    f = val / "shard_00001.bin"
+    poke(f, 100, 7 if int(np.fromfile(f, np.uint16)[50]) != 7 else 8)
+    with pytest.raises(UserError) as e:
+        HeldOut(train, val, 2, 16, 0, 1, "cpu", 2)
+    one_line_error(e, str(f), "sha256")
