@@ -16,6 +16,7 @@ from tinyseek import cli
 from tinyseek.common import rng_state, set_rng_state
 from tinyseek.config import model_micro
 from tinyseek.errors import UserError
+from tinyseek.integrity import quick_ranges
 from tinyseek.model.transformer import Transformer
 from tinyseek.train import checkpoint as ckpt
 from tinyseek.train import distributed as D
@@ -157,14 +158,30 @@ def test_checksums_catch_flipped_bytes_in_every_file(tmp_path, monkeypatch):
         ckpt.read_meta(d3)
 
 
-def test_quick_mode_checks_sizes_and_old_checkpoints_load(tmp_path, monkeypatch):
+def test_quick_mode_samples_large_files_and_old_checkpoints_load(tmp_path, monkeypatch):
+    """Above FULL_CHECK_BYTES quick mode compares the sampled hash (16 pieces; here 4 x 64 bytes): a
+    flipped byte inside a piece is caught, one between pieces only by ``full``; sizes always."""
+    monkeypatch.setattr(ckpt, "QUICK_CHUNKS", 4)
+    monkeypatch.setattr(ckpt, "QUICK_CHUNK_BYTES", 64)
     d, model, _ = saved(tmp_path)
-    monkeypatch.setattr(ckpt, "QUICK_MAX_BYTES", 0)  # every file counts as large
+    monkeypatch.setattr(ckpt, "FULL_CHECK_BYTES", 0)  # every file counts as large
     monkeypatch.setenv("TINYSEEK_VERIFY", "quick")
-    flip_byte(d / "model.safetensors", at=(d / "model.safetensors").stat().st_size - 10)
-    ckpt.load_model(d)  # same size: quick mode does not hash it
-    with open(d / "model.safetensors", "ab") as f:
-        f.write(b"\0")
+    f = d / "model.safetensors"
+    ranges = quick_ranges(f.stat().st_size, 4, 64)
+    orig = f.read_bytes()
+    flip_byte(f, at=(ranges[1][1] + ranges[2][0]) // 2)   # between two sampled pieces
+    ckpt.load_model(d)  # quick mode does not see it
+    monkeypatch.setenv("TINYSEEK_VERIFY", "full")
+    with pytest.raises(UserError, match="model.safetensors is damaged .sha256 differs"):
+        ckpt.load_model(d)
+    monkeypatch.setenv("TINYSEEK_VERIFY", "quick")
+    f.write_bytes(orig)
+    flip_byte(f, at=ranges[-1][1] - 10)                      # inside the last piece
+    with pytest.raises(UserError, match="sampled sha256 differs"):
+        ckpt.load_model(d)
+    f.write_bytes(orig)
+    with open(f, "ab") as fh:
+        fh.write(b"\0")
     with pytest.raises(UserError, match="bytes, checksums.json records"):
         ckpt.load_model(d)
     monkeypatch.setenv("TINYSEEK_VERIFY", "sometimes")

@@ -9,7 +9,7 @@ Layout of a shard folder::
     shard_00000.bin     raw little-endian token ids, documents joined with eos
 
 Integrity (checked when a :class:`ShardLoader` opens the folder; ``verify=`` or the environment
-variable ``TINYSEEK_VERIFY=full|quick|off``, default ``quick``):
+variable ``TINYSEEK_VERIFY=full|quick|off``, default ``quick``; :mod:`tinyseek.integrity`):
 
 - always: every file exists and has the size the index says; the index's ``max_id`` is below the
   vocabulary (the index's, or the model's when the loader is given ``vocab_size``); and every batch
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -44,49 +43,14 @@ import torch
 
 from tinyseek.common import atomic_dir
 from tinyseek.errors import UserError
+from tinyseek.integrity import (FULL_CHECK_BYTES, QUICK_CHUNK_BYTES, QUICK_CHUNKS, quick_ranges, quick_sha256,
+                                verify_mode)
 
 SHARD_TOKENS = 1 << 24  # tokens per shard file (64 MB at uint32)
-FULL_CHECK_BYTES = 1 << 28  # quick verification hashes shards up to this size whole, samples larger ones
-QUICK_CHUNKS, QUICK_CHUNK_BYTES = 16, 1 << 20  # what quick_sha256 covers (recorded in index.json)
-VERIFY_MODES = ("full", "quick", "off")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
-
-
-def quick_ranges(size: int, chunks: int = QUICK_CHUNKS, chunk_bytes: int = QUICK_CHUNK_BYTES) -> list[tuple[int, int]]:
-    """Byte ranges ``(start, stop)`` hashed by the quick check: the whole file when it is at most
-    ``chunks * chunk_bytes`` bytes, else ``chunks`` evenly spaced pieces (starts rounded down to a
-    multiple of 8), the first and the last (ending at ``size``) included.
-
-    >>> quick_ranges(10, 4, 4)
-    [(0, 10)]
-    >>> quick_ranges(100, 3, 10)
-    [(0, 10), (40, 50), (90, 100)]
-    """
-    if size <= chunks * chunk_bytes or chunks < 2:
-        return [(0, size)]
-    step = (size - chunk_bytes) / (chunks - 1)
-    starts = [int(i * step) // 8 * 8 for i in range(chunks - 1)] + [size - chunk_bytes]
-    return [(a, a + chunk_bytes) for a in starts]
-
-
-def quick_sha256(data, ranges: list[tuple[int, int]]) -> str:
-    """sha256 of the concatenated byte ``ranges`` of ``data`` (bytes or a memoryview-able buffer)."""
-    h = hashlib.sha256()
-    mv = memoryview(data)
-    for a, b in ranges:
-        h.update(mv[a:b])
-    return h.hexdigest()
-
-
-def verify_mode(verify: str | None = None) -> str:
-    """``verify`` if given, else ``$TINYSEEK_VERIFY``, else ``quick``; anything else is a UserError."""
-    mode = (verify if verify is not None else os.environ.get("TINYSEEK_VERIFY", "") or "quick").strip().lower()
-    if mode not in VERIFY_MODES:
-        raise UserError(f"TINYSEEK_VERIFY / verify must be one of {', '.join(VERIFY_MODES)}, got {mode!r}")
-    return mode
 
 
 def _scan(f: Path, dt: np.dtype, ranges: list[tuple[int, int]] | None) -> tuple[str, int]:

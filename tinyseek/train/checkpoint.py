@@ -14,15 +14,18 @@ temp directory that :func:`latest_checkpoint` never picks up. ``latest_checkpoin
   and tensors (:func:`tinyseek.common.rng_state`).
 - ``meta.json``: ``{"step", "model_config", ...}`` plus whatever the trainer adds (train config,
   data-loader position, loop state such as skipped steps and tokens seen).
-- ``checksums.json``: ``{"algorithm": "sha256", "files": {name: {"sha256", "bytes"}}}`` for every
-  other file of the directory, meta.json included (:func:`write_checksums`).
+- ``checksums.json``: ``{"algorithm": "sha256", "quick_check": {"chunks", "chunk_bytes"},
+  "files": {name: {"sha256", "quick_sha256", "bytes"}}}`` for every other file of the directory,
+  meta.json included (:func:`write_checksums`; ``quick_sha256`` is the sampled hash of
+  :mod:`tinyseek.integrity`).
 
 Reading is safe and checked. Every ``.pt`` file is read with ``torch.load(..., weights_only=True)``
 (tensors, numbers, strings, tuples, lists, dicts; a file that needs any other class is refused,
 nothing is unpickled). Each file is compared with ``checksums.json`` before it is read
-(:func:`verify_file`); ``TINYSEEK_VERIFY`` picks how: ``full`` (default: sha256 of every file read,
-about 0.45 s per 500 MB on the 2-core CPU machines), ``quick`` (sha256 of files up to 64 MiB, byte
-size only above), ``off``. A mismatch, or a file that is truncated or does not parse, is a one-line
+(:func:`verify_file`); ``TINYSEEK_VERIFY`` picks how, as for token shards (:mod:`tinyseek.integrity`):
+``quick`` (default: files up to 256 MiB hashed whole, larger ones by the sampled hash, every size
+checked), ``full`` (sha256 of every file read, about 0.45 s per 500 MB on the 2-core CPU machines),
+``off``. A mismatch, or a file that is truncated or does not parse, is a one-line
 :class:`UserError` naming the file. Checkpoints written before checksums existed have no
 ``checksums.json`` and load unverified; their ``rng.pt`` (numpy state as an ndarray) is read with
 ``weights_only=True`` plus an allowlist of numpy's array reconstruction only. Checksums catch
@@ -40,9 +43,7 @@ be an adapter checkpoint), applies the adapters and merges them: callers get a p
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import pickle
 import re
 import shutil
@@ -58,12 +59,12 @@ from safetensors.torch import load_file, save_file
 
 from tinyseek.common import atomic_dir, rng_state, set_rng_state
 from tinyseek.errors import UserError
+from tinyseek.integrity import (FULL_CHECK_BYTES, QUICK_CHUNK_BYTES, QUICK_CHUNKS, quick_sha256_file, sha256_file,
+                                verify_mode)
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "adapter.safetensors")  # a full model / LoRA adapters (one per step dir)
 CHECKSUMS = "checksums.json"
-VERIFY_ENV = "TINYSEEK_VERIFY"   # full (default) | quick | off
-QUICK_MAX_BYTES = 64 << 20       # quick mode hashes files up to this size, checks only the size above
 _VERIFIED: dict[tuple, bool] = {}  # (path, size, mtime_ns, sha256) already hashed in this process
 
 
@@ -88,38 +89,32 @@ def damaged(path: str | Path, why: str) -> UserError:
                      "--resume from an earlier checkpoint (or name another one with --init / --ckpt)")
 
 
-def sha256_file(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def write_checksums(d: str | Path) -> dict:
     """Write ``d/checksums.json``: sha256 and size of every regular file directly in ``d`` (itself
     excepted). Call it last, inside the atomic directory the files were written to."""
     d = Path(d)
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    files = {p.name: {"sha256": sha256_file(p), "quick_sha256": quick_sha256_file(p, QUICK_CHUNKS, QUICK_CHUNK_BYTES),
+                      "bytes": p.stat().st_size}
              for p in sorted(d.iterdir()) if p.is_file() and p.name != CHECKSUMS}
-    out = {"algorithm": "sha256", "files": files}
+    out = {"algorithm": "sha256", "quick_check": {"chunks": QUICK_CHUNKS, "chunk_bytes": QUICK_CHUNK_BYTES},
+           "files": files}
     (d / CHECKSUMS).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
     return out
 
 
-def verify_mode() -> str:
-    mode = os.environ.get(VERIFY_ENV, "full").strip().lower() or "full"
-    if mode not in ("full", "quick", "off"):
-        raise UserError(f"{VERIFY_ENV} must be full, quick or off, got {mode!r}")
-    return mode
-
-
 def _checksums(d: Path) -> dict | None:
+    """``checksums.json`` of ``d`` (None when absent), each file entry carrying the sampled-hash
+    parameters under ``"_qc"``."""
     p = d / CHECKSUMS
     if not p.is_file():
         return None  # written before checksums existed: nothing to compare with
     try:
-        files = json.loads(p.read_text())["files"]
-        if not isinstance(files, dict):
-            raise TypeError("files is not an object")
-        return files
+        doc = json.loads(p.read_text())
+        files, qc = doc["files"], doc.get("quick_check", {})
+        if not isinstance(files, dict) or not isinstance(qc, dict):
+            raise TypeError("files / quick_check is not an object")
+        return {k: dict(v, _qc=(int(qc.get("chunks", QUICK_CHUNKS)), int(qc.get("chunk_bytes", QUICK_CHUNK_BYTES))))
+                for k, v in files.items()}
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise damaged(p, _first_line(e)) from None
 
@@ -140,13 +135,15 @@ def verify_file(path: str | Path) -> None:
     st = path.stat()
     if st.st_size != entry.get("bytes"):
         raise damaged(path, f"{st.st_size} bytes, {CHECKSUMS} records {entry.get('bytes')}")
-    if mode == "quick" and st.st_size > QUICK_MAX_BYTES:
-        return
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, entry.get("sha256"))
+    whole = mode == "full" or st.st_size <= FULL_CHECK_BYTES
+    if not whole and "quick_sha256" not in entry:
+        return  # written before sampled hashes: quick mode checks the size only
+    want = entry.get("sha256") if whole else entry["quick_sha256"]
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, want)
     if key in _VERIFIED:
         return
-    if sha256_file(path) != entry.get("sha256"):
-        raise damaged(path, f"sha256 differs from {CHECKSUMS}")
+    if (sha256_file(path) if whole else quick_sha256_file(path, *entry["_qc"])) != want:
+        raise damaged(path, f"{'sha256' if whole else 'sampled sha256'} differs from {CHECKSUMS}")
     _VERIFIED[key] = True
 
 
