@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from tinyseek.common import atomic_dir, remove_stale_temps
 from tinyseek.config import model_micro
 from tinyseek.errors import UserError
 from tinyseek.model.transformer import Transformer
@@ -95,3 +99,24 @@ def test_resave_same_step_replaces_atomically(tmp_path):
     ckpt.save_checkpoint(tmp_path, 5, model, opt, {"v": 2})
     assert ckpt.read_meta(tmp_path / "step_000005")["v"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["step_000005"]
+
+
+
+def test_atomic_dir_removes_temps_of_dead_writers_only(tmp_path):
+    final = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dpid = int(dead.stdout)
+    stale = [tmp_path / f".tmp-out-{dpid}-abcd1234", tmp_path / f".old-out-{dpid}"]
+    live = [tmp_path / f".tmp-out-{os.getppid()}-abcd1234",      # a running process
+            tmp_path / f".tmp-out-{dpid}-1-abcd1234",             # another final's temp (out-<dpid>)
+            tmp_path / f".tmp-other-{dpid}-abcd1234"]             # another final
+    for p in stale + live:
+        p.mkdir()
+        (p / "f").write_text("x")
+    with atomic_dir(final) as tmp:
+        assert f"-{os.getpid()}-" in tmp.name
+        (tmp / "a").write_text("1")
+    assert (final / "a").read_text() == "1"
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in live)
+    assert remove_stale_temps(final) == []

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -207,16 +208,45 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(final: str | Path) -> list[Path]:
+    """Delete ``.tmp-<name>-<pid>-*`` / ``.old-<name>-<pid>`` leftovers of :func:`atomic_dir` for
+    ``final`` whose writing process (on this machine) no longer runs; returns what was removed."""
+    final = Path(final)
+    gone = []
+    if not final.parent.is_dir():
+        return gone
+    pat = re.compile(rf"^\.(?:tmp-{re.escape(final.name)}-(\d+)-[a-z0-9_]{{8}}|old-{re.escape(final.name)}-(\d+))$")
+    for p in final.parent.iterdir():
+        m = pat.match(p.name)
+        pid = int(m.group(1) or m.group(2)) if m else 0
+        if m and p.is_dir() and not p.is_symlink() and pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temp directory beside ``final``; on success it is renamed to ``final``.
 
-    A crash inside the block leaves only a ``.tmp-*`` directory, which readers ignore.
-    An existing ``final`` is replaced (moved aside first, then removed).
+    A crash inside the block leaves only a ``.tmp-<name>-<pid>-*`` directory, which readers ignore
+    and which the next ``atomic_dir`` for the same ``final`` removes once process ``pid`` is gone
+    (:func:`remove_stale_temps`). An existing ``final`` is replaced (moved aside first, then removed).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    remove_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-{os.getpid()}-"))
     try:
         yield tmp
         for p in tmp.rglob("*"):
