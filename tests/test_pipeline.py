@@ -282,3 +282,21 @@ def test_pretrain_marker_from_the_final_checkpoint(tmp_path, monkeypatch, meta_e
     res = P._pretrain(cfg, run)
     assert res["step"] == cfg.pretrain.steps and res["loss"] == loss and res["val_loss"] == val, res
     assert res["tokens_seen"] == 1234 and res["from_checkpoint"] == str(step_dir)
+
+
+def test_killed_pretraining_resumes_only_with_the_settings_of_its_checkpoint(tmp_path):
+    """A run killed while pretraining resumes from its checkpoint; asked for other pretraining
+    settings, it starts over instead (the checkpoint's train_config differs)."""
+    from tinyseek.config import to_dict
+    from tinyseek.pipeline import _WIRED, PRETRAIN_STAGES, plan, preset
+
+    cfg = preset("micro")
+    run = tmp_path / "r"
+    _final_checkpoint(run, 20, {"train_config": {**to_dict(cfg.pretrain), "run_dir": "elsewhere", "device": "cuda"}})
+    (run / "stages").mkdir(parents=True)
+    (run / "stages" / "data.json").write_text("{}")
+    assert plan(cfg, run, PRETRAIN_STAGES, set())["pretrain"] == "not done"  # wired fields differ only: resume
+    cfg.pretrain.lr = 1e-3
+    why = plan(cfg, run, PRETRAIN_STAGES, set())["pretrain"]
+    assert why.startswith("stale: its settings changed since its last checkpoint (lr ") and "-> 0.001" in why
+    assert "device" in _WIRED["pretrain"]

@@ -227,6 +227,9 @@ def plan(cfg: Config, run: Path, order: tuple[str, ...], redo: set[str]) -> dict
         m = marker_inputs(run, s)
         if s in redo:
             why[s] = "--force" if cfg.force else "--redo"
+        elif not is_done(run, s) and s in RESUMABLE and not rerun and (old := _checkpoint_settings(run, s)) is not None \
+                and old != stage_settings(cfg, s):  # killed, then asked for something else: no resume
+            why[s] = f"stale: its settings changed since its last checkpoint ({_diff(old, stage_settings(cfg, s))})"
         elif not is_done(run, s):
             why[s] = "not done"
         elif rerun:
@@ -238,6 +241,17 @@ def plan(cfg: Config, run: Path, order: tuple[str, ...], redo: set[str]) -> dict
         else:
             why[s] = ""
     return why
+
+
+def _checkpoint_settings(run: Path, stage: str) -> dict | None:
+    """The settings a resumable stage's latest checkpoint was written with (``train_config`` of
+    its ``meta.json``, wired fields left out), or None when it has none."""
+    last = ckpt_io.latest_checkpoint(run / stage / "ckpt")
+    tc = ckpt_io.read_meta(last).get("train_config") if last is not None else None
+    if not isinstance(tc, dict):
+        return None
+    tc = {k: v for k, v in tc.items() if k not in _WIRED.get(stage, ())}
+    return json.loads(json.dumps(tc, default=str))
 
 
 def dependents(stage: str, order: tuple[str, ...]) -> list[str]:
