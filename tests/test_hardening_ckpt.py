@@ -254,16 +254,21 @@ def test_resume_without_checkpoint_is_an_error_and_metrics_are_never_deleted(tmp
     assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r] == [1, 2]
 
 
-def test_post_stage_rerun_moves_metrics_aside(tmp_path):
+def test_post_stage_rerun_moves_metrics_and_checkpoints_aside(tmp_path):
     from tinyseek.post import sft
 
-    cfg = sft.Config(n_examples=8, epochs=1, batch_size=8, out_dir=str(tmp_path), name="s", device="cpu", log_every=1)
+    cfg = sft.Config(n_examples=8, epochs=2, batch_size=8, out_dir=str(tmp_path), name="s", device="cpu", log_every=1)
     sft.main(cfg)
     first = (tmp_path / "s" / "metrics.jsonl").read_text()
+    first_steps = [s for s, _ in ckpt.list_checkpoints(tmp_path / "s" / "ckpt")]
+    cfg.epochs = 1  # a shorter rerun: the longer run's last step must not stay the "latest"
     sft.main(cfg)
     aside = list((tmp_path / "s").glob("metrics.*.jsonl"))
     assert len(aside) == 1 and aside[0].read_text() == first
-    assert len((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()) == len(first.splitlines())
+    assert len((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()) < len(first.splitlines())
+    assert ckpt.resolve_checkpoint(tmp_path / "s").name == "step_000001"
+    old = list((tmp_path / "s").glob("ckpt.*"))
+    assert len(old) == 1 and [s for s, _ in ckpt.list_checkpoints(old[0])] == first_steps and max(first_steps) == 2
 
 
 # ---- item 6: the final checkpoint records the run's losses -------------------------------------

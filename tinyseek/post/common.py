@@ -179,12 +179,20 @@ def check_numbers(cfg: Any, nonneg: tuple[str, ...] = (), positive: tuple[str, .
             raise ConfigError(f"{k} must be > 0, got {getattr(cfg, k)}")
 
 
-def fresh_metrics(run_dir: Path) -> None:
+def fresh_metrics(run_dir: Path, init: str = "") -> None:
     """A stage starting over in ``run_dir``: move an earlier ``metrics.jsonl`` aside (never deleted, never
-    appended to: one curve per file)."""
-    moved = move_aside(Path(run_dir) / "metrics.jsonl")
+    appended to: one curve per file), and an earlier ``ckpt/`` too (to ``ckpt.<UTC time>``), so a
+    later stage never picks a stale step of a longer earlier run as the latest. ``ckpt/`` stays when
+    ``init`` (the checkpoint this run starts from) lies inside it: LoRA adapters record their base's path."""
+    run_dir = Path(run_dir)
+    moved = move_aside(run_dir / "metrics.jsonl")
     if moved is not None:
         print0(f"note: the earlier metrics.jsonl of {run_dir} was moved to {moved.name}")
+    root = run_dir / "ckpt"
+    inside = bool(init) and Path(init).exists() and Path(init).resolve().is_relative_to(run_dir.resolve())
+    if root.is_dir() and any(root.iterdir()) and not inside:
+        moved = move_aside(root)
+        print0(f"note: the earlier checkpoints of {run_dir} were moved to {moved.name}")
 
 
 def task_names(spec: str) -> list[str]:
@@ -238,7 +246,7 @@ def start_policy_run(cfg: Any, stage: str):
     tok = load_tokenizer_for(cfg.init, cfg.tokenizer)
     model, _ = load_policy(cfg.init, cfg.model, tok.vocab_size, device, lora=cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    fresh_metrics(run_dir)
+    fresh_metrics(run_dir, cfg.init)
     atomic_write_json(run_dir / "config.json", {"stage": stage, **to_dict(cfg)})
     save_tokenizer(tok, run_dir)
     return device, run_dir, tok, model

@@ -100,7 +100,7 @@ def main(cfg: Config) -> dict:
         raise UserError(f"logit KD needs equal vocab sizes (student {student.cfg.vocab_size}, "
                         f"teacher {teacher.cfg.vocab_size}); set --model.vocab-size {teacher.cfg.vocab_size}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    C.fresh_metrics(run_dir)
+    C.fresh_metrics(run_dir, cfg.student_init)
     atomic_write_json(run_dir / "config.json", {"stage": "distill", **to_dict(cfg)})
     C.save_tokenizer(tok, run_dir)
     # ---- teacher data: sample, verify, keep ---------------------------------------------------
