@@ -284,19 +284,27 @@ def test_pretrain_marker_from_the_final_checkpoint(tmp_path, monkeypatch, meta_e
     assert res["tokens_seen"] == 1234 and res["from_checkpoint"] == str(step_dir)
 
 
-def test_killed_pretraining_resumes_only_with_the_settings_of_its_checkpoint(tmp_path):
-    """A run killed while pretraining resumes from its checkpoint; asked for other pretraining
-    settings, it starts over instead (the checkpoint's train_config differs)."""
-    from tinyseek.config import to_dict
-    from tinyseek.pipeline import _WIRED, PRETRAIN_STAGES, plan, preset
+def test_killed_pretraining_resumes_only_with_the_settings_it_started_with(fake_stages, tmp_path, monkeypatch):
+    """A run killed while pretraining resumes its output; asked for other pretraining settings,
+    it starts over instead (the settings recorded when pretraining started differ)."""
+    from tinyseek import pipeline as P
 
-    cfg = preset("micro")
+    def killed(cfg, run):
+        (run / "pretrain" / "partial").write_text("checkpoints so far")
+        raise KeyboardInterrupt
+    monkeypatch.setitem(P.STAGES, "pretrain", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path)
     run = tmp_path / "r"
-    _final_checkpoint(run, 20, {"train_config": {**to_dict(cfg.pretrain), "run_dir": "elsewhere", "device": "cuda"}})
-    (run / "stages").mkdir(parents=True)
-    (run / "stages" / "data.json").write_text("{}")
-    assert plan(cfg, run, PRETRAIN_STAGES, set())["pretrain"] == "not done"  # wired fields differ only: resume
-    cfg.pretrain.lr = 1e-3
-    why = plan(cfg, run, PRETRAIN_STAGES, set())["pretrain"]
-    assert why.startswith("stale: its settings changed since its last checkpoint (lr ") and "-> 0.001" in why
-    assert "device" in _WIRED["pretrain"]
+    assert P.plan(P.preset("micro"), run, STAGE_ORDER, set())["pretrain"] == "not done"
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "--device", "cpu")  # wired settings are not recorded: it resumes
+    assert (run / "pretrain" / "partial").exists()
+    cfg = P.preset("micro")
+    cfg.pretrain.lr, cfg.pretrain.model.top_k = 1e-3, 1
+    why = P.plan(cfg, run, STAGE_ORDER, set())["pretrain"]
+    assert why == f"stale: its settings changed since it started (lr {P.preset('micro').pretrain.lr} -> 0.001, " \
+                  f"model.top_k {P.preset('micro').pretrain.model.top_k} -> 1)", why
+    monkeypatch.setitem(P.STAGES, "pretrain", lambda cfg, run: {"resumed": (run / "pretrain" / "partial").exists()})
+    _run(tmp_path, "--pretrain.lr", "0.001")
+    assert P.stage_result(run, "pretrain")["resumed"] is False  # started over

@@ -207,8 +207,21 @@ def stage_settings(cfg: Config, stage: str) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"model": {"top_k": 2}}`` -> ``{"model.top_k": 2}``."""
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
 def _diff(old: dict, new: dict, limit: int = 3) -> str:
-    """``"lr 0.003 -> 0.001, epochs 5 -> 10"``: the top-level keys that differ (at most ``limit``)."""
+    """``"lr 0.003 -> 0.001, model.top_k 2 -> 4"``: the settings that differ (at most ``limit``).
+
+    >>> _diff({"lr": 0.003, "model": {"top_k": 2, "d": 8}}, {"lr": 0.001, "model": {"top_k": 4, "d": 8}})
+    'lr 0.003 -> 0.001, model.top_k 2 -> 4'
+    """
+    old, new = _flat(old), _flat(new)
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     parts = [f"{k} {json.dumps(old.get(k))[:40]} -> {json.dumps(new.get(k))[:40]}" for k in keys[:limit]]
     return ", ".join(parts) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
@@ -227,9 +240,9 @@ def plan(cfg: Config, run: Path, order: tuple[str, ...], redo: set[str]) -> dict
         m = marker_inputs(run, s)
         if s in redo:
             why[s] = "--force" if cfg.force else "--redo"
-        elif not is_done(run, s) and s in RESUMABLE and not rerun and (old := _checkpoint_settings(run, s)) is not None \
+        elif not is_done(run, s) and s in RESUMABLE and not rerun and (old := _started_settings(run, s)) is not None \
                 and old != stage_settings(cfg, s):  # killed, then asked for something else: no resume
-            why[s] = f"stale: its settings changed since its last checkpoint ({_diff(old, stage_settings(cfg, s))})"
+            why[s] = f"stale: its settings changed since it started ({_diff(old, stage_settings(cfg, s))})"
         elif not is_done(run, s):
             why[s] = "not done"
         elif rerun:
@@ -243,15 +256,16 @@ def plan(cfg: Config, run: Path, order: tuple[str, ...], redo: set[str]) -> dict
     return why
 
 
-def _checkpoint_settings(run: Path, stage: str) -> dict | None:
-    """The settings a resumable stage's latest checkpoint was written with (``train_config`` of
-    its ``meta.json``, wired fields left out), or None when it has none."""
-    last = ckpt_io.latest_checkpoint(run / stage / "ckpt")
-    tc = ckpt_io.read_meta(last).get("train_config") if last is not None else None
-    if not isinstance(tc, dict):
+SETTINGS_FILE = "stage_settings.json"  # in a resumable stage's folder: the settings it was started with
+
+
+def _started_settings(run: Path, stage: str) -> dict | None:
+    """The settings a resumable stage's unfinished output was started with (None if unknown)."""
+    try:
+        d = json.loads((run / stage / SETTINGS_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
         return None
-    tc = {k: v for k, v in tc.items() if k not in _WIRED.get(stage, ())}
-    return json.loads(json.dumps(tc, default=str))
+    return d if isinstance(d, dict) else None
 
 
 def dependents(stage: str, order: tuple[str, ...]) -> list[str]:
@@ -478,6 +492,8 @@ def main(cfg: Config) -> dict:
         deps = [d for d in DEPENDS[stage] if d in order]
         if stage not in RESUMABLE or why[stage] != "not done" or any(why[d] for d in deps):
             shutil.rmtree(run / stage, ignore_errors=True)  # unmarked output: never used downstream
+        if stage in RESUMABLE:  # what a killed run must match to resume this output
+            atomic_write_json(run / stage / SETTINGS_FILE, settings[stage])
         note = "" if why[stage] == "not done" else f" ({why[stage]})"
         print0(f"[{i + 1}/{len(order)}] {stage} ...{note}")
         t0 = time.perf_counter()
