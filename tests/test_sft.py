@@ -89,7 +89,7 @@ def test_sft_from_byte_pretrain_grows_vocab_for_special_tokens(tmp_path):
     cfg.vocab_size = 257  # byte-level pretraining: bytes + eos, no chat tokens
     base = Transformer(cfg)
     save_checkpoint(tmp_path / "pre" / "ckpt", 5, base, None, {})
-    res = sft.main(sft.Config(out_dir=str(tmp_path), name="s", init=str(tmp_path / "pre"), n_examples=8,
+    res = sft.main(sft.Config(out_dir=str(tmp_path), name="s", init=str(tmp_path / "pre"), tokenizer="bytes", n_examples=8,
                               epochs=1, batch_size=8))
     model, _ = load_model(res["checkpoint"])
     assert model.cfg.vocab_size == byte_tokenizer().vocab_size
@@ -110,3 +110,21 @@ def test_dp_sgd_with_lora_from_a_checkpoint(tmp_path):
     meta = load_model(res["checkpoint"])[1]
     with safe_open(res["checkpoint"] + "/adapter.safetensors", "pt") as f:
         assert meta["lora"]["rank"] == 4 and all(".lora_" in k for k in f.keys())
+
+
+def test_init_without_tokenizer_is_the_same_error_as_serve(tmp_path):
+    """No silent byte fallback for a checkpoint whose tokenizer is missing: post stages say what
+    serve and eval say (``--tokenizer bytes`` is the explicit way back)."""
+    from tinyseek.config import model_micro
+    from tinyseek.errors import UserError
+    from tinyseek.model.transformer import Transformer
+    from tinyseek.serve.loading import load_tokenizer_for as serve_tokenizer_for
+    from tinyseek.train.checkpoint import save_checkpoint
+    save_checkpoint(tmp_path / "pre" / "ckpt", 5, Transformer(model_micro()), None, {})
+    with pytest.raises(UserError) as serve_err:
+        serve_tokenizer_for(str(tmp_path / "pre"))
+    with pytest.raises(UserError) as sft_err:
+        sft.main(sft.Config(out_dir=str(tmp_path), name="s", init=str(tmp_path / "pre"), n_examples=8, epochs=1,
+                            batch_size=8))
+    assert str(sft_err.value) == str(serve_err.value) and "--tokenizer" in str(sft_err.value)
+    assert not (tmp_path / "s").exists()  # refused before anything was written

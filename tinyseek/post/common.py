@@ -4,9 +4,10 @@ Conventions:
 - ``init`` names a checkpoint (a step dir, a ``ckpt`` root or a run dir; see
   ``tinyseek.train.checkpoint.load_model``); empty means a fresh model from the stage's ``model``
   config (used by tests and by from-scratch experiments).
-- The tokenizer comes from ``tokenizer`` if set, else from ``<run dir>/tokenizer`` next to the
-  checkpoint, else the byte-level fallback tokenizer. Every stage copies it into its own run dir so
-  a run dir is self-contained.
+- The tokenizer comes from ``tokenizer`` if set (a path, or ``bytes``), else the checkpoint's own,
+  found as serve and eval find it (:func:`tinyseek.serve.loading.find_tokenizer`; none is the same
+  one-line error); a fresh model (no ``init``) uses the byte-level tokenizer. Every stage copies it
+  into its own run dir so a run dir is self-contained.
 - LoRA (``lora_rank > 0`` in a stage's config, :mod:`tinyseek.model.lora`): the policy loaded
   from ``init`` is the frozen base, adapters wrap the target projections, the optimizer gets only
   the adapters (``trainable``), and :func:`save` writes adapter checkpoints (``adapter.safetensors``
@@ -30,6 +31,9 @@ from tinyseek.config import ConfigError, ModelConfig, check_finite
 from tinyseek.errors import UserError
 from tinyseek.model.lora import BaseView, apply_lora, check_options, has_lora, lora_state_dict
 from tinyseek.model.lora import trainable_parameters as trainable  # all of a plain model, a LoRA model's adapters
+from tinyseek.serve.loading import load_tokenizer_for as serve_tokenizer_for
+from tinyseek.tokenizer import byte_tokenizer, load_tokenizer
+from tinyseek.train.checkpoint import load_model, read_meta, resolve_checkpoint, save_checkpoint
 
 EVAL_SEED_BASE = 10_000_019  # eval problem seeds live at and above this; training seeds stay far below
 
@@ -44,17 +48,18 @@ def find_run_dir(path: str | Path) -> Path | None:
 
 
 def load_tokenizer_for(init: str, tokenizer: str = ""):
-    """Tokenizer from an explicit path, else beside the checkpoint, else the byte tokenizer."""
-    from tinyseek import tokenizer as tk
-    if tokenizer:
-        if not Path(tokenizer).exists():
+    """``tokenizer`` (a path or ``bytes``) when set; else the tokenizer of checkpoint ``init`` (as
+    serve and eval find it: an error, not a silent byte fallback, when it has none); else (a fresh
+    model) the byte tokenizer."""
+    if not init:
+        if tokenizer and tokenizer != "bytes" and not Path(tokenizer).exists():
             raise UserError(f"tokenizer path {tokenizer} does not exist")
-        return tk.load_tokenizer(tokenizer)
-    if init:
-        run = find_run_dir(init)
-        if run is not None and (run / "tokenizer").exists():
-            return tk.load_tokenizer(run / "tokenizer")
-    return tk.byte_tokenizer()
+        return load_tokenizer(tokenizer) if tokenizer else byte_tokenizer()
+    try:
+        meta = read_meta(resolve_checkpoint(init))
+    except (UserError, OSError, ValueError):
+        meta = None  # loading the policy reports a bad checkpoint in its own words
+    return serve_tokenizer_for(init, tokenizer, meta)
 
 
 def save_tokenizer(tok, run_dir: Path) -> None:
@@ -71,7 +76,6 @@ def load_policy(init: str, model_cfg: ModelConfig, vocab_size: int, device: torc
     if init:
         if not Path(init).exists():
             raise UserError(f"checkpoint {init} does not exist")
-        from tinyseek.train.checkpoint import load_model
         model, meta = load_model(init, device=str(device))
         grew = model.cfg.vocab_size < vocab_size
         if grew:
@@ -114,7 +118,6 @@ def resize_vocab(model, vocab_size: int) -> None:
 def save(run_dir: Path, step: int, model, optimizer, meta: dict) -> Path:
     """``run_dir/ckpt/step_*``: the full model, or for a LoRA model its adapters only (see above)."""
     from tinyseek.config import to_dict
-    from tinyseek.train.checkpoint import save_checkpoint
     meta = {**meta, "model_config": to_dict(model.cfg)}
     if has_lora(model):
         info = model.lora_info
@@ -127,7 +130,6 @@ def save(run_dir: Path, step: int, model, optimizer, meta: dict) -> Path:
 def base_checkpoint(init: str) -> str:
     """The absolute path of the step dir (or quantized dir) that ``init`` names: what an adapter
     checkpoint records as its base."""
-    from tinyseek.train.checkpoint import resolve_checkpoint
     p = Path(init)
     return str((p if (p / "quant_config.json").is_file() else resolve_checkpoint(p)).resolve())
 
@@ -257,7 +259,6 @@ def load_sampling_model(ckpt: str, tokenizer: str, seed: int, device_name: str, 
     distill's teacher): refuse a missing path in one line, seed every RNG, pick the device, load the
     tokenizer and the model (eval mode). Returns ``(device, tok, model)``."""
     from tinyseek.common import get_device, seed_everything
-    from tinyseek.train.checkpoint import load_model
 
     if not Path(ckpt).exists():
         raise UserError(f"{what} {ckpt} does not exist")
