@@ -429,6 +429,20 @@ def test_text_tracker_holds_back_stop_prefixes(tok):
         assert tr2.update(euro) == "\u20ac"
 
 
+def test_text_tracker_holds_blocked_words_as_the_safety_filter_sees_them(tok):
+    """A safety word is held back however the model spells its start (case, zero-width characters,
+    full-width letters), so the filter can still refuse the whole word before any of it streams;
+    stop strings stay exact."""
+    for spelled in ("bo", "BO", "b\u200bo", "\uff42\uff4f", "b\u00ado"):
+        tr = TextTracker(tok, ["STOP"], holds=["Bomb"])
+        assert tr.update(tok.encode("make a " + spelled)) == "make a ", spelled
+        assert tr.update(tok.encode("make a " + spelled + "at")) == spelled + "at", spelled  # "boat": released
+    tr = TextTracker(tok, [], holds=["credit card"])
+    assert tr.update(tok.encode("my credit  ca")) == "my "          # phrases across a run of spaces
+    tr = TextTracker(tok, ["STOP"])
+    assert tr.update(tok.encode("a st")) == "a st"                  # stop strings match exactly
+
+
 def test_engine_thread_safety_many_clients(model, tok):
     """Concurrent submitters from several threads all get complete, correct answers."""
     eng = Engine(model, tok, max_batch=4).start()

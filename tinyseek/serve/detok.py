@@ -5,9 +5,14 @@ short; decoding a few hundred ids is microseconds), then:
 - a stop string ends the request and is cut from the text (OpenAI semantics: not returned);
 - what may be streamed is the text minus a held-back tail: a trailing partial UTF-8 character
   (decoded as U+FFFD) or a suffix that could still grow into a stop string (or into a word the
-  safety filter blocks), so a client never receives text that later turns out to be cut.
+  safety filter blocks), so a client never receives text that later turns out to be cut. Blocked
+  words are held back as the filter compares them (:func:`fold`: NFKC, case-folded, format characters
+  such as zero-width spaces dropped, whitespace runs as one space), so ``BO``, ``bo\u200b`` or
+  ``ｂｏ`` wait as ``bo`` does; stop strings match exactly (OpenAI semantics).
 """
 from __future__ import annotations
+
+import unicodedata
 
 
 def find_stop(text: str, stops: list[str], start: int = 0) -> tuple[int, str] | None:
@@ -50,13 +55,55 @@ def safe_prefix_len(text: str, holds: list[str]) -> int:
     return n - hold
 
 
+def fold(text: str) -> str:
+    """``text`` as held-back words are compared: per character NFKC + casefold, format characters
+    (Unicode Cf: zero-width space / joiners, soft hyphen, BOM ...) dropped, whitespace runs as one space.
+
+    >>> fold("Bo\u200bMB\u00ad  \uff42")
+    'bomb b'
+    """
+    out: list[str] = []
+    for c in text:
+        if c.isspace():
+            if not out or out[-1] != " ":
+                out.append(" ")
+        elif unicodedata.category(c) != "Cf":
+            out.append(unicodedata.normalize("NFKC", c).casefold())
+    return "".join(out)
+
+
+def held_word_len(text: str, n: int, words: list[str]) -> int:
+    """The longest number of characters at the end of ``text[:n]`` whose :func:`fold` is a non-empty
+    proper prefix of one of ``words`` (already folded): what must wait before streaming.
+
+    >>> held_word_len("how to build a BO\u200bm", 19, ["bomb"])
+    4
+    >>> held_word_len("a bombastic", 11, ["bomb"]), held_word_len("fine", 4, ["bomb"])
+    (0, 0)
+    """
+    longest = max((len(w) for w in words), default=0)
+    hold, acc = 0, ""
+    for k in range(1, n + 1):
+        c = text[n - k]
+        if c.isspace():
+            if not acc.startswith(" "):
+                acc = " " + acc
+        elif unicodedata.category(c) != "Cf":
+            acc = unicodedata.normalize("NFKC", c).casefold() + acc
+        if len(acc) >= longest:
+            break
+        if acc and acc.strip() and any(w.startswith(acc) for w in words):
+            hold = k
+    return hold
+
+
 class TextTracker:
     """Decoded text of one request's generated ids plus how much of it was already streamed."""
 
     def __init__(self, tokenizer, stops: list[str], holds: list[str] | None = None):
         self.tok = tokenizer
         self.stops = [s for s in stops if s]
-        self.holds = self.stops + [h for h in (holds or []) if h]
+        self.words = [f for f in (fold(h).strip() for h in (holds or [])) if f]  # safety words, folded
         self.max_stop = max((len(s) for s in self.stops), default=0)
         self.text = ""
         self.emitted = 0          # characters already handed out as deltas
@@ -76,7 +123,11 @@ class TextTracker:
 
     def flush(self, final: bool = True) -> str:
         """Delta up to the safe point (everything when ``final``)."""
-        end = len(self.text) if final else safe_prefix_len(self.text, self.holds)
+        if final:
+            end = len(self.text)
+        else:
+            end = safe_prefix_len(self.text, self.stops)
+            end -= held_word_len(self.text, end, self.words)
         if end <= self.emitted:
             return ""
         delta = self.text[self.emitted:end]
