@@ -41,7 +41,7 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
     res = {}
     for spec in CONFIGS:
         name = spec.replace(":", "-")
-        res[spec] = [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in (0, 1)]
+        res[spec] = [torch.load(out / f"{name}.rank{r}.pt", weights_only=True) for r in (0, 1)]
     return res
 
 
