@@ -28,7 +28,8 @@ import tinyseek  # noqa: E402,F401  (first: OMP_WAIT_POLICY=PASSIVE and THP_MEM_
 import torch  # noqa: E402
 import torch.nn as nn
 
-from tinyseek import ckernels, malloc  # noqa: E402
+from tinyseek import malloc
+from tinyseek.kernels import loader as ckernels  # noqa: E402
 from tinyseek.config import ModelConfig, model_cpu_tiny  # noqa: E402
 from tinyseek.model.layers import SwiGLU  # noqa: E402
 from tinyseek.model.moe import _DISPATCH, MoE  # noqa: E402

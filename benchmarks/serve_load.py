@@ -20,7 +20,7 @@
    ``tinyseek.model.hf_export.export_hf`` and loaded by ``AutoModelForCausalLM``), greedy, at batch
    1 and 16 with equal-length prompts and a fixed number of new tokens. Target: engine ahead at
    batch 1 and >= 2x at batch 16. Also reported: how many greedy tokens agree between the two, and
-   the same engine with the fp32 C kernels switched off (``tinyseek.ckernels.enable_all(False)``:
+   the same engine with the fp32 C kernels switched off (``tinyseek.kernels.loader.enable_all(False)``:
    what the kernels buy).
 
     .venv/bin/python benchmarks/serve_load.py                 # CPU: cpu-tiny-sized model, fp32
@@ -260,7 +260,7 @@ def run_load(args, model) -> list[dict]:
 # 2. engine vs HF generate
 # ---------------------------------------------------------------------------------------------
 def run_engine_vs_hf(args, model) -> list[dict]:
-    from tinyseek import ckernels
+    from tinyseek.kernels import loader as ckernels
     from tinyseek.serve.engine import Engine, SamplingParams
 
     try:

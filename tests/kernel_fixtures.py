@@ -1,4 +1,4 @@
-"""Shared by the C kernel tests: switch a ``tinyseek.ckernels.Kernels`` on or off and count its calls."""
+"""Shared by the C kernel tests: switch a ``tinyseek.kernels.loader.Kernels`` on or off and count its calls."""
 from __future__ import annotations
 
 import contextlib

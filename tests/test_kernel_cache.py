@@ -1,4 +1,4 @@
-"""The C-kernel cache is private: planted or shared files are never loaded (tinyseek.ckernels).
+"""The C-kernel cache is private: planted or shared files are never loaded (tinyseek.kernels.loader).
 
 The marker for "was it loaded?": a planted file is not even a library, so ``dlopen`` of it would
 raise; each test asserts that the loader rebuilt a working library over it instead.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tinyseek import ckernels
+from tinyseek.kernels import loader as ckernels
 
 SRC = "int ts_probe_add(int a, int b) { return a + b + 1000; }\n"
 SIGS = {"ts_probe_add": ([ctypes.c_int, ctypes.c_int], ctypes.c_int)}

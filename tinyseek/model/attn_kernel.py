@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import torch
 
-from tinyseek import ckernels
-from tinyseek.ckernels import F32 as _F32, I64 as _I64, INT as _INT, P as _P
+from tinyseek.kernels import loader as ckernels
+from tinyseek.kernels.loader import F32 as _F32, I64 as _I64, INT as _INT, P as _P
 
 _SRC = r"""
 #include <stdint.h>

@@ -47,8 +47,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyseek import ckernels
-from tinyseek.ckernels import I64 as _I64, INT as _INT, P as _P
+from tinyseek.kernels import loader as ckernels
+from tinyseek.kernels.loader import I64 as _I64, INT as _INT, P as _P
 
 MAX_ROWS = 128  # rows (product of x's leading dims) above which F.linear (MKL) is used
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from tinyseek import ckernels
-from tinyseek.ckernels import I64, INT, P
+from tinyseek.kernels import loader as ckernels
+from tinyseek.kernels.loader import I64, INT, P
 from tinyseek.model.moe import Experts, register_dispatch
 from tinyseek.model.moe_fused import _grouped_mm_ok
 

@@ -47,8 +47,8 @@ import threading
 
 import torch
 
-from tinyseek import ckernels
-from tinyseek.ckernels import I64, P
+from tinyseek.kernels import loader as ckernels
+from tinyseek.kernels.loader import I64, P
 
 _SRC = r"""
 #include <stdint.h>

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from tinyseek import ckernels
-from tinyseek.ckernels import I64, INT, P
+from tinyseek.kernels import loader as ckernels
+from tinyseek.kernels.loader import I64, INT, P
 
 _SRC = r"""
 #include <math.h>

@@ -12,11 +12,11 @@ registers and accumulate in fp32 (``y[m, n] = sum_g s[n, g] * sum_{k in g} x[m, 
 - ``ts_dequant``  float rows of a quantized matrix, all of them or gathered by index (embedding lookup)
 
 They are plain C (no PyTorch headers; AVX-512 intrinsics where the CPU has them, portable loops
-otherwise), compiled once (:mod:`tinyseek.ckernels`) with the system C compiler (``cc -O3 -march=native -ffast-math -fopenmp
+otherwise), compiled once (:mod:`tinyseek.kernels.loader`) with the system C compiler (``cc -O3 -march=native -ffast-math -fopenmp
 -shared``, well under a second) into a private per-user cache (``$TINYSEEK_KERNEL_CACHE``,
 ``$XDG_CACHE_HOME/tinyseek/kernels`` or ``~/.cache/tinyseek/kernels``, owner and mode checked, else a
 fresh private directory; keyed by source, compiler and its version, flags and CPU flags; written to a
-temp file then renamed, so concurrent first uses are safe; see :mod:`tinyseek.ckernels`). Built as a small CPython extension where
+temp file then renamed, so concurrent first uses are safe; see :mod:`tinyseek.kernels.loader`). Built as a small CPython extension where
 ``Python.h`` exists (a call costs ~0.2 us), else loaded through ``ctypes`` (~1.7 us); the tensors
 travel as data pointers. Large products run on PyTorch's own OpenMP pool (the same ``libgomp``,
 ``torch.get_num_threads()`` threads); small ones stay on the calling thread.
@@ -50,8 +50,8 @@ from pathlib import Path
 
 import torch
 
-from tinyseek import ckernels
-from tinyseek.ckernels import I64 as _I64, INT as _INT, P as _P
+from tinyseek.kernels import loader as ckernels
+from tinyseek.kernels.loader import I64 as _I64, INT as _INT, P as _P
 
 MAX_ROWS = 8  # above this, dequantise + one BLAS GEMM is faster
 
