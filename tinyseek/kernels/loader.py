@@ -71,6 +71,16 @@ _PRIVATE: dict = {}              # this process's fallback cache directory (made
 _PRIVATE_LOCK = threading.Lock()
 
 
+
+KERNEL_DIR = Path(__file__).resolve().parent  # the C sources (``*.c``, ``*.h``) ship here as package data
+
+
+def source(name: str) -> str:
+    """The text of the C source ``tinyseek/kernels/<name>`` (e.g. ``"moe_infer.c"``); a missing file is
+    a :class:`FileNotFoundError` naming it (a broken install, not user input)."""
+    return (KERNEL_DIR / name).read_text(encoding="utf-8")
+
+
 def _default_dir() -> str:
     if os.environ.get("TINYSEEK_KERNEL_CACHE"):
         return os.environ["TINYSEEK_KERNEL_CACHE"]
