@@ -1,10 +1,10 @@
-"""The router's C kernels (tinyseek/model/route_kernel.py) == torch.topk / stable torch.sort."""
+"""The router's C kernels (tinyseek/kernels/route.py) == torch.topk / stable torch.sort."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tinyseek.model import route_kernel as rk
+from tinyseek.kernels import route as rk
 
 
 @pytest.fixture

@@ -1,27 +1,6 @@
-"""C kernels for the MoE router's bookkeeping on CPU: per-token top-k expert selection and the stable
-sort of assignments by expert.
-
-On CPU, ``torch.topk`` over (2048 tokens, 64 experts) for k=6 takes ~1.3 ms and the stable
-``torch.sort`` of the 12288 assignments ~0.4 ms on one thread: together ~1.5% of a 64-expert MoE
-block's training step (fwd+bwd) at d=256. Here:
-
-- :func:`topk_indices`: k masked arg-max passes over each row, AVX-512 (portable loops otherwise;
-  equal scores: the lower expert id first), ~0.22 ms;
-- :func:`sort_by_expert`: a counting sort (stable: assignments of one expert keep their order), the
-  same ``(sorted ids, order)`` as ``torch.sort(e_A, stable=True)``, ~0.03 ms.
-
-Used for CPU fp32 / int64 tensors when the model kernels are on (``TINYSEEK_MODEL_KERNELS``), built,
-and not under ``torch.compile`` tracing; else the PyTorch ops run (same results; for top-k also the
-same order wherever scores are distinct: ``torch.topk`` does not define the order of ties).
-"""
-from __future__ import annotations
-
-import torch
-
-from tinyseek.kernels import loader as ckernels
-from tinyseek.kernels.loader import I64, INT, P
-
-_SRC = r"""
+/* The MoE router's bookkeeping on CPU (tinyseek/kernels/route.py is its Python glue, route() and
+   MoE._plan in tinyseek/model/moe.py the PyTorch reference): per-token top-k expert selection and the
+   stable counting sort of assignments by expert. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -102,7 +81,8 @@ int ts_sort_ids(const int64_t* e, int64_t A, int64_t B, int64_t* sorted, int64_t
   for (int64_t b = B - 1; b > 0; --b) counts[b] -= counts[b - 1];  /* ends -> counts */
   return 0;
 }
-""" + ckernels.PYEXT_PRELUDE + r"""
+
+#include "pyext.h"
 #ifdef TS_PYEXT
 static PyObject* py_topk(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   long long v[5];
@@ -122,54 +102,3 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tinyseek_route", NULL, -1, methods};
 PyMODINIT_FUNC PyInit__tinyseek_route(void) { return PyModule_Create(&module); }
 #endif
-"""
-
-_SIGS = {"ts_topk_f32": ([P, I64, I64, I64, P], INT), "ts_sort_ids": ([P, I64, I64, P, P, P], INT)}
-KERNELS = ckernels.Kernels("_tinyseek_route", _SRC, _SIGS, "TINYSEEK_MODEL_KERNELS", "tinyseek.model.route_kernel")
-MAX_K = 64  # the kernel's top-k limit (torch.topk beyond)
-
-
-def _lib():
-    st = KERNELS.state
-    if not st["enabled"] or st["failed"] or torch.compiler.is_compiling():  # tracing: the torch ops
-        return None
-    return st["lib"] if st["lib"] is not None else KERNELS.ready()
-
-
-def topk_indices(sel_NE: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` largest entries of each row, largest first (``sel.topk(k).indices``).
-
-    >>> topk_indices(torch.tensor([[0.1, 0.7, 0.2, 0.7]]), 3).tolist()   # the tie: lower id first
-    [[1, 3, 2]]
-    """
-    lib = _lib() if sel_NE.dim() == 2 and 1 <= k <= min(MAX_K, sel_NE.shape[1]) else None
-    if lib is None or sel_NE.dtype is not torch.float32 or sel_NE.device.type != "cpu" or sel_NE.requires_grad:
-        return sel_NE.topk(k, dim=-1).indices
-    sel_NE = sel_NE.contiguous()
-    N, E = sel_NE.shape
-    idx = torch.empty(N, k, dtype=torch.int64)
-    if lib.ts_topk_f32(sel_NE.data_ptr(), N, E, k, idx.data_ptr()):
-        raise ValueError(f"top-k: k={k} does not fit {E} experts")
-    return idx
-
-
-def sort_by_expert(e_A: torch.Tensor, n_bins: int, counts: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``torch.sort(e_A, stable=True)`` plus the count of each value in ``[0, n_bins)`` (the kernel
-    has them for free; on the PyTorch path only with ``counts``, since a CUDA ``bincount`` waits
-    for the device).
-
-    >>> [t.tolist() for t in sort_by_expert(torch.tensor([2, 0, 2, 1, 0]), 3)]
-    [[0, 0, 1, 2, 2], [1, 4, 3, 0, 2], [2, 1, 2]]
-    """
-    lib = _lib()
-    if lib is None or e_A.dtype is not torch.int64 or e_A.device.type != "cpu" or e_A.dim() != 1:
-        e_S, order_S = torch.sort(e_A, stable=True)
-        return e_S, order_S, torch.bincount(e_A, minlength=n_bins)[:n_bins] if counts else None
-    e_A = e_A.contiguous()
-    A = e_A.shape[0]
-    e_S, order_S, counts_B = torch.empty(A, dtype=torch.int64), torch.empty(A, dtype=torch.int64), \
-        torch.empty(n_bins, dtype=torch.int64)
-    if lib.ts_sort_ids(e_A.data_ptr(), A, n_bins, e_S.data_ptr(), order_S.data_ptr(), counts_B.data_ptr()):
-        raise IndexError(f"expert id outside [0, {n_bins})")
-    return e_S, order_S, counts_B
