@@ -37,7 +37,7 @@ def env(tmp_path, monkeypatch):
 
 
 def lib_path(cache: Path) -> Path:
-    return cache / ckernels.lib_name(NAME, SRC, "ctypes", ckernels._compiler(), ckernels._extra("ctypes", False))
+    return cache / ckernels.lib_name(NAME, SRC, "ctypes", ckernels._compiler(), ckernels.extra_flags("ctypes", False))
 
 
 def plant(path: Path, mode: int = 0o644) -> None:

@@ -33,6 +33,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import re
 import shutil
 import stat
 import subprocess
@@ -40,27 +41,6 @@ import sysconfig
 import tempfile
 import threading
 from pathlib import Path
-
-# C for a source's ``#ifdef TS_PYEXT`` part: Python.h and ``ts_int_args`` (the METH_FASTCALL
-# arguments as integers). Concatenate it in front of the wrappers.
-PYEXT_PRELUDE = r"""
-#ifdef TS_PYEXT
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-/* v[0..want) = the call's integer arguments: 0, or -1 with a Python exception set */
-static int ts_int_args(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t want, long long* v) {
-  if (nargs != want) {
-    PyErr_Format(PyExc_TypeError, "expected %zd integer arguments, got %zd", want, nargs);
-    return -1;
-  }
-  for (Py_ssize_t i = 0; i < want; ++i) {
-    v[i] = PyLong_AsLongLong(args[i]);
-    if (v[i] == -1 && PyErr_Occurred()) return -1;
-  }
-  return 0;
-}
-#endif
-"""
 
 FLAG_SETS = (["-O3", "-march=native", "-ffast-math", "-fopenmp"], ["-O3", "-ffast-math", "-fopenmp"],
              ["-O3", "-ffast-math"])
@@ -75,10 +55,22 @@ _PRIVATE_LOCK = threading.Lock()
 KERNEL_DIR = Path(__file__).resolve().parent  # the C sources (``*.c``, ``*.h``) ship here as package data
 
 
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([A-Za-z0-9_.-]+\.h)"[ \t]*$', re.M)
+
+
 def source(name: str) -> str:
-    """The text of the C source ``tinyseek/kernels/<name>`` (e.g. ``"moe_infer.c"``); a missing file is
-    a :class:`FileNotFoundError` naming it (a broken install, not user input)."""
-    return (KERNEL_DIR / name).read_text(encoding="utf-8")
+    """The text of the C source ``tinyseek/kernels/<name>`` (e.g. ``"moe_infer.c"``), each line
+    ``#include "x.h"`` naming a header shipped here replaced by that header's text (recursively), so
+    the built source is self-contained and its cache key covers the headers; the compiler sees the
+    same text as ``cc -I tinyseek/kernels`` on the file. A missing file is a
+    :class:`FileNotFoundError` naming it (a broken install, not user input)."""
+    text = (KERNEL_DIR / name).read_text(encoding="utf-8")
+    return _LOCAL_INCLUDE.sub(lambda m: source(m.group(1)).rstrip("\n"), text)
+
+
+# pyext.h as text, for the sources still inside Python strings while they move to .c files that
+# #include "pyext.h" (then this name goes)
+PYEXT_PRELUDE = source("pyext.h")
 
 
 def _default_dir() -> str:
@@ -184,7 +176,9 @@ def _compiler() -> str:
     return cc
 
 
-def _extra(kind: str, portable: bool) -> list[str]:
+def extra_flags(kind: str, portable: bool) -> list[str]:
+    """The flags a ``kind`` build adds to a flag set: ``-DTS_PYEXT`` and the Python headers for
+    "pyext" (a :class:`RuntimeError` without ``Python.h``), ``-DTS_PORTABLE`` for portable builds."""
     extra = []
     if kind == "pyext":
         inc = _python_include()
@@ -210,7 +204,7 @@ def build(name: str, src: str, kind: str = "pyext", cache: Path | None = None, p
     is checked like the default (:func:`cache_dir`); a cached file that fails :func:`trusted_file`
     is ignored and rebuilt over. The returned file passed :func:`trusted_file`."""
     cc = _compiler()
-    extra = _extra(kind, portable)
+    extra = extra_flags(kind, portable)
     cache = cache_dir(cache)
     lib = cache / lib_name(name, src, kind, cc, extra)
     if trusted_file(lib):
