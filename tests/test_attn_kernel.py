@@ -1,6 +1,7 @@
-"""The fused latent attention kernel (tinyseek.model.attn_kernel) against the PyTorch path of
+"""The fused latent attention kernel (tinyseek.kernels.attn) against the PyTorch reference,
 MLA._latent_attention: per-row positions, sliding windows, cache views, multi-token chunks, the
-threaded path, every build; whole-model KV-cache decode with the kernel; fallbacks."""
+threaded path, every build; whole-model KV-cache decode with the kernel; fallbacks; the seam (MLA's
+variant chosen when it is built or moved)."""
 from __future__ import annotations
 
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from tinyseek.config import ModelConfig, model_cpu_tiny, model_micro
-from tinyseek.model import attn_kernel
+from tinyseek.kernels import attn as attn_kernel
+from tinyseek.kernels import loader
 from tinyseek.model.attention import MLA
 from tinyseek.model.transformer import Transformer
 from kernel_fixtures import ragged_decode, switched
@@ -55,7 +57,7 @@ def run_both(m: MLA, q, pe, ckv, cache, pos, key_len, B):
     for on in (True, False):
         big = cache.clone()
         with torch.no_grad(), kernels(on) as counter:
-            outs.append(m._latent_attention(q, pe, ckv, pos, big[:B], key_len))
+            outs.append(m._latent_attention(q, pe, ckv, pos, big[:B], key_len, m._kernel_lib(q)))
         assert counter.calls == (1 if on else 0)
         caches.append(big)
     torch.testing.assert_close(caches[0], caches[1], atol=0, rtol=0)
@@ -154,8 +156,8 @@ def test_kernel_does_not_apply():
 
 def test_kernels_env_switch(monkeypatch):
     monkeypatch.setenv("TINYSEEK_ATTN_KERNELS", "0")
-    k = attn_kernel.ckernels.Kernels("_tinyseek_attn", attn_kernel._SRC, attn_kernel._SIGS, "TINYSEEK_ATTN_KERNELS",
-                                     "test")
+    k = loader.Kernels("_tinyseek_attn", attn_kernel.KERNELS.src, attn_kernel.KERNELS.signatures,
+                       "TINYSEEK_ATTN_KERNELS", "test")
     assert k.ready() is None
 
 
@@ -213,3 +215,23 @@ def test_model_kernel_equals_torch_path_and_training_is_untouched():
         out = model(idx[:, :4], cache=cache).logits
         out = model(idx[:, 4:5], cache=cache).logits
         assert out.requires_grad and counter.calls == 0
+
+
+def test_mla_variant_is_chosen_when_built_or_moved():
+    """MLA's ``use_kernel`` is set at build and on every conversion (``_apply``); a float64 model
+    decodes on the reference without calling the kernel, and back in fp32 the kernel runs again."""
+    model = _model(model_micro())
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(5))
+    assert all(b.attn.use_kernel for b in model.blocks)
+    for dtype, calls in ((torch.float64, 0), (torch.float32, 2 * model.cfg.n_layers)):
+        model.to(dtype)
+        assert all(b.attn.use_kernel == (dtype is torch.float32) for b in model.blocks)
+        with torch.no_grad(), kernels(True) as counter:
+            cache = model.new_cache(2)
+            model(idx[:, :5], cache=cache)
+            model(idx[:, 5:], cache=cache)
+        assert counter.calls == calls
+    with torch.no_grad(), kernels(True) as counter:
+        m = model.blocks[0].attn
+        m.use_kernel = False                       # the reference variant: never the kernel
+        assert m._kernel_lib(idx.float()) is None and not m.can_ragged(idx[:0].float())

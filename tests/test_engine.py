@@ -313,7 +313,7 @@ def test_mixed_step_prefills_new_prompts_inside_the_decode_forward(model, tok):
             eng.step()
         assert [r.result().token_ids for r in [first] + late] == alone
     # the same engine with the attention kernels switched off later: separate prefills again, same tokens
-    from tinyseek.model import attn_kernel
+    from tinyseek.kernels import attn as attn_kernel
 
     before = attn_kernel.KERNELS.state["enabled"]
     attn_kernel.KERNELS.enable(False)
@@ -358,7 +358,7 @@ def test_mixed_step_takes_only_what_fits(model, tok, monkeypatch):
 def test_mixed_step_needs_the_kernels_and_mla(tok):
     """No ragged forward for GQA, for MLA forced to the naive form, or without the C kernels: the
     engine then prefills separately (and still gives the same tokens)."""
-    from tinyseek.model import attn_kernel
+    from tinyseek.kernels import attn as attn_kernel
 
     gqa = make_model(tok, seed=1, attn="gqa")
     assert not gqa.can_ragged(gqa.new_cache(2, 16))

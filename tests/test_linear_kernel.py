@@ -1,4 +1,5 @@
-"""The fp32 C kernel for few-row linear layers (tinyseek/model/linear_kernel.py) == F.linear."""
+"""The fp32 C kernel for few-row linear layers (tinyseek/kernels/linear.py) == F.linear, and its
+seam, tinyseek.model.layers.Linear (the variant chosen when the module is built or moved)."""
 from __future__ import annotations
 
 
@@ -8,8 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyseek.config import ModelConfig, model_cpu_tiny, model_micro
-from tinyseek.model import linear_kernel
-from tinyseek.model.linear_kernel import MAX_ROWS, Linear, linear
+from tinyseek.kernels import linear as linear_kernel
+from tinyseek.kernels import loader
+from tinyseek.kernels.linear import MAX_ROWS, linear
+from tinyseek.model.layers import Linear, register_opacus
 from tinyseek.model.transformer import Transformer
 from kernel_fixtures import ragged_decode, switched
 
@@ -128,6 +131,34 @@ def test_linear_module_is_an_nn_linear():
             assert m.double()(x.double()).dtype == torch.float64 and rows(counter) == [15]
 
 
+def test_linear_variant_is_chosen_when_built_or_moved():
+    """``use_kernel`` follows the weights: set at build, on ``.to`` / ``.double`` / ``to_empty``, on a
+    replaced parameter; the forward of the F.linear variant never calls the kernel."""
+    m = Linear(20, 12)
+    assert m.use_kernel
+    m.double()
+    assert not m.use_kernel
+    m.float()
+    assert m.use_kernel
+    assert not Linear(20, 12, dtype=torch.bfloat16).use_kernel
+    meta = Linear(20, 12, device="meta")
+    assert not meta.use_kernel and meta.to_empty(device="cpu").use_kernel
+    m.weight = nn.Parameter(torch.randn(20, 12).t())                      # rows not contiguous
+    assert not m.use_kernel
+    m.weight = nn.Parameter(torch.randn(12, 20))
+    assert m.use_kernel
+    m.bias = nn.Parameter(torch.randn(12, dtype=torch.float64))
+    assert not m.use_kernel
+    m.bias = None
+    assert m.use_kernel
+    m.use_kernel = False
+    x = torch.randn(3, 20)
+    with kernels(True) as counter, torch.no_grad():
+        assert torch.equal(m(x), F.linear(x, m.weight)) and rows(counter) == []
+    tied = Transformer(ModelConfig(**{**model_micro().__dict__, "tie_embeddings": True}).validate())
+    assert tied.lm_head.weight is tied.embed.weight and tied.lm_head.use_kernel
+
+
 def test_builds_and_threads_agree():
     """The extension, the ctypes build and the portable (no AVX-512) builds all match F.linear with
     rows independent of the batch; two threads (a call above the threshold) give the same bits."""
@@ -156,8 +187,8 @@ def test_builds_and_threads_agree():
 
 def test_kernels_env_switch(monkeypatch):
     monkeypatch.setenv("TINYSEEK_LINEAR_KERNELS", "0")
-    k = linear_kernel.ckernels.Kernels("_tinyseek_linear", linear_kernel._SRC, linear_kernel._SIGS,
-                                       "TINYSEEK_LINEAR_KERNELS", "test")
+    k = loader.Kernels("_tinyseek_linear", linear_kernel.KERNELS.src, linear_kernel.KERNELS.signatures,
+                       "TINYSEEK_LINEAR_KERNELS", "test")
     assert k.ready() is None
 
 
@@ -165,7 +196,7 @@ def test_opacus_gets_the_linear_rules():
     opacus = pytest.importorskip("opacus")
     from opacus.grad_sample import GradSampleModule
 
-    linear_kernel.register_opacus()
+    register_opacus()
     assert GradSampleModule.GRAD_SAMPLERS[Linear] is GradSampleModule.GRAD_SAMPLERS[nn.Linear]
     assert opacus is not None
 

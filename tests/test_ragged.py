@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from serve_fixtures import make_model, make_tokenizer
-from tinyseek.model import attn_kernel
+from tinyseek.kernels import attn as attn_kernel
 from tinyseek.serve.engine import _RowsView
 
 

@@ -11,8 +11,10 @@ Deviations from the DeepSeek-V3 reference, on purpose:
   the folding is done once on the (dequantised) weights (``MLA._absorbed_folded``: two GEMMs a
   layer instead of five), refreshed when a weight changes. ``MLA.impl`` = "auto" | "naive" |
   "absorbed" selects; the forms agree up to float rounding (tests compare them). The cache stays the
-  latent (the whole point of MLA). On CPU fp32 without grad the latent attention itself (scores,
-  softmax, weighted sum over each row's visible keys) is one C call (:mod:`tinyseek.model.attn_kernel`).
+  latent (the whole point of MLA). The latent attention itself (scores, softmax, weighted sum over
+  each row's visible keys) has one seam: ``MLA._latent_attention`` is the PyTorch reference, and
+  where the module's variant is the C one (chosen at build/move, :meth:`MLA.select_variant`) and
+  no gradient is recorded, one C call (:mod:`tinyseek.kernels.attn`) does it.
 - Softmax scale 1/sqrt(qk_nope + qk_rope), times YaRN's ``mscale(factor, mscale_all_dim)^2`` where the
   config scales RoPE that way (``layers.mla_softmax_mscale``, as DeepSeek-V3 and HF do); the RoPE table
   itself carries YaRN's cos/sin factor (``layers.Rotary``).
@@ -27,10 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyseek.model import attn_kernel
+from tinyseek.kernels import attn as attn_kernel
 from tinyseek.model.cache import write_rows
-from tinyseek.model.linear_kernel import Linear, linear_or_f
-from tinyseek.model.layers import RMSNorm, apply_rope, mla_softmax_mscale
+from tinyseek.model.layers import Linear, RMSNorm, apply_rope, linear_or_f, mla_softmax_mscale
 
 
 def attention_mask(pos_BT: torch.Tensor, key_len: int, window: int) -> torch.Tensor:
@@ -94,16 +95,38 @@ class MLA(nn.Module):
         # cached forward: "auto" (absorbed for decode steps, naive for a fresh prefill), "naive", "absorbed"
         self.impl = "auto"
         self._folded = None  # (source weight versions, folded decode weights): see _folded_weights
+        self.select_variant()
+
+    # --- the latent-attention seam: C kernel or PyTorch reference, chosen once ------------------
+    def select_variant(self) -> None:
+        """``use_kernel``: the latent attention runs the C kernel (:mod:`tinyseek.kernels.attn`)
+        where this module computes in CPU fp32 (its latent norm's weight is CPU fp32: quantized
+        projections keep it so). Chosen when the module is built, converted or moved (``_apply``)."""
+        w = self.kv_a_layernorm.weight
+        self.use_kernel = w.dtype is torch.float32 and w.device.type == "cpu"
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.select_variant()
+        return out
+
+    def _kernel_lib(self, x: torch.Tensor):
+        """The loaded latent-attention kernels when the variant is the C one, no gradient is to be
+        recorded for ``x`` and the kernels are on and built (the switch stays live for A/B runs);
+        else None (the reference)."""
+        if not self.use_kernel or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        return attn_kernel.KERNELS.ready()
 
     def forward(self, x_BTD, cos, sin, pos_BT, cache_layer=None, key_len=None):
         B, T, _ = x_BTD.shape
+        lib = self._kernel_lib(x_BTD) if cache_layer is not None else None
         absorbed = cache_layer is not None and _use_absorbed(
-            self.impl, T, key_len, self.kv_b_proj,
-            short_prefill=T <= SHORT_PREFILL and attn_kernel.fits(x_BTD))  # the fused kernel runs
+            self.impl, T, key_len, self.kv_b_proj, short_prefill=T <= SHORT_PREFILL and lib is not None)
         if absorbed and not torch.is_grad_enabled():
             folded = self._folded_weights(x_BTD.dtype)
             if folded is not None:
-                return self._absorbed_folded(x_BTD, folded, cos, sin, pos_BT, cache_layer["latent"], key_len)
+                return self._absorbed_folded(x_BTD, folded, cos, sin, pos_BT, cache_layer["latent"], key_len, lib)
         if hasattr(self, "q_proj"):
             q = self.q_proj(x_BTD)
         else:
@@ -112,7 +135,7 @@ class MLA(nn.Module):
         ckv, k_pe = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_rank, self.rope], dim=-1)
         ckv_BTC = self.kv_a_layernorm(ckv)
         if absorbed:
-            return self._absorbed(q_BTHK, ckv_BTC, k_pe, cos, sin, pos_BT, cache_layer["latent"], key_len)
+            return self._absorbed(q_BTHK, ckv_BTC, k_pe, cos, sin, pos_BT, cache_layer["latent"], key_len, lib)
         kpe_BTR = apply_rope(k_pe.unsqueeze(1), cos, sin).squeeze(1)
         if cache_layer is not None:
             lat = cache_layer["latent"]  # (B, L, C + R): [c_kv | k_pe]
@@ -133,7 +156,7 @@ class MLA(nn.Module):
         o = _sdpa(q_BHTK, k_BHLK, v_BHLK, pos_BT, L, self.window, cached, self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.vdim))
 
-    def _absorbed(self, q_BTHK, ckv_BTC, k_pe_BTR, cos, sin, pos_BT, lat, key_len):
+    def _absorbed(self, q_BTHK, ckv_BTC, k_pe_BTR, cos, sin, pos_BT, lat, key_len, lib=None):
         """Absorbed MLA over the cached latent ``[c_kv | k_pe]`` (X = C + R wide), never re-expanded.
 
         Score of head h: ``q_nope . (W_uk[h] c) + q_pe . k_pe = [q_nope W_uk[h] | q_pe] . [c | k_pe]``,
@@ -148,18 +171,19 @@ class MLA(nn.Module):
         # rope the queries' rope parts and the new key's together: (B, T, H + 1, R)
         pe = apply_rope(torch.cat([q_BTHK[..., self.nope:], k_pe_BTR.unsqueeze(2)], dim=2),
                         cos.transpose(1, 2), sin.transpose(1, 2))
-        o_NHC = self._latent_attention(q_HNC.transpose(0, 1), pe, ckv_BTC, pos_BT, lat, key_len)
+        o_NHC = self._latent_attention(q_HNC.transpose(0, 1), pe, ckv_BTC, pos_BT, lat, key_len, lib)
         o_HNV = torch.bmm(o_NHC.transpose(0, 1), w[:, self.nope:].transpose(1, 2))
         return self.o_proj(o_HNV.transpose(0, 1).reshape(B, T, H * self.vdim))
 
-    def _absorbed_folded(self, x_BTD, folded, cos, sin, pos_BT, lat, key_len):
+    def _absorbed_folded(self, x_BTD, folded, cos, sin, pos_BT, lat, key_len, lib=None):
         """:meth:`_absorbed` with the weights folded once (:meth:`_folded_weights`): one GEMM gives
         the latent queries, the new latent, the rope parts and their ``rotate_half`` (so RoPE is
         ``pe * cos + pe_rot * sin``); one GEMM maps the attended latent to the model width (``W_o``
         after ``W_uv``). Five GEMM calls a layer become two, and RoPE three elementwise ops."""
         B, T, _ = x_BTD.shape
         q_lat, ckv, pe = self._folded_in(x_BTD, folded, cos, sin)
-        o_NHC = self._latent_attention(q_lat.reshape(B * T, self.n_heads, self.kv_rank), pe, ckv, pos_BT, lat, key_len)
+        o_NHC = self._latent_attention(q_lat.reshape(B * T, self.n_heads, self.kv_rank), pe, ckv, pos_BT, lat, key_len,
+                                       lib)
         return linear_or_f(o_NHC.reshape(B, T, -1), folded[2])
 
     def _folded_in(self, x_BTD, folded, cos, sin):
@@ -182,8 +206,8 @@ class MLA(nn.Module):
         """Whether :meth:`forward_ragged` runs for layer input ``x``: not forced to the naive form, no
         gradient, the weights fold (plain or quantized Linear projections) and the latent-attention
         kernel runs."""
-        return self.impl != "naive" and (not torch.is_grad_enabled() or not x.requires_grad) \
-            and attn_kernel.fits(x) and self._folded_weights(x.dtype) is not None
+        return (self.impl != "naive" and x.dtype is torch.float32 and x.is_cpu and self._kernel_lib(x) is not None
+                and self._folded_weights(x.dtype) is not None)
 
     def forward_ragged(self, x_1ND, cos, sin, rows_N, pos_N, lat):
         """Absorbed MLA for a ragged batch of N tokens, token n at position ``pos_N[n]`` of cache row
@@ -202,17 +226,19 @@ class MLA(nn.Module):
             raise RuntimeError("MLA.forward_ragged needs the latent-attention kernel (check can_ragged first)")
         return linear_or_f(o_NHC.reshape(1, N, -1), folded[2])
 
-    def _latent_attention(self, q_NHC, pe_BTJR, ckv_BTC, pos_BT, lat, key_len):
+    def _latent_attention(self, q_NHC, pe_BTJR, ckv_BTC, pos_BT, lat, key_len, lib=None):
         """Cache write and one-head attention over the latent cache: the N = B*T tokens' H queries
         ``[q_lat | q_pe]`` are rows of a (B, T*H, X) batch against the cache (B, L, X). ``pe_BTJR``:
         the roped rope parts of the H queries and (last, J = H + 1) of the new key. Returns the
-        attended latent (N, H, C)."""
+        attended latent (N, H, C). The PyTorch reference below; with ``lib`` (the variant chosen by
+        :meth:`_kernel_lib`) the C kernel, where it takes these inputs (CPU fp32, a known layout)."""
         B, T, J, R = pe_BTJR.shape
         H, C, X = J - 1, self.kv_rank, self.kv_rank + self.rope
         write_rows(lat, torch.cat([ckv_BTC, pe_BTJR[:, :, H]], dim=-1), pos_BT, 1)
-        o_NHC = attn_kernel.latent_attention(q_NHC, pe_BTJR, lat, pos_BT, key_len, self.window, self.scale)
-        if o_NHC is not None:  # the fused C kernel (CPU fp32 without grad); else the PyTorch ops below
-            return o_NHC
+        if lib is not None:
+            o_NHC = attn_kernel.latent_attention(q_NHC, pe_BTJR, lat, pos_BT, key_len, self.window, self.scale, lib)
+            if o_NHC is not None:
+                return o_NHC
         lat_BLX = lat[:, :key_len]
         if lat_BLX.dtype != q_NHC.dtype:
             lat_BLX = lat_BLX.to(q_NHC.dtype)

@@ -1,4 +1,5 @@
-"""Building blocks shared by attention and FFN: RMSNorm, RoPE, SwiGLU.
+"""Building blocks shared by attention and FFN: Linear (the seam of the linear C kernel), RMSNorm,
+RoPE, SwiGLU.
 
 Shape suffix legend used across ``tinyseek/model``: B batch, T query tokens, L cache/key length,
 H heads, D model width, K head width, F FFN width, E experts, N flattened tokens (B*T).
@@ -11,7 +12,67 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyseek.model.linear_kernel import Linear
+from tinyseek.kernels import linear as linear_kernel
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` with a kernel variant chosen once (the seam of ``F.linear``): the C kernel
+    (:mod:`tinyseek.kernels.linear`) where the weights are plain CPU fp32, else ``F.linear``. The
+    choice (``use_kernel``) is made when the module is built, converted or moved (``.to``,
+    ``.float``, ...: ``nn.Module._apply``) or a parameter is replaced (tied, assigned, sharded), not
+    per call; per call the kernel variant falls back to ``F.linear`` for training (a gradient to
+    record: exactly nn.Linear's op), more than ``MAX_ROWS`` rows, autocast, ``torch.compile``, or
+    with the kernels switched off. Results equal ``F.linear`` up to float summation order. No
+    parameters or buffers of its own (same state_dict, repr and ``isinstance`` checks)."""
+
+    use_kernel = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.select_variant()
+
+    def select_variant(self) -> None:
+        """Choose the variant from the current weight and bias (:func:`linear_kernel.weight_fits`)."""
+        self.use_kernel = linear_kernel.weight_fits(self.weight, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.select_variant()
+        return out
+
+    def register_parameter(self, name: str, param) -> None:
+        super().register_parameter(name, param)
+        if "weight" in self._parameters and hasattr(self, "bias"):  # built (nn.Linear sets bias last)
+            self.select_variant()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel:
+            y = linear_kernel.linear_fitted(x, self.weight, self.bias)
+            if y is not None:
+                return y
+        return F.linear(x, self.weight, self.bias)
+
+
+def linear_or_f(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a bare weight (a folded or stacked one, no module of its own): the C kernel
+    where :func:`tinyseek.kernels.linear.linear` applies, else ``F.linear`` (same result up to
+    summation order)."""
+    y = linear_kernel.linear(x, weight, bias)
+    return F.linear(x, weight, bias) if y is None else y
+
+
+def register_opacus() -> None:
+    """Give :class:`Linear` Opacus' per-sample gradient (and ghost-clipping norm) rules of
+    ``nn.Linear``: Opacus looks them up by exact module type, so without this it would fall back to
+    its slower functorch rule. Needs opacus (the caller imports it first)."""
+    from opacus.grad_sample import GradSampleModule
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
+
+    for cls in (GradSampleModule, GradSampleModuleFastGradientClipping):
+        for table in ("GRAD_SAMPLERS", "NORM_SAMPLERS"):
+            rules = getattr(cls, table, None)
+            if isinstance(rules, dict) and nn.Linear in rules:
+                rules.setdefault(Linear, rules[nn.Linear])
 
 
 class RMSNorm(nn.Module):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from tinyseek.config import ConfigError
 from tinyseek.errors import UserError
-from tinyseek.model.linear_kernel import Linear
+from tinyseek.model.layers import Linear
 
 ALL_LINEAR = "all-linear"  # every nn.Linear except the LM head (and routers)
 

@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyseek.model.layers import SwiGLU
-from tinyseek.model.linear_kernel import Linear, linear_or_f
+from tinyseek.model.layers import Linear, linear_or_f
 from tinyseek.model.moe_fused import _grouped_mm_ok, _train_kernel, combine_plan, routed_experts
 from tinyseek.model.moe_shared import ExpertsWithShared, kernel_runs_with_shared
 from tinyseek.kernels.route import sort_by_expert, topk_indices

@@ -18,8 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from tinyseek.config import ModelConfig
 from tinyseek.model.attention import build_attention
 from tinyseek.model.cache import KVCache
-from tinyseek.model.layers import RMSNorm, Rotary, SwiGLU, rope_frequencies
-from tinyseek.model.linear_kernel import Linear
+from tinyseek.model.layers import Linear, RMSNorm, Rotary, SwiGLU, rope_frequencies
 from tinyseek.model.moe import MoE, update_bias
 
 

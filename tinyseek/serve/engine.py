@@ -53,7 +53,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import torch
 
 from tinyseek.errors import UserError
-from tinyseek.model.linear_kernel import MAX_ROWS as _LINEAR_MAX_ROWS
+from tinyseek.kernels.linear import MAX_ROWS as _LINEAR_MAX_ROWS
 from tinyseek.serve.detok import TextTracker
 from tinyseek.serve.sampling import sample_tokens
 
@@ -480,7 +480,7 @@ class Engine(AsyncCalls):
     def _weights_key(self):
         """Changes when the model's parameters are replaced or updated (GRPO steps, loads) or the
         attention kernels are switched."""
-        from tinyseek.model import attn_kernel
+        from tinyseek.kernels import attn as attn_kernel
 
         p = next(self.model.parameters())
         return p.data_ptr(), p._version, p.dtype, attn_kernel.KERNELS.state["enabled"]

@@ -1,55 +1,7 @@
-"""Fused fp32 CPU kernel for the latent attention core of absorbed MLA decoding.
-
-:meth:`tinyseek.model.attention.MLA._latent_attention` attends the H latent queries of each new
-token over the row's cached latent ``[c_kv | k_pe]`` (X = C + R floats a position, shared by all
-heads). The PyTorch path builds an additive mask, concatenates the query parts, then runs
-``baddbmm``, ``softmax`` and ``bmm`` and slices the value half: five or six small ops a layer whose
-per-call overhead dominates at decode. ``ts_latent_attn`` does it in one call, per row ``b`` and
-query token ``t``, for all H heads together (so each cache row is read once per token, the point
-of absorbed MLA):
-
-- the visible keys are one range ``lo <= j < hi`` (``hi = min(pos + 1, key_len)``, ``lo = pos -
-  window + 1`` with a sliding window, else 0): no mask is built;
-- ``s[h, j] = (scale * q[h]) . lat[j]`` over X (the scale folded into the query copy);
-- ``p = softmax(s)`` per head, the max subtracted; ``exp`` is a Cephes-style polynomial
-  (relative error ~3e-7), vectorised by the compiler;
-- ``out[h] = sum_j p[h, j] * lat[j, :C]``, written contiguous ``(N, H, C)``.
-
-AVX-512 intrinsics for the dot products and the weighted sum where the CPU has them (masked tails,
-so any C and R work), compiler-vectorised loops otherwise (``TS_PORTABLE`` forces those; for
-tests). Large calls (``N * H * key_len * X`` above ~1M multiply-adds, ``torch.get_num_threads() >
-1``) split the tokens over OpenMP threads.
-
-Used when all of these hold: the kernels are enabled (``TINYSEEK_ATTN_KERNELS=0`` or
-``KERNELS.enable(False)`` turns them off), they built (no compiler: one printed line, then the
-PyTorch path), the query, rope parts and cache are CPU fp32, and no input requires grad while grad
-is enabled (training keeps the PyTorch path). The cache may be a view of the first B rows of a
-bigger one (the serving engine's ``_RowsView``): its row stride is passed. Results equal the
-PyTorch path to float summation order (tested).
-
-Measured here (AMD Zen 5, 1 thread, thread CPU time, medians of interleaved runs; cpu-tiny shapes
-H=4, C=64, R=16, key_len 50-120, the cache write included in both): ``_latent_attention`` takes
-11.6 / 30.3 / 88 us a call at B = 1 / 16 / 64 rows with the kernel, 28.7 / 96.8 / 294 us on the
-PyTorch path; the whole cpu-tiny decode step (``model(x, cache=cache)``, 4 layers, 48 cached
-tokens) 0.68 / 0.88 / 1.31 / 3.05 ms at B = 1 / 4 / 16 / 64 against 0.83 / 1.12 / 1.7 / 4.0 ms.
-The kernel runs near this CPU's FMA throughput (~1.1 us a row at key_len 85: 4 heads x 85 keys x
-(80 + 64) multiply-adds); of the 11.6 us at B=1 about 6 are the cache write (``write_rows``) and
-3 the Python wrapper. Wrapper + kernel alone: 6.0 / 22 / 73 us at B = 1 / 16 / 64, the portable
-build 6.4 / 42 / 145 us (its first version, one dot product and one memory accumulator at a
-time, took 190 us at B=64).
-
-Deviation from the PyTorch path: a query that sees no key at all (impossible in valid use: a token
-always sees itself) gets a zero output here, where the PyTorch softmax over an all ``-inf`` row
-gives NaN.
-"""
-from __future__ import annotations
-
-import torch
-
-from tinyseek.kernels import loader as ckernels
-from tinyseek.kernels.loader import F32 as _F32, I64 as _I64, INT as _INT, P as _P
-
-_SRC = r"""
+/* Fused fp32 latent attention of absorbed MLA decoding (tinyseek/kernels/attn.py is its Python
+   glue, tinyseek/model/attention.py MLA._latent_attention its PyTorch reference). Per query token:
+   scores over the visible key range of its cache row for all H heads, softmax, weighted sum of the
+   latent's first C columns. AVX-512 where the CPU has it (TS_PORTABLE: compiler-vectorised loops). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -287,9 +239,8 @@ int ts_latent_attn(const float* qc, int64_t qc_sn, int64_t qc_sh, const float* q
   return rc;
 }
 
+#include "pyext.h"
 #ifdef TS_PYEXT  /* the same function as a CPython extension: a call costs ~0.2 us, ctypes ~1.7 */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
 #define NARGS 22
 #define SCALE_ARG 19
 static PyObject* py_latent_attn(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
@@ -323,99 +274,3 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tinyseek_attn", NULL, -1, methods};
 PyMODINIT_FUNC PyInit__tinyseek_attn(void) { return PyModule_Create(&module); }
 #endif
-"""
-
-_SIGS = {
-    "ts_latent_attn": ([_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64,
-                        _I64, _I64, _F32, _INT, _P], _INT),
-}
-
-KERNELS = ckernels.Kernels("_tinyseek_attn", _SRC, _SIGS, "TINYSEEK_ATTN_KERNELS", "tinyseek.model.attn_kernel")
-
-
-def fits(x: torch.Tensor) -> bool:
-    """Whether :func:`latent_attention` will run for a layer input ``x`` (CPU fp32, no gradient
-    needed, kernels enabled and built)."""
-    return (x.dtype is torch.float32 and x.is_cpu and not (torch.is_grad_enabled() and x.requires_grad)
-            and KERNELS.ready() is not None)
-
-
-def latent_attention(q_NHC: torch.Tensor, pe_BTJR: torch.Tensor, lat: torch.Tensor, pos_BT: torch.Tensor,
-                     key_len: int, window: int, scale: float, lib=None) -> torch.Tensor | None:
-    """The attended latent ``(N, H, C)`` (contiguous) of :meth:`MLA._latent_attention` in one kernel
-    call, or None when the kernel does not apply (see the module docstring) and the caller runs its
-    PyTorch path. ``q_NHC``: latent query parts of the N = B*T tokens; ``pe_BTJR``: roped rope parts
-    of the H queries (and, last, of the new key, unused here); ``lat``: the latent cache (B, L_max,
-    C + R), already holding the new tokens; ``lib``: a loaded kernel library to use instead of
-    :data:`KERNELS` (tests compare builds)."""
-    # kept lean (each tensor attribute costs ~0.1 us; this runs once per layer per decode step)
-    if not _inputs_fit(q_NHC, pe_BTJR, lat, pos_BT):
-        return None
-    B, T, J, R = pe_BTJR.shape
-    N, H, C = q_NHC.shape
-    ls = lat.stride()
-    if (J != H + 1 or N != B * T or len(ls) != 3 or ls[2] != 1 or lat.shape[0] != B or lat.shape[2] != C + R
-            or not 0 < key_len <= lat.shape[1] or pos_BT.shape != (B, T)):
-        return None  # not a cache layout we know: the PyTorch path
-    if lib is None:
-        lib = KERNELS.ready()
-        if lib is None:
-            return None
-    qs, ps = q_NHC.stride(), pe_BTJR.stride()
-    if qs[2] != 1:
-        q_NHC = q_NHC.contiguous()
-        qs = q_NHC.stride()
-    if ps[3] != 1:
-        pe_BTJR = pe_BTJR.contiguous()
-        ps = pe_BTJR.stride()
-    if pos_BT.dtype is not torch.int64 or not pos_BT.is_contiguous():
-        pos_BT = pos_BT.to(torch.int64).contiguous()
-    out = torch.empty(N, H, C, dtype=torch.float32)
-    _check(lib.ts_latent_attn(q_NHC.data_ptr(), qs[0], qs[1], pe_BTJR.data_ptr(), ps[0], ps[1], ps[2], lat.data_ptr(),
-                              ls[0], ls[1], pos_BT.data_ptr(), out.data_ptr(), B, T, H, C, R, key_len, window,
-                              scale, torch.get_num_threads(), 0))
-    return out
-
-
-def _inputs_fit(q: torch.Tensor, pe: torch.Tensor, lat: torch.Tensor, pos: torch.Tensor) -> bool:
-    """CPU fp32 query / rope / cache tensors, CPU positions, no gradient to record."""
-    f32 = torch.float32
-    if not (q.dtype is f32 and pe.dtype is f32 and lat.dtype is f32 and q.is_cpu and lat.is_cpu and pe.is_cpu
-            and pos.is_cpu):
-        return False
-    return not (torch.is_grad_enabled() and (q.requires_grad or pe.requires_grad or lat.requires_grad))
-
-
-def _check(rc: int) -> None:
-    if rc != 0:
-        raise MemoryError("latent attention kernel: out of memory for its scratch buffer")
-
-
-def latent_attention_rows(q_NHC: torch.Tensor, pe_NJR: torch.Tensor, lat: torch.Tensor, rows_N: torch.Tensor,
-                          pos_N: torch.Tensor, window: int, scale: float, lib=None) -> torch.Tensor | None:
-    """:func:`latent_attention` for a ragged batch: query token n belongs to cache row ``rows_N[n]`` at
-    position ``pos_N[n]`` and sees that row's keys up to its own position (the cache already holds
-    the new tokens). Used by :meth:`tinyseek.model.transformer.Transformer.forward_ragged` (decode
-    rows and new prompts in one forward). ``pe_NJR``: roped rope parts (N, H + 1, R). None where
-    the kernel does not apply (the caller has no PyTorch path for this form: it checks
-    :func:`fits` first)."""
-    if not _inputs_fit(q_NHC, pe_NJR, lat, pos_N):
-        return None
-    N, H, C = q_NHC.shape
-    ls = lat.stride()
-    if (pe_NJR.shape[:2] != (N, H + 1) or len(ls) != 3 or ls[2] != 1 or lat.shape[2] != C + pe_NJR.shape[2]
-            or rows_N.shape != (N,) or pos_N.shape != (N,)):
-        return None
-    if lib is None:
-        lib = KERNELS.ready()
-        if lib is None:
-            return None
-    q_NHC, pe_NJR = q_NHC.contiguous(), pe_NJR.contiguous()
-    rows_N = rows_N.to(torch.int64).contiguous()
-    pos_N = pos_N.to(torch.int64).contiguous()
-    qs, ps = q_NHC.stride(), pe_NJR.stride()
-    out = torch.empty(N, H, C, dtype=torch.float32)
-    _check(lib.ts_latent_attn(q_NHC.data_ptr(), qs[0], qs[1], pe_NJR.data_ptr(), 0, ps[0], ps[1], lat.data_ptr(),
-                              ls[0], ls[1], pos_N.data_ptr(), out.data_ptr(), 1, N, H, C, pe_NJR.shape[2],
-                              lat.shape[1], window, scale, torch.get_num_threads(), rows_N.data_ptr()))
-    return out
