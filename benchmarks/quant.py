@@ -131,7 +131,7 @@ def main() -> None:
 
     task = None
     if args.task_model:
-        from tinyseek.eval import heldout_problems
+        from tinyseek.post.heldout import heldout_problems
         from tinyseek.post.common import load_tokenizer_for, make_problems, prompt_ids, worked_response
 
         tok = load_tokenizer_for(args.task_model, "")

@@ -219,7 +219,6 @@ def test_rewards_and_advantages_stay_with_their_own_prompt_group(tmp_path, monke
     """One GRPO step of ``main`` with the sampler and the update replaced: every sample is graded
     against its own prompt's answer, and the advantage that reaches the update for a (prompt,
     response) row is the one computed within that prompt's group (catches transposed groupings)."""
-    from tinyseek import eval as ev
     from tinyseek.post import grpo
     from tinyseek.post.rollout import Sample
 
@@ -267,10 +266,9 @@ def test_rewards_and_advantages_stay_with_their_own_prompt_group(tmp_path, monke
     monkeypatch.setattr(grpo, "grpo_update", fake_update)
     monkeypatch.setattr(grpo.C, "decode", fake_decode)
     monkeypatch.setattr(grpo.C, "prompt_ids", prompt_ids)
-    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: {"pass@1": 0.0, "format_rate": 0.0, "mean_length": 0.0})
     cfg = grpo.Config(out_dir=str(tmp_path), name="g", steps=1, prompts_per_step=N, group_size=G, max_new_tokens=4,
                       eval_every=0, eval_problems=1, variant="grpo", rewards={"accuracy": 1.0}, plots=False)
-    grpo.main(cfg)
+    grpo.main(cfg, evaluate=lambda *a, **k: {"pass@1": 0.0, "format_rate": 0.0, "mean_length": 0.0})
     prompts, responses, adv = seen["update"]
     ids = [real_prompt_ids(seen["tok"], p.prompt) for p in seen["probs"]]
     want = L.grpo_advantages(torch.tensor([[float(correct(n, k)) for k in range(G)] for n in range(N)]))
@@ -279,3 +277,54 @@ def test_rewards_and_advantages_stay_with_their_own_prompt_group(tmp_path, monke
         n, k = resp[0] - 1000, resp[1] - 2000
         assert prompt == ids[n]                                     # the response stays with its prompt
         assert a == pytest.approx(float(want[n, k]), abs=1e-6), (n, k)  # and gets its own group's advantage
+
+
+def test_main_scores_the_heldout_set_with_the_evaluator_it_is_given(tmp_path):
+    """GRPO's periodic eval is whatever ``evaluate`` the caller passes (the pipeline passes eval's own;
+    ``tinyseek grpo`` gets the greedy scoring): called at step 0, every ``eval_every`` steps and at the
+    end, on the same held-out problems, with its numbers logged as ``eval_*``."""
+    from tinyseek.common import read_metrics
+    from tinyseek.post import grpo
+    from tinyseek.post.heldout import heldout_problems
+
+    calls = []
+
+    def evaluate(model, tok, problems, *, max_new_tokens, seed):
+        calls.append(([p.prompt for p in problems], max_new_tokens, seed))
+        return {"pass@1": len(calls) / 10, "format_rate": 0.5, "mean_length": 3.0}
+
+    cfg = grpo.Config(out_dir=str(tmp_path), name="g", steps=2, prompts_per_step=2, group_size=2, max_new_tokens=4,
+                      eval_every=1, eval_problems=3, eval_seed=1, seed=5, plots=False)
+    res = grpo.main(cfg, evaluate=evaluate)
+    want = [p.prompt for p in heldout_problems(cfg.tasks, 3, 1, cfg.max_difficulty)]
+    assert calls == [(want, 4, 5)] * 3
+    evals = [r for r in read_metrics(tmp_path / "g" / "metrics.jsonl") if "eval_pass1" in r]
+    assert [(r["step"], r["eval_pass1"]) for r in evals] == [(0, 0.1), (1, 0.2), (2, 0.3)]
+    assert (res["eval_pass1_start"], res["eval_pass1_end"]) == (0.1, 0.3)
+
+
+def test_eval_stage_greedy_numbers_are_grpos_default_evaluator():
+    """``tinyseek eval``'s greedy pass@1 / format / length and GRPO's default periodic eval are one
+    measurement (the pipeline's GRPO curve and its eval table agree), and post/ never imports eval."""
+    import subprocess
+    import sys
+
+    from tinyseek.eval import evaluate
+    from tinyseek.post import grpo
+    from tinyseek.post.heldout import greedy_scores, heldout_problems
+    from tinyseek.tokenizer import byte_tokenizer
+
+    torch.manual_seed(0)
+    tok = byte_tokenizer()
+    mcfg = model_micro()
+    mcfg.vocab_size = tok.vocab_size
+    model = Transformer(mcfg).eval()
+    probs = heldout_problems("arithmetic", 4, 0, 1)
+    full = evaluate(model, tok, probs, k=2, n_samples=2, max_new_tokens=6)
+    assert {k: full[k] for k in greedy_scores(model, tok, probs, max_new_tokens=6)} == \
+        greedy_scores(model, tok, probs, max_new_tokens=6)
+    assert "pass@2" in full
+    assert grpo.main.__defaults__ == (greedy_scores,)
+    code = "import sys, tinyseek.post.grpo; print('tinyseek.eval' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

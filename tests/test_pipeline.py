@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tinyseek.pipeline import PRETRAIN_STAGES as STAGE_ORDER
+from tinyseek.stages import PRETRAIN_STAGES as STAGE_ORDER
+from tinyseek.stages import marker_inputs, stage_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +140,7 @@ def fake_stages(monkeypatch):
             return {"value": len(calls)}
         return run_stage
 
-    monkeypatch.setattr(P, "STAGES", {s: make(s) for s in P.STAGE_ORDER})
+    monkeypatch.setattr(P, "STAGES", {s: make(s) for s in P.STAGES})
     return calls
 
 
@@ -238,7 +239,7 @@ def test_old_markers_without_inputs_are_kept_but_redo_still_propagates(fake_stag
 
 
 def test_stage_result_hides_the_marker_bookkeeping(fake_stages, tmp_path):
-    from tinyseek.pipeline import marker_inputs, preset, stage_result
+    from tinyseek.pipeline import preset
 
     _run(tmp_path)
     run = tmp_path / "r"
@@ -307,4 +308,4 @@ def test_killed_pretraining_resumes_only_with_the_settings_it_started_with(fake_
                   f"model.top_k {P.preset('micro').pretrain.model.top_k} -> 1)", why
     monkeypatch.setitem(P.STAGES, "pretrain", lambda cfg, run: {"resumed": (run / "pretrain" / "partial").exists()})
     _run(tmp_path, "--pretrain.lr", "0.001")
-    assert P.stage_result(run, "pretrain")["resumed"] is False  # started over
+    assert stage_result(run, "pretrain")["resumed"] is False  # started over

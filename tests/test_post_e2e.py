@@ -44,7 +44,8 @@ SEEDS = (0, 1)
 
 
 def heldout_eval(path: str) -> dict:
-    from tinyseek.eval import evaluate, heldout_problems
+    from tinyseek.eval import evaluate
+    from tinyseek.post.heldout import heldout_problems
     from tinyseek.tokenizer import byte_tokenizer
     from tinyseek.train.checkpoint import load_model
     model, _ = load_model(path)

@@ -2,7 +2,8 @@
 
 Held-out means problems from the tasks' ``eval`` split (a hash of the prompt text puts 1 in 4
 problem texts there; training stages draw only from the ``train`` split, so no prompt is shared,
-even for tiny problem spaces) with seeds from ``EVAL_SEED_BASE + seed``.
+even for tiny problem spaces) with seeds from ``EVAL_SEED_BASE + seed``
+(:func:`tinyseek.post.heldout.heldout_problems`, the set GRPO's periodic eval uses too).
 
 pass@k uses the unbiased estimator of Chen et al. (2021) from ``n_samples >= k`` samples per
 problem at ``temperature``: ``1 - C(n - c, k) / C(n, k)`` averaged over problems, ``c`` correct.
@@ -22,7 +23,10 @@ import torch
 
 from tinyseek.common import atomic_write_json, get_device, seed_everything
 from tinyseek.config import ConfigError
-from tinyseek.post.common import find_run_dir
+from tinyseek.post.common import decode, find_run_dir, prompt_ids
+from tinyseek.post.heldout import greedy_scores, heldout_problems
+from tinyseek.post.rewards import is_correct
+from tinyseek.post.rollout import sample
 from tinyseek.serve.loading import check_ckpt, load_tokenizer_for
 from tinyseek.train.checkpoint import load_model
 
@@ -76,23 +80,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 @torch.no_grad()
 def evaluate(model, tok, problems, *, k: int = 8, n_samples: int = 8, temperature: float = 1.0,
              top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0) -> dict:
-    """Greedy pass@1, sampled pass@k, format rate and mean length (tokens) of the greedy answers."""
-    from tinyseek.post.common import decode, prompt_ids
-    from tinyseek.post.rewards import format_score, is_correct
-    from tinyseek.post.rollout import sample
-
-    prompts = [prompt_ids(tok, p.prompt) for p in problems]
-    greedy = sample(model, prompts, eos_id=tok.eos_id, stop_ids=tok.stop_ids, max_tokens=max_new_tokens, temperature=0.0, seed=seed)
-    texts = [decode(tok, s.tokens) for s in greedy]
-    ok = [is_correct(t, p.answer, p.meta) for t, p in zip(texts, problems)]
-    res = {
-        "n_problems": len(problems),
-        "pass@1": sum(ok) / len(problems),
-        "format_rate": sum(format_score(t) for t in texts) / len(problems),
-        "mean_length": sum(len(s.tokens) for s in greedy) / len(problems),
-        "truncated_rate": sum(not s.finished for s in greedy) / len(problems),
-    }
+    """Greedy pass@1, format rate, mean length and truncation rate of the greedy answers
+    (:func:`tinyseek.post.heldout.greedy_scores`, the numbers GRPO logs as ``eval_*``), plus sampled
+    pass@k and accuracy from ``n_samples`` samples per problem when ``n_samples > 0``."""
+    res = greedy_scores(model, tok, problems, max_new_tokens=max_new_tokens, seed=seed)
     if n_samples:
+        prompts = [prompt_ids(tok, p.prompt) for p in problems]
         rep = [p for p in prompts for _ in range(n_samples)]
         samples = sample(model, rep, eos_id=tok.eos_id, stop_ids=tok.stop_ids, max_tokens=max_new_tokens, temperature=temperature,
                          top_p=top_p, seed=seed + 1)
@@ -108,11 +101,6 @@ def evaluate(model, tok, problems, *, k: int = 8, n_samples: int = 8, temperatur
         res["n_samples"] = n_samples
         res["temperature"] = temperature
     return res
-
-
-def heldout_problems(tasks: str, n: int, seed: int, difficulty: int | None):
-    from tinyseek.post.common import EVAL_SEED_BASE, make_problems
-    return make_problems(tasks, n, seed=EVAL_SEED_BASE + seed, difficulty=difficulty, split="eval")
 
 
 def main(cfg: Config) -> dict:

@@ -11,7 +11,7 @@ import -> sft (LoRA) -> grpo (LoRA) -> quantize (int8, int4) -> eval (base, sft,
 Every stage writes into ``runs/<name>/<stage>/`` and, when it succeeds, a marker
 ``runs/<name>/stages/<stage>.json`` holding its metrics (written atomically, last) and its inputs:
 the settings that decide its output and the id of the marker of every stage it reads
-(:data:`DEPENDS`). A re-run skips a stage whose marker exists and whose inputs are unchanged; a stage
+(:data:`tinyseek.stages.DEPENDS`). A re-run skips a stage whose marker exists and whose inputs are unchanged; a stage
 is redone when asked (``--force`` redoes everything, ``--redo sft,grpo`` redoes some), when its
 settings changed, or when a stage it reads is redone or was redone since (then it is *stale*; the
 run prints which stages are stale and why). So ``--redo sft`` redoes grpo, quantize, eval, export,
@@ -26,6 +26,7 @@ Stage settings come from each stage's own preset of the same name (``micro``, ``
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -34,24 +35,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tinyseek.common import atomic_write_json, print0, read_metrics
+from fastapi.testclient import TestClient
+
+from tinyseek import eval as ev
+from tinyseek import export, importer
+from tinyseek.common import atomic_dir, atomic_write_json, print0, read_metrics
 from tinyseek.config import ConfigError, to_dict
 from tinyseek.data import pipeline as data_stage
 from tinyseek.errors import UserError
+from tinyseek.post import grpo, sft
+from tinyseek.quant import stage as quant_stage
+from tinyseek.report import summary_rows, write_report
+from tinyseek.serve import server
+from tinyseek.stages import (DEPENDS, IMPORT_PRESETS, dependents, is_done, marker, marker_inputs, stage_result,
+                             stages_for)
+from tinyseek.tasks import get_task
 from tinyseek.train import checkpoint as ckpt_io
 from tinyseek.train import pretrain as pretrain_stage
 
-STAGE_ORDER = ("import", "data", "pretrain", "sft", "grpo", "quantize", "eval", "export", "serve", "report")
-# the stages a preset runs, in order (the others are not part of that recipe)
-PRETRAIN_STAGES = ("data", "pretrain", "sft", "grpo", "quantize", "eval", "export", "serve", "report")
-IMPORT_STAGES = ("import", "sft", "grpo", "quantize", "eval", "export", "serve", "report")
-# what each stage reads besides its own settings: redoing one of these makes the stage stale
-DEPENDS: dict[str, tuple[str, ...]] = {
-    "import": (), "data": (), "pretrain": ("data",), "sft": ("pretrain", "import"), "grpo": ("sft",),
-    "quantize": ("grpo", "data"),  # data: the calibration / held-out perplexity shards
-    "eval": ("import", "sft", "grpo", "quantize"), "export": ("grpo",), "serve": ("quantize", "grpo"),
-    "report": STAGE_ORDER[:-1],
-}
 # fields of a stage's config that the pipeline sets itself (paths, device): not recorded as inputs
 _WIRED = {"data": ("run_dir", "name"), "pretrain": ("run_dir", "name", "data", "device", "resume"),
           "sft": ("init", "out_dir", "name", "device"), "grpo": ("init", "out_dir", "name", "device")}
@@ -64,22 +65,6 @@ _STAGE_PRESETS = {
     "smollm2": {"sft": "smollm2", "grpo": "smollm2"},
     "smollm2-gpu": {"sft": "smollm2-gpu", "grpo": "smollm2-gpu"},
 }
-IMPORT_PRESETS = ("smollm2", "smollm2-gpu")  # presets that start from a real pretrained model
-
-
-def stages_for(preset_name: str) -> tuple[str, ...]:
-    """The stages preset ``preset_name`` runs, in order."""
-    return IMPORT_STAGES if preset_name in IMPORT_PRESETS else PRETRAIN_STAGES
-
-
-def _sft_cfg():
-    from tinyseek.post import sft
-    return sft.Config()
-
-
-def _grpo_cfg():
-    from tinyseek.post import grpo
-    return grpo.Config()
 
 
 @dataclass
@@ -96,8 +81,8 @@ class Config:
     device: str = "auto"            # auto / cpu / cuda for every stage
     data: data_stage.Config = field(default_factory=data_stage.Config)            # data stage options
     pretrain: pretrain_stage.Config = field(default_factory=pretrain_stage.Config)  # pretraining options
-    sft: object = field(default_factory=_sft_cfg)     # SFT cold-start options (tinyseek.post.sft.Config)
-    grpo: object = field(default_factory=_grpo_cfg)   # GRPO options (tinyseek.post.grpo.Config)
+    sft: sft.Config = field(default_factory=sft.Config)     # SFT cold-start options (tinyseek.post.sft.Config)
+    grpo: grpo.Config = field(default_factory=grpo.Config)  # GRPO options (tinyseek.post.grpo.Config)
 
     @property
     def run_dir(self) -> Path:
@@ -123,8 +108,6 @@ def _split(s: str) -> list[str]:
 
 
 def preset(name: str) -> Config:
-    from tinyseek.post import grpo, sft
-
     if name not in _STAGE_PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(_STAGE_PRESETS)}")
     p = _STAGE_PRESETS[name]
@@ -149,44 +132,8 @@ def preset(name: str) -> Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# stage markers
+# what a stage records, and when it must run again
 # ---------------------------------------------------------------------------------------------
-def marker(run: Path, stage: str) -> Path:
-    return run / "stages" / f"{stage}.json"
-
-
-def is_done(run: Path, stage: str) -> bool:
-    m = marker(run, stage)
-    if not m.exists():
-        return False
-    try:
-        json.loads(m.read_text())
-        return True
-    except json.JSONDecodeError:
-        return False
-
-
-def _read_marker(run: Path, stage: str) -> dict:
-    if not is_done(run, stage):
-        return {}
-    d = json.loads(marker(run, stage).read_text())
-    return d if isinstance(d, dict) else {}
-
-
-def stage_result(run: Path, stage: str) -> dict:
-    """The metrics a stage recorded ({} if it is not done), without the marker's bookkeeping."""
-    d = _read_marker(run, stage)
-    d.pop("_marker", None)
-    return d
-
-
-def marker_inputs(run: Path, stage: str) -> dict:
-    """``{"id", "settings", "after": {stage: id}}`` recorded by a stage's marker; {} for a marker
-    written before markers recorded their inputs."""
-    m = _read_marker(run, stage).get("_marker")
-    return m if isinstance(m, dict) else {}
-
-
 def stage_settings(cfg: Config, stage: str) -> dict:
     """The settings that decide ``stage``'s output, as JSON values (what its marker records; a
     change makes the stage stale). Paths and the device, which the pipeline wires, are left out."""
@@ -268,15 +215,6 @@ def _started_settings(run: Path, stage: str) -> dict | None:
     return d if isinstance(d, dict) else None
 
 
-def dependents(stage: str, order: tuple[str, ...]) -> list[str]:
-    """Every stage of ``order`` that reads ``stage``'s output, directly or through others."""
-    out: list[str] = []
-    for s in order:
-        if any(d == stage or d in out for d in DEPENDS[s] if d in order):
-            out.append(s)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # the stages, wired to one run folder
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +271,6 @@ def pretrain_result(run_dir: Path, step_dir: Path) -> dict:
 
 
 def _import(cfg: Config, run: Path) -> dict:
-    from tinyseek import importer
     c = importer.Config(src=cfg.src or importer.smollm2_gguf(), out=str(run / "import"), force=True)
     c.validate()
     res = importer.main(c)
@@ -345,7 +282,6 @@ def _share_tokenizer(src: Path, run: Path) -> None:
     """One tokenizer for the whole run at <run>/tokenizer: every stage (and `tinyseek serve --ckpt
     <run>/<stage>`) finds it by looking up from its checkpoint."""
     if src.is_dir():
-        from tinyseek.common import atomic_dir
         with atomic_dir(run / "tokenizer") as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
 
@@ -356,7 +292,6 @@ def _base(cfg: Config, run: Path) -> Path:
 
 
 def _sft(cfg: Config, run: Path) -> dict:
-    from tinyseek.post import sft
     c = cfg.sft
     c.init = str(_base(cfg, run))
     c.out_dir, c.name, c.device = str(run), "sft", cfg.device
@@ -365,31 +300,29 @@ def _sft(cfg: Config, run: Path) -> dict:
 
 
 def _grpo(cfg: Config, run: Path) -> dict:
-    from tinyseek.post import grpo
     c = cfg.grpo
     c.init = str(run / "sft")
     c.out_dir, c.name, c.device = str(run), "grpo", cfg.device
     c.validate()
-    return grpo.main(c)
+    # GRPO's periodic held-out eval is the eval stage's own function (greedy part: pass@k off)
+    return grpo.main(c, evaluate=functools.partial(ev.evaluate, n_samples=0))
 
 
 def _quantize(cfg: Config, run: Path) -> dict:
-    from tinyseek.quant import stage as q
     out = {}
     for method in _split(cfg.quant):
-        c = q.preset("int8" if method == "int8" else "int4-g32")
+        c = quant_stage.preset("int8" if method == "int8" else "int4-g32")
         c.ckpt = str(run / "grpo")
         c.out = str(run / "quantize" / method)
         if (run / "data" / "shards").is_dir():  # held-out perplexity needs token shards (none after import)
             c.calib_data = str(run / "data" / "shards")
             c.eval_batches = 4
         c.validate()
-        out[method] = q.main(c)
+        out[method] = quant_stage.main(c)
     return out
 
 
 def _eval(cfg: Config, run: Path) -> dict:
-    from tinyseek import eval as ev
     out = {}
     models = {"base": run / "import"} if cfg.preset in IMPORT_PRESETS else {}
     models.update({"sft": run / "sft", "grpo": run / "grpo"})
@@ -413,7 +346,6 @@ def _export_formats(cfg: Config) -> tuple[str, ...]:
 
 
 def _export(cfg: Config, run: Path) -> dict:
-    from tinyseek import export
     out = {}
     for fmt in _export_formats(cfg):
         c = export.Config(ckpt=str(run / "grpo"), out=str(run / "export" / fmt), format=fmt)
@@ -428,13 +360,9 @@ def _export(cfg: Config, run: Path) -> dict:
 def _serve(cfg: Config, run: Path) -> dict:
     """Serving smoke test: load the int8 (else float) model into the engine behind the OpenAI API
     app and ask it one chat completion in-process."""
-    from fastapi.testclient import TestClient
-
-    from tinyseek.serve import server
     ckpt = run / "quantize" / "int8" if "int8" in _split(cfg.quant) else run / "grpo"
     sc = server.Config(ckpt=str(ckpt), device="cpu" if cfg.device == "auto" else cfg.device)
     app, engine = server.build(sc)
-    from tinyseek.tasks import get_task
     prob = get_task(cfg.grpo.tasks.split(",")[0]).generate(1, seed=987_654_321, difficulty=cfg.grpo.difficulty)[0]
     body = {"model": sc.model_name, "messages": [{"role": "user", "content": prob.prompt}],
             "max_tokens": cfg.grpo.max_new_tokens, "temperature": 0}
@@ -452,7 +380,6 @@ def _serve(cfg: Config, run: Path) -> dict:
 
 
 def _report(cfg: Config, run: Path) -> dict:
-    from tinyseek.report import write_report
     return write_report(run, cfg)
 
 
@@ -515,7 +442,6 @@ def main(cfg: Config) -> dict:
 
 
 def _summary(run: Path, results: dict, timings: dict) -> None:
-    from tinyseek.report import summary_rows
     rows = summary_rows(run)
     w = max(len(r[0]) for r in rows) if rows else 10
     print0("\nstage".ljust(w + 2) + "seconds  result")

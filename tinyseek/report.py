@@ -12,7 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tinyseek.common import atomic_write_text, read_metrics
+from tinyseek.config import to_dict
+from tinyseek.plots import plot_loss
+from tinyseek.post.plots import plot_grpo
+from tinyseek.stages import is_done, stage_result, stages_for
 
 
 def _load(path: Path) -> dict:
@@ -44,10 +50,9 @@ def plot_expert_heatmap(metrics: list[dict], out: Path) -> Path | None:
     rows = [r for r in metrics if isinstance(r.get("load_frac"), list) and r["load_frac"]]
     if not rows:
         return None
-    import matplotlib
+    import matplotlib  # heavy and optional: only when there is something to plot
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     n_layers = len(rows[0]["load_frac"])
     fig, axes = plt.subplots(1, n_layers, figsize=(4 * n_layers, 3.2), squeeze=False)
@@ -71,17 +76,14 @@ def _plots(run: Path, rep: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     pre = read_metrics(run / "pretrain" / "metrics.jsonl")
     if pre:
-        from tinyseek.plots import plot_loss
         out["loss"] = plot_loss(pre, rep / "loss.png", title="pretraining loss")  # + held-out val_loss points
         p = plot_expert_heatmap(pre, rep / "expert_load.png")
         if p:
             out["expert_load"] = p
     if (run / "grpo" / "metrics.jsonl").exists():
-        from tinyseek.post.plots import plot_grpo
         out["grpo"] = plot_grpo(run / "grpo" / "metrics.jsonl", rep / "grpo.png")
     sft = read_metrics(run / "sft" / "metrics.jsonl")
     if sft and any("loss" in r for r in sft):
-        from tinyseek.plots import plot_loss
         out["sft"] = plot_loss(sft, rep / "sft_loss.png", title="SFT loss")
     return out
 
@@ -91,8 +93,6 @@ def _plots(run: Path, rep: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------
 def summary_rows(run: Path) -> list[tuple[str, str]]:
     """(stage, one-line result) for every pipeline stage, from the stage markers."""
-    from tinyseek.pipeline import is_done, stage_result, stages_for
-
     preset = (_load(run / "pipeline_config.json") or {}).get("preset", "")
     rows = []
     for s in stages_for(preset):
@@ -140,8 +140,6 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> str:
 
 def _sections(run: Path, cfg_dict: dict, plots: dict[str, Path]) -> list[tuple[str, str, str | None]]:
     """(title, markdown body, png name or None) per report section."""
-    from tinyseek.pipeline import stage_result
-
     secs: list[tuple[str, str, str | None]] = []
     rows = summary_rows(run)
     secs.append(("Pipeline", _md_table(["stage", "seconds", "result"],
@@ -195,8 +193,6 @@ def _sections(run: Path, cfg_dict: dict, plots: dict[str, Path]) -> list[tuple[s
 
 def write_report(run: str | Path, cfg: Any = None) -> dict:
     """Render the report of run folder ``run``; returns the paths written."""
-    from tinyseek.config import to_dict
-
     run = Path(run)
     rep = run / "report"
     rep.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,9 @@ from tinyseek.config import ConfigError, ModelConfig, model_micro, model_preset
 from tinyseek.model.lora import merged
 from tinyseek.post import common as C
 from tinyseek.post.curriculum import SCHEDULES, levels_for_step
+from tinyseek.post.heldout import Evaluator, greedy_scores, heldout_problems
 from tinyseek.post.losses import ADVANTAGES, VARIANTS, dynamic_sampling_keep, policy_loss, token_mean_agg
+from tinyseek.post.plots import plot_grpo
 from tinyseek.post.rewards import (DEFAULT_MULTI_WEIGHTS, RewardContext, check_weights, format_score, is_correct,
                                    reward_breakdown)
 from tinyseek.post.rollout import sample
@@ -259,9 +261,14 @@ def grpo_update(model, ref_model, opt, prompts: list[list[int]], responses: list
     return stats
 
 
-def main(cfg: Config) -> dict:
+def main(cfg: Config, evaluate: Evaluator = greedy_scores) -> dict:
+    """Run GRPO as ``cfg`` says; returns the result also written to ``result.json``.
+
+    ``evaluate(model, tok, problems, max_new_tokens=, seed=)`` scores the held-out problems at step
+    0, every ``eval_every`` steps and at the end (logged as ``eval_pass1``, ``eval_format``,
+    ``eval_length``); it must return ``pass@1``, ``format_rate`` and ``mean_length``. The default
+    is the greedy scoring that ``tinyseek eval`` reports as pass@1; the pipeline passes eval's own."""
     cfg.validate()
-    from tinyseek.eval import evaluate, heldout_problems
     device, run_dir, tok, model = C.start_policy_run(cfg, "grpo")
     ref = C.reference_model(model) if cfg.beta > 0 else None  # LoRA: the base, adapters off (no copy)
     params = C.trainable(model)  # all parameters, or only the LoRA adapters
@@ -276,7 +283,7 @@ def main(cfg: Config) -> dict:
 
     def run_eval(step):
         with merged(model):  # LoRA: plain projections with the adapters added in (fast decode paths)
-            r = evaluate(model, tok, heldout, n_samples=0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+            r = evaluate(model, tok, heldout, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         log.log(step, eval_pass1=r["pass@1"], eval_format=r["format_rate"], eval_length=r["mean_length"])
         print0(f"grpo eval step {step}: pass@1 {r['pass@1']:.3f} format {r['format_rate']:.2f}")
         return r
@@ -350,7 +357,6 @@ def main(cfg: Config) -> dict:
     last_eval = run_eval(cfg.steps)
     ckpt = C.save(run_dir, cfg.steps, model, opt, {"stage": "grpo", "step": cfg.steps})
     if cfg.plots:
-        from tinyseek.post.plots import plot_grpo
         plot_grpo(run_dir / "metrics.jsonl", run_dir / "plots" / "grpo.png")
     k = max(1, len(history) // 5)
     res = {
