@@ -32,6 +32,11 @@ Behaviour worth knowing:
   tokenizer adds to a text (Llama 3's BOS; ours add nothing).
 - Only ``n = 1``; ``logprobs`` are not supported (400). Penalties and other OpenAI fields are ignored.
   Extensions: ``top_k`` and ``ignore_eos`` (as in vLLM).
+
+Layout: request parsing is pure functions (``parse_*``, raising :class:`ApiError`); each endpoint is a
+module-level function on :data:`router` that reads the shared state from ``request.app.state``
+(see :func:`create_app`); the Host check and the metrics are ASGI middleware classes; an endpoint is
+added as one more route function here plus its test in tests/test_server.py.
 """
 from __future__ import annotations
 
@@ -46,7 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -54,6 +60,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tinyseek.config import ConfigError
 from tinyseek.errors import UserError
 from tinyseek.serve.engine import Completion, Engine, SamplingParams
+from tinyseek.serve.engine_proc import ProcessEngine, available_cpus, parse_cpus, pin_process
+from tinyseek.serve.loading import check_ckpt, load_for_serving
 from tinyseek.serve.metrics import ServerMetrics
 from tinyseek.serve.safety import DEFAULT_REFUSAL, SafetyFilter
 
@@ -306,321 +314,390 @@ def add_stop_ids(sp: SamplingParams, tokenizer) -> SamplingParams:
 
 
 # ---------------------------------------------------------------------------------------------
-# the app
+# the app: state, middleware, error handlers, routes
 # ---------------------------------------------------------------------------------------------
-def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: SafetyFilter | None = None,
-               metrics: ServerMetrics | None = None):
-    """The FastAPI app over a ready engine (tests build one from a tiny model directly)."""
-    cfg = (cfg or Config()).validate()
-    safety = safety or SafetyFilter.from_config(cfg.blocklist, cfg.blocklist_file, cfg.classifier,
-                                                cfg.classifier_threshold, cfg.refusal_message)
-    metrics = metrics or ServerMetrics(engine)
-    host_names = allowed_host_names(cfg)
-    api_key = cfg.api_key or os.environ.get("TINYSEEK_API_KEY", "")
-    max_prompt = min(cfg.max_prompt_tokens or engine.max_len - 1, engine.max_len - 1)
-    state = {"shutting_down": False}
+# What the routes share lives on ``app.state`` (set once by create_app): ``engine``, ``tokenizer``,
+# ``cfg``, ``safety``, ``metrics``, ``api_key``, ``host_names``, ``max_prompt`` and ``shutting_down``.
+# A route reads it from its request (``request.app.state``); nothing is captured in closures.
+router = APIRouter()
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        engine.start()
-        yield
-        state["shutting_down"] = True
-        engine.stop(drain=True, timeout=cfg.shutdown_timeout_s)
 
-    app = FastAPI(title="tinyseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.metrics, app.state.safety, app.state.cfg = engine, metrics, safety, cfg
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI):
+    """Start the engine with the server; on shutdown refuse new requests (503), drain, stop."""
+    st = app.state
+    st.engine.start()
+    yield
+    st.shutting_down = True
+    st.engine.stop(drain=True, timeout=st.cfg.shutdown_timeout_s)
 
-    # --- plumbing ---------------------------------------------------------------------------
-    known = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/"}
 
-    class MetricsMiddleware:  # request count and latency (to the last byte, streams included)
-        def __init__(self, app):
-            self.app = app
+class MetricsMiddleware:
+    """Counts every HTTP request by endpoint and status and observes its latency (to the last byte,
+    streams included). Paths that are not routes count as ``other`` (``/static`` for the page's files)."""
 
-        async def __call__(self, scope, receive, send):
-            if scope["type"] != "http":
-                return await self.app(scope, receive, send)
-            t0, status = time.monotonic(), {"code": 500}
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
 
-            async def send_wrapper(msg):
-                if msg["type"] == "http.response.start":
-                    status["code"] = msg["status"]
-                await send(msg)
-            try:
-                await self.app(scope, receive, send_wrapper)
-            finally:
-                path = scope.get("path", "")
-                ep = path if path in known else ("/static" if path.startswith("/static/") else "other")
-                metrics.requests.inc(endpoint=ep, status=str(status["code"]))
-                metrics.latency.observe(time.monotonic() - t0, endpoint=ep)
-
-    class HostMiddleware:  # DNS rebinding: a page of evil.com resolving to 127.0.0.1 sends Host: evil.com
-        def __init__(self, app):
-            self.app = app
-
-        async def __call__(self, scope, receive, send):
-            if scope["type"] == "http":  # (no websocket routes)
-                hosts = [v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"]
-                if len(hosts) > 1 or not host_allowed(hosts[0] if hosts else None, host_names):
-                    err = ApiError(400, f"Host header {hosts[0] if len(hosts) == 1 else hosts!r} is not allowed "
-                                   "(start the server with --allowed-hosts NAME to accept it)", code="invalid_host")
-                    return await JSONResponse(err.body(), status_code=400)(scope, receive, send)
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        t0, status = time.monotonic(), {"code": 500}
 
-    app.add_middleware(HostMiddleware)
-    app.add_middleware(MetricsMiddleware)  # outermost: counts the requests HostMiddleware refuses
+        async def send_wrapper(msg):
+            if msg["type"] == "http.response.start":
+                status["code"] = msg["status"]
+            await send(msg)
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            path = scope.get("path", "")
+            ep = path if path in ENDPOINTS else ("/static" if path.startswith("/static/") else "other")
+            self.metrics.requests.inc(endpoint=ep, status=str(status["code"]))
+            self.metrics.latency.observe(time.monotonic() - t0, endpoint=ep)
 
-    def error_response(e: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request, e: ApiError):
-        return error_response(e)
+class HostMiddleware:
+    """400 ``invalid_host`` unless the request has at most one ``Host`` header that
+    :func:`host_allowed` accepts (DNS rebinding: a page of evil.com resolving to 127.0.0.1 sends
+    ``Host: evil.com``)."""
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e):
-        typ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(ApiError(e.status_code, str(e.detail), typ))
+    def __init__(self, app, host_names: frozenset[str]):
+        self.app, self.host_names = app, host_names
 
-    @app.exception_handler(UserError)
-    async def _user_error(request, e: UserError):
-        return error_response(_bad(str(e)))
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":  # (no websocket routes)
+            hosts = [v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"]
+            if len(hosts) > 1 or not host_allowed(hosts[0] if hosts else None, self.host_names):
+                err = ApiError(400, f"Host header {hosts[0] if len(hosts) == 1 else hosts!r} is not allowed "
+                               "(start the server with --allowed-hosts NAME to accept it)", code="invalid_host")
+                return await JSONResponse(err.body(), status_code=400)(scope, receive, send)
+        return await self.app(scope, receive, send)
 
-    @app.exception_handler(Exception)
-    async def _internal(request, e):
-        return error_response(ApiError(500, f"internal error: {type(e).__name__}", "server_error"))
 
-    def check_auth(request: Request) -> None:
-        if not api_key:
-            return
-        got = request.headers.get("authorization", "")
-        scheme, _, token = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                           "authentication_error", code="invalid_api_key")
+def error_response(e: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
-    async def read_body(request: Request) -> dict:
-        check_auth(request)
-        if state["shutting_down"]:
-            raise ApiError(503, "server is shutting down", "server_error")
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":  # a cross-site form or text/plain "simple request" is refused
-            raise ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
-                           code="unsupported_media_type")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > cfg.max_body_bytes:
-                raise ApiError(413, f"request body exceeds {cfg.max_body_bytes} bytes", code="request_too_large")
-        body = parse_json_body(bytes(raw))
-        model = body.get("model")
-        if model is not None and model != cfg.model_name:
-            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{cfg.model_name}'",
-                           "not_found_error", "model", "model_not_found")
-        return body
 
-    def check_prompt(ids: list[int]) -> list[int]:
-        if not ids:
-            raise _bad("the prompt is empty", "prompt")
-        if len(ids) > max_prompt:
-            raise _bad(f"the prompt has {len(ids)} tokens; this server accepts at most {max_prompt}",
-                       "messages", "context_length_exceeded")
-        if engine.queue_depth() >= cfg.max_queue > 0:
-            raise ApiError(429, "too many requests queued; retry later", "rate_limit_error", code="queue_full")
-        return ids
+async def _api_error(request: Request, e: ApiError):
+    return error_response(e)
 
-    # --- generation --------------------------------------------------------------------------
-    def fmt(kind: str, rid: str, created: int, text: str | None, finish: str | None, first: bool = False) -> dict:
-        if kind == "chat":
-            delta: dict[str, Any] = {}
-            if first:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
-        return {"id": rid, "object": obj, "created": created, "model": cfg.model_name, "choices": [choice]}
 
-    def usage(n_prompt: int, n_out: int) -> dict:
-        return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+async def _http_error(request: Request, e: StarletteHTTPException):
+    typ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return error_response(ApiError(e.status_code, str(e.detail), typ))
 
-    def full(kind: str, rid: str, created: int, text: str, finish: str, n_prompt: int, n_out: int) -> dict:
-        if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
-        return {"id": rid, "object": obj, "created": created, "model": cfg.model_name, "choices": [choice],
-                "usage": usage(n_prompt, n_out)}
 
-    def finish_reason(c: Completion) -> str:
-        return c.finish_reason if c.finish_reason in ("stop", "length") else "stop"
+async def _user_error(request: Request, e: UserError):
+    return error_response(_bad(str(e)))
 
-    def completion_error(c: Completion) -> ApiError | None:
-        if c.finish_reason == "timeout":
-            return ApiError(504, f"generation exceeded the {cfg.timeout_s} s time limit", "timeout_error", code="timeout")
-        if c.finish_reason == "error":
-            return ApiError(500, f"generation failed: {c.error}", "server_error")
-        if c.finish_reason == "cancelled":
-            return ApiError(503, "request cancelled (server shutting down)", "server_error")
-        return None
 
-    def record(c: Completion) -> None:
-        metrics.prompt_tokens.inc(c.prompt_tokens)
-        metrics.completion_tokens.inc(len(c.token_ids))
-        if c.first_token_s is not None:
-            metrics.ttft.observe(c.first_token_s)
+async def _internal(request: Request, e: Exception):
+    return error_response(ApiError(500, f"internal error: {type(e).__name__}", "server_error"))
 
-    async def respond(kind: str, ids: list[int], sp: SamplingParams, stream: bool, include_usage: bool,
-                      checked_text: str):
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        sp.max_tokens = max(1, min(sp.max_tokens, engine.max_len - len(ids)))
-        add_stop_ids(sp, tokenizer)
-        refused = safety.check(checked_text) if safety.active else None
-        if refused is not None and refused.blocked:
-            metrics.refusals.inc(stage="prompt")
-            if not stream:
-                return JSONResponse(full(kind, rid, created, safety.refusal, "content_filter", len(ids), 0))
 
-            async def refusal_events():
-                yield _sse(fmt(kind, rid, created, "", None, first=True))
-                yield _sse(fmt(kind, rid, created, safety.refusal, None))
-                yield _sse(fmt(kind, rid, created, None if kind == "chat" else "", "content_filter"))
-                if include_usage:
-                    yield _sse({**fmt(kind, rid, created, None, None), "choices": [], "usage": usage(len(ids), 0)})
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(refusal_events(), media_type="text/event-stream")
+# every error leaves in OpenAI's {"error": {...}} shape (Starlette picks the handler by the exception's class)
+EXCEPTION_HANDLERS = {ApiError: _api_error, StarletteHTTPException: _http_error, UserError: _user_error,
+                      Exception: _internal}
 
-        holds = safety.words if safety.pattern is not None else None
 
+# --- request checks (raise ApiError) ----------------------------------------------------------
+def check_auth(request: Request) -> None:
+    """401 unless the server has no API key or the request carries ``Authorization: Bearer <key>``
+    (compared in constant time)."""
+    api_key = request.app.state.api_key
+    if not api_key:
+        return
+    got = request.headers.get("authorization", "")
+    scheme, _, token = got.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                       "authentication_error", code="invalid_api_key")
+
+
+async def read_body(request: Request) -> dict:
+    """A POST body as a JSON object, checked in this order: API key (401), shutting down (503),
+    ``Content-Type: application/json`` (415), size (413, read in chunks: never more than the limit
+    is kept), JSON (400, :func:`parse_json_body`), ``model`` (404 unless absent or this server's)."""
+    check_auth(request)
+    st = request.app.state
+    cfg = st.cfg
+    if st.shutting_down:
+        raise ApiError(503, "server is shutting down", "server_error")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":  # a cross-site form or text/plain "simple request" is refused
+        raise ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
+                       code="unsupported_media_type")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > cfg.max_body_bytes:
+            raise ApiError(413, f"request body exceeds {cfg.max_body_bytes} bytes", code="request_too_large")
+    body = parse_json_body(bytes(raw))
+    model = body.get("model")
+    if model is not None and model != cfg.model_name:
+        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{cfg.model_name}'",
+                       "not_found_error", "model", "model_not_found")
+    return body
+
+
+def check_prompt(request: Request, ids: list[int]) -> list[int]:
+    """``ids`` unless empty (400), longer than the server's prompt limit (400
+    ``context_length_exceeded``) or the queue is full (429)."""
+    st = request.app.state
+    if not ids:
+        raise _bad("the prompt is empty", "prompt")
+    if len(ids) > st.max_prompt:
+        raise _bad(f"the prompt has {len(ids)} tokens; this server accepts at most {st.max_prompt}",
+                   "messages", "context_length_exceeded")
+    if st.engine.queue_depth() >= st.cfg.max_queue > 0:
+        raise ApiError(429, "too many requests queued; retry later", "rate_limit_error", code="queue_full")
+    return ids
+
+
+# --- response bodies (pure) ------------------------------------------------------------------
+def chunk_body(kind: str, rid: str, created: int, model: str, text: str | None, finish: str | None,
+               first: bool = False) -> dict:
+    """One streamed chunk: ``chat.completion.chunk`` (a delta; the first carries the role) or ``text_completion``."""
+    if kind == "chat":
+        delta: dict[str, Any] = {}
+        if first:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+
+
+def usage_body(n_prompt: int, n_out: int) -> dict:
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+
+def completion_body(kind: str, rid: str, created: int, model: str, text: str, finish: str, n_prompt: int,
+                    n_out: int) -> dict:
+    """A whole (non-streamed) ``chat.completion`` or ``text_completion`` with its usage."""
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
+            "usage": usage_body(n_prompt, n_out)}
+
+
+def finish_reason(c: Completion) -> str:
+    return c.finish_reason if c.finish_reason in ("stop", "length") else "stop"
+
+
+def completion_error(c: Completion, timeout_s: float) -> ApiError | None:
+    """The error a completion that did not finish normally turns into (timeout 504, failure 500,
+    cancelled at shutdown 503); None for ``stop`` / ``length``."""
+    if c.finish_reason == "timeout":
+        return ApiError(504, f"generation exceeded the {timeout_s} s time limit", "timeout_error", code="timeout")
+    if c.finish_reason == "error":
+        return ApiError(500, f"generation failed: {c.error}", "server_error")
+    if c.finish_reason == "cancelled":
+        return ApiError(503, "request cancelled (server shutting down)", "server_error")
+    return None
+
+
+def _record(metrics: ServerMetrics, c: Completion) -> None:
+    metrics.prompt_tokens.inc(c.prompt_tokens)
+    metrics.completion_tokens.inc(len(c.token_ids))
+    if c.first_token_s is not None:
+        metrics.ttft.observe(c.first_token_s)
+
+
+# --- generation -----------------------------------------------------------------------------
+async def respond(request: Request, kind: str, ids: list[int], sp: SamplingParams, stream: bool,
+                  include_usage: bool, checked_text: str):
+    """Generate for a checked prompt and answer as OpenAI does (a JSON body, or server-sent events).
+    ``checked_text`` is what the safety filter reads of the request: a refused prompt gets the
+    refusal as a normal completion (``finish_reason`` ``content_filter``); a blocked output is
+    replaced by it (or, streamed, ends with it: the text held back at a blocked-word prefix is never sent)."""
+    st = request.app.state
+    engine, cfg, safety, metrics = st.engine, st.cfg, st.safety, st.metrics
+    model = cfg.model_name
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    sp.max_tokens = max(1, min(sp.max_tokens, engine.max_len - len(ids)))
+    add_stop_ids(sp, st.tokenizer)
+    refused = safety.check(checked_text) if safety.active else None
+    if refused is not None and refused.blocked:
+        metrics.refusals.inc(stage="prompt")
         if not stream:
-            comp = await engine.acomplete(ids, sp, timeout=cfg.timeout_s)
-            err = completion_error(comp)
+            return JSONResponse(completion_body(kind, rid, created, model, safety.refusal, "content_filter", len(ids), 0))
+
+        async def refusal_events():
+            yield _sse(chunk_body(kind, rid, created, model, "", None, first=True))
+            yield _sse(chunk_body(kind, rid, created, model, safety.refusal, None))
+            yield _sse(chunk_body(kind, rid, created, model, None if kind == "chat" else "", "content_filter"))
+            if include_usage:
+                yield _sse({**chunk_body(kind, rid, created, model, None, None), "choices": [],
+                            "usage": usage_body(len(ids), 0)})
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(refusal_events(), media_type="text/event-stream")
+
+    holds = safety.words if safety.pattern is not None else None
+
+    if not stream:
+        comp = await engine.acomplete(ids, sp, timeout=cfg.timeout_s)
+        err = completion_error(comp, cfg.timeout_s)
+        if err is not None:
+            raise err
+        _record(metrics, comp)
+        text, fr = comp.text or "", finish_reason(comp)
+        if safety.active and safety.check(text).blocked:
+            metrics.refusals.inc(stage="output")
+            text, fr = safety.refusal, "content_filter"
+        return JSONResponse(completion_body(kind, rid, created, model, text, fr, len(ids), len(comp.token_ids)))
+
+    agen = engine.astream(ids, sp, timeout=cfg.timeout_s, holds=holds)
+
+    async def events():
+        shown = ""
+        comp = None
+        try:
+            yield _sse(chunk_body(kind, rid, created, model, "", None, first=True))
+            async for ev in agen:
+                if ev.text:
+                    if safety.active and safety.check(shown + ev.text).blocked:
+                        metrics.refusals.inc(stage="output")
+                        yield _sse(chunk_body(kind, rid, created, model, ("\n" if shown else "") + safety.refusal, None))
+                        yield _sse(chunk_body(kind, rid, created, model, None if kind == "chat" else "", "content_filter"))
+                        yield "data: [DONE]\n\n"
+                        return
+                    shown += ev.text
+                    yield _sse(chunk_body(kind, rid, created, model, ev.text, None))
+                if ev.finished:
+                    comp = ev.completion
+            err = completion_error(comp, cfg.timeout_s)
             if err is not None:
-                raise err
-            record(comp)
-            text, fr = comp.text or "", finish_reason(comp)
-            if safety.active and safety.check(text).blocked:
-                metrics.refusals.inc(stage="output")
-                text, fr = safety.refusal, "content_filter"
-            return JSONResponse(full(kind, rid, created, text, fr, len(ids), len(comp.token_ids)))
-
-        agen = engine.astream(ids, sp, timeout=cfg.timeout_s, holds=holds)
-
-        async def events():
-            shown = ""
-            comp = None
-            try:
-                yield _sse(fmt(kind, rid, created, "", None, first=True))
-                async for ev in agen:
-                    if ev.text:
-                        if safety.active and safety.check(shown + ev.text).blocked:
-                            metrics.refusals.inc(stage="output")
-                            yield _sse(fmt(kind, rid, created, ("\n" if shown else "") + safety.refusal, None))
-                            yield _sse(fmt(kind, rid, created, None if kind == "chat" else "", "content_filter"))
-                            yield "data: [DONE]\n\n"
-                            return
-                        shown += ev.text
-                        yield _sse(fmt(kind, rid, created, ev.text, None))
-                    if ev.finished:
-                        comp = ev.completion
-                err = completion_error(comp)
-                if err is not None:
-                    yield _sse(err.body())
-                    yield "data: [DONE]\n\n"
-                    return
-                record(comp)
-                yield _sse(fmt(kind, rid, created, None if kind == "chat" else "", finish_reason(comp)))
-                if include_usage:
-                    yield _sse({**fmt(kind, rid, created, None, None), "choices": [],
-                                "usage": usage(len(ids), len(comp.token_ids))})
+                yield _sse(err.body())
                 yield "data: [DONE]\n\n"
-            finally:
-                await agen.aclose()  # a client that went away cancels its request
+                return
+            _record(metrics, comp)
+            yield _sse(chunk_body(kind, rid, created, model, None if kind == "chat" else "", finish_reason(comp)))
+            if include_usage:
+                yield _sse({**chunk_body(kind, rid, created, model, None, None), "choices": [],
+                            "usage": usage_body(len(ids), len(comp.token_ids))})
+            yield "data: [DONE]\n\n"
+        finally:
+            await agen.aclose()  # a client that went away cancels its request
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    # --- routes -----------------------------------------------------------------------------
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_body(request)
-        msgs = parse_messages(body)
-        sp, stream, include_usage = parse_sampling(body, cfg)
-        ids = check_prompt(tokenizer.encode_chat(msgs, add_generation_prompt=True))  # message text stays text
-        all_text = "\n".join(m["content"] for m in msgs)  # every role: system and assistant turns steer too
-        return await respond("chat", ids, sp, stream, include_usage, all_text)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise _bad("'prompt' must be a string", "prompt")
-        sp, stream, include_usage = parse_sampling(body, cfg)
-        # an imported model's BOS, as tok(prompt) adds it; special-token strings stay text unless the operator opts in
-        ids = check_prompt(tokenizer.encode(prompt, add_special_tokens=True, parse_special=cfg.prompt_special_tokens))
-        return await respond("completion", ids, sp, stream, include_usage, prompt)
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_auth(request)
-        return {"object": "list", "data": [_model_card(cfg, engine)]}
-
-    @app.get("/v1/models/{model_id}")
-    async def model(model_id: str, request: Request):
-        check_auth(request)
-        if model_id != cfg.model_name:
-            raise ApiError(404, f"the model '{model_id}' does not exist", "not_found_error", "model", "model_not_found")
-        return _model_card(cfg, engine)
-
-    @app.get("/health")
-    async def health():
-        ok = not state["shutting_down"]
-        return JSONResponse({"status": "ok" if ok else "shutting_down", "model": cfg.model_name,
-                             "active": engine.num_active(), "queued": engine.queue_depth()},
-                            status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def prom_metrics():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/")
-    async def index():
-        return FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
-
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+# --- routes (one function each; a new endpoint is one more here plus its test) -----------------
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    body = await read_body(request)
+    msgs = parse_messages(body)
+    sp, stream, include_usage = parse_sampling(body, request.app.state.cfg)
+    ids = check_prompt(request, request.app.state.tokenizer.encode_chat(msgs, add_generation_prompt=True))  # message text stays text
+    all_text = "\n".join(m["content"] for m in msgs)  # every role: system and assistant turns steer too
+    return await respond(request, "chat", ids, sp, stream, include_usage, all_text)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    body = await read_body(request)
+    cfg = request.app.state.cfg
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise _bad("'prompt' must be a string", "prompt")
+    sp, stream, include_usage = parse_sampling(body, cfg)
+    # an imported model's BOS, as tok(prompt) adds it; special-token strings stay text unless the operator opts in
+    ids = check_prompt(request, request.app.state.tokenizer.encode(prompt, add_special_tokens=True,
+                                                                   parse_special=cfg.prompt_special_tokens))
+    return await respond(request, "completion", ids, sp, stream, include_usage, prompt)
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    check_auth(request)
+    return {"object": "list", "data": [_model_card(request.app.state)]}
+
+
+@router.get("/v1/models/{model_id}")
+async def model(model_id: str, request: Request):
+    check_auth(request)
+    st = request.app.state
+    if model_id != st.cfg.model_name:
+        raise ApiError(404, f"the model '{model_id}' does not exist", "not_found_error", "model", "model_not_found")
+    return _model_card(st)
+
+
+@router.get("/health")
+async def health(request: Request):
+    st = request.app.state
+    ok = not st.shutting_down
+    return JSONResponse({"status": "ok" if ok else "shutting_down", "model": st.cfg.model_name,
+                         "active": st.engine.num_active(), "queued": st.engine.queue_depth()},
+                        status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def prom_metrics(request: Request):
+    return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/")
+async def index():
+    return FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
+
+
+ENDPOINTS = frozenset(r.path for r in router.routes)  # the metrics' endpoint label (others count as "other")
 _PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; style-src 'self'; script-src 'self'",
                  "Cache-Control": "no-cache"}
 
 
-def _model_card(cfg: Config, engine: Engine) -> dict:
-    return {"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "tinyseek",
-            "max_model_len": engine.max_len}
+def _model_card(st) -> dict:
+    return {"id": st.cfg.model_name, "object": "model", "created": 0, "owned_by": "tinyseek",
+            "max_model_len": st.engine.max_len}
 
 
 def _sse(obj: dict) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
 
 
+def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: SafetyFilter | None = None,
+               metrics: ServerMetrics | None = None) -> FastAPI:
+    """The FastAPI app over a ready engine (tests build one from a tiny model directly): the
+    :data:`router`'s routes, the middleware and error handlers above, the page's static files, and
+    the shared state on ``app.state``."""
+    cfg = (cfg or Config()).validate()
+    app = FastAPI(title="tinyseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    st = app.state
+    st.engine, st.tokenizer, st.cfg = engine, tokenizer, cfg
+    st.safety = safety or SafetyFilter.from_config(cfg.blocklist, cfg.blocklist_file, cfg.classifier,
+                                                   cfg.classifier_threshold, cfg.refusal_message)
+    st.metrics = metrics or ServerMetrics(engine)
+    st.api_key = cfg.api_key or os.environ.get("TINYSEEK_API_KEY", "")
+    st.host_names = allowed_host_names(cfg)
+    st.max_prompt = min(cfg.max_prompt_tokens or engine.max_len - 1, engine.max_len - 1)
+    st.shutting_down = False
+    app.add_middleware(HostMiddleware, host_names=st.host_names)
+    app.add_middleware(MetricsMiddleware, metrics=st.metrics)  # outermost: counts the requests HostMiddleware refuses
+    for exc, handler in EXCEPTION_HANDLERS.items():
+        app.add_exception_handler(exc, handler)
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
 def build(cfg: Config):
     """``(app, engine)`` from a config: load the checkpoint, the tokenizer, the safety filter."""
-    from tinyseek.serve.loading import check_ckpt, load_for_serving
-
     if cfg.engine_process:
-        from tinyseek.serve.engine_proc import ProcessEngine, available_cpus, parse_cpus
-
         check_ckpt(cfg.ckpt)  # before starting a process for nothing
         cpus = parse_cpus(cfg.engine_cpus, available_cpus())
         engine = ProcessEngine(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype, max_batch=cfg.max_batch,
@@ -634,14 +711,10 @@ def build(cfg: Config):
 
 
 def main(cfg: Config) -> dict:
-    import uvicorn
-
     cfg.validate()
     app, engine = build(cfg)
     where = ""
     if getattr(engine, "cpus", None):  # the engine process owns these CPUs: keep the HTTP side off them
-        from tinyseek.serve.engine_proc import available_cpus, pin_process
-
         rest = [c for c in available_cpus() if c not in engine.cpus]
         pin_process(rest)
         where = f", engine on CPUs {engine.cpus}, HTTP on {rest}"
