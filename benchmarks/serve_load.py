@@ -17,7 +17,7 @@
    asyncio HTTP/1.1 keep-alive client (TCP_NODELAY: without it Nagle + delayed ACK added ~20 ms to
    every request), so the load generator takes less of the CPU it shares with the server.
 2. Engine alone vs Hugging Face ``generate`` on the same weights (exported with
-   ``tinyseek.model.hf_export.export_hf`` and loaded by ``AutoModelForCausalLM``), greedy, at batch
+   ``tinyseek.interop.hf_export.export_hf`` and loaded by ``AutoModelForCausalLM``), greedy, at batch
    1 and 16 with equal-length prompts and a fixed number of new tokens. Target: engine ahead at
    batch 1 and >= 2x at batch 16. Also reported: how many greedy tokens agree between the two, and
    the same engine with the fp32 C kernels switched off (``tinyseek.kernels.loader.enable_all(False)``:
@@ -264,9 +264,9 @@ def run_engine_vs_hf(args, model) -> list[dict]:
     from tinyseek.serve.engine import Engine, SamplingParams
 
     try:
-        from tinyseek.model.hf_export import export_hf
+        from tinyseek.interop.hf_export import export_hf
     except ImportError:
-        print("  HF export (tinyseek.model.hf_export) not available: engine-vs-HF pending")
+        print("  HF export (tinyseek.interop.hf_export) not available: engine-vs-HF pending")
         return []
     from transformers import AutoModelForCausalLM
 

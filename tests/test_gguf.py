@@ -13,8 +13,8 @@ import torch
 
 from serve_fixtures import greedy_cached
 from tinyseek.errors import UserError
-from tinyseek.model import hf_import
-from tinyseek.model.gguf_io import read_gguf, write_gguf
+from tinyseek.interop import hf_import
+from tinyseek.interop.gguf_io import read_gguf, write_gguf
 
 gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")

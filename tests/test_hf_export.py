@@ -9,7 +9,7 @@ import torch
 from tinyseek.config import model_micro
 from tinyseek.errors import UserError
 from tinyseek.model import Transformer
-from tinyseek.model.hf_export import export_hf
+from tinyseek.interop.hf_export import export_hf
 
 transformers = pytest.importorskip("transformers")
 

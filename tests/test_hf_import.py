@@ -11,8 +11,8 @@ import torch
 
 from serve_fixtures import greedy_cached
 from tinyseek.errors import UserError
-from tinyseek.model.hf_export import export_hf
-from tinyseek.model.hf_import import SUPPORTED, config_from_hf, model_from_hf, read_hf_dir, state_from_hf
+from tinyseek.interop.hf_export import export_hf
+from tinyseek.interop.hf_import import SUPPORTED, config_from_hf, model_from_hf, read_hf_dir, state_from_hf
 from tinyseek.kernels import attn as attn_kernel
 from tinyseek.model import moe_kernel
 from tinyseek.model.layers import ROPE_TYPES, mla_softmax_mscale

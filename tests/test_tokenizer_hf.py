@@ -474,10 +474,10 @@ def test_engine_process_serves_an_imported_run_dir(served, dirs, tmp_path):
 
 
 def test_hf_export_tokenizer_writer_accepts_it(pairs, tmp_path):
-    """tinyseek.model.hf_export writes the backend (``_hf``) and the eos/pad tokens: transformers reads it."""
+    """tinyseek.interop.hf_export writes the backend (``_hf``) and the eos/pad tokens: transformers reads it."""
     from transformers import AutoTokenizer
 
-    from tinyseek.model.hf_export import _write_tokenizer
+    from tinyseek.interop.hf_export import _write_tokenizer
 
     ours, _ = pairs["llama"]
     _write_tokenizer(ours, tmp_path, 128)

@@ -3,7 +3,7 @@
 ``hf``: a Hugging Face transformers model directory (config.json + model.safetensors + tokenizer files)
 that ``AutoModelForCausalLM.from_pretrained(DIR)`` loads as an existing architecture (an imported model
 as its own architecture; our own models as DeepseekV3, DeepseekV2, Llama, Glm4Moe or Ernie4_5_Moe; see
-:mod:`tinyseek.model.hf_export` for which settings go where).
+:mod:`tinyseek.interop.hf_export` for which settings go where).
 
 ``gguf``: one GGUF file for llama.cpp (and ollama, LM Studio, transformers' GGUF loader) of a model
 that the Llama architecture expresses exactly (GQA, dense SwiGLU, no biases or q/k norms: SmolLM2 and
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from tinyseek.config import ConfigError
 from tinyseek.errors import UserError
-from tinyseek.model.gguf_io import write_gguf
-from tinyseek.model.hf_export import export_hf, hf_state
+from tinyseek.interop.gguf_io import write_gguf
+from tinyseek.interop.hf_export import export_hf, hf_state
 from tinyseek.post.common import find_run_dir
 from tinyseek.tokenizer import load_tokenizer
 from tinyseek.train.checkpoint import load_model

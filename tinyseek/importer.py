@@ -10,7 +10,7 @@ eval / quantize / export / serve / chat)::
 SRC is either a directory with ``config.json``, ``*.safetensors`` (one file or a sharded index) and the
 tokenizer files (``tokenizer.json`` is required: tinyseek does not convert SentencePiece models), or a
 ``.gguf`` file of the llama architecture (weights dequantized with the ``gguf`` package, tokenizer
-rebuilt from the file's metadata). Architectures: see :data:`tinyseek.model.hf_import.SUPPORTED`.
+rebuilt from the file's metadata). Architectures: see :data:`tinyseek.interop.hf_import.SUPPORTED`.
 
 The whole directory is written into a temporary directory beside ``DIR`` and renamed into place at
 the end, so a failed import (bad input is one line and exit status 2) leaves nothing in ``DIR``. An
@@ -33,8 +33,8 @@ import torch
 from tinyseek.common import atomic_dir, atomic_write_json
 from tinyseek.config import ConfigError, to_dict
 from tinyseek.errors import UserError
-from tinyseek.model.gguf_io import read_gguf
-from tinyseek.model.hf_import import model_from_hf, read_hf_dir
+from tinyseek.interop.gguf_io import read_gguf
+from tinyseek.interop.hf_import import model_from_hf, read_hf_dir
 from tinyseek.tokenizer import load_tokenizer
 from tinyseek.train.checkpoint import save_checkpoint
 

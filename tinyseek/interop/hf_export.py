@@ -3,7 +3,7 @@ transformers architecture (config.json + model.safetensors [+ tokenizer.json, to
 so ``AutoModelForCausalLM.from_pretrained(dir)`` loads it with no custom code and gives our logits.
 
 Only exact mappings are written. A model imported from Hugging Face (``cfg.hf_arch``, see
-:mod:`tinyseek.model.hf_import`) goes back to its own architecture where that expresses it; otherwise
+:mod:`tinyseek.interop.hf_import`) goes back to its own architecture where that expresses it; otherwise
 the first architecture below that can express the model wins (the first five are what tinyseek's own
 models always got); when none can, :func:`export_hf` raises a one-line :class:`UserError` naming the
 settings that block each.
@@ -55,10 +55,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
 from tinyseek.common import atomic_dir, atomic_write_json
 from tinyseek.errors import UserError
-from tinyseek.model.gguf_io import bytes_to_unicode
+from tinyseek.interop.gguf_io import bytes_to_unicode
 
 HF_MLA_LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps
 
@@ -638,8 +640,6 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
 def byte_tokenizer_json(special: dict[str, int]) -> str:
     """An HF ``tokenizers`` JSON that encodes like tinyseek's byte tokenizer: ids 0..255 are the UTF-8
     bytes (byte-level BPE with an empty merge list), special tokens at their ids."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-
     alphabet = bytes_to_unicode()
     tok = HFTokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -712,8 +712,6 @@ def export_hf(model, out_dir: str | Path, tokenizer=None) -> dict:
     """Write ``out_dir`` (atomically) as a transformers checkpoint (:func:`hf_state` + the tokenizer);
     returns a summary dict (architecture, files, parameter count). Raises UserError when no exact
     mapping exists."""
-    from safetensors.torch import save_file
-
     hf_cfg, tensors = hf_state(model, tokenizer)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:

@@ -44,10 +44,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from tinyseek.config import ModelConfig
 from tinyseek.errors import UserError
-from tinyseek.model.hf_export import permute_rope_rows
+from tinyseek.interop.hf_export import permute_rope_rows
 from tinyseek.model.layers import Rotary, rope_frequencies
 from tinyseek.model.transformer import Transformer
 
@@ -96,8 +97,6 @@ def _read_json(path: Path) -> Any:
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of one file; safetensors' own header and size checks catch a truncated or corrupt file."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from tinyseek.errors import UserError
 
@@ -301,8 +302,15 @@ def _read_header(path: Path, buf) -> tuple[dict, list[tuple[str, tuple[int, ...]
     return meta, infos, (c.pos + align - 1) // align * align
 
 
-def _type_name(ggml_type: int) -> str:
+def _gguf():
+    """The ``gguf`` package (llama.cpp's GGUF types, block (de)quantizers and writer): an optional
+    dependency, needed only to read or write a GGUF file, imported here only."""
     import gguf
+    return gguf
+
+
+def _type_name(ggml_type: int) -> str:
+    gguf = _gguf()
     try:
         return gguf.GGMLQuantizationType(ggml_type).name
     except ValueError:
@@ -311,7 +319,7 @@ def _type_name(ggml_type: int) -> str:
 
 def _dequantize(path: Path, buf, start: int, name: str, shape: tuple[int, ...], ggml_type: int) -> np.ndarray:
     """One tensor's bytes at ``start`` -> a fresh fp32 array of ``shape`` (torch order), by ``gguf.quants``."""
-    import gguf
+    gguf = _gguf()
     try:
         qtype = gguf.GGMLQuantizationType(ggml_type)
         block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
@@ -413,8 +421,6 @@ def _merges(path: Path, meta: dict) -> list[tuple[str, str]] | None:
 def build_tokenizer(meta: dict, path: str | Path = "<gguf>"):
     """A ``tokenizers.Tokenizer`` from GGUF tokenizer metadata, built as transformers' GGUF converter builds it
     (see the module docstring); plus (add_bos, add_eos). ``path`` only names the file in errors."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
     path = Path(path)
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -710,7 +716,7 @@ def write_gguf(hf_cfg: dict, tensors: dict[str, torch.Tensor], tokenizer_dir: st
     Written atomically (a temp file beside ``out_path``, then a rename): on any error nothing is left.
     Returns ``{"path", "qtype", "n_tensors", "bytes"}``.
     """
-    import gguf
+    gguf = _gguf()
 
     if qtype not in QTYPES:
         raise UserError(f"GGUF qtype {qtype!r} is not supported (choose from {', '.join(QTYPES)})")
