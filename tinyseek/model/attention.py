@@ -314,10 +314,9 @@ def _use_absorbed(impl: str, T: int, key_len: int, kv_b_proj: nn.Module, short_p
     """``auto``: absorbed when the queries continue a cached sequence (decode steps, chunks), naive
     for a prefill that fills a fresh cache (there, expanding the T keys once is the cheaper order in
     FLOPs), except a short prefill (``short_prefill``: at most ``SHORT_PREFILL`` tokens, the fused
-    latent-attention kernel runs): fewer, fused ops win there (cpu-tiny, 23-token prompts: a
-    prefill forward 1.9 -> 1.4 ms for one prompt, 3.4 -> 3.1 ms for four; at DeepSeek-V3 widths the
-    absorbed form of a 64-token prefill costs ~20% more FLOPs). A ``kv_b_proj`` without a readable
-    weight (not a Linear or quantized Linear) stays naive."""
+    latent-attention kernel runs): fewer, fused ops win there (benchmarks/README.md, "Kernel
+    timings"; at DeepSeek-V3 widths the absorbed form of a 64-token prefill costs ~20% more FLOPs).
+    A ``kv_b_proj`` without a readable weight (not a Linear or quantized Linear) stays naive."""
     if impl == "naive" or (impl == "auto" and T >= key_len and not short_prefill):
         return False
     return isinstance(kv_b_proj, nn.Linear) or hasattr(kv_b_proj, "dequant")
