@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from tinyseek.kernels import attn as attn_kernel
 from tinyseek.model.cache import write_rows
-from tinyseek.model.layers import Linear, RMSNorm, apply_rope, linear_or_f, mla_softmax_mscale
+from tinyseek.model.layers import KernelSeam, Linear, RMSNorm, apply_rope, linear_or_f, mla_softmax_mscale
 
 
 def attention_mask(pos_BT: torch.Tensor, key_len: int, window: int) -> torch.Tensor:
@@ -72,7 +72,7 @@ def _sdpa(q, k, v, pos_BT, key_len, window, cached, scale, gqa=False):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-class MLA(nn.Module):
+class MLA(KernelSeam, nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -99,16 +99,10 @@ class MLA(nn.Module):
 
     # --- the latent-attention seam: C kernel or PyTorch reference, chosen once ------------------
     def select_variant(self) -> None:
-        """``use_kernel``: the latent attention runs the C kernel (:mod:`tinyseek.kernels.attn`)
-        where this module computes in CPU fp32 (its latent norm's weight is CPU fp32: quantized
-        projections keep it so). Chosen when the module is built, converted or moved (``_apply``)."""
+        """The latent attention runs the C kernel (:mod:`tinyseek.kernels.attn`) where this module
+        computes in CPU fp32 (its latent norm's weight is CPU fp32: quantized projections keep it)."""
         w = self.kv_a_layernorm.weight
         self.use_kernel = w.dtype is torch.float32 and w.device.type == "cpu"
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        self.select_variant()
-        return out
 
     def _kernel_lib(self, x: torch.Tensor):
         """The loaded latent-attention kernels when the variant is the C one, no gradient is to be

@@ -15,30 +15,40 @@ import torch.nn.functional as F
 from tinyseek.kernels import linear as linear_kernel
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` with a kernel variant chosen once (the seam of ``F.linear``): the C kernel
-    (:mod:`tinyseek.kernels.linear`) where the weights are plain CPU fp32, else ``F.linear``. The
-    choice (``use_kernel``) is made when the module is built, converted or moved (``.to``,
-    ``.float``, ...: ``nn.Module._apply``) or a parameter is replaced (tied, assigned, sharded), not
-    per call; per call the kernel variant falls back to ``F.linear`` for training (a gradient to
-    record: exactly nn.Linear's op), more than ``MAX_ROWS`` rows, autocast, ``torch.compile``, or
-    with the kernels switched off. Results equal ``F.linear`` up to float summation order. No
-    parameters or buffers of its own (same state_dict, repr and ``isinstance`` checks)."""
+class KernelSeam:
+    """Mixin of a module whose op has a C variant (``tinyseek.kernels``) beside its PyTorch
+    reference: ``select_variant()`` sets ``use_kernel`` from the module's tensors, once when the
+    module is built (its ``__init__`` calls it) and again after every conversion or move
+    (``nn.Module._apply``: ``.to``, ``.float``, ``.cpu``, ``to_empty``), not per call. Per call the
+    kernel variant still falls back to the reference where a call needs it (a gradient to record,
+    inputs the kernel does not take, the kernels switched off: the switch stays live for A/B runs)."""
 
     use_kernel = False
+
+    def select_variant(self) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.select_variant()
+        return out
+
+
+class Linear(KernelSeam, nn.Linear):
+    """``nn.Linear`` with a kernel variant chosen once (the seam of ``F.linear``): the C kernel
+    (:mod:`tinyseek.kernels.linear`) where the weights are plain CPU fp32 (also re-chosen when a
+    parameter is replaced: tied, assigned, sharded), else ``F.linear``. Per call the kernel variant
+    falls back to ``F.linear`` for training (exactly nn.Linear's op), more than ``MAX_ROWS`` rows,
+    autocast or ``torch.compile``. Results equal ``F.linear`` up to float summation order. No
+    parameters or buffers of its own (same state_dict, repr and ``isinstance`` checks)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.select_variant()
 
     def select_variant(self) -> None:
-        """Choose the variant from the current weight and bias (:func:`linear_kernel.weight_fits`)."""
+        """The kernel where :func:`tinyseek.kernels.linear.weight_fits` takes the weight and bias."""
         self.use_kernel = linear_kernel.weight_fits(self.weight, self.bias)
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        self.select_variant()
-        return out
 
     def register_parameter(self, name: str, param) -> None:
         super().register_parameter(name, param)
