@@ -10,10 +10,14 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from tinyseek.common import read_metrics
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's ``pyplot`` on the Agg backend (no display). matplotlib is imported here only, on the
+    first plot: it costs ~0.4 s, which a stage that writes no PNG does not pay."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -34,7 +38,7 @@ def _save(fig, out: str | Path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         fig.clf()
-        _pyplot().close(fig)
+        pyplot().close(fig)
     return out
 
 
@@ -72,7 +76,7 @@ def plot_loss(metrics: str | Path | list[dict], out: str | Path, keys: Sequence[
               eval_key: str = "val_loss", title: str = "training loss") -> Path:
     """Loss curve(s) from ``metrics.jsonl`` (or records): raw, smoothed, and held-out points."""
     recs = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in keys:
         xs, ys = series(recs, key)
@@ -98,7 +102,7 @@ def plot_loss(metrics: str | Path | list[dict], out: str | Path, keys: Sequence[
 def plot_lines(xs_by_label: dict[str, tuple[Sequence[float], Sequence[float]]], out: str | Path,
                xlabel: str = "step", ylabel: str = "", title: str = "", logy: bool = False) -> Path:
     """Generic multi-line plot: ``{label: (xs, ys)}``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, (xs, ys) in xs_by_label.items():
         ax.plot(list(xs), list(ys), lw=1.5, label=label)
@@ -110,4 +114,26 @@ def plot_lines(xs_by_label: dict[str, tuple[Sequence[float], Sequence[float]]], 
     ax.grid(alpha=0.3)
     if xs_by_label:
         ax.legend()
+    return _save(fig, out)
+
+
+def plot_expert_heatmap(metrics: list[dict], out: str | Path) -> Path | None:
+    """One heatmap per MoE layer: expert (rows) x logged step (columns), colour = load fraction
+    (``load_frac`` of pretraining's metrics records); None when no record has it."""
+    rows = [r for r in metrics if isinstance(r.get("load_frac"), list) and r["load_frac"]]
+    if not rows:
+        return None
+    plt = pyplot()
+    n_layers = len(rows[0]["load_frac"])
+    fig, axes = plt.subplots(1, n_layers, figsize=(4 * n_layers, 3.2), squeeze=False)
+    steps = [r["step"] for r in rows]
+    for li, ax in enumerate(axes[0]):
+        m = np.array([r["load_frac"][li] for r in rows]).T  # (E, steps)
+        im = ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest",
+                       extent=(steps[0], steps[-1], m.shape[0] - 0.5, -0.5))
+        ax.set_title(f"MoE layer {li}: expert load share")
+        ax.set_xlabel("step")
+        ax.set_ylabel("expert")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
     return _save(fig, out)

@@ -12,11 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tinyseek.common import atomic_write_text, read_metrics
 from tinyseek.config import to_dict
-from tinyseek.plots import plot_loss
+from tinyseek.plots import plot_expert_heatmap, plot_loss
 from tinyseek.post.plots import plot_grpo
 from tinyseek.stages import is_done, stage_result, stages_for
 
@@ -45,33 +43,6 @@ def _scalars(d: dict, skip: tuple[str, ...] = ()) -> dict:
 # ---------------------------------------------------------------------------------------------
 # plots
 # ---------------------------------------------------------------------------------------------
-def plot_expert_heatmap(metrics: list[dict], out: Path) -> Path | None:
-    """One heatmap per MoE layer: expert (rows) x logged step (columns), colour = load fraction."""
-    rows = [r for r in metrics if isinstance(r.get("load_frac"), list) and r["load_frac"]]
-    if not rows:
-        return None
-    import matplotlib  # heavy and optional: only when there is something to plot
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n_layers = len(rows[0]["load_frac"])
-    fig, axes = plt.subplots(1, n_layers, figsize=(4 * n_layers, 3.2), squeeze=False)
-    steps = [r["step"] for r in rows]
-    for li, ax in enumerate(axes[0]):
-        m = np.array([r["load_frac"][li] for r in rows]).T  # (E, steps)
-        im = ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest",
-                       extent=(steps[0], steps[-1], m.shape[0] - 0.5, -0.5))
-        ax.set_title(f"MoE layer {li}: expert load share")
-        ax.set_xlabel("step")
-        ax.set_ylabel("expert")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
-
-
 def _plots(run: Path, rep: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     pre = read_metrics(run / "pretrain" / "metrics.jsonl")

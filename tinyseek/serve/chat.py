@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 
 from tinyseek.config import ConfigError
+from tinyseek.serve.engine import Engine, SamplingParams
+from tinyseek.serve.loading import load_for_serving
 
 
 @dataclass
@@ -60,9 +62,6 @@ def fit_history(tokenizer, messages: list[dict], budget: int) -> list[int]:
 
 
 def main(cfg: Config, stdin=None, stdout=None) -> dict:
-    from tinyseek.serve.engine import Engine, SamplingParams
-    from tinyseek.serve.loading import load_for_serving
-
     cfg.validate()
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     model, tok, _ = load_for_serving(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype)

@@ -46,16 +46,20 @@ import queue
 import random
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import torch
 
+from tinyseek.common import get_device
 from tinyseek.errors import UserError
+from tinyseek.kernels import attn as attn_kernel
 from tinyseek.kernels.linear import MAX_ROWS as _LINEAR_MAX_ROWS
 from tinyseek.serve.detok import TextTracker
 from tinyseek.serve.sampling import sample_tokens
+from tinyseek.quant.load import load_model
 
 
 @dataclass
@@ -333,7 +337,6 @@ class Engine(AsyncCalls):
                 try:
                     self.step()
                 except Exception:  # step() already failed the affected requests; keep the thread alive
-                    import traceback
                     traceback.print_exc()
 
     def _gather_burst(self) -> None:
@@ -480,8 +483,6 @@ class Engine(AsyncCalls):
     def _weights_key(self):
         """Changes when the model's parameters are replaced or updated (GRPO steps, loads) or the
         attention kernels are switched."""
-        from tinyseek.kernels import attn as attn_kernel
-
         p = next(self.model.parameters())
         return p.data_ptr(), p._version, p.dtype, attn_kernel.KERNELS.state["enabled"]
 
@@ -631,8 +632,5 @@ class _RowsView:
 
 def engine_from_checkpoint(path: str, tokenizer=None, device: str = "auto", **kw: Any) -> Engine:
     """Load ``tinyseek.train.checkpoint.load_model(path)`` onto ``device`` and wrap it."""
-    from tinyseek.common import get_device
-    from tinyseek.train.checkpoint import load_model
-
     model, _meta = load_model(path, device=get_device(device))
     return Engine(model, tokenizer, **kw)

@@ -42,8 +42,12 @@ import threading
 import time
 from typing import Any, Callable
 
+import torch
+
 from tinyseek.errors import UserError
 from tinyseek.serve.engine import AsyncCalls, Completion, Engine, SamplingParams, StreamEvent, _notify, check_prompt
+from tinyseek.serve.loading import find_tokenizer, load_for_serving
+from tinyseek.tokenizer import load_tokenizer
 
 STATS_EVERY_S = 0.05      # step records and the status snapshot go at least this often while decoding
 _START_TIMEOUT_S = 600.0  # loading a big checkpoint (and compiling the C kernels) may take a while
@@ -146,7 +150,6 @@ def _child_main(conn, spec: dict) -> None:
     if spec.get("cpus"):
         pin(spec["cpus"])
         if "OMP_NUM_THREADS" not in os.environ:  # one torch thread per CPU it may use
-            import torch
             torch.set_num_threads(len(spec["cpus"]))
     lock = threading.Lock()
 
@@ -155,8 +158,6 @@ def _child_main(conn, spec: dict) -> None:
             conn.send(msg)
 
     try:
-        from tinyseek.serve.loading import find_tokenizer, load_for_serving
-
         model, tok, meta = load_for_serving(spec["ckpt"], spec["tokenizer"], spec["device"], spec["dtype"])
         tok_spec = spec["tokenizer"] or find_tokenizer(spec["ckpt"], meta)
         engine = _ChildEngine(model, tok, max_batch=spec["max_batch"], max_len=spec["max_len"] or None,
@@ -221,8 +222,6 @@ class ProcessEngine(AsyncCalls):
     def __init__(self, ckpt: str, tokenizer: str = "", device: str = "auto", dtype: str = "auto",
                  max_batch: int = 16, max_len: int = 0, max_wait: float = 0.0, cpus: list[int] | None = None,
                  mix_prefill: bool = True):
-        from tinyseek.tokenizer import load_tokenizer
-
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=True)
         spec = {"ckpt": ckpt, "tokenizer": tokenizer, "device": device, "dtype": dtype, "max_batch": max_batch,

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import torch
 
+from tinyseek.common import get_device
 from tinyseek.errors import UserError
+from tinyseek.tokenizer import load_tokenizer
+from tinyseek.quant.load import load_model
 
 
 def find_tokenizer(ckpt: str | Path, meta: dict | None = None) -> str | None:
@@ -32,8 +35,6 @@ def find_tokenizer(ckpt: str | Path, meta: dict | None = None) -> str | None:
 
 
 def load_tokenizer_for(ckpt: str | Path, spec: str = "", meta: dict | None = None):
-    from tinyseek.tokenizer import load_tokenizer
-
     spec = spec or find_tokenizer(ckpt, meta)
     if not spec:
         raise UserError(f"no tokenizer found next to {ckpt}; pass --tokenizer DIR (or --tokenizer bytes)")
@@ -63,9 +64,6 @@ def check_ckpt(ckpt: str) -> None:
 
 def load_for_serving(ckpt: str, tokenizer: str = "", device: str = "auto", dtype: str = "auto"):
     """``(model, tokenizer, meta)`` ready for :class:`tinyseek.serve.engine.Engine`."""
-    from tinyseek.common import get_device
-    from tinyseek.train.checkpoint import load_model
-
     check_ckpt(ckpt)
     dev = get_device(device)
     model, meta = load_model(ckpt, device=dev)
