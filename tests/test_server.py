@@ -252,6 +252,29 @@ def test_api_key(model, tok):
         assert c.get("/health").status_code == 200 and c.get("/").status_code == 200  # open pages
 
 
+def test_apps_in_one_process_keep_their_own_state(model, tok):
+    """The routes are module-level functions reading ``request.app.state``: two apps side by side
+    answer with their own model name, API key, limits and metrics, never each other's."""
+    a_eng, b_eng = Engine(model, tok, max_batch=2, max_len=96), Engine(model, tok, max_batch=2, max_len=64)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with TestClient(create_app(a_eng, tok, Config(model_name="a")), base_url="http://localhost") as a, \
+            TestClient(create_app(b_eng, tok, Config(model_name="b", api_key=KEY, max_tokens=4)),
+                       base_url="http://localhost") as b:
+        assert a.get("/v1/models").json()["data"][0] == {"id": "a", "object": "model", "created": 0,
+                                                        "owned_by": "tinyseek", "max_model_len": 96}
+        assert_error(b.get("/v1/models"), 401)
+        assert b.get("/v1/models", headers=auth).json()["data"][0]["max_model_len"] == 64
+        assert_error(a.post("/v1/completions", json={"model": "b", "prompt": "hi", "max_tokens": 2}), 404)
+        assert a.post("/v1/completions", json={"prompt": "hi", "max_tokens": 8}).status_code == 200
+        assert_error(b.post("/v1/completions", json={"prompt": "hi", "max_tokens": 8}, headers=auth), 400)
+        r = b.post("/v1/completions", json={"model": "b", "prompt": "hi", "max_tokens": 2}, headers=auth)
+        assert r.status_code == 200 and r.json()["model"] == "b"
+        assert a.app.state.metrics is not b.app.state.metrics
+        assert a.app.state.metrics.requests.value(endpoint="/v1/completions", status="200") == 1
+        assert b.app.state.metrics.requests.value(endpoint="/v1/completions", status="200") == 1
+        assert b.app.state.metrics.requests.value(endpoint="/v1/models", status="401") == 1
+
+
 def test_web_page_served(client):
     r = client.get("/")
     assert r.status_code == 200 and "<textarea" in r.text and "/static/chat.js" in r.text
