@@ -231,6 +231,11 @@ def test_mla_variant_is_chosen_when_built_or_moved():
             model(idx[:, :5], cache=cache)
             model(idx[:, 5:], cache=cache)
         assert counter.calls == calls
+    with torch.device("meta"):                     # built on meta, filled by assignment (as model_from_hf)
+        loaded = Transformer(model.cfg)
+    assert not any(b.attn.use_kernel for b in loaded.blocks)
+    loaded.load_state_dict(model.state_dict(), assign=True)
+    assert all(b.attn.use_kernel for b in loaded.blocks) and loaded.lm_head.use_kernel
     with torch.no_grad(), kernels(True) as counter:
         m = model.blocks[0].attn
         m.use_kernel = False                       # the reference variant: never the kernel

@@ -95,7 +95,7 @@ class MLA(KernelSeam, nn.Module):
         # cached forward: "auto" (absorbed for decode steps, naive for a fresh prefill), "naive", "absorbed"
         self.impl = "auto"
         self._folded = None  # (source weight versions, folded decode weights): see _folded_weights
-        self.select_variant()
+        self.init_seam()
 
     # --- the latent-attention seam: C kernel or PyTorch reference, chosen once ------------------
     def select_variant(self) -> None:

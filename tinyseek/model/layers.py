@@ -15,18 +15,27 @@ import torch.nn.functional as F
 from tinyseek.kernels import linear as linear_kernel
 
 
+def _reselect(module: nn.Module, incompatible_keys) -> None:
+    module.select_variant()
+
+
 class KernelSeam:
     """Mixin of a module whose op has a C variant (``tinyseek.kernels``) beside its PyTorch
     reference: ``select_variant()`` sets ``use_kernel`` from the module's tensors, once when the
-    module is built (its ``__init__`` calls it) and again after every conversion or move
-    (``nn.Module._apply``: ``.to``, ``.float``, ``.cpu``, ``to_empty``), not per call. Per call the
-    kernel variant still falls back to the reference where a call needs it (a gradient to record,
-    inputs the kernel does not take, the kernels switched off: the switch stays live for A/B runs)."""
+    module is built (its ``__init__`` ends with :meth:`init_seam`) and again after every conversion
+    or move (``nn.Module._apply``: ``.to``, ``.float``, ``.cpu``, ``to_empty``) and every
+    ``load_state_dict`` (``assign=True`` replaces the tensors), not per call. Per call the kernel
+    variant still falls back to the reference where a call needs it (a gradient to record, inputs
+    the kernel does not take, the kernels switched off: the switch stays live for A/B runs)."""
 
     use_kernel = False
 
     def select_variant(self) -> None:
         raise NotImplementedError
+
+    def init_seam(self) -> None:
+        self.select_variant()
+        self.register_load_state_dict_post_hook(_reselect)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -44,7 +53,7 @@ class Linear(KernelSeam, nn.Linear):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.select_variant()
+        self.init_seam()
 
     def select_variant(self) -> None:
         """The kernel where :func:`tinyseek.kernels.linear.weight_fits` takes the weight and bias."""
