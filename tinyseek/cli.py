@@ -26,6 +26,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from tinyseek import malloc
+from tinyseek.config import apply_overrides
 from tinyseek.errors import UserError
 
 # stage name -> module (one line each; a module provides Config, preset(), main())
@@ -93,8 +95,6 @@ def stage_help(stage: str, mod) -> str:
 def run_stage(stage: str, argv: list[str], ctx: dict | None = None):
     """Parse ``argv`` into ``stage``'s config and run it (``--help``: print its options instead).
     ``ctx["cfg"]`` receives the parsed config (error messages name its output folder)."""
-    from tinyseek.config import apply_overrides
-
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     mod = importlib.import_module(STAGES[stage])
@@ -123,7 +123,6 @@ def run_stage(stage: str, argv: list[str], ctx: dict | None = None):
         ctx["cfg"] = cfg
     cfg.validate()
     if stage in TRAINING_STAGES:
-        from tinyseek import malloc
         malloc.tune()
     return mod.main(cfg)
 

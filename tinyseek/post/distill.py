@@ -25,6 +25,7 @@ from tinyseek.common import MetricsLogger, atomic_write_json, print0
 from tinyseek.config import ConfigError, ModelConfig, model_micro, to_dict
 from tinyseek.errors import UserError
 from tinyseek.post import common as C
+from tinyseek.post.rejection import grade_samples, select_verified, write_jsonl
 from tinyseek.post.seqs import pack, sft_targets
 
 
@@ -92,7 +93,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
 
 def main(cfg: Config) -> dict:
     cfg.validate()
-    from tinyseek.post.rejection import grade_samples, select_verified, write_jsonl
     device, tok, teacher = C.load_sampling_model(cfg.teacher, "", cfg.seed, cfg.device, what="teacher checkpoint")
     run_dir = Path(cfg.out_dir) / cfg.name
     student, _ = C.load_policy(cfg.student_init, cfg.model, tok.vocab_size, device, lora=cfg)

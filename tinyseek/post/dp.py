@@ -23,6 +23,7 @@ import warnings
 import torch
 
 from tinyseek.errors import UserError
+from tinyseek.model.layers import register_opacus
 
 
 class DPEngine:
@@ -46,7 +47,6 @@ def make_private(model, optimizer, cfg, n_examples: int):
         from opacus.validators import ModuleValidator
     except ImportError:
         raise UserError("--dp needs opacus (pip install opacus)") from None
-    from tinyseek.model.layers import register_opacus
     register_opacus()  # the model's Linear (an nn.Linear subclass) gets Opacus' nn.Linear rules
     if getattr(model.cfg, "is_moe", False):
         raise UserError("DP-SGD needs a dense model (Opacus has no per-sample gradients for the MoE router "

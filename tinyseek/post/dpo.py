@@ -27,6 +27,7 @@ from tinyseek.errors import UserError
 from tinyseek.model.lora import merged
 from tinyseek.post import common as C
 from tinyseek.post.losses import dpo_loss
+from tinyseek.post.rejection import grade_samples, write_jsonl
 from tinyseek.post.rewards import RewardContext, check_weights, total_reward
 from tinyseek.post.seqs import pack, sequence_logprob, token_logprobs
 
@@ -87,7 +88,6 @@ def preset(name: str) -> Config:
 
 def build_pairs(model, tok, cfg: Config) -> list[dict]:
     """Sample, grade with the reward registry, pair best vs worst per problem when rewards differ."""
-    from tinyseek.post.rejection import grade_samples
     probs = C.make_problems(cfg.tasks, cfg.n_problems, seed=cfg.seed, difficulty=cfg.difficulty or None)
     graded = grade_samples(model, tok, probs, k=cfg.k, temperature=cfg.temperature, top_p=1.0,
                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
@@ -131,7 +131,6 @@ def main(cfg: Config) -> dict:
     with merged(model):  # LoRA: plain projections for sampling (fast decode paths)
         pairs = load_pairs(cfg.pairs) if cfg.pairs else build_pairs(model, tok, cfg)
     if not cfg.pairs:
-        from tinyseek.post.rejection import write_jsonl
         write_jsonl(run_dir / "pairs.jsonl", pairs)
     max_len = model.cfg.max_seq_len
     pairs = [p for p in pairs if len(C.prompt_ids(tok, p["prompt"])) + max(len(tok.encode(p["chosen"])),

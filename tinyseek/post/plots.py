@@ -1,9 +1,10 @@
-"""PNG plots for post-training runs (matplotlib, Agg backend, imported lazily)."""
+"""PNG plots for post-training runs (matplotlib through :func:`tinyseek.plots.pyplot`: Agg backend, imported on first use)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from tinyseek.common import read_metrics
+from tinyseek.plots import pyplot
 
 
 def moving_average(xs: list[float], w: int) -> list[float]:
@@ -23,10 +24,7 @@ def moving_average(xs: list[float], w: int) -> list[float]:
 
 def plot_grpo(metrics_path: str | Path, out_png: str | Path) -> Path:
     """Reward, accuracy, response length per step and held-out pass@1 from a GRPO metrics.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = read_metrics(metrics_path)
     train = [r for r in rows if "reward_mean" in r]
     ev = [r for r in rows if "eval_pass1" in r]

@@ -16,6 +16,8 @@ from pathlib import Path
 from tinyseek.common import atomic_write_text, print0
 from tinyseek.config import ConfigError
 from tinyseek.post import common as C
+from tinyseek.post.rewards import format_score, is_correct
+from tinyseek.post.rollout import sample
 
 
 @dataclass
@@ -58,8 +60,6 @@ def preset(name: str) -> Config:
 def grade_samples(model, tok, problems, *, k: int, temperature: float, top_p: float, max_new_tokens: int,
                   seed: int) -> list[list[dict]]:
     """For each problem, ``k`` samples as dicts ``{text, tokens, finished, correct, format}``."""
-    from tinyseek.post.rewards import format_score, is_correct
-    from tinyseek.post.rollout import sample
     prompts = [C.prompt_ids(tok, p.prompt) for p in problems]
     samples = sample(model, [p for p in prompts for _ in range(k)], eos_id=tok.eos_id, stop_ids=tok.stop_ids, max_tokens=max_new_tokens,
                      temperature=temperature, top_p=top_p, seed=seed)

@@ -2,8 +2,8 @@
 
 ``sample(model, prompts, ...)`` runs batched generation with the KV cache through
 ``tinyseek.serve.engine.Engine`` (the same engine that serves requests), so what RL trains on is
-what is served. If the serving engine is not importable (it is built by another module) a small
-batched KV-cache sampler here is used instead; both follow the same contract: continuations
+what is served. ``use_engine=False`` runs a small batched KV-cache sampler here instead; both
+follow the same contract: continuations
 stop at ``eos_id`` or one of ``stop_ids`` (an imported chat model's end-of-turn tokens, e.g. Llama 3's
 ``<|eot_id|>``; not included in ``tokens``, recorded in ``end_id``) or after ``max_tokens``.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from tinyseek.serve.engine import Engine, SamplingParams
 
 
 @dataclass
@@ -25,14 +27,6 @@ class Sample:
         return self.tokens + ([self.end_id] if self.finished and self.end_id is not None else [])
 
 
-def _engine():
-    try:
-        from tinyseek.serve.engine import Engine, SamplingParams
-        return Engine, SamplingParams
-    except ImportError:
-        return None
-
-
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, eos_id: int, max_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, seed: int = 0, max_batch: int = 64,
@@ -43,9 +37,7 @@ def sample(model, prompts: list[list[int]], *, eos_id: int, max_tokens: int, tem
     model.eval()
     stops = {int(eos_id), *(int(t) for t in stop_ids)}
     try:
-        eng = _engine() if use_engine else None
-        if eng is not None:
-            Engine, SamplingParams = eng
+        if use_engine:
             max_len = min(model.cfg.max_seq_len, max(len(p) for p in prompts) + max_tokens + 1)
             engine = Engine(model, None, max_batch=min(max_batch, len(prompts)), max_len=max_len, eos_id=eos_id)
             params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

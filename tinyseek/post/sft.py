@@ -27,6 +27,7 @@ from tinyseek.common import MetricsLogger, atomic_write_json, print0
 from tinyseek.config import ConfigError, ModelConfig, model_micro, model_preset
 from tinyseek.errors import UserError
 from tinyseek.post import common as C
+from tinyseek.post.dp import make_private
 from tinyseek.post.seqs import pack, sft_targets, token_logprobs
 
 
@@ -159,7 +160,6 @@ def main(cfg: Config) -> dict:
     dp_engine = None
     model.train()  # before Opacus, which validates training mode (load_model returns eval mode)
     if cfg.dp:
-        from tinyseek.post.dp import make_private
         model, opt, dp_engine = make_private(model, opt, cfg, n_examples=len(data))
     log = MetricsLogger(run_dir / "metrics.jsonl")
     rng = random.Random(cfg.seed)

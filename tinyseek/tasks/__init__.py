@@ -24,6 +24,7 @@ from types import ModuleType
 
 from tinyseek.errors import UserError
 from tinyseek.tasks.common import EVAL_BUCKETS, EVAL_SEED_BASE, Problem, format_solution  # noqa: F401
+from tinyseek.tasks.countdown import check_countdown  # noqa: F401 (re-exported)
 
 # task name -> module (each has generate(n, seed, difficulty=None, split="train") and MAX_DIFFICULTY)
 TASKS: dict[str, str] = {
@@ -40,8 +41,3 @@ def get_task(name: str) -> ModuleType:
         raise UserError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     return importlib.import_module(TASKS[name])
 
-
-def check_countdown(expr: str, numbers: list[int], target: int) -> bool:
-    """Re-exported from :mod:`tinyseek.tasks.countdown`."""
-    from tinyseek.tasks.countdown import check_countdown as f
-    return f(expr, numbers, target)
