@@ -26,12 +26,14 @@ from typing import Any
 
 import torch
 
-from tinyseek.common import move_aside, print0
-from tinyseek.config import ConfigError, ModelConfig, check_finite
+from tinyseek.common import atomic_write_json, get_device, move_aside, print0, seed_everything
+from tinyseek.config import ConfigError, ModelConfig, check_finite, to_dict
 from tinyseek.errors import UserError
 from tinyseek.model.lora import BaseView, apply_lora, check_options, has_lora, lora_state_dict
 from tinyseek.model.lora import trainable_parameters as trainable  # all of a plain model, a LoRA model's adapters
+from tinyseek.model.transformer import Transformer
 from tinyseek.serve.loading import load_tokenizer_for as serve_tokenizer_for
+from tinyseek.tasks import format_solution, get_task
 from tinyseek.tokenizer import byte_tokenizer, load_tokenizer
 from tinyseek.train.checkpoint import load_model, read_meta, resolve_checkpoint, save_checkpoint
 
@@ -72,7 +74,6 @@ def save_tokenizer(tok, run_dir: Path) -> None:
 def load_policy(init: str, model_cfg: ModelConfig, vocab_size: int, device: torch.device, lora: Any = None):
     """(model, meta): from ``init`` if given, else a fresh ``Transformer(model_cfg)`` sized to the vocab.
     ``lora``: a stage config whose ``lora_*`` fields put adapters on the loaded model (:func:`attach_lora`)."""
-    from tinyseek.model.transformer import Transformer
     if init:
         if not Path(init).exists():
             raise UserError(f"checkpoint {init} does not exist")
@@ -117,7 +118,6 @@ def resize_vocab(model, vocab_size: int) -> None:
 
 def save(run_dir: Path, step: int, model, optimizer, meta: dict) -> Path:
     """``run_dir/ckpt/step_*``: the full model, or for a LoRA model its adapters only (see above)."""
-    from tinyseek.config import to_dict
     meta = {**meta, "model_config": to_dict(model.cfg)}
     if has_lora(model):
         info = model.lora_info
@@ -210,7 +210,6 @@ def make_problems(tasks: str, n: int, seed: int, difficulty: int | None = None, 
     ``split`` is the tasks' train/eval partition of problem texts (``"eval"`` for held-out sets):
     no prompt is ever in both, even for tiny problem spaces.
     """
-    from tinyseek.tasks import get_task
     names = task_names(tasks)
     per_task = []
     for i, name in enumerate(names):
@@ -226,7 +225,6 @@ def prompt_ids(tok, prompt: str) -> list[int]:
 
 def worked_response(problem) -> str:
     """The target completion for SFT: ``<think>solution</think><answer>answer</answer>``."""
-    from tinyseek.tasks import format_solution
     return format_solution(problem)
 
 
@@ -239,9 +237,6 @@ def start_policy_run(cfg: Any, stage: str):
     tokenizer and the policy from ``cfg.init`` (fresh ``cfg.model`` when empty), create the run dir
     with ``config.json`` and a copy of the tokenizer; adapters on the policy when ``cfg.lora_rank > 0``.
     Returns ``(device, run_dir, tok, model)``."""
-    from tinyseek.common import atomic_write_json, get_device, seed_everything
-    from tinyseek.config import to_dict
-
     seed_everything(cfg.seed)
     device = get_device(cfg.device)
     run_dir = Path(cfg.out_dir) / cfg.name
@@ -258,8 +253,6 @@ def load_sampling_model(ckpt: str, tokenizer: str, seed: int, device_name: str, 
     """The shared start of the stages that sample from a finished checkpoint (eval, rejection,
     distill's teacher): refuse a missing path in one line, seed every RNG, pick the device, load the
     tokenizer and the model (eval mode). Returns ``(device, tok, model)``."""
-    from tinyseek.common import get_device, seed_everything
-
     if not Path(ckpt).exists():
         raise UserError(f"{what} {ckpt} does not exist")
     seed_everything(seed)
