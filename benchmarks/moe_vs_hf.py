@@ -32,8 +32,10 @@ from tinyseek import malloc
 from tinyseek.kernels import loader as ckernels  # noqa: E402
 from tinyseek.config import ModelConfig, model_cpu_tiny  # noqa: E402
 from tinyseek.model.layers import SwiGLU  # noqa: E402
-from tinyseek.model.moe import _DISPATCH, MoE  # noqa: E402
+from tinyseek.model.moe import DISPATCH, MoE  # noqa: E402
 from tinyseek.model.transformer import Transformer  # noqa: E402
+
+import moe_compiled  # noqa: E402,F401  (benchmarks/: registers the comparison-only "compiled" dispatch)
 
 
 @dataclass
@@ -73,7 +75,7 @@ def ours(bc: BenchConfig, impl: str = "auto") -> nn.Module:
                       n_shared_experts=bc.n_shared, score_func="softmax", aux_loss="switch",
                       bias_update_speed=0.001, moe_impl="auto", n_layers=2, n_dense_layers=1).validate()
     m = MoE(cfg)
-    m.impl = impl  # may also be an internal variant the config does not offer (grouped_autograd)
+    m.impl = impl  # may also be a variant the config does not offer (grouped_autograd, compiled)
     return _OutOnly(m)
 
 
@@ -295,9 +297,9 @@ def main() -> None:
                     help="wall seconds, or CPU seconds of the calling thread (with --threads 1, on a shared machine)")
     args = ap.parse_args()
     impls = [i for i in args.impls.split(",") if i]
-    bad = [i for i in impls if i not in _DISPATCH]
+    bad = [i for i in impls if i not in DISPATCH]
     if bad:
-        raise SystemExit(f"moe_vs_hf: error: unknown --impls {bad}, choose from {sorted(_DISPATCH)}")
+        raise SystemExit(f"moe_vs_hf: error: unknown --impls {bad}, choose from {sorted(DISPATCH)}")
     global CLOCK
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     device = torch.device(args.device)

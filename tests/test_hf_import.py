@@ -14,7 +14,7 @@ from tinyseek.errors import UserError
 from tinyseek.interop.hf_export import export_hf
 from tinyseek.interop.hf_import import SUPPORTED, config_from_hf, model_from_hf, read_hf_dir, state_from_hf
 from tinyseek.kernels import attn as attn_kernel
-from tinyseek.model import moe_kernel
+from tinyseek.kernels import moe_infer as moe_kernel
 from tinyseek.model.layers import ROPE_TYPES, mla_softmax_mscale
 
 transformers = pytest.importorskip("transformers")
@@ -110,7 +110,7 @@ def _check_fast_paths(model, ids, full, name):
     with torch.no_grad():
         for moe in model.moe_layers:
             if moe_kernel.KERNELS.ready() is not None:
-                assert moe._pick_impl(x) == "kernel", name
+                assert moe.variant(x) == "kernel", name
         if model.cfg.attn == "mla" and attn_kernel.KERNELS.ready() is not None:
             cache = model.new_cache(1)
             assert model.can_ragged(cache), name

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tinyseek.config import ConfigError, ModelConfig, model_micro
-from tinyseek.model import moe as moe_mod
+from tinyseek.kernels import moe_infer
+from tinyseek.kernels.moe_grouped import grouped_mm_ok
 from tinyseek.model.layers import SwiGLU
 from tinyseek.model.moe import MoE, balance_loss, capacity_keep, route, update_bias
 from tinyseek.model.transformer import Transformer
@@ -53,7 +54,7 @@ ROUTINGS = {
 @pytest.mark.parametrize("capacity", [0.0, 1.0])
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_fast_paths_match_reference_loop(impl, capacity, routing):
-    if impl.startswith("grouped") and not moe_mod._grouped_mm_ok(torch.device("cpu"), torch.float32):
+    if impl.startswith("grouped") and not grouped_mm_ok(torch.device("cpu"), torch.float32):
         pytest.skip("torch._grouped_mm unavailable on this CPU build")
     cfg = moe_cfg(capacity_factor=capacity, **ROUTINGS[routing])
     m = make_moe(cfg).train()
@@ -356,25 +357,55 @@ def test_bad_moe_config_raises_config_error(kw, fragment):
 def test_auto_uses_grouped_kernel_on_cpu_when_available():
     m = make_moe(moe_cfg(moe_impl="auto"))
     x = torch.randn(4, m.cfg.d_model)
-    expected = "grouped" if moe_mod._grouped_mm_ok(torch.device("cpu"), torch.float32) else "sorted"
-    assert m._pick_impl(x) == expected
+    expected = "grouped" if grouped_mm_ok(torch.device("cpu"), torch.float32) else "sorted"
+    assert m.variants[0] == expected and m.variant(x) == expected  # the weights require grad
     if hasattr(torch, "_grouped_mm") and torch.__version__ >= (2, 13):
         assert expected == "grouped"  # torch 2.13 CPU runs _grouped_mm in fp32 with autograd
 
 
 def test_auto_picks_the_fused_node_only_when_gradients_flow(monkeypatch):
-    from tinyseek.model.moe import _grouped_mm_ok
-    from tinyseek.model.moe_kernel import KERNELS
-
-    monkeypatch.setitem(KERNELS.state, "enabled", False)  # the C kernel's choice: tests/test_moe_kernel.py
+    monkeypatch.setitem(moe_infer.KERNELS.state, "failed", True)  # no C kernel: tests/test_moe_kernel.py
     cfg = model_micro()
     m = MoE(cfg)
     x = torch.randn(6, cfg.d_model)
-    if not _grouped_mm_ok(x.device, x.dtype):
+    if not grouped_mm_ok(x.device, x.dtype):
         pytest.skip("no grouped_mm here: auto is the sorted loop")
-    assert m._pick_impl(x) == "grouped"                       # weights require grad
+    assert m.variants == ("grouped", "infer")
+    assert m.variant(x) == "grouped"                          # weights require grad
+    ran = []
+    for name in ("_sorted", "_grouped_autograd"):
+        real = getattr(MoE, name)
+        monkeypatch.setattr(MoE, name, lambda self, *a, real=real, name=name: ran.append(name) or real(self, *a))
     with torch.no_grad():
-        assert m._pick_impl(x) == "grouped_autograd"
-        assert m._pick_impl(x[:1]) == "sorted"                # one token: only top_k experts run
+        assert m.variant(x) == "infer"
+        m(x.view(1, 6, -1))
+        m(x[:1].view(1, 1, -1))                               # one token: only top_k experts run
     with torch.inference_mode():
-        assert m._pick_impl(x) == "grouped_autograd"
+        assert m.variant(x) == "infer"
+    assert ran == ["_grouped_autograd", "_sorted"]
+
+
+def test_variants_are_chosen_once_and_again_when_the_module_changes():
+    """The seam: ``variants`` is fixed at build and re-chosen when ``impl`` is set, the module is
+    moved or cast, its state is loaded with ``assign`` (from the meta device) or its experts swapped."""
+    cfg = moe_cfg()
+    m = make_moe(cfg)
+    on_cpu = m.variants
+    assert on_cpu[1] == ("kernel" if not moe_infer.KERNELS.state["failed"] else "infer")
+    m.impl = "sorted"
+    assert m.variants == ("sorted", "sorted")
+    m.impl = "auto"
+    assert m.variants == on_cpu
+    with pytest.raises(ValueError, match="unknown MoE dispatch"):
+        m.impl = "fast"
+    m.double()
+    assert m.variants[1] == "infer"                           # no fp32 C kernel for float64
+    m.float()
+    assert m.variants == on_cpu
+    with torch.device("meta"):
+        meta = MoE(cfg)
+    assert meta.variants[1] == "infer"
+    meta.load_state_dict(m.state_dict(), assign=True)
+    assert meta.variants == on_cpu
+    m.experts = type(m.experts)(cfg.n_routed_experts, cfg.d_model, cfg.moe_d_ff).double()
+    assert m.variants[1] == "infer"

@@ -1,13 +1,23 @@
 """The fused routed-expert node (``moe_impl="grouped"``): hand-written backward == autograd maths."""
 from __future__ import annotations
 
+import importlib.util
+import threading
+from pathlib import Path
+
 import pytest
 import torch
 
+from tinyseek.kernels import moe_train
+from tinyseek.kernels.moe_grouped import combine_plan, grouped_mm, routed_experts
 from tinyseek.model.moe import MoE
-from tinyseek.model import moe_fused
-from tinyseek.model.moe_fused import combine_plan, grouped_mm, routed_experts
 from test_moe import make_moe, moe_cfg, run
+
+# the comparison-only "compiled" variant lives in benchmarks/ (not a package; registers itself on import)
+_SPEC = importlib.util.spec_from_file_location("moe_compiled", Path(__file__).resolve().parents[1] / "benchmarks"
+                                               / "moe_compiled.py")
+moe_compiled = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(moe_compiled)
 
 
 def _inputs(N=7, k=2, E=4, D=6, Fh=5, drop=False, seed=0, dtype=torch.float64):
@@ -139,15 +149,16 @@ def test_grouped_forward_without_grad_and_in_eval():
 
 
 def test_compile_friendly_swiglu_backward_matches_autograd():
-    """The maths the ``compiled`` variant fuses (run eagerly here: no compile in the fast suite)."""
+    """The maths the ``compiled`` variant (``benchmarks/moe_compiled.py``) fuses (run eagerly here: no
+    compile in the fast suite)."""
     g = torch.Generator().manual_seed(6)
     h = torch.randn(9, 8, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.rand(9, generator=g, dtype=torch.float64, requires_grad=True)
-    act, act0 = moe_fused.swiglu_weighted(h, w)
+    act, act0 = moe_compiled.swiglu_weighted(h, w)
     torch.testing.assert_close(act0, torch.nn.functional.silu(h[:, :4]) * h[:, 4:])
     gy = torch.randn(9, 4, generator=g, dtype=torch.float64)
     dh_ref, dw_ref = torch.autograd.grad(act, (h, w), gy)
-    dh, dw = moe_fused.swiglu_weighted_backward(gy, h.detach(), w.detach(), act0.detach())
+    dh, dw = moe_compiled.swiglu_weighted_backward(gy, h.detach(), w.detach(), act0.detach())
     torch.testing.assert_close(dh, dh_ref)
     torch.testing.assert_close(dw, dw_ref)
 
@@ -155,18 +166,19 @@ def test_compile_friendly_swiglu_backward_matches_autograd():
 def test_compiled_falls_back_to_eager_with_a_warning(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
-    monkeypatch.setattr(moe_fused, "_COMPILED", {"fwd": broken, "bwd": broken})
+    monkeypatch.setattr(moe_compiled, "_COMPILED", {"fwd": broken, "bwd": broken})
     args, _ = _inputs(seed=7)
     with pytest.warns(UserWarning, match="torch.compile failed"):
-        y = routed_experts(*args, compiled=True)
+        y = moe_compiled.CompiledRoutedExperts.apply(*args)
     torch.testing.assert_close(y, _reference(*args))
     y.sum().backward()  # the backward falls back too, silently (already warned)
-    assert moe_fused._COMPILED == {"fwd": None, "bwd": None}
+    assert moe_compiled._COMPILED == {"fwd": None, "bwd": None}
 
 
 @pytest.mark.slow
 def test_compiled_variant_matches_loop():
-    """``moe_impl="compiled"``: torch.compile'd elementwise (compiles ~30 s on the first call)."""
+    """``moe.impl = "compiled"`` (benchmarks/moe_compiled.py): torch.compile'd elementwise (compiles
+    ~30 s on the first call)."""
     cfg = moe_cfg(capacity_factor=1.0)
     m = make_moe(cfg).train()
     x = torch.randn(3, 11, cfg.d_model, generator=torch.Generator().manual_seed(8))
@@ -177,10 +189,6 @@ def test_grouped_mm_on_threads_equals_one_thread():
     """With more than one torch thread the experts' GEMMs are shared out over worker threads (one
     expert on one thread): the same numbers as on one thread, for both layouts, empty groups
     included, and the caller's thread count (and that of threads started later) is left alone."""
-    import threading
-
-    from tinyseek.model import moe_fused
-
     g = torch.Generator().manual_seed(0)
     a = torch.randn(1536, 128, generator=g)
     b3 = torch.randn(6, 128, 96, generator=g)
@@ -189,10 +197,10 @@ def test_grouped_mm_on_threads_equals_one_thread():
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = (moe_fused.grouped_mm(a, b3, offs), moe_fused.grouped_mm(a.t(), dy, offs))
+        one = (grouped_mm(a, b3, offs), grouped_mm(a.t(), dy, offs))
         torch.set_num_threads(2)
-        assert a.shape[0] * a.shape[1] * b3.shape[-1] >= moe_fused.PAR_MIN_MACS  # the threaded path runs
-        two = (moe_fused.grouped_mm(a, b3, offs), moe_fused.grouped_mm(a.t(), dy, offs))
+        assert a.shape[0] * a.shape[1] * b3.shape[-1] >= moe_train.PAR_MIN_MACS  # the threaded path runs
+        two = (grouped_mm(a, b3, offs), grouped_mm(a.t(), dy, offs))
         assert torch.get_num_threads() == 2
         seen = []
         t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
@@ -213,7 +221,7 @@ def test_pool_workers_stay_one_thread_after_their_first_torch_op():
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        pool = moe_fused._pool(2)
+        pool = moe_train.pool(2)
         counts = {pool.submit(lambda: (torch.ones(64, 64) @ torch.ones(64, 64), torch.get_num_threads())[1]).result()
                   for _ in range(6)}
         assert counts == {1}

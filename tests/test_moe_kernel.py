@@ -1,4 +1,4 @@
-"""The fp32 C kernel for the routed experts (tinyseek/model/moe_kernel.py) == the PyTorch dispatch paths."""
+"""The fp32 C kernel for the routed experts (tinyseek/kernels/moe_infer.py) == the PyTorch dispatch paths."""
 from __future__ import annotations
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from tinyseek.config import ModelConfig, model_cpu_tiny, model_micro
-from tinyseek.model import moe_kernel
+from tinyseek.kernels import moe_infer as moe_kernel
+from tinyseek.kernels.moe_grouped import grouped_mm_ok
 from tinyseek.model.moe import MoE
-from tinyseek.model.moe_fused import _grouped_mm_ok
 from tinyseek.model.transformer import Transformer
 from test_moe import make_moe
 
@@ -88,16 +88,19 @@ def test_auto_picks_kernel_only_without_gradients(kernels):
     m = make_moe(cfg)
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
     m.impl = "auto"
-    train_pick = "grouped" if _grouped_mm_ok(x.device, x.dtype) else "sorted"
-    assert m._pick_impl(x.view(-1, 32)) == train_pick          # parameters require grad
+    train_pick = "grouped" if grouped_mm_ok(x.device, x.dtype) else "sorted"
+    assert m.variants == (train_pick, "kernel")
+    assert m.variant(x.view(-1, 32)) == train_pick             # parameters require grad
     with torch.no_grad():
-        assert m._pick_impl(x.view(-1, 32)) == "kernel"
-        assert m._pick_impl(x.view(-1, 32)[:1]) == "kernel"
+        assert m.variant(x.view(-1, 32)) == "kernel"
+        assert m.variant(x.view(-1, 32)[:1]) == "kernel"
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert m._pick_impl(x.view(-1, 32)) != "kernel"   # autocast: not an fp32 computation
-        assert m._pick_impl(x.view(-1, 32).double()) != "kernel"
+            assert m.variant(x.view(-1, 32)) != "kernel"      # autocast: not an fp32 computation
+        # a float64 input: the kernel variant runs its PyTorch path (the C kernel takes fp32 only)
+        assert moe_kernel.routed_experts(x.view(-1, 32).double(), torch.zeros(10, 2, dtype=torch.long),
+                                         torch.ones(10, 2), m.experts.w_gate_up, m.experts.w_down) is None
     with torch.inference_mode():
-        assert m._pick_impl(x.view(-1, 32)) == "kernel"
+        assert m.variant(x.view(-1, 32)) == "kernel"
 
     def train_step(impl):
         m.impl = impl
@@ -125,8 +128,8 @@ def test_auto_leaves_quantized_experts_alone(kernels):
     m.experts = QuantExperts.from_float(ex.w_gate_up.detach(), ex.w_down.detach(), 8)
     m.impl = "auto"
     x = torch.randn(3, 32)
+    assert m.variants[1] != "kernel"                       # chosen again when the experts were swapped
     with torch.no_grad():
-        assert m._pick_impl(x) != "kernel"
         m.impl = "kernel"  # set explicitly: the dispatch falls back to the PyTorch path for such experts
         y = m(x.view(1, 3, 32))[0]
         m.impl = "loop"
@@ -143,8 +146,14 @@ def test_fallback_when_disabled_or_capacity_drops(kernels, monkeypatch):
         assert moe_kernel.routed_experts(x[0], torch.zeros(9, 2, dtype=torch.long), torch.ones(9, 2),
                                          m.experts.w_gate_up, m.experts.w_down) is None
         m.impl = "auto"
-        assert m._pick_impl(x[0]) == ("grouped_autograd" if _grouped_mm_ok(x.device, x.dtype) else "sorted")
+        assert m.variant(x[0]) == "kernel"  # chosen at build; per call it falls back while the kernels are off
+        calls = []
+        real = MoE._grouped_autograd if grouped_mm_ok(x.device, x.dtype) else MoE._sorted
+        monkeypatch.setattr(MoE, real.__name__, lambda self, *a: calls.append(1) or real(self, *a))
         off = m(x)[0]
+        assert calls == [1]
+        monkeypatch.undo()
+        monkeypatch.setitem(kernels.state, "enabled", False)
         m.impl = "kernel"
         assert torch.equal(m(x)[0], off)
         m.impl = "loop"
@@ -203,9 +212,15 @@ def test_kv_cache_decode_with_kernel_equals_full_forward(kernels, preset, monkey
             if p.dim() > 1:
                 p.mul_(3.0)
     idx = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
-    calls = []
+    calls = []  # the rows of each call the C kernel ran (not those where it was off)
     real = moe_kernel.routed_experts
-    monkeypatch.setattr(moe_kernel, "routed_experts", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+
+    def counted(*a, **kw):
+        y = real(*a, **kw)
+        if y is not None:
+            calls.append(a[0].shape[0])
+        return y
+    monkeypatch.setattr(moe_kernel, "routed_experts", counted)
     with torch.no_grad():
         full = model(idx).logits
         cache = model.new_cache(2)

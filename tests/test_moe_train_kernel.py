@@ -1,13 +1,13 @@
-"""The fp32 CPU training kernel of the routed experts (tinyseek/model/moe_train_kernel.py) == the
+"""The fp32 CPU training kernel of the routed experts (tinyseek/kernels/moe_train.py) == the
 PyTorch path of the fused node == the per-expert autograd reference."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tinyseek.model import moe_fused, moe_shared
-from tinyseek.model import moe_train_kernel as mtk
-from tinyseek.model.moe_fused import routed_experts
+from tinyseek.kernels import moe_shared
+from tinyseek.kernels import moe_train as mtk
+from tinyseek.kernels.moe_grouped import routed_experts
 from test_moe import make_moe, moe_cfg, run
 from test_moe_fused import _inputs, _reference, check_only_requested_grads
 
@@ -79,14 +79,14 @@ def test_kernel_on_threads_equals_one_thread(kern, counted):
     """Above ``PAR_MIN_MACS`` on two threads, the experts are shared out over worker threads: the
     same bits as one thread (each expert's GEMMs on one thread either way)."""
     args, counts = _inputs(N=1024, k=2, E=6, D=128, Fh=96, seed=7, dtype=torch.float32)
-    assert int(counts.sum()) * 128 * 192 >= moe_fused.PAR_MIN_MACS
+    assert int(counts.sum()) * 128 * 192 >= mtk.PAR_MIN_MACS
     gy = torch.randn(1024, 128, generator=torch.Generator().manual_seed(2))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = _node_grads(args, gy, True)
         torch.set_num_threads(2)
-        assert len(moe_fused.kernel_runs(args[7], int(counts.sum()) * 128 * 192)) == 2
+        assert len(mtk.kernel_runs(args[7], int(counts.sum()) * 128 * 192)) == 2
         two = _node_grads(args, gy, True)
         assert torch.get_num_threads() == 2
     finally:
@@ -138,11 +138,11 @@ def test_without_sgemm_the_torch_path_runs(monkeypatch, tmp_path, counted):
     torch.testing.assert_close(y, _reference(*args), atol=1e-5, rtol=1e-5)
 
 
-def test_not_used_for_float64_or_compiled_mode(kern, counted):
+def test_not_used_for_float64(kern, counted):
     args, _ = _inputs(seed=11)  # float64 (gradcheck's dtype): the PyTorch path
     routed_experts(*args).sum().backward()
     assert counted == {"fwd": 0, "bwd": 0}
-    assert moe_fused._train_kernel(*[a.float() for a in args[:4]], compiled=True) is None
+    assert mtk.usable(*[a.float() for a in args[:4]]) is not None  # the same tensors in fp32 would use it
 
 
 @pytest.mark.slow
@@ -229,7 +229,7 @@ def test_shared_expert_stays_apart_where_folding_does_not_apply(kern, two_thread
 
 def test_expert_runs_balance_the_shared_expert_head():
     spans = [(i * 10, (i + 1) * 10) for i in range(8)]  # 8 experts x 10 rows
-    assert moe_fused.expert_runs(spans, 2) == [(0, 4), (4, 8)]
-    assert moe_fused.expert_runs(spans, 2, head=40) == [(0, 2), (2, 8)]  # 40 + 20 | 60
-    assert moe_fused.expert_runs(spans, 2, head=200) == [(0, 0), (0, 8)]  # the head alone outweighs all
-    assert moe_fused.expert_runs(spans, 3, head=30) == [(0, 1), (1, 4), (4, 8)]  # 40 | 30 | 40 of 110
+    assert mtk.expert_runs(spans, 2) == [(0, 4), (4, 8)]
+    assert mtk.expert_runs(spans, 2, head=40) == [(0, 2), (2, 8)]  # 40 + 20 | 60
+    assert mtk.expert_runs(spans, 2, head=200) == [(0, 0), (0, 8)]  # the head alone outweighs all
+    assert mtk.expert_runs(spans, 3, head=30) == [(0, 1), (1, 4), (4, 8)]  # 40 | 30 | 40 of 110

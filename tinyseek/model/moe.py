@@ -19,24 +19,32 @@ Capacity: ``capacity_factor`` > 0 caps each expert at ceil(cf * tokens * k / N) 
 over-full expert keeps its highest-weight assignments and drops the rest (the token still gets the
 shared expert and the residual). 0 = dropless (default, as in V3).
 
-Dispatch implementations, all numerically the same maths:
+Dispatch (the routed experts for the chosen assignments), all numerically the same maths
+(``DISPATCH``; each ``fn(moe, x_ND, idx_NK, w_NK, keep_A or None, counts_E) -> y_ND``):
 - ``loop``: readable per-expert loop with boolean masks: the reference the tests compare against.
 - ``sorted``: assignments sorted by expert, one slice per expert (no masks).
-- ``grouped``: sorted assignments and one ``torch._grouped_mm`` per projection for all experts; the
-  routed path is one autograd node with a hand-written backward (``moe_fused.RoutedExperts``). On
-  CPU fp32 that node runs each expert's whole chain (gather, GEMMs, fused SwiGLU) in one C pass
-  while its rows are in cache (``moe_train_kernel.py``).
-- ``grouped_autograd``: the same GEMMs with plain autograd (what ``grouped`` was before the fused
-  node; kept to measure what the fused node buys, not selectable from the config).
-- ``compiled``: ``grouped`` with the elementwise work between its GEMMs fused by ``torch.compile``
-  (the first call compiles for ~30 s; falls back to ``grouped``'s eager code with a warning where
-  compiling fails; like ``grouped_autograd`` not offered by the config yet: +0-2% on CPU).
+- ``grouped``: sorted assignments, the routed path one autograd node with a hand-written backward
+  over grouped GEMMs (``tinyseek.kernels.moe_grouped``; on CPU fp32 each expert's chain is one C
+  pass, ``tinyseek.kernels.moe_train``); on several CPU threads the shared expert rides along in
+  the same node (``tinyseek.kernels.moe_shared``).
+- ``grouped_autograd``: the same GEMMs with plain autograd (``auto``'s path without gradients where
+  the C kernel does not run).
 - ``padded``: sorted assignments padded per expert to the busiest expert's count, one ``bmm`` per
-  projection (some FLOPs wasted on padding, far fewer kernel calls; see ``MoE._padded``).
-- ``kernel``: inference on CPU fp32: all routed experts in one C call (``moe_kernel.py``).
-``auto`` uses ``kernel`` without gradients on CPU fp32 (plain ``Experts``), else ``grouped`` where the
-grouped GEMM runs for the device/dtype (CPU fp32 in torch >= 2.9, CUDA bf16), else ``sorted``.
-The router's top-k and the sort of assignments by expert are C passes on CPU (``route_kernel.py``).
+  projection (``tinyseek.kernels.moe_grouped.gemm_experts``).
+- ``kernel``: inference on CPU fp32: all routed experts in one C call (``tinyseek.kernels.moe_infer``).
+A variant for comparison only, ``compiled`` (``torch.compile``d elementwise), lives in
+``benchmarks/moe_compiled.py``; other packages add theirs with :func:`register_dispatch`.
+
+The seam: :meth:`MoE.select_variants` turns ``impl`` (``cfg.moe_impl``) into two variants, one for
+calls that need a gradient and one for calls that do not, once: when the module is built, its
+``impl`` set, its experts or shared expert replaced, its state loaded or it is moved (``.to()``),
+not per call. Per call ``forward`` only branches on whether a gradient is needed (and, under
+autocast, on its dtype: chosen once per dtype). ``auto`` gives ``grouped`` for training where the
+grouped GEMMs run (CPU fp32 in torch >= 2.9, CUDA bf16), else ``sorted``; without gradients
+``kernel`` for plain experts on CPU fp32, else ``infer`` (``sorted`` for one token or without
+grouped GEMMs, else ``grouped_autograd``). A C variant falls back to its PyTorch path per call
+where it does not apply (kernels switched off or not built, capacity drops, a gradient needed).
+The router's top-k and the sort of assignments by expert are C passes on CPU (``kernels.route``).
 Measured in ``benchmarks/moe_vs_hf.py`` (see ``benchmarks/README.md``).
 """
 from __future__ import annotations
@@ -47,11 +55,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyseek.model.layers import SwiGLU
-from tinyseek.model.layers import Linear, linear_or_f
-from tinyseek.model.moe_fused import _grouped_mm_ok, _train_kernel, combine_plan, routed_experts
-from tinyseek.model.moe_shared import ExpertsWithShared, kernel_runs_with_shared
+from tinyseek.kernels import moe_infer, moe_train
+from tinyseek.kernels.moe_grouped import combine_plan, gemm_experts, grouped_mm_ok, routed_experts
+from tinyseek.kernels.moe_shared import ExpertsWithShared, kernel_runs_with_shared
 from tinyseek.kernels.route import sort_by_expert, topk_indices
+from tinyseek.model.layers import Linear, SwiGLU, linear_or_f
 
 # ---------------------------------------------------------------------------------------------
 # pure functions
@@ -206,8 +214,66 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.d_model, cfg.moe_d_ff)
         self.shared = SwiGLU(cfg.d_model, cfg.shared_width) if cfg.n_shared_experts > 0 else None
         self.shared_gate = SharedGate(cfg.d_model) if cfg.shared_expert_gate and self.shared is not None else None
-        self.impl = cfg.moe_impl
+        self.register_load_state_dict_post_hook(_after_load)
+        self.impl = cfg.moe_impl  # chooses the variants (select_variants)
 
+    # --- the seam: which dispatch variant runs, chosen once ----------------------------------------
+    @property
+    def impl(self) -> str:
+        """The dispatch asked for: ``auto`` or a name in :data:`DISPATCH`. Setting it chooses the
+        variants again (:meth:`select_variants`)."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, name: str) -> None:
+        if name != "auto" and name not in DISPATCH:
+            raise ValueError(f"unknown MoE dispatch {name!r}: auto or one of {sorted(DISPATCH)}")
+        self._impl = name
+        self.select_variants()
+
+    def select_variants(self) -> None:
+        """Fix the dispatch variants for ``impl``, the experts' type, device and dtype: ``variants``
+        = (with a gradient, without). Called when any of those may have changed (built, ``impl`` set,
+        experts or shared expert replaced, state loaded with ``assign``, ``.to()``); cheap."""
+        w = getattr(self.experts, "w_gate_up", None)
+        self._device = w.device if isinstance(w, torch.Tensor) else torch.device("cpu")
+        self._dtype = w.dtype if isinstance(w, torch.Tensor) else torch.get_default_dtype()
+        self._by_amp: dict = {}
+        self.variants = self._variants_for(self._dtype, amp=False)
+
+    def _variants_for(self, dtype: torch.dtype, amp: bool) -> tuple[str, str]:
+        if self.impl != "auto":
+            return self.impl, self.impl
+        train = "grouped" if grouped_mm_ok(self._device, dtype) else "sorted"
+        kernel = (isinstance(self.experts, Experts) and self._device.type == "cpu" and dtype is torch.float32
+                  and not amp and not moe_infer.KERNELS.state["failed"])
+        return train, "kernel" if kernel else "infer"
+
+    def variant(self, x_ND: torch.Tensor) -> str:
+        """The variant that runs for ``x_ND`` now: ``variants[0]`` where a gradient is needed (grad mode
+        on and ``x_ND`` or the experts' weights require grad), else ``variants[1]``; under autocast
+        those chosen for its dtype (once per dtype)."""
+        pair = self.variants
+        dev = self._device.type
+        if torch.is_autocast_enabled(dev):
+            amp = torch.get_autocast_dtype(dev)
+            pair = self._by_amp.get(amp) or self._by_amp.setdefault(amp, self._variants_for(amp, amp=True))
+        if pair[0] == pair[1]:
+            return pair[0]
+        needs_grad = torch.is_grad_enabled() and (x_ND.requires_grad or self.experts.w_gate_up.requires_grad)
+        return pair[0] if needs_grad else pair[1]
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in ("experts", "shared", "shared_gate") and "_impl" in self.__dict__:
+            self.select_variants()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.select_variants()  # the device or dtype may have changed
+        return out
+
+    # --- forward ---------------------------------------------------------------------------------
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, dict]:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
@@ -224,13 +290,13 @@ class MoE(nn.Module):
             cap = math.ceil(self.cfg.capacity_factor * N * self.top_k / self.n_experts)
             keep_A = capacity_keep(e_A, w_NK.detach().reshape(-1), self.n_experts, cap)
             dropped = (~keep_A).sum()
-        impl = self._pick_impl(x_ND)
+        impl = self.variant(x_ND)
         y_ND = None
         if impl == "grouped" and self.shared is not None and self.shared_gate is None:
             # routed + shared in one node where it pays
             y_ND = self._grouped_with_shared(x_ND, idx_NK, w_NK.to(x_ND.dtype), keep_A, counts_E)
         if y_ND is None:
-            y_ND = _DISPATCH[impl](self, x_ND, idx_NK, w_NK.to(x_ND.dtype), keep_A, counts_E)
+            y_ND = DISPATCH[impl](self, x_ND, idx_NK, w_NK.to(x_ND.dtype), keep_A, counts_E)
             if self.shared is not None:
                 s_ND = self.shared(x_ND)
                 if self.shared_gate is not None:
@@ -247,23 +313,7 @@ class MoE(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def _pick_impl(self, x_ND: torch.Tensor) -> str:
-        if self.impl != "auto":
-            return self.impl
-        if _moe_kernel.applies(self, x_ND):  # inference on CPU fp32 (no gradient needed): one C call
-            return _moe_kernel.DISPATCH
-        if not _grouped_mm_ok(x_ND.device, self._compute_dtype(x_ND)):
-            return "sorted"
-        # the fused node pays for its backward plan up front: without gradients (decoding, rollouts,
-        # eval) the plain grouped GEMMs are 15-25% faster per layer (measured on cpu-tiny, 1-256 tokens)
-        needs_grad = torch.is_grad_enabled() and (x_ND.requires_grad or self.experts.w_gate_up.requires_grad)
-        if needs_grad:
-            return "grouped"
-        # one token (batch-1 decode): only top_k experts run, and the sorted loop skips the rest
-        # (grouped_mm visits every expert): ~10% faster per layer on cpu-tiny
-        return "sorted" if x_ND.shape[0] == 1 else "grouped_autograd"
-
-    # --- dispatch implementations: (x_ND, idx_NK, w_NK, keep_A or None, counts_E) -> y_ND --------
+    # --- the reference dispatch: (x_ND, idx_NK, w_NK, keep_A or None, counts_E) -> y_ND ------------
     def _loop(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
         """Reference: for each expert, find its (token, slot) pairs, run it, scatter-add back."""
         hit_NK = torch.ones_like(idx_NK, dtype=torch.bool) if keep_A is None else keep_A.view_as(idx_NK)
@@ -275,7 +325,7 @@ class MoE(nn.Module):
                 out = out.index_add(0, tok, y)
         return out
 
-    def _plan(self, idx_NK, keep_A, counts_E):
+    def plan(self, idx_NK, keep_A, counts_E):
         """Sort the kept assignments by expert once: (assignment ids, their experts, per-expert counts).
         Assignment a is token a // top_k; dropped assignments sort last (key E) and are cut off."""
         e_A = idx_NK.reshape(-1)
@@ -288,116 +338,112 @@ class MoE(nn.Module):
             e_S, order_S = e_S[:n], order_S[:n]
         return order_S, e_S, counts_E
 
-    def _sorted_rows(self, w_NK, order_S):
+    def sorted_rows(self, w_NK, order_S):
         """Token id and routing weight of each sorted assignment (assignment a is token a // top_k)."""
         return torch.div(order_S, self.top_k, rounding_mode="floor"), w_NK.reshape(-1).index_select(0, order_S)
 
-    def _gather_sorted(self, x_ND, w_NK, order_S):
-        tok_S, w_S = self._sorted_rows(w_NK, order_S)
-        return tok_S, x_ND.index_select(0, tok_S), w_S
-
-    def _combine(self, x_ND, tok_S, y_SD, w_S):
-        return torch.zeros_like(x_ND).index_add_(0, tok_S, y_SD * w_S[:, None])
-
     def _sorted(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
         """Sorted assignments, one contiguous slice per expert (experts without tokens are skipped)."""
-        order_S, _, counts_E = self._plan(idx_NK, keep_A, counts_E)
-        tok_S, x_SD, w_S = self._gather_sorted(x_ND, w_NK, order_S)
+        order_S, _, counts_E = self.plan(idx_NK, keep_A, counts_E)
+        tok_S, w_S = self.sorted_rows(w_NK, order_S)
+        x_SD = x_ND.index_select(0, tok_S)
         outs = [self.experts.expert_forward(e, xs) for e, xs in enumerate(x_SD.split(counts_E.tolist()))
                 if xs.shape[0] > 0]
         y_SD = torch.cat(outs) if outs else x_SD
-        return self._combine(x_ND, tok_S, y_SD, w_S)
+        return torch.zeros_like(x_ND).index_add_(0, tok_S, y_SD * w_S[:, None])
 
-    def _grouped_plan(self, idx_NK, w_NK, keep_A, counts_E):
+    # --- the fast variants: adapters from this module to the kernels' tensor functions ------------
+    def grouped_plan(self, idx_NK, w_NK, keep_A, counts_E):
         """(routing weight and token of each sorted row, combine bags, int32 cumulative rows per expert):
-        the node arguments after the weights, in their order."""
-        order_S, _, counts_E = self._plan(idx_NK, keep_A, counts_E)
-        tok_R, w_R = self._sorted_rows(w_NK, order_S)
+        the arguments of :func:`tinyseek.kernels.moe_grouped.routed_experts` after the weights."""
+        order_S, _, counts_E = self.plan(idx_NK, keep_A, counts_E)
+        tok_R, w_R = self.sorted_rows(w_NK, order_S)
         bag_rows, bag_starts = combine_plan(order_S, idx_NK.numel(), self.top_k, keep_A)
         return w_R, tok_R, bag_rows, bag_starts, torch.cumsum(counts_E, 0, dtype=torch.int32)
 
-    def _grouped(self, x_ND, idx_NK, w_NK, keep_A, counts_E, compiled: bool = False, plan=None):
-        """Sorted assignments and one ``torch._grouped_mm`` per projection over all experts, the whole
-        routed path one autograd node with a hand-written backward (``tinyseek/model/moe_fused.py``).
-        ``plan``: a :meth:`_grouped_plan` already made."""
+    def _grouped(self, x_ND, idx_NK, w_NK, keep_A, counts_E, plan=None):
+        """The routed path as one autograd node over grouped GEMMs (``plan``: a :meth:`grouped_plan`
+        already made), computed in the autocast dtype where autocast is on."""
         dt = self._compute_dtype(x_ND)
-        w_R, tok_R, bag_rows, bag_starts, offs_E = plan or self._grouped_plan(idx_NK, w_NK, keep_A, counts_E)
+        w_R, tok_R, bag_rows, bag_starts, offs_E = plan or self.grouped_plan(idx_NK, w_NK, keep_A, counts_E)
         with torch.autocast(x_ND.device.type, enabled=False):  # inputs are cast to the compute dtype here
             y_ND = routed_experts(x_ND.to(dt), self.experts.w_gate_up.to(dt), self.experts.w_down.to(dt),
-                                  w_R.to(dt), tok_R, bag_rows, bag_starts, offs_E, compiled)
+                                  w_R.to(dt), tok_R, bag_rows, bag_starts, offs_E)
         return y_ND.to(x_ND.dtype)
 
     def _grouped_with_shared(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
-        """``grouped`` plus the shared expert (``moe_shared.ExpertsWithShared``: one node, where on
-        several CPU threads the shared expert's GEMMs run beside the routed experts' C kernel; apart
-        where the work is too small to share out), or None where the node does not apply: one
-        thread, not CPU fp32 / kernels off, a shared expert that is not a plain bias-free SwiGLU, or
-        hooks on it (e.g. per-sample gradient tools)."""
+        """``grouped`` plus the shared expert in one node (:class:`tinyseek.kernels.moe_shared.
+        ExpertsWithShared`: on several CPU threads the shared expert's GEMMs run beside the routed
+        experts' C kernel; apart where the work is too small to share out), or None where it does
+        not apply. Checked per call, as they change without this module knowing: one thread, not
+        CPU fp32 (autocast, sharded or quantized weights), training kernel off, and a shared expert
+        that is not a plain bias-free SwiGLU or has hooks (LoRA, per-sample gradient tools): the
+        node bypasses its modules' ``__call__``."""
         if torch.get_num_threads() < 2 or not _shared_foldable(self.shared):
             return None
         ex, sh = self.experts, self.shared
         if torch.is_autocast_enabled(x_ND.device.type) or not _plain_cpu_f32(
                 ex.w_gate_up, ex.w_down, sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight):
             return None
-        kern = _train_kernel(x_ND, ex.w_gate_up, ex.w_down, w_NK, False)
+        kern = moe_train.usable(x_ND, ex.w_gate_up, ex.w_down, w_NK)
         if kern is None:
             return None
-        plan = self._grouped_plan(idx_NK, w_NK, keep_A, counts_E)
+        plan = self.grouped_plan(idx_NK, w_NK, keep_A, counts_E)
         runs = kernel_runs_with_shared(plan[4], x_ND.shape[0], x_ND.shape[1], sh.gate_proj.out_features, ex.hidden)
         if runs is None:
             return self._grouped(x_ND, idx_NK, w_NK, keep_A, counts_E, plan=plan) + sh(x_ND)
         return ExpertsWithShared.apply(x_ND, ex.w_gate_up, ex.w_down, *plan, sh.gate_proj.weight, sh.up_proj.weight,
                                        sh.down_proj.weight, kern, runs)
 
-    def _compiled(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
-        """``grouped`` with its elementwise work fused by ``torch.compile`` (first call compiles)."""
-        return self._grouped(x_ND, idx_NK, w_NK, keep_A, counts_E, compiled=True)
-
     def _grouped_autograd(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
-        """``grouped`` without the fused node: plain autograd over the same ``_grouped_mm`` calls."""
-        return self._gemm_path(x_ND, idx_NK, w_NK, keep_A, counts_E, padded=False)
+        """``grouped`` without the fused node: plain autograd over ``torch._grouped_mm``."""
+        return self._gemm(x_ND, idx_NK, w_NK, keep_A, counts_E, padded=False)
 
     def _padded(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
-        """Each expert's rows padded to the busiest expert's count C, then one ``bmm`` per projection.
+        """Each expert's rows padded to the busiest expert's count, one ``bmm`` per projection (see
+        :func:`tinyseek.kernels.moe_grouped.gemm_experts`). Not chosen by ``auto``."""
+        return self._gemm(x_ND, idx_NK, w_NK, keep_A, counts_E, padded=True)
 
-        Wastes (E * C / assignments - 1) of the expert FLOPs on padding rows (about 10-20% with a
-        balanced router) but makes 1 GEMM call per projection instead of E. Only worth it where a
-        GEMM call is expensive to start: a multi-threaded CPU shared with other jobs and OpenMP
-        spin-waiting (``OMP_WAIT_POLICY`` unset), where each of the E calls is a fork/join that
-        may wait for a descheduled thread. Not chosen by ``auto``."""
-        return self._gemm_path(x_ND, idx_NK, w_NK, keep_A, counts_E, padded=True)
+    def _gemm(self, x_ND, idx_NK, w_NK, keep_A, counts_E, padded: bool):
+        order_S, e_S, counts_E = self.plan(idx_NK, keep_A, counts_E)
+        tok_R, w_R = self.sorted_rows(w_NK, order_S)
+        return gemm_experts(x_ND, self.experts.w_gate_up, self.experts.w_down, tok_R, w_R, e_S, counts_E, padded,
+                            self._compute_dtype(x_ND))
 
-    def _gemm_path(self, x_ND, idx_NK, w_NK, keep_A, counts_E, padded: bool):
-        """Shared body of ``grouped_autograd`` and ``padded``. Rows R of the expert layout are the kept
-        assignments sorted by expert (plus padding rows for ``padded``): one gather of the inputs,
-        two GEMM calls, one scatter-add of the outputs. The routing weight scales the activation
-        (F wide) rather than the output (D wide): fewer bytes when F < D."""
-        E, dev, dt = self.n_experts, x_ND.device, self._compute_dtype(x_ND)
-        order_S, e_S, counts_E = self._plan(idx_NK, keep_A, counts_E)
-        tok_R, w_R = self._sorted_rows(w_NK, order_S)
-        if padded:
-            C = max(int(counts_E.max()), 1)
-            starts_E = torch.cumsum(counts_E, 0) - counts_E
-            row_S = e_S * C + (torch.arange(order_S.shape[0], device=dev) - starts_E[e_S])
-            # padding rows read token 0 with routing weight 0: they add exactly 0 to outputs and grads
-            tok_R = torch.zeros(E * C, dtype=torch.long, device=dev).index_copy_(0, row_S, tok_R)
-            w_R = torch.zeros(E * C, dtype=w_R.dtype, device=dev).index_copy(0, row_S, w_R)
-        x_RD = x_ND.index_select(0, tok_R).to(dt)
-        w_up, w_down = self.experts.w_gate_up.to(dt), self.experts.w_down.to(dt)
-        if padded:
-            g, u = torch.bmm(x_RD.view(E, C, -1), w_up).chunk(2, dim=-1)
-            act = F.silu(g) * u * w_R.view(E, C, 1).to(dt)
-            y_RD = torch.bmm(act, w_down).view(E * C, -1)
-        else:
-            offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            g, u = torch._grouped_mm(x_RD, w_up, offs=offs).chunk(2, dim=-1)
-            act = F.silu(g) * u * w_R[:, None].to(dt)
-            y_RD = torch._grouped_mm(act, w_down, offs=offs)
-        return torch.zeros_like(x_ND).index_add_(0, tok_R, y_RD.to(x_ND.dtype))
+    def _infer(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
+        """``auto``'s PyTorch path without gradients: ``sorted`` for one token (only top_k experts run,
+        where grouped GEMMs visit every expert) or where grouped GEMMs do not run for the compute
+        dtype, else ``grouped_autograd`` (the fused node pays for its backward plan up front)."""
+        if x_ND.shape[0] == 1 or not grouped_mm_ok(x_ND.device, self._compute_dtype(x_ND)):
+            return self._sorted(x_ND, idx_NK, w_NK, keep_A, counts_E)
+        return self._grouped_autograd(x_ND, idx_NK, w_NK, keep_A, counts_E)
+
+    def _kernel(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
+        """All routed experts in one C call (:func:`tinyseek.kernels.moe_infer.routed_experts`: CPU fp32,
+        no gradient, kernels on), else :meth:`_infer` (also for capacity drops and other experts)."""
+        ex = self.experts
+        if keep_A is None and isinstance(ex, Experts):
+            y = moe_infer.routed_experts(x_ND, idx_NK, w_NK, ex.w_gate_up, ex.w_down)
+            if y is not None:
+                return y
+        return self._infer(x_ND, idx_NK, w_NK, keep_A, counts_E)
 
 
-_DISPATCH = {"loop": MoE._loop, "sorted": MoE._sorted, "grouped": MoE._grouped, "padded": MoE._padded,
-             "grouped_autograd": MoE._grouped_autograd, "compiled": MoE._compiled}
+DISPATCH = {"loop": MoE._loop, "sorted": MoE._sorted, "grouped": MoE._grouped, "padded": MoE._padded,
+            "grouped_autograd": MoE._grouped_autograd, "kernel": MoE._kernel, "infer": MoE._infer}
+
+
+def register_dispatch(name: str, fn) -> None:
+    """Add a dispatch variant ``fn(moe, x_ND, idx_NK, w_NK, keep_A, counts_E) -> y_ND`` selected by
+    ``moe.impl = name`` (e.g. the quantized experts' fused kernel, ``tinyseek/quant/modules.py``)."""
+    if name in DISPATCH and DISPATCH[name] is not fn:
+        raise ValueError(f"MoE dispatch {name!r} is already registered")
+    DISPATCH[name] = fn
+
+
+def _after_load(moe: MoE, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: ``assign=True`` may have brought weights of another device or dtype."""
+    moe.select_variants()
 
 
 def _shared_foldable(sh) -> bool:
@@ -416,18 +462,7 @@ def _shared_foldable(sh) -> bool:
 
 
 def _plain_cpu_f32(*ws) -> bool:
-    """Plain (no tensor subclass) CPU fp32 tensors; the input and the experts' dtype and device are
-    ``moe_fused._train_kernel``'s to check."""
+    """Plain (no tensor subclass) CPU fp32 tensors; the input's dtype and device are
+    ``moe_train.usable``'s to check."""
     return all(type(w) in (nn.Parameter, torch.Tensor) and w.dtype is torch.float32 and w.device.type == "cpu"
                for w in ws)
-
-
-def register_dispatch(name: str, fn) -> None:
-    """Add a dispatch path ``fn(moe, x_ND, idx_NK, w_NK, keep_A, counts_E) -> y_ND`` selected by
-    ``moe.impl = name`` (e.g. the quantized experts' fused kernel, ``tinyseek/quant/modules.py``)."""
-    if name in _DISPATCH and _DISPATCH[name] is not fn:
-        raise ValueError(f"MoE dispatch {name!r} is already registered")
-    _DISPATCH[name] = fn
-
-
-from tinyseek.model import moe_kernel as _moe_kernel  # noqa: E402  (registers the "kernel" dispatch)

@@ -1,41 +1,6 @@
-"""Fused fp32 CPU kernel for the routed experts of a MoE layer at inference (decode and prefill).
-
-``y[n] = sum_k w[n, k] * expert_{idx[n, k]}(x[n])`` with ``expert_e(x) = (silu(x @ Wg_e) * (x @ Wu_e))
-@ Wd_e`` over the stacked weights of :class:`tinyseek.model.moe.Experts` (``w_gate_up (E, D, 2F)``,
-gate columns first, and ``w_down (E, F, D)``) in ONE C call per layer, replacing the sort, gathers,
-per-expert GEMM calls (or ``torch._grouped_mm``), activation and scatter-add of the PyTorch dispatch.
-
-Inside the call: a counting sort groups the (token, slot) assignments by expert; each expert's
-assignments go in blocks of up to 4 tokens, so every weight load feeds 4 tokens (16 AVX-512
-accumulators: 4 tokens x 64 columns; masked loads/stores for column tails, so any D / F works;
-portable loops where AVX-512 is missing or ``TS_PORTABLE`` is defined). The routing weight scales
-the activation (F wide) before the down projection, each assignment's output goes to its own row and
-the rows of a token are summed in slot order at the end (deterministic, no write races, the same
-result on any number of threads). Large calls (``N * K * 3 * D * F`` >= 2M multiply-adds, with
-more than one torch thread) share the blocks over OpenMP (``torch.get_num_threads()`` threads);
-small ones stay on the calling thread (a fork/join costs more than ~20 us of work saves on a busy
-2-core machine: at cpu-tiny shapes two threads win from ~32 tokens on).
-
-Selected by ``MoE`` ``auto`` (dispatch ``"kernel"``) when no gradient is needed, the input is a CPU
-fp32 tensor without autocast and the experts are plain :class:`~tinyseek.model.moe.Experts` (the
-quantized model's ``QuantExperts`` keep their own dispatch). The dispatch itself falls back to what
-``auto`` would otherwise run (``sorted`` for one token, else ``grouped_autograd``) for capacity drops,
-when the kernels are off (``TINYSEEK_MODEL_KERNELS=0`` or ``KERNELS.enable(False)``) or did not
-build (no compiler: one printed line), or when a gradient is needed after all. Results equal the
-PyTorch paths up to float summation order (tested against the ``loop`` reference).
-"""
-from __future__ import annotations
-
-import torch
-
-from tinyseek.kernels import loader as ckernels
-from tinyseek.kernels.loader import I64, INT, P
-from tinyseek.model.moe import Experts, register_dispatch
-from tinyseek.model.moe_fused import _grouped_mm_ok
-
-DISPATCH = "kernel"  # MoE.impl of this path (chosen by "auto", see MoE._pick_impl)
-
-_SRC = r"""
+/* The routed experts of a MoE layer at fp32 inference in one call (tinyseek/kernels/moe_infer.py is
+   its Python glue, MoE._loop in tinyseek/model/moe.py the PyTorch reference):
+   y[n] = sum_k w[n, k] * expert_{idx[n, k]}(x[n]), expert_e(x) = (silu(x Wg_e) * (x Wu_e)) Wd_e. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -216,7 +181,7 @@ int ts_moe_f32(const float* x, const int64_t* idx, const float* w, int64_t N, in
   return fail ? -2 : 0;
 }
 
-""" + ckernels.PYEXT_PRELUDE + r"""
+#include "pyext.h"
 #ifdef TS_PYEXT  /* the same function as a CPython extension: a call costs ~0.2 us, ctypes ~1.7 */
 static PyObject* py_moe_f32(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   long long v[12];
@@ -235,76 +200,3 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tinyseek_moe", NULL, -1, methods};
 PyMODINIT_FUNC PyInit__tinyseek_moe(void) { return PyModule_Create(&module); }
 #endif
-"""
-
-_SIGS = {"ts_moe_f32": ([P, P, P, I64, I64, I64, P, P, P, I64, I64, INT], INT)}
-KERNELS = ckernels.Kernels("_tinyseek_moe", _SRC, _SIGS, "TINYSEEK_MODEL_KERNELS", "tinyseek.model.moe_kernel")
-
-
-def routed_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, w_gate_up: torch.Tensor,
-                   w_down: torch.Tensor, lib=None) -> torch.Tensor | None:
-    """``y[n] = sum_k w[n, k] * expert_{idx[n, k]}(x[n])`` in one kernel call, or None where the kernel
-    does not apply (kernels off / not built, not CPU fp32, a gradient needed). ``lib`` overrides the
-    loaded library (tests: the ctypes and portable builds). An expert id outside ``[0, E)`` raises
-    ``IndexError``. Kept lean (it runs once per MoE layer per decode step)."""
-    if lib is None:
-        st = KERNELS.state
-        lib = st["lib"] if st["enabled"] else None
-        if lib is None:
-            lib = KERNELS.ready()
-            if lib is None:
-                return None
-    f32 = torch.float32
-    if not (x_ND.dtype is f32 and w_NK.dtype is f32 and w_gate_up.dtype is f32 and w_down.dtype is f32
-            and x_ND.is_cpu and w_gate_up.is_cpu and w_down.is_cpu and idx_NK.is_cpu and w_NK.is_cpu):
-        return None
-    if torch.is_grad_enabled() and (x_ND.requires_grad or w_NK.requires_grad or w_gate_up.requires_grad
-                                    or w_down.requires_grad):
-        return None
-    N, D = x_ND.shape
-    E, D_in, F2 = w_gate_up.shape
-    if D_in != D or w_down.shape != (E, F2 // 2, D) or idx_NK.shape != w_NK.shape or idx_NK.shape[0] != N:
-        raise ValueError(f"expert shapes {tuple(w_gate_up.shape)} / {tuple(w_down.shape)} do not fit input "
-                         f"{tuple(x_ND.shape)} and routing {tuple(idx_NK.shape)}")
-    x_ND, w_NK = x_ND.contiguous(), w_NK.contiguous()
-    if not (w_gate_up.is_contiguous() and w_down.is_contiguous()):
-        w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()
-    if idx_NK.dtype is not torch.int64 or not idx_NK.is_contiguous():
-        idx_NK = idx_NK.to(torch.int64).contiguous()
-    y = torch.empty(N, D, dtype=f32)
-    rc = lib.ts_moe_f32(x_ND.data_ptr(), idx_NK.data_ptr(), w_NK.data_ptr(), N, idx_NK.shape[1], E,
-                        w_gate_up.data_ptr(), w_down.data_ptr(), y.data_ptr(), D, F2 // 2, torch.get_num_threads())
-    if rc:
-        if rc == -1:
-            raise IndexError(f"expert index out of range for {E} experts")
-        raise MemoryError("moe kernel: out of memory")
-    return y
-
-
-def applies(moe, x_ND: torch.Tensor) -> bool:
-    """Whether ``auto`` picks this dispatch (``MoE._pick_impl``): kernels enabled, plain ``Experts``,
-    CPU fp32 input without autocast, and no gradient needed (the same test as ``auto``'s choice
-    between ``grouped`` and its no-gradient paths). Cheap (never builds)."""
-    st = KERNELS.state
-    if not st["enabled"] or st["failed"] or x_ND.dtype is not torch.float32 or x_ND.device.type != "cpu":
-        return False
-    ex = moe.experts
-    if not isinstance(ex, Experts) or torch.is_autocast_enabled("cpu"):
-        return False
-    return not (torch.is_grad_enabled() and (x_ND.requires_grad or ex.w_gate_up.requires_grad))
-
-
-def kernel_dispatch(moe, x_ND, idx_NK, w_NK, keep_A, counts_E):
-    """MoE dispatch ``"kernel"``: all routed experts in one C call (:func:`routed_experts`); with
-    capacity drops, other experts, or where the kernel does not apply, what ``auto`` runs otherwise."""
-    ex = moe.experts
-    if keep_A is None and isinstance(ex, Experts):
-        y = routed_experts(x_ND, idx_NK, w_NK, ex.w_gate_up, ex.w_down)
-        if y is not None:
-            return y
-    if x_ND.shape[0] == 1 or not _grouped_mm_ok(x_ND.device, moe._compute_dtype(x_ND)):
-        return moe._sorted(x_ND, idx_NK, w_NK, keep_A, counts_E)
-    return moe._grouped_autograd(x_ND, idx_NK, w_NK, keep_A, counts_E)
-
-
-register_dispatch(DISPATCH, kernel_dispatch)
