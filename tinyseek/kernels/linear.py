@@ -68,8 +68,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_fitted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   lib=None) -> torch.Tensor | None:
-    """:func:`linear` for a weight and bias that :func:`weight_fits` accepted (not checked again):
-    checks only what changes per call (gradient mode, ``x``, autocast, tracing, the switch)."""
+    """:func:`linear` for a weight and bias that :func:`weight_fits` accepted (not checked again but
+    for the weight's dtype): checks what changes per call (gradient mode, ``x``, autocast, tracing,
+    the switch)."""
     # kept lean: it runs ~24 times a decode step, where F.linear itself takes 2-4 us (each tensor
     # attribute costs ~0.05-0.15 us, an output allocation ~0.9)
     if torch.compiler.is_compiling():  # traced by torch.compile: the graph gets F.linear
@@ -86,7 +87,9 @@ def linear_fitted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return None
-    if x.dtype is not _F32 or not x.is_cpu or type(x) not in _PLAIN or _autocast_on():
+    # the weight's dtype once more: memory safety against a tensor swapped in behind the seam's back
+    # (FSDP2 writes module._parameters directly); a device mismatch is x's (F.linear raises)
+    if x.dtype is not _F32 or weight.dtype is not _F32 or not x.is_cpu or type(x) not in _PLAIN or _autocast_on():
         return None
     N, K = weight.shape
     shape = x.shape
