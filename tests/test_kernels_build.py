@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 
 import pytest
@@ -41,9 +42,13 @@ def _compiler() -> str:
         pytest.skip("no C compiler")
 
 
-def test_the_kernel_sources_are_here():
-    """The sources this package builds ship as files (not Python strings): the directory is not empty."""
+def test_the_kernel_sources_are_files_not_python_strings():
+    """The C sources ship as files here, and no Python module of the package holds C (a line
+    ``#include <...>`` inside a string)."""
     assert {"attn.c", "linear.c"} <= set(SOURCES), SOURCES
+    c_in_py = [str(p.relative_to(loader.KERNEL_DIR.parent)) for p in loader.KERNEL_DIR.parent.rglob("*.py")
+               if re.search(r"^[ \t]*#[ \t]*include[ \t]*<", p.read_text(encoding="utf-8"), re.M)]
+    assert not c_in_py, c_in_py
 
 
 @pytest.mark.parametrize("name", SOURCES)
