@@ -26,15 +26,14 @@ the GEMMs are ~85% of its time on CPU. Here:
 On CPU fp32 (kernels on and built) the node's forward and backward are instead the C training kernel
 of :mod:`tinyseek.kernels.moe_train`: the same maths expert by expert, each expert's chain in
 cache, with PyTorch's own BLAS GEMM; the code below is then only the fallback (and the path for
-CUDA, float64). Otherwise:
-
-The GEMMs are ``torch._grouped_mm`` where it runs for the device and dtype (CPU fp32 in torch >= 2.9,
-CUDA bf16), else the same per-expert ``torch.mm`` loop (:func:`grouped_mm`; e.g. float64, which
-``gradcheck`` needs). With more than one torch thread on CPU the experts' GEMMs are shared out
-over worker threads instead, one expert per thread (:func:`_grouped_mm_threads`: MKL runs these
-small GEMMs no faster on two threads than on one). The backward makes the same GEMM calls as torch's own derivative of
-``_grouped_mm``. Numerically the same maths as the per-expert reference loop in
-:class:`tinyseek.model.moe.MoE` (tests compare outputs and every gradient, and ``gradcheck`` the node).
+CUDA, float64). There the GEMMs are ``torch._grouped_mm`` where it runs for the device and dtype
+(CPU fp32 in torch >= 2.9, CUDA bf16), else the same per-expert ``torch.mm`` loop
+(:func:`grouped_mm`; e.g. float64, which ``gradcheck`` needs). With more than one torch thread on
+CPU the experts' GEMMs are shared out over worker threads instead, one expert per thread
+(:func:`_grouped_mm_threads`: MKL runs these small GEMMs no faster on two threads than on one).
+The backward makes the same GEMM calls as torch's own derivative of ``_grouped_mm``. Numerically
+the same maths as the per-expert reference loop in :class:`tinyseek.model.moe.MoE` (tests compare
+outputs and every gradient, and ``gradcheck`` the node).
 """
 from __future__ import annotations
 

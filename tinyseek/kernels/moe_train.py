@@ -27,17 +27,19 @@ kept. Measured: ``benchmarks/README.md`` (moe section).
 
 A call covers a range of experts ``[e0, e1)`` on the calling thread; with several torch threads the
 caller shares the experts out over the worker threads of :func:`pool` (as
-:func:`tinyseek.kernels.moe_grouped.grouped_mm` does), each expert's GEMMs on one thread: every output element comes from one thread whatever the
-thread count (deterministic). Expert weight gradients of experts without rows are zero. Every buffer
-a worker writes (outputs, the backward's per-expert workspace) is allocated by the calling thread: a
-worker's own glibc arena gives freed memory back to the kernel and faults it in again on every call.
-On several threads the shared expert can ride along on the first worker
-(:class:`tinyseek.kernels.moe_shared.ExpertsWithShared`, the ``first`` argument of :func:`run_split`).
+:func:`tinyseek.kernels.moe_grouped.grouped_mm` does), each expert's GEMMs on one thread: every
+output element comes from one thread whatever the thread count (deterministic). Expert weight
+gradients of experts without rows are zero. Every buffer a worker writes (outputs, the backward's
+per-expert workspace) is allocated by the calling thread: a worker's own glibc arena gives freed
+memory back to the kernel and faults it in again on every call. On several threads the shared
+expert can ride along on the first worker (:class:`tinyseek.kernels.moe_shared.ExpertsWithShared`,
+the ``first`` argument of :func:`run_split`).
 
-Used by ``RoutedExperts`` (:func:`usable`) when: CPU, fp32 everywhere, kernels on (``TINYSEEK_MODEL_KERNELS`` /
-``KERNELS.enable``), the C build worked and ``sgemm_`` was found (else one printed line and the
-PyTorch path). Results equal the PyTorch path up to float rounding (the SwiGLU's ``expf`` is the
-compiler's vectorised one); tests compare both and the per-expert reference loop.
+Used by ``RoutedExperts`` (:func:`usable`) when: CPU, fp32 everywhere, kernels on
+(``TINYSEEK_MODEL_KERNELS`` / ``KERNELS.enable``), the C build worked and ``sgemm_`` was found
+(else one printed line and the PyTorch path). Results equal the PyTorch path up to float rounding
+(the SwiGLU's ``expf`` is the compiler's vectorised one); tests compare both and the per-expert
+reference loop.
 """
 from __future__ import annotations
 
