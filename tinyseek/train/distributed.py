@@ -73,6 +73,9 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook as psgd
+from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tinyseek.common import numpy_state_from_plain, numpy_state_to_plain
 from tinyseek.config import ConfigError
@@ -267,8 +270,6 @@ class _CountingDist:
 
 def _install_counting_proxy() -> None:
     """Route torch's default and PowerSGD hooks' collectives through :class:`_CountingDist`."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook as psgd
-
     for mod in (default_hooks, psgd):
         if not isinstance(getattr(mod, "dist", None), _CountingDist):
             mod.dist = _CountingDist(tdist)
@@ -351,8 +352,6 @@ def _counting_wrapper(hook: Callable, stats: CommStats, tracker: LayoutTracker |
 
 
 def _ddp_hook(compression: str, powersgd_rank: int, powersgd_start: int) -> tuple[Any, Callable]:
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook as psgd
-
     def powersgd_state():
         return psgd.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
                                   start_powerSGD_iter=powersgd_start, use_error_feedback=True,
@@ -409,8 +408,6 @@ def wrap_model(model: nn.Module, dist: Dist, mode: str = "ddp", compression: str
 
 
 def _wrap_ddp(model, dist, compression, powersgd_rank, powersgd_start, stats):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     kw: dict[str, Any] = {}
     if dist.device.type == "cuda":
         kw.update(device_ids=[dist.device.index], output_device=dist.device.index)
@@ -436,7 +433,6 @@ def _wrap_fsdp(model, dist, compression, stats):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:  # torch < 2.6 kept FSDP2 under _composable
         from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard  # type: ignore
-    from torch.distributed.device_mesh import init_device_mesh
 
     reduce_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(compression)
     mp = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
@@ -491,8 +487,6 @@ def unwrap(wrapped: nn.Module) -> nn.Module:
 
 
 def _is_ddp(m: nn.Module) -> bool:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     return isinstance(m, DDP)
 
 
@@ -537,6 +531,26 @@ def full_state_dict(wrapped: nn.Module) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Load model weights into the plain model *before* wrap_model; build the optimizer after
 # wrapping (FSDP2 replaces parameters by DTensors) and restore it with load_optim_state_dict.
+def _dcp_state_dict():
+    """``torch.distributed.checkpoint.state_dict`` (FSDP2's full-state gathers; ~0.7 s to import),
+    imported by a sharded run's first checkpoint, never by an unsharded one."""
+    import torch.distributed.checkpoint.state_dict as dcp_sd
+    return dcp_sd
+
+
+def full_states(wrapped: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """``(model state, optimizer state)`` of an FSDP2-wrapped model, gathered in full (unsharded,
+    on the CPU, the optimizer's keyed by parameter name): a collective, call it on every rank."""
+    sd = _dcp_state_dict()
+    return sd.get_state_dict(wrapped, opt, options=sd.StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optim_state(wrapped: nn.Module, opt: torch.optim.Optimizer, osd: dict) -> None:
+    """Inverse of :func:`full_states` for the optimizer (every rank passes the full, name-keyed state)."""
+    sd = _dcp_state_dict()
+    sd.set_optimizer_state_dict(wrapped, opt, optim_state_dict=osd, options=sd.StateDictOptions(full_state_dict=True))
+
+
 def _param_index_to_fqn(wrapped: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
     names = {id(p): n for n, p in unwrap(wrapped).named_parameters()}
     return [names[id(p)] for g in opt.param_groups for p in g["params"]]
@@ -550,9 +564,8 @@ def optim_state_dict(wrapped: nn.Module, opt: torch.optim.Optimizer, mode: str) 
     """
     if mode != "fsdp" or not _is_fsdp(wrapped):
         return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    sd = get_optimizer_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True))
+    dcp_sd = _dcp_state_dict()
+    sd = dcp_sd.get_optimizer_state_dict(wrapped, opt, options=dcp_sd.StateDictOptions(full_state_dict=True))
     fqns = _param_index_to_fqn(wrapped, opt)
     index = {f: i for i, f in enumerate(fqns)}
     state = {index[f]: {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
@@ -566,7 +579,7 @@ def load_optim_state_dict(wrapped: nn.Module, opt: torch.optim.Optimizer, sd: di
     if mode != "fsdp" or not _is_fsdp(wrapped):
         opt.load_state_dict(sd)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    dcp_sd = _dcp_state_dict()
 
     fqns = _param_index_to_fqn(wrapped, opt)
     if len(sd["param_groups"]) != len(opt.param_groups) or \
@@ -574,7 +587,7 @@ def load_optim_state_dict(wrapped: nn.Module, opt: torch.optim.Optimizer, sd: di
         raise ConfigError("optimizer state does not match the model's parameter groups")
     full = {"state": {fqns[i]: s for i, s in sd["state"].items()},
             "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in sd["param_groups"]]}
-    set_optimizer_state_dict(wrapped, opt, full, options=StateDictOptions(full_state_dict=True))
+    dcp_sd.set_optimizer_state_dict(wrapped, opt, full, options=dcp_sd.StateDictOptions(full_state_dict=True))
 
 
 def comm_state_dict(wrapped: nn.Module) -> dict | None:

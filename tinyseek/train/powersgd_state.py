@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
 
 Layout = tuple[tuple[str, tuple[int, ...]], ...]  # (parameter name, shape) in bucket order
 
@@ -33,8 +34,6 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 def _compressed(shape: tuple[int, ...], rank: int, min_rate: float) -> tuple[bool, int, int, int]:
     """(compressed?, n, m, r) for one gradient, by the hook's own rule."""
-    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
-
     n, m = _matrix_shape(shape)
     r = min(n, m, rank)
     return bool(_should_compress(n, m, r, min_rate)[0]), n, m, r

@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,17 +56,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from tinyseek.common import (MetricsLogger, atomic_write_json, autocast_ctx, autocast_dtype, move_aside, print0,
                              seed_everything)
 from tinyseek.config import ConfigError, ModelConfig, check_finite, model_cpu_tiny, model_gpu_small, model_micro, to_dict
 from tinyseek.data.shards import ShardLoader, TooFewTokens, read_index, write_shards
+from tinyseek.data.sources import default_sources
 from tinyseek.errors import UserError
+from tinyseek.model.transformer import Transformer
+from tinyseek.plots import plot_loss
+from tinyseek.tokenizer import byte_tokenizer, load_tokenizer
 from tinyseek.train import checkpoint as ckpt
+from tinyseek.train import distributed as D
 from tinyseek.train.optim import SCHEDULES, build_optimizer, lr_at, set_lr
 
 BYTE_EOS = 256  # byte-level fallback: ids 0..255 are UTF-8 bytes, 256 ends a document (= byte_tokenizer's eos)
-SAMPLES_DIR = Path(__file__).resolve().parents[1] / "data" / "samples"
 REPO_DIR = Path(__file__).resolve().parents[2]
 MAX_BYTE_CORPUS = 16 << 20  # cap the fallback corpus at 16 MB of text
 
@@ -178,18 +183,11 @@ def fallback_texts(math_docs: int = 500) -> list[tuple[str, str]]:
 
     The shipped samples through the data pipeline's readers (``tinyseek.data.sources`` with
     ``use_samples``: Shakespeare, KJV, People's Daily, stdlib code) plus ``math_docs`` generated
-    worked maths problems (train split); without those modules, the text files under
-    ``tinyseek/data/samples``; without samples, this repository's README and Python files.
+    worked maths problems (train split); without samples, this repository's README and Python files.
     """
     docs: list[tuple[str, str]] = []
-    try:
-        from tinyseek.data.sources import default_sources
-        for src in default_sources(math_docs=math_docs, use_samples=True):
-            docs += [(d.loc, d.text) for d in src.read() if d.text]
-    except ImportError:
-        if SAMPLES_DIR.is_dir():
-            docs = [(str(p.relative_to(SAMPLES_DIR)), p.read_text(errors="replace"))
-                    for p in sorted(SAMPLES_DIR.rglob("*")) if p.is_file() and p.suffix in (".txt", ".md", ".rst")]
+    for src in default_sources(math_docs=math_docs, use_samples=True):
+        docs += [(d.loc, d.text) for d in src.read() if d.text]
     if not docs:
         files = [REPO_DIR / "README.md"] + sorted((REPO_DIR / "tinyseek").rglob("*.py"))
         docs = [(str(p.relative_to(REPO_DIR)), p.read_text(errors="replace")) for p in files if p.is_file()]
@@ -215,12 +213,8 @@ def split_doc(b: bytes, val_frac: float = 0.05) -> tuple[bytes, bytes]:
 
 def byte_vocab() -> int:
     """Vocabulary of the byte fallback: that of ``tinyseek.tokenizer.byte_tokenizer`` (bytes, eos 256,
-    then the chat special tokens, so later stages can fine-tune with them), else 257."""
-    try:
-        from tinyseek.tokenizer import byte_tokenizer
-        return byte_tokenizer().vocab_size
-    except ImportError:
-        return BYTE_EOS + 1
+    then the chat special tokens, so later stages can fine-tune with them)."""
+    return byte_tokenizer().vocab_size
 
 
 def build_byte_shards(out_dir: str | Path) -> tuple[Path, Path]:
@@ -262,10 +256,6 @@ def copy_tokenizer(train: Path, index: dict, run_dir: Path) -> str | None:
 
     Looked up as ``index["tokenizer"]`` ("bytes" or a path), then ``<data>/tokenizer``,
     ``<data>/../tokenizer``. None when the data names no tokenizer."""
-    try:
-        from tinyseek.tokenizer import load_tokenizer
-    except ImportError:
-        return None
     spec = index.get("tokenizer")
     cands = ([spec] if spec else []) + [str(train / "tokenizer"), str(train.parent / "tokenizer")]
     for c in cands:
@@ -462,22 +452,12 @@ def forward_backward(wrapped, next_batch, accum: int, amp=contextlib.nullcontext
     return {"loss": loss_sum, "ce_loss": ce_sum, "aux_loss": aux_sum, "counts": counts, "dropped": dropped}
 
 # ---------------------------------------------------------------------------------------------
-# distributed (tinyseek/train/distributed.py; a world of one needs none of it)
+# distributed (tinyseek/train/distributed.py; a world of one passes through it untouched)
 # ---------------------------------------------------------------------------------------------
-def _dist_module():
-    try:
-        from tinyseek.train import distributed as D
-        return D
-    except ImportError:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UserError("distributed training needs tinyseek/train/distributed.py") from None
-        return None
-
-
-def _gather_comm_states(D, wrapped, cfg: Config, world: int) -> list | None:
+def _gather_comm_states(wrapped, cfg: Config, world: int) -> list | None:
     """Every rank's gradient-compression state (PowerSGD keeps local error feedback), gathered
     on rank 0 for the checkpoint; None when the run compresses without state."""
-    if D is None or world < 2 or not cfg.compression.startswith("powersgd"):
+    if world < 2 or not cfg.compression.startswith("powersgd"):
         return None
     mine = D.comm_state_dict(wrapped)
     out = [None] * world if torch.distributed.get_rank() == 0 else None
@@ -485,9 +465,9 @@ def _gather_comm_states(D, wrapped, cfg: Config, world: int) -> list | None:
     return out
 
 
-def _restore_comm_state(D, wrapped, resume_dir: Path, rank: int, world: int) -> None:
+def _restore_comm_state(wrapped, resume_dir: Path, rank: int, world: int) -> None:
     path = resume_dir / "comm.pt"
-    if D is None or world < 2 or not path.is_file():
+    if world < 2 or not path.is_file():
         return
     states = ckpt.load_torch(path, numpy_ok=True)  # numpy_ok: PowerSGD state written before it was stored as lists
     if not isinstance(states, list):
@@ -498,40 +478,24 @@ def _restore_comm_state(D, wrapped, resume_dir: Path, rank: int, world: int) -> 
     D.load_comm_state_dict(wrapped, states[rank])
 
 
-def _full_states(wrapped, model, opt, fsdp: bool) -> tuple[dict | None, dict | None]:
-    """Model and optimizer state for a checkpoint; FSDP2 gathers full (unsharded) tensors."""
-    if not fsdp:
-        return None, None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    msd, osd = get_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return msd, osd
-
-
-def _load_fsdp_optim(wrapped, opt, osd: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(wrapped, opt, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
-
-
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 def main(cfg: Config) -> dict:
     cfg.validate()
-    D = _dist_module()
-    dist = D.init_distributed(cfg.device) if D else None
+    dist = D.init_distributed(cfg.device)
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
     is_main = rank == 0
     device = dist.device if dist else (torch.device("cuda" if torch.cuda.is_available() else "cpu")
                                         if cfg.device == "auto" else torch.device(cfg.device))
     barrier = (lambda: D.barrier(dist)) if dist else (lambda: None)
     try:
-        return _train(cfg, D, dist, rank, world, is_main, device, barrier)
+        return _train(cfg, dist, rank, world, is_main, device, barrier)
     finally:
-        if D:
-            D.cleanup(dist)
+        D.cleanup(dist)
 
 
-def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: torch.device, barrier) -> dict:
+def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torch.device, barrier) -> dict:
     amp_dtype = autocast_dtype(cfg.dtype, device)
     amp = lambda: autocast_ctx(device, amp_dtype)  # noqa: E731
     if device.type == "cuda":
@@ -566,7 +530,6 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
                             "over, or choose another --name")
         barrier()
         if is_main:
-            import shutil
             shutil.rmtree(ckpt_root)
     if is_main and ckpt_root.is_dir():
         ckpt.remove_partial(ckpt_root)  # temp dirs of a writer killed mid-checkpoint
@@ -579,7 +542,6 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
 
     # ---- model ------------------------------------------------------------------------------------
     seed_everything(cfg.seed)  # same init on every rank
-    from tinyseek.model.transformer import Transformer
     model = Transformer(cfg.model)
     if resume_dir:
         ckpt.load_state_strict(model, ckpt.load_weights(resume_dir / "model.safetensors"), resume_dir / "model.safetensors")
@@ -606,11 +568,8 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
     tokens_per_step = micro * accum * world * cfg.seq_len
 
     # ---- parallel wrapper, optimizer ------------------------------------------------------------
-    if D:
-        wrapped, comm = D.wrap_model(model, dist, mode=cfg.dist_mode, compression=cfg.compression,
-                                     powersgd_rank=cfg.powersgd_rank)
-    else:
-        wrapped, comm = model, None
+    wrapped, comm = D.wrap_model(model, dist, mode=cfg.dist_mode, compression=cfg.compression,
+                                 powersgd_rank=cfg.powersgd_rank)
     fsdp = bool(dist and dist.enabled and cfg.dist_mode == "fsdp")
     # after wrapping: FSDP2 has replaced the parameters by DTensor shards (foreach AdamW for those)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=False if fsdp else None)
@@ -622,7 +581,7 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
     if resume_dir:
         osd = ckpt.load_optim_state(resume_dir, map_location=device)
         if fsdp or any(isinstance(k, str) for k in osd.get("state", {})):  # FQN-keyed: saved under FSDP2
-            _load_fsdp_optim(wrapped, opt, osd)
+            D.load_full_optim_state(wrapped, opt, osd)
         else:
             ckpt.load_optimizer(opt, osd, resume_dir / "optim.pt")
         try:
@@ -633,7 +592,7 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
         rng = ckpt.load_rng_state(resume_dir)
         if rng is None:
             raise UserError(f"checkpoint {resume_dir} has no rng.pt: cannot resume exactly from it")
-        _restore_comm_state(D, wrapped, resume_dir, rank, world)
+        _restore_comm_state(wrapped, resume_dir, rank, world)
         logger.truncate_after(step)
         print0(f"resumed from {resume_dir} at step {step}")
     elif is_main and logger.path.exists():
@@ -658,8 +617,8 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
             raise UserError(f"all {step_now - start_step} steps of this run were skipped (non-finite loss or gradient "
                             f"norm, see {logger.path}): nothing was learned and no checkpoint was written; check --lr "
                             "and the --model.* settings")
-        msd, osd = _full_states(wrapped, model, opt, fsdp)  # collective under FSDP: all ranks
-        comm_states = _gather_comm_states(D, wrapped, cfg, world)  # collective under PowerSGD
+        msd, osd = D.full_states(wrapped, opt) if fsdp else (None, None)  # collective under FSDP: all ranks
+        comm_states = _gather_comm_states(wrapped, cfg, world)  # collective under PowerSGD
         path = None
         if is_main:
             meta_out = {"step": step_now, "model_config": to_dict(cfg.model), "train_config": to_dict(cfg),
@@ -677,7 +636,6 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
 
     bar = None
     if is_main and cfg.progress:
-        from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
     n_moe = len(model.moe_layers)
     win_counts = torch.zeros(n_moe, cfg.model.n_routed_experts, device=device) if n_moe else None
@@ -695,10 +653,10 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
         lr = lr_at(cfg.schedule, step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.poly_power)
         set_lr(opt, lr)
         poison = bool(cfg.debug_nan_step) and step + 1 == cfg.debug_nan_step
-        sync_off = (lambda: D.no_sync(wrapped, cfg.dist_mode)) if D else contextlib.nullcontext
+        sync_off = lambda: D.no_sync(wrapped, cfg.dist_mode)  # noqa: E731
         fb = forward_backward(wrapped, loader.next_batch, accum, amp, sync_off, poison)
         losses = torch.stack([fb["loss"], fb["ce_loss"], fb["aux_loss"]])
-        if D and dist.enabled:
+        if dist.enabled:
             D.all_reduce_mean_(losses, dist)  # every rank sees the same (possibly non-finite) loss
         counts, dropped = fb["counts"], fb["dropped"]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -708,7 +666,7 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
         ok = math.isfinite(loss_val) and math.isfinite(gnorm_val)
         if ok:
             if n_moe:
-                if D and dist.enabled:
+                if dist.enabled:
                     D.all_reduce_sum_(counts, dist)
                     D.all_reduce_sum_(dropped, dist)
                 model.update_expert_bias(counts)  # aux-loss-free balancing, before the optimizer step
@@ -765,7 +723,7 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
         # -------- every eval_every steps (and at the end): held-out loss --------------------------------
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             val_loss = heldout.loss(eval_model, amp)
-            if D and dist.enabled:
+            if dist.enabled:
                 val_loss = D.all_reduce_mean_(torch.tensor([val_loss], device=device), dist).item()
             logger.log(step, val_loss=val_loss)
             val_loss_step = step
@@ -782,7 +740,6 @@ def _train(cfg: Config, D, dist, rank: int, world: int, is_main: bool, device: t
               "params": n_params, "active_params": n_active, "micro_batch": micro, "grad_accum": accum,
               "world_size": world, "run_dir": str(run_dir), "wall_s": round(time.time() - t_start, 2)}
     if is_main:
-        from tinyseek.plots import plot_loss
         plot_loss(logger.path, run_dir / "loss.png", title=f"{cfg.name}: pretraining loss")
         atomic_write_json(run_dir / "final.json", result)
         print0(f"done: step {step}, loss {result['loss']}, val_loss {val_loss}, skipped {skipped}, "
