@@ -9,7 +9,7 @@ of the model's tensors, RoPE tables excluded), its ratio, and the ratio over the
 only ("qpart x"); held-out perplexity (val shards beside the checkpoint) and its change; greedy
 KV-cache decode tokens/s (batch 1, ``model(tok, cache=...)`` as the serving engine calls it, all
 variants timed in interleaved rounds, median) and its ratio to fp32, as shipped (the fused C
-kernels of ``tinyseek/quant/kernels.py``, on by default) and ("plain") with them off
+kernels of ``tinyseek/kernels/quant.py``, on by default) and ("plain") with them off
 (``TINYSEEK_QUANT_KERNELS=0``: PyTorch ops only); held-out task pass@1 (greedy) when
 ``--task-model`` is given (that model quantized with the same settings).
 
@@ -111,7 +111,8 @@ def main() -> None:
 
     from tinyseek.quant.qat import convert_qat, iter_batches, prepare_qat, qat_finetune
     from tinyseek.quant.stage import find_calib_data, held_out_path, load_batches
-    from tinyseek.train.checkpoint import load_model, resolve_checkpoint, save_weights
+    from tinyseek.quant.load import load_model
+    from tinyseek.train.checkpoint import resolve_checkpoint, save_weights
 
     work = Path(tempfile.mkdtemp(prefix="tinyseek-quant-bench-"))
     if not args.ckpt:
@@ -238,7 +239,7 @@ def main() -> None:
         print(f"  torchao Int8WeightOnly: {time.time() - t:.1f}s (incl. import)")
 
     # ---- measure -----------------------------------------------------------------------
-    from tinyseek.quant import kernels
+    from tinyseek.kernels import quant as kernels
 
     shipped = kernels.available() if args.device == "cpu" else False  # default settings
     print(f"  fused kernels as shipped: {'on' if shipped else 'off/unavailable'}")

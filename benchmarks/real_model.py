@@ -184,7 +184,7 @@ def main() -> int:
         out["import"] = r = import_model(src, imp)
         print(f"  {r['seconds']:.1f} s (read + dequantize {r['read_seconds']:.1f} s), {r['params']:,} params", flush=True)
         if not args.skip_hf:
-            from tinyseek.train.checkpoint import load_model
+            from tinyseek.quant.load import load_model
             model, _ = load_model(imp)
             t0 = time.perf_counter()
             hf = hf_model(src)

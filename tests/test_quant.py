@@ -14,7 +14,8 @@ from tinyseek.errors import UserError
 from tinyseek.model import Transformer
 from tinyseek.model.moe import MoE
 from tinyseek.quant.calibrate import activation_range, search_smoothing
-from tinyseek.quant.modules import QuantEmbedding, QuantExperts, QuantLinear, dequantize_weight
+from tinyseek.quant.formats import FORMATS
+from tinyseek.quant.modules import QuantEmbedding, QuantExperts, QuantLinear
 from tinyseek.quant.ops import pack_int4, unpack_int4
 from tinyseek.quant.qat import QATEmbedding, QATExperts, QATLinear, convert_qat, iter_batches, prepare_qat, qat_finetune
 from tinyseek.quant.quantize import (QuantSpec, load_quantized, quant_config, quantize_model, save_quantized,
@@ -122,7 +123,7 @@ def test_quant_experts_all_dispatch_paths_agree():
     qe = QuantExperts.from_float(ex.w_gate_up, ex.w_down, 4, 32)
     assert qe.w_gate_up.shape == ex.w_gate_up.shape and qe.w_down.shape == ex.w_down.shape
     for e in range(ex.n_experts):   # stacked dequantisation == per-expert dequantisation
-        w = dequantize_weight(qe.q_gate_up[e], qe.s_gate_up[e], 4, ex.w_gate_up.shape[1], 32)
+        w = FORMATS["int4"].dequantize(qe.q_gate_up[e], qe.s_gate_up[e], ex.w_gate_up.shape[1], 32)
         assert torch.equal(qe.w_gate_up[e], w.t())
     assert rel(qe.w_down, ex.w_down) < 0.15
     moe.experts = qe
@@ -213,9 +214,9 @@ def test_scales_round_up_so_nothing_clips():
     from tinyseek.quant.ops import group_scales, quantize
 
     w = torch.tensor([[0.0007, -0.00031, 0.0002], [1.3, 0.5, -0.7]])  # row 0: subnormal fp16 scale
-    s = group_scales(w, 8, 0)
+    s = group_scales(w, 127, 0)
     assert torch.equal(s, s.half().float()) and torch.all(s * 127 >= w.abs().amax(1, keepdim=True))
-    q = quantize(w, 8, 0, s)
+    q = quantize(w, 127, 0, s)
     assert int(q.abs().max()) <= 127
     assert torch.all((q.float() * s - w).abs() <= s / 2 + 1e-12)   # plain rounding error, no clipping
 
@@ -335,7 +336,7 @@ def test_save_load_roundtrip_identical_logits(tmp_path, tie):
     with torch.no_grad():
         assert torch.equal(q2(idx).logits, m(idx).logits)
     assert meta["step"] == 7 and meta["quant"]["method"] == "int4" and meta["quant"]["group_size"] == 64
-    from tinyseek.train.checkpoint import load_model
+    from tinyseek.quant.load import load_model
     q3, _ = load_model(d)      # the generic loader delegates to load_quantized
     with torch.no_grad():
         assert torch.equal(q3(idx).logits, m(idx).logits)
@@ -402,7 +403,7 @@ def _run_dir(tmp_path):
 
 def test_stage_main_writes_loadable_smaller_checkpoint(tmp_path):
     from tinyseek.quant import stage
-    from tinyseek.train.checkpoint import load_model
+    from tinyseek.quant.load import load_model
 
     m, step = _run_dir(tmp_path)
     cfg = stage.Config(ckpt=str(tmp_path / "run"), method="int4", group_size=32, calibration="percentile", search="awq",
@@ -449,7 +450,7 @@ def test_cli_bad_option_is_one_line_error():
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def kernels_on():
-    from tinyseek.quant import kernels
+    from tinyseek.kernels import quant as kernels
 
     saved = kernels._state["enabled"]
     if not kernels.enable():
@@ -521,9 +522,11 @@ def test_ctypes_and_portable_builds_match_too(kernels_on, monkeypatch, portable)
         e_NK, w_NK = torch.tensor([[0, 1], [1, 1], [1, 0]]), torch.rand(3, 2)
         b = ex._buffers
         moe_all = lambda: kernels.moe(x, e_NK, w_NK, b["q_gate_up"], b["s_gate_up"], b["q_down"],  # noqa: E731
-                                      b["s_down"], bits, g, b["smooth_gate_up"], b["smooth_down"])
+                                      b["s_down"], ex.kernel, g, b["smooth_gate_up"], b["smooth_down"])
         gate, up, down = (QuantLinear.from_float(torch.randn(*s), bits, g) for s in ((16, 33), (16, 33), (33, 16)))
-        ffn = lambda: kernels.ffn(x, gate, up, down)  # noqa: E731
+        gb, ub, db = gate._buffers, up._buffers, down._buffers
+        ffn = lambda: kernels.ffn(x, gb["qweight"], gb["scale"], None, ub["qweight"], ub["scale"], None,  # noqa: E731
+                                  db["qweight"], db["scale"], None, gate.kernel, gate.group_size)
         fused = (ql(x), emb(idx), ex.expert_forward(1, x), ql.dequant(), moe_all(), ffn())
         kernels.enable(False)
         ref = (ql(x), emb(idx), ex.expert_forward(1, x), ql.dequant(),
@@ -536,7 +539,7 @@ def test_ctypes_and_portable_builds_match_too(kernels_on, monkeypatch, portable)
 
 
 def test_kernels_fall_back_cleanly_without_a_compiler(tmp_path, monkeypatch, capsys):
-    from tinyseek.quant import kernels
+    from tinyseek.kernels import quant as kernels
 
     monkeypatch.setattr(kernels.KERNELS, "state", {"enabled": True, "lib": None, "failed": False})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))

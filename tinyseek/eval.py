@@ -28,7 +28,7 @@ from tinyseek.post.heldout import greedy_scores, heldout_problems
 from tinyseek.post.rewards import is_correct
 from tinyseek.post.rollout import sample
 from tinyseek.serve.loading import check_ckpt, load_tokenizer_for
-from tinyseek.train.checkpoint import load_model
+from tinyseek.quant.load import load_model
 
 
 @dataclass

@@ -26,7 +26,7 @@ from tinyseek.interop.gguf_io import write_gguf
 from tinyseek.interop.hf_export import export_hf, hf_state
 from tinyseek.post.common import find_run_dir
 from tinyseek.tokenizer import load_tokenizer
-from tinyseek.train.checkpoint import load_model
+from tinyseek.quant.load import load_model
 
 FORMATS = ("hf", "gguf")
 GGUF_QTYPES = ("f32", "f16", "q8_0")

@@ -32,10 +32,11 @@ from tinyseek.errors import UserError
 from tinyseek.model.lora import BaseView, apply_lora, check_options, has_lora, lora_state_dict
 from tinyseek.model.lora import trainable_parameters as trainable  # all of a plain model, a LoRA model's adapters
 from tinyseek.model.transformer import Transformer
+from tinyseek.quant.load import load_model
 from tinyseek.serve.loading import load_tokenizer_for as serve_tokenizer_for
 from tinyseek.tasks import format_solution, get_task
 from tinyseek.tokenizer import byte_tokenizer, load_tokenizer
-from tinyseek.train.checkpoint import load_model, read_meta, resolve_checkpoint, save_checkpoint
+from tinyseek.train.checkpoint import read_meta, resolve_checkpoint, save_checkpoint
 
 EVAL_SEED_BASE = 10_000_019  # eval problem seeds live at and above this; training seeds stay far below
 

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinyseek.quant.formats import QuantFormat, quant_format
+
 CALIBRATIONS = ("minmax", "percentile", "kl")
 
 
@@ -101,8 +103,8 @@ def smooth_scales(range_K: torch.Tensor, beta: float) -> torch.Tensor:
     return (s / torch.exp(torch.log(s).mean())).clamp(1e-3, 1e3).half().float()
 
 
-def search_smoothing(w_NK: torch.Tensor, x_MK: torch.Tensor, range_K: torch.Tensor, bits: int, group_size: int,
-                     grid: Iterable[float] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75),
+def search_smoothing(w_NK: torch.Tensor, x_MK: torch.Tensor, range_K: torch.Tensor, fmt: QuantFormat | str | int,
+                     group_size: int, grid: Iterable[float] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75),
                      min_gain: float = 0.02) -> tuple[float, torch.Tensor | None, dict]:
     """Grid-search ``beta``; returns ``(beta, s_K or None when beta == 0, {"err": .., "err_rtn": ..})``.
 
@@ -110,8 +112,7 @@ def search_smoothing(w_NK: torch.Tensor, x_MK: torch.Tensor, range_K: torch.Tens
     smoothing is kept only if it cuts the error by at least ``min_gain`` (relative) versus plain
     round-to-nearest; otherwise the matrix stays unsmoothed (no scale vector is stored).
     """
-    from tinyseek.quant.modules import dequantize_weight, quantize_weight
-
+    fmt = quant_format(fmt)
     w = w_NK.detach().float()
     x = x_MK.detach().float().to(w.device)
     range_K = range_K.to(w.device)
@@ -121,8 +122,8 @@ def search_smoothing(w_NK: torch.Tensor, x_MK: torch.Tensor, range_K: torch.Tens
     errs = {}
     for beta in grid:
         s = smooth_scales(range_K, beta) if beta > 0 else None
-        q, sc = quantize_weight(w, bits, group_size, None, s)
-        w_hat = dequantize_weight(q, sc, bits, w.shape[1], group_size)
+        q, sc = fmt.quantize(w, group_size, None, s)
+        w_hat = fmt.dequantize(q, sc, w.shape[1], group_size)
         if s is not None:
             w_hat = w_hat / s[None, :]  # s is already fp16-rounded, as stored
         err = float((x @ w_hat.t() - ref).pow(2).sum() / denom)

@@ -17,6 +17,9 @@ however coarse a subnormal fp16 scale is), so fake quantization (QAT) and the st
 bit for bit. fp16 rather than bf16: 11 significant bits instead of 8, and scales of trained weights
 (1e-5 .. 1e-1) are well inside its range.
 
+The functions take ``qmax`` (the largest code) and a group size (``<= 0``: one scale per row);
+which values a format uses, and whether its codes are packed, is :mod:`tinyseek.quant.formats`.
+
 Shape legend: N output rows, K inputs, G groups per row (ceil(K / group_size)).
 """
 from __future__ import annotations
@@ -24,8 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-QMAX = {8: 127, 4: 7}
-SCALE_DTYPE = {8: torch.float16, 4: torch.float16}  # int8: 8 + 16/K bits/weight; int4 at group 32: 4.5
+SCALE_DTYPE = torch.float16  # every scale (format v2): int8 costs 8 + 16/K bits a weight, int4 at group 32 4.5
 
 
 def n_groups(k: int, group_size: int) -> int:
@@ -52,41 +54,37 @@ def group_view(w_NK: torch.Tensor, group_size: int) -> torch.Tensor:
     return w_NK.reshape(N, kp // group_size, group_size)
 
 
-def group_scales(w_NK: torch.Tensor, bits: int, group_size: int, clip_NG: torch.Tensor | float | None = None) -> torch.Tensor:
+def group_scales(w_NK: torch.Tensor, qmax: int, group_size: int, clip_NG: torch.Tensor | float | None = None,
+                 dtype: torch.dtype = SCALE_DTYPE) -> torch.Tensor:
     """Symmetric scales ``(N, G)``: ``clip / qmax`` with ``clip = absmax * ratio`` (ratio 1 = min-max),
-    rounded up to the storage dtype (fp16) and kept away from zero.
+    rounded up to the storage ``dtype`` (fp16) and kept away from zero; returned as fp32.
 
-    >>> group_scales(torch.tensor([[-2.54, 1.0]]), 8, 0).tolist()
+    >>> group_scales(torch.tensor([[-2.54, 1.0]]), 127, 0).tolist()
     [[0.0200042724609375]]
-    >>> group_scales(torch.tensor([[7.0, 1.0, 0.0, -3.5]]), 4, 2).tolist()
+    >>> group_scales(torch.tensor([[7.0, 1.0, 0.0, -3.5]]), 7, 2).tolist()
     [[1.0, 0.5]]
     """
     amax = group_view(w_NK.detach().float(), group_size).abs().amax(-1)
     if clip_NG is not None:
         amax = amax * clip_NG
-    s = (amax / QMAX[bits]).clamp_min(1e-7)
-    dt = SCALE_DTYPE[bits]
-    h = s.to(dt)
+    s = (amax / qmax).clamp_min(1e-7)
+    h = s.to(dtype)
     h = torch.where(h.float() < s, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
     return h.float()
 
 
-def quantize(w_NK: torch.Tensor, bits: int, group_size: int, scale_NG: torch.Tensor) -> torch.Tensor:
-    """Integer codes ``(N, K)`` int8 in [-qmax, qmax] (int4: plus one zero column if K is odd).
+def quantize(w_NK: torch.Tensor, qmax: int, group_size: int, scale_NG: torch.Tensor) -> torch.Tensor:
+    """Integer codes ``(N, K)`` int8 in [-qmax, qmax]: ``round(w / s)`` of each element's group scale.
 
-    >>> quantize(torch.tensor([[0.26, -1.0, 0.5]]), 8, 0, torch.tensor([[0.01]])).tolist()
+    >>> quantize(torch.tensor([[0.26, -1.0, 0.5]]), 127, 0, torch.tensor([[0.01]])).tolist()
     [[26, -100, 50]]
-    >>> quantize(torch.tensor([[0.26, -1.0, 0.5]]), 4, 2, torch.tensor([[0.2, 0.1]])).tolist()
-    [[1, -5, 5, 0]]
+    >>> quantize(torch.tensor([[0.26, -1.0, 0.5]]), 7, 2, torch.tensor([[0.2, 0.1]])).tolist()
+    [[1, -5, 5]]
     """
     N, K = w_NK.shape
-    qmax = QMAX[bits]
-    wg = group_view(w_NK.float(), group_size if bits == 4 else 0)
+    wg = group_view(w_NK.float(), group_size)
     q = torch.round(wg / scale_NG.float().unsqueeze(-1)).clamp_(-qmax, qmax).to(torch.int8)
-    q = q.reshape(N, -1)[:, :K]
-    if bits == 4 and K % 2:
-        q = F.pad(q, (0, 1))
-    return q
+    return q.reshape(N, -1)[:, :K]
 
 
 def dequantize(q_NK: torch.Tensor, scale_NG: torch.Tensor, k: int, group_size: int,
@@ -109,32 +107,37 @@ def dequantize(q_NK: torch.Tensor, scale_NG: torch.Tensor, k: int, group_size: i
     return w.view(N, kp)[:, :k]
 
 
-def fake_quantize(w_NK: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def fake_quantize(w_NK: torch.Tensor, qmax: int, group_size: int) -> torch.Tensor:
     """Quantize then dequantize (min-max scales) with a straight-through gradient: the forward
     sees the quantized weight, the backward passes the gradient to ``w`` unchanged.
 
     >>> w = torch.tensor([[0.3, -0.71]], requires_grad=True)
-    >>> y = fake_quantize(w, 4, 2); y.sum().backward()
+    >>> y = fake_quantize(w, 7, 2); y.sum().backward()
     >>> [round(v, 4) for v in y.tolist()[0]], w.grad.tolist()
     ([0.3043, -0.7101], [[1.0, 1.0]])
     """
-    gs = group_size if bits == 4 else 0
-    s = group_scales(w_NK, bits, gs)
-    wq = dequantize(quantize(w_NK.detach(), bits, gs, s), s, w_NK.shape[1], gs, torch.float32).to(w_NK.dtype)
+    s = group_scales(w_NK, qmax, group_size)
+    wq = dequantize(quantize(w_NK.detach(), qmax, group_size, s), s, w_NK.shape[1], group_size,
+                    torch.float32).to(w_NK.dtype)
     return w_NK + (wq - w_NK).detach()
 
 
 # ---------------------------------------------------------------------------------------------
 # int4 packing: two codes per byte
 # ---------------------------------------------------------------------------------------------
-def pack_int4(q_NK: torch.Tensor) -> torch.Tensor:
-    """Pack int8 codes in [-8, 7] (even K) into uint8 ``(N, K/2)``: low nibble = even column.
+def pack_int4(q_NK: torch.Tensor, pad: bool = False) -> torch.Tensor:
+    """Pack int8 codes in [-8, 7] into uint8 ``(N, K/2)``: low nibble = even column. An odd K is a
+    ``ValueError``, or with ``pad`` gets one zero code appended (the stored odd last nibble).
 
     >>> pack_int4(torch.tensor([[1, -2, 7, -8]], dtype=torch.int8)).tolist()
     [[105, 15]]
+    >>> pack_int4(torch.tensor([[1, -2, 7]], dtype=torch.int8), pad=True).tolist()
+    [[105, 143]]
     """
     if q_NK.shape[-1] % 2:
-        raise ValueError(f"pack_int4 needs an even number of columns, got {q_NK.shape[-1]}")
+        if not pad:
+            raise ValueError(f"pack_int4 needs an even number of columns, got {q_NK.shape[-1]}")
+        q_NK = F.pad(q_NK, (0, 1))
     u = (q_NK.to(torch.int16) + 8).to(torch.uint8)
     return u[..., 0::2] | (u[..., 1::2] << 4)
 

@@ -19,32 +19,37 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinyseek.quant.formats import QuantFormat, quant_format
 from tinyseek.quant.modules import QuantEmbedding, QuantExperts, QuantLinear
-from tinyseek.quant.ops import fake_quantize
+from tinyseek.quant.quantize import (check_tied, head_is_tied, prefer_per_expert_dispatch, prepare_decode, quant_targets,
+                                     tie_quantized_head)
 
 
 class QATLinear(nn.Linear):
     """``nn.Linear`` whose forward uses the fake-quantized weight."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 0, device=None,
-                 bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, fmt: QuantFormat | str | int, group_size: int = 0,
+                 device=None, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias, device=device)
-        self.bits, self.group_size = bits, group_size if bits == 4 else 0
+        self.fmt = quant_format(fmt)
+        self.bits, self.group_size = self.fmt.bits, self.fmt.group(group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, fake_quantize(self.weight, self.bits, self.group_size).to(x.dtype), b)
+        return F.linear(x, self.fmt.fake_quantize(self.weight, self.group_size).to(x.dtype), b)
 
 
 class QATEmbedding(nn.Embedding):
     """``nn.Embedding`` whose lookups read the fake-quantized table (rows quantized like a Linear's)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int = 0, device=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: QuantFormat | str | int, group_size: int = 0,
+                 device=None):
         super().__init__(num_embeddings, embedding_dim, device=device)
-        self.bits, self.group_size = bits, group_size if bits == 4 else 0
+        self.fmt = quant_format(fmt)
+        self.bits, self.group_size = self.fmt.bits, self.fmt.group(group_size)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, fake_quantize(self.weight, self.bits, self.group_size))
+        return F.embedding(idx, self.fmt.fake_quantize(self.weight, self.group_size))
 
 
 class QATExperts(nn.Module):
@@ -52,17 +57,18 @@ class QATExperts(nn.Module):
     (E, F, D)``; ``w_gate_up`` / ``w_down`` return the fake-quantized stacks (quantized per expert
     in the ``(out, in)`` layout, like ``QuantExperts``)."""
 
-    def __init__(self, n_experts: int, dim: int, hidden: int, bits: int, group_size: int = 0):
+    def __init__(self, n_experts: int, dim: int, hidden: int, fmt: QuantFormat | str | int, group_size: int = 0):
         super().__init__()
-        self.n_experts, self.hidden, self.bits = n_experts, hidden, bits
-        self.group_size = group_size if bits == 4 else 0
+        self.fmt = quant_format(fmt)
+        self.n_experts, self.hidden, self.bits = n_experts, hidden, self.fmt.bits
+        self.group_size = self.fmt.group(group_size)
         self.weight_gate_up = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden))
         self.weight_down = nn.Parameter(torch.empty(n_experts, hidden, dim))
 
     def _fq(self, w_EKN: torch.Tensor) -> torch.Tensor:
         E, K, N = w_EKN.shape
         w_NK = w_EKN.transpose(1, 2).reshape(E * N, K)
-        return fake_quantize(w_NK, self.bits, self.group_size).view(E, N, K).transpose(1, 2)
+        return self.fmt.fake_quantize(w_NK, self.group_size).view(E, N, K).transpose(1, 2)
 
     @property
     def w_gate_up(self) -> torch.Tensor:
@@ -87,14 +93,12 @@ def prepare_qat(model: nn.Module, method: str = "int4", group_size: int = 128, l
                 embed: bool = True) -> nn.Module:
     """Swap the quantization targets of ``model`` for fake-quant modules (in place); returns it.
     A tied head keeps sharing its (master) weight with the fake-quant embedding."""
-    from tinyseek.quant.quantize import METHOD_BITS, check_tied, quant_targets
-
-    bits = METHOD_BITS[method]
+    fmt = quant_format(method)
     tied = check_tied(model, lm_head, embed)
     linears, experts = quant_targets(model, lm_head)
     for name in linears:
         old = model.get_submodule(name)
-        new = QATLinear(old.in_features, old.out_features, bits, group_size, device=old.weight.device,
+        new = QATLinear(old.in_features, old.out_features, fmt, group_size, device=old.weight.device,
                         bias=old.bias is not None)
         new.weight.copy_(old.weight)
         if old.bias is not None:
@@ -103,20 +107,19 @@ def prepare_qat(model: nn.Module, method: str = "int4", group_size: int = 128, l
     for name in experts:
         old = model.get_submodule(name)
         E, D, F2 = old.w_gate_up.shape
-        new = QATExperts(E, D, F2 // 2, bits, group_size).to(old.w_gate_up.device)
+        new = QATExperts(E, D, F2 // 2, fmt, group_size).to(old.w_gate_up.device)
         new.weight_gate_up.copy_(old.w_gate_up)
         new.weight_down.copy_(old.w_down)
         _set(model, name, new)
     if embed:
         old = model.embed
-        new = QATEmbedding(old.num_embeddings, old.embedding_dim, bits, group_size, device=old.weight.device)
+        new = QATEmbedding(old.num_embeddings, old.embedding_dim, fmt, group_size, device=old.weight.device)
         new.weight.copy_(old.weight)
         model.embed = new
         if tied:
             model.lm_head.weight = new.weight
-    from tinyseek.quant.quantize import prefer_per_expert_dispatch
     prefer_per_expert_dispatch(model)
-    model.qat = {"method": method, "group_size": group_size if bits == 4 else 0, "lm_head": lm_head, "embed": embed}
+    model.qat = {"method": method, "group_size": fmt.group(group_size), "lm_head": lm_head, "embed": embed}
     return model
 
 
@@ -124,22 +127,20 @@ def prepare_qat(model: nn.Module, method: str = "int4", group_size: int = 128, l
 def convert_qat(model: nn.Module) -> dict[str, str]:
     """Replace fake-quant modules by real quantized ones (in place); returns the ``modules`` table
     for :func:`tinyseek.quant.quantize.quant_config`."""
-    from tinyseek.quant.quantize import head_is_tied, prepare_decode, tie_quantized_head
-
     tied = head_is_tied(model)
     kinds = {}
     for name, m in list(model.named_modules()):
         if isinstance(m, QATEmbedding):
-            _set(model, name, QuantEmbedding.from_float(m.weight, m.bits, m.group_size))
+            _set(model, name, QuantEmbedding.from_float(m.weight, m.fmt, m.group_size))
             kinds[name] = "embedding"
         elif isinstance(m, QATLinear) and tied and name == "lm_head":
-            _set(model, name, QuantLinear(m.in_features, m.out_features, m.bits, m.group_size, device=m.weight.device))
+            _set(model, name, QuantLinear(m.in_features, m.out_features, m.fmt, m.group_size, device=m.weight.device))
             kinds[name] = "linear_tied"
         elif isinstance(m, QATLinear):
-            _set(model, name, QuantLinear.from_float(m.weight, m.bits, m.group_size, bias_N=m.bias))
+            _set(model, name, QuantLinear.from_float(m.weight, m.fmt, m.group_size, bias_N=m.bias))
             kinds[name] = "linear"
         elif isinstance(m, QATExperts):
-            _set(model, name, QuantExperts.from_float(m.weight_gate_up, m.weight_down, m.bits, m.group_size))
+            _set(model, name, QuantExperts.from_float(m.weight_gate_up, m.weight_down, m.fmt, m.group_size))
             kinds[name] = "experts"
     if kinds.get("lm_head") == "linear_tied":
         tie_quantized_head(model)

@@ -26,6 +26,10 @@ the fused kernels read fp16 scales only).
 
 :func:`load_quantized` checks format, version, method/bits/group size, the model config and every
 tensor's dtype and shape against the config, and refuses a mismatch with a one-line ``UserError``.
+Importing this module registers the format with :func:`tinyseek.train.checkpoint.register_format`,
+so ``load_model`` loads a quantized directory like any other checkpoint
+(:mod:`tinyseek.quant.load`). ``method``, ``bits`` and ``group_size`` are read and checked through
+the format table (:data:`tinyseek.quant.formats.FORMATS`); the file layout is unchanged.
 """
 from __future__ import annotations
 
@@ -37,23 +41,28 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from tinyseek.common import atomic_dir
+from tinyseek.config import ConfigError, ModelConfig, from_dict, to_dict
 from tinyseek.errors import UserError
+from tinyseek.model import moe as moe_mod
+from tinyseek.model.moe import Experts
+from tinyseek.model.transformer import Transformer
 from tinyseek.quant.calibrate import CALIBRATIONS, activation_range, collect_inputs, search_smoothing
+from tinyseek.quant.formats import FORMATS, QuantFormat
 from tinyseek.quant.modules import QUANT_DISPATCH, QuantEmbedding, QuantExperts, QuantLinear, QuantSwiGLU
+from tinyseek.train.checkpoint import CheckpointFormat, load_weights, register_format, save_weights, write_checksums
 
 FORMAT = "tinyseek-quant"
 FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
 MODULE_KINDS = {1: ("linear", "linear_smooth", "experts", "experts_smooth"),
                 2: ("linear", "linear_smooth", "linear_tied", "experts", "experts_smooth", "embedding")}
-METHOD_BITS = {"int8": 8, "int4": 4}
-GROUP_SIZES = (32, 64, 128)
 SEARCHES = ("none", "awq")
 
 
 @dataclass
 class QuantSpec:
-    method: str = "int8"          # "int8" (W8A16 per-channel) or "int4" (W4A16 group-wise, packed)
+    method: str = "int8"          # a FORMATS name: "int8" (W8A16 per-channel) or "int4" (W4A16 group-wise, packed)
     group_size: int = 128         # int4 inputs per scale: 32, 64 or 128 (int8 is per-channel: ignored, stored as 0)
     calibration: str = "minmax"   # with search="awq": activation range per input channel, "minmax", "percentile" or "kl"
     percentile: float = 99.9      # percentile calibration: which percentile of |x|
@@ -62,20 +71,24 @@ class QuantSpec:
     embed: bool = True            # also quantize the token embedding (dequantised per looked-up row)
 
     @property
+    def format(self) -> QuantFormat:
+        return FORMATS[self.method]
+
+    @property
     def bits(self) -> int:
-        return METHOD_BITS[self.method]
+        return self.format.bits
 
     @property
     def eff_group_size(self) -> int:
-        return self.group_size if self.method == "int4" else 0
+        return self.format.group(self.group_size)
 
     def validate(self) -> "QuantSpec":
-        from tinyseek.config import ConfigError
-
-        if self.method not in METHOD_BITS:
-            raise ConfigError(f"method must be 'int8' or 'int4', got {self.method!r}")
-        if self.method == "int4" and self.group_size not in GROUP_SIZES:
-            raise ConfigError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))} for int4, got {self.group_size}")
+        if self.method not in FORMATS:
+            raise ConfigError(f"method must be {' or '.join(map(repr, FORMATS))}, got {self.method!r}")
+        fmt = self.format
+        if not fmt.valid_group(fmt.group(self.group_size)):
+            raise ConfigError(f"group_size must be one of {', '.join(map(str, fmt.group_sizes))} for {fmt.name}, "
+                              f"got {self.group_size}")
         if self.calibration not in CALIBRATIONS:
             raise ConfigError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
         if not 0 < self.percentile <= 100:
@@ -93,8 +106,6 @@ class QuantSpec:
 # ---------------------------------------------------------------------------------------------
 def quant_targets(model: nn.Module, lm_head: bool) -> tuple[list[str], list[str]]:
     """(names of Linear modules to quantize, names of MoE ``experts`` modules)."""
-    from tinyseek.model.moe import Experts
-
     linears, experts = [], []
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and (name.startswith("blocks.") or (lm_head and name == "lm_head")):
@@ -142,8 +153,6 @@ def prefer_per_expert_dispatch(model: nn.Module) -> None:
     ``sorted`` otherwise), ``QATExperts`` get ``sorted``. Same maths either way. Decided from the
     configured ``moe_impl``, so it runs again after :func:`~tinyseek.quant.qat.convert_qat` swaps
     QAT experts (``sorted``) for quantized ones."""
-    from tinyseek.model import moe as moe_mod
-
     for m in model.modules():
         if isinstance(m, moe_mod.MoE) and (m.impl == "auto" or m.cfg.moe_impl == "auto"):
             if isinstance(m.experts, QuantExperts):
@@ -174,7 +183,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calib_batches: Iterable[to
     ``calib_batches`` (token ids) are needed for ``search="awq"``; without them the search is skipped.
     """
     spec.validate()
-    bits, gs = spec.bits, spec.eff_group_size
+    fmt, gs = spec.format, spec.eff_group_size
     tied = check_tied(model, spec.lm_head, spec.embed)
     linears, experts = quant_targets(model, spec.lm_head)
     if tied:
@@ -188,7 +197,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calib_batches: Iterable[to
         x = inputs.get(key)
         if x is None or x.shape[0] < 8:
             return None
-        _, s, info = search_smoothing(w_NK, x, activation_range(x, spec.calibration, spec.percentile), bits, gs)
+        _, s, info = search_smoothing(w_NK, x, activation_range(x, spec.calibration, spec.percentile), fmt, gs)
         errs.append(info["err"])
         errs_rtn.append(info["err_rtn"])
         smoothed += s is not None
@@ -197,7 +206,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calib_batches: Iterable[to
     for name in linears:
         lin = model.get_submodule(name)
         s = smoothing(name, lin.weight)
-        _set_module(model, name, QuantLinear.from_float(lin.weight, bits, gs, smooth_K=s, bias_N=lin.bias))
+        _set_module(model, name, QuantLinear.from_float(lin.weight, fmt, gs, smooth_K=s, bias_N=lin.bias))
         kinds[name] = "linear_smooth" if s is not None else "linear"
     for name in experts:
         ex = model.get_submodule(name)
@@ -212,13 +221,13 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calib_batches: Iterable[to
                     if s is not None:
                         sm[part][e], any_s = s, True
             sm = sm if any_s else None  # no expert gained: store no scale vectors
-        _set_module(model, name, QuantExperts.from_float(ex.w_gate_up, ex.w_down, bits, gs, smooth=sm))
+        _set_module(model, name, QuantExperts.from_float(ex.w_gate_up, ex.w_down, fmt, gs, smooth=sm))
         kinds[name] = "experts_smooth" if sm is not None else "experts"
     if spec.embed:
-        model.embed = QuantEmbedding.from_float(model.embed.weight, bits, gs)
+        model.embed = QuantEmbedding.from_float(model.embed.weight, fmt, gs)
         kinds["embed"] = "embedding"
         if tied:
-            model.lm_head = QuantLinear(model.embed.embedding_dim, model.embed.num_embeddings, bits, gs,
+            model.lm_head = QuantLinear(model.embed.embedding_dim, model.embed.num_embeddings, fmt, gs,
                                         device=model.embed.qweight.device)
             tie_quantized_head(model)
             kinds["lm_head"] = "linear_tied"
@@ -250,8 +259,6 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
 # save / load
 # ---------------------------------------------------------------------------------------------
 def quant_config(model: nn.Module, spec: QuantSpec, kinds: dict[str, str]) -> dict:
-    from tinyseek.config import to_dict
-
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "method": spec.method, "bits": spec.bits,
             "group_size": spec.eff_group_size, "scale_dtype": "float16", "calibration": spec.calibration,
             "percentile": spec.percentile, "search": spec.search, "lm_head": spec.lm_head,
@@ -260,9 +267,6 @@ def quant_config(model: nn.Module, spec: QuantSpec, kinds: dict[str, str]) -> di
 
 def save_quantized(model: nn.Module, out_dir: str | Path, qcfg: dict, meta: dict | None = None) -> Path:
     """Write the quantized checkpoint directory atomically; returns its path."""
-    from tinyseek.common import atomic_dir
-    from tinyseek.train.checkpoint import save_weights, write_checksums
-
     meta = dict(meta or {})
     meta["model_config"] = qcfg["model_config"]
     meta["quant"] = {k: v for k, v in qcfg.items() if k not in ("model_config", "modules")}
@@ -276,8 +280,6 @@ def save_quantized(model: nn.Module, out_dir: str | Path, qcfg: dict, meta: dict
 
 
 def _check_config(qcfg: dict, path: Path, expect: dict | None):
-    from tinyseek.config import ModelConfig, from_dict
-
     def bad(msg: str):
         raise UserError(f"quantized checkpoint {path}: {msg}")
 
@@ -290,12 +292,13 @@ def _check_config(qcfg: dict, path: Path, expect: dict | None):
     if version >= 2 and qcfg.get("scale_dtype") != "float16":
         bad(f"scale_dtype {qcfg.get('scale_dtype')!r} is not supported (format {version} stores float16 scales)")
     method = qcfg.get("method")
-    if method not in METHOD_BITS:
-        bad(f"unknown method {method!r} (expected int8 or int4)")
-    if qcfg.get("bits") != METHOD_BITS[method]:
-        bad(f"bits {qcfg.get('bits')!r} do not match method {method} ({METHOD_BITS[method]} bits)")
+    fmt = FORMATS.get(method) if isinstance(method, str) else None
+    if fmt is None:
+        bad(f"unknown method {method!r} (expected {' or '.join(FORMATS)})")
+    if qcfg.get("bits") != fmt.bits:
+        bad(f"bits {qcfg.get('bits')!r} do not match method {method} ({fmt.bits} bits)")
     gs = qcfg.get("group_size")
-    if (method == "int4" and gs not in GROUP_SIZES) or (method == "int8" and gs != 0):
+    if not fmt.valid_group(gs):
         bad(f"group size {gs!r} is invalid for {method}")
     for k, v in (expect or {}).items():
         if qcfg.get(k) != v:
@@ -318,24 +321,22 @@ def _check_config(qcfg: dict, path: Path, expect: dict | None):
 
 
 def build_quantized_skeleton(mcfg, qcfg: dict) -> nn.Module:
-    """A ``Transformer`` with empty quantized modules where ``qcfg["modules"]`` says."""
-    from tinyseek.model.transformer import Transformer
-
-    bits, gs = qcfg["bits"], qcfg["group_size"]
-    # format 1 stored int8 scales in fp32; format 2 stores every scale in fp16
-    sdt = torch.float32 if qcfg.get("format_version") == 1 and bits == 8 else torch.float16
+    """A ``Transformer`` with empty quantized modules where ``qcfg["modules"]`` says (``qcfg`` checked
+    by :func:`_check_config`)."""
+    fmt, gs = FORMATS[qcfg["method"]], qcfg["group_size"]
+    sdt = fmt.scale_dtype(qcfg.get("format_version"))  # format 1 stored int8 scales in fp32
     model = Transformer(mcfg)
     mods = dict(model.named_modules())
     for name, kind in qcfg["modules"].items():
         old = mods.get(name)
         if kind in ("linear", "linear_smooth", "linear_tied") and isinstance(old, nn.Linear):
-            new = QuantLinear(old.in_features, old.out_features, bits, gs, smooth=kind == "linear_smooth",
+            new = QuantLinear(old.in_features, old.out_features, fmt, gs, smooth=kind == "linear_smooth",
                               scale_dtype=sdt, bias=old.bias is not None)
         elif kind in ("experts", "experts_smooth") and old is not None and hasattr(old, "w_gate_up"):
-            new = QuantExperts(old.n_experts, old.w_gate_up.shape[1], old.hidden, bits, gs,
+            new = QuantExperts(old.n_experts, old.w_gate_up.shape[1], old.hidden, fmt, gs,
                                smooth=kind == "experts_smooth", scale_dtype=sdt)
         elif kind == "embedding" and isinstance(old, nn.Embedding):
-            new = QuantEmbedding(old.num_embeddings, old.embedding_dim, bits, gs)
+            new = QuantEmbedding(old.num_embeddings, old.embedding_dim, fmt, gs)
         else:
             raise UserError(f"quant_config.json names module {name!r} ({kind}) that this model config does not have")
         _set_module(model, name, new)
@@ -350,8 +351,6 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", expect:
     ``expect`` (optional) maps config keys (``method``, ``group_size``, ``bits`` ...) to required
     values; any difference, or a tensor that does not fit the config, raises ``UserError``.
     """
-    from tinyseek.train.checkpoint import load_weights
-
     p = Path(path)
     cfg_path, w_path = p / "quant_config.json", p / "model.safetensors"
     if not cfg_path.is_file() or not w_path.is_file():
@@ -386,3 +385,11 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", expect:
 
 def spec_dict(spec: QuantSpec) -> dict:
     return asdict(spec)
+
+
+def _is_quantized(d: Path) -> bool:
+    return (d / "quant_config.json").is_file()
+
+
+# train/checkpoint.load_model (and tinyseek.quant.load.load_model) hand a quantized directory here
+register_format(CheckpointFormat(FORMAT, _is_quantized, lambda d, device, chain: load_quantized(d, device)))

@@ -21,8 +21,11 @@ import torch
 
 from tinyseek.common import print0, seed_everything
 from tinyseek.config import ConfigError
+from tinyseek.data.shards import ShardLoader, read_index
 from tinyseek.errors import UserError
+from tinyseek.quant.qat import convert_qat, iter_batches, prepare_qat, qat_finetune
 from tinyseek.quant.quantize import QuantSpec, quant_config, quantize_model, save_quantized, weight_bytes
+from tinyseek.train.checkpoint import load_model, resolve_checkpoint
 
 
 @dataclass
@@ -83,15 +86,11 @@ def preset(name: str) -> Config:
 
 
 def _step_dir(ckpt: str) -> Path:
-    from tinyseek.train.checkpoint import resolve_checkpoint
-
     p = Path(ckpt)
     return p if (p / "quant_config.json").is_file() else resolve_checkpoint(p)
 
 
 def find_calib_data(cfg: Config, step: Path) -> Path | None:
-    from tinyseek.data.shards import read_index
-
     if cfg.calib_data:
         read_index(cfg.calib_data)  # clear error if it is not a shard folder
         return Path(cfg.calib_data)
@@ -116,16 +115,11 @@ def perplexity(model, batches) -> float:
 
 
 def load_batches(path: Path, n: int, B: int, T: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from tinyseek.data.shards import ShardLoader
-
     loader = ShardLoader(path, B, T, 0, 1, device)
     return [loader.next_batch() for _ in range(n)]
 
 
 def main(cfg: Config) -> dict:
-    from tinyseek.quant.qat import convert_qat, iter_batches, prepare_qat, qat_finetune
-    from tinyseek.train.checkpoint import load_model
-
     cfg.validate()
     seed_everything(cfg.seed)
     t0 = time.time()

@@ -59,7 +59,7 @@ from tinyseek.kernels import attn as attn_kernel
 from tinyseek.kernels.linear import MAX_ROWS as _LINEAR_MAX_ROWS
 from tinyseek.serve.detok import TextTracker
 from tinyseek.serve.sampling import sample_tokens
-from tinyseek.train.checkpoint import load_model
+from tinyseek.quant.load import load_model
 
 
 @dataclass

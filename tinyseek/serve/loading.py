@@ -15,7 +15,7 @@ import torch
 from tinyseek.common import get_device
 from tinyseek.errors import UserError
 from tinyseek.tokenizer import load_tokenizer
-from tinyseek.train.checkpoint import load_model
+from tinyseek.quant.load import load_model
 
 
 def find_tokenizer(ckpt: str | Path, meta: dict | None = None) -> str | None:

@@ -40,6 +40,20 @@ A LoRA adapter checkpoint (:mod:`tinyseek.model.lora`) has ``adapter.safetensors
 ``{"lora": {"rank", "alpha", "targets", "dropout"}, "base": <absolute path of the base step dir>}``;
 ``optim.pt`` holds the adapters' optimizer state. :func:`load_model` loads the base (which may itself
 be an adapter checkpoint), applies the adapters and merges them: callers get a plain model.
+
+Checkpoint formats: a registry (:data:`CHECKPOINT_FORMATS`, :func:`register_format`) so that
+``train/`` loads what layers above it define without importing them. A :class:`CheckpointFormat`
+names a format, says whether it claims a directory (cheaply: a marker file) and loads it.
+:func:`load_model` asks the registered formats in order, on the path as given and then on the
+step directory it resolves to; the float checkpoint (``model.safetensors``) is the fallback when
+none claims it. Registered here: LoRA adapters. Registered above: quantized checkpoints
+(``quant_config.json``), by :mod:`tinyseek.quant.quantize` when it is imported. Code that may meet
+any checkpoint (serve, post, eval, export, pipeline, benchmarks) therefore calls
+:func:`tinyseek.quant.load.load_model`, which imports every registering module first; this module's
+:func:`load_model` knows only the formats registered so far (float and LoRA when nothing above is
+imported). Why a registry rather than a table of module names imported on demand: the dependency
+then points the way the layers do (quant -> train), visible to a reader and to the import checks
+(tests/test_imports.py), instead of a string that hides an upward import.
 """
 from __future__ import annotations
 
@@ -48,8 +62,9 @@ import pickle
 import re
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -58,9 +73,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tinyseek.common import atomic_dir, rng_state, set_rng_state
+from tinyseek.config import ModelConfig, from_dict, to_dict
 from tinyseek.errors import UserError
 from tinyseek.integrity import (FULL_CHECK_BYTES, QUICK_CHUNK_BYTES, QUICK_CHUNKS, quick_sha256_file, sha256_file,
                                 verify_mode)
+from tinyseek.model.lora import apply_lora, load_lora_state_dict, merge_lora
+from tinyseek.model.transformer import Transformer
+
+try:
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "adapter.safetensors")  # a full model / LoRA adapters (one per step dir)
@@ -150,12 +173,8 @@ def verify_file(path: str | Path) -> None:
 def _numpy_globals() -> list:
     """What an old-format rng.pt / comm.pt needs beyond weights_only's defaults: numpy's ndarray
     reconstruction (the RNG key, a uint32 array) and nothing that runs code."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
     # a file written under numpy 1.x names the function numpy.core.multiarray._reconstruct
-    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+    return [_np_reconstruct, (_np_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
             type(np.dtype(np.uint32))]
 
 
@@ -258,8 +277,6 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module | None, o
     ``extra`` maps file names to objects written with ``torch.save`` into the same directory.
     ``weights_file``: ``adapter.safetensors`` for a LoRA adapter checkpoint (see the module doc).
     """
-    from tinyseek.config import to_dict
-
     meta = dict(meta)
     meta.setdefault("step", int(step))
     if "model_config" not in meta and model is not None and hasattr(model, "cfg"):
@@ -353,31 +370,56 @@ def read_meta(step_path: str | Path) -> dict:
     return read_json(p)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Build the model recorded in a checkpoint and load its weights; returns ``(model, meta)``.
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """One checkpoint format for :func:`load_model` (module docstring)."""
+    name: str                                  # e.g. "lora-adapter", "tinyseek-quant"
+    claims: Callable[[Path], bool]             # whether a directory is in this format (a marker file)
+    load: Callable[[Path, Any, tuple], tuple]  # (dir, device, chain) -> (model in eval mode, meta)
+    # chain: the adapter checkpoints whose base is being loaded (loop guard); pass it on to load_model's
+    # recursion if the format loads another checkpoint, else ignore it
 
-    ``path`` is a step dir, a ckpt root, or a run dir (latest step). A directory with
-    ``quant_config.json`` is handed to ``tinyseek.quant.quantize.load_quantized``; a LoRA adapter
-    checkpoint (``adapter.safetensors``) to :func:`_load_adapter`, which returns the base with the
-    adapters merged (a plain model).
+
+CHECKPOINT_FORMATS: list[CheckpointFormat] = []  # asked in order; the float checkpoint is the fallback
+
+
+def register_format(fmt: CheckpointFormat) -> None:
+    """Add ``fmt`` to :data:`CHECKPOINT_FORMATS` (replacing a format of the same name in place:
+    importing a module twice, or reloading it, registers once)."""
+    for i, old in enumerate(CHECKPOINT_FORMATS):
+        if old.name == fmt.name:
+            CHECKPOINT_FORMATS[i] = fmt
+            return
+    CHECKPOINT_FORMATS.append(fmt)
+
+
+def checkpoint_format(d: Path) -> CheckpointFormat | None:
+    """The first registered format that claims directory ``d``; None: a float checkpoint (or none)."""
+    return next((f for f in CHECKPOINT_FORMATS if f.claims(d)), None)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Build the model recorded in a checkpoint and load its weights; returns ``(model, meta)``, the
+    model in eval mode on ``device``.
+
+    ``path`` is a step dir, a ckpt root, or a run dir (latest step). A directory a registered format
+    claims is loaded by that format (a LoRA adapter checkpoint: the base with the adapters merged,
+    a plain model); anything else as a float checkpoint. Only the formats registered so far are
+    known: callers that may meet any checkpoint use :func:`tinyseek.quant.load.load_model`.
     """
     return _load_model(Path(path), device, ())
 
 
 def _load_model(p: Path, device, chain: tuple):
     """:func:`load_model`; ``chain``: the adapter checkpoints whose base is being loaded (loop guard)."""
-    if (p / "quant_config.json").is_file():
-        from tinyseek.quant.quantize import load_quantized
-        return load_quantized(p, device)
-    d = resolve_checkpoint(p)
-    if (d / "quant_config.json").is_file():
-        from tinyseek.quant.quantize import load_quantized
-        return load_quantized(d, device)
-    if (d / "adapter.safetensors").is_file():
-        return _load_adapter(d, device, chain)
-    from tinyseek.config import ModelConfig, from_dict
-    from tinyseek.model.transformer import Transformer
+    fmt = checkpoint_format(p)
+    if fmt is None:
+        p = resolve_checkpoint(p)
+        fmt = checkpoint_format(p)
+    return fmt.load(p, device, chain) if fmt is not None else _load_float(p, device)
 
+
+def _load_float(d: Path, device):
     meta = read_meta(d)
     try:
         model = Transformer(from_dict(ModelConfig, meta["model_config"]))
@@ -392,8 +434,6 @@ def _load_model(p: Path, device, chain: tuple):
 def _load_adapter(d: Path, device, chain: tuple):
     """The base checkpoint of adapter checkpoint ``d`` (loaded by :func:`load_model`, so it may be an
     adapter checkpoint too) with ``d``'s adapters applied and merged; ``(model, meta of d)``."""
-    from tinyseek.model.lora import apply_lora, load_lora_state_dict, merge_lora
-
     meta = read_meta(d)
     lora, base = meta.get("lora"), meta.get("base")
     if not isinstance(lora, dict) or not base:
@@ -410,6 +450,13 @@ def _load_adapter(d: Path, device, chain: tuple):
     model.to(device)
     model.eval()
     return model, meta
+
+
+def _is_adapter(d: Path) -> bool:
+    return (d / "adapter.safetensors").is_file() and (d / "meta.json").is_file()
+
+
+register_format(CheckpointFormat("lora-adapter", _is_adapter, _load_adapter))
 
 
 def load_state_strict(model: nn.Module, state: dict, path: Path) -> None:
@@ -467,7 +514,6 @@ def load_training_state(step_path: str | Path, model: nn.Module, optimizer: Any 
     d = Path(step_path)
     meta = read_meta(d)
     if (d / "adapter.safetensors").is_file():
-        from tinyseek.model.lora import load_lora_state_dict
         load_lora_state_dict(model, load_weights(d / "adapter.safetensors", device="cpu"))
     else:
         load_state_strict(model, load_weights(d / "model.safetensors", device="cpu"), d / "model.safetensors")
