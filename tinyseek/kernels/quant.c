@@ -1,8 +1,8 @@
 /* Fused weight-only int8 / int4 CPU kernels for decode (a few rows times a quantized weight).
    Glue and contract: tinyseek/kernels/quant.py. Built by tinyseek/kernels/loader.py; TS_PORTABLE
-   leaves out the AVX-512 paths, TS_PYEXT adds the CPython-extension entry points (the loader puts
-   its ts_int_args prelude in front). Format ids: 8 = int8 codes (N, K) with one fp16 scale a row,
-   4 = packed int4 (N, ceil(K/2)) with fp16 group scales (N, G). */
+   leaves out the AVX-512 paths, TS_PYEXT adds the CPython-extension entry points. Format ids: 8 =
+   int8 codes (N, K) with one fp16 scale a row, 4 = packed int4 (N, ceil(K/2)) with fp16 group
+   scales (N, G). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -270,6 +270,7 @@ int ts_dequant(int bits, const int64_t* idx, int64_t R, int64_t V, const void* q
   return 0;
 }
 
+#include "pyext.h"
 #ifdef TS_PYEXT  /* the same functions as a CPython extension: a call costs ~0.2 us, ctypes ~1.7 */
 #define PTR(t, i) ((t)(intptr_t)v[i])
 static PyObject* py_mm(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {

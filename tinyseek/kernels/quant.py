@@ -46,7 +46,7 @@ from tinyseek.kernels.loader import I64 as _I64, INT as _INT, P as _P
 MAX_ROWS = 8  # above this, dequantise + one BLAS GEMM is faster
 KERNEL_INT8, KERNEL_INT4 = 8, 4  # the C functions' format switch (their first argument)
 
-_SRC = ckernels.PYEXT_PRELUDE + ckernels.source("quant.c")  # the extension part needs the prelude first
+_SRC = ckernels.source("quant.c")
 _NAME = "_tinyseek_quant"  # the extension's module name (PyInit__tinyseek_quant in quant.c)
 _SIGS = {
     "ts_mm": ([_INT, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT], None),
