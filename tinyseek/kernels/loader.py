@@ -1,6 +1,8 @@
 """Build and load small C kernels on first use (shared by the quantized and the fp32 decode kernels).
 
-A kernel source is plain C (no PyTorch headers; tensors travel as data pointers). It is compiled
+A kernel source is plain C (no PyTorch headers; tensors travel as data pointers), a file
+``tinyseek/kernels/<op>.c`` read with :func:`source` (which inlines the local headers such as
+``pyext.h``; every source compiles with ``-Wall -Werror``: tests/test_kernels_build.py). It is compiled
 once with the system C compiler (``cc -O3 -march=native -ffast-math -fopenmp -shared``, plainer
 flag sets where those fail) into a per-user cache, and loaded from there by later processes. Built as
 a small CPython extension where ``Python.h`` exists (the source's ``#ifdef TS_PYEXT`` part: a call
@@ -50,8 +52,6 @@ P, I64, INT, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _PRIVATE: dict = {}              # this process's fallback cache directory (made once)
 _PRIVATE_LOCK = threading.Lock()
 
-
-
 KERNEL_DIR = Path(__file__).resolve().parent  # the C sources (``*.c``, ``*.h``) ship here as package data
 
 
@@ -66,11 +66,6 @@ def source(name: str) -> str:
     :class:`FileNotFoundError` naming it (a broken install, not user input)."""
     text = (KERNEL_DIR / name).read_text(encoding="utf-8")
     return _LOCAL_INCLUDE.sub(lambda m: source(m.group(1)).rstrip("\n"), text)
-
-
-# pyext.h as text, for the sources still inside Python strings while they move to .c files that
-# #include "pyext.h" (then this name goes)
-PYEXT_PRELUDE = source("pyext.h")
 
 
 def _default_dir() -> str:
