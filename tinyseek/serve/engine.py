@@ -631,6 +631,6 @@ class _RowsView:
 
 
 def engine_from_checkpoint(path: str, tokenizer=None, device: str = "auto", **kw: Any) -> Engine:
-    """Load ``tinyseek.train.checkpoint.load_model(path)`` onto ``device`` and wrap it."""
+    """Load ``tinyseek.quant.load.load_model(path)`` (any registered checkpoint format) onto ``device`` and wrap it."""
     model, _meta = load_model(path, device=get_device(device))
     return Engine(model, tokenizer, **kw)

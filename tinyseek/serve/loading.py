@@ -1,6 +1,6 @@
 """Load a checkpoint and its tokenizer for serving / chat.
 
-The model comes from :func:`tinyseek.train.checkpoint.load_model` (step dir, ckpt root or run dir;
+The model comes from :func:`tinyseek.quant.load.load_model` (step dir, ckpt root or run dir;
 quantized checkpoints included). The tokenizer is ``--tokenizer PATH`` when given (``bytes`` = the
 byte-level fallback), else the first ``tokenizer`` directory / ``tokenizer.json`` found in the
 checkpoint directory or up to three parents (a run dir keeps it beside ``ckpt/``), else the path
