@@ -8,14 +8,16 @@ name or its bit width), chosen once when it is built: it quantizes, dequantizes 
 kernel (``fmt.kernel``, None: PyTorch ops only). Which path a call takes then depends only on the
 call (rows, dtype, device, autograd) and the kernels' on/off switch (:mod:`tinyseek.kernels.quant`).
 
-- int8 (W8A16): for a few rows (decode) ``linear(x, q) * s`` (scale the small output), for many
-  rows (prefill) dequantise the weight once (``q * s``) and do one float GEMM.
-- int4 (W4A16): unpack nibbles -> int8 codes -> ``codes * group scale`` -> one float GEMM. The
-  dequantised weight is never cached across calls (that would undo the memory saving).
+- one scale a row, unpacked codes (``fmt.scales_rows``: int8, W8A16): for a few rows (decode)
+  ``linear(x, q) * s`` (scale the small output), for many rows (prefill) dequantise the weight
+  once (``q * s``) and do one float GEMM.
+- group scales or packed codes (int4, W4A16): unpack nibbles -> int8 codes -> ``codes * group
+  scale`` -> one float GEMM. The dequantised weight is never cached across calls (that would undo
+  the memory saving).
 - decode (at most ``kq.MAX_ROWS`` rows, fp32, CPU): fused C kernels that read the codes
   directly (:mod:`tinyseek.kernels.quant`; on by default where a C compiler builds them), one call
   per Linear, one per whole SwiGLU expert, one per dense / shared-expert FFN (:class:`QuantSwiGLU`)
-  and one for all routed experts of a MoE layer (``quantize.quant_fused_dispatch``).
+  and one for all routed experts of a MoE layer (:func:`quant_fused_dispatch`).
 - embedding: only the looked-up rows are dequantised (``codes[idx] * scale[idx]``); with tied
   embeddings the ``lm_head`` QuantLinear shares the same code and scale tensors (same (V, D)
   layout, scales along D).

@@ -158,7 +158,7 @@ def main(cfg: Config) -> dict:
     ppl_quant = perplexity(model, val) if val else None
 
     out = Path(cfg.out) if cfg.out else step.parent.parent / "quant" / (
-        spec.method + (f"-g{spec.group_size}" if spec.method == "int4" else "") + ("-qat" if qat_losses else ""))
+        spec.method + (f"-g{spec.group_size}" if spec.format.grouped else "") + ("-qat" if qat_losses else ""))
     qcfg = quant_config(model, spec, kinds)
     qcfg["source"] = str(step)
     qcfg["qat_steps"] = len(qat_losses)
