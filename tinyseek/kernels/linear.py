@@ -14,7 +14,7 @@ result does not depend on the other rows of the call nor on the thread count (bi
 engine's greedy tokens are the same alone and batched; tested).
 
 Where it applies: a plain CPU fp32 weight with contiguous rows (and such a bias), checked once by
-:func:`weight_fits` (the seam, :class:`tinyseek.model.layers.Linear`, asks when it is built or
+:func:`weight_fits` (the seam, :class:`tinyseek.model.layers.Linear`, asks when it is built, loaded or
 moved); per call :func:`linear_fitted` then takes the kernel only for inference (no gradient to
 record), a plain CPU fp32 ``x`` of 1 to :data:`MAX_ROWS` rows, no autocast, outside
 ``torch.compile`` tracing, the kernels on (``TINYSEEK_LINEAR_KERNELS=0`` or
