@@ -50,7 +50,7 @@ ROUTINGS = {
 }
 
 
-@pytest.mark.parametrize("impl", ["grouped", "grouped_autograd", "sorted", "padded"])
+@pytest.mark.parametrize("impl", ["grouped", "grouped_autograd", "sorted", "padded", "infer"])
 @pytest.mark.parametrize("capacity", [0.0, 1.0])
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_fast_paths_match_reference_loop(impl, capacity, routing):
