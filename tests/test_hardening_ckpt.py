@@ -68,7 +68,7 @@ def test_pickled_payload_is_refused_and_never_runs(tmp_path, name):
     ckpt.write_checksums(d)  # a consistent, re-checksummed file: the loader itself must refuse it
     with pytest.raises(UserError, match=f"{name}.*refused") as e:
         if name == "comm.pt":
-            pretrain._restore_comm_state(D, None, d, rank=0, world=2)  # what a 2-rank --resume runs
+            pretrain._restore_comm_state(None, d, rank=0, world=2)  # what a 2-rank --resume runs
         else:
             ckpt.load_training_state(d, Transformer(model.cfg), build_optimizer(Transformer(model.cfg), 1e-3))
     assert "\n" not in str(e.value)
