@@ -46,7 +46,7 @@ LAYERS: list[tuple[str, ...]] = [
 # or optional (not in pyproject's dependencies, needed by one feature only). Cheap ones go at the top
 # of the module (tokenizers 0.01 s, jinja2 0.02 s, xxhash 0.005 s, uvicorn 0.02 s, torch's DDP hooks 0.002 s).
 LAZY: dict[str, set[str]] = {
-    "opacus": {"tinyseek.post.dp", "tinyseek.model.layers"},  # 1.4 s, optional (--dp only)
+    "opacus": {"tinyseek.post.dp"},  # 1.4 s, optional (--dp only)
     "reasoning_gym": {"tinyseek.tasks.gsm"},  # 0.8-0.9 s, optional (the gsm task only)
     "datasketch": {"tinyseek.data.dedup"},  # 0.33 s, optional (near-dup only)
     "matplotlib": {"tinyseek.plots"},  # 0.37 s (only when a PNG is written)

@@ -12,7 +12,8 @@ from tinyseek.config import ModelConfig, model_cpu_tiny, model_micro
 from tinyseek.kernels import linear as linear_kernel
 from tinyseek.kernels import loader
 from tinyseek.kernels.linear import MAX_ROWS, linear
-from tinyseek.model.layers import Linear, register_opacus
+from tinyseek.model.layers import Linear
+from tinyseek.post.dp import register_opacus
 from tinyseek.model.transformer import Transformer
 from kernel_fixtures import ragged_decode, switched
 

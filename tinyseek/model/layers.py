@@ -80,20 +80,6 @@ def linear_or_f(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return F.linear(x, weight, bias) if y is None else y
 
 
-def register_opacus() -> None:
-    """Give :class:`Linear` Opacus' per-sample gradient (and ghost-clipping norm) rules of
-    ``nn.Linear``: Opacus looks them up by exact module type, so without this it would fall back to
-    its slower functorch rule. Needs opacus (the caller imports it first)."""
-    from opacus.grad_sample import GradSampleModule
-    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
-
-    for cls in (GradSampleModule, GradSampleModuleFastGradientClipping):
-        for table in ("GRAD_SAMPLERS", "NORM_SAMPLERS"):
-            rules = getattr(cls, table, None)
-            if isinstance(rules, dict) and nn.Linear in rules:
-                rules.setdefault(Linear, rules[nn.Linear])
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

@@ -23,7 +23,7 @@ import warnings
 import torch
 
 from tinyseek.errors import UserError
-from tinyseek.model.layers import register_opacus
+from tinyseek.model.layers import Linear
 
 
 class DPEngine:
@@ -38,6 +38,20 @@ class DPEngine:
         """Index batches from the Poisson sampler (may be empty; callers skip those)."""
         for (idx,) in self.loader:
             yield idx.tolist()
+
+
+def register_opacus() -> None:
+    """Give the model's :class:`~tinyseek.model.layers.Linear` Opacus' per-sample gradient (and
+    ghost-clipping norm) rules of ``nn.Linear``: Opacus looks them up by exact module type, so without
+    this it would fall back to its slower functorch rule. Needs opacus installed."""
+    from opacus.grad_sample import GradSampleModule
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
+
+    for cls in (GradSampleModule, GradSampleModuleFastGradientClipping):
+        for table in ("GRAD_SAMPLERS", "NORM_SAMPLERS"):
+            rules = getattr(cls, table, None)
+            if isinstance(rules, dict) and torch.nn.Linear in rules:
+                rules.setdefault(Linear, rules[torch.nn.Linear])
 
 
 def make_private(model, optimizer, cfg, n_examples: int):
