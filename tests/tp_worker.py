@@ -1,0 +1,123 @@
+"""Worker for tests/test_parallel_tp.py, launched as
+``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/tp_worker.py OUT_DIR CASE ...``
+(gloo, CPU, fp32). For each case in turn (one launch, one process group), every rank builds the
+same model twice from one seed: a plain one (the one-process reference) and one sharded with
+:func:`tinyseek.train.tp.apply_tp` over a 2-rank ``tp`` mesh, then trains both for 5 AdamW steps
+on the same global batch (the aux-free expert bias updated from the step's counts). Each rank
+writes ``OUT_DIR/<case>.rank{r}.pt``: both loss curves, the reference's final parameters and the
+TP model's gathered ones (``full_tensor()``), what the linear kernel saw in a no-grad forward (its
+calls with DTensor and with plain weights, the seams' ``use_kernel``), and both forwards' logits.
+
+Cases: ``mla`` (plain query projection), ``mla_lora_sp`` (q LoRA, sequence-parallel norms),
+``gqa`` (qkv bias, o bias, Qwen3 q/k norms), ``gqa_sp``; ``bad``: layouts that tp=2 does not
+divide, whose one-line errors are recorded (raised before any collective: a hang would time out).
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from tinyseek.config import model_micro
+from tinyseek.errors import UserError
+from tinyseek.kernels import linear as linear_kernel
+from tinyseek.model.layers import Linear
+from tinyseek.model.transformer import Transformer
+from tinyseek.train.tp import apply_tp
+
+STEPS, B, T = 5, 2, 16
+
+
+def config(case: str):
+    cfg = model_micro()  # MLA, 1 dense + 1 MoE layer (4 routed experts, 1 shared), 4 heads
+    if case.startswith("mla_lora"):
+        cfg.q_lora_rank = 16
+    if case.startswith("gqa"):
+        cfg.attn, cfg.n_kv_heads, cfg.qkv_bias, cfg.o_bias, cfg.qk_norm = "gqa", 2, True, True, True
+    return cfg
+
+
+def train(model: Transformer, batch: torch.Tensor) -> list[float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        out = model(batch[:, :-1], batch[:, 1:])
+        out.loss.backward()
+        model.update_expert_bias(out.expert_counts.float())
+        opt.step()
+        losses.append(out.loss.item())
+    return losses
+
+
+def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in model.named_parameters()}
+
+
+def run_case(case: str, mesh) -> dict:
+    cfg = config(case)
+    torch.manual_seed(0)
+    ref = Transformer(cfg)
+    model = apply_tp(copy.deepcopy(ref), mesh, sequence_parallel=case.endswith("_sp"))
+    torch.manual_seed(1)
+    batch = torch.randint(cfg.vocab_size, (B, T + 1))  # the global batch, the same on every rank
+    res = {"ref_losses": train(ref, batch), "tp_losses": train(model, batch),
+           "ref_params": full_params(ref), "tp_params": full_params(model),
+           "grad_placements": {n: (tuple(p.placements), tuple(p.grad.placements)) for n, p in model.named_parameters()
+                               if isinstance(p, DTensor)}}
+    # the linear kernel's seam under TP: who reaches linear_fitted in a no-grad forward (2*16 rows: in range)
+    seen = {"dtensor": 0, "plain": 0}
+    fitted = linear_kernel.linear_fitted
+
+    def spy(x, weight, bias=None, lib=None):
+        seen["dtensor" if isinstance(weight, DTensor) else "plain"] += 1
+        return fitted(x, weight, bias, lib)
+
+    linear_kernel.linear_fitted = spy
+    try:
+        with torch.no_grad():
+            res["tp_logits"] = model(batch[:, :-1]).logits
+    finally:
+        linear_kernel.linear_fitted = fitted
+    with torch.no_grad():
+        res["ref_logits"] = ref(batch[:, :-1]).logits
+    res["kernel_calls"] = seen
+    res["use_kernel"] = {n: (isinstance(m.weight, DTensor), m.use_kernel)
+                         for n, m in model.named_modules() if isinstance(m, Linear)}
+    return res
+
+
+def bad_layouts(mesh) -> dict:
+    errors = {}
+    for name, change in {"heads": dict(n_heads=3), "kv_heads": dict(attn="gqa", n_kv_heads=1),
+                         "shared": dict(shared_d_ff=33)}.items():
+        cfg = model_micro()
+        for k, v in change.items():
+            setattr(cfg, k, v)
+        try:
+            apply_tp(Transformer(cfg), mesh)
+            errors[name] = None
+        except UserError as e:
+            errors[name] = str(e)
+    return errors
+
+
+def main(out_dir: Path, cases: list[str]) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    for case in cases:
+        res = bad_layouts(mesh) if case == "bad" else run_case(case, mesh)
+        torch.save(res, out_dir / f"{case}.rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
