@@ -56,6 +56,7 @@ LAZY: dict[str, set[str]] = {
     "torch.distributed.checkpoint": {"tinyseek.train.distributed"},  # 0.67 s (FSDP checkpoints only)
     "torch.distributed.fsdp": {"tinyseek.train.distributed"},  # 0.62 s (--dist-mode fsdp only)
     "torch.distributed._composable": {"tinyseek.train.distributed"},  # older torch's FSDP2 (fallback of the above)
+    "torch.distributed.pipelining": {"tinyseek.train.pp"},  # 1.3 s, pulls in torch._dynamo (--parallel pp= only)
 }
 
 # ---- pending: violations a restructuring in progress is removing (empty since issue 16 landed) ---------

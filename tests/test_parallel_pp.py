@@ -1,0 +1,124 @@
+"""Pipeline parallelism (tinyseek/train/pp.py): a real 2-process torchrun (gloo, CPU, fp32) per
+schedule and micro-batch count against one process.
+
+One torchrun launch (tests/pp_worker.py) trains every configuration in turn: a 4-layer micro MoE
+(layer 0 dense, 1-3 MoE: both stages hold MoE layers, so a non-last stage's balance loss must
+reach the backward), 5 AdamW steps with the aux-loss-free bias update, on the same global batches
+as the one-process reference (``pretrain.forward_backward`` with ``accum`` = micro-batches). Checked:
+losses (total, cross-entropy, balance) within 1e-5 on both ranks, the first step's gradients and
+the final parameters and expert biases (the union of the stages' state dicts) equal to the
+reference's, and a control run that leaves the non-last stages' aux gradient out differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pp_worker import tiny_config
+from test_distributed import ROOT, torchrun
+from tinyseek.config import model_micro
+from tinyseek.errors import UserError
+from tinyseek.model.transformer import Transformer
+from tinyseek.train import pp
+
+CONFIGS = ["gpipe:2", "gpipe:4", "1f1b:2", "1f1b:4", "interleaved1f1b:2", "1f1b:2:noaux"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, dict]:
+    out = tmp_path_factory.mktemp("pp")
+    torchrun([str(ROOT / "tests" / "pp_worker.py"), str(out), *CONFIGS], cwd=ROOT, timeout=120)
+    res = {}
+    for spec in CONFIGS:
+        name = spec.replace(":", "-")
+        ranks = [torch.load(out / f"{name}.rank{r}.pt", weights_only=True) for r in (0, 1)]
+        res[spec] = {"ranks": ranks, "ref": torch.load(out / f"ref-{spec.split(':')[1]}.pt", weights_only=True)}
+    return res
+
+
+def merged(ranks: list[dict], key: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for r in ranks:
+        assert not set(out) & set(r[key]), "a tensor on two stages"
+        out.update(r[key])
+    return out
+
+
+@pytest.mark.parametrize("spec", [c for c in CONFIGS if "noaux" not in c])
+def test_matches_one_process(runs, spec):
+    ranks, ref = runs[spec]["ranks"], runs[spec]["ref"]
+    for r in ranks:  # every rank returns the global loss (total, ce, aux) of every step
+        assert torch.tensor(r["losses"]) == pytest.approx(torch.tensor(ref["losses"]), abs=1e-5, rel=0)
+    assert min(l[2] for l in ref["losses"]) > 0.1  # the balance loss is a real part of the loss
+    grads, want = merged(ranks, "grads"), ref["grads"]
+    assert grads.keys() == want.keys()
+    assert any(".router." in k for k in grads)  # routers of the first stage get their aux gradient
+    for k in want:
+        torch.testing.assert_close(grads[k], want[k], atol=1e-6, rtol=1e-5, msg=k)
+    state, want = merged(ranks, "state"), ref["state"]
+    assert state.keys() == want.keys()  # every parameter and expert bias, under the full model's names
+    for k in want:
+        torch.testing.assert_close(state[k], want[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in state.items() if k.endswith("expert_bias"))
+
+
+def test_stages_split_the_layers(runs):
+    names = [set(r["state"]) for r in runs["1f1b:2"]["ranks"]]
+    assert {k.split(".")[1] for k in names[0] if k.startswith("blocks.")} == {"0", "1"}
+    assert {k.split(".")[1] for k in names[1] if k.startswith("blocks.")} == {"2", "3"}
+    assert "embed.weight" in names[0] and "lm_head.weight" in names[1] and "norm.weight" in names[1]
+    looped = [set(r["state"]) for r in runs["interleaved1f1b:2"]["ranks"]]  # stages 0, 2 | 1, 3
+    assert {k.split(".")[1] for k in looped[0] if k.startswith("blocks.")} == {"0", "2"}
+
+
+def test_aux_gradient_of_non_last_stages_matters(runs):
+    """The control: without :class:`pp._AuxGrad` on the first stage its routers miss the balance
+    loss gradient, and the run leaves one process's parameters (so the test above can tell)."""
+    ranks, ref = runs["1f1b:2:noaux"]["ranks"], runs["1f1b:2:noaux"]["ref"]
+    grads = ranks[0]["grads"]
+    router = [k for k in grads if ".router." in k]
+    assert router and any(not torch.allclose(grads[k], ref["grads"][k], atol=1e-6) for k in router)
+    state = merged(ranks, "state")
+    assert max((state[k] - ref["state"][k]).abs().max().item() for k in state) > 1e-3
+
+
+# --- without processes ---------------------------------------------------------------------------
+@pytest.mark.parametrize("n_layers,n_stages,sizes", [(4, 2, [2, 2]), (5, 2, [3, 2]), (7, 3, [3, 2, 2]), (3, 3, [1, 1, 1]),
+                                                     (2, 1, [2])])
+def test_stage_layers_contiguous_balanced(n_layers, n_stages, sizes):
+    ranges = pp.stage_layers(n_layers, n_stages)
+    assert [len(r) for r in ranges] == sizes
+    assert [i for r in ranges for i in r] == list(range(n_layers))
+
+
+def test_more_stages_than_layers_is_one_line_error():
+    model = Transformer(model_micro())  # 2 layers; no process group exists: the check comes first
+    with pytest.raises(UserError) as e:
+        pp.split_model(model, 0, 3)
+    assert "\n" not in str(e.value) and "3 stages" in str(e.value) and "2 layers" in str(e.value)
+    with pytest.raises(UserError):
+        pp.split_stages(Transformer(tiny_config()), 0, 2, virtual=3)  # 6 virtual stages, 4 layers
+
+
+def test_tied_embeddings_and_bad_schedule_refused():
+    with pytest.raises(UserError, match="untied"):
+        pp.split_model(Transformer(dataclasses.replace(model_micro(), tie_embeddings=True)), 0, 2)
+    stage = pp.split_model(Transformer(model_micro()), 0, 2)
+    with pytest.raises(UserError, match="unknown pipeline schedule"):
+        pp.build_schedule(stage, None, 2, "zigzag")
+    with pytest.raises(UserError, match="interleaved1f1b"):
+        pp.build_schedule(stage, None, 2, "interleaved1f1b")
+
+
+def test_single_stage_forward_equals_model():
+    """A 1-stage pipeline's module is the whole model: same logits, same aux loss recorded."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).train()
+    stage = pp.split_model(model, 0, 1)
+    x = torch.randint(0, 256, (2, 16))
+    out = model(x)
+    torch.testing.assert_close(stage(x), out.logits, rtol=0, atol=0)
+    assert stage.records[-1]["aux"] == out.aux_loss.detach()
+    torch.testing.assert_close(stage.records[-1]["counts"], out.expert_counts.float())
