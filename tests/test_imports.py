@@ -51,6 +51,7 @@ LAZY: dict[str, set[str]] = {
     "datasketch": {"tinyseek.data.dedup"},  # 0.33 s, optional (near-dup only)
     "matplotlib": {"tinyseek.plots"},  # 0.37 s (only when a PNG is written)
     "pyarrow": {"tinyseek.data.ingest"},  # 0.11 s, optional (Parquet input only)
+    "torchao": {"tinyseek.train.precision"},  # ~3.5 s, optional (--fp8 only)
     "gguf": {"tinyseek.interop.gguf_io"},  # optional (GGUF in and out only)
     "torch.utils.tensorboard": {"tinyseek.common"},  # optional (--tensorboard only; not installed here)
     "torch.distributed.checkpoint": {"tinyseek.train.distributed"},  # 0.67 s (FSDP checkpoints only)

@@ -9,7 +9,10 @@ What one step does: ``grad_accum`` micro-batches forward/backward (all but the l
 ``no_sync``); the per-micro-step expert token counts are summed (and all-reduced across ranks)
 and drive the aux-loss-free bias update *before* ``optimizer.step()``; the gradient norm is
 clipped; a non-finite loss or gradient norm skips the step (gradients zeroed, no optimizer step,
-no bias update, logged, counted in ``skipped_steps``).
+no bias update, logged, counted in ``skipped_steps``). Under ``--dtype fp16`` the loss is scaled
+before backward and the gradients unscaled before clipping; a skipped step lowers the scale, and
+the scale is logged as ``loss_scale`` and saved in the checkpoint (``tinyseek/train/precision.py``;
+``--fp8 true`` swaps the qualifying linear layers for torchao's float8 ones there too).
 
 Gradient accumulation is exact by design for the cross-entropy: shards are packed, so every
 micro-batch holds the same number of target tokens (``batch_size * seq_len``, no ignored
@@ -33,7 +36,8 @@ uninterrupted loss sequence bit for bit (tests/test_pretrain.py kills a real run
 fresh start; a fresh start moves an earlier ``metrics.jsonl`` aside (``metrics.<UTC time>.jsonl``),
 never deletes it. Every checkpoint's ``meta.json`` records the newest logged train ``loss`` and
 held-out ``val_loss`` (with ``loss_step`` / ``val_loss_step``): the final one holds the run's result.
-A run in which every step was skipped as non-finite fails (UserError) instead of saving a checkpoint.
+A run in which every step was skipped as non-finite fails (UserError) instead of saving a checkpoint
+(under fp16 the first steps may be skipped while the loss scale settles; a run needs one taken step).
 Under torchrun each rank's PowerSGD state (error feedback, warm-start factors) is gathered into
 ``comm.pt`` and restored per parameter, so a resumed PowerSGD run is exact too. Not exact: a
 resume with a different world size keeps the stream position but changes the per-rank batches
@@ -69,6 +73,7 @@ from tinyseek.plots import plot_loss
 from tinyseek.tokenizer import byte_tokenizer, load_tokenizer
 from tinyseek.train import checkpoint as ckpt
 from tinyseek.train import distributed as D
+from tinyseek.train import precision
 from tinyseek.train.optim import SCHEDULES, build_optimizer, lr_at, set_lr
 
 BYTE_EOS = 256  # byte-level fallback: ids 0..255 are UTF-8 bytes, 256 ends a document (= byte_tokenizer's eos)
@@ -98,7 +103,8 @@ class Config:
     beta1: float = 0.9               # AdamW beta1
     beta2: float = 0.95              # AdamW beta2
     grad_clip: float = 1.0           # max global grad norm; 0 = no clipping (norm still logged)
-    dtype: str = "auto"              # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16" (no fp16: it needs loss scaling)
+    dtype: str = "auto"              # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16", "fp16" (dynamic loss scaling)
+    fp8: bool = False                # FP8 linear layers (torchao float8 training; CUDA 8.9+, emulated on CPU)
     device: str = "auto"             # "auto", "cpu", "cuda"
     grad_checkpointing: bool = False  # recompute each block in backward (less memory, ~1/3 more compute)
     ckpt_every: int = 0              # checkpoint every N steps (0 = only at the end)
@@ -139,8 +145,7 @@ class Config:
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
         need(0 < self.memory_fraction <= 1, f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
-        need(self.dtype in ("auto", "fp32", "float32", "bf16", "bfloat16"),
-             f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        need(self.dtype in precision.DTYPES, f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.dist_mode in ("ddp", "fsdp"), f"dist_mode must be 'ddp' or 'fsdp', got {self.dist_mode!r}")
@@ -421,7 +426,7 @@ def expert_stats(counts_LE: torch.Tensor, dropped_L: torch.Tensor | None) -> dic
 # the accumulated forward/backward of one optimizer step
 # ---------------------------------------------------------------------------------------------
 def forward_backward(wrapped, next_batch, accum: int, amp=contextlib.nullcontext, no_sync=contextlib.nullcontext,
-                     poison: bool = False) -> dict[str, Any]:
+                     poison: bool = False, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
     """Run ``accum`` micro-batches forward and backward, accumulating gradients in ``.grad``.
 
     Each micro-batch loss is divided by ``accum``: every packed micro-batch has the same number of
@@ -430,6 +435,8 @@ def forward_backward(wrapped, next_batch, accum: int, amp=contextlib.nullcontext
     communication). Returns the step's mean ``loss`` / ``ce_loss`` / ``aux_loss`` (detached), the
     summed expert token ``counts`` (n_moe_layers, E) and ``dropped`` assignments (or None for a
     dense model). ``poison`` multiplies the first micro-batch loss by NaN (the NaN-skip test hook).
+    ``scaler`` (fp16) scales what is backpropagated, so ``.grad`` holds scaled gradients until
+    ``scaler.unscale_``; the returned losses are unscaled.
     """
     loss_sum = ce_sum = aux_sum = 0.0
     counts = dropped = None
@@ -441,7 +448,7 @@ def forward_backward(wrapped, next_batch, accum: int, amp=contextlib.nullcontext
             loss = out.loss / accum
             if poison and m == 0:
                 loss = loss * float("nan")
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
         loss_sum = loss_sum + loss.detach().float()
         ce_sum = ce_sum + out.ce_loss.detach().float() / accum
         aux_sum = aux_sum + out.aux_loss.detach().float() / accum
@@ -546,6 +553,8 @@ def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torc
     if resume_dir:
         ckpt.load_state_strict(model, ckpt.load_weights(resume_dir / "model.safetensors"), resume_dir / "model.safetensors")
     model.to(device)
+    if cfg.fp8:  # before wrapping and the optimizer (the parameters stay the same objects)
+        print0(f"fp8: {len(precision.convert_fp8(model, device))} linear layers in float8")
     model.grad_checkpointing = cfg.grad_checkpointing
     model.train()
 
@@ -577,6 +586,7 @@ def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torc
     heldout = HeldOut(train_path, val_path, micro, cfg.seq_len, rank, world, device, cfg.eval_batches)
 
     step, skipped, tokens_seen = 0, 0, 0
+    scaler = precision.loss_scaler(amp_dtype, device)  # fp16: dynamic loss scaling; else a pass-through
     logger = MetricsLogger(run_dir / "metrics.jsonl", tensorboard=cfg.tensorboard, enabled=is_main)
     if resume_dir:
         osd = ckpt.load_optim_state(resume_dir, map_location=device)
@@ -593,6 +603,7 @@ def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torc
         if rng is None:
             raise UserError(f"checkpoint {resume_dir} has no rng.pt: cannot resume exactly from it")
         _restore_comm_state(wrapped, resume_dir, rank, world)
+        precision.load_scaler_state(scaler, meta.get("grad_scaler"), resume_dir / "meta.json")
         logger.truncate_after(step)
         print0(f"resumed from {resume_dir} at step {step}")
     elif is_main and logger.path.exists():
@@ -624,6 +635,7 @@ def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torc
             meta_out = {"step": step_now, "model_config": to_dict(cfg.model), "train_config": to_dict(cfg),
                         "loader": loader.state_dict(), "skipped_steps": skipped, "tokens_seen": tokens_seen,
                         "micro_batch": micro, "grad_accum": accum, "world_size": world,
+                        "grad_scaler": precision.scaler_state(scaler),
                         "data": str(train_path), "tokenizer": tokenizer_dir, "time": time.time(),
                         # the newest logged train loss and held-out loss (the final checkpoint's are the run's)
                         "loss": last.get("loss"), "loss_step": last_loss_step,
@@ -654,11 +666,12 @@ def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torc
         set_lr(opt, lr)
         poison = bool(cfg.debug_nan_step) and step + 1 == cfg.debug_nan_step
         sync_off = lambda: D.no_sync(wrapped, cfg.dist_mode)  # noqa: E731
-        fb = forward_backward(wrapped, loader.next_batch, accum, amp, sync_off, poison)
+        fb = forward_backward(wrapped, loader.next_batch, accum, amp, sync_off, poison, scaler)
         losses = torch.stack([fb["loss"], fb["ce_loss"], fb["aux_loss"]])
         if dist.enabled:
             D.all_reduce_mean_(losses, dist)  # every rank sees the same (possibly non-finite) loss
         counts, dropped = fb["counts"], fb["dropped"]
+        scaler.unscale_(opt)  # fp16: clip (and check) the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -670,13 +683,18 @@ def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torc
                     D.all_reduce_sum_(counts, dist)
                     D.all_reduce_sum_(dropped, dist)
                 model.update_expert_bias(counts)  # aux-loss-free balancing, before the optimizer step
-            opt.step()
+            scaler.step(opt)  # opt.step() (the gradients are unscaled and finite)
             ok_steps += 1
         else:
             skipped += 1
+            scale_note = {"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}
             logger.log(step + 1, event="skipped_nonfinite", bad_loss=repr(loss_val), bad_grad_norm=repr(gnorm_val),
-                       skipped_steps=skipped)
-            print0(f"step {step + 1}: non-finite loss {loss_val} / grad norm {gnorm_val}: step skipped ({skipped} so far)")
+                       skipped_steps=skipped, **scale_note)
+            backoff = (f"; loss scale {scaler.get_scale():g} -> {scaler.get_scale() * scaler.get_backoff_factor():g}"
+                       if scale_note else "")
+            print0(f"step {step + 1}: non-finite loss {loss_val} / grad norm {gnorm_val}: step skipped "
+                   f"({skipped} so far{backoff})")
+        precision.update_scale(scaler, skipped=not ok)  # fp16: back off after a skip, grow after a finite run
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -707,6 +725,8 @@ def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torc
                                    "grad_norm": gnorm_val, "tokens_per_s": round(tps, 1),
                                    "mfu": round(fpt * tps / (peak * world), 5), "tokens_seen": tokens_seen,
                                    "skipped_steps": skipped, "step_time_s": round(win_time / win_steps, 4)}
+            if scaler.is_enabled():
+                rec["loss_scale"] = scaler.get_scale()
             if n_moe and win_counts.sum() > 0:
                 rec.update(expert_stats(win_counts.cpu(), win_dropped.cpu()))
             if dist is not None and dist.enabled:
