@@ -73,11 +73,14 @@ def test_linear_kernel_never_sees_a_shard(runs, case):
 
 
 def test_bad_layout_is_one_line_error_before_any_collective(runs):
-    errs = runs["bad"][0]
+    errs = dict(runs["bad"][0])
     assert errs == runs["bad"][1]
     assert errs["heads"] == "tensor parallelism tp=2 must divide model.n_heads (3)"
     assert errs["kv_heads"] == "tensor parallelism tp=2 must divide model.n_kv_heads (1)"
     assert "shared expert's width" in errs["shared"] and "(33)" in errs["shared"]
+    assert errs["again"].startswith("apply_tp: the model is already distributed")
+    assert errs.pop("n_heads_after") == 2  # the refused second call changed nothing
+    assert errs["uneven_sequence"] == "sequence-parallel forward: the sequence length 15 must be a multiple of tp=2"
     assert all("\n" not in e for e in errs.values())
 
 

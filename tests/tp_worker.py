@@ -10,7 +10,8 @@ calls with DTensor and with plain weights, the seams' ``use_kernel``), and both 
 
 Cases: ``mla`` (plain query projection), ``mla_lora_sp`` (q LoRA, sequence-parallel norms),
 ``gqa`` (qkv bias, o bias, Qwen3 q/k norms), ``gqa_sp``; ``bad``: layouts that tp=2 does not
-divide, whose one-line errors are recorded (raised before any collective: a hang would time out).
+divide, a second apply_tp, a sequence-parallel forward whose length tp does not divide: their
+one-line errors are recorded (raised before any collective: a hang would time out).
 """
 from __future__ import annotations
 
@@ -105,6 +106,16 @@ def bad_layouts(mesh) -> dict:
             errors[name] = None
         except UserError as e:
             errors[name] = str(e)
+    torch.manual_seed(0)
+    model = apply_tp(Transformer(model_micro()), mesh, sequence_parallel=True)
+    for name, call in {"again": lambda: apply_tp(model, mesh),
+                       "uneven_sequence": lambda: model(torch.zeros(2, 15, dtype=torch.long))}.items():
+        try:
+            call()
+            errors[name] = None
+        except UserError as e:
+            errors[name] = str(e)
+    errors["n_heads_after"] = model.blocks[0].attn.n_heads
     return errors
 
 

@@ -35,6 +35,9 @@ routed+shared node refuses non-plain shared weights (``moe._plain_cpu_f32``).
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -88,6 +91,8 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool = 
                         f"({tp_mesh.mesh_dim_names}): pass mesh['tp']")
     tp = tp_mesh.size()
     check_tp(model.cfg, tp)
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise UserError("apply_tp: the model is already distributed (apply tensor parallelism once, first)")
     if tp == 1:
         return model
     sp = sequence_parallel
@@ -102,9 +107,8 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool = 
             q = "attn.q_proj" if hasattr(attn, "q_proj") else "attn.q_b_proj"
             plan |= {q: ColwiseParallel(), "attn.kv_b_proj": ColwiseParallel()}
             attn.impl = "naive"
-            C = attn.kv_rank
             attn.kv_a_proj_with_mqa.register_forward_hook(
-                lambda mod, args, out, C=C: torch.cat([out[..., :C], _sum_grads(out[..., C:], tp_mesh)], dim=-1))
+                functools.partial(_sum_rope_key_grads, latent=attn.kv_rank, mesh=tp_mesh))
         else:
             plan |= {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(),
                      "attn.v_proj": ColwiseParallel()}
@@ -114,9 +118,7 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool = 
             attn.n_kv = attn.n_kv // tp
         attn.n_heads = attn.n_heads // tp
         plan["attn.o_proj"] = RowwiseParallel(**row_out)
-        ffn = "ffn.shared" if block.is_moe else "ffn"
-        if block.is_moe and block.ffn.shared is None:
-            ffn = None
+        ffn = "ffn" if not block.is_moe else "ffn.shared" if block.ffn.shared is not None else None
         if ffn is not None:
             plan |= {f"{ffn}.gate_proj": ColwiseParallel(), f"{ffn}.up_proj": ColwiseParallel(),
                      f"{ffn}.down_proj": RowwiseParallel(**(row_out if not block.is_moe else {}))}
@@ -127,10 +129,13 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool = 
                                                 desired_input_layouts=(Replicate(),) + (None,) * 5,
                                                 use_local_output=True),
                      "ffn": PrepareModuleInput(**gather, use_local_output=True)}
-            if block.is_moe:  # routed + shared output is replicated: keep this rank's chunk
-                plan["ffn"] = _MoESequence(tp_mesh)
         parallelize_module(block, tp_mesh, plan)
+        if sp and block.is_moe:  # (y, stats): y is replicated (routed experts and all-reduced shared
+            # expert): keep this rank's chunk (its gradient is all-gathered)
+            parallelize_module(block.ffn, tp_mesh, PrepareModuleOutput(
+                output_layouts=(Replicate(), None), desired_output_layouts=(seq, None), use_local_output=True))
     if sp:
+        model.register_forward_pre_hook(functools.partial(_check_sequence, tp=tp), with_kwargs=True)
         parallelize_module(model, tp_mesh, {
             "embed": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=seq,
                                          use_local_output=True),
@@ -142,19 +147,27 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool = 
     return model
 
 
-class _MoESequence(PrepareModuleInput):
-    """A sequence-parallel MoE: the input chunks all-gathered (router and experts see every token,
-    as in one process), the output ``(y, stats)``'s ``y`` (replicated: routed experts replicated,
-    shared expert all-reduced) cut back to this rank's chunk; its gradient is all-gathered."""
+def _check_sequence(model: nn.Module, args: tuple, kwargs: dict, tp: int) -> None:
+    """Forward pre-hook of a sequence-parallel model: a one-line UserError (before any collective: every rank
+    sees the same batch) where the sequence does not split into ``tp`` equal chunks, a ValueError where the call
+    asks for logits at some positions only (the stream is chunked there)."""
+    call = _FORWARD.bind(model, *args, **kwargs).arguments
+    T = call["idx_BT"].shape[1]
+    if T % tp:
+        raise UserError(f"sequence-parallel forward: the sequence length {T} must be a multiple of tp={tp}")
+    for name in ("logits_at", "logits_mask"):
+        if call.get(name) is not None:
+            raise ValueError(f"sequence-parallel forward: {name} is not supported (a training/scoring forward only)")
 
-    def __init__(self, mesh: DeviceMesh):
-        super().__init__(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
-        self.out = PrepareModuleOutput(output_layouts=(Replicate(), None), desired_output_layouts=(Shard(1), None),
-                                       use_local_output=True)
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        super()._apply(module, device_mesh)
-        return self.out._apply(module, device_mesh)
+_FORWARD = inspect.signature(Transformer.forward)
+
+
+def _sum_rope_key_grads(mod: nn.Module, args: tuple, out: torch.Tensor, latent: int, mesh: DeviceMesh):
+    """Forward hook of MLA's ``kv_a_proj_with_mqa`` (output ``[c_kv | k_pe]``): ``k_pe`` through
+    :func:`_sum_grads` (every head uses it; ``c_kv`` feeds the column-wise ``kv_b_proj``, whose input
+    gradient DTensor already sums)."""
+    return torch.cat([out[..., :latent], _sum_grads(out[..., latent:], mesh)], dim=-1)
 
 
 def _sum_grads(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
