@@ -1,15 +1,18 @@
 """Worker for tests/test_parallel_pp.py, launched as
-``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/pp_worker.py OUT_DIR SCHEDULE:MICROBATCHES[:noaux] ...``
+``python -m torch.distributed.run --standalone --nproc_per_node=N tests/pp_worker.py OUT_DIR SCHEDULE:MICROBATCHES[:FLAG...] ...``
 
 For each configuration in turn (one launch, one process group) every rank builds the same
 :func:`tiny_config` model (seed 0), takes its pipeline stage(s) (``interleaved1f1b`` runs two
 virtual stages per rank) and trains ``STEPS`` AdamW steps on the global batches of
 :func:`batches` (the same on every rank), with the aux-loss-free bias update from the stage's
-counts. ``noaux`` leaves the non-last stages' balance-loss gradient out (the control that shows
-the test can tell). Each rank writes ``OUT_DIR/<spec with - for :>.rank{r}.pt``: its losses, its
-stages' state dict and the gradients of the first step. Rank 0 then writes the one-process
-reference ``OUT_DIR/ref-<microbatches>.pt`` (``pretrain.forward_backward`` with ``accum`` =
-micro-batches over the same micro-batches), for every micro-batch count used.
+counts; the pipeline is the whole world (``pp`` = N). Flags: ``noaux`` leaves the non-last
+stages' balance-loss gradient out (the control that shows the test can tell); ``clip`` clips the
+gradient norm to ``CLIP`` (below the measured norms, so it acts) with ``Pipe.clip_grad_norm_``;
+``mesh`` hands ``build_schedule`` a 1-D DeviceMesh named ``"pp"`` instead of the process group.
+Each rank writes ``OUT_DIR/<spec with - for :>.rank{r}.pt``: its losses, its stages' state dict,
+the gradients of the first step and the gradient norms. The ranks then write the one-process
+reference ``OUT_DIR/ref-<microbatches>[-clip].pt`` (``pretrain.forward_backward`` with ``accum`` =
+micro-batches over the same micro-batches, ``torch.nn.utils.clip_grad_norm_``) for each one used.
 """
 from __future__ import annotations
 
@@ -19,13 +22,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from tinyseek.config import model_micro
 from tinyseek.model.transformer import Transformer
 from tinyseek.train import pp
 from tinyseek.train.pretrain import forward_backward
 
-STEPS, BATCH, SEQ, LR = 5, 4, 32, 3e-3
+STEPS, BATCH, SEQ, LR, CLIP = 5, 4, 32, 3e-3, 0.5
 
 
 def tiny_config():
@@ -53,25 +57,32 @@ def run_pp(spec: str, rank: int, world: int) -> dict:
     model = Transformer(tiny_config()).train()
     virtual = 2 if schedule == "interleaved1f1b" else 1
     stages = pp.split_stages(model, rank, world, virtual, aux_grad="noaux" not in flags)
-    pipe = pp.build_schedule(stages, dist.group.WORLD, int(n_mb), schedule)
+    group = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",)) if "mesh" in flags else dist.group.WORLD
+    pipe = pp.build_schedule(stages, group, int(n_mb), schedule)
     opt = torch.optim.AdamW(list(pipe.parameters()), lr=LR, weight_decay=0.0)
-    losses, first_grads = [], {}
+    losses, norms, first_grads = [], [], {}
     for s, (x, y) in enumerate(batches()):
         opt.zero_grad(set_to_none=True)
         out = pp.step(pipe, x, y)
         if s == 0:
             first_grads = {k: v for st in pipe.stages for k, v in grads(st.named_parameters()).items()}
         pipe.update_expert_bias(out["counts"])
+        norms.append(pipe.clip_grad_norm_(CLIP if "clip" in flags else float("inf")).item())
         opt.step()
         losses.append([out["loss"].item(), out["ce_loss"].item(), out["aux_loss"].item()])
-    return {"losses": losses, "state": pipe.state_dict(), "grads": first_grads}
+    return {"losses": losses, "state": pipe.state_dict(), "grads": first_grads, "norms": norms}
 
 
-def run_reference(n_mb: int) -> dict:
+def ref_name(spec: str) -> str:
+    n_mb, clip = spec.split(":")[1], ":clip" in spec
+    return f"ref-{n_mb}{'-clip' if clip else ''}"
+
+
+def run_reference(n_mb: int, clip: bool) -> dict:
     torch.manual_seed(0)
     model = Transformer(tiny_config()).train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    losses, first_grads = [], {}
+    losses, norms, first_grads = [], [], {}
     for s, (x, y) in enumerate(batches()):
         opt.zero_grad(set_to_none=True)
         micro = iter(zip(x.chunk(n_mb), y.chunk(n_mb)))
@@ -79,9 +90,10 @@ def run_reference(n_mb: int) -> dict:
         if s == 0:
             first_grads = grads(model.named_parameters())
         model.update_expert_bias(out["counts"])
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP if clip else float("inf")).item())
         opt.step()
         losses.append([out["loss"].item(), out["ce_loss"].item(), out["aux_loss"].item()])
-    return {"losses": losses, "state": model.state_dict(), "grads": first_grads}
+    return {"losses": losses, "state": model.state_dict(), "grads": first_grads, "norms": norms}
 
 
 def main(out_dir: str, specs: list[str]) -> None:
@@ -91,9 +103,8 @@ def main(out_dir: str, specs: list[str]) -> None:
     out = Path(out_dir)
     for spec in specs:
         torch.save(run_pp(spec, rank, world), out / f"{spec.replace(':', '-')}.rank{rank}.pt")
-    if rank == 0:
-        for n_mb in sorted({int(s.split(":")[1]) for s in specs}):
-            torch.save(run_reference(n_mb), out / f"ref-{n_mb}.pt")
+    for name in sorted({ref_name(s) for s in specs})[rank::world]:  # the references, shared out
+        torch.save(run_reference(int(name.split("-")[1]), name.endswith("-clip")), out / f"{name}.pt")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -1,41 +1,66 @@
-"""Pipeline parallelism (tinyseek/train/pp.py): a real 2-process torchrun (gloo, CPU, fp32) per
-schedule and micro-batch count against one process.
+"""Pipeline parallelism (tinyseek/train/pp.py): real torchrun runs (gloo, CPU, fp32) against one
+process.
 
-One torchrun launch (tests/pp_worker.py) trains every configuration in turn: a 4-layer micro MoE
-(layer 0 dense, 1-3 MoE: both stages hold MoE layers, so a non-last stage's balance loss must
-reach the backward), 5 AdamW steps with the aux-loss-free bias update, on the same global batches
-as the one-process reference (``pretrain.forward_backward`` with ``accum`` = micro-batches). Checked:
-losses (total, cross-entropy, balance) within 1e-5 on both ranks, the first step's gradients and
-the final parameters and expert biases (the union of the stages' state dicts) equal to the
-reference's, and a control run that leaves the non-last stages' aux gradient out differs.
+One 2-process torchrun launch (tests/pp_worker.py) trains every configuration in turn: a 4-layer
+micro MoE (layer 0 dense, 1-3 MoE: both stages hold MoE layers, so a non-last stage's balance loss
+must reach the backward), 5 AdamW steps with the aux-loss-free bias update, on the same global
+batches as the one-process reference (``pretrain.forward_backward`` with ``accum`` = micro-batches),
+for GPipe, 1F1B and interleaved 1F1B with 2 and 4 micro-batches, gradient clipping, a DeviceMesh.
+Checked: losses (total, cross-entropy, balance) within 1e-5 and the global gradient norms on every
+rank, the first step's gradients and the final parameters and expert biases (the union of the
+stages' state dicts) equal to the reference's, and a control run that leaves the non-last stages'
+aux gradient out differs. A slow test does the same with 4 stages on 4 processes.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from pp_worker import tiny_config
-from test_distributed import ROOT, torchrun
+from pp_worker import CLIP, ref_name, tiny_config
 from tinyseek.config import model_micro
 from tinyseek.errors import UserError
 from tinyseek.model.transformer import Transformer
 from tinyseek.train import pp
 
-CONFIGS = ["gpipe:2", "gpipe:4", "1f1b:2", "1f1b:4", "interleaved1f1b:2", "1f1b:2:noaux"]
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIGS = ["gpipe:2", "gpipe:4:clip", "1f1b:2:mesh", "1f1b:4", "interleaved1f1b:2", "1f1b:2:noaux"]
+CONFIGS_4 = ["1f1b:4", "gpipe:2:clip"]  # pp=4: one layer a stage, the first stage dense
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 180) -> None:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=NPROC ARGS`` (free port)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def launch(out: Path, nproc: int, configs: list[str]) -> dict[str, dict]:
+    torchrun(nproc, [str(ROOT / "tests" / "pp_worker.py"), str(out), *configs])
+    res = {}
+    for spec in configs:
+        name = spec.replace(":", "-")
+        ranks = [torch.load(out / f"{name}.rank{r}.pt", weights_only=True) for r in range(nproc)]
+        res[spec] = {"ranks": ranks, "ref": torch.load(out / f"{ref_name(spec)}.pt", weights_only=True)}
+    return res
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, dict]:
-    out = tmp_path_factory.mktemp("pp")
-    torchrun([str(ROOT / "tests" / "pp_worker.py"), str(out), *CONFIGS], cwd=ROOT, timeout=120)
-    res = {}
-    for spec in CONFIGS:
-        name = spec.replace(":", "-")
-        ranks = [torch.load(out / f"{name}.rank{r}.pt", weights_only=True) for r in (0, 1)]
-        res[spec] = {"ranks": ranks, "ref": torch.load(out / f"ref-{spec.split(':')[1]}.pt", weights_only=True)}
-    return res
+    return launch(tmp_path_factory.mktemp("pp"), 2, CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def runs4(tmp_path_factory) -> dict[str, dict]:
+    return launch(tmp_path_factory.mktemp("pp4"), 4, CONFIGS_4)
 
 
 def merged(ranks: list[dict], key: str) -> dict[str, torch.Tensor]:
@@ -46,15 +71,14 @@ def merged(ranks: list[dict], key: str) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("spec", [c for c in CONFIGS if "noaux" not in c])
-def test_matches_one_process(runs, spec):
-    ranks, ref = runs[spec]["ranks"], runs[spec]["ref"]
-    for r in ranks:  # every rank returns the global loss (total, ce, aux) of every step
+def check_matches(run: dict) -> None:
+    ranks, ref = run["ranks"], run["ref"]
+    for r in ranks:  # every rank returns the global loss (total, ce, aux) and gradient norm of every step
         assert torch.tensor(r["losses"]) == pytest.approx(torch.tensor(ref["losses"]), abs=1e-5, rel=0)
+        assert r["norms"] == pytest.approx(ref["norms"], rel=1e-5)
     assert min(l[2] for l in ref["losses"]) > 0.1  # the balance loss is a real part of the loss
     grads, want = merged(ranks, "grads"), ref["grads"]
     assert grads.keys() == want.keys()
-    assert any(".router." in k for k in grads)  # routers of the first stage get their aux gradient
     for k in want:
         torch.testing.assert_close(grads[k], want[k], atol=1e-6, rtol=1e-5, msg=k)
     state, want = merged(ranks, "state"), ref["state"]
@@ -64,8 +88,24 @@ def test_matches_one_process(runs, spec):
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in state.items() if k.endswith("expert_bias"))
 
 
+@pytest.mark.parametrize("spec", [c for c in CONFIGS if "noaux" not in c])
+def test_matches_one_process(runs, spec):
+    check_matches(runs[spec])
+    assert any(".router." in k for k in runs[spec]["ranks"][0]["grads"])  # first stage's routers: aux gradient
+
+
+def test_clipping_acts(runs):
+    assert min(runs["gpipe:4:clip"]["ref"]["norms"]) > CLIP  # so the clipped run tests the global norm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", CONFIGS_4)
+def test_four_stages_match_one_process(runs4, spec):
+    check_matches(runs4[spec])
+
+
 def test_stages_split_the_layers(runs):
-    names = [set(r["state"]) for r in runs["1f1b:2"]["ranks"]]
+    names = [set(r["state"]) for r in runs["1f1b:2:mesh"]["ranks"]]
     assert {k.split(".")[1] for k in names[0] if k.startswith("blocks.")} == {"0", "1"}
     assert {k.split(".")[1] for k in names[1] if k.startswith("blocks.")} == {"2", "3"}
     assert "embed.weight" in names[0] and "lm_head.weight" in names[1] and "norm.weight" in names[1]

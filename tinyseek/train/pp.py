@@ -144,6 +144,22 @@ class Stage(nn.Module):
         return x
 
     @torch.no_grad()
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the whole model: the squared norms of every
+        stage's gradients are summed over the pipeline group (one all-reduce), so every rank
+        scales by the same factor and returns the same global norm (non-finite when any gradient
+        is: the caller skips the step, as the trainer does)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norms = [torch.linalg.vector_norm(g.float()) for g in grads]
+        sq = torch.stack(norms).square().sum() if norms else torch.zeros(())
+        dist.all_reduce(sq, group=self.group)
+        total = sq.sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return total
+
     def update_expert_bias(self, counts_LE: torch.Tensor) -> None:
         """The sign-rule bias update of this stage's MoE layers (``Transformer.update_expert_bias``)."""
         if self.cfg.bias_update_speed > 0:
@@ -210,6 +226,22 @@ class Pipe:
         for s in self.stages:
             out.update(s.state_dict())
         return out
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the whole model: the squared norms of every
+        stage's gradients are summed over the pipeline group (one all-reduce), so every rank
+        scales by the same factor and returns the same global norm (non-finite when any gradient
+        is: the caller skips the step, as the trainer does)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norms = [torch.linalg.vector_norm(g.float()) for g in grads]
+        sq = torch.stack(norms).square().sum() if norms else torch.zeros(())
+        dist.all_reduce(sq, group=self.group)
+        total = sq.sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return total
 
     def update_expert_bias(self, counts: list[torch.Tensor | None]) -> None:
         """Apply :func:`step`'s ``counts`` (one entry per local stage) to the local MoE layers."""
