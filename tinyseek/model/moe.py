@@ -19,6 +19,10 @@ Capacity: ``capacity_factor`` > 0 caps each expert at ceil(cf * tokens * k / N) 
 over-full expert keeps its highest-weight assignments and drops the rest (the token still gets the
 shared expert and the residual). 0 = dropless (default, as in V3).
 
+Load scope (``MoE.load_scope``, a :class:`LoadScope`): the tokens whose statistics the counts, the
+balance loss and the capacity use; by default the batch of the call. Expert parallelism
+(``tinyseek.train.ep``) widens it to its group's batches and adds the ``ep`` dispatch.
+
 Dispatch (the routed experts for the chosen assignments), all numerically the same maths
 (``DISPATCH``; each ``fn(moe, x_ND, idx_NK, w_NK, keep_A or None, counts_E) -> y_ND``):
 - ``loop``: readable per-expert loop with boolean masks: the reference the tests compare against.
@@ -95,13 +99,16 @@ def route(scores_NE: torch.Tensor, top_k: int, bias_E: torch.Tensor | None = Non
 
 
 def balance_loss(kind: str, scores_NE: torch.Tensor, idx_NK: torch.Tensor,
-                 counts_E: torch.Tensor | None = None, normalized: bool = False) -> torch.Tensor:
+                 counts_E: torch.Tensor | None = None, normalized: bool = False, mean=None) -> torch.Tensor:
     """Auxiliary load-balance loss (before the alpha coefficient).
 
     ``switch``: N * sum_i f_i * P_i, f_i = share of assignments to i, P_i = mean routing prob of i.
     ``variance``: sum_i (P_i - 1/N)^2. Both are minimal (1 and 0) for a uniform router.
     ``counts_E`` (assignments per expert) may be passed to save a ``bincount``; ``normalized=True``
     says the scores already sum to one per token (softmax), which skips the renormalisation.
+    When the batch is split over ranks (expert parallelism), ``counts_E`` are the whole batch's and
+    ``mean`` (:meth:`LoadScope.mean`) maps this shard's P to the whole batch's: f_i = counts_i / their
+    sum, so the loss is the one of the whole batch.
 
     >>> s = torch.full((4, 2), 0.5); idx = torch.tensor([[0], [1], [0], [1]])
     >>> float(balance_loss("switch", s, idx)), float(balance_loss("variance", s, idx))
@@ -114,11 +121,11 @@ def balance_loss(kind: str, scores_NE: torch.Tensor, idx_NK: torch.Tensor,
     if kind == "none":
         return scores_NE.new_zeros(())
     probs = scores_NE if normalized else scores_NE / (scores_NE.sum(-1, keepdim=True) + 1e-20)  # -> distribution
-    P_E = probs.mean(0)
+    P_E = probs.mean(0) if mean is None else mean(probs.mean(0))
     if kind == "switch":
         if counts_E is None:
             counts_E = torch.bincount(idx_NK.flatten(), minlength=E)
-        f_E = counts_E.to(P_E.dtype) / idx_NK.numel()
+        f_E = counts_E.to(P_E.dtype) / counts_E.sum()
         return E * (f_E * P_E).sum()
     if kind == "variance":
         return ((P_E - 1.0 / E) ** 2).sum()
@@ -151,6 +158,31 @@ def update_bias(bias_E: torch.Tensor, counts_E: torch.Tensor, speed: float) -> t
     load = counts_E.float()
     bias_E += speed * torch.sign(load.mean() - load).to(bias_E.dtype)
     return bias_E
+
+
+class LoadScope:
+    """The tokens a MoE's load statistics cover: expert counts (balance loss, aux-loss-free bias
+    update), mean routing probabilities (balance loss) and capacity drops. This one: the batch of the
+    call. Expert parallelism (``tinyseek.train.ep``) sets ``moe.load_scope`` to its group's union of
+    batches, so that every rank sees the statistics one process computes on the whole batch."""
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-batch sum (counts, drops) over the whole batch."""
+        return t
+
+    def mean(self, P_E: torch.Tensor) -> torch.Tensor:
+        """This batch's mean routing probabilities -> the whole batch's (gradient through this batch's)."""
+        return P_E
+
+    def capacity_keep(self, e_A: torch.Tensor, w_A: torch.Tensor, n_experts: int, top_k: int,
+                      capacity_factor: float) -> torch.Tensor:
+        """Keep-mask over this batch's assignments: each expert keeps its ceil(cf * tokens * k / N)
+        highest-weight assignments of the whole batch (:func:`capacity_keep`)."""
+        n_tokens = e_A.numel() // top_k
+        return capacity_keep(e_A, w_A, n_experts, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+
+
+LOCAL = LoadScope()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +241,7 @@ class MoE(nn.Module):
     """``y[n] = sum_k w[n, k] * expert_{idx[n, k]}(x[n]) (+ gate(x[n]) * shared(x[n]))`` over the
     router's top-k (minus capacity drops). ``forward(x_BTD) -> (y_BTD, stats)``: ``stats["aux_loss"]``
     (alpha times the balance loss in training, else 0); in training also ``counts`` (assignments per
-    expert before drops) and ``dropped``. Every dispatch variant gives this result up to float
+    expert before drops) and ``dropped``, both over the batch of ``load_scope``. Every dispatch variant gives this result up to float
     summation order."""
 
     def __init__(self, cfg):
@@ -221,6 +253,7 @@ class MoE(nn.Module):
         self.shared = SwiGLU(cfg.d_model, cfg.shared_width) if cfg.n_shared_experts > 0 else None
         self.shared_gate = SharedGate(cfg.d_model) if cfg.shared_expert_gate and self.shared is not None else None
         self.register_load_state_dict_post_hook(_after_load)
+        self.load_scope = LOCAL  # whose tokens the load statistics cover (LoadScope)
         self.impl = cfg.moe_impl  # chooses the variants (select_variants)
 
     # --- the seam: which dispatch variant runs, chosen once ----------------------------------------
@@ -283,18 +316,19 @@ class MoE(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, dict]:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
-        N = x_ND.shape[0]
         idx_NK, w_NK, scores_NE = self.router(x_ND)
         e_A = idx_NK.reshape(-1)  # assignment a = n * top_k + k
-        counts_E = torch.bincount(e_A, minlength=self.n_experts)  # before capacity drops
-        aux = balance_loss(self.cfg.aux_loss, scores_NE, idx_NK, counts_E,
-                           normalized=self.cfg.score_func == "softmax") * self.cfg.aux_loss_alpha \
+        counts_E = torch.bincount(e_A, minlength=self.n_experts)  # this batch's, before capacity drops
+        scope = self.load_scope
+        load_E = scope.total(counts_E) if self.training else counts_E  # the whole batch's
+        aux = balance_loss(self.cfg.aux_loss, scores_NE, idx_NK, load_E, normalized=self.cfg.score_func == "softmax",
+                           mean=scope.mean) * self.cfg.aux_loss_alpha \
             if self.training and self.cfg.aux_loss != "none" else x_ND.new_zeros(())
         keep_A = None
         dropped = torch.zeros((), dtype=torch.long, device=x_ND.device)
         if self.cfg.capacity_factor > 0:
-            cap = math.ceil(self.cfg.capacity_factor * N * self.top_k / self.n_experts)
-            keep_A = capacity_keep(e_A, w_NK.detach().reshape(-1), self.n_experts, cap)
+            keep_A = scope.capacity_keep(e_A, w_NK.detach().reshape(-1), self.n_experts, self.top_k,
+                                         self.cfg.capacity_factor)
             dropped = (~keep_A).sum()
         impl = self.variant(x_ND)
         y_ND = None
@@ -310,8 +344,8 @@ class MoE(nn.Module):
                 y_ND = y_ND + s_ND
         stats = {"aux_loss": aux}
         if self.training:  # token counts drive the aux-free bias update: training only
-            stats["counts"] = counts_E.detach()
-            stats["dropped"] = dropped.detach()
+            stats["counts"] = load_E.detach()
+            stats["dropped"] = scope.total(dropped).detach()
         return y_ND.view(B, T, D), stats
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:

@@ -1,0 +1,105 @@
+"""Expert parallelism (tinyseek/train/ep.py): a real 2-process torchrun (gloo, CPU, fp32) against one
+process on the same global batch.
+
+One launch runs every case (tests/ep_worker.py): a model with a dense layer and two MoE layers (4
+routed experts, top-2, a shared expert), the aux-loss-free bias update on, and (a) a sigmoid router
+with the switch balance loss and capacity drops (capacity_factor 1), (b) a softmax router with the
+variance balance loss, dropless. Each rank trains half of the global batch with 2 of the 4 experts.
+The tests check: 5 AdamW steps give the one-process losses within 1e-5 and its parameters within
+1e-5 (measured: at most 5e-7 and 1.3e-6; AdamW's eps is 1e-5, because with the default 1e-8 an
+element whose gradient is float noise around zero (2e-8 against 1e-8 here, from a row whose other
+elements are 1e-2) moves by about lr in either direction: 2e-3 in one embedding element), the
+per-step tokens per expert and capacity drops equal one process's exactly, and an ep that does not
+divide the experts is a one-line error. Without the global load, the balance loss (and so the
+losses) and the drops would differ: each rank would see only its own half.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_distributed import ROOT, torchrun
+from tinyseek.config import model_micro
+from tinyseek.kernels.moe_grouped import grouped_mm_ok
+from tinyseek.model.moe import Experts, MoE
+from tinyseek.train import ep as EP
+
+CASES = ["switch_cap", "variance_softmax"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, list[dict]]:
+    out = tmp_path_factory.mktemp("ep")
+    torchrun([str(ROOT / "tests" / "ep_worker.py"), str(out), *CASES, "bad"], cwd=ROOT, timeout=120)
+    return {case: [torch.load(out / f"{case}.rank{r}.pt", weights_only=False) for r in (0, 1)]
+            for case in CASES + ["bad"]}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ep_matches_one_process(runs, case):
+    r0, r1 = runs[case]
+    ref, ep = r0["ref"], r0["ep"]
+    assert r0["impl"] == ["ep", "ep"] and r0["n_local"] == [2, 2]
+    assert ep["losses"] == pytest.approx(ref["losses"], abs=1e-5, rel=0)
+    assert ep["losses"] == r1["ep"]["losses"]
+    assert ep["params"].keys() == ref["params"].keys()
+    for name, want in ref["params"].items():
+        torch.testing.assert_close(ep["params"][name], want, atol=1e-5, rtol=0, msg=f"{case}: {name}")
+        assert torch.equal(ep["params"][name], r1["ep"]["params"][name]), f"{case}: {name} differs between ranks"
+    assert ref["losses"][0] != ref["losses"][-1]  # it trained
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ep_routing_equals_one_process(runs, case):
+    ref, ep = runs[case][0]["ref"], runs[case][0]["ep"]
+    for step, (c_ref, c_ep, d_ref, d_ep) in enumerate(zip(ref["counts"], ep["counts"], ref["dropped"], ep["dropped"])):
+        assert torch.equal(c_ep.long(), c_ref.long()), f"step {step}: tokens per expert {c_ep} != {c_ref}"
+        assert torch.equal(d_ep, d_ref), f"step {step}: dropped {d_ep} != {d_ref}"
+        assert int(c_ref.sum()) == 2 * 4 * 32 * 2  # both MoE layers see the whole batch's 4*32 tokens, top-2
+    dropped = sum(int(d.sum()) for d in ref["dropped"])
+    assert (dropped > 0) == (case == "switch_cap"), dropped  # capacity really drops in the capacity case
+
+
+def test_ep_that_does_not_divide_the_experts_is_one_line(runs):
+    for r in runs["bad"]:
+        assert r["error"] == "expert parallelism: ep=2 does not divide n_routed_experts = 3"
+
+
+# --- one process: the local expert computation ----------------------------------------------
+@pytest.mark.parametrize("grouped", [True, False])
+def test_local_experts_rows_and_scaled_gradient(monkeypatch, grouped):
+    if grouped and not grouped_mm_ok(torch.device("cpu"), torch.float32):
+        pytest.skip("torch._grouped_mm does not run here")
+    monkeypatch.setattr(EP, "grouped_mm_ok", lambda device, dtype: grouped)
+    torch.manual_seed(0)
+    ex = Experts(3, 16, 8)
+    torch.nn.init.normal_(ex.w_gate_up, std=0.3), torch.nn.init.normal_(ex.w_down, std=0.3)
+    counts = torch.tensor([4, 0, 3])
+    x = torch.randn(7, 16)
+    y = EP.local_experts(ex, x, counts, torch.float32, grad_scale=0.5)
+    e_of_row = torch.repeat_interleave(torch.arange(3), counts)
+    want = torch.stack([ex.expert_forward(int(e), x[i:i + 1])[0] for i, e in enumerate(e_of_row)])
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    g_scaled = ex.w_gate_up.grad.clone()
+    ex.w_gate_up.grad = None
+    want.sum().backward()
+    torch.testing.assert_close(g_scaled, 0.5 * ex.w_gate_up.grad, atol=1e-6, rtol=1e-5)
+    assert torch.equal(g_scaled[1], torch.zeros_like(g_scaled[1]))  # the expert without rows: zero, not None
+
+
+def test_local_experts_without_rows_keeps_the_graph():
+    ex = Experts(2, 16, 8)
+    torch.nn.init.normal_(ex.w_gate_up), torch.nn.init.normal_(ex.w_down)
+    x = torch.zeros(0, 16, requires_grad=True)
+    y = EP.local_experts(ex, x, torch.tensor([0, 0]), torch.float32, 0.5)
+    assert y.shape == (0, 16) and y.grad_fn is not None  # the backward all-to-all still runs on this rank
+    y.sum().backward()
+    assert torch.equal(ex.w_gate_up.grad, torch.zeros_like(ex.w_gate_up))
+
+
+def test_ep_dispatch_needs_apply_ep():
+    moe = MoE(model_micro())
+    moe.impl = "ep"  # registered by importing tinyseek.train.ep
+    with pytest.raises(RuntimeError, match="apply_ep"):
+        moe(torch.randn(1, 3, 64))
