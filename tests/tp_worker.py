@@ -9,7 +9,8 @@ TP model's gathered ones (``full_tensor()``), what the linear kernel saw in a no
 calls with DTensor and with plain weights, the seams' ``use_kernel``), and both forwards' logits.
 
 Cases: ``mla`` (plain query projection), ``mla_lora_sp`` (q LoRA, sequence-parallel norms),
-``gqa`` (qkv bias, o bias, Qwen3 q/k norms), ``gqa_sp``; ``bad``: layouts that tp=2 does not
+``gqa`` (qkv bias, o bias, Qwen3 q/k norms), ``gqa_sp``; with 4 ranks ``fsdp_<case>``: FSDP2
+over ``dp_shard=2`` composed with ``tp=2`` (:func:`fsdp_case`); ``bad``: layouts that tp=2 does not
 divide, a second apply_tp, a sequence-parallel forward whose length tp does not divide: their
 one-line errors are recorded (raised before any collective: a hang would time out).
 """
@@ -43,16 +44,23 @@ def config(case: str):
     return cfg
 
 
-def train(model: Transformer, batch: torch.Tensor) -> list[float]:
+def train(model: Transformer, batch: torch.Tensor, dp_group=None) -> list[float]:
+    """5 AdamW steps on ``batch``; with ``dp_group`` (FSDP2) ``batch`` is this rank's share of the
+    global batch: the loss reported is the group's mean and the expert counts the group's sum."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     losses = []
     for _ in range(STEPS):
         opt.zero_grad(set_to_none=True)
         out = model(batch[:, :-1], batch[:, 1:])
         out.loss.backward()
-        model.update_expert_bias(out.expert_counts.float())
+        counts, loss = out.expert_counts.float(), out.loss.detach().reshape(1)
+        if dp_group is not None:
+            dist.all_reduce(counts, group=dp_group)
+            dist.all_reduce(loss, group=dp_group)
+            loss /= dist.get_world_size(dp_group)
+        model.update_expert_bias(counts)
         opt.step()
-        losses.append(out.loss.item())
+        losses.append(loss.item())
     return losses
 
 
@@ -94,6 +102,26 @@ def run_case(case: str, mesh) -> dict:
     return res
 
 
+def fsdp_case(case: str, mesh) -> dict:
+    """``dp_shard`` x ``tp`` on a (2, 2) mesh: apply_tp over ``mesh["tp"]``, then FSDP2 over
+    ``mesh["dp_shard"]`` (each block, then the root), each data-parallel rank fed its half of the
+    global batch. The balance loss is off (it is not a mean over tokens: halves would change it)."""
+    from torch.distributed.fsdp import fully_shard  # 0.6 s to import: the 4-rank slow cases only
+    cfg = config(case.removeprefix("fsdp_"))
+    cfg.aux_loss = "none"
+    torch.manual_seed(0)
+    ref = Transformer(cfg)
+    model = apply_tp(copy.deepcopy(ref), mesh["tp"], sequence_parallel=case.endswith("_sp"))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh["dp_shard"])
+    fully_shard(model, mesh=mesh["dp_shard"])
+    torch.manual_seed(1)
+    batch = torch.randint(cfg.vocab_size, (2 * B, T + 1))
+    local = batch.chunk(2)[mesh["dp_shard"].get_local_rank()]
+    return {"ref_losses": train(ref, batch), "tp_losses": train(model, local, mesh["dp_shard"].get_group()),
+            "ref_params": full_params(ref), "tp_params": full_params(model)}
+
+
 def bad_layouts(mesh) -> dict:
     errors = {}
     for name, change in {"heads": dict(n_heads=3), "kv_heads": dict(attn="gqa", n_kv_heads=1),
@@ -123,9 +151,15 @@ def main(out_dir: Path, cases: list[str]) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(1)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    if dist.get_world_size() == 4:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "tp"))
+    else:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
     for case in cases:
-        res = bad_layouts(mesh) if case == "bad" else run_case(case, mesh)
+        if case.startswith("fsdp_"):
+            res = fsdp_case(case, mesh)
+        else:
+            res = bad_layouts(mesh) if case == "bad" else run_case(case, mesh)
         torch.save(res, out_dir / f"{case}.rank{rank}.pt")
     dist.destroy_process_group()
 
