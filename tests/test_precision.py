@@ -1,10 +1,12 @@
 """Mixed precision (tinyseek/train/precision.py): fp16 dynamic loss scaling, FP8 linear layers (torchao,
 emulated on CPU), the loss scaler's state through a checkpoint and an exact resume.
 
-Tolerances against fp32 (micro preset, default byte corpus, 60 steps, seed 1337; measured on the 2-core
-CPU machine over seeds 1337, 1, 2): the mean train loss of the last 5 steps differed from fp32's by at
-most 0.33% (fp16) and 0.52% (FP8 emulated); the held-out loss by at most 0.41% (fp16) and 1.7% (FP8).
-Seed-to-seed spread of fp32 itself is ~6%. The tests assert 2% (train) and 3% (held-out).
+Tolerances against fp32 (micro preset, default byte corpus; measured on the 2-core CPU machine, seeds
+1337, 1, 2): after 40 steps (what the test runs) the mean train loss of the last 5 steps differed from
+fp32's by at most 0.05% (fp16) and 0.22% (FP8 emulated), the held-out loss by at most 0.08% (fp16) and
+0.92% (FP8); after 60 steps by 0.33% / 0.52% (train) and 0.41% / 1.7% (held-out); after 200 steps
+(seed 1337) by 0.63% / 0.11% and 0.73% / 0.39%. The seed-to-seed spread of fp32 itself is ~3-6%. The
+test asserts 2% (train) and 3% (held-out).
 """
 from __future__ import annotations
 
@@ -191,7 +193,7 @@ def micro_runs(tmp_path_factory):
     def run(variant: str):
         if variant not in cache:
             cfg = preset("micro")
-            cfg.run_dir, cfg.data, cfg.steps = str(root / variant), str(train), 60
+            cfg.run_dir, cfg.data, cfg.steps = str(root / variant), str(train), 40
             cfg.log_every, cfg.eval_every, cfg.progress, cfg.peak_flops = 1, 0, False, 1e11
             cfg.dtype, cfg.fp8 = ("fp16", False) if variant == "fp16" else ("auto", variant == "fp8")
             res = main(cfg)
@@ -206,9 +208,9 @@ def micro_runs(tmp_path_factory):
 def test_micro_converges_like_fp32(micro_runs, variant):
     base, base_val, _ = micro_runs("fp32")
     losses, val, res = micro_runs(variant)
-    assert len(losses) == len(base) == 60 and res["skipped_steps"] == 0
-    assert losses[-1] < losses[0] - 2.0  # it learned (5.6 -> ~3.3)
+    assert len(losses) == len(base) == 40 and res["skipped_steps"] == 0
     tail, base_tail = sum(losses[-5:]) / 5, sum(base[-5:]) / 5
+    assert tail < losses[0] - 1.5  # it learned (5.6 -> ~3.4)
     assert abs(tail - base_tail) / base_tail < TRAIN_TOL, (tail, base_tail)
     assert abs(val - base_val) / base_val < VAL_TOL, (val, base_val)
     assert losses != base  # the precision really changed the arithmetic
