@@ -8,7 +8,10 @@ virtual stages per rank) and trains ``STEPS`` AdamW steps on the global batches 
 counts; the pipeline is the whole world (``pp`` = N). Flags: ``noaux`` leaves the non-last
 stages' balance-loss gradient out (the control that shows the test can tell); ``clip`` clips the
 gradient norm to ``CLIP`` (below the measured norms, so it acts) with ``Pipe.clip_grad_norm_``;
-``mesh`` hands ``build_schedule`` a 1-D DeviceMesh named ``"pp"`` instead of the process group.
+``mesh`` hands ``build_schedule`` a 2-D DeviceMesh ``("pp", "dp")`` (dp of size 1) instead of the
+process group; ``dp2`` composes with data parallelism: a ``(pp = N/2, dp = 2)`` mesh, FSDP2
+(``fully_shard`` over ``"dp"``) on each block and each stage, each replica pipelining its half of
+the global batch (rank = pp_rank * 2 + dp_rank; losses and expert counts reduced over ``"dp"``).
 Each rank writes ``OUT_DIR/<spec with - for :>.rank{r}.pt``: its losses, its stages' state dict,
 the gradients of the first step and the gradient norms. The ranks then write the one-process
 reference ``OUT_DIR/ref-<microbatches>[-clip].pt`` (``pretrain.forward_backward`` with ``accum`` =
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from tinyseek.config import model_micro
 from tinyseek.model.transformer import Transformer
@@ -53,29 +57,54 @@ def grads(named) -> dict[str, torch.Tensor]:
 
 def run_pp(spec: str, rank: int, world: int) -> dict:
     schedule, n_mb, *flags = spec.split(":")
+    dp = 2 if "dp2" in flags else 1
     torch.manual_seed(0)
     model = Transformer(tiny_config()).train()
     virtual = 2 if schedule == "interleaved1f1b" else 1
-    stages = pp.split_stages(model, rank, world, virtual, aux_grad="noaux" not in flags)
-    group = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",)) if "mesh" in flags else dist.group.WORLD
+    if dp > 1 or "mesh" in flags:
+        mesh = init_device_mesh("cpu", (world // dp, dp), mesh_dim_names=("pp", "dp"))
+        pp_rank, dp_rank, group = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank(), mesh
+    else:
+        pp_rank, dp_rank, group = rank, 0, dist.group.WORLD
+    stages = pp.split_stages(model, pp_rank, world // dp, virtual, aux_grad="noaux" not in flags)
+    if dp > 1:  # FSDP2 over the data-parallel dim: each block, then the stage
+        for st in stages:
+            for block in st.blocks.values():
+                fully_shard(block, mesh=mesh["dp"])
+            fully_shard(st, mesh=mesh["dp"], reshard_after_forward=False)
     pipe = pp.build_schedule(stages, group, int(n_mb), schedule)
     opt = torch.optim.AdamW(list(pipe.parameters()), lr=LR, weight_decay=0.0)
     losses, norms, first_grads = [], [], {}
     for s, (x, y) in enumerate(batches()):
         opt.zero_grad(set_to_none=True)
-        out = pp.step(pipe, x, y)
+        out = pp.step(pipe, x.chunk(dp)[dp_rank], y.chunk(dp)[dp_rank])  # this replica's rows
         if s == 0:
-            first_grads = {k: v for st in pipe.stages for k, v in grads(st.named_parameters()).items()}
-        pipe.update_expert_bias(out["counts"])
+            first_grads = {k: full(v) for st in pipe.stages for k, v in grads(st.named_parameters()).items()}
+        counts = out["counts"]
+        if dp > 1:  # the global batch's loss and expert counts, as DDP runs reduce them
+            for k in ("loss", "ce_loss", "aux_loss"):
+                dist.all_reduce(out[k], group=mesh["dp"].get_group())
+                out[k] /= dp
+            for c in counts:
+                if c is not None:
+                    dist.all_reduce(c, group=mesh["dp"].get_group())
+        pipe.update_expert_bias(counts)
         norms.append(pipe.clip_grad_norm_(CLIP if "clip" in flags else float("inf")).item())
         opt.step()
         losses.append([out["loss"].item(), out["ce_loss"].item(), out["aux_loss"].item()])
-    return {"losses": losses, "state": pipe.state_dict(), "grads": first_grads, "norms": norms}
+    state = {k: full(v) for k, v in pipe.state_dict().items()}
+    return {"losses": losses, "state": state, "grads": first_grads, "norms": norms}
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of the whole value (FSDP2 keeps sharded DTensors)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def ref_name(spec: str) -> str:
-    n_mb, clip = spec.split(":")[1], ":clip" in spec
-    return f"ref-{n_mb}{'-clip' if clip else ''}"
+    """The reference a spec compares with: its micro-batches over the whole global batch."""
+    n_mb = int(spec.split(":")[1]) * (2 if ":dp2" in spec else 1)
+    return f"ref-{n_mb}{'-clip' if ':clip' in spec else ''}"
 
 
 def run_reference(n_mb: int, clip: bool) -> dict:

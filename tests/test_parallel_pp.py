@@ -31,7 +31,8 @@ from tinyseek.train import pp
 ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = ["gpipe:2", "gpipe:4:clip", "1f1b:2:mesh", "1f1b:4", "interleaved1f1b:2", "1f1b:2:noaux"]
-CONFIGS_4 = ["1f1b:4", "gpipe:2:clip"]  # pp=4: one layer a stage, the first stage dense
+# pp=4 (one layer a stage, the first stage dense); pp=2 x dp=2 with FSDP2 (``dp2``)
+CONFIGS_4 = ["1f1b:4", "gpipe:2:clip", "1f1b:2:dp2", "gpipe:1:dp2:clip"]
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 180) -> None:
@@ -71,9 +72,15 @@ def merged(ranks: list[dict], key: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_matches(run: dict) -> None:
-    ranks, ref = run["ranks"], run["ref"]
-    for r in ranks:  # every rank returns the global loss (total, ce, aux) and gradient norm of every step
+def check_matches(run: dict, dp: int = 1, atol: float = 1e-6) -> None:
+    """Losses and norms on every rank; the union of the stages of data-parallel replica 0 (ranks
+    pp_rank * dp) against the reference; the other replicas hold the same."""
+    everyone, ref = run["ranks"], run["ref"]
+    ranks = everyone[::dp]
+    for first, r in ((everyone[i - i % dp], everyone[i]) for i in range(len(everyone))):
+        for k in first["state"]:
+            assert torch.equal(r["state"][k], first["state"][k]), f"replicas differ: {k}"
+    for r in everyone:  # every rank returns the global loss (total, ce, aux) and gradient norm of every step
         assert torch.tensor(r["losses"]) == pytest.approx(torch.tensor(ref["losses"]), abs=1e-5, rel=0)
         assert r["norms"] == pytest.approx(ref["norms"], rel=1e-5)
     assert min(l[2] for l in ref["losses"]) > 0.1  # the balance loss is a real part of the loss
@@ -84,7 +91,7 @@ def check_matches(run: dict) -> None:
     state, want = merged(ranks, "state"), ref["state"]
     assert state.keys() == want.keys()  # every parameter and expert bias, under the full model's names
     for k in want:
-        torch.testing.assert_close(state[k], want[k], atol=1e-6, rtol=1e-5, msg=k)
+        torch.testing.assert_close(state[k], want[k], atol=atol, rtol=1e-5, msg=k)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in state.items() if k.endswith("expert_bias"))
 
 
@@ -100,8 +107,12 @@ def test_clipping_acts(runs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", CONFIGS_4)
-def test_four_stages_match_one_process(runs4, spec):
-    check_matches(runs4[spec])
+def test_four_ranks_match_one_process(runs4, spec):
+    """dp2: the replicas' gradients are averaged in another order than one process sums its
+    micro-batches, and AdamW magnifies that rounding where the second moment is tiny: the
+    parameters agree within 1e-5 (measured: 4.4e-6 at most), the pure pipelines bit for bit."""
+    dp = 2 if ":dp2" in spec else 1
+    check_matches(runs4[spec], dp=dp, atol=1e-5 if dp > 1 else 1e-6)
 
 
 def test_stages_split_the_layers(runs):

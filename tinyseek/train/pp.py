@@ -146,18 +146,19 @@ class Stage(nn.Module):
     @torch.no_grad()
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` over the whole model: the squared norms of every
-        stage's gradients are summed over the pipeline group (one all-reduce), so every rank
-        scales by the same factor and returns the same global norm (non-finite when any gradient
-        is: the caller skips the step, as the trainer does)."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norms = [torch.linalg.vector_norm(g.float()) for g in grads]
-        sq = torch.stack(norms).square().sum() if norms else torch.zeros(())
+        """``torch.nn.utils.clip_grad_norm_`` over the whole model: this rank's stages' gradient
+        norm (``get_total_norm``; a DTensor norm, e.g. of FSDP2-sharded gradients, is made whole
+        over its mesh), squared and summed over the pipeline group (one all-reduce), then
+        ``clip_grads_with_norm_``: every rank scales by the same factor and returns the same global
+        norm (non-finite when any gradient is: the caller skips the step, as the trainer does)."""
+        params = [p for p in self.parameters() if p.grad is not None]
+        local = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        if hasattr(local, "full_tensor"):  # a DTensor (not imported here: ~1 s)
+            local = local.full_tensor()
+        sq = local.float().square()
         dist.all_reduce(sq, group=self.group)
         total = sq.sqrt()
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 
     def update_expert_bias(self, counts_LE: torch.Tensor) -> None:
@@ -229,18 +230,19 @@ class Pipe:
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` over the whole model: the squared norms of every
-        stage's gradients are summed over the pipeline group (one all-reduce), so every rank
-        scales by the same factor and returns the same global norm (non-finite when any gradient
-        is: the caller skips the step, as the trainer does)."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norms = [torch.linalg.vector_norm(g.float()) for g in grads]
-        sq = torch.stack(norms).square().sum() if norms else torch.zeros(())
+        """``torch.nn.utils.clip_grad_norm_`` over the whole model: this rank's stages' gradient
+        norm (``get_total_norm``; a DTensor norm, e.g. of FSDP2-sharded gradients, is made whole
+        over its mesh), squared and summed over the pipeline group (one all-reduce), then
+        ``clip_grads_with_norm_``: every rank scales by the same factor and returns the same global
+        norm (non-finite when any gradient is: the caller skips the step, as the trainer does)."""
+        params = [p for p in self.parameters() if p.grad is not None]
+        local = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        if hasattr(local, "full_tensor"):  # a DTensor (not imported here: ~1 s)
+            local = local.full_tensor()
+        sq = local.float().square()
         dist.all_reduce(sq, group=self.group)
         total = sq.sqrt()
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 
     def update_expert_bias(self, counts: list[torch.Tensor | None]) -> None:
