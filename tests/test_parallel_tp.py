@@ -7,7 +7,8 @@ sequence-parallel norms; each has a dense layer and an MoE layer with a shared e
 check: 5 AdamW steps give the one-process losses within 1e-5 and its parameters within 1e-4
 (measured: at most 4e-5, where Adam's normalisation amplifies float-order differences of near-zero
 gradients; leaving out the k_pe gradient reduction gives 3e-2), both ranks hold the same
-parameters, the linear C kernel never sees a DTensor shard, and a layout that tp does not divide
+parameters, :func:`tinyseek.train.tp.clip_grad_norm_` gives torch's gradient norm of the one-process
+model (torch's own refuses the mixed DTensor / plain gradients), the linear C kernel never sees a DTensor shard, and a layout that tp does not divide
 is a one-line UserError. A slow 4-rank test composes FSDP2 (dp_shard=2) with tp=2.
 """
 from __future__ import annotations
@@ -50,6 +51,9 @@ def test_tp_matches_one_process(runs, case):
     r0, r1 = runs[case]
     assert r0["tp_losses"] == pytest.approx(r0["ref_losses"], abs=1e-5, rel=0)
     assert r0["tp_losses"] == r1["tp_losses"]
+    # tp.clip_grad_norm_ (mixed DTensor / plain gradients) gives torch's norm of the one-process model
+    assert r0["tp_norms"] == pytest.approx(r0["ref_norms"], rel=1e-5) and r0["tp_norms"] == r1["tp_norms"]
+    assert min(r0["ref_norms"]) > 0.5  # so clipping acted
     assert r0["ref_losses"][-1] < r0["ref_losses"][0] - 0.5  # it trained
     assert r0["tp_params"].keys() == r0["ref_params"].keys()
     for name, ref in r0["ref_params"].items():
@@ -108,6 +112,7 @@ def test_fsdp2_composes_with_tp(tmp_path):
         runs = [torch.load(tmp_path / f"{case}.rank{r}.pt", weights_only=False) for r in range(4)]
         r0 = runs[0]
         assert r0["tp_losses"] == pytest.approx(r0["ref_losses"], abs=1e-5, rel=0)
+        assert r0["tp_norms"] == pytest.approx(r0["ref_norms"], rel=1e-5)
         for name, ref in r0["ref_params"].items():
             torch.testing.assert_close(r0["tp_params"][name], ref, atol=1e-4, rtol=0, msg=f"{case}: {name}")
             assert all(torch.equal(r["tp_params"][name], r0["tp_params"][name]) for r in runs[1:]), name

@@ -30,9 +30,10 @@ from tinyseek.errors import UserError
 from tinyseek.kernels import linear as linear_kernel
 from tinyseek.model.layers import Linear
 from tinyseek.model.transformer import Transformer
-from tinyseek.train.tp import apply_tp
+from tinyseek.train.tp import apply_tp, clip_grad_norm_
 
 STEPS, B, T = 5, 2, 16
+torch_clip = torch.nn.utils.clip_grad_norm_
 
 
 def config(case: str):
@@ -44,15 +45,17 @@ def config(case: str):
     return cfg
 
 
-def train(model: Transformer, batch: torch.Tensor, dp_group=None) -> list[float]:
-    """5 AdamW steps on ``batch``; with ``dp_group`` (FSDP2) ``batch`` is this rank's share of the
-    global batch: the loss reported is the group's mean and the expert counts the group's sum."""
+def train(model: Transformer, batch: torch.Tensor, clip, dp_group=None) -> tuple[list[float], list[float]]:
+    """5 AdamW steps on ``batch``, gradients clipped to norm 0.5 by ``clip``; with ``dp_group``
+    (FSDP2) ``batch`` is this rank's share of the global batch: the loss reported is the group's
+    mean and the expert counts the group's sum. Returns the losses and the gradient norms."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    losses = []
+    losses, norms = [], []
     for _ in range(STEPS):
         opt.zero_grad(set_to_none=True)
         out = model(batch[:, :-1], batch[:, 1:])
         out.loss.backward()
+        norms.append(float(clip(model.parameters(), 0.5)))
         counts, loss = out.expert_counts.float(), out.loss.detach().reshape(1)
         if dp_group is not None:
             dist.all_reduce(counts, group=dp_group)
@@ -61,7 +64,7 @@ def train(model: Transformer, batch: torch.Tensor, dp_group=None) -> list[float]
         model.update_expert_bias(counts)
         opt.step()
         losses.append(loss.item())
-    return losses
+    return losses, norms
 
 
 def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -76,7 +79,8 @@ def run_case(case: str, mesh) -> dict:
     model = apply_tp(copy.deepcopy(ref), mesh, sequence_parallel=case.endswith("_sp"))
     torch.manual_seed(1)
     batch = torch.randint(cfg.vocab_size, (B, T + 1))  # the global batch, the same on every rank
-    res = {"ref_losses": train(ref, batch), "tp_losses": train(model, batch),
+    (ref_losses, ref_norms), (tp_losses, tp_norms) = train(ref, batch, torch_clip), train(model, batch, clip_grad_norm_)
+    res = {"ref_losses": ref_losses, "tp_losses": tp_losses, "ref_norms": ref_norms, "tp_norms": tp_norms,
            "ref_params": full_params(ref), "tp_params": full_params(model),
            "grad_placements": {n: (tuple(p.placements), tuple(p.grad.placements)) for n, p in model.named_parameters()
                                if isinstance(p, DTensor)}}
@@ -118,7 +122,9 @@ def fsdp_case(case: str, mesh) -> dict:
     torch.manual_seed(1)
     batch = torch.randint(cfg.vocab_size, (2 * B, T + 1))
     local = batch.chunk(2)[mesh["dp_shard"].get_local_rank()]
-    return {"ref_losses": train(ref, batch), "tp_losses": train(model, local, mesh["dp_shard"].get_group()),
+    (ref_losses, ref_norms), (tp_losses, tp_norms) = \
+        train(ref, batch, torch_clip), train(model, local, clip_grad_norm_, mesh["dp_shard"].get_group())
+    return {"ref_losses": ref_losses, "tp_losses": tp_losses, "ref_norms": ref_norms, "tp_norms": tp_norms,
             "ref_params": full_params(ref), "tp_params": full_params(model)}
 
 
