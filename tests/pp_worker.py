@@ -8,8 +8,9 @@ virtual stages per rank) and trains ``STEPS`` AdamW steps on the global batches 
 counts; the pipeline is the whole world (``pp`` = N). Flags: ``noaux`` leaves the non-last
 stages' balance-loss gradient out (the control that shows the test can tell); ``clip`` clips the
 gradient norm to ``CLIP`` (below the measured norms, so it acts) with ``Pipe.clip_grad_norm_``;
-``mesh`` hands ``build_schedule`` a 2-D DeviceMesh ``("pp", "dp")`` (dp of size 1) instead of the
-process group; ``dp2`` composes with data parallelism: a ``(pp = N/2, dp = 2)`` mesh, FSDP2
+``mesh`` hands ``build_schedule`` the DeviceMesh of ``train/mesh.py`` (``--parallel pp=N``: dims
+``pp, dp, dp_shard, tp``, the others of size 1) instead of the process group; ``dp2`` composes
+with data parallelism: ``--parallel pp=N/2,dp=2``, FSDP2
 (``fully_shard`` over ``"dp"``) on each block and each stage, each replica pipelining its half of
 the global batch (rank = pp_rank * 2 + dp_rank; losses and expert counts reduced over ``"dp"``).
 Each rank writes ``OUT_DIR/<spec with - for :>.rank{r}.pt``: its losses, its stages' state dict,
@@ -25,12 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from tinyseek.config import model_micro
 from tinyseek.model.transformer import Transformer
 from tinyseek.train import pp
+from tinyseek.train.mesh import build_mesh, parse_parallel
 from tinyseek.train.pretrain import forward_backward
 
 STEPS, BATCH, SEQ, LR, CLIP = 5, 4, 32, 3e-3, 0.5
@@ -61,8 +62,9 @@ def run_pp(spec: str, rank: int, world: int) -> dict:
     torch.manual_seed(0)
     model = Transformer(tiny_config()).train()
     virtual = 2 if schedule == "interleaved1f1b" else 1
-    if dp > 1 or "mesh" in flags:
-        mesh = init_device_mesh("cpu", (world // dp, dp), mesh_dim_names=("pp", "dp"))
+    if dp > 1 or "mesh" in flags:  # the shared layout: train/mesh.py's spec, validation and mesh
+        spec_ = parse_parallel(f"pp={world // dp},dp={dp}").validate(world, tiny_config())
+        mesh = build_mesh(spec_, "cpu")
         pp_rank, dp_rank, group = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank(), mesh
     else:
         pp_rank, dp_rank, group = rank, 0, dist.group.WORLD

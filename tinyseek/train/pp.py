@@ -4,12 +4,19 @@ schedules), micro-batches sent stage to stage.
 
 Use, on every rank of the pipeline group (each rank builds the same full model first, same seed)::
 
-    stages = split_model(model, pp_rank, pp_size)            # or virtual=2 for interleaved 1F1B
-    pipe = build_schedule(stages, pp_group, n_microbatches, "1f1b")
+    stage = split_model(model, pp_rank, pp_size)   # split_stages(..., virtual=2): interleaved 1F1B
+    pipe = build_schedule(stage, mesh, n_microbatches, "1f1b")   # mesh["pp"], or a process group
     opt = AdamW(pipe.parameters())
-    out = step(pipe, x, y)            # the whole global batch on every rank; x goes to the first
-    pipe.update_expert_bias(out["counts"])   # stage, y to the last
+    out = step(pipe, x, y)         # the pipeline's whole batch on every rank: x feeds the first
+    pipe.update_expert_bias(out["counts"])   # stage, y the last; the loss comes back everywhere
+    pipe.clip_grad_norm_(1.0)      # the global norm over every stage
     opt.step()
+
+With data parallelism (``--parallel pp=2,dp=2``; rank layout of ``train/mesh.py``) each replica
+pipelines its own rows: FSDP2 (``fully_shard`` over ``mesh["dp"]``) on each of the stage's blocks
+and on the stage averages the gradients, the caller averages ``loss`` and sums ``counts`` over the
+``dp`` group as a data-parallel run does (tests/pp_worker.py, ``dp2``). ``Stage.blocks`` is a
+``ModuleDict`` keyed by layer index, so shard ``stage.blocks.values()``.
 
 The split (:func:`stage_layers`): contiguous layer ranges balanced by layer count, the embedding on
 the first stage, the final norm and the LM head on the last. Every stage keeps the full model's
@@ -35,6 +42,9 @@ carrying the aux loss through the stage outputs because the stage's interface st
 (what PipelineStage's shape inference and every schedule expect), and stages without MoE layers
 need nothing. tests/test_parallel_pp.py checks the gradients, the losses and the parameters after
 five AdamW steps against one process, and that they differ when the aux gradient is left out.
+
+Cost: ``torch.distributed.pipelining`` pulls in ``torch._dynamo`` (~1.3 s), so it is imported
+when a schedule is first built, not with this module.
 
 Departures: tied embeddings are refused for ``pp > 1`` (embedding and head would sit on different
 stages); the aux-loss-free bias update of a stage's layers uses that stage's counts (which are the
@@ -144,23 +154,6 @@ class Stage(nn.Module):
         return x
 
     @torch.no_grad()
-    @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` over the whole model: this rank's stages' gradient
-        norm (``get_total_norm``; a DTensor norm, e.g. of FSDP2-sharded gradients, is made whole
-        over its mesh), squared and summed over the pipeline group (one all-reduce), then
-        ``clip_grads_with_norm_``: every rank scales by the same factor and returns the same global
-        norm (non-finite when any gradient is: the caller skips the step, as the trainer does)."""
-        params = [p for p in self.parameters() if p.grad is not None]
-        local = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        if hasattr(local, "full_tensor"):  # a DTensor (not imported here: ~1 s)
-            local = local.full_tensor()
-        sq = local.float().square()
-        dist.all_reduce(sq, group=self.group)
-        total = sq.sqrt()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return total
-
     def update_expert_bias(self, counts_LE: torch.Tensor) -> None:
         """The sign-rule bias update of this stage's MoE layers (``Transformer.update_expert_bias``)."""
         if self.cfg.bias_update_speed > 0:
