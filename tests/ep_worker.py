@@ -1,12 +1,15 @@
 """Worker for tests/test_parallel_ep.py, launched as
-``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ep_worker.py OUT_DIR CASE ...``
+``python -m torch.distributed.run --standalone --nproc_per_node=W tests/ep_worker.py OUT_DIR EP CASE ...``
 
-For each case, on every rank: one process trains the whole global batch (the reference), then the
-expert-parallel model (tinyseek/train/ep.py, the EP group = the world) trains rank r's half of it
-(rows r*B/2 .. (r+1)*B/2), both for 5 AdamW steps from the same initial parameters, with the
-aux-loss-free bias updated from the step's counts before the optimizer step. Replicated parameters'
-gradients are averaged over the ranks explicitly (what DDP would do); the experts' are not (one copy
-each). Writes ``OUT_DIR/<case>.rank<r>.pt``: the losses, per-step expert counts and drops, the final
+The layout is ``--parallel dp=W,ep=EP`` (tinyseek/train/mesh.py's groups). For each case, on every
+rank: one process trains the whole global batch (the reference), then the expert-parallel model
+(tinyseek/train/ep.py) trains rank r's 1/W of it (its rows), both for 5 AdamW steps from the same
+initial parameters, with the aux-loss-free bias updated from the step's counts before the optimizer
+step. Gradients are reduced explicitly as the pretrain wiring must (ep.py's docstring): replicated
+parameters' averaged over the data-parallel group (what DDP would do), the experts' over the
+expert-data-parallel group (the ranks holding the same experts; none when EP == W); the load
+statistics span the data-parallel group (the world). Case ``NAME:dp``: the same without expert
+parallelism, plain data parallelism with the load shared (ep.share_load). Writes ``OUT_DIR/<case>.rank<r>.pt``: the losses, per-step expert counts and drops, the final
 parameters (expert shards gathered) of both runs. Case ``bad``: the error of an ep that does not
 divide the experts.
 """
@@ -21,9 +24,10 @@ import torch.distributed as dist
 
 from tinyseek.config import ConfigError, model_micro
 from tinyseek.model.transformer import Transformer
-from tinyseek.train.ep import apply_ep, expert_parameters, full_state_dict
+from tinyseek.train.ep import apply_ep, expert_parameters, full_state_dict, share_load
+from tinyseek.train.mesh import ParallelSpec, build_mesh, ep_group
 
-B, T, STEPS = 4, 32, 5
+B, T, STEPS = 8, 16, 5
 
 
 def config(case: str):
@@ -37,14 +41,26 @@ def config(case: str):
     return cfg
 
 
-def train(model, batches, ep: bool) -> dict:
+def groups(spec: ParallelSpec):
+    """(this rank's EP group, its expert-data-parallel group or None): every rank creates all groups."""
+    group = ep_group(build_mesh(spec, "cpu"), spec)
+    mine = None
+    eps = spec.ep_groups()  # dp only here: blocks of ep consecutive ranks
+    for ranks in ([g[i] for g in eps] for i in range(spec.ep)):
+        pg = dist.new_group(ranks) if len(ranks) > 1 else None
+        if dist.get_rank() in ranks:
+            mine = pg
+    return group, mine
+
+
+def train(model, batches, ep: bool, edp=None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, eps=1e-5)
     world, rank = dist.get_world_size(), dist.get_rank()
     experts = {id(p) for p in expert_parameters(model).values()}
     res = {"losses": [], "counts": [], "dropped": []}
     for batch in batches:
         if ep:
-            batch = batch.chunk(world)[rank]  # this rank's half of the global batch
+            batch = batch.chunk(world)[rank]  # this rank's share of the global batch
         opt.zero_grad(set_to_none=True)
         out = model(batch[:, :-1], batch[:, 1:])
         out.loss.backward()
@@ -54,6 +70,9 @@ def train(model, batches, ep: bool) -> dict:
                 if id(p) not in experts:
                     dist.all_reduce(p.grad)
                     p.grad /= world
+                elif edp is not None:  # experts (already scaled by 1/ep): mean over their replicas
+                    dist.all_reduce(p.grad, group=edp)
+                    p.grad /= dist.get_world_size(edp)
             dist.all_reduce(loss)
             loss /= world
         model.update_expert_bias(out.expert_counts.float())  # already the whole batch's under EP
@@ -65,35 +84,40 @@ def train(model, batches, ep: bool) -> dict:
     return res
 
 
-def run_case(case: str) -> dict:
-    cfg = config(case)
+def run_case(case: str, group, edp) -> dict:
+    name, _, mode = case.partition(":")
+    cfg = config(name)
     torch.manual_seed(0)
     ref = Transformer(cfg)
-    model = apply_ep(copy.deepcopy(ref), dist.group.WORLD)
+    if mode == "dp":
+        model = share_load(copy.deepcopy(ref), dist.group.WORLD)
+    else:
+        model = apply_ep(copy.deepcopy(ref), group, load_group=dist.group.WORLD)
     torch.manual_seed(1)
     batches = [torch.randint(cfg.vocab_size, (B, T + 1)) for _ in range(STEPS)]  # the same on every rank
-    return {"ref": train(ref, batches, ep=False), "ep": train(model, batches, ep=True),
+    return {"ref": train(ref, batches, ep=False), "ep": train(model, batches, ep=True, edp=edp),
             "impl": [m.impl for m in model.moe_layers], "n_local": [m.experts.n_experts for m in model.moe_layers]}
 
 
-def bad() -> dict:
+def bad(group) -> dict:
     cfg = model_micro()
     cfg.n_routed_experts = 3
     try:
-        apply_ep(Transformer(cfg), dist.group.WORLD)
+        apply_ep(Transformer(cfg), group)
         return {"error": None}
     except ConfigError as e:
         return {"error": str(e)}
 
 
-def main(out_dir: Path, cases: list[str]) -> None:
+def main(out_dir: Path, ep: int, cases: list[str]) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
+    group, edp = groups(ParallelSpec(dp=dist.get_world_size(), ep=ep))
     for case in cases:
-        res = bad() if case == "bad" else run_case(case)
+        res = bad(group) if case == "bad" else run_case(case, group, edp)
         torch.save(res, out_dir / f"{case}.rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])

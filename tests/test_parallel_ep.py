@@ -15,10 +15,14 @@ losses) and the drops would differ: each rank would see only its own half.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from test_distributed import ROOT, torchrun
+from test_distributed import ROOT
 from tinyseek.config import model_micro
 from tinyseek.kernels.moe_grouped import grouped_mm_ok
 from tinyseek.model.moe import Experts, MoE
@@ -27,37 +31,61 @@ from tinyseek.train import ep as EP
 CASES = ["switch_cap", "variance_softmax"]
 
 
+def launch(out, nproc: int, ep: int, cases: list[str]) -> dict[str, list[dict]]:
+    """tests/ep_worker.py under ``torchrun --nproc_per_node=NPROC`` with ``--parallel dp=NPROC,ep=EP``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "tests" / "ep_worker.py"), str(out), str(ep), *cases]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return {case: [torch.load(out / f"{case}.rank{r}.pt", weights_only=False) for r in range(nproc)]
+            for case in cases}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, list[dict]]:
-    out = tmp_path_factory.mktemp("ep")
-    torchrun([str(ROOT / "tests" / "ep_worker.py"), str(out), *CASES, "bad"], cwd=ROOT, timeout=120)
-    return {case: [torch.load(out / f"{case}.rank{r}.pt", weights_only=False) for r in (0, 1)]
-            for case in CASES + ["bad"]}
+    return launch(tmp_path_factory.mktemp("ep"), 2, 2, CASES + ["switch_cap:dp", "bad"])
+
+
+def check_matches(ranks: list[dict], case: str, n_local: int, impl: str = "ep") -> None:
+    """Losses and (gathered) parameters of every rank against one process; routing statistics equal."""
+    ref = ranks[0]["ref"]
+    assert ref["losses"][0] != ref["losses"][-1]  # it trained
+    for r in ranks:
+        ep = r["ep"]
+        assert r["impl"] == [impl, impl] and r["n_local"] == [n_local, n_local]
+        assert ep["losses"] == pytest.approx(ref["losses"], abs=1e-5, rel=0)
+        assert ep["losses"] == ranks[0]["ep"]["losses"]
+        assert ep["params"].keys() == ref["params"].keys()
+        for name, want in ref["params"].items():
+            torch.testing.assert_close(ep["params"][name], want, atol=1e-5, rtol=0, msg=f"{case}: {name}")
+            assert torch.equal(ep["params"][name], ranks[0]["ep"]["params"][name]), f"{case}: {name} differs"
+        for step, (c_ref, c_ep, d_ref, d_ep) in enumerate(zip(ref["counts"], ep["counts"], ref["dropped"],
+                                                                ep["dropped"])):
+            assert torch.equal(c_ep.long(), c_ref.long()), f"step {step}: tokens per expert {c_ep} != {c_ref}"
+            assert torch.equal(d_ep, d_ref), f"step {step}: dropped {d_ep} != {d_ref}"
+            assert int(c_ref.sum()) == 2 * 8 * 16 * 2  # both MoE layers see the whole batch's 8*16 tokens, top-2
+    dropped = sum(int(d.sum()) for d in ref["dropped"])
+    assert (dropped > 0) == case.startswith("switch_cap"), dropped  # capacity really drops in the capacity case
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_ep_matches_one_process(runs, case):
-    r0, r1 = runs[case]
-    ref, ep = r0["ref"], r0["ep"]
-    assert r0["impl"] == ["ep", "ep"] and r0["n_local"] == [2, 2]
-    assert ep["losses"] == pytest.approx(ref["losses"], abs=1e-5, rel=0)
-    assert ep["losses"] == r1["ep"]["losses"]
-    assert ep["params"].keys() == ref["params"].keys()
-    for name, want in ref["params"].items():
-        torch.testing.assert_close(ep["params"][name], want, atol=1e-5, rtol=0, msg=f"{case}: {name}")
-        assert torch.equal(ep["params"][name], r1["ep"]["params"][name]), f"{case}: {name} differs between ranks"
-    assert ref["losses"][0] != ref["losses"][-1]  # it trained
+    check_matches(runs[case], case, n_local=2)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_ep_routing_equals_one_process(runs, case):
-    ref, ep = runs[case][0]["ref"], runs[case][0]["ep"]
-    for step, (c_ref, c_ep, d_ref, d_ep) in enumerate(zip(ref["counts"], ep["counts"], ref["dropped"], ep["dropped"])):
-        assert torch.equal(c_ep.long(), c_ref.long()), f"step {step}: tokens per expert {c_ep} != {c_ref}"
-        assert torch.equal(d_ep, d_ref), f"step {step}: dropped {d_ep} != {d_ref}"
-        assert int(c_ref.sum()) == 2 * 4 * 32 * 2  # both MoE layers see the whole batch's 4*32 tokens, top-2
-    dropped = sum(int(d.sum()) for d in ref["dropped"])
-    assert (dropped > 0) == (case == "switch_cap"), dropped  # capacity really drops in the capacity case
+def test_dp_with_shared_load_matches_one_process(runs):
+    """Plain data parallelism with ep.share_load: routing, drops and balance loss of the global batch."""
+    check_matches(runs["switch_cap:dp"], "switch_cap:dp", n_local=4, impl="auto")
+
+
+@pytest.mark.slow
+def test_dp4_ep2_matches_one_process(tmp_path):
+    """4 ranks, two EP groups of 2: the experts' gradients are averaged over their replicas too."""
+    runs = launch(tmp_path, 4, 2, CASES)
+    for case in CASES:
+        check_matches(runs[case], case, n_local=2)
 
 
 def test_ep_that_does_not_divide_the_experts_is_one_line(runs):

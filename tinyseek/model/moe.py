@@ -241,8 +241,8 @@ class MoE(nn.Module):
     """``y[n] = sum_k w[n, k] * expert_{idx[n, k]}(x[n]) (+ gate(x[n]) * shared(x[n]))`` over the
     router's top-k (minus capacity drops). ``forward(x_BTD) -> (y_BTD, stats)``: ``stats["aux_loss"]``
     (alpha times the balance loss in training, else 0); in training also ``counts`` (assignments per
-    expert before drops) and ``dropped``, both over the batch of ``load_scope``. Every dispatch variant gives this result up to float
-    summation order."""
+    expert before drops) and ``dropped``, both over the batch of ``load_scope``. Every dispatch
+    variant gives this result up to float summation order."""
 
     def __init__(self, cfg):
         super().__init__()

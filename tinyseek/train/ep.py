@@ -4,20 +4,21 @@
 holds global experts ``[i * E/ep, (i + 1) * E/ep)``; the router keeps scoring all E) and sets two
 things on each :class:`~tinyseek.model.moe.MoE` through its seams, once:
 
-- ``moe.load_scope = ExpertParallel(group, E)``: the load statistics cover the whole group's batch.
-  Expert counts (the balance loss, ``stats["counts"]`` for the aux-loss-free bias update) and
-  capacity drops are all-reduced over the group, the balance loss's mean probabilities P too (its
-  value is the whole batch's, its gradient flows through this rank's share), and capacity is
-  decided on the whole batch's assignments (an all-gather of expert ids and weights, only when
-  ``capacity_factor`` > 0): every rank sees what one process computes on the concatenation of the
-  group's batches in rank order. The drops are enforced before sending, so dropped assignments
-  never travel.
+- ``moe.load_scope``: an :class:`ExpertParallel`, a :class:`GroupLoad` over the *load group* (the EP
+  group by default; the whole data-parallel group in a ``dp x ep`` layout, so that the statistics
+  are the global batch's). Expert counts (the balance loss, ``stats["counts"]`` for the
+  aux-loss-free bias update) and capacity drops are all-reduced over it, the balance loss's mean
+  probabilities P too (its value is the whole batch's, its gradient flows through this rank's
+  share), and capacity is decided on the whole batch's assignments (an all-gather of expert ids and
+  weights, only when ``capacity_factor`` > 0): every rank sees what one process computes on the
+  concatenation of the load group's batches in rank order. The drops are enforced before sending,
+  so dropped assignments never travel. :func:`share_load` gives plain data parallelism the same.
 - ``moe.impl = "ep"`` (a variant in ``DISPATCH``): the kept assignments, sorted by expert, go to the
   rank holding their expert with ``all_to_all_single_autograd`` (split sizes exchanged first), run
   there through that rank's experts (grouped GEMMs where they run), and come back the same way; the
   routing weights are applied here on the sender, so the router's gradient stays local. Backward
   runs the same all-to-alls in reverse, so every rank of the group must run the same forwards and
-  backwards (training and evaluation alike) on batches with the same number of tokens.
+  backwards (training and evaluation alike); the ranks of a load group need equal token counts.
 
 Gradients, and what the pretrain wiring must do (DDP's rule: each gradient is the mean over the
 ranks holding a copy of its parameter, of those ranks' local-loss gradients):
@@ -29,9 +30,9 @@ ranks holding a copy of its parameter, of those ranks' local-loss gradients):
   over the dp group (``DDP._set_params_and_buffers_to_ignore_for_model``) and averaged over the
   *expert-data-parallel* group instead (the ranks with the same EP index in the other EP groups:
   ``dp * dp_shard / ep`` of them; nothing to do when ep == dp * dp_shard).
-- ``stats["counts"]`` / ``dropped`` are already the EP group's totals: summed over the dp group they
-  count every EP group ``ep`` times; divide by ep (the sign rule of the bias update does not care,
-  the logged loads and drops do).
+- ``apply_ep(model, ep_group, load_group=dp_group)``: ``stats["counts"]`` / ``dropped`` are then
+  already the global batch's on every rank; the trainer must not sum them over the dp group again
+  (the sign rule of the bias update would not care, the logged loads and drops would).
 - Each rank's ``aux_loss`` value is the whole batch's; the mean over ranks of ``loss`` is one process's.
 - Checkpoints hold E/ep experts per rank; :func:`full_state_dict` gathers one process's state dict.
 """
@@ -48,35 +49,49 @@ from tinyseek.kernels.moe_grouped import gemm_experts, grouped_mm_ok
 from tinyseek.model.moe import Experts, LoadScope, MoE, register_dispatch
 
 
-class ExpertParallel(LoadScope):
-    """A MoE's EP group: ``size`` ranks, this one holding global experts ``first .. first + n_local - 1``.
-    As a :class:`LoadScope` its statistics are the group's (collectives over ``group``)."""
+class GroupLoad(LoadScope):
+    """Load statistics over the batches of ``load_group``'s ranks (equal token counts each), in rank
+    order: counts and drops all-reduced, P averaged, capacity decided on the gathered assignments."""
 
-    def __init__(self, group, n_experts: int):
+    def __init__(self, load_group):
+        self.load_group = load_group
+        self.load_size, self.load_rank = dist.get_world_size(load_group), dist.get_rank(load_group)
+
+    def __deepcopy__(self, memo):  # a copy of the model runs on the same groups
+        return self
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        out = t.detach().clone()
+        dist.all_reduce(out, group=self.load_group)
+        return out
+
+    def mean(self, P_E: torch.Tensor) -> torch.Tensor:
+        """The group's mean; gradient through this rank's ``P_E``: averaged over the ranks (DDP) that
+        is the whole batch's gradient."""
+        return self.total(P_E) / self.load_size + (P_E - P_E.detach())
+
+    def capacity_keep(self, e_A, w_A, n_experts, top_k, capacity_factor):
+        """This rank's slice of the keep-mask one process computes on the group's assignments."""
+        n = self.load_size
+        es, ws = [torch.empty_like(e_A) for _ in range(n)], [torch.empty_like(w_A) for _ in range(n)]
+        dist.all_gather(es, e_A.contiguous(), group=self.load_group)
+        dist.all_gather(ws, w_A.contiguous(), group=self.load_group)
+        keep = super().capacity_keep(torch.cat(es), torch.cat(ws), n_experts, top_k, capacity_factor)
+        return keep[self.load_rank * e_A.numel():(self.load_rank + 1) * e_A.numel()]
+
+
+class ExpertParallel(GroupLoad):
+    """A MoE's EP group: ``size`` ranks, this one holding global experts ``first .. first + n_local - 1``;
+    its load statistics over ``load_group`` (default: the EP group)."""
+
+    def __init__(self, group, n_experts: int, load_group=None):
+        super().__init__(group if load_group is None else load_group)
         self.group = group
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if n_experts % self.size:
             raise ConfigError(f"expert parallelism: ep={self.size} does not divide n_routed_experts = {n_experts}")
         self.n_local = n_experts // self.size
         self.first = self.rank * self.n_local
-
-    def total(self, t: torch.Tensor) -> torch.Tensor:
-        out = t.detach().clone()
-        dist.all_reduce(out, group=self.group)
-        return out
-
-    def mean(self, P_E: torch.Tensor) -> torch.Tensor:
-        """The group's mean (ranks hold equal token counts); gradient through this rank's ``P_E``:
-        averaged over ranks (DDP) that is the whole batch's gradient."""
-        return self.total(P_E) / self.size + (P_E - P_E.detach())
-
-    def capacity_keep(self, e_A, w_A, n_experts, top_k, capacity_factor):
-        """This rank's slice of the keep-mask one process computes on the group's assignments."""
-        es, ws = [torch.empty_like(e_A) for _ in range(self.size)], [torch.empty_like(w_A) for _ in range(self.size)]
-        dist.all_gather(es, e_A.contiguous(), group=self.group)
-        dist.all_gather(ws, w_A.contiguous(), group=self.group)
-        keep = super().capacity_keep(torch.cat(es), torch.cat(ws), n_experts, top_k, capacity_factor)
-        return keep[self.rank * e_A.numel():(self.rank + 1) * e_A.numel()]
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -138,16 +153,26 @@ def dispatch(moe: MoE, x_ND, idx_NK, w_NK, keep_A, counts_E):
 register_dispatch("ep", dispatch)
 
 
-def apply_ep(model: nn.Module, ep_group) -> nn.Module:
+def share_load(model: nn.Module, load_group) -> nn.Module:
+    """Every MoE layer's load statistics over ``load_group``'s batches (:class:`GroupLoad`; in place,
+    returns ``model``): plain data parallelism then routes, drops and balances as one process on the
+    global batch. Every rank of the group must run the same forwards."""
+    for moe in [m for m in model.modules() if isinstance(m, MoE)]:
+        moe.load_scope = GroupLoad(load_group)
+    return model
+
+
+def apply_ep(model: nn.Module, ep_group, load_group=None) -> nn.Module:
     """Split the routed experts of every MoE layer of ``model`` over ``ep_group`` (in place; returns
-    ``model``). Every rank of the group must call it on the same model (same seed or same state):
-    rank i keeps the slice ``[i * E/ep, (i + 1) * E/ep)`` of the stacked expert weights (the
-    ``ExpertParallel.first`` global id on). Raises ConfigError where ep does not divide the experts."""
+    ``model``), their load statistics over ``load_group`` (default ``ep_group``; pass the
+    data-parallel group in a ``dp x ep`` layout). Every rank must call it on the same model (same seed
+    or same state): rank i of the EP group keeps the slice ``[i * E/ep, (i + 1) * E/ep)`` of the
+    stacked expert weights (``ExpertParallel.first`` on). ConfigError where ep does not divide E."""
     for moe in [m for m in model.modules() if isinstance(m, MoE)]:
         full = moe.experts
         if type(full) is not Experts or full.n_experts != moe.n_experts:
             raise ConfigError("apply_ep: the MoE's experts are already split or not plain Experts")
-        ep = ExpertParallel(ep_group, moe.n_experts)
+        ep = ExpertParallel(ep_group, moe.n_experts, load_group)
         sl = slice(ep.first, ep.first + ep.n_local)
         local = Experts(ep.n_local, full.w_gate_up.shape[1], full.hidden)
         for name in ("w_gate_up", "w_down"):
