@@ -23,7 +23,8 @@ import torch
 
 from tinyseek.config import model_micro
 from tinyseek.errors import UserError
-from tinyseek.train.tp import check_tp
+from tinyseek.model.transformer import Transformer
+from tinyseek.train.tp import check_tp, clip_grad_norm_
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ["mla", "mla_lora_sp", "gqa_sp"]
@@ -127,3 +128,17 @@ def test_check_tp_is_pure():
         check_tp(cfg, 4)
     with pytest.raises(UserError, match="tp >= 1"):
         check_tp(model_micro(), 0)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e9])
+def test_clip_grad_norm_on_plain_tensors_is_torchs(max_norm):
+    torch.manual_seed(0)
+    models = [Transformer(model_micro()) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randint(256, (2, 9))
+    for m in models:
+        m(x[:, :-1], x[:, 1:]).loss.backward()
+    want = torch.nn.utils.clip_grad_norm_(models[0].parameters(), max_norm)
+    assert clip_grad_norm_(models[1].parameters(), max_norm).item() == pytest.approx(want.item(), rel=1e-6)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=0)
