@@ -9,9 +9,10 @@ step. Gradients are reduced explicitly as the pretrain wiring must (ep.py's docs
 parameters' averaged over the data-parallel group (what DDP would do), the experts' over the
 expert-data-parallel group (the ranks holding the same experts; none when EP == W); the load
 statistics span the data-parallel group (the world). Case ``NAME:dp``: the same without expert
-parallelism, plain data parallelism with the load shared (ep.share_load). Writes ``OUT_DIR/<case>.rank<r>.pt``: the losses, per-step expert counts and drops, the final
-parameters (expert shards gathered) of both runs. Case ``bad``: the error of an ep that does not
-divide the experts.
+parallelism, plain data parallelism with the load shared (ep.share_load). Writes
+``OUT_DIR/<case>.rank<r>.pt``: the losses, per-step expert counts and drops, the final parameters
+(expert shards gathered) of both runs. Case ``bad``: the error of an ep that does not divide the
+experts.
 """
 from __future__ import annotations
 
