@@ -11,7 +11,8 @@ expert-data-parallel group (the ranks holding the same experts; none when EP == 
 statistics span the data-parallel group (the world). Case ``NAME:dp``: the same without expert
 parallelism, plain data parallelism with the load shared (ep.share_load). Writes
 ``OUT_DIR/<case>.rank<r>.pt``: the losses, per-step expert counts and drops, the final parameters
-(expert shards gathered) of both runs. Case ``bad``: the error of an ep that does not divide the
+(expert shards gathered) of both runs, and the logits of an evaluation forward (no gradient) of the
+last batch (this rank's rows under EP). Case ``bad``: the error of an ep that does not divide the
 experts.
 """
 from __future__ import annotations
@@ -82,6 +83,9 @@ def train(model, batches, ep: bool, edp=None) -> dict:
         res["counts"].append(out.expert_counts.clone())
         res["dropped"].append(out.dropped.clone())
     res["params"] = full_state_dict(model) if ep else model.state_dict()
+    model.eval()
+    with torch.no_grad():  # evaluation: no gradient, every rank of the group runs it
+        res["eval_logits"] = model(batch[:, :-1]).logits
     return res
 
 
