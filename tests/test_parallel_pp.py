@@ -9,7 +9,9 @@ for GPipe, 1F1B and interleaved 1F1B with 2 and 4 micro-batches, gradient clippi
 Checked: losses (total, cross-entropy, balance) within 1e-5 and the global gradient norms on every
 rank, the first step's gradients and the final parameters and expert biases (the union of the
 stages' state dicts) equal to the reference's, and a control run that leaves the non-last stages'
-aux gradient out differs. A slow test does the same with 4 stages on 4 processes.
+aux gradient out differs. Slow tests do the same on 4 processes: 4 stages, and pp=2 x dp=2 with
+FSDP2. Without processes: two stages chained by hand give the full model's gradients (with and
+without activation checkpointing), the layer split, and the one-line errors.
 """
 from __future__ import annotations
 
@@ -173,3 +175,24 @@ def test_single_stage_forward_equals_model():
     torch.testing.assert_close(stage(x), out.logits, rtol=0, atol=0)
     assert stage.records[-1]["aux"] == out.aux_loss.detach()
     torch.testing.assert_close(stage.records[-1]["counts"], out.expert_counts.float())
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_aux_gradient_through_stages_single_process(ckpt):
+    """Two stages chained by hand in one process (what the schedule does between ranks): the
+    cross-entropy of the last stage's logits, backpropagated, gives the full model's gradients
+    of ``ce + aux``: the first stage's balance loss arrives through :class:`pp._AuxGrad`."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).train()
+    model.grad_checkpointing = ckpt
+    x, y = torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16))
+    model(x, y).loss.backward()
+    want = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    first, last = pp.split_model(model, 0, 2), pp.split_model(model, 1, 2)
+    h = first(x)
+    h_in = h.detach().requires_grad_()  # the P2P boundary
+    pp.ce_loss(last(h_in), y).backward()
+    h.backward(h_in.grad)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[k], atol=1e-7, rtol=1e-5, msg=k)
