@@ -156,8 +156,11 @@ register_dispatch("ep", dispatch)
 def share_load(model: nn.Module, load_group) -> nn.Module:
     """Every MoE layer's load statistics over ``load_group``'s batches (:class:`GroupLoad`; in place,
     returns ``model``): plain data parallelism then routes, drops and balances as one process on the
-    global batch. Every rank of the group must run the same forwards."""
+    global batch. Every rank of the group must run the same forwards. (An expert-parallel model gets
+    its load group from :func:`apply_ep`; ConfigError here.)"""
     for moe in [m for m in model.modules() if isinstance(m, MoE)]:
+        if isinstance(moe.load_scope, ExpertParallel):
+            raise ConfigError("share_load: the model is expert-parallel; pass load_group to apply_ep instead")
         moe.load_scope = GroupLoad(load_group)
     return model
 
