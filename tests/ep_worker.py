@@ -12,7 +12,8 @@ statistics span the data-parallel group (the world). Case ``NAME:dp``: the same 
 parallelism, plain data parallelism with the load shared (ep.share_load). Writes
 ``OUT_DIR/<case>.rank<r>.pt``: the losses, per-step expert counts and drops, the final parameters
 (expert shards gathered) of both runs, and the logits of an evaluation forward (no gradient) of the
-last batch (this rank's rows under EP). Case ``bad``: the error of an ep that does not divide the
+last batch (this rank's rows under EP), the experts each training forward's router chose, and the
+bytes each EP layer's all-to-alls sent per step. Case ``bad``: the error of an ep that does not divide the
 experts.
 """
 from __future__ import annotations
@@ -59,7 +60,9 @@ def train(model, batches, ep: bool, edp=None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, eps=1e-5)
     world, rank = dist.get_world_size(), dist.get_rank()
     experts = {id(p) for p in expert_parameters(model).values()}
-    res = {"losses": [], "counts": [], "dropped": []}
+    res = {"losses": [], "counts": [], "dropped": [], "routes": [], "bytes_sent": []}
+    for m in model.moe_layers:  # every training forward's expert choices (idx_NK), layer by layer
+        m.router.register_forward_hook(lambda mod, args, out: res["routes"].append(out[0].clone()))
     for batch in batches:
         if ep:
             batch = batch.chunk(world)[rank]  # this rank's share of the global batch
@@ -82,6 +85,11 @@ def train(model, batches, ep: bool, edp=None) -> dict:
         res["losses"].append(loss.item())
         res["counts"].append(out.expert_counts.clone())
         res["dropped"].append(out.dropped.clone())
+        scopes = [m.load_scope for m in model.moe_layers]
+        res["bytes_sent"].append([getattr(sc, "bytes_sent", 0) for sc in scopes])
+        for sc in scopes:
+            if hasattr(sc, "bytes_sent"):
+                sc.bytes_sent = 0
     res["params"] = full_state_dict(model) if ep else model.state_dict()
     model.eval()
     with torch.no_grad():  # evaluation: no gradient, every rank of the group runs it

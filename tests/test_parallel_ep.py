@@ -9,8 +9,11 @@ The tests check: 5 AdamW steps give the one-process losses within 1e-5 and its p
 1e-5 (measured: at most 5e-7 and 1.3e-6; AdamW's eps is 1e-5, because with the default 1e-8 an
 element whose gradient is float noise around zero (2e-8 against 1e-8 here, from a row whose other
 elements are 1e-2) moves by about lr in either direction: 2e-3 in one embedding element), the
-per-step tokens per expert and capacity drops equal one process's exactly, and an ep that does not
-divide the experts is a one-line error. Without the global load, the balance loss (and so the
+per-step tokens per expert and capacity drops equal one process's exactly, an evaluation forward
+gives one process's logits, the all-to-all bytes follow one process's routing, and an ep that does
+not divide the experts is a one-line error. The same launch checks plain data parallelism with the
+load shared (ep.share_load) against one process; a slow 4-rank run checks dp=4,ep=2 (two EP groups,
+the experts' gradients averaged over their replicas, the load over all four ranks). Without the global load, the balance loss (and so the
 losses) and the drops would differ: each rank would see only its own half.
 """
 from __future__ import annotations
@@ -79,6 +82,26 @@ def test_ep_matches_one_process(runs, case):
     check_matches(runs[case], case, n_local=2)
 
 
+def check_bytes(ranks: list[dict], ep: int, n_local: int, d_model: int = 64) -> None:
+    """Dropless: each rank's all-to-all payload per step and layer from one process's routing: its
+    tokens' assignments to experts of other ranks of its EP group (out) plus theirs to its experts
+    (back), D fp32 values each."""
+    ref = ranks[0]["ref"]
+    n_layers = len(ref["bytes_sent"][0])
+    for rank, r in enumerate(ranks):
+        me, peers = rank % ep, [q for q in range(rank - rank % ep, rank - rank % ep + ep) if q != rank]
+        for step, sent in enumerate(r["ep"]["bytes_sent"]):
+            for layer in range(n_layers):
+                owner = (ref["routes"][step * n_layers + layer] // n_local).chunk(len(ranks))  # per rank's tokens
+                rows = int((owner[rank] != me).sum()) + sum(int((owner[q] == me).sum()) for q in peers)
+                assert sent[layer] == rows * d_model * 4, (rank, step, layer)
+        assert sum(map(sum, r["ep"]["bytes_sent"])) > 0
+
+
+def test_ep_bytes_sent_follow_the_routing(runs):
+    check_bytes(runs["variance_softmax"], ep=2, n_local=2)
+
+
 def test_dp_with_shared_load_matches_one_process(runs):
     """Plain data parallelism with ep.share_load: routing, drops and balance loss of the global batch."""
     check_matches(runs["switch_cap:dp"], "switch_cap:dp", n_local=4, impl="auto")
@@ -90,6 +113,7 @@ def test_dp4_ep2_matches_one_process(tmp_path):
     runs = launch(tmp_path, 4, 2, CASES)
     for case in CASES:
         check_matches(runs[case], case, n_local=2)
+    check_bytes(runs["variance_softmax"], ep=2, n_local=2)
 
 
 def test_ep_that_does_not_divide_the_experts_is_one_line(runs):

@@ -82,7 +82,9 @@ class GroupLoad(LoadScope):
 
 class ExpertParallel(GroupLoad):
     """A MoE's EP group: ``size`` ranks, this one holding global experts ``first .. first + n_local - 1``;
-    its load statistics over ``load_group`` (default: the EP group)."""
+    its load statistics over ``load_group`` (default: the EP group). ``bytes_sent``: the payload its
+    forwards' all-to-alls sent to other ranks (token rows out, expert outputs back; a backward sends
+    as many again), for communication accounting (the reader resets it)."""
 
     def __init__(self, group, n_experts: int, load_group=None):
         super().__init__(group if load_group is None else load_group)
@@ -92,6 +94,7 @@ class ExpertParallel(GroupLoad):
             raise ConfigError(f"expert parallelism: ep={self.size} does not divide n_routed_experts = {n_experts}")
         self.n_local = n_experts // self.size
         self.first = self.rank * self.n_local
+        self.bytes_sent = 0
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -147,6 +150,8 @@ def dispatch(moe: MoE, x_ND, idx_NK, w_NK, keep_A, counts_E):
     y_RD = local_experts(moe.experts, x_RD.index_select(0, perm), recv_PJ.sum(0), moe._compute_dtype(x_ND),
                          1.0 / ep.size)
     y_SD = all_to_all_single_autograd(y_RD.index_select(0, torch.argsort(perm)), send, recv, ep.group)
+    rows_out = sum(send) - send[ep.rank] + sum(recv) - recv[ep.rank]  # to other ranks, both ways
+    ep.bytes_sent += rows_out * x_ND.shape[1] * x_ND.element_size()
     return torch.zeros_like(x_ND).index_add_(0, tok_S, y_SD * w_S[:, None].to(y_SD.dtype))
 
 
