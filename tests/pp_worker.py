@@ -14,7 +14,8 @@ with data parallelism: ``--parallel pp=N/2,dp=2``, FSDP2
 (``fully_shard`` over ``"dp"``) on each block and each stage, each replica pipelining its half of
 the global batch (rank = pp_rank * 2 + dp_rank; losses and expert counts reduced over ``"dp"``).
 Each rank writes ``OUT_DIR/<spec with - for :>.rank{r}.pt``: its losses, its stages' state dict,
-the gradients of the first step and the gradient norms. The ranks then write the one-process
+the gradients of the first step, the gradient norms and the held-out loss (``pp.evaluate``) of the
+first batch after training. The ranks then write the one-process
 reference ``OUT_DIR/ref-<microbatches>[-clip].pt`` (``pretrain.forward_backward`` with ``accum`` =
 micro-batches over the same micro-batches, ``torch.nn.utils.clip_grad_norm_``) for each one used.
 """
@@ -94,8 +95,13 @@ def run_pp(spec: str, rank: int, world: int) -> dict:
         norms.append(pipe.clip_grad_norm_(CLIP if "clip" in flags else float("inf")).item())
         opt.step()
         losses.append([out["loss"].item(), out["ce_loss"].item(), out["aux_loss"].item()])
+    x, y = batches()[0]
+    val = pp.evaluate(pipe, x.chunk(dp)[dp_rank], y.chunk(dp)[dp_rank])
+    if dp > 1:
+        dist.all_reduce(val, group=mesh["dp"].get_group())
+    val = val.item() / dp
     state = {k: full(v) for k, v in pipe.state_dict().items()}
-    return {"losses": losses, "state": state, "grads": first_grads, "norms": norms}
+    return {"losses": losses, "state": state, "grads": first_grads, "norms": norms, "val": val}
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -124,7 +130,11 @@ def run_reference(n_mb: int, clip: bool) -> dict:
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP if clip else float("inf")).item())
         opt.step()
         losses.append([out["loss"].item(), out["ce_loss"].item(), out["aux_loss"].item()])
-    return {"losses": losses, "state": model.state_dict(), "grads": first_grads, "norms": norms}
+    x, y = batches()[0]
+    model.eval()
+    with torch.no_grad():
+        val = torch.stack([model(a, b).ce_loss for a, b in zip(x.chunk(n_mb), y.chunk(n_mb))]).mean().item()
+    return {"losses": losses, "state": model.state_dict(), "grads": first_grads, "norms": norms, "val": val}
 
 
 def main(out_dir: str, specs: list[str]) -> None:

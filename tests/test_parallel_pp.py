@@ -6,8 +6,8 @@ micro MoE (layer 0 dense, 1-3 MoE: both stages hold MoE layers, so a non-last st
 must reach the backward), 5 AdamW steps with the aux-loss-free bias update, on the same global
 batches as the one-process reference (``pretrain.forward_backward`` with ``accum`` = micro-batches),
 for GPipe, 1F1B and interleaved 1F1B with 2 and 4 micro-batches, gradient clipping, a DeviceMesh.
-Checked: losses (total, cross-entropy, balance) within 1e-5 and the global gradient norms on every
-rank, the first step's gradients and the final parameters and expert biases (the union of the
+Checked: losses (total, cross-entropy, balance) within 1e-5, the global gradient norms and the
+held-out loss of ``pp.evaluate`` on every rank, the first step's gradients and the final parameters and expert biases (the union of the
 stages' state dicts) equal to the reference's, and a control run that leaves the non-last stages'
 aux gradient out differs. Slow tests do the same on 4 processes: 4 stages, and pp=2 x dp=2 with
 FSDP2. Without processes: two stages chained by hand give the full model's gradients (with and
@@ -85,6 +85,7 @@ def check_matches(run: dict, dp: int = 1, atol: float = 1e-6) -> None:
     for r in everyone:  # every rank returns the global loss (total, ce, aux) and gradient norm of every step
         assert torch.tensor(r["losses"]) == pytest.approx(torch.tensor(ref["losses"]), abs=1e-5, rel=0)
         assert r["norms"] == pytest.approx(ref["norms"], rel=1e-5)
+        assert r["val"] == pytest.approx(ref["val"], abs=1e-5)  # pp.evaluate: forward only, eval mode
     assert min(l[2] for l in ref["losses"]) > 0.1  # the balance loss is a real part of the loss
     grads, want = merged(ranks, "grads"), ref["grads"]
     assert grads.keys() == want.keys()

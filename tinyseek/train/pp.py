@@ -11,6 +11,7 @@ Use, on every rank of the pipeline group (each rank builds the same full model f
     pipe.update_expert_bias(out["counts"])   # stage, y the last; the loss comes back everywhere
     pipe.clip_grad_norm_(1.0)      # the global norm over every stage
     opt.step()
+    val = evaluate(pipe, x_val, y_val)   # held-out cross-entropy, forward only
 
 With data parallelism (``--parallel pp=2,dp=2``; rank layout of ``train/mesh.py``) each replica
 pipelines its own rows: FSDP2 (``fully_shard`` over ``mesh["dp"]``) on each of the stage's blocks
@@ -287,6 +288,16 @@ def build_schedule(stages: Stage | list[Stage], group, n_microbatches: int, sche
     return Pipe(stages, group, n_microbatches, schedule, loss_fn)
 
 
+def _ready(pipe: Pipe, x: torch.Tensor) -> None:
+    """Build (or rebuild) the torch schedule for ``x``'s micro-batch shape."""
+    B, T = x.shape
+    n = pipe.n_microbatches
+    if B % n:
+        raise UserError(f"batch of {B} rows does not split into {n} micro-batches")
+    if pipe.shape != (B // n, T):
+        pipe.build((B // n, T))
+
+
 def step(pipe: Pipe, x: torch.Tensor, y: torch.Tensor) -> dict:
     """One forward/backward of the global batch ``(x, y)`` through the pipeline (every rank passes
     the same batch; it is cut into ``n_microbatches`` along dim 0), gradients accumulated in
@@ -294,12 +305,8 @@ def step(pipe: Pipe, x: torch.Tensor, y: torch.Tensor) -> dict:
     ``loss`` = ``ce_loss + aux_loss`` (means over micro-batches; ``aux_loss`` summed over every
     stage's MoE layers), and ``counts`` / ``dropped``: per local stage, summed over micro-batches,
     (n_moe_layers_of_stage, E) or None."""
-    B, T = x.shape
     n = pipe.n_microbatches
-    if B % n:
-        raise UserError(f"batch of {B} rows does not split into {n} micro-batches")
-    if pipe.shape != (B // n, T):
-        pipe.build((B // n, T))
+    _ready(pipe, x)
     for s in pipe.stages:
         s.records.clear()
     losses: list[torch.Tensor] = []
@@ -321,3 +328,24 @@ def step(pipe: Pipe, x: torch.Tensor, y: torch.Tensor) -> dict:
         dropped.append(torch.stack(d).sum(0) if d[0] is not None else None)
     return {"loss": both[0] + both[1], "ce_loss": both[0], "aux_loss": both[1], "counts": counts,
             "dropped": dropped}
+
+
+@torch.no_grad()
+def evaluate(pipe: Pipe, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The held-out cross-entropy of the batch ``(x, y)`` (mean over micro-batches, which is the
+    batch's mean: every micro-batch has the same number of targets) on every rank, forward only,
+    the stages in eval mode (as ``pretrain``'s held-out loss: ``ce_loss``, no balance loss)."""
+    _ready(pipe, x)
+    was = [s.training for s in pipe.stages]
+    for s in pipe.stages:
+        s.eval()
+    losses: list[torch.Tensor] = []
+    try:
+        pipe.schedule.eval(*((x,) if pipe.first else ()), target=y if pipe.last else None,
+                           losses=losses if pipe.last else None)
+    finally:
+        for s, w in zip(pipe.stages, was):
+            s.train(w)
+    ce = torch.stack([t.float() for t in losses]).mean() if losses else torch.zeros(())
+    dist.all_reduce(ce, group=pipe.group)  # from the last stage to every rank
+    return ce
