@@ -299,7 +299,7 @@ def _ready(pipe: Pipe, x: torch.Tensor) -> None:
 
 
 def step(pipe: Pipe, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """One forward/backward of the global batch ``(x, y)`` through the pipeline (every rank passes
+    """One forward/backward of the pipeline's batch ``(x, y)`` (every rank of the pipeline passes
     the same batch; it is cut into ``n_microbatches`` along dim 0), gradients accumulated in
     ``.grad``. Returns, on every rank, the keys of ``pretrain.forward_backward``: the step's global
     ``loss`` = ``ce_loss + aux_loss`` (means over micro-batches; ``aux_loss`` summed over every
