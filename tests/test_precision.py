@@ -107,6 +107,24 @@ def test_every_step_skipped_still_fails_under_fp16(tmp_path, monkeypatch):
     assert [r["loss_scale"] for r in skips] == [65536.0, 32768.0, 16384.0]  # halved after each skip
 
 
+def test_update_scale_follows_the_global_decision():
+    """A rank whose own gradients were finite still backs off when the step was skipped elsewhere (a
+    pipeline stage), and a taken step counts towards growth: every rank keeps the same scale."""
+    w = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    s = torch.amp.GradScaler("cpu", init_scale=64.0, growth_interval=2)
+    for skipped, want in ((True, 32.0), (False, 32.0), (False, 64.0)):
+        s.scale((w * 2).sum()).backward()
+        s.unscale_(opt)
+        assert torch.equal(w.grad, torch.full((3,), 2.0))  # unscaled, finite on this rank
+        if not skipped:
+            s.step(opt)
+        precision.update_scale(s, skipped=skipped)
+        assert s.get_scale() == want
+        opt.zero_grad()
+    assert torch.allclose(w.detach(), torch.full((3,), 0.6))  # two steps of 0.1 * 2 taken, one skipped
+
+
 def test_scaler_state_round_trip_and_damage():
     s = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=3)
     s.scale(torch.tensor(1.0))  # materialise the scale tensor
