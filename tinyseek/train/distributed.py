@@ -1,6 +1,9 @@
 """Data parallelism for the trainers: torchrun setup, DDP / FSDP2 wrapping, gradient compression
 hooks, and measured communication accounting.
 
+Under a device mesh (``tinyseek/train/mesh.py``) the same wrappers take the data-parallel part of
+the mesh (``dp_mesh``): DDP all-reduces, and FSDP2 shards, over those ranks only.
+
 Run any trainer under ``python -m torch.distributed.run --nproc_per_node=N`` (``torchrun``):
 :func:`init_distributed` reads ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE``, starts gloo on CPU
 (the only backend of the CPU torch build) or NCCL on CUDA; a world of one starts no process group
@@ -33,7 +36,7 @@ and every helper here becomes a no-op.
   worth compressing (sent whole), for large E the rank-r factor is shared *across* experts.
 
 - ``mode="fsdp"``: FSDP2 (``torch.distributed.fsdp.fully_shard``) on every transformer block,
-  then on the root. Gradient compression there is the 16-bit variant only: ``fp16`` / ``bf16``
+  then on the root (HSDP when given a 2-D ``(replicate, shard)`` mesh). Gradient compression there is the 16-bit variant only: ``fp16`` / ``bf16``
   set ``MixedPrecisionPolicy(reduce_dtype=...)`` so gradients are reduce-scattered in 16 bits;
   ``powersgd*`` is a DDP communication hook and raises :class:`ConfigError` with FSDP.
 
@@ -74,7 +77,8 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook as psgd
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tinyseek.common import numpy_state_from_plain, numpy_state_to_plain
@@ -114,6 +118,11 @@ def _env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"environment variable {name} must be an integer, got {raw!r}") from None
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` of the torchrun environment (1 when not launched by torchrun)."""
+    return _env_int("WORLD_SIZE", 1)
 
 
 def init_distributed(device: str | torch.device = "auto", timeout_s: float = 600.0) -> Dist:
@@ -164,18 +173,18 @@ def barrier(dist: Dist) -> None:
         tdist.barrier()
 
 
-def all_reduce_sum_(t: torch.Tensor, dist: Dist) -> torch.Tensor:
-    """Sum ``t`` over ranks in place (no-op for a world of one); returns ``t``."""
+def all_reduce_sum_(t: torch.Tensor, dist: Dist, group=None) -> torch.Tensor:
+    """Sum ``t`` over the ranks of ``group`` (default: all) in place (no-op for a world of one); returns ``t``."""
     if dist.enabled:
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM, group=group)
     return t
 
 
-def all_reduce_mean_(t: torch.Tensor, dist: Dist) -> torch.Tensor:
-    """Average ``t`` over ranks in place (no-op for a world of one); returns ``t``."""
+def all_reduce_mean_(t: torch.Tensor, dist: Dist, group=None) -> torch.Tensor:
+    """Average ``t`` over the ranks of ``group`` (default: all) in place (no-op for a world of one); returns ``t``."""
     if dist.enabled:
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-        t.div_(dist.world_size)
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM, group=group)
+        t.div_(tdist.get_world_size(group))
     return t
 
 
@@ -279,29 +288,31 @@ def _install_counting_proxy() -> None:
 # DDP communication hooks
 # ---------------------------------------------------------------------------------------------
 def _plain_allreduce_hook(state: Any, bucket) -> torch.futures.Future:
-    """fp32 all-reduce average (what DDP does without a hook), counted."""
+    """fp32 all-reduce average (what DDP does without a hook), counted; ``state`` is the process
+    group (None: the whole world), as for torch's default hooks."""
     buf = bucket.buffer()
-    world = tdist.get_world_size()
+    world = tdist.get_world_size(state)
     buf.div_(world)
     stats = _ACTIVE
     if stats is not None:
         stats.add_collective("all_reduce", buf)
-    fut = tdist.all_reduce(buf, async_op=True).get_future()
+    fut = tdist.all_reduce(buf, group=state, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
 
 
 def bf16_compress_hook(state: Any, bucket) -> torch.futures.Future:
     """Cast the gradient bucket to bf16, all-reduce (gloo and NCCL both do bf16), average, copy back.
 
-    Divides before the reduction like torch's fp16 hook (keeps the sum in range).
+    Divides before the reduction like torch's fp16 hook (keeps the sum in range). ``state`` is
+    the process group (None: the whole world).
     """
     buf = bucket.buffer()
-    world = tdist.get_world_size()
+    world = tdist.get_world_size(state)
     low = buf.to(torch.bfloat16).div_(world)
     stats = _ACTIVE
     if stats is not None:
         stats.add_collective("all_reduce", low)
-    fut = tdist.all_reduce(low, async_op=True).get_future()
+    fut = tdist.all_reduce(low, group=state, async_op=True).get_future()
 
     def decompress(f):
         buf.copy_(f.value()[0])
@@ -351,18 +362,20 @@ def _counting_wrapper(hook: Callable, stats: CommStats, tracker: LayoutTracker |
     return wrapped
 
 
-def _ddp_hook(compression: str, powersgd_rank: int, powersgd_start: int) -> tuple[Any, Callable]:
+def _ddp_hook(compression: str, powersgd_rank: int, powersgd_start: int, group=None) -> tuple[Any, Callable]:
+    """``(state, hook)`` for DDP's ``register_comm_hook``; ``group`` is the data-parallel process
+    group (None: the whole world)."""
     def powersgd_state():
-        return psgd.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
+        return psgd.PowerSGDState(process_group=group, matrix_approximation_rank=powersgd_rank,
                                   start_powerSGD_iter=powersgd_start, use_error_feedback=True,
                                   warm_start=True, random_seed=0)
 
     if compression == "none":
-        return None, _plain_allreduce_hook
+        return group, _plain_allreduce_hook
     if compression == "fp16":
-        return None, default_hooks.fp16_compress_hook
+        return group, default_hooks.fp16_compress_hook
     if compression == "bf16":
-        return None, bf16_compress_hook
+        return group, bf16_compress_hook
     if compression == "powersgd":
         return powersgd_state(), psgd.powerSGD_hook
     if compression == "powersgd_fp16":
@@ -388,32 +401,45 @@ def _check(mode: str, compression: str, powersgd_rank: int, powersgd_start: int)
 
 
 def wrap_model(model: nn.Module, dist: Dist, mode: str = "ddp", compression: str = "none",
-               powersgd_rank: int = 2, powersgd_start: int = 2) -> tuple[nn.Module, CommStats]:
+               powersgd_rank: int = 2, powersgd_start: int = 2, dp_mesh: DeviceMesh | None = None
+               ) -> tuple[nn.Module, CommStats]:
     """Wrap ``model`` (already on ``dist.device``) for data parallelism; returns (wrapped, stats).
 
-    A world of one returns ``model`` itself (no communication; stats stay at zero). A world larger
-    than one with ``mode="none"`` is a ConfigError (ranks would silently drift apart).
+    ``dp_mesh``: the data-parallel part of a device mesh (``tinyseek.train.mesh``) when the world
+    holds more than one replica group: ``mode="ddp"`` takes a 1-D mesh (DDP over its group),
+    ``mode="fsdp"`` a 1-D mesh (FSDP2) or a 2-D ``(replicate, shard)`` mesh (HSDP: FSDP2 shards
+    over the second dim and all-reduces over the first). None: the whole world, as before.
+
+    A world of one (or a ``dp_mesh`` of one rank) returns ``model`` itself (no communication;
+    stats stay at zero). A world larger than one with ``mode="none"`` is a ConfigError (ranks
+    would silently drift apart).
     """
     _check(mode, compression, powersgd_rank, powersgd_start)
-    stats = CommStats(dist.world_size, mode, compression)
-    if not dist.enabled:
+    replicas = dp_mesh.size() if dp_mesh is not None else dist.world_size
+    stats = CommStats(replicas, mode, compression)
+    if not dist.enabled or replicas == 1:
         return model, stats
     if mode == "none":
         raise ConfigError(f"parallel mode 'none' with {dist.world_size} processes would train "
                           "unsynchronised replicas; use 'ddp' or 'fsdp'")
     _set_active_stats(stats)
     if mode == "ddp":
-        return _wrap_ddp(model, dist, compression, powersgd_rank, powersgd_start, stats), stats
-    return _wrap_fsdp(model, dist, compression, stats), stats
+        if dp_mesh is not None and dp_mesh.ndim != 1:
+            raise ConfigError(f"DDP needs a 1-D data-parallel mesh, got {dp_mesh.ndim} dims")
+        group = dp_mesh.get_group() if dp_mesh is not None else None
+        return _wrap_ddp(model, dist, compression, powersgd_rank, powersgd_start, stats, group), stats
+    return _wrap_fsdp(model, dist, compression, stats, dp_mesh), stats
 
 
-def _wrap_ddp(model, dist, compression, powersgd_rank, powersgd_start, stats):
+def _wrap_ddp(model, dist, compression, powersgd_rank, powersgd_start, stats, group=None):
     kw: dict[str, Any] = {}
     if dist.device.type == "cuda":
         kw.update(device_ids=[dist.device.index], output_device=dist.device.index)
+    if group is not None:
+        kw["process_group"] = group
     ddp = DDP(model, **kw)
     _install_counting_proxy()
-    state, hook = _ddp_hook(compression, powersgd_rank, powersgd_start)
+    state, hook = _ddp_hook(compression, powersgd_rank, powersgd_start, group)
     tracker = None
     if state is not None and hasattr(state, "error_dict"):
         tracker = LayoutTracker(state, {id(p): n for n, p in model.named_parameters()})
@@ -428,7 +454,7 @@ def _fsdp_units(model: nn.Module) -> list[nn.Module]:
     return list(blocks) if isinstance(blocks, nn.ModuleList) else []
 
 
-def _wrap_fsdp(model, dist, compression, stats):
+def _wrap_fsdp(model, dist, compression, stats, dp_mesh=None):
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:  # torch < 2.6 kept FSDP2 under _composable
@@ -436,28 +462,34 @@ def _wrap_fsdp(model, dist, compression, stats):
 
     reduce_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(compression)
     mp = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
-    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    mesh = dp_mesh if dp_mesh is not None else init_device_mesh(dist.device.type, (dist.world_size,))
+    shard, replicate = mesh.shape[-1], (mesh.shape[0] if mesh.ndim == 2 else 1)
     units = _fsdp_units(model)
     for unit in units:
-        _count_fsdp_unit(unit, stats, reshard=True, reduce_dtype=reduce_dtype, exclude=())
+        _count_fsdp_unit(unit, stats, reshard=True, reduce_dtype=reduce_dtype, exclude=(), shard=shard,
+                         replicate=replicate)
         fully_shard(unit, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
     unit_params = {id(p) for u in units for p in u.parameters()}
-    _count_fsdp_unit(model, stats, reshard=False, reduce_dtype=reduce_dtype, exclude=unit_params)
+    _count_fsdp_unit(model, stats, reshard=False, reduce_dtype=reduce_dtype, exclude=unit_params, shard=shard,
+                     replicate=replicate)
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
     return model
 
 
-def _count_fsdp_unit(unit: nn.Module, stats: CommStats, reshard: bool, reduce_dtype, exclude) -> None:
+def _count_fsdp_unit(unit: nn.Module, stats: CommStats, reshard: bool, reduce_dtype, exclude,
+                     shard: int, replicate: int = 1) -> None:
     """Forward pre-hook that charges the estimated collectives of one FSDP2 unit per forward.
 
     Sizes are taken now, before sharding, from the unit's own (not nested units') parameters.
+    Gathers and reduce-scatters run over the ``shard`` ranks; under HSDP (``replicate`` > 1) each
+    rank also all-reduces its gradient shard over the ``replicate`` ranks.
     """
     params = [p for p in unit.parameters() if id(p) not in exclude]
     numel = sum(p.numel() for p in params)
     train_numel = sum(p.numel() for p in params if p.requires_grad)
     psize = params[0].element_size() if params else 4
     rsize = torch.tensor([], dtype=reduce_dtype).element_size() if reduce_dtype is not None else psize
-    w = stats.world_size
+    w = shard
 
     def pre_hook(module, args):
         if _in_backward():
@@ -469,7 +501,8 @@ def _count_fsdp_unit(unit: nn.Module, stats: CommStats, reshard: bool, reduce_dt
                 sent += ring_bytes("all_gather", numel * psize, w)  # re-gather for backward
             if stats.sync:
                 sent += ring_bytes("reduce_scatter", train_numel * rsize, w)
-                raw = ring_bytes("all_reduce", train_numel * 4, w)
+                sent += ring_bytes("all_reduce", train_numel * rsize // w, replicate)
+                raw = ring_bytes("all_reduce", train_numel * 4, stats.world_size)
         stats.add(sent=sent, raw=raw)
 
     unit.register_forward_pre_hook(pre_hook)
@@ -510,6 +543,26 @@ def no_sync(wrapped: nn.Module, mode: str) -> Iterator[None]:
                 stats.sync = True
         return
     yield
+
+
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm) that also takes a mix of DTensor and plain
+    parameters, as tensor parallelism leaves them (replicated modules stay plain): the norm is the
+    global one (a DTensor gradient counts as its full tensor, each shard once), every gradient is
+    scaled by ``min(1, max_norm / (norm + 1e-6))``, and the norm comes back as a plain tensor.
+    All-plain or all-DTensor parameters go to torch's function unchanged (a DTensor norm then)."""
+    params = [p for p in params if p.grad is not None]
+    split = ([p for p in params if isinstance(p.grad, DTensor)], [p for p in params if not isinstance(p.grad, DTensor)])
+    if not split[0] or not split[1]:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norms = []
+    for group in split:
+        n = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for group in split:
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 def full_state_dict(wrapped: nn.Module) -> dict[str, torch.Tensor]:

@@ -3,7 +3,9 @@
 One flat loop in the nanochat ``base_train`` style: set-up, then ``while step < steps`` with
 "every N steps" blocks (eval, log, checkpoint) around one marked training step. The same code runs
 single-process and under ``torchrun`` (DDP or FSDP2, optional gradient compression; see
-``tinyseek/train/distributed.py``).
+``tinyseek/train/distributed.py``); ``--parallel`` lays the ranks out on a device mesh
+(``tinyseek/train/mesh.py``): the loader reads as the data-parallel coordinate, so ranks that hold
+slices of one model replica read the same batch, and the layout is checked before any collective.
 
 What one step does: ``grad_accum`` micro-batches forward/backward (all but the last under
 ``no_sync``); the per-micro-step expert token counts are summed (and all-reduced across ranks)
@@ -73,6 +75,8 @@ from tinyseek.plots import plot_loss
 from tinyseek.tokenizer import byte_tokenizer, load_tokenizer
 from tinyseek.train import checkpoint as ckpt
 from tinyseek.train import distributed as D
+from tinyseek.train import mesh as M
+from tinyseek.train import tp as TP
 from tinyseek.train import precision
 from tinyseek.train.optim import SCHEDULES, build_optimizer, lr_at, set_lr
 
@@ -116,7 +120,8 @@ class Config:
     allow_fresh: bool = False        # with resume: start from step 0 when run_dir holds no checkpoint yet (a killed run's restart)
     overwrite: bool = False          # fresh start in a run_dir that has checkpoints: delete them (else an error)
     seed: int = 1337                 # seeds model init and every RNG
-    dist_mode: str = "ddp"           # under torchrun: "ddp" or "fsdp" (FSDP2)
+    dist_mode: str = "ddp"           # under torchrun without --parallel: "ddp" or "fsdp" (FSDP2) over every rank
+    parallel: str = ""               # under torchrun: layout "dp=2,dp_shard=1,tp=1,pp=1,ep=1" (train/mesh.py); "" = dist_mode over every rank
     compression: str = "none"        # DDP grad compression: none, fp16, bf16, powersgd, powersgd_fp16
     powersgd_rank: int = 2           # PowerSGD rank
     peak_flops: float = 0.0          # per-device peak FLOP/s for MFU; 0 = measure a GEMM once at start
@@ -154,6 +159,10 @@ class Config:
         need(not (self.dist_mode == "fsdp" and self.compression.startswith("powersgd")),
              "compression powersgd is a DDP hook; with dist_mode fsdp use none, fp16 or bf16")
         need(self.powersgd_rank >= 1, f"powersgd_rank must be >= 1, got {self.powersgd_rank}")
+        spec = M.parse_parallel(self.parallel)
+        need(spec.dp_shard == 1 or not self.compression.startswith("powersgd"),
+             "compression powersgd is a DDP hook; with --parallel dp_shard > 1 use none, fp16 or bf16")
+        check_layout(self, D.env_world_size())  # when torchrun told us the world: fail before any collective
         need(self.peak_flops >= 0, f"peak_flops must be >= 0, got {self.peak_flops}")
         need(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")
         return self
@@ -497,12 +506,48 @@ def main(cfg: Config) -> dict:
                                         if cfg.device == "auto" else torch.device(cfg.device))
     barrier = (lambda: D.barrier(dist)) if dist else (lambda: None)
     try:
-        return _train(cfg, dist, rank, world, is_main, device, barrier)
+        spec = check_layout(cfg, world)  # again, now that the process group knows the world
+        return _train(cfg, dist, spec, rank, world, is_main, device, barrier)
     finally:
         D.cleanup(dist)
 
 
-def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torch.device, barrier) -> dict:
+def check_layout(cfg: Config, world: int) -> M.ParallelSpec:
+    """The run's parallel layout (``--parallel``, else ``--dist-mode`` over every rank), checked
+    against ``world`` processes and the model: a one-line ConfigError, raised before any collective."""
+    spec = M.resolve(cfg.parallel, world, cfg.dist_mode).validate(world, cfg.model)
+    todo = [f"{k}={getattr(spec, k)}" for k in ("pp", "ep") if getattr(spec, k) > 1]
+    if todo:
+        raise ConfigError(f"--parallel {','.join(todo)}: pretraining supports dp, dp_shard and tp so far")
+    if spec.tp > 1 and cfg.fp8:
+        raise ConfigError(f"--fp8 with --parallel tp={spec.tp} is not supported (float8 layers are not sharded)")
+    if spec.tp > 1 and cfg.compression != "none":
+        raise ConfigError(f"--compression {cfg.compression} is a data-parallel hook; with --parallel tp={spec.tp} "
+                          "use --compression none")
+    return spec
+
+
+def parallel_setup(cfg: Config, spec: M.ParallelSpec, dist) -> tuple[Any, Any, str, Any]:
+    """``(mesh or None, data-parallel mesh or None, wrapper mode, data-parallel group or None)``.
+
+    Without ``--parallel`` (or in a world of one) no mesh is built: today's DDP / FSDP2 over every
+    rank. With it, the 4-D mesh of ``spec``; the data-parallel wrapper: ``dp`` alone -> DDP over
+    ``mesh["dp"]``; ``dp_shard`` -> FSDP2 over ``mesh["dp_shard"]``; both, or ``dp`` with ``tp``
+    (DDP does not take DTensor parameters) -> FSDP2 over ``mesh["dp", "dp_shard"]`` (HSDP:
+    replicated over dp, sharded over dp_shard).
+    """
+    if not cfg.parallel.strip() or not dist.enabled:
+        return None, None, cfg.dist_mode, None
+    mesh = M.build_mesh(spec, dist.device.type)
+    if spec.dp_shard == 1 and spec.tp == 1:
+        return mesh, mesh["dp"], "ddp", M.dp_group(mesh, spec)
+    hsdp = spec.dp > 1 and (spec.dp_shard > 1 or spec.tp > 1)
+    dims = ("dp", "dp_shard") if hsdp else ("dp_shard",)
+    return mesh, mesh[dims], "fsdp", M.dp_group(mesh, spec)
+
+
+def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_main: bool, device: torch.device,
+           barrier) -> dict:
     amp_dtype = autocast_dtype(cfg.dtype, device)
     amp = lambda: autocast_ctx(device, amp_dtype)  # noqa: E731
     if device.type == "cuda":
@@ -558,6 +603,10 @@ def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torc
     model.grad_checkpointing = cfg.grad_checkpointing
     model.train()
 
+    # ---- device mesh: the loader reads as data-parallel rank dp_rank of dp_world -------------------
+    mesh, dp_mesh, mode, dp_group = parallel_setup(cfg, spec, dist)
+    dp_rank, dp_world = spec.dp_rank(rank), spec.dp_world
+
     # ---- batch geometry (adaptive: choose micro-batch from measured memory) --------------------
     micro, accum = cfg.batch_size, cfg.grad_accum
     if "micro_batch" in meta:  # a resumed run keeps the geometry it started with (exact resume)
@@ -570,27 +619,29 @@ def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torc
             t = torch.tensor([budget], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
             budget = float(t.item())
-        micro, accum = choose_accum(cfg.target_tokens_per_step, cfg.batch_size, cfg.seq_len, world, per_seq, budget)
+        micro, accum = choose_accum(cfg.target_tokens_per_step, cfg.batch_size, cfg.seq_len, dp_world, per_seq, budget)
         print0(f"adaptive batch: {per_seq / 2**20:.1f} MiB activations/sequence, budget {budget / 2**30:.2f} GiB "
-               f"-> micro_batch {micro} x grad_accum {accum} x world {world} x seq {cfg.seq_len} "
-               f"= {micro * accum * world * cfg.seq_len} tokens/step (target {cfg.target_tokens_per_step})")
-    tokens_per_step = micro * accum * world * cfg.seq_len
+               f"-> micro_batch {micro} x grad_accum {accum} x data-parallel {dp_world} x seq {cfg.seq_len} "
+               f"= {micro * accum * dp_world * cfg.seq_len} tokens/step (target {cfg.target_tokens_per_step})")
+    tokens_per_step = micro * accum * dp_world * cfg.seq_len
 
     # ---- parallel wrapper, optimizer ------------------------------------------------------------
-    wrapped, comm = D.wrap_model(model, dist, mode=cfg.dist_mode, compression=cfg.compression,
-                                 powersgd_rank=cfg.powersgd_rank)
-    fsdp = bool(dist and dist.enabled and cfg.dist_mode == "fsdp")
-    # after wrapping: FSDP2 has replaced the parameters by DTensor shards (foreach AdamW for those)
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=False if fsdp else None)
-    loader = ShardLoader(train_path, micro, cfg.seq_len, rank, world, device, seed=cfg.seed)
-    heldout = HeldOut(train_path, val_path, micro, cfg.seq_len, rank, world, device, cfg.eval_batches)
+    if spec.tp > 1:  # DTensor shards over mesh["tp"] first, then data parallelism over the other dims
+        TP.apply_tp(model, mesh["tp"])
+    wrapped, comm = D.wrap_model(model, dist, mode=mode, compression=cfg.compression,
+                                 powersgd_rank=cfg.powersgd_rank, dp_mesh=dp_mesh)
+    # DTensor parameters (FSDP2 shards, TP shards): gathered state dicts, foreach AdamW
+    sharded = bool(dist and dist.enabled and (mode == "fsdp" or spec.tp > 1))
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=False if sharded else None)
+    loader = ShardLoader(train_path, micro, cfg.seq_len, dp_rank, dp_world, device, seed=cfg.seed)
+    heldout = HeldOut(train_path, val_path, micro, cfg.seq_len, dp_rank, dp_world, device, cfg.eval_batches)
 
     step, skipped, tokens_seen = 0, 0, 0
     scaler = precision.loss_scaler(amp_dtype, device)  # fp16: dynamic loss scaling; else a pass-through
     logger = MetricsLogger(run_dir / "metrics.jsonl", tensorboard=cfg.tensorboard, enabled=is_main)
     if resume_dir:
         osd = ckpt.load_optim_state(resume_dir, map_location=device)
-        if fsdp or any(isinstance(k, str) for k in osd.get("state", {})):  # FQN-keyed: saved under FSDP2
+        if sharded or any(isinstance(k, str) for k in osd.get("state", {})):  # FQN-keyed: saved sharded
             D.load_full_optim_state(wrapped, opt, osd)
         else:
             ckpt.load_optimizer(opt, osd, resume_dir / "optim.pt")
@@ -613,7 +664,8 @@ def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torc
         ckpt.restore_rng_state(rng, resume_dir)
     else:
         seed_everything(cfg.seed + rank)
-        logger.log(0, event="start", micro_batch=micro, grad_accum=accum, world_size=world, seq_len=cfg.seq_len,
+        logger.log(0, event="start", micro_batch=micro, grad_accum=accum, world_size=world, parallel=str(spec),
+                   seq_len=cfg.seq_len,
                    tokens_per_step=tokens_per_step, adaptive=cfg.target_tokens_per_step > 0)
 
     n_params, n_active = model.num_params(), model.num_params(active=True)
@@ -621,20 +673,21 @@ def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torc
     peak = cfg.peak_flops or measure_peak_flops(device, amp_dtype)
     print0(f"model: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active), {fpt / 1e6:.1f} MFLOP/token, "
            f"peak {peak / 1e9:.1f} GFLOP/s/device | data {train_path} ({loader.n_tokens:,} tokens), "
-           f"held-out {heldout.source} | {tokens_per_step:,} tokens/step = {micro} x {accum} x {world} x {cfg.seq_len}")
+           f"held-out {heldout.source} | {tokens_per_step:,} tokens/step = {micro} x {accum} x {dp_world} x {cfg.seq_len}"
+           + (f" | --parallel {spec}" if dist.enabled else ""))
 
     def save(step_now: int) -> Path | None:
         if ok_steps == 0:  # the same on every rank (loss and grad norm are global)
             raise UserError(f"all {step_now - start_step} steps of this run were skipped (non-finite loss or gradient "
                             f"norm, see {logger.path}): nothing was learned and no checkpoint was written; check --lr "
                             "and the --model.* settings")
-        msd, osd = D.full_states(wrapped, opt) if fsdp else (None, None)  # collective under FSDP: all ranks
+        msd, osd = D.full_states(wrapped, opt) if sharded else (None, None)  # a collective when sharded: all ranks
         comm_states = _gather_comm_states(wrapped, cfg, world)  # collective under PowerSGD
         path = None
         if is_main:
             meta_out = {"step": step_now, "model_config": to_dict(cfg.model), "train_config": to_dict(cfg),
                         "loader": loader.state_dict(), "skipped_steps": skipped, "tokens_seen": tokens_seen,
-                        "micro_batch": micro, "grad_accum": accum, "world_size": world,
+                        "micro_batch": micro, "grad_accum": accum, "world_size": world, "parallel": str(spec),
                         "grad_scaler": precision.scaler_state(scaler),
                         "data": str(train_path), "tokenizer": tokenizer_dir, "time": time.time(),
                         # the newest logged train loss and held-out loss (the final checkpoint's are the run's)
@@ -656,7 +709,7 @@ def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torc
     last: dict[str, Any] = {}
     val_loss, val_loss_step, last_loss_step = None, None, None
     start_step, ok_steps = step, 0
-    eval_model = wrapped if fsdp else model  # FSDP2 needs the sharded module; DDP's forward is not needed
+    eval_model = wrapped if sharded else model  # FSDP2 needs the sharded module; DDP's forward is not needed
     t_start = time.time()
 
     while step < cfg.steps:
@@ -665,14 +718,14 @@ def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torc
         lr = lr_at(cfg.schedule, step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.poly_power)
         set_lr(opt, lr)
         poison = bool(cfg.debug_nan_step) and step + 1 == cfg.debug_nan_step
-        sync_off = lambda: D.no_sync(wrapped, cfg.dist_mode)  # noqa: E731
+        sync_off = lambda: D.no_sync(wrapped, mode)  # noqa: E731
         fb = forward_backward(wrapped, loader.next_batch, accum, amp, sync_off, poison, scaler)
         losses = torch.stack([fb["loss"], fb["ce_loss"], fb["aux_loss"]])
         if dist.enabled:
             D.all_reduce_mean_(losses, dist)  # every rank sees the same (possibly non-finite) loss
         counts, dropped = fb["counts"], fb["dropped"]
         scaler.unscale_(opt)  # fp16: clip (and check) the true gradients
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = D.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         (loss_val, ce_val, aux_val), gnorm_val = losses.tolist(), float(grad_norm)
@@ -680,8 +733,8 @@ def _train(cfg: Config, dist, rank: int, world: int, is_main: bool, device: torc
         if ok:
             if n_moe:
                 if dist.enabled:
-                    D.all_reduce_sum_(counts, dist)
-                    D.all_reduce_sum_(dropped, dist)
+                    D.all_reduce_sum_(counts, dist, dp_group)  # each replica's batch once
+                    D.all_reduce_sum_(dropped, dist, dp_group)
                 model.update_expert_bias(counts)  # aux-loss-free balancing, before the optimizer step
             scaler.step(opt)  # opt.step() (the gradients are unscaled and finite)
             ok_steps += 1

@@ -1,0 +1,150 @@
+"""``tinyseek pretrain --parallel``: the device-mesh layouts against today's data parallelism, and
+bad layouts refused in one line before any collective (2 processes under torchrun, gloo, fp32).
+
+One torchrun launch runs every layout in turn (one process group; ``pretrain.main`` finds it
+started), on small random token shards written once, so the suite pays the start-up once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tinyseek import cli
+from tinyseek.data.shards import write_shards
+from test_distributed import ROOT, torchrun
+
+COMMON = ["--preset", "micro", "--steps", "5", "--batch-size", "4", "--grad-accum", "2", "--log-every", "1",
+          "--eval-every", "0", "--eval-batches", "1", "--peak-flops", "1e11", "--progress", "false"]
+LAYOUTS = {  # run name -> extra flags
+    "ddp": ["--dist-mode", "ddp"],
+    "dp2": ["--parallel", "dp=2"],
+    "fsdp": ["--dist-mode", "fsdp"],
+    "dp_shard2": ["--parallel", "dp_shard=2"],
+    "tp2": ["--parallel", "tp=2"],
+}
+WORKER = textwrap.dedent("""
+    import json, sys
+    from tinyseek.cli import run_stage
+    from tinyseek.train import distributed as D
+    out, data, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    dist = D.init_distributed("cpu")  # one process group for every run (a re-initialised one hangs under torchrun)
+    cleanup, D.cleanup = D.cleanup, lambda dist=None: D._set_active_stats(None)
+    for name, flags in runs.items():
+        run_stage("pretrain", [*flags, "--data", data, "--run-dir", f"{out}/{name}"])
+    cleanup(dist)
+""")
+
+
+def shards(root: Path) -> Path:
+    """Documents that follow t -> 7t + 3 (mod 256) from a random start: learnable in a few steps."""
+    rng = random.Random(0)
+    docs = []
+    for _ in range(60):
+        t, doc = rng.randrange(256), []
+        for _ in range(rng.randrange(200, 2000)):
+            doc.append(t)
+            t = (7 * t + 3) % 256
+        docs.append(doc)
+    write_shards(docs, root / "train", 257, 256)
+    return root / "train"
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("par")
+    script = out / "worker.py"
+    script.write_text(WORKER)
+    data = shards(out)
+    torchrun([str(script), str(out), str(data), json.dumps({k: COMMON + v for k, v in LAYOUTS.items()})],
+             cwd=out, timeout=180)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(runs, tmp_path_factory) -> Path:
+    """The tp=2 run's global batch (4 sequences a micro-step, both ranks read the same) in one process."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
+    try:
+        assert cli.main(["pretrain", *COMMON, "--data", str(runs / "train"), "--run-dir", str(run)]) == 0
+    finally:
+        os.environ.update(env)
+    return run
+
+
+@pytest.mark.parametrize("mesh_run, today", [("dp2", "ddp"), ("dp_shard2", "fsdp")])
+def test_parallel_dp_matches_todays_data_parallelism(runs, mesh_run, today):
+    """``--parallel dp=2`` is DDP over the mesh's dp dim and ``dp_shard=2`` FSDP2 over its dp_shard
+    dim: the same losses and the same final weights, bit for bit, as ``--dist-mode ddp / fsdp``."""
+    a, b = losses(runs / mesh_run), losses(runs / today)
+    assert [s for s, _ in a] == [1, 2, 3, 4, 5] and a == b
+    assert a[-1][1] < a[0][1]
+    ck = "ckpt/step_000005/model.safetensors"
+    w, w0 = load_file(runs / mesh_run / ck), load_file(runs / today / ck)
+    assert w.keys() == w0.keys() and all(torch.equal(w[k], w0[k]) for k in w)
+    meta = json.loads((runs / mesh_run / "ckpt/step_000005/meta.json").read_text())
+    assert meta["parallel"] == {"dp2": "dp=2,dp_shard=1,tp=1,pp=1,ep=1",
+                                "dp_shard2": "dp=1,dp_shard=2,tp=1,pp=1,ep=1"}[mesh_run]
+    final = json.loads((runs / mesh_run / "final.json").read_text())
+    assert final["world_size"] == 2 and final["tokens_seen"] == 5 * 4 * 2 * 2 * 64  # steps x B x accum x dp x T
+
+
+def test_parallel_tp_matches_one_process(runs, one_process):
+    """``--parallel tp=2`` (DTensor over heads and FFN widths, both ranks reading the same batch):
+    the losses of one process within 1e-5 over 5 steps, the same final weights (gathered) within 1e-5."""
+    tp, one = losses(runs / "tp2"), losses(one_process)
+    assert [s for s, _ in tp] == [s for s, _ in one] == [1, 2, 3, 4, 5]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(tp, one)) < 1e-5, (tp, one)
+    ck = "ckpt/step_000005/model.safetensors"
+    a, b = load_file(runs / "tp2" / ck), load_file(one_process / ck)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+    final = json.loads((runs / "tp2" / "final.json").read_text())
+    assert final["tokens_seen"] == 5 * 4 * 2 * 64  # one data-parallel replica: the batch is not doubled
+
+
+def test_bad_layout_under_torchrun_is_one_line_before_any_collective(tmp_path):
+    """tp=3 on 2 processes: every rank stops in Config.validate (WORLD_SIZE from torchrun's
+    environment) with status 2 and one line; nothing waits on a collective."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinyseek",
+           "pretrain", *COMMON, "--run-dir", str(tmp_path / "run"), "--parallel", "tp=3"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    msg = ("tinyseek: error: --parallel dp=1,dp_shard=1,tp=3,pp=1,ep=1 needs pp*dp*dp_shard*tp = 1*1*1*3 = 3 "
+           "processes, but the world has 2")
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert sum(line.strip() == msg for line in lines) == 2, proc.stderr[-3000:]  # one line from each rank
+    assert "exitcode  : 2" in proc.stderr  # torchrun's report of the ranks' status
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--parallel", "dp=3"], "needs pp*dp*dp_shard*tp = 1*3*1*1 = 3 processes, but the world has 2"),
+    (["--parallel", "dp=1,tp=2,ep=2"], "ep=2 must divide dp*dp_shard = 1*1 = 1"),
+    (["--parallel", "pp=2,tp=1,dp=1"], "pretraining supports dp, dp_shard and tp so far"),
+    (["--parallel", "dp=2,sp=1"], "'sp=1' is not one of"),
+    (["--parallel", "dp_shard=2", "--compression", "powersgd"], "powersgd is a DDP hook"),
+])
+def test_bad_layout_exits_2_with_one_line(monkeypatch, capsys, tmp_path, flags, msg):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun would set; validation never starts a group
+    assert cli.main(["pretrain", *COMMON, "--run-dir", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+    assert not (tmp_path / "run").exists()
