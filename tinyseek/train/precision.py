@@ -17,11 +17,14 @@
   scale and the same growth schedule.
 - FP8 (``--fp8 true``): :func:`convert_fp8` swaps the qualifying ``nn.Linear`` layers
   (:func:`fp8_eligible`) for torchao's ``Float8Linear`` (dynamic tensor-wise scaling of inputs,
-  weights and output gradients to float8 e4m3/e5m2, DeepSeek-V3 section 3.3 uses finer 1x128 tile /
-  128x128 block scales). On CUDA it needs FP8 tensor cores (compute capability 8.9+: H100, L4, ...);
-  on CPU it runs in torchao's emulation (the same casts and scales, the matmul in fp32), which tests
-  the numerics, not the speed. The stacked routed experts (not ``nn.Linear``), the router and the LM
-  head stay in the autocast dtype, as in DeepSeek-V3. torchao is imported here only, lazily.
+  weights and output gradients to float8 e4m3/e5m2). On CUDA it needs FP8 tensor cores (compute
+  capability 8.9+: H100, L4, ...); on CPU it runs in torchao's emulation (the same casts and scales,
+  the matmul in fp32), which tests the numerics, not the speed. The router and the LM head stay in
+  the autocast dtype, as in DeepSeek-V3 (section 3.3, which also keeps embeddings, norms and the
+  attention core out of FP8). Departures from the paper: one scale per tensor instead of its 1x128
+  activation tiles and 128x128 weight blocks, and the routed experts (stacked weights, not
+  ``nn.Linear``) stay in the autocast dtype where DeepSeek-V3 runs them in FP8. torchao is imported
+  here only, lazily.
 """
 from __future__ import annotations
 
