@@ -29,7 +29,8 @@ LAYOUTS = {  # run name -> extra flags
     "dp2": ["--parallel", "dp=2"],
     "fsdp": ["--dist-mode", "fsdp"],
     "dp_shard2": ["--parallel", "dp_shard=2"],
-    "tp2": ["--parallel", "tp=2"],
+    "tp2": ["--parallel", "tp=2", "--batch-size", "8"],  # both ranks read the global batch of 8
+    "ep2": ["--parallel", "dp=2,ep=2"],  # 4 sequences a rank: the same global batch of 8
 }
 WORKER = textwrap.dedent("""
     import json, sys
@@ -76,11 +77,12 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_process(runs, tmp_path_factory) -> Path:
-    """The tp=2 run's global batch (4 sequences a micro-step, both ranks read the same) in one process."""
+    """The global batch of the tp=2 and dp=2,ep=2 runs (8 sequences a micro-step) in one process."""
     run = tmp_path_factory.mktemp("one") / "run"
     env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
     try:
-        assert cli.main(["pretrain", *COMMON, "--data", str(runs / "train"), "--run-dir", str(run)]) == 0
+        assert cli.main(["pretrain", *COMMON, "--batch-size", "8", "--data", str(runs / "train"),
+                         "--run-dir", str(run)]) == 0
     finally:
         os.environ.update(env)
     return run
@@ -103,19 +105,28 @@ def test_parallel_dp_matches_todays_data_parallelism(runs, mesh_run, today):
     assert final["world_size"] == 2 and final["tokens_seen"] == 5 * 4 * 2 * 2 * 64  # steps x B x accum x dp x T
 
 
-def test_parallel_tp_matches_one_process(runs, one_process):
-    """``--parallel tp=2`` (DTensor over heads and FFN widths, both ranks reading the same batch):
-    the losses of one process within 1e-5 over 5 steps, the same final weights (gathered) within 1e-5."""
-    tp, one = losses(runs / "tp2"), losses(one_process)
-    assert [s for s, _ in tp] == [s for s, _ in one] == [1, 2, 3, 4, 5]
-    assert max(abs(a - b) for (_, a), (_, b) in zip(tp, one)) < 1e-5, (tp, one)
-    ck = "ckpt/step_000005/model.safetensors"
-    a, b = load_file(runs / "tp2" / ck), load_file(one_process / ck)
+@pytest.mark.parametrize("run", ["tp2", "ep2"])
+def test_parallel_tp_and_ep_match_one_process(runs, one_process, run):
+    """``--parallel tp=2`` (DTensor over heads and FFN widths, both ranks reading the same batch) and
+    ``dp=2,ep=2`` (2 of 4 routed experts a rank, tokens all-to-all, load statistics over both
+    ranks): the losses of one process on the same global batch within 1e-5 over 5 steps, the same
+    final weights and AdamW moments (gathered into one-process form in the checkpoint) within 1e-5."""
+    par, one = losses(runs / run), losses(one_process)
+    assert [s for s, _ in par] == [s for s, _ in one] == [1, 2, 3, 4, 5]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(par, one)) < 1e-5, (par, one)
+    ck = runs / run / "ckpt/step_000005"
+    a, b = load_file(ck / "model.safetensors"), load_file(one_process / "ckpt/step_000005/model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
-    final = json.loads((runs / "tp2" / "final.json").read_text())
-    assert final["tokens_seen"] == 5 * 4 * 2 * 64  # one data-parallel replica: the batch is not doubled
+    if run == "ep2":  # integer-keyed one-process optimizer state: resumable by one process or DDP
+        oa, ob = (torch.load(d / "optim.pt", weights_only=True) for d in (ck, one_process / "ckpt/step_000005"))
+        assert oa["state"].keys() == ob["state"].keys()
+        for i in ob["state"]:
+            for m in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(oa["state"][i][m], ob["state"][i][m], atol=1e-5, rtol=0)
+    final = json.loads((runs / run / "final.json").read_text())
+    assert final["tokens_seen"] == 5 * 8 * 2 * 64  # the global batch: 8 sequences x 2 micro-steps
 
 
 def test_bad_layout_under_torchrun_is_one_line_before_any_collective(tmp_path):
@@ -138,7 +149,8 @@ def test_bad_layout_under_torchrun_is_one_line_before_any_collective(tmp_path):
 @pytest.mark.parametrize("flags, msg", [
     (["--parallel", "dp=3"], "needs pp*dp*dp_shard*tp = 1*3*1*1 = 3 processes, but the world has 2"),
     (["--parallel", "dp=1,tp=2,ep=2"], "ep=2 must divide dp*dp_shard = 1*1 = 1"),
-    (["--parallel", "pp=2,tp=1,dp=1"], "pretraining supports dp, dp_shard and tp so far"),
+    (["--parallel", "pp=2,tp=1,dp=1"], "pretraining supports dp, dp_shard, tp and ep (with dp) so far"),
+    (["--parallel", "dp_shard=2,ep=2"], "supports expert parallelism over dp (DDP) only so far"),
     (["--parallel", "dp=2,sp=1"], "'sp=1' is not one of"),
     (["--parallel", "dp_shard=2", "--compression", "powersgd"], "powersgd is a DDP hook"),
 ])

@@ -401,14 +401,16 @@ def _check(mode: str, compression: str, powersgd_rank: int, powersgd_start: int)
 
 
 def wrap_model(model: nn.Module, dist: Dist, mode: str = "ddp", compression: str = "none",
-               powersgd_rank: int = 2, powersgd_start: int = 2, dp_mesh: DeviceMesh | None = None
-               ) -> tuple[nn.Module, CommStats]:
+               powersgd_rank: int = 2, powersgd_start: int = 2, dp_mesh: DeviceMesh | None = None,
+               local_params: tuple[str, ...] = ()) -> tuple[nn.Module, CommStats]:
     """Wrap ``model`` (already on ``dist.device``) for data parallelism; returns (wrapped, stats).
 
     ``dp_mesh``: the data-parallel part of a device mesh (``tinyseek.train.mesh``) when the world
     holds more than one replica group: ``mode="ddp"`` takes a 1-D mesh (DDP over its group),
     ``mode="fsdp"`` a 1-D mesh (FSDP2) or a 2-D ``(replicate, shard)`` mesh (HSDP: FSDP2 shards
     over the second dim and all-reduces over the first). None: the whole world, as before.
+    ``local_params``: names of parameters DDP leaves alone (each rank holds its own, e.g. expert
+    parallelism's experts; the caller syncs them); FSDP2 refuses them (ConfigError).
 
     A world of one (or a ``dp_mesh`` of one rank) returns ``model`` itself (no communication;
     stats stay at zero). A world larger than one with ``mode="none"`` is a ConfigError (ranks
@@ -427,7 +429,12 @@ def wrap_model(model: nn.Module, dist: Dist, mode: str = "ddp", compression: str
         if dp_mesh is not None and dp_mesh.ndim != 1:
             raise ConfigError(f"DDP needs a 1-D data-parallel mesh, got {dp_mesh.ndim} dims")
         group = dp_mesh.get_group() if dp_mesh is not None else None
+        if local_params:
+            DDP._set_params_and_buffers_to_ignore_for_model(model, list(local_params))
         return _wrap_ddp(model, dist, compression, powersgd_rank, powersgd_start, stats, group), stats
+    if local_params:
+        raise ConfigError("rank-local parameters (expert parallelism) are not supported with FSDP2 yet; "
+                          "use --parallel dp=N,ep=M (DDP)")
     return _wrap_fsdp(model, dist, compression, stats, dp_mesh), stats
 
 
@@ -545,24 +552,91 @@ def no_sync(wrapped: nn.Module, mode: str) -> Iterator[None]:
     yield
 
 
-def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(params, max_norm: float, split_params=(), split_group=None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` (2-norm) that also takes a mix of DTensor and plain
-    parameters, as tensor parallelism leaves them (replicated modules stay plain): the norm is the
-    global one (a DTensor gradient counts as its full tensor, each shard once), every gradient is
-    scaled by ``min(1, max_norm / (norm + 1e-6))``, and the norm comes back as a plain tensor.
-    All-plain or all-DTensor parameters go to torch's function unchanged (a DTensor norm then)."""
+    parameters, as tensor parallelism leaves them (replicated modules stay plain), and parameters
+    split over ranks (``split_params``, e.g. expert parallelism's local experts: every rank of
+    ``split_group`` holds different ones): the norm is the global one (a DTensor gradient counts as
+    its full tensor, each shard once; split parameters' squares summed over ``split_group``), every
+    gradient is scaled by ``min(1, max_norm / (norm + 1e-6))``, and the norm comes back as a plain
+    tensor. All-plain or all-DTensor parameters and nothing split go to torch's function unchanged
+    (a DTensor norm then)."""
+    split_ids = {id(p) for p in split_params}
     params = [p for p in params if p.grad is not None]
-    split = ([p for p in params if isinstance(p.grad, DTensor)], [p for p in params if not isinstance(p.grad, DTensor)])
-    if not split[0] or not split[1]:
+    kinds = ([p for p in params if isinstance(p.grad, DTensor)],
+             [p for p in params if not isinstance(p.grad, DTensor) and id(p) not in split_ids],
+             [p for p in params if id(p) in split_ids])
+    if not kinds[2] and (not kinds[0] or not kinds[1]):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    norms = []
-    for group in split:
+    sq = []
+    for i, group in enumerate(kinds):
+        if not group:
+            continue
         n = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
-        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    for group in split:
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+        n = (n.full_tensor() if isinstance(n, DTensor) else n).float() ** 2
+        if i == 2 and tdist.is_initialized():
+            tdist.all_reduce(n, group=split_group)
+        sq.append(n)
+    total = torch.stack(sq).sum().sqrt()
+    for group in kinds:
+        if group:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
+
+
+def all_reduce_grads_mean_(params, group) -> None:
+    """Average the gradients of ``params`` over ``group`` (expert parallelism's expert-data-parallel
+    ranks, which hold the same experts and are left out of DDP); nothing when ``group`` is None."""
+    if group is None:
+        return
+    n = tdist.get_world_size(group)
+    for p in params:
+        if p.grad is not None:
+            tdist.all_reduce(p.grad, group=group)
+            p.grad.div_(n)
+
+
+def gather_split_(t: torch.Tensor, group) -> torch.Tensor:
+    """The dim-0 concatenation of ``t`` over the ranks of ``group``, in group rank order (a collective)."""
+    parts = [torch.empty_like(t) for _ in range(tdist.get_world_size(group))]
+    tdist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def split_full_states(model: nn.Module, opt: torch.optim.Optimizer, split: dict[str, nn.Parameter], group
+                      ) -> tuple[dict, dict]:
+    """``(model state, optimizer state)`` of one process, from a model whose ``split`` parameters
+    (name -> parameter, e.g. ``ep.expert_parameters``) hold each rank's dim-0 slice over ``group``
+    (rank order): those parameters and their optimizer state tensors are all-gathered (a
+    collective: every rank calls it), everything else is this rank's (replicated). The optimizer
+    state keeps the plain integer ids, so a single process or DDP resumes from it."""
+    msd = {k: v.detach() for k, v in model.state_dict().items()}
+    for name, p in split.items():
+        msd[name] = gather_split_(p.detach(), group)
+    osd = opt.state_dict()
+    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    state = dict(osd["state"])
+    for p in split.values():
+        i = index[id(p)]
+        if i in state:
+            state[i] = {k: (gather_split_(v, group) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
+                        for k, v in state[i].items()}
+    return msd, {**osd, "state": state}
+
+
+def slice_split_optim_state(opt: torch.optim.Optimizer, osd: dict,
+                            split: dict[str, nn.Parameter], group) -> dict:
+    """Inverse of :func:`split_full_states` for the optimizer: this rank's dim-0 slice of the
+    ``split`` parameters' state tensors in a one-process (integer-keyed) state dict."""
+    rank, n = tdist.get_rank(group), tdist.get_world_size(group)
+    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    state = dict(osd["state"])
+    for p in split.values():
+        i = index[id(p)]
+        if i in state:
+            state[i] = {k: (v.chunk(n)[rank].clone() if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
+                        for k, v in state[i].items()}
+    return {**osd, "state": state}
 
 
 def full_state_dict(wrapped: nn.Module) -> dict[str, torch.Tensor]:

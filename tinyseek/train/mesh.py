@@ -109,6 +109,15 @@ class ParallelSpec:
         """
         return [g[i:i + self.ep] for g in self.dp_groups() for i in range(0, len(g), self.ep)]
 
+    def edp_groups(self) -> list[list[int]]:
+        """Rank lists of the expert-data-parallel groups: the ranks holding the same experts (the
+        same position in their EP group), over which expert gradients are averaged.
+
+        >>> ParallelSpec(dp=4, ep=2).edp_groups()
+        [[0, 2], [1, 3]]
+        """
+        return [g[j::self.ep] for g in self.dp_groups() for j in range(self.ep)]
+
     def __str__(self) -> str:
         """The ``--parallel`` text of this layout (every key, so a log line is unambiguous).
 
@@ -245,4 +254,13 @@ def ep_group(mesh: DeviceMesh, spec: ParallelSpec):
     if spec.ep == 1:
         return None
     return _my_group(spec.ep_groups())
+
+
+def expert_dp_group(mesh: DeviceMesh, spec: ParallelSpec):
+    """This rank's expert-data-parallel process group (see :meth:`ParallelSpec.edp_groups`), or None
+    when there is nothing to average (``ep == 1`` or ``ep == dp * dp_shard``). A collective to set up."""
+    _check_mesh(mesh, spec)
+    if spec.ep == 1 or spec.ep == spec.dp_world:
+        return None
+    return _my_group(spec.edp_groups())
 

@@ -75,6 +75,7 @@ from tinyseek.plots import plot_loss
 from tinyseek.tokenizer import byte_tokenizer, load_tokenizer
 from tinyseek.train import checkpoint as ckpt
 from tinyseek.train import distributed as D
+from tinyseek.train import ep as EP
 from tinyseek.train import mesh as M
 from tinyseek.train import tp as TP
 from tinyseek.train import precision
@@ -516,9 +517,11 @@ def check_layout(cfg: Config, world: int) -> M.ParallelSpec:
     """The run's parallel layout (``--parallel``, else ``--dist-mode`` over every rank), checked
     against ``world`` processes and the model: a one-line ConfigError, raised before any collective."""
     spec = M.resolve(cfg.parallel, world, cfg.dist_mode).validate(world, cfg.model)
-    todo = [f"{k}={getattr(spec, k)}" for k in ("pp", "ep") if getattr(spec, k) > 1]
-    if todo:
-        raise ConfigError(f"--parallel {','.join(todo)}: pretraining supports dp, dp_shard and tp so far")
+    if spec.pp > 1:
+        raise ConfigError(f"--parallel pp={spec.pp}: pretraining supports dp, dp_shard, tp and ep (with dp) so far")
+    if spec.ep > 1 and (spec.dp_shard > 1 or spec.tp > 1):
+        raise ConfigError(f"--parallel ep={spec.ep} with dp_shard={spec.dp_shard}, tp={spec.tp}: pretraining "
+                          "supports expert parallelism over dp (DDP) only so far")
     if spec.tp > 1 and cfg.fp8:
         raise ConfigError(f"--fp8 with --parallel tp={spec.tp} is not supported (float8 layers are not sharded)")
     if spec.tp > 1 and cfg.compression != "none":
@@ -628,8 +631,13 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
     # ---- parallel wrapper, optimizer ------------------------------------------------------------
     if spec.tp > 1:  # DTensor shards over mesh["tp"] first, then data parallelism over the other dims
         TP.apply_tp(model, mesh["tp"])
+    experts, ep_group, edp_group = {}, None, None
+    if spec.ep > 1:  # routed experts split over the EP group, load statistics over the data-parallel group
+        ep_group, edp_group = M.ep_group(mesh, spec), M.expert_dp_group(mesh, spec)
+        EP.apply_ep(model, ep_group, load_group=dp_group)
+        experts = EP.expert_parameters(model)  # left out of DDP; averaged over edp_group in the step
     wrapped, comm = D.wrap_model(model, dist, mode=mode, compression=cfg.compression,
-                                 powersgd_rank=cfg.powersgd_rank, dp_mesh=dp_mesh)
+                                 powersgd_rank=cfg.powersgd_rank, dp_mesh=dp_mesh, local_params=tuple(experts))
     # DTensor parameters (FSDP2 shards, TP shards): gathered state dicts, foreach AdamW
     sharded = bool(dist and dist.enabled and (mode == "fsdp" or spec.tp > 1))
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=False if sharded else None)
@@ -644,6 +652,8 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
         if sharded or any(isinstance(k, str) for k in osd.get("state", {})):  # FQN-keyed: saved sharded
             D.load_full_optim_state(wrapped, opt, osd)
         else:
+            if experts:  # this rank's experts' slice of the one-process state
+                osd = D.slice_split_optim_state(opt, osd, experts, ep_group)
             ckpt.load_optimizer(opt, osd, resume_dir / "optim.pt")
         try:
             loader.load_state_dict(meta["loader"])
@@ -682,6 +692,8 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
                             f"norm, see {logger.path}): nothing was learned and no checkpoint was written; check --lr "
                             "and the --model.* settings")
         msd, osd = D.full_states(wrapped, opt) if sharded else (None, None)  # a collective when sharded: all ranks
+        if experts:  # gathered over the EP group: a collective, all ranks
+            msd, osd = D.split_full_states(model, opt, experts, ep_group)
         comm_states = _gather_comm_states(wrapped, cfg, world)  # collective under PowerSGD
         path = None
         if is_main:
@@ -725,14 +737,16 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
             D.all_reduce_mean_(losses, dist)  # every rank sees the same (possibly non-finite) loss
         counts, dropped = fb["counts"], fb["dropped"]
         scaler.unscale_(opt)  # fp16: clip (and check) the true gradients
-        grad_norm = D.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        D.all_reduce_grads_mean_(experts.values(), edp_group)  # ep < dp: replicas of the same experts
+        grad_norm = D.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
+                                      experts.values(), ep_group)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         (loss_val, ce_val, aux_val), gnorm_val = losses.tolist(), float(grad_norm)
         ok = math.isfinite(loss_val) and math.isfinite(gnorm_val)
         if ok:
             if n_moe:
-                if dist.enabled:
+                if dist.enabled and not experts:  # (expert parallelism counts over the whole batch already)
                     D.all_reduce_sum_(counts, dist, dp_group)  # each replica's batch once
                     D.all_reduce_sum_(dropped, dist, dp_group)
                 model.update_expert_bias(counts)  # aux-loss-free balancing, before the optimizer step
