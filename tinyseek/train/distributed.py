@@ -554,7 +554,8 @@ def no_sync(wrapped: nn.Module, mode: str) -> Iterator[None]:
 
 def clip_grad_norm_(params, max_norm: float, split_params=(), split_group=None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` (2-norm) that also takes a mix of DTensor and plain
-    parameters, as tensor parallelism leaves them (replicated modules stay plain), and parameters
+    parameters or DTensors on several meshes, as tensor parallelism leaves them (replicated modules
+    stay plain; FSDP2 over them puts the TP'd ones on a larger mesh), and parameters
     split over ranks (``split_params``, e.g. expert parallelism's local experts: every rank of
     ``split_group`` holds different ones): the norm is the global one (a DTensor gradient counts as
     its full tensor, each shard once; split parameters' squares summed over ``split_group``), every
@@ -562,25 +563,23 @@ def clip_grad_norm_(params, max_norm: float, split_params=(), split_group=None) 
     tensor. All-plain or all-DTensor parameters and nothing split go to torch's function unchanged
     (a DTensor norm then)."""
     split_ids = {id(p) for p in split_params}
-    params = [p for p in params if p.grad is not None]
-    kinds = ([p for p in params if isinstance(p.grad, DTensor)],
-             [p for p in params if not isinstance(p.grad, DTensor) and id(p) not in split_ids],
-             [p for p in params if id(p) in split_ids])
-    if not kinds[2] and (not kinds[0] or not kinds[1]):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    kinds: dict[Any, list] = {}  # "split", "plain", or the DeviceMesh of a DTensor gradient
+    for p in params:
+        if p.grad is not None:
+            key = "split" if id(p) in split_ids else p.grad.device_mesh if isinstance(p.grad, DTensor) else "plain"
+            kinds.setdefault(key, []).append(p)
+    if len(kinds) <= 1 and "split" not in kinds:
+        return torch.nn.utils.clip_grad_norm_([p for g in kinds.values() for p in g], max_norm)
     sq = []
-    for i, group in enumerate(kinds):
-        if not group:
-            continue
+    for key, group in kinds.items():
         n = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
         n = (n.full_tensor() if isinstance(n, DTensor) else n).float() ** 2
-        if i == 2 and tdist.is_initialized():
+        if key == "split" and tdist.is_initialized():
             tdist.all_reduce(n, group=split_group)
         sq.append(n)
     total = torch.stack(sq).sum().sqrt()
-    for group in kinds:
-        if group:
-            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    for group in kinds.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
 
 
