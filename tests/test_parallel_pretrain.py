@@ -31,6 +31,7 @@ LAYOUTS = {  # run name -> extra flags
     "dp_shard2": ["--parallel", "dp_shard=2"],
     "tp2": ["--parallel", "tp=2", "--batch-size", "8"],  # both ranks read the global batch of 8
     "ep2": ["--parallel", "dp=2,ep=2"],  # 4 sequences a rank: the same global batch of 8
+    "pp2": ["--parallel", "pp=2", "--batch-size", "8"],  # 2 stages, 2 micro-batches of 8 through 1F1B
 }
 WORKER = textwrap.dedent("""
     import json, sys
@@ -77,7 +78,7 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_process(runs, tmp_path_factory) -> Path:
-    """The global batch of the tp=2 and dp=2,ep=2 runs (8 sequences a micro-step) in one process."""
+    """The global batch of the tp=2, dp=2,ep=2 and pp=2 runs (8 sequences a micro-step) in one process."""
     run = tmp_path_factory.mktemp("one") / "run"
     env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
     try:
@@ -105,12 +106,13 @@ def test_parallel_dp_matches_todays_data_parallelism(runs, mesh_run, today):
     assert final["world_size"] == 2 and final["tokens_seen"] == 5 * 4 * 2 * 2 * 64  # steps x B x accum x dp x T
 
 
-@pytest.mark.parametrize("run", ["tp2", "ep2"])
-def test_parallel_tp_and_ep_match_one_process(runs, one_process, run):
-    """``--parallel tp=2`` (DTensor over heads and FFN widths, both ranks reading the same batch) and
+@pytest.mark.parametrize("run", ["tp2", "ep2", "pp2"])
+def test_parallel_tp_ep_pp_match_one_process(runs, one_process, run):
+    """``--parallel tp=2`` (DTensor over heads and FFN widths, both ranks reading the same batch),
     ``dp=2,ep=2`` (2 of 4 routed experts a rank, tokens all-to-all, load statistics over both
-    ranks): the losses of one process on the same global batch within 1e-5 over 5 steps, the same
-    final weights and AdamW moments (gathered into one-process form in the checkpoint) within 1e-5."""
+    ranks) and ``pp=2`` (one block a stage, the step's micro-batches through 1F1B): the losses of
+    one process on the same global batch within 1e-5 over 5 steps, the same final weights and
+    AdamW moments (gathered into one-process form in the checkpoint) within 1e-5."""
     par, one = losses(runs / run), losses(one_process)
     assert [s for s, _ in par] == [s for s, _ in one] == [1, 2, 3, 4, 5]
     assert max(abs(a - b) for (_, a), (_, b) in zip(par, one)) < 1e-5, (par, one)
@@ -119,7 +121,7 @@ def test_parallel_tp_and_ep_match_one_process(runs, one_process, run):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
-    if run == "ep2":  # integer-keyed one-process optimizer state: resumable by one process or DDP
+    if run in ("ep2", "pp2"):  # integer-keyed one-process optimizer state: resumable by one process or DDP
         oa, ob = (torch.load(d / "optim.pt", weights_only=True) for d in (ck, one_process / "ckpt/step_000005"))
         assert oa["state"].keys() == ob["state"].keys()
         for i in ob["state"]:
@@ -127,6 +129,8 @@ def test_parallel_tp_and_ep_match_one_process(runs, one_process, run):
                 torch.testing.assert_close(oa["state"][i][m], ob["state"][i][m], atol=1e-5, rtol=0)
     final = json.loads((runs / run / "final.json").read_text())
     assert final["tokens_seen"] == 5 * 8 * 2 * 64  # the global batch: 8 sequences x 2 micro-steps
+    ref = json.loads((one_process / "final.json").read_text())
+    assert abs(final["val_loss"] - ref["val_loss"]) < 1e-5  # held-out loss (pp: the schedule's eval pass)
 
 
 LAYOUTS_4 = {  # 4 ranks, the same global batch of 8 sequences a micro-step
@@ -177,7 +181,8 @@ def test_bad_layout_under_torchrun_is_one_line_before_any_collective(tmp_path):
 @pytest.mark.parametrize("flags, msg", [
     (["--parallel", "dp=3"], "needs pp*dp*dp_shard*tp = 1*3*1*1 = 3 processes, but the world has 2"),
     (["--parallel", "dp=1,tp=2,ep=2"], "ep=2 must divide dp*dp_shard = 1*1 = 1"),
-    (["--parallel", "pp=2,tp=1,dp=1"], "pretraining supports dp, dp_shard, tp and ep (with dp) so far"),
+    (["--parallel", "pp=2", "--model.tie-embeddings", "true"], "pp=2 needs untied embeddings"),
+    (["--parallel", "pp=2", "--dtype", "fp16"], "pp=2 needs a dtype other than fp16"),
     (["--parallel", "dp_shard=2,ep=2"], "supports expert parallelism over dp (DDP) only so far"),
     (["--parallel", "dp=2,sp=1"], "'sp=1' is not one of"),
     (["--parallel", "dp_shard=2", "--compression", "powersgd"], "powersgd is a DDP hook"),

@@ -77,6 +77,7 @@ from tinyseek.train import checkpoint as ckpt
 from tinyseek.train import distributed as D
 from tinyseek.train import ep as EP
 from tinyseek.train import mesh as M
+from tinyseek.train import pp as PP
 from tinyseek.train import tp as TP
 from tinyseek.train import precision
 from tinyseek.train.optim import SCHEDULES, build_optimizer, lr_at, set_lr
@@ -298,7 +299,9 @@ class HeldOut:
                                                f" (last {(self.loader.n_blocks - self.start) * T} tokens)")
 
     @torch.no_grad()
-    def loss(self, model, amp) -> float:
+    def loss(self, model, amp, pipe: PP.Pipe | None = None) -> float:
+        """Mean held-out cross-entropy; with ``pipe`` (pipeline parallelism) through its schedule's
+        forward-only pass, the same on every rank."""
         self.loader.load_state_dict({"pos": self.start, "epoch": 0})
         was = model.training
         model.eval()
@@ -306,7 +309,7 @@ class HeldOut:
         for _ in range(self.n):
             x, y = self.loader.next_batch()
             with amp():
-                tot += model(x, y).ce_loss.float().item()
+                tot += (PP.evaluate(pipe, x, y) if pipe is not None else model(x, y).ce_loss).float().item()
         model.train(was)
         return tot / self.n
 
@@ -468,6 +471,51 @@ def forward_backward(wrapped, next_batch, accum: int, amp=contextlib.nullcontext
             dropped = out.dropped if dropped is None else dropped + out.dropped
     return {"loss": loss_sum, "ce_loss": ce_sum, "aux_loss": aux_sum, "counts": counts, "dropped": dropped}
 
+def pipeline_forward_backward(model, pipe: PP.Pipe, next_batch, accum: int, amp=contextlib.nullcontext
+                              ) -> dict[str, Any]:
+    """:func:`forward_backward`'s contract for one pipeline stage: the step's ``accum`` micro-batches
+    go through the schedule (``tinyseek/train/pp.py``: the loss and gradients of one process running
+    ``forward_backward`` over them), and ``counts`` / ``dropped`` come back for *every* MoE layer of
+    the model (this stage's rows filled, summed over the pipeline group), so the bias update and the
+    logged loads are one process's on every rank."""
+    xs, ys = zip(*(next_batch() for _ in range(accum)))
+    with amp():
+        out = PP.step(pipe, torch.cat(xs), torch.cat(ys))
+    counts = dropped = None
+    if model.moe_layers:
+        rows = {id(m): i for i, m in enumerate(model.moe_layers)}
+        counts = torch.zeros(len(rows), model.cfg.n_routed_experts, device=out["loss"].device)
+        dropped = torch.zeros(len(rows), dtype=torch.long, device=out["loss"].device)
+        for stage, c, d in zip(pipe.stages, out["counts"], out["dropped"]):
+            if c is not None:
+                idx = torch.tensor([rows[id(m)] for m in stage.moe_layers], device=counts.device)
+                counts.index_copy_(0, idx, c.to(counts.dtype))
+                dropped.index_copy_(0, idx, d.to(dropped.dtype))
+        torch.distributed.all_reduce(counts, group=pipe.group)
+        torch.distributed.all_reduce(dropped, group=pipe.group)
+    return {"loss": out["loss"], "ce_loss": out["ce_loss"], "aux_loss": out["aux_loss"], "counts": counts,
+            "dropped": dropped}
+
+
+def pipeline_full_states(model, pipe: PP.Pipe, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """``(model state, optimizer state)`` of one process from the pipeline's stages: every rank's
+    stage weights and the optimizer state of its parameters (integer ids of the whole model), merged
+    on every rank (a collective). A stage's weights are current only on its own rank."""
+    mine = {k: v.detach().cpu() for k, v in pipe.state_dict().items()}
+    owned = {id(p) for p in pipe.parameters()}
+    osd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    my_state = {i: s for i, s in osd["state"].items() if id(params[i]) in owned}
+    parts: list = [None] * torch.distributed.get_world_size(pipe.group)
+    torch.distributed.all_gather_object(parts, (mine, my_state), group=pipe.group)
+    msd = {k: v.detach() for k, v in model.state_dict().items()}
+    state: dict = {}
+    for weights, st in parts:
+        msd.update(weights)
+        state.update(st)
+    return msd, {**osd, "state": dict(sorted(state.items()))}
+
+
 # ---------------------------------------------------------------------------------------------
 # distributed (tinyseek/train/distributed.py; a world of one passes through it untouched)
 # ---------------------------------------------------------------------------------------------
@@ -517,8 +565,19 @@ def check_layout(cfg: Config, world: int) -> M.ParallelSpec:
     """The run's parallel layout (``--parallel``, else ``--dist-mode`` over every rank), checked
     against ``world`` processes and the model: a one-line ConfigError, raised before any collective."""
     spec = M.resolve(cfg.parallel, world, cfg.dist_mode).validate(world, cfg.model)
+    if spec.pp > 1 and spec.pp != world:
+        raise ConfigError(f"--parallel pp={spec.pp} with dp={spec.dp}, dp_shard={spec.dp_shard}, tp={spec.tp}: "
+                          "pretraining supports pipeline parallelism alone (pp = world size) so far")
     if spec.pp > 1:
-        raise ConfigError(f"--parallel pp={spec.pp}: pretraining supports dp, dp_shard, tp and ep (with dp) so far")
+        bad = [(cfg.model.tie_embeddings, "untied embeddings (--model.tie-embeddings false)"),
+               (cfg.dtype in ("fp16", "float16"), "a dtype other than fp16 (no loss scaling through the schedule yet)"),
+               (cfg.fp8, "--fp8 false"), (cfg.debug_nan_step > 0, "--debug-nan-step 0"),
+               (cfg.batch_size % cfg.grad_accum, f"--batch-size divisible by --grad-accum (held-out batches "
+                                                 "are cut into grad_accum micro-batches)"),
+               (cfg.target_tokens_per_step > 0, "--target-tokens-per-step 0")]
+        for cond, need in bad:
+            if cond:
+                raise ConfigError(f"--parallel pp={spec.pp} needs {need}")
     if spec.ep > 1 and (spec.dp_shard > 1 or spec.tp > 1):
         raise ConfigError(f"--parallel ep={spec.ep} with dp_shard={spec.dp_shard}, tp={spec.tp}: pretraining "
                           "supports expert parallelism over dp (DDP) only so far")
@@ -631,6 +690,9 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
     # ---- parallel wrapper, optimizer ------------------------------------------------------------
     if spec.tp > 1:  # DTensor shards over mesh["tp"] first, then data parallelism over the other dims
         TP.apply_tp(model, mesh["tp"])
+    pipe = None  # pipeline parallelism: this rank's stage, grad_accum micro-batches through 1F1B
+    if spec.pp > 1:
+        pipe = PP.build_schedule(PP.split_model(model, mesh["pp"].get_local_rank(), spec.pp), mesh, accum)
     experts, ep_group, edp_group = {}, None, None
     if spec.ep > 1:  # routed experts split over the EP group, load statistics over the data-parallel group
         ep_group, edp_group = M.ep_group(mesh, spec), M.expert_dp_group(mesh, spec)
@@ -692,6 +754,8 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
                             f"norm, see {logger.path}): nothing was learned and no checkpoint was written; check --lr "
                             "and the --model.* settings")
         msd, osd = D.full_states(wrapped, opt) if sharded else (None, None)  # a collective when sharded: all ranks
+        if pipe is not None:  # every stage's weights and optimizer state, merged (a collective)
+            msd, osd = pipeline_full_states(model, pipe, opt)
         if experts:  # gathered over the EP group: a collective, all ranks
             msd, osd = D.split_full_states(model, opt, experts, ep_group)
         comm_states = _gather_comm_states(wrapped, cfg, world)  # collective under PowerSGD
@@ -731,15 +795,17 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
         set_lr(opt, lr)
         poison = bool(cfg.debug_nan_step) and step + 1 == cfg.debug_nan_step
         sync_off = lambda: D.no_sync(wrapped, mode)  # noqa: E731
-        fb = forward_backward(wrapped, loader.next_batch, accum, amp, sync_off, poison, scaler)
+        fb = (pipeline_forward_backward(model, pipe, loader.next_batch, accum, amp) if pipe is not None else
+              forward_backward(wrapped, loader.next_batch, accum, amp, sync_off, poison, scaler))
         losses = torch.stack([fb["loss"], fb["ce_loss"], fb["aux_loss"]])
         if dist.enabled:
             D.all_reduce_mean_(losses, dist)  # every rank sees the same (possibly non-finite) loss
         counts, dropped = fb["counts"], fb["dropped"]
         scaler.unscale_(opt)  # fp16: clip (and check) the true gradients
         D.all_reduce_grads_mean_(experts.values(), edp_group)  # ep < dp: replicas of the same experts
-        grad_norm = D.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
-                                      experts.values(), ep_group)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = (pipe.clip_grad_norm_(max_norm) if pipe is not None else
+                     D.clip_grad_norm_(model.parameters(), max_norm, experts.values(), ep_group))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         (loss_val, ce_val, aux_val), gnorm_val = losses.tolist(), float(grad_norm)
@@ -809,7 +875,7 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
 
         # -------- every eval_every steps (and at the end): held-out loss --------------------------------
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            val_loss = heldout.loss(eval_model, amp)
+            val_loss = heldout.loss(eval_model, amp, pipe)
             if dist.enabled:
                 val_loss = D.all_reduce_mean_(torch.tensor([val_loss], device=device), dist).item()
             logger.log(step, val_loss=val_loss)
