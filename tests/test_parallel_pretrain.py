@@ -2,13 +2,15 @@
 bad layouts refused in one line before any collective (2 processes under torchrun, gloo, fp32).
 
 One torchrun launch runs every layout in turn (one process group; ``pretrain.main`` finds it
-started), on small random token shards written once, so the suite pays the start-up once.
+started), on small patterned token shards written once, so the suite pays the start-up once; the
+same launch resumes checkpoints under other layouts.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,7 +25,7 @@ from tinyseek.data.shards import write_shards
 from test_distributed import ROOT, torchrun
 
 COMMON = ["--preset", "micro", "--steps", "5", "--batch-size", "4", "--grad-accum", "2", "--log-every", "1",
-          "--eval-every", "0", "--eval-batches", "1", "--peak-flops", "1e11", "--progress", "false"]
+          "--eval-every", "0", "--eval-batches", "1", "--ckpt-every", "3", "--peak-flops", "1e11", "--progress", "false"]
 LAYOUTS = {  # run name -> extra flags
     "ddp": ["--dist-mode", "ddp"],
     "dp2": ["--parallel", "dp=2"],
@@ -32,15 +34,24 @@ LAYOUTS = {  # run name -> extra flags
     "tp2": ["--parallel", "tp=2", "--batch-size", "8"],  # both ranks read the global batch of 8
     "ep2": ["--parallel", "dp=2,ep=2"],  # 4 sequences a rank: the same global batch of 8
     "pp2": ["--parallel", "pp=2", "--batch-size", "8"],  # 2 stages, 2 micro-batches of 8 through 1F1B
+    # step 3's checkpoint of one layout resumed under another (the global batch is kept)
+    "tp2_to_pp2": ["--parallel", "pp=2", "--resume-from", "tp2/ckpt/step_000003"],
+    "pp2_to_ep2": ["--parallel", "dp=2,ep=2", "--resume-from", "pp2/ckpt/step_000003"],
 }
 WORKER = textwrap.dedent("""
-    import json, sys
+    import json, shutil, sys
     from tinyseek.cli import run_stage
     from tinyseek.train import distributed as D
     out, data, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     dist = D.init_distributed("cpu")  # one process group for every run (a re-initialised one hangs under torchrun)
     cleanup, D.cleanup = D.cleanup, lambda dist=None: D._set_active_stats(None)
     for name, flags in runs.items():
+        if "--resume-from" in flags:  # an earlier run's checkpoint, copied in and resumed
+            i = flags.index("--resume-from")
+            src, flags = flags[i + 1], flags[:i] + flags[i + 2:] + ["--resume"]
+            if dist.rank == 0:
+                shutil.copytree(f"{out}/{src}", f"{out}/{name}/ckpt/{src.rsplit('/', 1)[1]}")
+            D.barrier(dist)
         run_stage("pretrain", [*flags, "--data", data, "--run-dir", f"{out}/{name}"])
     cleanup(dist)
 """)
@@ -157,6 +168,30 @@ def test_four_rank_layouts(runs, one_process, tmp_path):
         b = load_file(ref / "ckpt/step_000005/model.safetensors")
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=f"{run}: {k}")
+
+
+@pytest.mark.parametrize("run", ["tp2_to_pp2", "pp2_to_ep2", "ep2_to_one"])
+def test_resume_under_another_layout(runs, one_process, tmp_path, run):
+    """Step 3's checkpoint of tp=2 resumed as pp=2, of pp=2 as dp=2,ep=2, of dp=2,ep=2 in one
+    process: steps 4 and 5 are the uninterrupted one-process run's (within 1e-5), and so are the
+    final weights."""
+    if run == "ep2_to_one":
+        shutil.copytree(runs / "ep2/ckpt/step_000003", tmp_path / "run/ckpt/step_000003")
+        env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
+        try:
+            assert cli.main(["pretrain", *COMMON, "--data", str(runs / "train"), "--run-dir", str(tmp_path / "run"),
+                             "--resume"]) == 0
+        finally:
+            os.environ.update(env)
+        out = tmp_path / "run"
+    else:
+        out = runs / run
+    got, ref = losses(out), losses(one_process)[3:]
+    assert [s for s, _ in got] == [4, 5] and max(abs(a - b) for (_, a), (_, b) in zip(got, ref)) < 1e-5, (got, ref)
+    a = load_file(out / "ckpt/step_000005/model.safetensors")
+    b = load_file(one_process / "ckpt/step_000005/model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
 
 
 def test_bad_layout_under_torchrun_is_one_line_before_any_collective(tmp_path):

@@ -41,9 +41,12 @@ held-out ``val_loss`` (with ``loss_step`` / ``val_loss_step``): the final one ho
 A run in which every step was skipped as non-finite fails (UserError) instead of saving a checkpoint
 (under fp16 the first steps may be skipped while the loss scale settles; a run needs one taken step).
 Under torchrun each rank's PowerSGD state (error feedback, warm-start factors) is gathered into
-``comm.pt`` and restored per parameter, so a resumed PowerSGD run is exact too. Not exact: a
-resume with a different world size keeps the stream position but changes the per-rank batches
-(and restarts PowerSGD).
+``comm.pt`` and restored per parameter, so a resumed PowerSGD run is exact too. Checkpoints are
+always in one-process form (sharded, split and staged state gathered), so they load under any
+layout; a resume under another layout (``--parallel``, world size) keeps the stream position and
+the global batch (the per-rank micro-batch is rescaled). It continues exactly where both layouts
+compute one process's step (one process, tp, pp, dp x ep; tests/test_parallel_pretrain.py), not
+where plain data parallelism's per-replica balance loss or a restarted PowerSGD state differ.
 
 MFU counts ``6 * (active non-embedding params) + 6 * layers * heads * (qk_dim + v_dim) * seq_len``
 FLOPs per token (the nanochat/PaLM estimate; the attention term ignores causal masking) against
@@ -471,6 +474,23 @@ def forward_backward(wrapped, next_batch, accum: int, amp=contextlib.nullcontext
             dropped = out.dropped if dropped is None else dropped + out.dropped
     return {"loss": loss_sum, "ce_loss": ce_sum, "aux_loss": aux_sum, "counts": counts, "dropped": dropped}
 
+def resumed_geometry(meta: dict, dp_world: int) -> tuple[int, int]:
+    """``(micro_batch per rank, grad_accum)`` that continue a checkpoint's global batch under
+    ``dp_world`` data-parallel replicas (the layout may differ from the one that wrote it: the
+    checkpoint's replicas are ``meta["parallel"]``'s, else its world size). One-line UserError when
+    the global micro-batch does not split over ``dp_world``.
+
+    >>> resumed_geometry({"micro_batch": 4, "grad_accum": 2, "parallel": "dp=2,ep=2"}, 1)
+    (8, 2)
+    """
+    micro, accum = int(meta["micro_batch"]), int(meta["grad_accum"])
+    old = M.parse_parallel(meta["parallel"]).dp_world if meta.get("parallel") else int(meta.get("world_size", 1))
+    if (micro * old) % dp_world:
+        raise UserError(f"--resume: the checkpoint's {micro * old} sequences a micro-step ({micro} x {old} "
+                        f"data-parallel ranks) do not split over {dp_world} data-parallel ranks")
+    return micro * old // dp_world, accum
+
+
 def pipeline_forward_backward(model, pipe: PP.Pipe, next_batch, accum: int, amp=contextlib.nullcontext
                               ) -> dict[str, Any]:
     """:func:`forward_backward`'s contract for one pipeline stage: the step's ``accum`` micro-batches
@@ -671,8 +691,8 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
 
     # ---- batch geometry (adaptive: choose micro-batch from measured memory) --------------------
     micro, accum = cfg.batch_size, cfg.grad_accum
-    if "micro_batch" in meta:  # a resumed run keeps the geometry it started with (exact resume)
-        micro, accum = int(meta["micro_batch"]), int(meta["grad_accum"])
+    if "micro_batch" in meta:  # a resumed run keeps the global batch it started with (exact resume)
+        micro, accum = resumed_geometry(meta, dp_world)
     elif cfg.target_tokens_per_step > 0:
         per_seq = activation_bytes(model, cfg.seq_len, device, amp) * 1.3  # + temporaries
         state_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * 3  # grads + Adam m, v
