@@ -11,9 +11,11 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from safetensors.torch import load_file
 
 from tinyseek import cli
 from tinyseek.data.shards import write_shards
+from tinyseek.train import checkpoint as ckpt
 from test_distributed import ROOT, torchrun
 
 COMMON = ["--preset", "micro", "--steps", "5", "--batch-size", "4", "--grad-accum", "2", "--log-every", "1",
@@ -192,6 +195,29 @@ def test_resume_under_another_layout(runs, one_process, tmp_path, run):
     b = load_file(one_process / "ckpt/step_000005/model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_sigkill_then_resume_under_torchrun_is_exact(runs, tmp_path):
+    """``kill -9`` of torchrun and both ranks of a dp=2,ep=2 run once its step-3 checkpoint is on
+    disk, then ``--resume`` under torchrun: steps 4 and 5 are the uninterrupted run's, bit for bit."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    run = tmp_path / "run"
+    args = ["-m", "tinyseek", "pretrain", *COMMON, *LAYOUTS["ep2"], "--data", str(runs / "train"),
+            "--run-dir", str(run)]
+    victim = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 120
+    while ckpt.latest_checkpoint(run / "ckpt") is None:
+        assert victim.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.002)
+    os.killpg(victim.pid, signal.SIGKILL)  # torchrun and both ranks at once
+    victim.wait()
+    assert ckpt.latest_checkpoint(run / "ckpt").name == "step_000003"
+    torchrun([*args, "--resume"], cwd=tmp_path)
+    assert losses(run) == losses(runs / "ep2")
 
 
 def test_bad_layout_under_torchrun_is_one_line_before_any_collective(tmp_path):
