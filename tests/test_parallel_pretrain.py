@@ -150,13 +150,15 @@ def test_parallel_tp_ep_pp_match_one_process(runs, one_process, run):
 LAYOUTS_4 = {  # 4 ranks, the same global batch of 8 sequences a micro-step
     "dp2tp2": ["--parallel", "dp=2,tp=2"],                    # HSDP (replicate 2) over TP DTensors
     "dp4ep2": ["--parallel", "dp=4,ep=2", "--batch-size", "2"],  # expert grads averaged over 2 replicas
+    "pp2dp2": ["--parallel", "pp=2,dp=2"],                    # two 2-stage pipelines, stage grads averaged
 }
 
 
 @pytest.mark.slow
 def test_four_rank_layouts(runs, one_process, tmp_path):
-    """dp=2,tp=2 gives the 2-rank dp=2 run's losses (each replica's balance loss is its own batch's
-    statistic in both) and dp=4,ep=2 one process's (load statistics over all 4 ranks), within 1e-5."""
+    """dp=2,tp=2 and pp=2,dp=2 give the 2-rank dp=2 run's losses and weights (each replica's balance
+    loss is its own batch's statistic in all three) and dp=4,ep=2 one process's (load statistics
+    over all 4 ranks), within 1e-5."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
@@ -164,7 +166,7 @@ def test_four_rank_layouts(runs, one_process, tmp_path):
            json.dumps({k: COMMON + v for k, v in LAYOUTS_4.items()})]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for run, ref in (("dp2tp2", runs / "dp2"), ("dp4ep2", one_process)):
+    for run, ref in (("dp2tp2", runs / "dp2"), ("dp4ep2", one_process), ("pp2dp2", runs / "dp2")):
         par, one = losses(tmp_path / run), losses(ref)
         assert len(par) == 5 and max(abs(a - b) for (_, a), (_, b) in zip(par, one)) < 1e-5, (run, par, one)
         a = load_file(tmp_path / run / "ckpt/step_000005/model.safetensors")

@@ -583,9 +583,10 @@ def clip_grad_norm_(params, max_norm: float, split_params=(), split_group=None) 
     return total
 
 
-def all_reduce_grads_mean_(params, group) -> None:
-    """Average the gradients of ``params`` over ``group`` (expert parallelism's expert-data-parallel
-    ranks, which hold the same experts and are left out of DDP); nothing when ``group`` is None."""
+def all_reduce_grads_mean_(params, group, stats: CommStats | None = None) -> None:
+    """Average the gradients of ``params`` over ``group`` (parameters no wrapper reduces: expert
+    parallelism's experts over their replicas, pipeline stages over theirs), counted into
+    ``stats``; nothing when ``group`` is None."""
     if group is None:
         return
     n = tdist.get_world_size(group)
@@ -593,6 +594,9 @@ def all_reduce_grads_mean_(params, group) -> None:
         if p.grad is not None:
             tdist.all_reduce(p.grad, group=group)
             p.grad.div_(n)
+            if stats is not None:
+                nbytes = p.grad.numel() * p.grad.element_size()
+                stats.add(sent=ring_bytes("all_reduce", nbytes, n), raw=ring_bytes("all_reduce", p.grad.numel() * 4, n))
 
 
 def gather_split_(t: torch.Tensor, group) -> torch.Tensor:

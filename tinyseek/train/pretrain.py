@@ -585,13 +585,14 @@ def check_layout(cfg: Config, world: int) -> M.ParallelSpec:
     """The run's parallel layout (``--parallel``, else ``--dist-mode`` over every rank), checked
     against ``world`` processes and the model: a one-line ConfigError, raised before any collective."""
     spec = M.resolve(cfg.parallel, world, cfg.dist_mode).validate(world, cfg.model)
-    if spec.pp > 1 and spec.pp != world:
-        raise ConfigError(f"--parallel pp={spec.pp} with dp={spec.dp}, dp_shard={spec.dp_shard}, tp={spec.tp}: "
-                          "pretraining supports pipeline parallelism alone (pp = world size) so far")
+    if spec.pp > 1 and (spec.dp_shard > 1 or spec.tp > 1 or spec.ep > 1):
+        raise ConfigError(f"--parallel pp={spec.pp} with dp_shard={spec.dp_shard}, tp={spec.tp}, ep={spec.ep}: "
+                          "pretraining supports pipeline parallelism alone or with dp so far")
     if spec.pp > 1:
         bad = [(cfg.model.tie_embeddings, "untied embeddings (--model.tie-embeddings false)"),
                (cfg.dtype in ("fp16", "float16"), "a dtype other than fp16 (no loss scaling through the schedule yet)"),
                (cfg.fp8, "--fp8 false"), (cfg.debug_nan_step > 0, "--debug-nan-step 0"),
+               (cfg.compression != "none", "--compression none"),
                (cfg.batch_size % cfg.grad_accum, f"--batch-size divisible by --grad-accum (held-out batches "
                                                  "are cut into grad_accum micro-batches)"),
                (cfg.target_tokens_per_step > 0, "--target-tokens-per-step 0")]
@@ -718,8 +719,15 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
         ep_group, edp_group = M.ep_group(mesh, spec), M.expert_dp_group(mesh, spec)
         EP.apply_ep(model, ep_group, load_group=dp_group)
         experts = EP.expert_parameters(model)  # left out of DDP; averaged over edp_group in the step
-    wrapped, comm = D.wrap_model(model, dist, mode=mode, compression=cfg.compression,
-                                 powersgd_rank=cfg.powersgd_rank, dp_mesh=dp_mesh, local_params=tuple(experts))
+    if pipe is None:
+        wrapped, comm = D.wrap_model(model, dist, mode=mode, compression=cfg.compression,
+                                     powersgd_rank=cfg.powersgd_rank, dp_mesh=dp_mesh, local_params=tuple(experts))
+    else:  # no wrapper: pp x dp averages the stage's gradients over the dp group in the step (grad_sync)
+        wrapped, comm = model, D.CommStats(spec.dp)
+    # gradients averaged by hand after backward: (parameters, process group) pairs
+    grad_sync = [(list(experts.values()), edp_group)]  # ep < dp: the replicas of the same experts
+    if pipe is not None and spec.dp > 1:
+        grad_sync.append((list(pipe.parameters()), dp_group))  # the stage's replicas
     # DTensor parameters (FSDP2 shards, TP shards): gathered state dicts, foreach AdamW
     sharded = bool(dist and dist.enabled and (mode == "fsdp" or spec.tp > 1))
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=False if sharded else None)
@@ -822,7 +830,8 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
             D.all_reduce_mean_(losses, dist)  # every rank sees the same (possibly non-finite) loss
         counts, dropped = fb["counts"], fb["dropped"]
         scaler.unscale_(opt)  # fp16: clip (and check) the true gradients
-        D.all_reduce_grads_mean_(experts.values(), edp_group)  # ep < dp: replicas of the same experts
+        for params, group in grad_sync:  # what no wrapper reduces (rank-local experts, pipeline stages)
+            D.all_reduce_grads_mean_(params, group, comm)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = (pipe.clip_grad_norm_(max_norm) if pipe is not None else
                      D.clip_grad_norm_(model.parameters(), max_norm, experts.values(), ep_group))
