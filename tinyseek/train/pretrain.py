@@ -770,7 +770,9 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
 
     n_params, n_active = model.num_params(), model.num_params(active=True)
     fpt = flops_per_token(model, cfg.seq_len)
-    peak = cfg.peak_flops or measure_peak_flops(device, amp_dtype)
+    # on CPU, autocast's fp16/bf16 GEMMs are emulated (slower than fp32, and timing fp16 took ~40 s):
+    # MFU there is measured against the fp32 peak
+    peak = cfg.peak_flops or measure_peak_flops(device, amp_dtype if device.type == "cuda" else None)
     print0(f"model: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active), {fpt / 1e6:.1f} MFLOP/token, "
            f"peak {peak / 1e9:.1f} GFLOP/s/device | data {train_path} ({loader.n_tokens:,} tokens), "
            f"held-out {heldout.source} | {tokens_per_step:,} tokens/step = {micro} x {accum} x {dp_world} x {cfg.seq_len}"
