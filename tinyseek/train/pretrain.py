@@ -127,6 +127,7 @@ class Config:
     seed: int = 1337                 # seeds model init and every RNG
     dist_mode: str = "ddp"           # under torchrun without --parallel: "ddp" or "fsdp" (FSDP2) over every rank
     parallel: str = ""               # under torchrun: layout "dp=2,dp_shard=1,tp=1,pp=1,ep=1" (train/mesh.py); "" = dist_mode over every rank
+    global_balance: bool = True      # data parallelism on a MoE: balance loss, capacity and bias update from the global batch's expert loads (one process's numerics); false = each replica's own
     compression: str = "none"        # DDP grad compression: none, fp16, bf16, powersgd, powersgd_fp16
     powersgd_rank: int = 2           # PowerSGD rank
     peak_flops: float = 0.0          # per-device peak FLOP/s for MFU; 0 = measure a GEMM once at start
@@ -719,6 +720,11 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
         ep_group, edp_group = M.ep_group(mesh, spec), M.expert_dp_group(mesh, spec)
         EP.apply_ep(model, ep_group, load_group=dp_group)
         experts = EP.expert_parameters(model)  # left out of DDP; averaged over edp_group in the step
+    # the MoE load statistics of the whole data-parallel batch on every replica (collectives in each MoE
+    # forward): counts, drops, capacity and balance loss are one process's, summed over dp no more
+    global_load = spec.ep > 1 or (cfg.global_balance and dist.enabled and dp_world > 1 and bool(model.moe_layers))
+    if global_load and spec.ep == 1:
+        EP.share_load(model, dp_group)  # dp_group None: every rank (no --parallel)
     if pipe is None:
         wrapped, comm = D.wrap_model(model, dist, mode=mode, compression=cfg.compression,
                                      powersgd_rank=cfg.powersgd_rank, dp_mesh=dp_mesh, local_params=tuple(experts))
@@ -843,7 +849,7 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
         ok = math.isfinite(loss_val) and math.isfinite(gnorm_val)
         if ok:
             if n_moe:
-                if dist.enabled and not experts:  # (expert parallelism counts over the whole batch already)
+                if dist.enabled and not global_load:  # (shared load scopes count over the whole batch already)
                     D.all_reduce_sum_(counts, dist, dp_group)  # each replica's batch once
                     D.all_reduce_sum_(dropped, dist, dp_group)
                 model.update_expert_bias(counts)  # aux-loss-free balancing, before the optimizer step
