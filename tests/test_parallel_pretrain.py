@@ -92,7 +92,7 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_process(runs, tmp_path_factory) -> Path:
-    """The global batch of the tp=2, dp=2,ep=2 and pp=2 runs (8 sequences a micro-step) in one process."""
+    """The global batch of the 2-rank runs (8 sequences a micro-step) in one process."""
     run = tmp_path_factory.mktemp("one") / "run"
     env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
     try:
@@ -120,9 +120,10 @@ def test_parallel_dp_matches_todays_data_parallelism(runs, mesh_run, today):
     assert final["world_size"] == 2 and final["tokens_seen"] == 5 * 4 * 2 * 2 * 64  # steps x B x accum x dp x T
 
 
-@pytest.mark.parametrize("run", ["tp2", "ep2", "pp2"])
-def test_parallel_tp_ep_pp_match_one_process(runs, one_process, run):
-    """``--parallel tp=2`` (DTensor over heads and FFN widths, both ranks reading the same batch),
+@pytest.mark.parametrize("run", ["dp2", "dp_shard2", "tp2", "ep2", "pp2"])
+def test_parallel_layouts_match_one_process(runs, one_process, run):
+    """``--parallel dp=2`` and ``dp_shard=2`` (the MoE's load statistics over both replicas),
+    ``tp=2`` (DTensor over heads and FFN widths, both ranks reading the same batch),
     ``dp=2,ep=2`` (2 of 4 routed experts a rank, tokens all-to-all, load statistics over both
     ranks) and ``pp=2`` (one block a stage, the step's micro-batches through 1F1B): the losses of
     one process on the same global batch within 1e-5 over 5 steps, the same final weights and
@@ -156,9 +157,8 @@ LAYOUTS_4 = {  # 4 ranks, the same global batch of 8 sequences a micro-step
 
 @pytest.mark.slow
 def test_four_rank_layouts(runs, one_process, tmp_path):
-    """dp=2,tp=2 and pp=2,dp=2 give the 2-rank dp=2 run's losses and weights (each replica's balance
-    loss is its own batch's statistic in all three) and dp=4,ep=2 one process's (load statistics
-    over all 4 ranks), within 1e-5."""
+    """dp=2,tp=2, dp=4,ep=2 and pp=2,dp=2 give one process's losses and weights on the same global
+    batch within 1e-5 (the load statistics of every MoE layer over the data-parallel group)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
@@ -166,11 +166,11 @@ def test_four_rank_layouts(runs, one_process, tmp_path):
            json.dumps({k: COMMON + v for k, v in LAYOUTS_4.items()})]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for run, ref in (("dp2tp2", runs / "dp2"), ("dp4ep2", one_process), ("pp2dp2", runs / "dp2")):
-        par, one = losses(tmp_path / run), losses(ref)
+    for run in LAYOUTS_4:
+        par, one = losses(tmp_path / run), losses(one_process)
         assert len(par) == 5 and max(abs(a - b) for (_, a), (_, b) in zip(par, one)) < 1e-5, (run, par, one)
         a = load_file(tmp_path / run / "ckpt/step_000005/model.safetensors")
-        b = load_file(ref / "ckpt/step_000005/model.safetensors")
+        b = load_file(one_process / "ckpt/step_000005/model.safetensors")
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=f"{run}: {k}")
 
