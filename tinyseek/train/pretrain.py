@@ -127,7 +127,7 @@ class Config:
     seed: int = 1337                 # seeds model init and every RNG
     dist_mode: str = "ddp"           # under torchrun without --parallel: "ddp" or "fsdp" (FSDP2) over every rank
     parallel: str = ""               # under torchrun: layout "dp=2,dp_shard=1,tp=1,pp=1,ep=1" (train/mesh.py); "" = dist_mode over every rank
-    global_balance: bool = True      # data parallelism on a MoE: balance loss, capacity and bias update from the global batch's expert loads (one process's numerics); false = each replica's own
+    global_balance: bool = True      # data-parallel MoE: balance loss, capacity, bias update from the global batch's loads (false: each replica's)
     compression: str = "none"        # DDP grad compression: none, fp16, bf16, powersgd, powersgd_fp16
     powersgd_rank: int = 2           # PowerSGD rank
     peak_flops: float = 0.0          # per-device peak FLOP/s for MFU; 0 = measure a GEMM once at start
