@@ -163,24 +163,13 @@ def comm_bytes(cfg: ModelConfig, spec: ParallelSpec, micro: int, seq_len: int, g
         out["dp"] += ring_bytes("all_reduce", loc["experts"] * grad_bytes, spec.dp_world // spec.ep)
     # activations
     tokens = micro * seq_len
-    n_stage = cfg.n_layers // spec.pp
-    stage_layers = range(0, n_stage)  # busiest stage: the first (dense layers first; same MoE count otherwise)
+    stages = stage_blocks(cfg.n_layers, spec.pp)
     d = cfg.d_model
-    if spec.tp > 1:
-        per_mb = 0
-        for i in stage_layers:
-            moe = cfg.is_moe and i >= cfg.n_dense_layers
-            ffn = not moe or cfg.shared_width > 0
-            widths = [d] + ([d] if ffn else [])  # forward: o_proj, down_proj
-            if cfg.attn == "mla":
-                widths += [cfg.q_lora_rank or d, cfg.kv_lora_rank, cfg.qk_rope_head_dim]
-            else:
-                widths += [d, d, d]
-            widths += [d, d] if ffn else []  # backward: gate, up
-            per_mb += sum(ring_bytes("all_reduce", tokens * w * act_bytes, spec.tp) for w in widths)
-        out["tp"] = grad_accum * per_mb
+    if spec.tp > 1:  # the busiest stage
+        out["tp"] = grad_accum * max(sum(_tp_layer_bytes(cfg, i, tokens, act_bytes, spec.tp) for i in blocks)
+                                     for blocks in stages)
     if spec.ep > 1 and cfg.is_moe:
-        n_moe = sum(1 for i in stage_layers if i >= cfg.n_dense_layers)
+        n_moe = max(sum(1 for i in blocks if i >= cfg.n_dense_layers) for blocks in stages)
         rows = tokens * cfg.top_k * (spec.ep - 1) // spec.ep
         out["ep"] = grad_accum * n_moe * 4 * rows * d * act_bytes
     if spec.pp > 1:
@@ -188,6 +177,20 @@ def comm_bytes(cfg: ModelConfig, spec: ParallelSpec, micro: int, seq_len: int, g
         out["pp"] = grad_accum * sends * tokens * d * act_bytes
     out["total"] = sum(out[k] for k in DIMS)
     return out
+
+
+def _tp_layer_bytes(cfg: ModelConfig, layer: int, tokens: int, act_bytes: int, tp: int) -> int:
+    """Tensor-parallel all-reduces of one layer for one micro-batch of ``tokens`` (forward + backward)."""
+    d = cfg.d_model
+    moe = cfg.is_moe and layer >= cfg.n_dense_layers
+    ffn = not moe or cfg.shared_width > 0  # a dense SwiGLU or a shared expert is split
+    widths = [d] + ([d] if ffn else [])  # forward: o_proj, down_proj outputs
+    if cfg.attn == "mla":  # backward: column-wise inputs
+        widths += [cfg.q_lora_rank or d, cfg.kv_lora_rank, cfg.qk_rope_head_dim]
+    else:
+        widths += [d, d, d]
+    widths += [d, d] if ffn else []  # backward: gate, up inputs
+    return sum(ring_bytes("all_reduce", tokens * w * act_bytes, tp) for w in widths)
 
 
 def state_bytes_per_rank(cfg: ModelConfig, spec: ParallelSpec, param_bytes: int = 4, grad_bytes: int = 4,
