@@ -67,9 +67,14 @@ def fold(text: str) -> str:
         if c.isspace():
             if not out or out[-1] != " ":
                 out.append(" ")
-        elif unicodedata.category(c) != "Cf":
-            out.append(unicodedata.normalize("NFKC", c).casefold())
+        else:
+            out.append(_fold_char(c))
     return "".join(out)
+
+
+def _fold_char(c: str) -> str:
+    """One non-space character as :func:`fold` sees it ("" for a format character)."""
+    return "" if unicodedata.category(c) == "Cf" else unicodedata.normalize("NFKC", c).casefold()
 
 
 def held_word_len(text: str, n: int, words: list[str]) -> int:
@@ -88,8 +93,8 @@ def held_word_len(text: str, n: int, words: list[str]) -> int:
         if c.isspace():
             if not acc.startswith(" "):
                 acc = " " + acc
-        elif unicodedata.category(c) != "Cf":
-            acc = unicodedata.normalize("NFKC", c).casefold() + acc
+        else:
+            acc = _fold_char(c) + acc
         if len(acc) >= longest:
             break
         if acc and acc.strip() and any(w.startswith(acc) for w in words):
