@@ -43,7 +43,7 @@ def launch(out, nproc: int, ep: int, cases: list[str]) -> dict[str, list[dict]]:
            str(ROOT / "tests" / "ep_worker.py"), str(out), str(ep), *cases]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return {case: [torch.load(out / f"{case}.rank{r}.pt", weights_only=False) for r in range(nproc)]
+    return {case: [torch.load(out / f"{case}.rank{r}.pt", weights_only=True) for r in range(nproc)]
             for case in cases}
 
 

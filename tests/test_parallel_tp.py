@@ -44,7 +44,7 @@ def torchrun(args: list[str], timeout: float, nproc: int = 2) -> None:
 def runs(tmp_path_factory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("tp")
     torchrun([str(ROOT / "tests" / "tp_worker.py"), str(out), *CASES, "bad"], timeout=120)
-    return {case: [torch.load(out / f"{case}.rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return {case: [torch.load(out / f"{case}.rank{r}.pt", weights_only=True) for r in (0, 1)]
             for case in CASES + ["bad"]}
 
 
@@ -112,7 +112,7 @@ def test_fsdp2_composes_with_tp(tmp_path):
     cases = ["fsdp_mla", "fsdp_gqa_sp"]
     torchrun([str(ROOT / "tests" / "tp_worker.py"), str(tmp_path), *cases], timeout=300, nproc=4)
     for case in cases:
-        runs = [torch.load(tmp_path / f"{case}.rank{r}.pt", weights_only=False) for r in range(4)]
+        runs = [torch.load(tmp_path / f"{case}.rank{r}.pt", weights_only=True) for r in range(4)]
         r0 = runs[0]
         assert r0["tp_losses"] == pytest.approx(r0["ref_losses"], abs=1e-5, rel=0)
         assert r0["tp_norms"] == pytest.approx(r0["ref_norms"], rel=1e-5)
