@@ -260,7 +260,6 @@ static PyObject* py_latent_attn(PyObject* self, PyObject* const* args, Py_ssize_
     v[i] = PyLong_AsLongLong(args[i]);
     if (v[i] == -1 && PyErr_Occurred()) return NULL;
   }
-#define PTR(t, i) ((t)(intptr_t)v[i])
   Py_BEGIN_ALLOW_THREADS
   rc = ts_latent_attn(PTR(const float*, 0), v[1], v[2], PTR(const float*, 3), v[4], v[5], v[6], PTR(const float*, 7),
                       v[8], v[9], PTR(const int64_t*, 10), PTR(float*, 11), v[12], v[13], v[14], v[15], v[16], v[17],

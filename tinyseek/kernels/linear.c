@@ -165,7 +165,6 @@ void ts_linear_f32(const float* x, int64_t sx, const float* w, int64_t sw, const
 static PyObject* py_linear_f32(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   long long v[10];
   if (ts_int_args(args, nargs, 10, v)) return NULL;
-#define PTR(t, i) ((t)(intptr_t)v[i])
   if (v[6] * v[7] * v[8] < 65536) {  /* short: not worth releasing the GIL */
     ts_linear_f32(PTR(const float*, 0), v[1], PTR(const float*, 2), v[3], PTR(const float*, 4), PTR(float*, 5),
                   v[6], v[7], v[8], (int)v[9]);

@@ -188,9 +188,9 @@ static PyObject* py_moe_f32(PyObject* self, PyObject* const* args, Py_ssize_t na
   int rc;
   if (ts_int_args(args, nargs, 12, v)) return NULL;
   Py_BEGIN_ALLOW_THREADS
-  rc = ts_moe_f32((const float*)(intptr_t)v[0], (const int64_t*)(intptr_t)v[1], (const float*)(intptr_t)v[2],
-                  v[3], v[4], v[5], (const float*)(intptr_t)v[6], (const float*)(intptr_t)v[7],
-                  (float*)(intptr_t)v[8], v[9], v[10], (int)v[11]);
+  rc = ts_moe_f32(PTR(const float*, 0), PTR(const int64_t*, 1), PTR(const float*, 2),
+                  v[3], v[4], v[5], PTR(const float*, 6), PTR(const float*, 7),
+                  PTR(float*, 8), v[9], v[10], (int)v[11]);
   Py_END_ALLOW_THREADS
   return PyLong_FromLong(rc);
 }

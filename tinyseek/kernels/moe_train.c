@@ -124,10 +124,10 @@ static PyObject* py_fwd(PyObject* self, PyObject* const* args, Py_ssize_t nargs)
   int rc;
   if (ts_int_args(args, nargs, 15, v)) return NULL;
   Py_BEGIN_ALLOW_THREADS
-  rc = ts_experts_fwd((const float*)(intptr_t)v[0], (const int64_t*)(intptr_t)v[1], (const float*)(intptr_t)v[2],
-                      (const int32_t*)(intptr_t)v[3], v[4], v[5], v[6], v[7], (const float*)(intptr_t)v[8],
-                      (const float*)(intptr_t)v[9], (float*)(intptr_t)v[10], (float*)(intptr_t)v[11],
-                      (float*)(intptr_t)v[12], (float*)(intptr_t)v[13], (void*)(intptr_t)v[14]);
+  rc = ts_experts_fwd(PTR(const float*, 0), PTR(const int64_t*, 1), PTR(const float*, 2),
+                      PTR(const int32_t*, 3), v[4], v[5], v[6], v[7], PTR(const float*, 8),
+                      PTR(const float*, 9), PTR(float*, 10), PTR(float*, 11),
+                      PTR(float*, 12), PTR(float*, 13), PTR(void*, 14));
   Py_END_ALLOW_THREADS
   return PyLong_FromLong(rc);
 }
@@ -136,12 +136,12 @@ static PyObject* py_bwd(PyObject* self, PyObject* const* args, Py_ssize_t nargs)
   int rc;
   if (ts_int_args(args, nargs, 19, v)) return NULL;
   Py_BEGIN_ALLOW_THREADS
-  rc = ts_experts_bwd((const float*)(intptr_t)v[0], (const int64_t*)(intptr_t)v[1], (const float*)(intptr_t)v[2],
-                      (const int32_t*)(intptr_t)v[3], v[4], v[5], v[6], v[7], (const float*)(intptr_t)v[8],
-                      (const float*)(intptr_t)v[9], (const float*)(intptr_t)v[10], (const float*)(intptr_t)v[11],
-                      (const float*)(intptr_t)v[12], (float*)(intptr_t)v[13], (float*)(intptr_t)v[14],
-                      (float*)(intptr_t)v[15], (float*)(intptr_t)v[16], (float*)(intptr_t)v[17],
-                      (void*)(intptr_t)v[18]);
+  rc = ts_experts_bwd(PTR(const float*, 0), PTR(const int64_t*, 1), PTR(const float*, 2),
+                      PTR(const int32_t*, 3), v[4], v[5], v[6], v[7], PTR(const float*, 8),
+                      PTR(const float*, 9), PTR(const float*, 10), PTR(const float*, 11),
+                      PTR(const float*, 12), PTR(float*, 13), PTR(float*, 14),
+                      PTR(float*, 15), PTR(float*, 16), PTR(float*, 17),
+                      PTR(void*, 18));
   Py_END_ALLOW_THREADS
   return PyLong_FromLong(rc);
 }

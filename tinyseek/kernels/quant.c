@@ -272,7 +272,6 @@ int ts_dequant(int bits, const int64_t* idx, int64_t R, int64_t V, const void* q
 
 #include "pyext.h"
 #ifdef TS_PYEXT  /* the same functions as a CPython extension: a call costs ~0.2 us, ctypes ~1.7 */
-#define PTR(t, i) ((t)(intptr_t)v[i])
 static PyObject* py_mm(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   long long v[12];
   if (ts_int_args(args, nargs, 12, v)) return NULL;

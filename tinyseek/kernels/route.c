@@ -87,13 +87,13 @@ int ts_sort_ids(const int64_t* e, int64_t A, int64_t B, int64_t* sorted, int64_t
 static PyObject* py_topk(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   long long v[5];
   if (ts_int_args(args, nargs, 5, v)) return NULL;
-  return PyLong_FromLong(ts_topk_f32((const float*)(intptr_t)v[0], v[1], v[2], v[3], (int64_t*)(intptr_t)v[4]));
+  return PyLong_FromLong(ts_topk_f32(PTR(const float*, 0), v[1], v[2], v[3], PTR(int64_t*, 4)));
 }
 static PyObject* py_sort(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   long long v[6];
   if (ts_int_args(args, nargs, 6, v)) return NULL;
-  return PyLong_FromLong(ts_sort_ids((const int64_t*)(intptr_t)v[0], v[1], v[2], (int64_t*)(intptr_t)v[3],
-                                     (int64_t*)(intptr_t)v[4], (int64_t*)(intptr_t)v[5]));
+  return PyLong_FromLong(ts_sort_ids(PTR(const int64_t*, 0), v[1], v[2], PTR(int64_t*, 3),
+                                     PTR(int64_t*, 4), PTR(int64_t*, 5)));
 }
 static PyMethodDef methods[] = {
   {"ts_topk_f32", (PyCFunction)(void (*)(void))py_topk, METH_FASTCALL, NULL},
