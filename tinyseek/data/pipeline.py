@@ -259,13 +259,11 @@ def skipped_line(count: int, names: list[str], show: int = 5) -> str:
     return f"skipped {count} file(s) with an unsupported suffix: {', '.join(names[:show])}{more}"
 
 
-def nothing_kept_error(acct: Accounting, sources: list[Source]) -> UserError:
-    """Why no document survived, in one line: no records, no text field, all malformed, or the filters."""
+def nothing_kept_error(acct: Accounting, sources: list[Source], sk: str = "") -> UserError:
+    """Why no document survived, in one line: no records, no text field, all malformed, or the filters.
+    ``sk``: the "; skipped ..." note on files left out, appended to each message."""
     n_in = sum(acct.input.values())
-    user = [s for s in sources if "files" in s.meta and not s.meta.get("default")]
-    n_files = sum(s.meta["files"] for s in user)
-    skipped = sum(s.meta.get("skipped_files", 0) for s in user)
-    sk = f"; {skipped_line(skipped, [n for s in user for n in s.meta.get('skipped_names', [])])}" if skipped else ""
+    n_files = sum(s.meta["files"] for s in sources if "files" in s.meta and not s.meta.get("default"))
     if n_in == 0:
         where = ", ".join(s.origin for s in sources)
         return UserError(f"read {n_files} file(s) from {where} but found no records (empty files?){sk}")
@@ -550,9 +548,9 @@ def main(cfg: Config) -> dict:
     user = [s for s in sources if not s.meta.get("default")]
     skipped = [n for s in user for n in s.meta.get("skipped_names", [])]
     n_skipped = sum(s.meta.get("skipped_files", 0) for s in user)
+    sk = f"; {skipped_line(n_skipped, skipped)}" if n_skipped else ""
     if user and sum(s.meta.get("files", 0) for s in user) == 0:
-        raise UserError(f"no input files found in {cfg.inputs} (supported suffixes: {' '.join(SUFFIXES)})"
-                        + (f"; {skipped_line(n_skipped, skipped)}" if n_skipped else ""))
+        raise UserError(f"no input files found in {cfg.inputs} (supported suffixes: {' '.join(SUFFIXES)}){sk}")
     acct = Accounting(cfg.text_field)
     out_dir = cfg.out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -564,11 +562,11 @@ def main(cfg: Config) -> dict:
         with atomic_dir(out_dir) as tmp:
             counts = _filter_stream(cfg, sources, acct, spill)
             if not counts:
-                raise nothing_kept_error(acct, sources)
+                raise nothing_kept_error(acct, sources, sk)
             ppl = _perplexity(cfg, counts, acct, spill)
             counts = {d: s["kept"] for d, s in ppl.items() if s["kept"]}
             if not counts:
-                raise nothing_kept_error(acct, sources)
+                raise nothing_kept_error(acct, sources, sk)
             val_thr = _val_threshold(cfg, counts, spill)
 
             # ---- tokenizer ---------------------------------------------------------------------
