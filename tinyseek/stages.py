@@ -66,9 +66,11 @@ def is_done(run: Path, stage: str) -> bool:
 
 
 def _read_marker(run: Path, stage: str) -> dict:
-    if not is_done(run, stage):
+    """The marker's JSON object, read and parsed once ({} when ``stage`` is not done)."""
+    try:
+        d = json.loads(marker(run, stage).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
         return {}
-    d = json.loads(marker(run, stage).read_text())
     return d if isinstance(d, dict) else {}
 
 
