@@ -48,6 +48,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from tinyseek.errors import UserError
 from tinyseek.model.attention import MLA
 from tinyseek.model.transformer import Transformer
+from tinyseek.train.distributed import clip_grad_norm_  # noqa: F401 (the one clip for DTensor / plain mixes)
 
 
 def check_tp(cfg, tp: int) -> None:
@@ -144,31 +145,6 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool = 
         if isinstance(p, DTensor) and all(isinstance(pl, Replicate) for pl in p.placements):
             p.register_post_accumulate_grad_hook(_replicate_grad)
     return model
-
-
-def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for a model whose parameters mix DTensors (the sharded and
-    replicated ones of :func:`apply_tp`, FSDP2's) and plain tensors (the replicated modules), which
-    torch's version refuses (its norm and foreach ops do not take mixed lists). The gradients are
-    grouped by device mesh (plain ones apart), each group's norm is computed with DTensor's
-    collectives and gathered, and the total norm is the norm of the group norms. Plain gradients
-    must be identical on every rank (true under tensor parallelism and data parallelism: they are
-    counted once). Returns the total norm, a plain scalar tensor, the same on every rank; every
-    gradient is scaled by ``min(1, max_norm / (total + 1e-6))`` as torch does."""
-    groups: dict[object, list[torch.Tensor]] = {}  # device mesh (None: plain) -> parameters
-    for p in ([parameters] if isinstance(parameters, torch.Tensor) else parameters):
-        if p.grad is not None:
-            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
-    norms = []
-    for params in groups.values():
-        n = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type)
-        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
-    if not norms:
-        return torch.tensor(0.0)
-    total = torch.nn.utils.get_total_norm(norms, norm_type)
-    for params in groups.values():
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
 
 
 def _check_sequence(model: nn.Module, args: tuple, kwargs: dict, tp: int) -> None:
