@@ -184,18 +184,18 @@ def plan(cfg: Config, run: Path, order: tuple[str, ...], redo: set[str]) -> dict
     for s in order:
         deps = [d for d in DEPENDS[s] if d in order]
         rerun = [d for d in deps if why.get(d)]
-        m = marker_inputs(run, s)
+        m, done, now = marker_inputs(run, s), is_done(run, s), stage_settings(cfg, s)
         if s in redo:
             why[s] = "--force" if cfg.force else "--redo"
-        elif not is_done(run, s) and s in RESUMABLE and not rerun and (old := _started_settings(run, s)) is not None \
-                and old != stage_settings(cfg, s):  # killed, then asked for something else: no resume
-            why[s] = f"stale: its settings changed since it started ({_diff(old, stage_settings(cfg, s))})"
-        elif not is_done(run, s):
+        elif not done and s in RESUMABLE and not rerun and (old := _started_settings(run, s)) is not None \
+                and old != now:  # killed, then asked for something else: no resume
+            why[s] = f"stale: its settings changed since it started ({_diff(old, now)})"
+        elif not done:
             why[s] = "not done"
         elif rerun:
             why[s] = f"stale: {', '.join(rerun)} {'is' if len(rerun) == 1 else 'are'} redone"
-        elif m and m.get("settings") != stage_settings(cfg, s):
-            why[s] = f"stale: its settings changed ({_diff(m.get('settings') or {}, stage_settings(cfg, s))})"
+        elif m and m.get("settings") != now:
+            why[s] = f"stale: its settings changed ({_diff(m.get('settings') or {}, now)})"
         elif m and (moved := [d for d in deps if (m.get("after") or {}).get(d) != marker_inputs(run, d).get("id")]):
             why[s] = f"stale: {', '.join(moved)} changed since it ran"
         else:
