@@ -21,12 +21,13 @@ def _reselect(module: nn.Module, incompatible_keys) -> None:
 
 class KernelSeam:
     """Mixin of a module whose op has a C variant (``tinyseek.kernels``) beside its PyTorch
-    reference: ``select_variant()`` sets ``use_kernel`` from the module's tensors, once when the
-    module is built (its ``__init__`` ends with :meth:`init_seam`) and again after every conversion
-    or move (``nn.Module._apply``: ``.to``, ``.float``, ``.cpu``, ``to_empty``) and every
-    ``load_state_dict`` (``assign=True`` replaces the tensors), not per call. Per call the kernel
-    variant still falls back to the reference where a call needs it (a gradient to record, inputs
-    the kernel does not take, the kernels switched off: the switch stays live for A/B runs)."""
+    reference: ``select_variant()`` sets ``use_kernel`` (``MoE``: its ``variants``) from the
+    module's tensors, once when the module is built (its ``__init__`` ends with :meth:`init_seam`)
+    and again after every conversion or move (``nn.Module._apply``: ``.to``, ``.float``, ``.cpu``,
+    ``to_empty``) and every ``load_state_dict`` (``assign=True`` replaces the tensors), not per
+    call. Per call the kernel variant still falls back to the reference where a call needs it (a
+    gradient to record, inputs the kernel does not take, the kernels switched off: the switch stays
+    live for A/B runs)."""
 
     use_kernel = False
 

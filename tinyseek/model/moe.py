@@ -39,7 +39,7 @@ Dispatch (the routed experts for the chosen assignments), all numerically the sa
 A variant for comparison only, ``compiled`` (``torch.compile``d elementwise), lives in
 ``benchmarks/moe_compiled.py``; other packages add theirs with :func:`register_dispatch`.
 
-The seam: :meth:`MoE.select_variants` turns ``impl`` (``cfg.moe_impl``) into two variants, one for
+The seam (a :class:`tinyseek.model.layers.KernelSeam`): :meth:`MoE.select_variant` turns ``impl`` (``cfg.moe_impl``) into two variants, one for
 calls that need a gradient and one for calls that do not, once: when the module is built, its
 ``impl`` set, its experts or shared expert replaced, its state loaded or it is moved (``.to()``),
 not per call. Per call ``forward`` only branches on whether a gradient is needed (and, under
@@ -63,7 +63,7 @@ from tinyseek.kernels import moe_infer, moe_train
 from tinyseek.kernels.moe_grouped import combine_plan, gemm_experts, grouped_mm_ok, routed_experts
 from tinyseek.kernels.moe_shared import ExpertsWithShared, kernel_runs_with_shared
 from tinyseek.kernels.route import sort_by_expert, topk_indices
-from tinyseek.model.layers import Linear, SwiGLU, linear_or_f
+from tinyseek.model.layers import KernelSeam, Linear, SwiGLU, linear_or_f
 
 # ---------------------------------------------------------------------------------------------
 # pure functions
@@ -237,7 +237,7 @@ class SharedGate(nn.Module):
         return torch.sigmoid(linear_or_f(x_ND, self.weight))
 
 
-class MoE(nn.Module):
+class MoE(KernelSeam, nn.Module):
     """``y[n] = sum_k w[n, k] * expert_{idx[n, k]}(x[n]) (+ gate(x[n]) * shared(x[n]))`` over the
     router's top-k (minus capacity drops). ``forward(x_BTD) -> (y_BTD, stats)``: ``stats["aux_loss"]``
     (alpha times the balance loss in training, else 0); in training also ``counts`` (assignments per
@@ -252,15 +252,15 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.d_model, cfg.moe_d_ff)
         self.shared = SwiGLU(cfg.d_model, cfg.shared_width) if cfg.n_shared_experts > 0 else None
         self.shared_gate = SharedGate(cfg.d_model) if cfg.shared_expert_gate and self.shared is not None else None
-        self.register_load_state_dict_post_hook(_after_load)
         self.load_scope = LOCAL  # whose tokens the load statistics cover (LoadScope)
-        self.impl = cfg.moe_impl  # chooses the variants (select_variants)
+        self.impl = cfg.moe_impl  # chooses the variants (select_variant)
+        self.init_seam()
 
     # --- the seam: which dispatch variant runs, chosen once ----------------------------------------
     @property
     def impl(self) -> str:
         """The dispatch asked for: ``auto`` or a name in :data:`DISPATCH`. Setting it chooses the
-        variants again (:meth:`select_variants`)."""
+        variants again (:meth:`select_variant`)."""
         return self._impl
 
     @impl.setter
@@ -268,9 +268,9 @@ class MoE(nn.Module):
         if name != "auto" and name not in DISPATCH:
             raise ValueError(f"unknown MoE dispatch {name!r}: auto or one of {sorted(DISPATCH)}")
         self._impl = name
-        self.select_variants()
+        self.select_variant()
 
-    def select_variants(self) -> None:
+    def select_variant(self) -> None:
         """Fix the dispatch variants for ``impl``, the experts' type, device and dtype: ``variants``
         = (with a gradient, without). Called when any of those may have changed (built, ``impl`` set,
         experts or shared expert replaced, state loaded with ``assign``, ``.to()``); cheap."""
@@ -305,12 +305,7 @@ class MoE(nn.Module):
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
         if name in ("experts", "shared", "shared_gate") and "_impl" in self.__dict__:
-            self.select_variants()
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        self.select_variants()  # the device or dtype may have changed
-        return out
+            self.select_variant()
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -479,11 +474,6 @@ def register_dispatch(name: str, fn) -> None:
     if name in DISPATCH and DISPATCH[name] is not fn:
         raise ValueError(f"MoE dispatch {name!r} is already registered")
     DISPATCH[name] = fn
-
-
-def _after_load(moe: MoE, incompatible_keys) -> None:
-    """``load_state_dict`` post-hook: ``assign=True`` may have brought weights of another device or dtype."""
-    moe.select_variants()
 
 
 def _shared_foldable(sh) -> bool:
