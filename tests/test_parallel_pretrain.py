@@ -246,7 +246,8 @@ def test_bad_layout_under_torchrun_is_one_line_before_any_collective(tmp_path):
     (["--parallel", "dp=1,tp=2,ep=2"], "ep=2 must divide dp*dp_shard = 1*1 = 1"),
     (["--parallel", "pp=2", "--model.tie-embeddings", "true"], "pp=2 needs untied embeddings"),
     (["--parallel", "pp=2", "--dtype", "fp16"], "pp=2 needs a dtype other than fp16"),
-    (["--parallel", "dp_shard=2,ep=2"], "supports expert parallelism over dp (DDP) only so far"),
+    (["--parallel", "dp=2,ep=4"], "ep=4 must divide dp*dp_shard = 2*1 = 2"),
+    (["--parallel", "dp=2,ep=3"], "ep=3 does not divide model.n_routed_experts = 4"),
     (["--parallel", "dp=2,sp=1"], "'sp=1' is not one of"),
     (["--parallel", "dp_shard=2", "--compression", "powersgd"], "powersgd is a DDP hook"),
 ])

@@ -409,8 +409,9 @@ def wrap_model(model: nn.Module, dist: Dist, mode: str = "ddp", compression: str
     holds more than one replica group: ``mode="ddp"`` takes a 1-D mesh (DDP over its group),
     ``mode="fsdp"`` a 1-D mesh (FSDP2) or a 2-D ``(replicate, shard)`` mesh (HSDP: FSDP2 shards
     over the second dim and all-reduces over the first). None: the whole world, as before.
-    ``local_params``: names of parameters DDP leaves alone (each rank holds its own, e.g. expert
-    parallelism's experts; the caller syncs them); FSDP2 refuses them (ConfigError).
+    ``local_params``: names of parameters the wrapper leaves alone (each rank holds its own, e.g.
+    expert parallelism's experts; the caller averages their gradients): DDP ignores them, FSDP2
+    neither shards nor reduces them (``ignored_params``).
 
     A world of one (or a ``dp_mesh`` of one rank) returns ``model`` itself (no communication;
     stats stay at zero). A world larger than one with ``mode="none"`` is a ConfigError (ranks
@@ -432,10 +433,11 @@ def wrap_model(model: nn.Module, dist: Dist, mode: str = "ddp", compression: str
         if local_params:
             DDP._set_params_and_buffers_to_ignore_for_model(model, list(local_params))
         return _wrap_ddp(model, dist, compression, powersgd_rank, powersgd_start, stats, group), stats
-    if local_params:
-        raise ConfigError("rank-local parameters (expert parallelism) are not supported with FSDP2 yet; "
-                          "use --parallel dp=N,ep=M (DDP)")
-    return _wrap_fsdp(model, dist, compression, stats, dp_mesh), stats
+    named = dict(model.named_parameters())
+    missing = [n for n in local_params if n not in named]
+    if missing:
+        raise ConfigError(f"rank-local parameters not in the model: {', '.join(missing[:3])}")
+    return _wrap_fsdp(model, dist, compression, stats, dp_mesh, {named[n] for n in local_params}), stats
 
 
 def _wrap_ddp(model, dist, compression, powersgd_rank, powersgd_start, stats, group=None):
@@ -456,12 +458,15 @@ def _wrap_ddp(model, dist, compression, powersgd_rank, powersgd_start, stats, gr
 
 
 def _fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """Modules sharded one by one before the root: the transformer blocks."""
+    """Modules sharded one by one before the root: the transformer blocks (a pipeline stage keeps
+    its blocks in a ModuleDict keyed by layer index)."""
     blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.ModuleDict):
+        return list(blocks.values())
     return list(blocks) if isinstance(blocks, nn.ModuleList) else []
 
 
-def _wrap_fsdp(model, dist, compression, stats, dp_mesh=None):
+def _wrap_fsdp(model, dist, compression, stats, dp_mesh=None, ignored: set | None = None):
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:  # torch < 2.6 kept FSDP2 under _composable
@@ -472,14 +477,17 @@ def _wrap_fsdp(model, dist, compression, stats, dp_mesh=None):
     mesh = dp_mesh if dp_mesh is not None else init_device_mesh(dist.device.type, (dist.world_size,))
     shard, replicate = mesh.shape[-1], (mesh.shape[0] if mesh.ndim == 2 else 1)
     units = _fsdp_units(model)
+    ignored = ignored or set()
+    skip = {id(p) for p in ignored}
+    extra = {"ignored_params": ignored} if ignored else {}  # (torch >= 2.7: kept out of the call otherwise)
     for unit in units:
-        _count_fsdp_unit(unit, stats, reshard=True, reduce_dtype=reduce_dtype, exclude=(), shard=shard,
+        _count_fsdp_unit(unit, stats, reshard=True, reduce_dtype=reduce_dtype, exclude=skip, shard=shard,
                          replicate=replicate)
-        fully_shard(unit, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
-    unit_params = {id(p) for u in units for p in u.parameters()}
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True, mp_policy=mp, **extra)
+    unit_params = {id(p) for u in units for p in u.parameters()} | skip
     _count_fsdp_unit(model, stats, reshard=False, reduce_dtype=reduce_dtype, exclude=unit_params, shard=shard,
                      replicate=replicate)
-    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp, **extra)
     return model
 
 
@@ -552,35 +560,53 @@ def no_sync(wrapped: nn.Module, mode: str) -> Iterator[None]:
     yield
 
 
-def clip_grad_norm_(params, max_norm: float, split_params=(), split_group=None) -> torch.Tensor:
+def clip_grad_norm_(params, max_norm: float, split_params=(), split_group=None, norm_group=None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` (2-norm) that also takes a mix of DTensor and plain
     parameters or DTensors on several meshes, as tensor parallelism leaves them (replicated modules
-    stay plain; FSDP2 over them puts the TP'd ones on a larger mesh), and parameters
-    split over ranks (``split_params``, e.g. expert parallelism's local experts: every rank of
-    ``split_group`` holds different ones): the norm is the global one (a DTensor gradient counts as
-    its full tensor, each shard once; split parameters' squares summed over ``split_group``), every
-    gradient is scaled by ``min(1, max_norm / (norm + 1e-6))``, and the norm comes back as a plain
-    tensor. All-plain or all-DTensor parameters and nothing split go to torch's function unchanged
-    (a DTensor norm then)."""
+    stay plain; FSDP2 over them puts the TP'd ones on a larger mesh), parameters split over ranks
+    (``split_params``, e.g. expert parallelism's local experts: every rank of ``split_group`` holds
+    different ones), and a model cut over ranks (``norm_group``: a pipeline group, each rank holding
+    other layers): the norm is the global one (:func:`grad_norm_sq`), every gradient is scaled by
+    ``min(1, max_norm / (norm + 1e-6))``, and the norm comes back as a plain tensor. All-plain or
+    all-DTensor parameters with nothing split or cut go to torch's function unchanged (a DTensor
+    norm then)."""
+    params = [p for p in params if p.grad is not None]
+    split_ids = {id(p) for p in split_params}
+    if norm_group is None and not split_ids and len({_grad_kind(p, split_ids) for p in params}) <= 1:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    total = grad_norm_sq(params, split_params, split_group, norm_group).sqrt()
+    plain = [p for p in params if not isinstance(p.grad, DTensor)]
+    for group in [plain] + [[p for p in params if isinstance(p.grad, DTensor) and p.grad.device_mesh == m]
+                            for m in {p.grad.device_mesh for p in params if isinstance(p.grad, DTensor)}]:
+        if group:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
+def _grad_kind(p: torch.Tensor, split_ids: set):
+    return "split" if id(p) in split_ids else p.grad.device_mesh if isinstance(p.grad, DTensor) else "plain"
+
+
+def grad_norm_sq(params, split_params=(), split_group=None, norm_group=None) -> torch.Tensor:
+    """The squared global 2-norm of the gradients of ``params`` as a plain fp32 scalar, the same on
+    every rank: a DTensor gradient counts as its full tensor (each shard once), ``split_params``'
+    squares are summed over ``split_group``, and the whole sum over ``norm_group`` (ranks holding
+    disjoint parts of the model, e.g. pipeline stages). Collectives over those groups only."""
     split_ids = {id(p) for p in split_params}
     kinds: dict[Any, list] = {}  # "split", "plain", or the DeviceMesh of a DTensor gradient
     for p in params:
         if p.grad is not None:
-            key = "split" if id(p) in split_ids else p.grad.device_mesh if isinstance(p.grad, DTensor) else "plain"
-            kinds.setdefault(key, []).append(p)
-    if len(kinds) <= 1 and "split" not in kinds:
-        return torch.nn.utils.clip_grad_norm_([p for g in kinds.values() for p in g], max_norm)
-    sq = []
+            kinds.setdefault(_grad_kind(p, split_ids), []).append(p)
+    sq = torch.zeros((), dtype=torch.float32)
     for key, group in kinds.items():
         n = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
         n = (n.full_tensor() if isinstance(n, DTensor) else n).float() ** 2
-        if key == "split" and tdist.is_initialized():
+        if key == "split" and split_group is not None and tdist.is_initialized():
             tdist.all_reduce(n, group=split_group)
-        sq.append(n)
-    total = torch.stack(sq).sum().sqrt()
-    for group in kinds.values():
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-    return total
+        sq = sq.to(n.device) + n
+    if norm_group is not None and tdist.is_initialized():
+        tdist.all_reduce(sq, group=norm_group)
+    return sq
 
 
 def all_reduce_grads_mean_(params, group, stats: CommStats | None = None) -> None:
@@ -592,8 +618,9 @@ def all_reduce_grads_mean_(params, group, stats: CommStats | None = None) -> Non
     n = tdist.get_world_size(group)
     for p in params:
         if p.grad is not None:
-            tdist.all_reduce(p.grad, group=group)
-            p.grad.div_(n)
+            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # a TP shard: its replicas
+            tdist.all_reduce(g, group=group)
+            g.div_(n)
             if stats is not None:
                 nbytes = p.grad.numel() * p.grad.element_size()
                 stats.add(sent=ring_bytes("all_reduce", nbytes, n), raw=ring_bytes("all_reduce", p.grad.numel() * 4, n))

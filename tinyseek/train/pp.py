@@ -65,6 +65,7 @@ from torch.utils.checkpoint import checkpoint
 from tinyseek.errors import UserError
 from tinyseek.model.moe import update_bias
 from tinyseek.model.transformer import Transformer
+from tinyseek.train.distributed import clip_grad_norm_
 
 # schedule name -> torch.distributed.pipelining class (imported in Pipe.build only: the package pulls in
 # torch._dynamo, ~1.3 s, which a run without pipeline parallelism should not pay)
@@ -223,21 +224,14 @@ class Pipe:
         return out
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` over the whole model: this rank's stages' gradient
-        norm (``get_total_norm``; a DTensor norm, e.g. of FSDP2-sharded gradients, is made whole
-        over its mesh), squared and summed over the pipeline group (one all-reduce), then
-        ``clip_grads_with_norm_``: every rank scales by the same factor and returns the same global
-        norm (non-finite when any gradient is: the caller skips the step, as the trainer does)."""
-        params = [p for p in self.parameters() if p.grad is not None]
-        local = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        if hasattr(local, "full_tensor"):  # a DTensor (not imported here: ~1 s)
-            local = local.full_tensor()
-        sq = local.float().square()
-        dist.all_reduce(sq, group=self.group)
-        total = sq.sqrt()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return total
+    def clip_grad_norm_(self, max_norm: float, split_params=(), split_group=None) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the whole model (:func:`tinyseek.train.distributed.clip_grad_norm_`
+        with the pipeline group as ``norm_group``): this rank's stages' squared gradient norm (DTensor
+        gradients of FSDP2 or tensor parallelism made whole over their mesh; expert parallelism's
+        ``split_params`` summed over ``split_group``) summed over the pipeline group, so every rank
+        scales by the same factor and returns the same global norm (non-finite when any gradient
+        is: the caller skips the step, as the trainer does)."""
+        return clip_grad_norm_(list(self.parameters()), max_norm, split_params, split_group, norm_group=self.group)
 
     def update_expert_bias(self, counts: list[torch.Tensor | None]) -> None:
         """Apply :func:`step`'s ``counts`` (one entry per local stage) to the local MoE layers."""

@@ -586,9 +586,6 @@ def check_layout(cfg: Config, world: int) -> M.ParallelSpec:
     """The run's parallel layout (``--parallel``, else ``--dist-mode`` over every rank), checked
     against ``world`` processes and the model: a one-line ConfigError, raised before any collective."""
     spec = M.resolve(cfg.parallel, world, cfg.dist_mode).validate(world, cfg.model)
-    if spec.pp > 1 and (spec.dp_shard > 1 or spec.tp > 1 or spec.ep > 1):
-        raise ConfigError(f"--parallel pp={spec.pp} with dp_shard={spec.dp_shard}, tp={spec.tp}, ep={spec.ep}: "
-                          "pretraining supports pipeline parallelism alone or with dp so far")
     if spec.pp > 1:
         bad = [(cfg.model.tie_embeddings, "untied embeddings (--model.tie-embeddings false)"),
                (cfg.dtype in ("fp16", "float16"), "a dtype other than fp16 (no loss scaling through the schedule yet)"),
@@ -600,9 +597,6 @@ def check_layout(cfg: Config, world: int) -> M.ParallelSpec:
         for cond, need in bad:
             if cond:
                 raise ConfigError(f"--parallel pp={spec.pp} needs {need}")
-    if spec.ep > 1 and (spec.dp_shard > 1 or spec.tp > 1):
-        raise ConfigError(f"--parallel ep={spec.ep} with dp_shard={spec.dp_shard}, tp={spec.tp}: pretraining "
-                          "supports expert parallelism over dp (DDP) only so far")
     if spec.tp > 1 and cfg.fp8:
         raise ConfigError(f"--fp8 with --parallel tp={spec.tp} is not supported (float8 layers are not sharded)")
     if spec.tp > 1 and cfg.compression != "none":
@@ -710,30 +704,37 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
     tokens_per_step = micro * accum * dp_world * cfg.seq_len
 
     # ---- parallel wrapper, optimizer ------------------------------------------------------------
-    if spec.tp > 1:  # DTensor shards over mesh["tp"] first, then data parallelism over the other dims
+    # order: tensor parallelism (DTensor shards over mesh["tp"]), expert parallelism (routed experts
+    # split over the EP group), the pipeline cut (this rank's stage), then data parallelism over the
+    # data-parallel dims of what this rank trains (the model, or its stage)
+    if spec.tp > 1:
         TP.apply_tp(model, mesh["tp"])
-    pipe = None  # pipeline parallelism: this rank's stage, grad_accum micro-batches through 1F1B
-    if spec.pp > 1:
-        pipe = PP.build_schedule(PP.split_model(model, mesh["pp"].get_local_rank(), spec.pp), mesh, accum)
     experts, ep_group, edp_group = {}, None, None
     if spec.ep > 1:  # routed experts split over the EP group, load statistics over the data-parallel group
         ep_group, edp_group = M.ep_group(mesh, spec), M.expert_dp_group(mesh, spec)
         EP.apply_ep(model, ep_group, load_group=dp_group)
-        experts = EP.expert_parameters(model)  # left out of DDP; averaged over edp_group in the step
+        experts = EP.expert_parameters(model)  # left out of DDP / FSDP2; averaged over edp_group in the step
     # the MoE load statistics of the whole data-parallel batch on every replica (collectives in each MoE
     # forward): counts, drops, capacity and balance loss are one process's, summed over dp no more
     global_load = spec.ep > 1 or (cfg.global_balance and dist.enabled and dp_world > 1 and bool(model.moe_layers))
     if global_load and spec.ep == 1:
         EP.share_load(model, dp_group)  # dp_group None: every rank (no --parallel)
-    if pipe is None:
-        wrapped, comm = D.wrap_model(model, dist, mode=mode, compression=cfg.compression,
-                                     powersgd_rank=cfg.powersgd_rank, dp_mesh=dp_mesh, local_params=tuple(experts))
-    else:  # no wrapper: pp x dp averages the stage's gradients over the dp group in the step (grad_sync)
-        wrapped, comm = model, D.CommStats(spec.dp)
+    pipe, trained = None, model  # pipeline parallelism: this rank's stage, grad_accum micro-batches through 1F1B
+    if spec.pp > 1:
+        trained = PP.split_model(model, mesh["pp"].get_local_rank(), spec.pp)
+        mine = {n for n, _ in trained.named_parameters()}
+        experts = {n: p for n, p in experts.items() if n in mine}  # the stage's layers' experts
+        pipe = PP.build_schedule(trained, mesh, accum)
     # gradients averaged by hand after backward: (parameters, process group) pairs
     grad_sync = [(list(experts.values()), edp_group)]  # ep < dp: the replicas of the same experts
-    if pipe is not None and spec.dp > 1:
-        grad_sync.append((list(pipe.parameters()), dp_group))  # the stage's replicas
+    if pipe is None or spec.dp_shard > 1:  # DDP, or FSDP2 (HSDP over dp x dp_shard; over TP's DTensors)
+        wrapped, comm = D.wrap_model(trained, dist, mode=mode, compression=cfg.compression,
+                                     powersgd_rank=cfg.powersgd_rank, dp_mesh=dp_mesh, local_params=tuple(experts))
+    else:  # a pipeline stage replicated over dp: its gradients averaged over the dp group in the step
+        wrapped, comm = trained, D.CommStats(spec.dp)
+        if spec.dp > 1:
+            split = {id(p) for p in experts.values()}
+            grad_sync.append(([p for p in trained.parameters() if id(p) not in split], dp_group))
     # DTensor parameters (FSDP2 shards, TP shards): gathered state dicts, foreach AdamW
     sharded = bool(dist and dist.enabled and (mode == "fsdp" or spec.tp > 1))
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=False if sharded else None)
@@ -841,7 +842,7 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
         for params, group in grad_sync:  # what no wrapper reduces (rank-local experts, pipeline stages)
             D.all_reduce_grads_mean_(params, group, comm)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = (pipe.clip_grad_norm_(max_norm) if pipe is not None else
+        grad_norm = (pipe.clip_grad_norm_(max_norm, experts.values(), ep_group) if pipe is not None else
                      D.clip_grad_norm_(model.parameters(), max_norm, experts.values(), ep_group))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
