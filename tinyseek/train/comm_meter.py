@@ -22,10 +22,12 @@ DDP's comm-hook all-reduces and the backward all-to-alls are seen); on CUDA it r
 worker thread, to which the autograd engine copies the caller's ``at::ThreadLocalState``, and that
 state carries the dispatch-mode stack (``torch_dispatch_mode_state_``), so the mode sees those
 collectives too (read in torch's source; not run on a GPU here). DDP's per-forward broadcast of
-buffers (C++ ``broadcast_coalesced``) goes through the dispatcher and is seen. Not seen: communication issued from C++ without the dispatcher (DDP *without* a Python comm
-hook, NCCL-internal traffic), ops issued on threads the mode was not propagated to (a user thread),
-and ``torch.compile``-d regions whose collectives were traced away from eager dispatch. Ops of
-those namespaces the table does not know are counted in :attr:`CommMeter.unknown`.
+buffers (C++ ``broadcast_coalesced``) reaches ``ProcessGroup`` through the dispatcher and is seen
+(so, presumably, is DDP's built-in C++ all-reduce when no Python hook is registered; tinyseek always
+registers one). Not seen: traffic below the dispatcher (a backend's own sub-operations, NCCL's
+internals), ops on threads the mode was not propagated to (a user-started thread), and
+``torch.compile``-d or CUDA-graph regions. Ops of the c10d namespaces the table does not know are
+counted in :attr:`CommMeter.unknown`.
 
 Bytes (:func:`sent_bytes`): what this rank puts on the wire under ring algorithms, the convention of
 :func:`tinyseek.train.distributed.ring_bytes`: an all-reduce of ``N`` bytes over ``W`` ranks sends
