@@ -17,6 +17,8 @@ replicas), dp_shard=4 and tp=4.
 from __future__ import annotations
 
 import dataclasses
+import os
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -25,8 +27,10 @@ import pytest
 import torch
 
 from test_distributed import torchrun
+from tinyseek.config import model_micro
 from tinyseek.errors import UserError
 from tinyseek.model.transformer import Transformer
+from tinyseek.train import checkpoint as ckpt
 from tinyseek.train import dist_ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,3 +238,25 @@ def test_model_only(tmp_path, saved):
     other, other_opt = trained(W.config())
     dist_ckpt.load(tmp_path / "m", other, other_opt)  # the checkpoint holds no optimizer state: none kept
     assert not other_opt.state
+
+
+def test_planted_metadata_pickle_never_runs(tmp_path):
+    """A ``.metadata`` whose pickle names a global outside DCP's metadata classes (a ``__reduce__``
+    payload), with checksums rewritten to match: a one-line UserError, and the payload never ran."""
+    model = Transformer(model_micro())
+    dist_ckpt.save(tmp_path / "ck", model)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    (tmp_path / "ck" / "checksums.json").unlink()
+    ckpt.write_checksums(tmp_path / "ck")
+    for read in (lambda: dist_ckpt.load(tmp_path / "ck", Transformer(model_micro())),
+                 lambda: dist_ckpt.load_full_model_state(tmp_path / "ck", model_micro())):
+        with pytest.raises(UserError, match=r"refused global (posix|os)\.system") as e:
+            read()
+        assert "\n" not in str(e.value)
+    assert not marker.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,7 @@ def test_pretrain_resume_refuses_pickled_optim_at_the_cli(tmp_path, capsys):
     pretrain.main(small_cfg(tmp_path, data=str(data), steps=2, eval_every=0, log_every=1))
     d = ckpt.latest_checkpoint(tmp_path / "run" / "ckpt")
     marker = tmp_path / "pwned"
+    shutil.rmtree(d / "train_state")  # a checkpoint of the optim.pt era (before distributed checkpoints)
     torch.save({"state": {}, "param_groups": [Payload(marker)]}, d / "optim.pt")
     ckpt.write_checksums(d)
     err = one_line_error(capsys, ["pretrain", "--run-dir", str(tmp_path / "run"), "--data", str(data),

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from tinyseek import cli
 from tinyseek.data.shards import write_shards
 from tinyseek.train import checkpoint as ckpt
+from tinyseek.train import dist_ckpt
 from test_distributed import ROOT, torchrun
 
 COMMON = ["--preset", "micro", "--steps", "5", "--batch-size", "4", "--grad-accum", "2", "--log-every", "1",
@@ -36,6 +37,7 @@ LAYOUTS = {  # run name -> extra flags
     "dp_shard2": ["--parallel", "dp_shard=2"],
     "tp2": ["--parallel", "tp=2", "--batch-size", "8"],  # both ranks read the global batch of 8
     "ep2": ["--parallel", "dp=2,ep=2"],  # 4 sequences a rank: the same global batch of 8
+    "shard_ep2": ["--parallel", "dp_shard=2,ep=2"],  # FSDP2 over the replicated weights, experts split
     "pp2": ["--parallel", "pp=2", "--batch-size", "8"],  # 2 stages, 2 micro-batches of 8 through 1F1B
     # step 3's checkpoint of one layout resumed under another (the global batch is kept)
     "tp2_to_pp2": ["--parallel", "pp=2", "--resume-from", "tp2/ckpt/step_000003"],
@@ -120,14 +122,15 @@ def test_parallel_dp_matches_todays_data_parallelism(runs, mesh_run, today):
     assert final["world_size"] == 2 and final["tokens_seen"] == 5 * 4 * 2 * 2 * 64  # steps x B x accum x dp x T
 
 
-@pytest.mark.parametrize("run", ["dp2", "dp_shard2", "tp2", "ep2", "pp2"])
+@pytest.mark.parametrize("run", ["dp2", "dp_shard2", "tp2", "ep2", "shard_ep2", "pp2"])
 def test_parallel_layouts_match_one_process(runs, one_process, run):
     """``--parallel dp=2`` and ``dp_shard=2`` (the MoE's load statistics over both replicas),
     ``tp=2`` (DTensor over heads and FFN widths, both ranks reading the same batch),
     ``dp=2,ep=2`` (2 of 4 routed experts a rank, tokens all-to-all, load statistics over both
-    ranks) and ``pp=2`` (one block a stage, the step's micro-batches through 1F1B): the losses of
-    one process on the same global batch within 1e-5 over 5 steps, the same final weights and
-    AdamW moments (gathered into one-process form in the checkpoint) within 1e-5."""
+    ranks), ``dp_shard=2,ep=2`` (the same with FSDP2 sharding the rest) and ``pp=2`` (one block a
+    stage, the step's micro-batches through 1F1B): the losses of one process on the same global
+    batch within 1e-5 over 5 steps, the same final weights (model.safetensors, read back from the
+    distributed checkpoint) and AdamW moments (its train_state/, read whole) within 1e-5."""
     par, one = losses(runs / run), losses(one_process)
     assert [s for s, _ in par] == [s for s, _ in one] == [1, 2, 3, 4, 5]
     assert max(abs(a - b) for (_, a), (_, b) in zip(par, one)) < 1e-5, (par, one)
@@ -136,12 +139,10 @@ def test_parallel_layouts_match_one_process(runs, one_process, run):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
-    if run in ("ep2", "pp2"):  # integer-keyed one-process optimizer state: resumable by one process or DDP
-        oa, ob = (torch.load(d / "optim.pt", weights_only=True) for d in (ck, one_process / "ckpt/step_000005"))
-        assert oa["state"].keys() == ob["state"].keys()
-        for i in ob["state"]:
-            for m in ("exp_avg", "exp_avg_sq"):
-                torch.testing.assert_close(oa["state"][i][m], ob["state"][i][m], atol=1e-5, rtol=0)
+    oa, ob = (dist_ckpt.read_flat(d / "train_state") for d in (ck, one_process / "ckpt/step_000005"))
+    assert oa.keys() == ob.keys() and any(k.endswith("experts.w_gate_up.exp_avg") for k in oa)
+    for k in ob:  # weights, AdamW moments and step counts, by one-process name and shape
+        torch.testing.assert_close(oa[k], ob[k], atol=1e-5, rtol=0, msg=k)
     final = json.loads((runs / run / "final.json").read_text())
     assert final["tokens_seen"] == 5 * 8 * 2 * 64  # the global batch: 8 sequences x 2 micro-steps
     ref = json.loads((one_process / "final.json").read_text())
@@ -245,7 +246,7 @@ def test_bad_layout_under_torchrun_is_one_line_before_any_collective(tmp_path):
     (["--parallel", "dp=3"], "needs pp*dp*dp_shard*tp = 1*3*1*1 = 3 processes, but the world has 2"),
     (["--parallel", "dp=1,tp=2,ep=2"], "ep=2 must divide dp*dp_shard = 1*1 = 1"),
     (["--parallel", "pp=2", "--model.tie-embeddings", "true"], "pp=2 needs untied embeddings"),
-    (["--parallel", "pp=2", "--dtype", "fp16"], "pp=2 needs a dtype other than fp16"),
+    (["--parallel", "pp=2", "--grad-accum", "1"], "pp=2 needs --grad-accum >= 2 (1F1B runs at least one micro-batch"),
     (["--parallel", "dp=2,ep=4"], "ep=4 must divide dp*dp_shard = 2*1 = 2"),
     (["--parallel", "dp=2,ep=3"], "ep=3 does not divide model.n_routed_experts = 4"),
     (["--parallel", "dp=2,sp=1"], "'sp=1' is not one of"),

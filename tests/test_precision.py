@@ -25,6 +25,7 @@ from tinyseek.data.shards import write_shards
 from tinyseek.errors import UserError
 from tinyseek.model.transformer import Transformer
 from tinyseek.train import checkpoint as ckpt
+from tinyseek.train import dist_ckpt
 from tinyseek.train import precision
 from tinyseek.train import pretrain
 from tinyseek.train.pretrain import Config, build_byte_shards, main, preset
@@ -91,8 +92,9 @@ def test_injected_overflow_skips_that_step_and_lowers_the_scale(tmp_path, monkey
     logged = [(r["step"], r["loss_scale"], r["skipped_steps"]) for r in recs if "loss" in r]
     assert logged == [(1, 65536.0, 0), (2, 65536.0, 0), (4, 32768.0, 1), (5, 32768.0, 1), (6, 32768.0, 1)]
     d = ckpt.latest_checkpoint(tmp_path / "run" / "ckpt")
-    opt = torch.load(d / "optim.pt", weights_only=True)
-    assert {float(s["step"]) for s in opt["state"].values()} == {5.0}  # 6 steps, exactly one optimizer step skipped
+    state = dist_ckpt.read_flat(d / "train_state")
+    steps = {float(v) for k, v in state.items() if k.endswith(".step")}
+    assert steps == {5.0}  # 6 steps, exactly one optimizer step skipped
     meta = ckpt.read_meta(d)
     assert meta["skipped_steps"] == 1
     assert meta["grad_scaler"] == {"scale": 32768.0, "growth_factor": 2.0, "backoff_factor": 0.5,
@@ -112,7 +114,7 @@ def test_update_scale_follows_the_global_decision():
     pipeline stage), and a taken step counts towards growth: every rank keeps the same scale."""
     w = nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.1)
-    s = torch.amp.GradScaler("cpu", init_scale=64.0, growth_interval=2)
+    s = precision.LossScaler(init_scale=64.0, growth_interval=2)
     for skipped, want in ((True, 32.0), (False, 32.0), (False, 64.0)):
         s.scale((w * 2).sum()).backward()
         s.unscale_(opt)
@@ -126,18 +128,18 @@ def test_update_scale_follows_the_global_decision():
 
 
 def test_scaler_state_round_trip_and_damage():
-    s = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=3)
+    s = precision.LossScaler(init_scale=8.0, growth_interval=3)
     s.scale(torch.tensor(1.0))  # materialise the scale tensor
     st = precision.scaler_state(s)
     back = json.loads(json.dumps(st))  # meta.json holds it: plain JSON numbers
-    fresh = torch.amp.GradScaler("cpu")
+    fresh = precision.LossScaler()
     assert precision.load_scaler_state(fresh, back, "meta.json")
     assert precision.scaler_state(fresh) == st == {"scale": 8.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                                                    "growth_interval": 3, "_growth_tracker": 0}
-    assert not precision.load_scaler_state(torch.amp.GradScaler("cpu"), None, "meta.json")  # a non-fp16 checkpoint
+    assert not precision.load_scaler_state(precision.LossScaler(), None, "meta.json")  # a non-fp16 checkpoint
     for bad in ({**st, "scale": float("nan")}, {**st, "scale": 0.0}, {"scale": 8.0}, [1, 2], {**st, "scale": "8"}):
         with pytest.raises(UserError, match="loss scaler state"):
-            precision.load_scaler_state(torch.amp.GradScaler("cpu"), bad, "ckpt/step_000004/meta.json")
+            precision.load_scaler_state(precision.LossScaler(), bad, "ckpt/step_000004/meta.json")
 
 
 def test_fp16_resume_is_exact_with_the_scaler_state(tmp_path, monkeypatch):

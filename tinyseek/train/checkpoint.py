@@ -58,6 +58,7 @@ then points the way the layers do (quant -> train), visible to a reader and to t
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import shutil
@@ -268,7 +269,8 @@ def check_finite_state(state: dict[str, torch.Tensor], what: str) -> None:
 # ---------------------------------------------------------------------------------------------
 def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module | None, optimizer: Any, meta: dict,
                     model_state: dict | None = None, optim_state: dict | None = None,
-                    extra: dict[str, Any] | None = None, weights_file: str = "model.safetensors") -> Path:
+                    extra: dict[str, Any] | None = None, weights_file: str = "model.safetensors",
+                    dirs: dict[str, Path] | None = None) -> Path:
     """Write ``ckpt_root/step_{step:06d}`` atomically and return its path.
 
     ``meta`` must be JSON-serialisable; ``step`` and (from ``model.cfg``) ``model_config`` are
@@ -276,6 +278,9 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module | None, o
     ``optimizer.state_dict()`` (for sharded models whose full state was gathered by the caller).
     ``extra`` maps file names to objects written with ``torch.save`` into the same directory.
     ``weights_file``: ``adapter.safetensors`` for a LoRA adapter checkpoint (see the module doc).
+    ``dirs`` maps folder names to finished folders (e.g. a distributed checkpoint, which carries its
+    own ``checksums.json``) moved into the checkpoint (same file system: a rename) before it is
+    renamed into place (a failed write removes them with the temp folder: they are temp folders too).
     """
     meta = dict(meta)
     meta.setdefault("step", int(step))
@@ -297,6 +302,8 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module | None, o
         torch.save(rng_state(), tmp / "rng.pt")
         for name, obj in (extra or {}).items():
             torch.save(obj, tmp / name)
+        for name, src in (dirs or {}).items():
+            os.replace(src, tmp / name)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
         write_checksums(tmp)  # last: covers every file above, meta.json included
     return final

@@ -74,6 +74,10 @@ KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"
          "scatter", "send", "recv", "barrier")
 P2P = ("send", "recv")
 OTHER = "other"  # the dimension of a group the caller's map does not name
+# the dimensions a run reports, in order: the mesh's data, tensor and pipeline dims, expert parallelism's
+# all-to-alls ("ep") and expert-gradient averages ("edp"), and anything else (loss / statistic all-reduces
+# over groups no dimension names)
+DIMS_REPORTED = ("dp", "dp_shard", "tp", "ep", "edp", "pp", OTHER)
 _NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor")
 
 

@@ -32,8 +32,13 @@ variants), the expert slices into EP's plain parameters and moments; the state o
 have none in the checkpoint is dropped, so the optimizer holds exactly what was saved (AdamW
 ``step`` counts included) and a training step continues like the uninterrupted run.
 
-Integrity. DCP's ``.metadata`` is a pickle written by torch and read back by torch with
-``pickle.load``: unpickling a file written by someone else can run code. :func:`save` therefore
+Integrity. DCP's ``.metadata`` is a pickle written by torch, which torch's own reader loads with
+plain ``pickle.load`` (a file written by someone else could run code). Every read here goes through
+:class:`SafeReader` instead: its unpickler resolves only the classes DCP's metadata is made of
+(:func:`_allowed`: the dataclasses of ``torch.distributed.checkpoint.metadata``, the file system
+writer's ``_StorageInfo``, ``torch.Size``, dtypes, layouts, memory formats, paths) and refuses any
+other global in one line, so a planted ``__reduce__`` payload never runs. (The shard files are
+read by torch with ``torch.load(weights_only=True)``.) :func:`save` also
 writes ``checksums.json`` (sha256 of every file of the directory, :func:`tinyseek.train.checkpoint.write_checksums`)
 once DCP has finished, and every reader here requires it and checks each file against it
 (``TINYSEEK_VERIFY``, :mod:`tinyseek.integrity`) before DCP opens anything. Checksums catch damage
@@ -49,6 +54,7 @@ Importing this module costs ~0.7 s (DCP): import it where a parallel run first c
 from __future__ import annotations
 
 import contextlib
+import pickle
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -58,6 +64,7 @@ import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -204,6 +211,52 @@ def save(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None =
         tdist.barrier()
 
 
+_SAFE_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
+                 ("torch", "Size"), ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+                 ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+                 ("pathlib", "Path")}
+
+
+def _allowed(module: str, name: str) -> bool:
+    """Whether DCP metadata may name the global ``module.name``: a class of DCP's metadata module,
+    a torch dtype / layout / memory format, or one of :data:`_SAFE_GLOBALS`.
+
+    >>> _allowed("torch.distributed.checkpoint.metadata", "Metadata"), _allowed("torch", "float32")
+    (True, True)
+    >>> _allowed("builtins", "eval"), _allowed("os", "system"), _allowed("torch", "load")
+    (False, False, False)
+    """
+    if (module, name) in _SAFE_GLOBALS:
+        return True
+    if module == "torch.distributed.checkpoint.metadata":
+        return isinstance(getattr(dcp_metadata, name, None), type)
+    if module == "torch":
+        return isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+    return False
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if not _allowed(module, name):
+            raise pickle.UnpicklingError(f"refused global {module}.{name} (not part of DCP's metadata)")
+        return super().find_class(module, name)
+
+
+class SafeReader(FileSystemReader):
+    """``FileSystemReader`` whose ``.metadata`` is unpickled with an allowlist (:func:`_allowed`)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = (self._get_metadata_path(kwargs.get("rank")) if hasattr(self, "_get_metadata_path")
+                else self.fs.concat_path(self.path, ".metadata"))  # (torch < 2.12 names it inline)
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if hasattr(dcp_metadata, "StorageMeta") and getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        if getattr(metadata, "storage_meta", None) is not None and hasattr(self, "load_id"):
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def _read_metadata(path: str | Path) -> Metadata:
     """The checkpoint's DCP metadata, after checking every file of ``path`` against its
     ``checksums.json`` (a one-line UserError for a missing directory, a missing ``checksums.json``
@@ -221,7 +274,7 @@ def _read_metadata(path: str | Path) -> Metadata:
         if f.is_file() and f.name != CHECKSUMS:
             verify_file(f)
     try:
-        return FileSystemReader(str(path)).read_metadata()
+        return SafeReader(str(path)).read_metadata()
     except Exception as e:  # noqa: BLE001 (a damaged pickle raises anything)
         raise damaged(path / ".metadata", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
@@ -291,7 +344,7 @@ def load(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None =
         raise
     try:
         with _one_process_quiet():
-            dcp.load(target, checkpoint_id=str(path), no_dist=not _distributed())
+            dcp.load(target, storage_reader=SafeReader(str(path)), no_dist=not _distributed())
     except (Exception, CheckpointException) as e:  # noqa: BLE001 (a BaseException: DCP's every-rank failure)
         raise UserError(f"DCP checkpoint {path} could not be read ({type(e).__name__}): restore it or pick "
                         "another checkpoint") from None
@@ -357,7 +410,7 @@ def _dcp_load_one_process(path: Path, state: dict) -> None:
     """``dcp.load(state)`` in this process alone (``no_dist``), its failures a one-line UserError."""
     try:
         with _one_process_quiet():
-            dcp.load(state, checkpoint_id=str(path), no_dist=True)
+            dcp.load(state, storage_reader=SafeReader(str(path)), no_dist=True)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 (a BaseException: DCP's read failure)
         raise UserError(f"DCP checkpoint {path} could not be read ({type(e).__name__}): restore it or pick "
                         "another checkpoint") from None

@@ -123,6 +123,7 @@ class Stage(nn.Module):
         self.rotary = model.rotary
         self.grad_checkpointing = model.grad_checkpointing
         self.records: list[dict] = []
+        self.loss_scale = 1.0  # fp16's loss scale (set by step): the aux loss's gradient is scaled alike
 
     @property
     def moe_layers(self) -> list[nn.Module]:
@@ -150,7 +151,7 @@ class Stage(nn.Module):
             self.records.append({"aux": aux.detach(), "counts": torch.stack(counts).float() if counts else None,
                                  "dropped": torch.stack(dropped) if dropped else None})
         if self.aux_grad and aux.requires_grad:
-            x = _AuxGrad.apply(x, aux)
+            x = _AuxGrad.apply(x, aux * self.loss_scale if self.loss_scale != 1.0 else aux)
         if self.last:
             x = self.lm_head(self.norm(x))
         return x
@@ -203,6 +204,12 @@ class Pipe:
     loss_fn: object
     schedule: object = None
     shape: tuple | None = None
+    loss_scale: float = 1.0  # fp16's loss scale for the step (:func:`step` sets it)
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss: ``loss_fn`` times the loss scale (what the backward starts from)."""
+        loss = self.loss_fn(logits, targets)
+        return loss * self.loss_scale if self.loss_scale != 1.0 else loss
 
     @property
     def first(self) -> bool:
@@ -255,7 +262,7 @@ class Pipe:
                    for k, s in enumerate(self.stages)]
         cls = getattr(pipelining, SCHEDULES[self.schedule_name])
         many = self.schedule_name == "interleaved1f1b"
-        self.schedule = cls(wrapped if many else wrapped[0], self.n_microbatches, loss_fn=self.loss_fn,
+        self.schedule = cls(wrapped if many else wrapped[0], self.n_microbatches, loss_fn=self._loss,
                             scale_grads=True)
         self.shape = shape
 
@@ -292,17 +299,22 @@ def _ready(pipe: Pipe, x: torch.Tensor) -> None:
         pipe.build((B // n, T))
 
 
-def step(pipe: Pipe, x: torch.Tensor, y: torch.Tensor) -> dict:
+def step(pipe: Pipe, x: torch.Tensor, y: torch.Tensor, loss_scale: float = 1.0) -> dict:
     """One forward/backward of the pipeline's batch ``(x, y)`` (every rank of the pipeline passes
     the same batch; it is cut into ``n_microbatches`` along dim 0), gradients accumulated in
-    ``.grad``. Returns, on every rank, the keys of ``pretrain.forward_backward``: the step's global
+    ``.grad`` -- times ``loss_scale`` (fp16's dynamic loss scale, the same on every rank: the
+    cross-entropy and every stage's balance loss are scaled before their backward, as
+    ``scaler.scale(loss).backward()`` does; the returned losses are unscaled). Returns, on every
+    rank, the keys of ``pretrain.forward_backward``: the step's global
     ``loss`` = ``ce_loss + aux_loss`` (means over micro-batches; ``aux_loss`` summed over every
     stage's MoE layers), and ``counts`` / ``dropped``: per local stage, summed over micro-batches,
     (n_moe_layers_of_stage, E) or None."""
     n = pipe.n_microbatches
     _ready(pipe, x)
+    pipe.loss_scale = float(loss_scale)
     for s in pipe.stages:
         s.records.clear()
+        s.loss_scale = pipe.loss_scale
     losses: list[torch.Tensor] = []
     args = (x,) if pipe.first else ()
     pipe.schedule.step(*args, target=y if pipe.last else None, losses=losses if pipe.last else None,
@@ -310,7 +322,7 @@ def step(pipe: Pipe, x: torch.Tensor, y: torch.Tensor) -> dict:
     for s in pipe.stages:
         if len(s.records) != n:
             raise RuntimeError(f"stage recorded {len(s.records)} forwards for {n} micro-batches")
-    ce = torch.stack([t.detach().float() for t in losses]).mean() if losses else torch.zeros(())
+    ce = torch.stack([t.detach().float() for t in losses]).mean() / pipe.loss_scale if losses else torch.zeros(())
     aux = sum((r["aux"] for s in pipe.stages for r in s.records), torch.zeros(())) / n
     both = torch.stack([ce, aux])
     dist.all_reduce(both, group=pipe.group)  # ce lives on the last stage, aux on every stage

@@ -4,7 +4,7 @@
   name): weights, gradients and the optimizer state stay fp32 (master weights) in every mode.
 - fp16 (``--dtype fp16``) has 5 exponent bits, so small gradients underflow: the loss is multiplied
   by a scale before backward and the gradients divided by it before clipping and the optimizer
-  step (``torch.amp.GradScaler``, Micikevicius et al. 2018). The scale is dynamic: a step whose
+  step (:class:`LossScaler`, GradScaler's rule; Micikevicius et al. 2018). The scale is dynamic: a step whose
   gradients hold inf/nan is skipped (no optimizer step) and halves the scale; 2000 finite steps in a
   row double it. :func:`loss_scaler` builds a scaler that is a pass-through for every other dtype,
   so the loop has one code path. :func:`update_scale` makes the scale follow the loop's own skip
@@ -46,33 +46,90 @@ SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_
 # ---------------------------------------------------------------------------------------------
 # fp16: dynamic loss scaling
 # ---------------------------------------------------------------------------------------------
-def loss_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler:
-    """A ``torch.amp.GradScaler`` for ``device``, enabled only when autocast runs in fp16; disabled,
-    ``scale`` returns the loss, ``unscale_`` / ``update`` do nothing and ``step`` is ``opt.step()``."""
-    return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+class LossScaler:
+    """Dynamic loss scaling (the contract of ``torch.amp.GradScaler``, without its per-device inf
+    checks): ``scale(loss)`` multiplies by the scale (a power of two, so scaling and unscaling are
+    exact), ``unscale_(opt)`` divides every gradient of the optimizer's parameters by it in place
+    (plain tensors and DTensors alike: tensor parallelism and FSDP2 leave a mix, which GradScaler's
+    fused check refuses), ``step(opt)`` is ``opt.step()``, and ``update(skipped)`` takes the loop's
+    own skip decision (global: loss and gradient norm are reduced over all ranks), so every rank
+    keeps the same scale: backoff (x0.5) after a skipped step, growth (x2) after
+    ``growth_interval`` finite steps in a row. Disabled, it is a pass-through. The state names
+    (:data:`SCALER_KEYS`) are GradScaler's, so checkpoints written with it still load."""
+
+    def __init__(self, enabled: bool = True, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000):
+        self.enabled = enabled
+        self._scale, self.growth_factor, self.backoff_factor = float(init_scale), float(growth_factor), float(backoff_factor)
+        self.growth_interval, self._growth_tracker = int(growth_interval), 0
+
+    def is_enabled(self) -> bool:
+        return self.enabled
+
+    def get_scale(self) -> float:
+        return self._scale if self.enabled else 1.0
+
+    def get_backoff_factor(self) -> float:
+        return self.backoff_factor
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self._scale if self.enabled else loss
+
+    @torch.no_grad()
+    def unscale_(self, opt: torch.optim.Optimizer) -> None:
+        if not self.enabled:
+            return
+        inv = 1.0 / self._scale
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        plain = [g for g in grads if type(g) is torch.Tensor]
+        if plain:
+            torch._foreach_mul_(plain, inv)
+        for g in grads:
+            if type(g) is not torch.Tensor:  # a DTensor: its local shard
+                g.mul_(inv)
+
+    def step(self, opt: torch.optim.Optimizer) -> None:
+        opt.step()
+
+    def update(self, skipped: bool) -> None:
+        if not self.enabled:
+            return
+        if skipped:
+            self._scale *= self.backoff_factor
+            self._growth_tracker = 0
+        else:
+            self._growth_tracker += 1
+            if self._growth_tracker == self.growth_interval:
+                self._scale *= self.growth_factor
+                self._growth_tracker = 0
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"scale": self._scale, "growth_factor": self.growth_factor, "backoff_factor": self.backoff_factor,
+                "growth_interval": self.growth_interval, "_growth_tracker": self._growth_tracker}
+
+    def load_state_dict(self, st: dict) -> None:
+        self._scale, self.growth_factor, self.backoff_factor = float(st["scale"]), float(st["growth_factor"]), float(st["backoff_factor"])
+        self.growth_interval, self._growth_tracker = int(st["growth_interval"]), int(st["_growth_tracker"])
 
 
-def update_scale(scaler: torch.amp.GradScaler, skipped: bool) -> None:
-    """``scaler.update()`` with the step's inf check set to the loop's decision: backoff when the step
-    was skipped, growth bookkeeping when it was taken. Call it once per step, after ``unscale_``.
-
-    GradScaler's own update reads the inf checks ``unscale_`` recorded on this rank; a rank whose
-    gradients were finite while the step was skipped elsewhere (a pipeline stage) would keep a
-    different scale. Overwriting the recorded checks with the global decision keeps all ranks equal.
-    """
-    if not scaler.is_enabled():
-        return
-    for st in scaler._per_optimizer_states.values():  # noqa: SLF001 -- GradScaler has no public setter
-        for found_inf in st["found_inf_per_device"].values():
-            found_inf.fill_(1.0 if skipped else 0.0)
-    scaler.update()
+def loss_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> LossScaler:
+    """A :class:`LossScaler`, enabled only when autocast runs in fp16; disabled, ``scale`` returns
+    the loss, ``unscale_`` / ``update`` do nothing and ``step`` is ``opt.step()``. (``device``: kept
+    for the call sites; the scaler is device-free.)"""
+    return LossScaler(enabled=amp_dtype == torch.float16)
 
 
-def scaler_state(scaler: torch.amp.GradScaler) -> dict[str, float | int] | None:
+def update_scale(scaler: LossScaler, skipped: bool) -> None:
+    """``scaler.update(skipped)``: the scale follows the loop's global skip decision. Call it once per
+    step, after ``unscale_``."""
+    scaler.update(skipped)
+
+
+def scaler_state(scaler: LossScaler) -> dict[str, float | int] | None:
     """The scaler's state as JSON numbers (None when disabled).
 
-    >>> s = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    >>> scaler_state(s)["scale"], scaler_state(torch.amp.GradScaler("cpu", enabled=False))
+    >>> s = LossScaler(init_scale=1024.0)
+    >>> scaler_state(s)["scale"], scaler_state(LossScaler(enabled=False))
     (1024.0, None)
     """
     if not scaler.is_enabled():
@@ -81,7 +138,7 @@ def scaler_state(scaler: torch.amp.GradScaler) -> dict[str, float | int] | None:
     return {k: (int(st[k]) if k in ("growth_interval", "_growth_tracker") else float(st[k])) for k in SCALER_KEYS}
 
 
-def load_scaler_state(scaler: torch.amp.GradScaler, state: Any, where: str | Path) -> bool:
+def load_scaler_state(scaler: LossScaler, state: Any, where: str | Path) -> bool:
     """Restore :func:`scaler_state` output into an enabled scaler; returns whether it did.
 
     ``state`` None (a checkpoint written without fp16) leaves the fresh scaler. A state that is not

@@ -77,6 +77,8 @@ from tinyseek.model.transformer import Transformer
 from tinyseek.plots import plot_loss
 from tinyseek.tokenizer import byte_tokenizer, load_tokenizer
 from tinyseek.train import checkpoint as ckpt
+from tinyseek.train import comm_meter as CM
+from tinyseek.train import dist_ckpt as DC
 from tinyseek.train import distributed as D
 from tinyseek.train import ep as EP
 from tinyseek.train import mesh as M
@@ -128,6 +130,7 @@ class Config:
     dist_mode: str = "ddp"           # under torchrun without --parallel: "ddp" or "fsdp" (FSDP2) over every rank
     parallel: str = ""               # under torchrun: layout "dp=2,dp_shard=1,tp=1,pp=1,ep=1" (train/mesh.py); "" = dist_mode over every rank
     global_balance: bool = True      # data-parallel MoE: balance loss, capacity, bias update from the global batch's loads (false: each replica's)
+    comm_probe_every: int = 100      # under torchrun: meter every collective of step 2 and every N-th after it (bytes and serialized time per parallel dimension, train/comm_meter.py); 0 = never
     compression: str = "none"        # DDP grad compression: none, fp16, bf16, powersgd, powersgd_fp16
     powersgd_rank: int = 2           # PowerSGD rank
     peak_flops: float = 0.0          # per-device peak FLOP/s for MFU; 0 = measure a GEMM once at start
@@ -145,7 +148,7 @@ class Config:
         for k in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
             need(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
         for k in ("target_tokens_per_step", "ckpt_every", "keep_last", "log_every", "eval_every",
-                  "warmup_steps", "debug_nan_step"):
+                  "warmup_steps", "debug_nan_step", "comm_probe_every"):
             need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
         need(self.seq_len <= self.model.max_seq_len,
              f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
@@ -443,7 +446,7 @@ def expert_stats(counts_LE: torch.Tensor, dropped_L: torch.Tensor | None) -> dic
 # the accumulated forward/backward of one optimizer step
 # ---------------------------------------------------------------------------------------------
 def forward_backward(wrapped, next_batch, accum: int, amp=contextlib.nullcontext, no_sync=contextlib.nullcontext,
-                     poison: bool = False, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+                     poison: bool = False, scaler: precision.LossScaler | None = None) -> dict[str, Any]:
     """Run ``accum`` micro-batches forward and backward, accumulating gradients in ``.grad``.
 
     Each micro-batch loss is divided by ``accum``: every packed micro-batch has the same number of
@@ -475,6 +478,31 @@ def forward_backward(wrapped, next_batch, accum: int, amp=contextlib.nullcontext
             dropped = out.dropped if dropped is None else dropped + out.dropped
     return {"loss": loss_sum, "ce_loss": ce_sum, "aux_loss": aux_sum, "counts": counts, "dropped": dropped}
 
+TRAIN_STATE = "train_state"  # a checkpoint's torch.distributed.checkpoint folder (weights + optimizer, any layout)
+
+
+def probe_step(step: int, every: int) -> bool:
+    """Whether 1-based ``step`` is a communication probe: step 2 (the first after the pipeline's shape
+    set-up and the allocators' warm-up), then every ``every``-th; never when ``every`` is 0.
+
+    >>> [s for s in range(1, 12) if probe_step(s, 4)], probe_step(2, 0)
+    ([2, 6, 10], False)
+    """
+    return every > 0 and step >= 2 and (step - 2) % every == 0
+
+
+def busiest(by_dim: dict[str, dict], device) -> dict[str, dict]:
+    """:meth:`CommMeter.by_dim` of this rank -> the maximum over all ranks of each dimension's bytes,
+    time and calls (a collective: every rank calls it with its own probe), dimensions in
+    :data:`tinyseek.train.comm_meter.DIMS_REPORTED` order, those without traffic anywhere left out."""
+    dims = CM.DIMS_REPORTED
+    t = torch.tensor([[float(by_dim.get(d, {}).get(k, 0)) for k in ("bytes", "time_s", "calls")] for d in dims],
+                     dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return {d: {"bytes": int(b), "time_s": round(ts, 6), "calls": int(c)}
+            for d, (b, ts, c) in zip(dims, t.tolist()) if c > 0}
+
+
 def resumed_geometry(meta: dict, dp_world: int) -> tuple[int, int]:
     """``(micro_batch per rank, grad_accum)`` that continue a checkpoint's global batch under
     ``dp_world`` data-parallel replicas (the layout may differ from the one that wrote it: the
@@ -492,8 +520,8 @@ def resumed_geometry(meta: dict, dp_world: int) -> tuple[int, int]:
     return micro * old // dp_world, accum
 
 
-def pipeline_forward_backward(model, pipe: PP.Pipe, next_batch, accum: int, amp=contextlib.nullcontext
-                              ) -> dict[str, Any]:
+def pipeline_forward_backward(model, pipe: PP.Pipe, next_batch, accum: int, amp=contextlib.nullcontext,
+                              scaler: precision.LossScaler | None = None) -> dict[str, Any]:
     """:func:`forward_backward`'s contract for one pipeline stage: the step's ``accum`` micro-batches
     go through the schedule (``tinyseek/train/pp.py``: the loss and gradients of one process running
     ``forward_backward`` over them), and ``counts`` / ``dropped`` come back for *every* MoE layer of
@@ -501,7 +529,7 @@ def pipeline_forward_backward(model, pipe: PP.Pipe, next_batch, accum: int, amp=
     logged loads are one process's on every rank."""
     xs, ys = zip(*(next_batch() for _ in range(accum)))
     with amp():
-        out = PP.step(pipe, torch.cat(xs), torch.cat(ys))
+        out = PP.step(pipe, torch.cat(xs), torch.cat(ys), scaler.get_scale() if scaler is not None else 1.0)
     counts = dropped = None
     if model.moe_layers:
         rows = {id(m): i for i, m in enumerate(model.moe_layers)}
@@ -516,25 +544,6 @@ def pipeline_forward_backward(model, pipe: PP.Pipe, next_batch, accum: int, amp=
         torch.distributed.all_reduce(dropped, group=pipe.group)
     return {"loss": out["loss"], "ce_loss": out["ce_loss"], "aux_loss": out["aux_loss"], "counts": counts,
             "dropped": dropped}
-
-
-def pipeline_full_states(model, pipe: PP.Pipe, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """``(model state, optimizer state)`` of one process from the pipeline's stages: every rank's
-    stage weights and the optimizer state of its parameters (integer ids of the whole model), merged
-    on every rank (a collective). A stage's weights are current only on its own rank."""
-    mine = {k: v.detach().cpu() for k, v in pipe.state_dict().items()}
-    owned = {id(p) for p in pipe.parameters()}
-    osd = opt.state_dict()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    my_state = {i: s for i, s in osd["state"].items() if id(params[i]) in owned}
-    parts: list = [None] * torch.distributed.get_world_size(pipe.group)
-    torch.distributed.all_gather_object(parts, (mine, my_state), group=pipe.group)
-    msd = {k: v.detach() for k, v in model.state_dict().items()}
-    state: dict = {}
-    for weights, st in parts:
-        msd.update(weights)
-        state.update(st)
-    return msd, {**osd, "state": dict(sorted(state.items()))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,12 +597,13 @@ def check_layout(cfg: Config, world: int) -> M.ParallelSpec:
     spec = M.resolve(cfg.parallel, world, cfg.dist_mode).validate(world, cfg.model)
     if spec.pp > 1:
         bad = [(cfg.model.tie_embeddings, "untied embeddings (--model.tie-embeddings false)"),
-               (cfg.dtype in ("fp16", "float16"), "a dtype other than fp16 (no loss scaling through the schedule yet)"),
-               (cfg.fp8, "--fp8 false"), (cfg.debug_nan_step > 0, "--debug-nan-step 0"),
+               (cfg.debug_nan_step > 0, "--debug-nan-step 0"),
                (cfg.compression != "none", "--compression none"),
                (cfg.batch_size % cfg.grad_accum, f"--batch-size divisible by --grad-accum (held-out batches "
                                                  "are cut into grad_accum micro-batches)"),
-               (cfg.target_tokens_per_step > 0, "--target-tokens-per-step 0")]
+               (cfg.target_tokens_per_step > 0, "--target-tokens-per-step 0"),
+               (cfg.grad_accum < spec.pp, f"--grad-accum >= {spec.pp} (1F1B runs at least one micro-batch a stage; "
+                                          f"got {cfg.grad_accum})")]
         for cond, need in bad:
             if cond:
                 raise ConfigError(f"--parallel pp={spec.pp} needs {need}")
@@ -680,6 +690,10 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
         print0(f"fp8: {len(precision.convert_fp8(model, device))} linear layers in float8")
     model.grad_checkpointing = cfg.grad_checkpointing
     model.train()
+    # the whole model's sizes, before any parallel layout splits it (EP keeps E/ep experts a rank, TP
+    # DTensor shards, PP one stage): MFU is the whole model's FLOPs on the world's tokens
+    n_params, n_active = model.num_params(), model.num_params(active=True)
+    fpt = flops_per_token(model, cfg.seq_len)
 
     # ---- device mesh: the loader reads as data-parallel rank dp_rank of dp_world -------------------
     mesh, dp_mesh, mode, dp_group = parallel_setup(cfg, spec, dist)
@@ -735,6 +749,12 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
         if spec.dp > 1:
             split = {id(p) for p in experts.values()}
             grad_sync.append(([p for p in trained.parameters() if id(p) not in split], dp_group))
+    # communication probes: every process group of the layout named by its parallel dimension
+    if mesh is not None:
+        comm_groups = CM.dim_groups(mesh, spec, {"dp": dp_group, "ep": ep_group, "edp": edp_group})
+    elif dist.enabled:
+        comm_groups = {CM.group_name(torch.distributed.group.WORLD): "dp_shard" if mode == "fsdp" else "dp"}
+    probe_every = cfg.comm_probe_every if dist.enabled else 0
     # DTensor parameters (FSDP2 shards, TP shards): gathered state dicts, foreach AdamW
     sharded = bool(dist and dist.enabled and (mode == "fsdp" or spec.tp > 1))
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=False if sharded else None)
@@ -745,13 +765,14 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
     scaler = precision.loss_scaler(amp_dtype, device)  # fp16: dynamic loss scaling; else a pass-through
     logger = MetricsLogger(run_dir / "metrics.jsonl", tensorboard=cfg.tensorboard, enabled=is_main)
     if resume_dir:
-        osd = ckpt.load_optim_state(resume_dir, map_location=device)
-        if sharded or any(isinstance(k, str) for k in osd.get("state", {})):  # FQN-keyed: saved sharded
-            D.load_full_optim_state(wrapped, opt, osd)
-        else:
-            if experts:  # this rank's experts' slice of the one-process state
-                osd = D.slice_split_optim_state(opt, osd, experts, ep_group)
-            ckpt.load_optimizer(opt, osd, resume_dir / "optim.pt")
+        if (resume_dir / TRAIN_STATE).is_dir():  # whatever layout wrote it, resharded into this one (a collective)
+            DC.load(resume_dir / TRAIN_STATE, trained if pipe is not None else wrapped, opt, spec, device.type)
+        elif sharded or experts:
+            raise UserError(f"--resume: {resume_dir} was written before distributed checkpoints (optim.pt, no "
+                            f"{TRAIN_STATE}/): resume it in one process or with --parallel dp=N once, which writes "
+                            "checkpoints any layout resumes")
+        else:  # an integer-keyed optim.pt over the one-process parameter order (DDP and pipeline stages keep it)
+            ckpt.load_optimizer(opt, ckpt.load_optim_state(resume_dir, map_location=device), resume_dir / "optim.pt")
         try:
             loader.load_state_dict(meta["loader"])
             step, skipped, tokens_seen = int(meta["step"]), int(meta["skipped_steps"]), int(meta["tokens_seen"])
@@ -775,8 +796,6 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
                    seq_len=cfg.seq_len,
                    tokens_per_step=tokens_per_step, adaptive=cfg.target_tokens_per_step > 0)
 
-    n_params, n_active = model.num_params(), model.num_params(active=True)
-    fpt = flops_per_token(model, cfg.seq_len)
     # on CPU, autocast's fp16/bf16 GEMMs are emulated (slower than fp32, and timing fp16 took ~40 s):
     # MFU there is measured against the fp32 peak
     peak = cfg.peak_flops or measure_peak_flops(device, amp_dtype if device.type == "cuda" else None)
@@ -790,14 +809,19 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
             raise UserError(f"all {step_now - start_step} steps of this run were skipped (non-finite loss or gradient "
                             f"norm, see {logger.path}): nothing was learned and no checkpoint was written; check --lr "
                             "and the --model.* settings")
-        msd, osd = D.full_states(wrapped, opt) if sharded else (None, None)  # a collective when sharded: all ranks
-        if pipe is not None:  # every stage's weights and optimizer state, merged (a collective)
-            msd, osd = pipeline_full_states(model, pipe, opt)
-        if experts:  # gathered over the EP group: a collective, all ranks
-            msd, osd = D.split_full_states(model, opt, experts, ep_group)
+        # the training state (weights, AdamW moments) through torch.distributed.checkpoint: every rank writes
+        # its own shards into a temp folder all ranks name alike (a collective); rank 0 then reads the
+        # one-process weights back for model.safetensors and moves the folder into the atomic step folder
+        staging = ckpt_root / f".tmp-{ckpt.step_dir(ckpt_root, step_now).name}-dcp"
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)  # an earlier writer's, killed mid-save
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+        barrier()
+        DC.save(staging, trained if pipe is not None else wrapped, opt, spec, device.type)
         comm_states = _gather_comm_states(wrapped, cfg, world)  # collective under PowerSGD
         path = None
         if is_main:
+            msd = model.state_dict() if not dist.enabled else DC.load_full_model_state(staging, cfg.model)
             meta_out = {"step": step_now, "model_config": to_dict(cfg.model), "train_config": to_dict(cfg),
                         "loader": loader.state_dict(), "skipped_steps": skipped, "tokens_seen": tokens_seen,
                         "micro_batch": micro, "grad_accum": accum, "world_size": world, "parallel": str(spec),
@@ -806,8 +830,9 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
                         # the newest logged train loss and held-out loss (the final checkpoint's are the run's)
                         "loss": last.get("loss"), "loss_step": last_loss_step,
                         "val_loss": val_loss, "val_loss_step": val_loss_step}
-            path = ckpt.save_checkpoint(ckpt_root, step_now, model, opt, meta_out, model_state=msd, optim_state=osd,
-                                        extra={"comm.pt": comm_states} if comm_states else None)
+            path = ckpt.save_checkpoint(ckpt_root, step_now, None, None, meta_out, model_state=msd,
+                                        extra={"comm.pt": comm_states} if comm_states else None,
+                                        dirs={TRAIN_STATE: staging})
             ckpt.prune_checkpoints(ckpt_root, cfg.keep_last)
         barrier()
         return path
@@ -820,6 +845,7 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
     win_dropped = torch.zeros(n_moe, dtype=torch.long, device=device) if n_moe else None
     win_tokens, win_time, win_comm, win_comm_raw, win_steps = 0, 0.0, 0, 0, 0
     last: dict[str, Any] = {}
+    last_comm: dict[str, dict] = {}
     val_loss, val_loss_step, last_loss_step = None, None, None
     start_step, ok_steps = step, 0
     eval_model = wrapped if sharded else model  # FSDP2 needs the sharded module; DDP's forward is not needed
@@ -832,18 +858,20 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
         set_lr(opt, lr)
         poison = bool(cfg.debug_nan_step) and step + 1 == cfg.debug_nan_step
         sync_off = lambda: D.no_sync(wrapped, mode)  # noqa: E731
-        fb = (pipeline_forward_backward(model, pipe, loader.next_batch, accum, amp) if pipe is not None else
-              forward_backward(wrapped, loader.next_batch, accum, amp, sync_off, poison, scaler))
-        losses = torch.stack([fb["loss"], fb["ce_loss"], fb["aux_loss"]])
-        if dist.enabled:
-            D.all_reduce_mean_(losses, dist)  # every rank sees the same (possibly non-finite) loss
-        counts, dropped = fb["counts"], fb["dropped"]
-        scaler.unscale_(opt)  # fp16: clip (and check) the true gradients
-        for params, group in grad_sync:  # what no wrapper reduces (rank-local experts, pipeline stages)
-            D.all_reduce_grads_mean_(params, group, comm)
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = (pipe.clip_grad_norm_(max_norm, experts.values(), ep_group) if pipe is not None else
-                     D.clip_grad_norm_(model.parameters(), max_norm, experts.values(), ep_group))
+        probe = probe_step(step + 1, probe_every)  # the same step on every rank
+        with CM.CommMeter(comm_groups) if probe else contextlib.nullcontext() as meter:
+            fb = (pipeline_forward_backward(model, pipe, loader.next_batch, accum, amp, scaler) if pipe is not None
+                  else forward_backward(wrapped, loader.next_batch, accum, amp, sync_off, poison, scaler))
+            losses = torch.stack([fb["loss"], fb["ce_loss"], fb["aux_loss"]])
+            if dist.enabled:
+                D.all_reduce_mean_(losses, dist)  # every rank sees the same (possibly non-finite) loss
+            counts, dropped = fb["counts"], fb["dropped"]
+            scaler.unscale_(opt)  # fp16: clip (and check) the true gradients
+            for params, group in grad_sync:  # what no wrapper reduces (rank-local experts, pipeline stages)
+                D.all_reduce_grads_mean_(params, group, comm)
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = (pipe.clip_grad_norm_(max_norm, experts.values(), ep_group) if pipe is not None else
+                         D.clip_grad_norm_(model.parameters(), max_norm, experts.values(), ep_group))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         (loss_val, ce_val, aux_val), gnorm_val = losses.tolist(), float(grad_norm)
@@ -874,9 +902,15 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
         tokens_seen += tokens_per_step
         # ======== end of the training step ==============================================================
 
-        win_tokens += tokens_per_step
-        win_time += dt
-        win_steps += 1
+        if probe:  # the busiest rank's bytes and serialized time per dimension; the step's time stays out of
+            # the throughput window (its collectives ran one at a time) unless the window has no other step
+            last_comm = busiest(meter.by_dim(), device)
+            logger.log(step, event="comm_probe", step_time_s=round(dt, 4),
+                       **{f"comm/{d}/{k}": v for d, row in last_comm.items() for k, v in row.items()})
+        if not probe or (win_steps == 0 and (cfg.log_every == 0 or step % cfg.log_every == 0 or step == cfg.steps)):
+            win_tokens += tokens_per_step
+            win_time += dt
+            win_steps += 1
         if n_moe and ok:
             win_counts += counts
             win_dropped += dropped
@@ -892,6 +926,7 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
         # -------- every log_every steps: metrics --------------------------------------------------------
         if ok and ((cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps):
             tps = win_tokens / max(win_time, 1e-9)
+            win_steps = max(win_steps, 1)
             rec: dict[str, Any] = {"loss": loss_val, "ce_loss": ce_val, "aux_loss": aux_val, "lr": lr,
                                    "grad_norm": gnorm_val, "tokens_per_s": round(tps, 1),
                                    "mfu": round(fpt * tps / (peak * world), 5), "tokens_seen": tokens_seen,
@@ -929,7 +964,8 @@ def _train(cfg: Config, dist, spec: M.ParallelSpec, rank: int, world: int, is_ma
     result = {"step": step, "loss": last.get("loss"), "val_loss": val_loss, "skipped_steps": skipped,
               "tokens_seen": tokens_seen, "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu"),
               "params": n_params, "active_params": n_active, "micro_batch": micro, "grad_accum": accum,
-              "world_size": world, "run_dir": str(run_dir), "wall_s": round(time.time() - t_start, 2)}
+              "world_size": world, "run_dir": str(run_dir), "wall_s": round(time.time() - t_start, 2),
+              "parallel": str(spec) if dist.enabled else "", "comm_probe": last_comm}
     if is_main:
         plot_loss(logger.path, run_dir / "loss.png", title=f"{cfg.name}: pretraining loss")
         atomic_write_json(run_dir / "final.json", result)
