@@ -626,49 +626,6 @@ def all_reduce_grads_mean_(params, group, stats: CommStats | None = None) -> Non
                 stats.add(sent=ring_bytes("all_reduce", nbytes, n), raw=ring_bytes("all_reduce", p.grad.numel() * 4, n))
 
 
-def gather_split_(t: torch.Tensor, group) -> torch.Tensor:
-    """The dim-0 concatenation of ``t`` over the ranks of ``group``, in group rank order (a collective)."""
-    parts = [torch.empty_like(t) for _ in range(tdist.get_world_size(group))]
-    tdist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts)
-
-
-def split_full_states(model: nn.Module, opt: torch.optim.Optimizer, split: dict[str, nn.Parameter], group
-                      ) -> tuple[dict, dict]:
-    """``(model state, optimizer state)`` of one process, from a model whose ``split`` parameters
-    (name -> parameter, e.g. ``ep.expert_parameters``) hold each rank's dim-0 slice over ``group``
-    (rank order): those parameters and their optimizer state tensors are all-gathered (a
-    collective: every rank calls it), everything else is this rank's (replicated). The optimizer
-    state keeps the plain integer ids, so a single process or DDP resumes from it."""
-    msd = {k: v.detach() for k, v in model.state_dict().items()}
-    for name, p in split.items():
-        msd[name] = gather_split_(p.detach(), group)
-    osd = opt.state_dict()
-    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-    state = dict(osd["state"])
-    for p in split.values():
-        i = index[id(p)]
-        if i in state:
-            state[i] = {k: (gather_split_(v, group) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
-                        for k, v in state[i].items()}
-    return msd, {**osd, "state": state}
-
-
-def slice_split_optim_state(opt: torch.optim.Optimizer, osd: dict,
-                            split: dict[str, nn.Parameter], group) -> dict:
-    """Inverse of :func:`split_full_states` for the optimizer: this rank's dim-0 slice of the
-    ``split`` parameters' state tensors in a one-process (integer-keyed) state dict."""
-    rank, n = tdist.get_rank(group), tdist.get_world_size(group)
-    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-    state = dict(osd["state"])
-    for p in split.values():
-        i = index[id(p)]
-        if i in state:
-            state[i] = {k: (v.chunk(n)[rank].clone() if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
-                        for k, v in state[i].items()}
-    return {**osd, "state": state}
-
-
 def full_state_dict(wrapped: nn.Module) -> dict[str, torch.Tensor]:
     """Plain (unsharded, CPU-free of DTensor) state dict of the underlying model on every rank.
 
@@ -693,19 +650,6 @@ def _dcp_state_dict():
     imported by a sharded run's first checkpoint, never by an unsharded one."""
     import torch.distributed.checkpoint.state_dict as dcp_sd
     return dcp_sd
-
-
-def full_states(wrapped: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """``(model state, optimizer state)`` of an FSDP2-wrapped model, gathered in full (unsharded,
-    on the CPU, the optimizer's keyed by parameter name): a collective, call it on every rank."""
-    sd = _dcp_state_dict()
-    return sd.get_state_dict(wrapped, opt, options=sd.StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_optim_state(wrapped: nn.Module, opt: torch.optim.Optimizer, osd: dict) -> None:
-    """Inverse of :func:`full_states` for the optimizer (every rank passes the full, name-keyed state)."""
-    sd = _dcp_state_dict()
-    sd.set_optimizer_state_dict(wrapped, opt, optim_state_dict=osd, options=sd.StateDictOptions(full_state_dict=True))
 
 
 def _param_index_to_fqn(wrapped: nn.Module, opt: torch.optim.Optimizer) -> list[str]:

@@ -34,7 +34,8 @@ ranks holding a copy of its parameter, of those ranks' local-loss gradients):
   already the global batch's on every rank; the trainer must not sum them over the dp group again
   (the sign rule of the bias update would not care, the logged loads and drops would).
 - Each rank's ``aux_loss`` value is the whole batch's; the mean over ranks of ``loss`` is one process's.
-- Checkpoints hold E/ep experts per rank; :func:`full_state_dict` gathers one process's state dict.
+- Checkpoints: :mod:`tinyseek.train.dist_ckpt` presents each rank's slices to torch.distributed.checkpoint as
+  DTensors of the global shape (any layout resumes them); :func:`full_state_dict` gathers one process's state dict.
 """
 from __future__ import annotations
 

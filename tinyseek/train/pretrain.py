@@ -41,12 +41,24 @@ held-out ``val_loss`` (with ``loss_step`` / ``val_loss_step``): the final one ho
 A run in which every step was skipped as non-finite fails (UserError) instead of saving a checkpoint
 (under fp16 the first steps may be skipped while the loss scale settles; a run needs one taken step).
 Under torchrun each rank's PowerSGD state (error feedback, warm-start factors) is gathered into
-``comm.pt`` and restored per parameter, so a resumed PowerSGD run is exact too. Checkpoints are
-always in one-process form (sharded, split and staged state gathered), so they load under any
-layout; a resume under another layout (``--parallel``, world size) keeps the stream position and
-the global batch (the per-rank micro-batch is rescaled). It continues exactly where both layouts
-compute one process's step (one process, tp, pp, dp x ep; tests/test_parallel_pretrain.py), not
-where plain data parallelism's per-replica balance loss or a restarted PowerSGD state differ.
+``comm.pt`` and restored per parameter, so a resumed PowerSGD run is exact too. The training state
+(weights and AdamW moments) goes through torch.distributed.checkpoint (``train_state/``,
+``tinyseek/train/dist_ckpt.py``): every rank writes its own shards, nothing is gathered on one
+rank, and a resume under any other layout (``--parallel``, world size; one process too) reads it
+resharded; rank 0 then reads the one-process weights back into ``model.safetensors`` for the later
+stages and tools. A resume under another layout keeps the stream position and the global batch
+(the per-rank micro-batch is rescaled). It continues exactly where both layouts compute one
+process's step (one process, tp, pp, dp x ep, ...; tests/test_parallel_pretrain.py), not where
+plain data parallelism's per-replica balance loss or a restarted PowerSGD state differ.
+Checkpoints written before ``train_state/`` existed (an ``optim.pt``) resume in one process or
+under DDP / pipeline layouts that keep the one-process parameter order.
+
+Communication: DDP's and FSDP2's gradient bytes are counted every step (``comm_bytes_per_step``);
+step 2 and every ``comm_probe_every``-th step after it run under a
+:class:`tinyseek.train.comm_meter.CommMeter` that records every collective and P2P op per parallel
+dimension (``dp``, ``dp_shard``, ``tp``, ``ep``, ``edp``, ``pp``, ``other``: the busiest rank's
+bytes and serialized time, logged as a ``comm_probe`` event and in ``final.json``); that step's time
+stays out of ``tokens_per_s``.
 
 MFU counts ``6 * (active non-embedding params) + 6 * layers * heads * (qk_dim + v_dim) * seq_len``
 FLOPs per token (the nanochat/PaLM estimate; the attention term ignores causal masking) against
