@@ -3,11 +3,13 @@
 For each layout, ``tinyseek pretrain --preset micro --parallel <layout>`` runs under torchrun on the
 same global batch (``--global-batch`` sequences a micro-step, ``--grad-accum`` micro-steps a step),
 and one process runs the same batch as the baseline. From each run's metrics.jsonl: the median
-``tokens_per_s`` of the steps after the first (the whole world's tokens) and ``comm_bytes_per_step``
-(what pretrain counts: DDP's / FSDP2's gradient collectives and the hand-made gradient averages of
-experts and pipeline stages, per rank). Printed next to them, :func:`tinyseek.train.comm_model.comm_bytes`
-for the same layout: its data-parallel part (``dp`` + ``dp_shard``, comparable with the measured
-bytes) and its ``tp`` / ``ep`` / ``pp`` activation terms, which pretrain does not count (model only).
+``tokens_per_s`` of the steps after the probed one (the whole world's tokens), and the ``comm_probe``
+of step 2 (:mod:`tinyseek.train.comm_meter`: every collective and P2P op of that step, the busiest
+rank's bytes per parallel dimension and its serialized time). Printed next to each measured
+dimension, :func:`tinyseek.train.comm_model.comm_bytes` for the same layout (``measured / model``
+KiB; the model's ``dp`` term covers both the dp gradient all-reduce and the expert replicas'
+``edp`` one). The probe also sees what the model leaves out (DDP's buffer broadcasts, the MoE
+load-statistic and loss all-reduces: ``other`` and the small excess of ``dp``).
 
 ``--plan`` prints the scaling plan instead (computed, nothing runs): per-rank bytes per step and model-state
 memory for gpu-small and a ~1B-parameter MoE on 8 and 64 GPUs.
@@ -31,12 +33,14 @@ from pathlib import Path
 
 from tinyseek.config import ModelConfig, model_gpu_small, model_micro
 from tinyseek.data.shards import write_shards
+from tinyseek.train.comm_meter import DIMS_REPORTED
 from tinyseek.train.comm_model import comm_bytes, param_counts, state_bytes_per_rank
 from tinyseek.train.mesh import parse_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUTS = {2: ["dp=2", "dp_shard=2", "tp=2", "pp=2", "dp=2,ep=2"],
-           4: ["dp=4", "dp=2,tp=2", "pp=2,dp=2", "dp=4,ep=2", "dp=2,dp_shard=2"]}
+LAYOUTS = {2: ["dp=2", "dp_shard=2", "tp=2", "pp=2", "dp=2,ep=2", "dp_shard=2,ep=2"],
+           4: ["dp=4", "tp=4", "dp=4,ep=4", "dp=2,tp=2", "pp=2,dp=2", "dp=4,ep=2", "dp=2,dp_shard=2",
+               "pp=2,tp=2", "pp=2,dp=2,ep=2", "dp=2,tp=2,ep=2"]}
 
 
 def model_1b_moe() -> ModelConfig:
@@ -62,12 +66,15 @@ def run(layout: str, ranks: int, args, data: Path, out: Path) -> dict:
     if proc.returncode:
         raise SystemExit(f"{layout or 'one process'} failed:\n{proc.stderr[-3000:]}")
     recs = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in recs if "tokens_per_s" in r and r["step"] > 1]
+    steps = [r for r in recs if "tokens_per_s" in r and r["step"] > 2]  # after the probed step 2
+    probe = next((r for r in recs if r.get("event") == "comm_probe"), {})
+    measured = {d: probe.get(f"comm/{d}/bytes", 0) for d in DIMS_REPORTED}
     cfg = replace(model_micro(), vocab_size=257)  # the shards' vocabulary
     model = comm_bytes(cfg, spec, micro, args.seq_len, args.grad_accum) if spec else None
     return {"layout": layout or "one process", "ranks": ranks if layout else 1,
-            "tok_s": statistics.median(r["tokens_per_s"] for r in steps),
-            "measured": steps[-1].get("comm_bytes_per_step", 0), "model": model}
+            "tok_s": statistics.median(r["tokens_per_s"] for r in steps), "measured": measured, "model": model,
+            "comm_s": sum(probe.get(f"comm/{d}/time_s", 0) for d in DIMS_REPORTED),
+            "probe_s": probe.get("step_time_s", 0)}
 
 
 def bench(args) -> None:
@@ -79,17 +86,19 @@ def bench(args) -> None:
         base = run("", 1, args, out / "train", out)
         rows = [run(layout, args.ranks, args, out / "train", out) for layout in LAYOUTS[args.ranks]]
     print(f"global batch {args.global_batch} x {args.grad_accum} micro-steps x seq 64; {args.steps} steps, "
-          f"median tokens/s of steps 2..{args.steps}; bytes per step per rank (KiB)")
-    print("| layout | ranks | tokens/s | vs 1 process | measured grad bytes | model dp + dp_shard "
-          "| model tp | model ep | model pp |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| one process | 1 | {base['tok_s']:,.0f} | 1.00x | 0 | 0 | 0 | 0 | 0 |")
+          f"median tokens/s of steps 3..{args.steps}; probed step 2: bytes per step of the busiest rank, "
+          "measured / model (KiB), and its serialized communication time")
+    print("| layout | ranks | tokens/s | vs 1 process | dp (+edp) | dp_shard | tp | ep | pp | other "
+          "| comm time / probe step (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| one process | 1 | {base['tok_s']:,.0f} | 1.00x | - | - | - | - | - | - | - |")
+    kib = lambda b: f"{b / 1024:,.1f}"  # noqa: E731
     for r in rows:
-        m = r["model"]
-        kib = lambda b: f"{b / 1024:,.1f}"  # noqa: E731
-        print(f"| {r['layout']} | {r['ranks']} | {r['tok_s']:,.0f} | {r['tok_s'] / base['tok_s']:.2f}x "
-              f"| {kib(r['measured'])} | {kib(m['dp'] + m['dp_shard'])} | {kib(m['tp'])} | {kib(m['ep'])} "
-              f"| {kib(m['pp'])} |")
+        me, mo = r["measured"], r["model"]
+        cells = [f"{kib(me['dp'] + me['edp'])} / {kib(mo['dp'])}"]
+        cells += [f"{kib(me[d])} / {kib(mo[d])}" if me[d] or mo[d] else "0" for d in ("dp_shard", "tp", "ep", "pp")]
+        print(f"| {r['layout']} | {r['ranks']} | {r['tok_s']:,.0f} | {r['tok_s'] / base['tok_s']:.2f}x | "
+              + " | ".join(cells) + f" | {kib(me['other'])} | {r['comm_s'] * 1e3:.1f} / {r['probe_s'] * 1e3:.1f} |")
 
 
 PLAN = [  # (model, GPUs, layout, per-rank micro-batch, seq_len, grad_accum)
@@ -120,7 +129,7 @@ def plan() -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--ranks", type=int, default=2, choices=(2, 4))
     ap.add_argument("--global-batch", type=int, default=8, help="sequences per micro-step, all ranks together")
     ap.add_argument("--grad-accum", type=int, default=2)

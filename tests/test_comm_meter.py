@@ -30,6 +30,7 @@ check the ring-bytes conversion of every op the meter knows, table-driven, witho
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ import torch
 from test_distributed import torchrun
 
 from tinyseek.config import model_micro
+from tinyseek.report import write_report
 from tinyseek.train import comm_meter as CM
 from tinyseek.train.comm_model import comm_bytes
 from tinyseek.train.distributed import ring_bytes
@@ -190,3 +192,21 @@ def test_covers_torchs_own_list():
     theirs = {str(op) for op in getattr(mode, "c10d_collective_ops", ())}
     theirs |= {str(op) for op in getattr(mode, "NATIVE_TO_PY_MAPPING", {}) if "autograd" not in str(op)}
     assert theirs and theirs <= set(CM.OPS), theirs - set(CM.OPS)
+
+
+def test_report_shows_the_probed_communication(tmp_path):
+    """The run report's Communication section: one row per dimension the probe saw, from the
+    pretraining result (final.json / the stage marker's ``comm_probe``); absent without a probe."""
+    run = tmp_path / "run"
+    (run / "stages").mkdir(parents=True)
+    result = {"step": 5, "loss": 4.9, "parallel": "dp=2,dp_shard=1,tp=2,pp=1,ep=1",
+              "comm_probe": {"dp": {"bytes": 123456, "time_s": 0.01, "calls": 11},
+                             "tp": {"bytes": 2949180, "time_s": 0.09, "calls": 30}}}
+    (run / "stages" / "pretrain.json").write_text(json.dumps(result))
+    write_report(run)
+    md = (run / "report" / "report.md").read_text()
+    assert "Communication" in md and "--parallel dp=2,dp_shard=1,tp=2,pp=1,ep=1" in md
+    assert "| dp | 123456 | 0.01 | 11 |" in md and "| tp | 2949180 | 0.09 | 30 |" in md
+    (run / "stages" / "pretrain.json").write_text(json.dumps({"step": 5, "loss": 4.9}))
+    write_report(run)
+    assert "Communication" not in (run / "report" / "report.md").read_text()

@@ -39,6 +39,9 @@ LAYOUTS = {  # run name -> extra flags
     "ep2": ["--parallel", "dp=2,ep=2"],  # 4 sequences a rank: the same global batch of 8
     "shard_ep2": ["--parallel", "dp_shard=2,ep=2"],  # FSDP2 over the replicated weights, experts split
     "pp2": ["--parallel", "pp=2", "--batch-size", "8"],  # 2 stages, 2 micro-batches of 8 through 1F1B
+    # fp16: the loss scale applied through the pipeline schedule, the unscale over TP's DTensor gradients
+    "pp2_fp16": ["--parallel", "pp=2", "--batch-size", "8", "--dtype", "fp16"],
+    "tp2_fp16": ["--parallel", "tp=2", "--batch-size", "8", "--dtype", "fp16"],
     # step 3's checkpoint of one layout resumed under another (the global batch is kept)
     "tp2_to_pp2": ["--parallel", "pp=2", "--resume-from", "tp2/ckpt/step_000003"],
     "pp2_to_ep2": ["--parallel", "dp=2,ep=2", "--resume-from", "pp2/ckpt/step_000003"],
@@ -105,6 +108,25 @@ def one_process(runs, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.parametrize("run", ["pp2_fp16", "tp2_fp16"])
+def test_fp16_layouts_match_one_process_fp16(runs, tmp_path, run):
+    """``--dtype fp16`` under pp=2 (the scale multiplies the schedule's loss and every stage's balance
+    loss; the returned losses are unscaled) and tp=2 (DTensor and plain gradients unscaled alike): one
+    fp16 process's losses within 1e-4 (fp16 summation order; measured 2e-5) and the same loss scale."""
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
+    try:
+        assert cli.main(["pretrain", *COMMON, "--batch-size", "8", "--dtype", "fp16", "--ckpt-every", "0",
+                         "--data", str(runs / "train"), "--run-dir", str(tmp_path / "one")]) == 0
+    finally:
+        os.environ.update(env)
+    par, one = losses(runs / run), losses(tmp_path / "one")
+    assert [s for s, _ in par] == [s for s, _ in one] == [1, 2, 3, 4, 5]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(par, one)) < 1e-4, (par, one)
+    scale = lambda r: [x.get("loss_scale") for x in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())
+                       if "loss" in x]  # noqa: E731
+    assert scale(runs / run) == scale(tmp_path / "one") and scale(runs / run)[0] == 65536.0
+
+
 @pytest.mark.parametrize("mesh_run, today", [("dp2", "ddp"), ("dp_shard2", "fsdp")])
 def test_parallel_dp_matches_todays_data_parallelism(runs, mesh_run, today):
     """``--parallel dp=2`` is DDP over the mesh's dp dim and ``dp_shard=2`` FSDP2 over its dp_shard
@@ -149,29 +171,53 @@ def test_parallel_layouts_match_one_process(runs, one_process, run):
     assert abs(final["val_loss"] - ref["val_loss"]) < 1e-5  # held-out loss (pp: the schedule's eval pass)
 
 
-LAYOUTS_4 = {  # 4 ranks, the same global batch of 8 sequences a micro-step
-    "dp2tp2": ["--parallel", "dp=2,tp=2"],                    # HSDP (replicate 2) over TP DTensors
-    "dp4ep2": ["--parallel", "dp=4,ep=2", "--batch-size", "2"],  # expert grads averaged over 2 replicas
-    "pp2dp2": ["--parallel", "pp=2,dp=2"],                    # two 2-stage pipelines, stage grads averaged
+LAYOUTS_4 = {  # 4 ranks, the same global batch of 8 sequences a micro-step; every dimension alone and composed
+    "tp4": ["--parallel", "tp=4", "--batch-size", "8"],
+    "dp4ep4": ["--parallel", "dp=4,ep=4", "--batch-size", "2"],      # one routed expert a rank
+    "dp2tp2": ["--parallel", "dp=2,tp=2"],                           # HSDP (replicate 2) over TP DTensors
+    "dp4ep2": ["--parallel", "dp=4,ep=2", "--batch-size", "2"],      # expert grads averaged over 2 replicas
+    "pp2dp2": ["--parallel", "pp=2,dp=2"],                           # two 2-stage pipelines, stage grads averaged
+    "pp2tp2": ["--parallel", "pp=2,tp=2", "--batch-size", "8"],      # TP'd stages
+    "pp2dp2ep2": ["--parallel", "pp=2,dp=2,ep=2"],                   # experts split inside each stage
+    "pp2shard2": ["--parallel", "pp=2,dp_shard=2"],                  # FSDP2 on each stage
+    "dp2tp2ep2": ["--parallel", "dp=2,tp=2,ep=2"],                   # EP groups per TP coordinate
+    "shard2tp2ep2": ["--parallel", "dp_shard=2,tp=2,ep=2"],          # FSDP2 x TP, experts out of FSDP
+    "hsdp_ep4": ["--parallel", "dp=2,dp_shard=2,ep=4", "--batch-size", "2"],
+    "pp4": ["--parallel", "pp=4", "--batch-size", "8", "--model.n-layers", "4", "--grad-accum", "4"],
+    # step 3 of a composed layout resumed under another composed one (experts resharded 2 -> 2 over new groups)
+    "pp2dp2ep2_to_shard2tp2ep2": ["--parallel", "dp_shard=2,tp=2,ep=2", "--resume-from", "pp2dp2ep2/ckpt/step_000003"],
 }
+DEEPER = ["--model.n-layers", "4", "--grad-accum", "4"]  # pp4's one-process reference
 
 
 @pytest.mark.slow
 def test_four_rank_layouts(runs, one_process, tmp_path):
-    """dp=2,tp=2, dp=4,ep=2 and pp=2,dp=2 give one process's losses and weights on the same global
-    batch within 1e-5 (the load statistics of every MoE layer over the data-parallel group)."""
+    """Every dimension on 4 ranks (tp=4, dp=4 x ep=4, pp=4) and composed (dp x tp, dp x ep, pp x dp,
+    pp x tp, pp x dp x ep, pp x dp_shard, dp x tp x ep, dp_shard x tp x ep, HSDP x ep) gives one
+    process's losses and final weights on the same global batch within 1e-5; so does pp x dp x ep's
+    step-3 checkpoint resumed as dp_shard x tp x ep."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
            str(runs / "worker.py"), str(tmp_path), str(runs / "train"),
            json.dumps({k: COMMON + v for k, v in LAYOUTS_4.items()})]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    env1 = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
+    try:
+        assert cli.main(["pretrain", *COMMON, "--batch-size", "8", *DEEPER, "--data", str(runs / "train"),
+                         "--run-dir", str(tmp_path / "one4")]) == 0
+    finally:
+        os.environ.update(env1)
     for run in LAYOUTS_4:
-        par, one = losses(tmp_path / run), losses(one_process)
-        assert len(par) == 5 and max(abs(a - b) for (_, a), (_, b) in zip(par, one)) < 1e-5, (run, par, one)
+        ref = tmp_path / "one4" if run == "pp4" else one_process
+        par, one = losses(tmp_path / run), losses(ref)
+        if "_to_" in run:
+            one = one[3:]
+        assert len(par) == len(one) and max(abs(a - b) for (_, a), (_, b) in zip(par, one)) < 1e-5, (run, par, one)
         a = load_file(tmp_path / run / "ckpt/step_000005/model.safetensors")
-        b = load_file(one_process / "ckpt/step_000005/model.safetensors")
+        b = load_file(ref / "ckpt/step_000005/model.safetensors")
+        assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=f"{run}: {k}")
 
@@ -258,3 +304,28 @@ def test_bad_layout_exits_2_with_one_line(monkeypatch, capsys, tmp_path, flags, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("run, dims", [("dp2", {"dp"}), ("tp2", {"tp"}), ("ep2", {"dp", "ep"}),
+                                       ("shard_ep2", {"dp_shard", "ep"}), ("pp2", {"pp"})])
+def test_communication_is_probed_per_dimension(runs, run, dims):
+    """Step 2 of every layout is a communication probe: a ``comm_probe`` event with the busiest
+    rank's bytes, serialized time and calls for exactly the dimensions the layout uses (plus the
+    small loss all-reduces over groups no dimension names), also in final.json; a one-process run
+    never probes."""
+    recs = [json.loads(line) for line in (runs / run / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in recs if r.get("event") == "comm_probe"]
+    assert [r["step"] for r in probes] == [2]
+    seen = {k.split("/")[1] for k in probes[0] if k.startswith("comm/")}
+    assert dims <= seen <= dims | {"other", "edp"}, seen
+    for d in dims:
+        assert probes[0][f"comm/{d}/bytes"] > 0 and probes[0][f"comm/{d}/time_s"] > 0
+    final = json.loads((runs / run / "final.json").read_text())
+    assert {d: r["bytes"] for d, r in final["comm_probe"].items()} == {
+        d: probes[0][f"comm/{d}/bytes"] for d in seen}
+
+
+def test_one_process_never_probes(one_process):
+    recs = [json.loads(line) for line in (one_process / "metrics.jsonl").read_text().splitlines()]
+    assert not any(r.get("event") == "comm_probe" for r in recs)
+    assert json.loads((one_process / "final.json").read_text())["comm_probe"] == {}

@@ -130,6 +130,14 @@ def _sections(run: Path, cfg_dict: dict, plots: dict[str, Path]) -> list[tuple[s
     else:
         secs.append(("Pretraining", _md_table(["metric", "value"], [[k, v] for k, v in _scalars(pre).items()])
                      if pre else "not run", "loss.png" if "loss" in plots else None))
+    probe = pre.get("comm_probe") if pre else None
+    if probe:
+        body = (f"Layout `--parallel {pre.get('parallel', '')}`; one probed step (train/comm_meter.py): the busiest "
+                "rank's bytes sent per parallel dimension (ring algorithms) and its serialized time (each "
+                "collective waited on, no overlap: an upper bound of the exposed time).\n\n"
+                + _md_table(["dimension", "bytes/step", "time (s)", "calls"],
+                            [[d, r.get("bytes"), r.get("time_s"), r.get("calls")] for d, r in probe.items()]))
+        secs.append(("Communication", body, None))
     if "expert_load" in plots:
         last = [r for r in read_metrics(run / "pretrain" / "metrics.jsonl") if "load_max_mean" in r]
         body = ("Share of routed tokens per expert over training (aux-loss-free bias balancing"

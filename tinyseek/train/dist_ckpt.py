@@ -111,7 +111,11 @@ def _experts(module: nn.Module) -> dict[str, ExpertParallel]:
 
 def _expert_mesh_for(experts: dict[str, ExpertParallel], spec: ParallelSpec | None, device_type: str
                      ) -> DeviceMesh | None:
-    """:func:`expert_mesh` when the model has expert slices (checked against it), else None."""
+    """:func:`expert_mesh` when the model has expert slices (checked against it), else None. Built
+    on every rank of an ``ep > 1`` layout, those without experts too (a pipeline stage of dense
+    layers): building it is a collective over the whole world."""
+    if spec is not None and spec.ep > 1 and tdist.is_initialized():
+        mesh = expert_mesh(spec, device_type)
     if not experts:
         return None
     if spec is None:
