@@ -50,6 +50,7 @@ from tinyseek.config import ModelConfig
 from tinyseek.model.transformer import Transformer
 from tinyseek.train.distributed import ring_bytes
 from tinyseek.train.mesh import ParallelSpec
+from tinyseek.train.pp import stage_layers
 
 DIMS = ("dp", "dp_shard", "tp", "ep", "pp")
 # parameters train/tp.py shards over tp (column-wise or row-wise)
@@ -61,11 +62,14 @@ _EXPERT = re.compile(r"\.ffn\.experts\.")
 @dataclass(frozen=True)
 class ParamCounts:
     """Parameter counts of a model: ``root`` (outside the blocks), per block ``tp_sharded`` (split by
-    tensor parallelism), ``experts`` (routed experts) and ``other`` (replicated everywhere)."""
+    tensor parallelism), ``experts`` (routed experts) and ``other`` (replicated everywhere); ``head``:
+    the part of ``root`` after the blocks (final norm and LM head: a pipeline's last stage holds it,
+    the first stage the rest of ``root``, the embedding)."""
     root: int
     tp_sharded: tuple[int, ...]
     experts: tuple[int, ...]
     other: tuple[int, ...]
+    head: int = 0
 
     @property
     def total(self) -> int:
@@ -83,33 +87,34 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     with torch.device("meta"):
         model = Transformer(cfg)
     n = cfg.n_layers
-    sharded, experts, other, root = [0] * n, [0] * n, [0] * n, 0
+    sharded, experts, other, root, head = [0] * n, [0] * n, [0] * n, 0, 0
     for name, p in model.named_parameters():
         m = re.match(r"blocks\.(\d+)(\..*)$", name)
         if m is None:
             root += p.numel()
+            head += p.numel() if not name.startswith("embed.") else 0
             continue
         i, rest = int(m.group(1)), m.group(2)
         bucket = experts if _EXPERT.search(rest) else sharded if _TP_SHARDED.search(rest) else other
         bucket[i] += p.numel()
-    return ParamCounts(root, tuple(sharded), tuple(experts), tuple(other))
+    return ParamCounts(root, tuple(sharded), tuple(experts), tuple(other), head)
 
 
 def stage_blocks(n_layers: int, pp: int) -> list[range]:
-    """Consecutive blocks of each pipeline stage (equal split; pp must divide n_layers).
+    """Consecutive blocks of each pipeline stage, as :func:`tinyseek.train.pp.stage_layers` cuts them.
 
-    >>> stage_blocks(4, 2)
-    [range(0, 2), range(2, 4)]
+    >>> stage_blocks(4, 2), stage_blocks(5, 2)
+    ([range(0, 2), range(2, 4)], [range(0, 3), range(3, 5)])
     """
-    per = n_layers // pp
-    return [range(s * per, (s + 1) * per) for s in range(pp)]
+    return stage_layers(n_layers, pp)
 
 
 def local_params(pc: ParamCounts, spec: ParallelSpec) -> dict[str, int]:
     """Parameters the busiest rank holds before FSDP sharding: ``replicated`` (DDP's / FSDP's share,
     tensor-parallel projections at 1/tp, routed experts included when ep == 1), ``experts`` (its
     E/ep routed experts when ep > 1, else 0) and ``root`` (its part of the embedding / norm / head).
-    The largest pipeline stage is taken; the root's parameters go to the end stages.
+    The largest pipeline stage is taken; the embedding goes to the first stage, the final norm and the
+    LM head (``head``) to the last.
 
     >>> pc = ParamCounts(root=10, tp_sharded=(8, 8), experts=(0, 40), other=(2, 2))
     >>> local_params(pc, ParallelSpec())
@@ -119,7 +124,8 @@ def local_params(pc: ParamCounts, spec: ParallelSpec) -> dict[str, int]:
     """
     best = None
     for s, blocks in enumerate(stage_blocks(len(pc.other), spec.pp)):
-        root = pc.root if spec.pp == 1 or s in (0, spec.pp - 1) else 0  # (embed on the first, head on the last)
+        root = pc.root if spec.pp == 1 else ((pc.root - pc.head if s == 0 else 0)
+                                             + (pc.head if s == spec.pp - 1 else 0))
         exp = sum(pc.experts[i] for i in blocks)
         rep = root + sum(pc.tp_sharded[i] // spec.tp + pc.other[i] for i in blocks) + (exp if spec.ep == 1 else 0)
         cur = {"replicated": rep, "experts": exp // spec.ep if spec.ep > 1 else 0, "root": root}
