@@ -141,7 +141,19 @@ def test_seeded_sampling_reproducible(client):
     ({"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),
     ({"prompt": "hi", "temperature": 9}, 400, "temperature"),
     ({"prompt": "hi", "stop": 3}, 400, "stop"),
-    ({"prompt": "hi", "n": 2}, 400, "n"),
+    ({"prompt": "hi", "n": 0}, 400, "n"),
+    ({"prompt": "hi", "n": 99}, 400, "n"),  # more than the engine's slots
+    ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "hi", "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"prompt": "hi", "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"prompt": "hi", "suffix": "x"}, 400, "suffix"),
+    ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ({"prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),  # 0 only with echo + logprobs
+    ({"prompt": [1, 99999]}, 400, "prompt"),
+    ({"prompt": [[1, 2], "a"]}, 400, "prompt"),
     ({"prompt": 5}, 400, "prompt"),
     ({"prompt": ""}, 400, "prompt"),
     (b"{\"prompt\": \"" + b"a" * 30_000 + b"\"}", 413, None),  # body over max_body_bytes
@@ -160,6 +172,12 @@ def test_bad_completion_requests_get_4xx(client, payload, status, param):
 @pytest.mark.parametrize("payload", [
     {"messages": []}, {"messages": "hi"}, {"messages": [{"role": "wizard", "content": "x"}]},
     {"messages": [{"role": "user", "content": 3}]}, {"messages": [{"role": "user", "content": "y" * 300}]},
+    {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+    {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+    {"messages": [{"role": "tool", "content": "x"}]},  # no tool_call_id
+    {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+    {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
+    {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
 ])
 def test_bad_chat_requests_get_400(client, payload):
     assert_error(client.post("/v1/chat/completions", json=payload), 400)

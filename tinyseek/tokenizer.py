@@ -103,7 +103,8 @@ def _escape_strings(obj, sub):
     return obj
 
 
-def encode_chat_with(tok, render, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
+def encode_chat_with(tok, render, messages: Sequence[dict], add_generation_prompt: bool,
+                     tools: list[dict] | None = None) -> list[int]:
     """Prompt ids of ``messages`` rendered by ``render(messages, add_generation_prompt)``, where the
     strings of the messages never produce a special token.
 
@@ -128,7 +129,11 @@ def encode_chat_with(tok, render, messages: Sequence[dict], add_generation_promp
             return f"{tag}{len(found) - 1}\ue001"
         return pattern.sub(one, s) if pattern is not None else s
 
-    text = render([_escape_strings(m, sub) for m in messages], add_generation_prompt)
+    msgs = [_escape_strings(m, sub) for m in messages]
+    if tools is None:
+        text = render(msgs, add_generation_prompt)
+    else:  # tool definitions come from outside too: their strings stay text (render takes them third)
+        text = render(msgs, add_generation_prompt, [_escape_strings(t, sub) for t in tools])
     if not found:
         return tok.encode(text)
     out: list[int] = []
@@ -469,10 +474,12 @@ class HFTokenizer:
             return self._plain.encode(text, add_special_tokens=add_special_tokens).ids
         return self._hf.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids of a chat from outside: the model's template (:meth:`apply_chat_template`) with
-        every string of the messages encoded as text (see :func:`encode_chat_with`)."""
-        return encode_chat_with(self, self.apply_chat_template, messages, add_generation_prompt)
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids of a chat from outside: the model's template (:meth:`apply_chat_template`, given
+        ``tools`` when not None) with every string of the messages and tools encoded as text (see
+        :func:`encode_chat_with`)."""
+        return encode_chat_with(self, self.apply_chat_template, messages, add_generation_prompt, tools)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
@@ -488,9 +495,10 @@ class HFTokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._hf.id_to_token(int(i))
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         """The model's chat template rendered as transformers' ``apply_chat_template(messages,
-        tokenize=False, add_generation_prompt=...)`` does (sandboxed Jinja, the same globals)."""
+        tokenize=False, add_generation_prompt=..., tools=...)`` does (sandboxed Jinja, the same globals)."""
         if self._compiled is None:
             self._compiled = _compile_chat_template(self.chat_template)
         msgs = []
@@ -503,7 +511,7 @@ class HFTokenizer:
                 m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
             msgs.append(copy.deepcopy(m))
         try:
-            return self._compiled.render(messages=msgs, tools=None, documents=None,
+            return self._compiled.render(messages=msgs, tools=copy.deepcopy(tools) if tools else None, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self.special_tokens_map)
         except jinja2.TemplateError as e:
             raise UserError(f"chat template: {e}") from None

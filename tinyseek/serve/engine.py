@@ -58,7 +58,7 @@ from tinyseek.errors import UserError
 from tinyseek.kernels import attn as attn_kernel
 from tinyseek.kernels.linear import MAX_ROWS as _LINEAR_MAX_ROWS
 from tinyseek.serve.detok import TextTracker
-from tinyseek.serve.sampling import sample_tokens
+from tinyseek.serve.sampling import apply_penalties, sample_tokens, token_logprobs
 from tinyseek.quant.load import load_model
 
 
@@ -72,10 +72,28 @@ class SamplingParams:
     seed: int | None = None         # per-request seed: same seed -> same tokens, whatever the batch
     stop_token_ids: list[int] = field(default_factory=list)  # extra ids that end generation
     ignore_eos: bool = False        # keep going past eos (benchmarks)
+    n: int = 1                      # samples of the prompt: prefilled once, its KV cache forked into n slots
+    logprobs: int | None = None     # record each sampled token's logprob and this many top alternatives (0..20)
+    prompt_logprobs: int | None = None  # same for the prompt's tokens (the first has none); then max_tokens may be 0
+    presence_penalty: float = 0.0   # OpenAI: logit[j] -= presence * (count[j] > 0), counts over generated tokens
+    frequency_penalty: float = 0.0  # OpenAI: logit[j] -= frequency * count[j]
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before sampling
 
     def validate(self) -> "SamplingParams":
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise UserError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        lo = 0 if self.prompt_logprobs is not None else 1
+        if not isinstance(self.max_tokens, int) or self.max_tokens < lo:
+            raise UserError(f"max_tokens must be an integer >= {lo}, got {self.max_tokens!r}")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise UserError(f"n must be a positive integer, got {self.n!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and 0 <= v <= MAX_TOP_LOGPROBS):
+                raise UserError(f"{name} must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {v!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise UserError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
+            raise UserError("logit_bias values must be in [-100, 100]")
         if not self.temperature >= 0:
             raise UserError(f"temperature must be >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -87,6 +105,12 @@ class SamplingParams:
         return self
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token at most (OpenAI's limit)
+
+# one token's logprob record: (token id, log-softmax of the raw logits at temperature 1, [(id, logprob)] top alternatives)
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]
+
+
 @dataclass
 class Completion:
     token_ids: list[int]            # generated ids (an eos / stop token that ended it included)
@@ -96,6 +120,9 @@ class Completion:
     stop: str | int | None = None   # the stop string or token id that ended it
     error: str | None = None        # message when finish_reason == "error"
     first_token_s: float | None = None  # seconds from submission to the first generated token
+    index: int = 0                  # which of the request's n samples
+    logprobs: list[TokenLogprob] | None = None  # per generated token (aligned with token_ids) when asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (the first None) when asked
 
 
 @dataclass
@@ -104,6 +131,9 @@ class StreamEvent:
     text: str                       # text delta that is safe to show (stop strings held back)
     finished: bool = False
     completion: Completion | None = None  # set on the last event
+    index: int = 0                  # which of the request's n samples
+    logprobs: list[TokenLogprob] | None = None  # records of token_ids (when the request asked for logprobs)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on a request's first event, when asked
 
 
 _ids = itertools.count()
@@ -122,13 +152,41 @@ def check_prompt(prompt: list[int], max_len: int, vocab_size: int) -> list[int]:
     return prompt
 
 
+def check_params(params: SamplingParams, max_batch: int, vocab_size: int) -> SamplingParams:
+    """``params`` unless ``n`` exceeds the slots or a ``logit_bias`` id is outside the vocabulary (UserError)."""
+    if params.n > max_batch:
+        raise UserError(f"n = {params.n} exceeds the engine's {max_batch} slots")
+    bad = [t for t in params.logit_bias if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise UserError(f"logit_bias: token id {bad[0]!r} is not in [0, {vocab_size})")
+    return params
+
+
+def sample_seeds(seed: int | None, n: int, fresh: random.Random) -> list[int]:
+    """The generator seeds of n samples: sample 0 uses ``seed`` itself (n = 1 is unchanged), sample i
+    a seed derived from ``(seed, i)``; without a seed, fresh ones.
+
+    >>> s = sample_seeds(7, 3, random.Random()); s[0], s == sample_seeds(7, 3, random.Random()), len(set(s))
+    (7, True, 3)
+    """
+    if seed is None:
+        return [fresh.getrandbits(63) for _ in range(n)]
+    return [seed] + [random.Random(f"{seed}:{i}").getrandbits(63) for i in range(1, n)]
+
+
 class Request:
     """Handle for one submitted prompt: wait with :meth:`result`, stop with :meth:`cancel`."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, tokenizer,
                  listener: Callable[["Request", StreamEvent], None] | None, deadline: float | None,
-                 holds: list[str] | None, seed: int, stream: bool = True):
+                 holds: list[str] | None, seed: int, stream: bool = True, index: int = 0):
         self.id = next(_ids)
+        self.index = index                 # sample number within its group (n > 1)
+        self.siblings: list[Request] = []  # on sample 0 only: the other n - 1 samples (admitted with it)
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self._lp_sent = 0
+        self._plp_sent = False
         self.prompt = prompt
         self.params = params
         self.listener = listener
@@ -149,12 +207,27 @@ class Request:
         self._new_ids: list[int] = []
 
     @property
+    def group(self) -> list["Request"]:
+        return [self, *self.siblings]
+
+    @property
     def done(self) -> bool:
-        return self._done.is_set()
+        """This sample and (on sample 0) its siblings finished."""
+        return self._done.is_set() and all(s._done.is_set() for s in self.siblings)
+
+    @property
+    def simple(self) -> bool:
+        """One sample, no prompt logprobs: may go into a mixed step (the others take the prefill path)."""
+        return not self.siblings and self.params.prompt_logprobs is None
 
     def cancel(self) -> None:
-        """Ask the engine to stop this request at the next step (finish_reason "cancelled")."""
-        self.cancelled = True
+        """Ask the engine to stop this request (and its siblings) at the next step (finish_reason "cancelled")."""
+        for r in self.group:
+            r.cancelled = True
+
+    def results(self, timeout: float | None = None) -> list[Completion]:
+        """The completions of all n samples, in index order."""
+        return [r.result(timeout) for r in self.group]
 
     def result(self, timeout: float | None = None) -> Completion:
         if not self._done.wait(timeout):
@@ -170,11 +243,21 @@ class AsyncCalls:
     async def acomplete(self, prompt: list[int], params: SamplingParams | None = None,
                         timeout: float | None = None) -> Completion:
         """Await one completion (needs :meth:`start`); cancelling the awaiting task cancels it."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Completion] = loop.create_future()
+        return (await self.acomplete_all(prompt, params, timeout))[0]
 
-        def done(r: Request, ev: StreamEvent) -> None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(ev.completion))
+    async def acomplete_all(self, prompt: list[int], params: SamplingParams | None = None,
+                            timeout: float | None = None) -> list[Completion]:
+        """Await the ``params.n`` completions of one prompt, in index order."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[Completion]] = loop.create_future()
+        n = params.n if params is not None else 1
+        got: dict[int, Completion] = {}
+
+        def done(r, ev: StreamEvent) -> None:
+            got[ev.index] = ev.completion  # (events come from one thread, in order)
+            if len(got) == n or ev.completion.finish_reason == "error":
+                out = [got.get(i, ev.completion) for i in range(n)]
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(out))
         req = self.submit(prompt, params, done, timeout=timeout, stream=False)
         try:
             return await fut
@@ -184,10 +267,12 @@ class AsyncCalls:
 
     async def astream(self, prompt: list[int], params: SamplingParams | None = None,
                       timeout: float | None = None, holds: list[str] | None = None) -> AsyncIterator[StreamEvent]:
-        """Async iterator of :class:`StreamEvent` for one prompt (needs :meth:`start`). Leaving the
-        loop early cancels the request."""
+        """Async iterator of :class:`StreamEvent` for one prompt (needs :meth:`start`): the events of
+        all ``params.n`` samples interleaved (``ev.index``), ending after the last one finished.
+        Leaving the loop early cancels the request."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        left = params.n if params is not None else 1
         req = self.submit(prompt, params, lambda r, ev: loop.call_soon_threadsafe(q.put_nowait, ev),
                           timeout=timeout, holds=holds)
         try:
@@ -195,7 +280,9 @@ class AsyncCalls:
                 ev = await q.get()
                 yield ev
                 if ev.finished:
-                    return
+                    left -= 1
+                    if left == 0 or ev.completion.finish_reason == "error" and not ev.completion.token_ids:
+                        return
         finally:
             if not req.done:
                 req.cancel()
@@ -250,13 +337,15 @@ class Engine(AsyncCalls):
         """Queue one prompt. ``listener(request, event)`` is called from the engine thread after each
         token (only once, at the end, with ``stream=False``); ``holds`` are extra strings whose
         prefixes are held back from streamed text."""
-        params = (params or SamplingParams()).validate()
+        params = check_params((params or SamplingParams()).validate(), self.max_batch, self.cfg.vocab_size)
         prompt = check_prompt(prompt, self.max_len, self.cfg.vocab_size)
         if params.stop and self.tokenizer is None:
             raise UserError("stop strings need an engine with a tokenizer")
-        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        seeds = sample_seeds(params.seed, params.n, self._seed_rng)
         deadline = time.monotonic() + timeout if timeout else None
-        req = Request(prompt, params, self.tokenizer, listener, deadline, holds, seed, stream)
+        req = Request(prompt, params, self.tokenizer, listener, deadline, holds, seeds[0], stream)
+        req.siblings = [Request(prompt, params, self.tokenizer, listener, deadline, holds, s, stream, index=i)
+                        for i, s in enumerate(seeds[1:], 1)]
         with self._cv:
             if self._stopping:
                 raise UserError("the engine is shutting down")
@@ -402,16 +491,20 @@ class Engine(AsyncCalls):
             budget = MIX_MAX_TOKENS - self.num_active() if self._queue and self._mixing() else None
             while self._queue and free:
                 r = self._queue[0]
-                if budget is not None and len(r.prompt) > budget:
+                if budget is not None and (len(r.prompt) > budget or not r.simple):
+                    break
+                if len(r.group) > len(free):  # n samples need n slots at once (FIFO: the rest waits too)
                     break
                 self._queue.popleft()
                 if r.cancelled or (r.deadline is not None and time.monotonic() > r.deadline):
-                    self._finish(r, "cancelled" if r.cancelled else "timeout")
+                    for g in r.group:
+                        self._finish(g, "cancelled" if r.cancelled else "timeout")
                     continue
                 if budget is not None:
                     budget -= len(r.prompt)
-                r.slot = free.pop(0)
-                self.slots[r.slot] = r
+                for g in r.group:
+                    g.slot = free.pop(0)
+                    self.slots[g.slot] = g
                 admitted.append(r)
         return admitted, budget is not None and bool(admitted)
 
@@ -448,20 +541,38 @@ class Engine(AsyncCalls):
             ids[i, :len(r.prompt)] = torch.tensor(r.prompt)
         lens = torch.tensor([len(r.prompt) for r in reqs], device=dev)
         tmp = self.model.new_cache(k, T, dtype=next(iter(self.cache.layers[0].values())).dtype)
-        last = self.model(ids.to(dev), cache=tmp, logits_at=lens - 1).logits[:, 0]
-        rows = torch.tensor([r.slot for r in reqs], device=dev)
+        if any(r.params.prompt_logprobs is not None for r in reqs):  # every position's logits
+            full = self.model(ids.to(dev), cache=tmp).logits
+            last = full[torch.arange(k, device=dev), lens - 1]
+            for i, r in enumerate(reqs):
+                if r.params.prompt_logprobs is not None:
+                    lps = [None] + token_logprobs(full[i, :len(r.prompt) - 1, :self.n_vocab],
+                                                  r.prompt[1:], r.params.prompt_logprobs)
+                    for g in r.group:
+                        g.prompt_logprobs = lps
+        else:
+            last = self.model(ids.to(dev), cache=tmp, logits_at=lens - 1).logits[:, 0]
+        # fork: every sample of a request gets a copy of its prompt's cache rows
+        members = [(i, g) for i, r in enumerate(reqs) for g in r.group]
+        src_idx = torch.tensor([i for i, _ in members], device=dev)
+        rows = torch.tensor([g.slot for _, g in members], device=dev)
         for big, small in zip(self.cache.layers, tmp.layers):
             for name, buf in big.items():
-                src = small[name]
+                src = small[name] if len(members) == k else small[name][src_idx]
                 if buf.dim() == 3:   # (B, L, C): MLA latent
                     buf[rows, :T] = src
                 else:                # (B, H, L, K): GQA keys / values
                     buf[rows, :, :T] = src
-        self.cache.lengths[rows] = lens
+        self.cache.lengths[rows] = lens[src_idx]
         self.stats["prefill_tokens"] += int(sum(len(r.prompt) for r in reqs))
         self.stats["prefills"] += 1
         self.prefill_seconds += time.perf_counter() - t0
-        self._sample_and_advance(reqs, last)
+        for _, g in members:
+            if g.params.max_tokens == 0:  # prompt logprobs only (echo with max_tokens 0)
+                self._finish(g, "length")
+        keep = [j for j, (_, g) in enumerate(members) if not g.done]
+        if keep:
+            self._sample_and_advance([members[j][1] for j in keep], last[src_idx[keep]], rows[keep])
 
     def _mixing(self) -> bool:
         """Whether admissions now would go into a mixed step: rows are decoding, mixing is on and the
@@ -471,6 +582,8 @@ class Engine(AsyncCalls):
         usual."""
         n = self.num_active()
         first = len(self._queue[0].prompt) if self._queue else 1
+        if self._queue and not self._queue[0].simple:  # n > 1 / prompt logprobs: the prefill path
+            return False
         return self.mix_prefill and 0 < n and n + first <= MIX_MAX_TOKENS and self._ragged_ok()
 
     def _ragged_ok(self) -> bool:
@@ -548,6 +661,8 @@ class Engine(AsyncCalls):
         slot's next input (``rows``: the slots, default ``[r.slot for r in reqs]``) and append it."""
         if self.n_vocab < logits_NV.shape[-1]:
             logits_NV = logits_NV[:, :self.n_vocab]
+        raw_NV = logits_NV
+        logits_NV = apply_penalties(logits_NV, [r.params for r in reqs], [r.token_ids for r in reqs])
         ps = [r.params for r in reqs]
         u = [r.rng.random() if (p.temperature > 0 and p.top_k != 1) else 0.0 for r, p in zip(reqs, ps)]
         toks_t = sample_tokens(logits_NV, [p.temperature for p in ps], [p.top_k for p in ps],
@@ -555,8 +670,15 @@ class Engine(AsyncCalls):
         if rows is None:
             rows = torch.tensor([r.slot for r in reqs], device=self.device)
         self._last[rows] = toks_t
+        toks = toks_t.tolist()
+        want = [i for i, r in enumerate(reqs) if r.logprobs is not None]
+        if want:  # the model's own distribution: log-softmax of the raw logits (no temperature, penalties, bias)
+            k = max(reqs[i].params.logprobs for i in want)
+            recs = token_logprobs(raw_NV[want], [toks[i] for i in want], k)
+            for i, rec in zip(want, recs):
+                reqs[i].logprobs.append((rec[0], rec[1], rec[2][:reqs[i].params.logprobs]))
         now = time.monotonic()
-        for r, t in zip(reqs, toks_t.tolist()):
+        for r, t in zip(reqs, toks):
             self._append(r, t, now)
 
     def _append(self, r: Request, tok: int, now: float) -> None:
@@ -579,7 +701,7 @@ class Engine(AsyncCalls):
             return
         if r.stream:
             ids, r._new_ids = r._new_ids, []
-            _notify(r, StreamEvent(ids, delta))
+            _notify(r, _event(r, ids, delta))
 
     def _finish(self, r: Request, reason: str, stop: str | int | None = None, error: str | None = None,
                 pending: str = "", decode: bool = True) -> None:
@@ -599,17 +721,28 @@ class Engine(AsyncCalls):
                 if r.tracker is not None:
                     r.tracker.text = text
         ttft = r.first_token_at - r.submitted if r.first_token_at is not None else None
-        r.completion = Completion(list(ids), text, reason, len(r.prompt), stop, error, ttft)
+        r.completion = Completion(list(ids), text, reason, len(r.prompt), stop, error, ttft, r.index,
+                                  None if r.logprobs is None else list(r.logprobs), r.prompt_logprobs)
         r.finished_at = time.monotonic()
         self.stats["finished"] += 1
         if r.listener is not None:
             delta = pending + (r.tracker.flush(final=True) if r.tracker is not None else "")
             new, r._new_ids = r._new_ids, []
-            _notify(r, StreamEvent(new, delta, True, r.completion))
+            _notify(r, _event(r, new, delta, finished=True))
         r._done.set()
 
 
 MIX_MAX_TOKENS = _LINEAR_MAX_ROWS  # tokens of a mixed step at most: the linear C kernel's row limit
+
+
+def _event(r: Request, ids: list[int], text: str, finished: bool = False) -> StreamEvent:
+    """A stream event with the logprob records not yet sent (the prompt's with the first event)."""
+    ev = StreamEvent(ids, text, finished, r.completion if finished else None, r.index)
+    if r.logprobs is not None:
+        ev.logprobs, r._lp_sent = r.logprobs[r._lp_sent:], len(r.logprobs)
+    if r.prompt_logprobs is not None and not r._plp_sent:
+        ev.prompt_logprobs, r._plp_sent = r.prompt_logprobs, True
+    return ev
 
 
 def _notify(r: Request, ev: StreamEvent) -> None:

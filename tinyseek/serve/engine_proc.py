@@ -45,7 +45,8 @@ from typing import Any, Callable
 import torch
 
 from tinyseek.errors import UserError
-from tinyseek.serve.engine import AsyncCalls, Completion, Engine, SamplingParams, StreamEvent, _notify, check_prompt
+from tinyseek.serve.engine import (AsyncCalls, Completion, Engine, SamplingParams, StreamEvent, _notify, check_params,
+                                   check_prompt)
 from tinyseek.serve.loading import find_tokenizer, load_for_serving
 from tinyseek.tokenizer import load_tokenizer
 
@@ -204,10 +205,11 @@ def _child_main(conn, spec: dict) -> None:
 class _Handle:
     """A request in the child as the parent sees it (what ``Engine.submit``'s Request is in-process):
     ``done`` once its last event arrived, ``cancel()`` asks the child to stop it."""
-    __slots__ = ("_engine", "rid", "listener", "done")
+    __slots__ = ("_engine", "rid", "listener", "done", "left")
 
-    def __init__(self, engine: "ProcessEngine", rid: int, listener):
+    def __init__(self, engine: "ProcessEngine", rid: int, listener, n: int = 1):
         self._engine, self.rid, self.listener, self.done = engine, rid, listener, False
+        self.left = n  # samples not finished yet
 
     def cancel(self) -> None:
         self._engine._cancel(self.rid)
@@ -243,6 +245,7 @@ class ProcessEngine(AsyncCalls):
         info = msg[1]
         self.cpus = cpus
         self.max_len: int = info["max_len"]
+        self.max_batch = max_batch
         self.device: str = info["device"]
         self.vocab_size: int = info["vocab_size"]
         self.tokenizer = load_tokenizer(info["tokenizer"]) if info["tokenizer"] else None
@@ -295,14 +298,14 @@ class ProcessEngine(AsyncCalls):
                timeout: float | None = None, holds: list[str] | None = None, stream: bool = True) -> _Handle:
         """Queue one prompt in the child; returns its handle. ``listener(handle, event)`` runs on
         the reader thread (with ``stream=False`` only once, at the end)."""
-        params = (params or SamplingParams()).validate()
+        params = check_params((params or SamplingParams()).validate(), self.max_batch, self.vocab_size)
         prompt = check_prompt(prompt, self.max_len, self.vocab_size)
         if params.stop and self.tokenizer is None:
             raise UserError("stop strings need an engine with a tokenizer")
         with self._lock:
             if not self._alive:
                 raise UserError("the engine process is not running")
-            h = _Handle(self, next(self._ids), listener)
+            h = _Handle(self, next(self._ids), listener, params.n)
             self._pending[h.rid] = h
             self._conn.send(("submit", h.rid, prompt, params, timeout, holds, stream))
         return h
@@ -344,7 +347,9 @@ class ProcessEngine(AsyncCalls):
         with self._lock:
             h = self._pending.get(rid)
             if h is not None and ev.finished:
-                del self._pending[rid]
+                h.left -= 1
+                if h.left <= 0 or ev.completion.finish_reason == "error":
+                    del self._pending[rid]
         if h is not None:
             self._hand_over(h, ev)
 
@@ -356,7 +361,7 @@ class ProcessEngine(AsyncCalls):
 
     @staticmethod
     def _hand_over(h: _Handle, ev: StreamEvent) -> None:
-        if ev.finished:
+        if ev.finished and (h.left <= 0 or ev.completion.finish_reason == "error"):
             h.done = True
         if h.listener is not None:
             _notify(h, ev)  # a broken listener (closed event loop) cancels its request, as in Engine

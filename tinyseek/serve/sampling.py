@@ -90,3 +90,48 @@ def sample_tokens(logits_NV: torch.Tensor, temperature: list[float], top_k: list
     out = logits_NV.argmax(-1)
     out[idx] = tok
     return out
+
+
+def apply_penalties(logits_NV: torch.Tensor, params: list, generated: list[list[int]]) -> torch.Tensor:
+    """Logits after OpenAI's presence / frequency penalties and ``logit_bias`` (``params[i]`` has
+    ``presence_penalty``, ``frequency_penalty``, ``logit_bias``; ``generated[i]`` are row i's tokens so
+    far): ``logit[j] - frequency * count[j] - presence * (count[j] > 0) + bias[j]``. Rows without any
+    of them are untouched; without any row needing it, ``logits_NV`` itself is returned (no copy).
+
+    >>> class P: presence_penalty, frequency_penalty, logit_bias = 1.0, 0.5, {0: 2.0}
+    >>> apply_penalties(torch.zeros(1, 3), [P()], [[1, 1]]).tolist()
+    [[2.0, -2.0, 0.0]]
+    """
+    rows = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty or p.logit_bias]
+    if not rows:
+        return logits_NV
+    out = logits_NV.float().clone()
+    V = out.shape[-1]
+    for i in rows:
+        p = params[i]
+        if (p.presence_penalty or p.frequency_penalty) and generated[i]:
+            counts = torch.bincount(torch.tensor(generated[i], device=out.device), minlength=V)[:V].to(out.dtype)
+            out[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(out.dtype)
+        if p.logit_bias:
+            ids = torch.tensor([t for t in p.logit_bias if t < V], device=out.device, dtype=torch.long)
+            out[i, ids] += torch.tensor([b for t, b in p.logit_bias.items() if t < V], device=out.device)
+    return out
+
+
+def token_logprobs(logits_NV: torch.Tensor, chosen: list[int], k: int) -> list[tuple[int, float, list]]:
+    """Per row: ``(chosen id, its logprob, [(id, logprob)] of the k most likely ids)``, where a logprob
+    is the log-softmax of the row's logits at temperature 1 (the model's own distribution).
+
+    >>> r = token_logprobs(torch.log(torch.tensor([[0.5, 0.3, 0.2]])), [2], 2)[0]
+    >>> r[0], round(r[1], 4), [(i, round(v, 4)) for i, v in r[2]]
+    (2, -1.6094, [(0, -0.6931), (1, -1.204)])
+    """
+    lp = torch.log_softmax(logits_NV.float(), dim=-1)
+    idx = torch.tensor(chosen, device=lp.device, dtype=torch.long)
+    got = lp.gather(1, idx[:, None])[:, 0].tolist()
+    if k > 0:
+        top_v, top_i = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(top_i.tolist(), top_v.tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    return [(t, g, top) for t, g, top in zip(chosen, got, tops)]

@@ -40,7 +40,9 @@ added as one more route function here plus its test in tests/test_server.py.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import copy
 import hmac
 import ipaddress
 import json
@@ -59,11 +61,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinyseek.config import ConfigError
 from tinyseek.errors import UserError
-from tinyseek.serve.engine import Completion, Engine, SamplingParams
+from tinyseek.serve.engine import MAX_TOP_LOGPROBS, Completion, Engine, SamplingParams
 from tinyseek.serve.engine_proc import ProcessEngine, available_cpus, parse_cpus, pin_process
 from tinyseek.serve.loading import check_ckpt, load_for_serving
+from tinyseek.serve.logprobs import chat_logprobs, legacy_logprobs, prompt_records
+from tinyseek.serve.reasoning import ReasoningSplitter, split_reasoning, uses_reasoning
 from tinyseek.serve.metrics import ServerMetrics
 from tinyseek.serve.safety import DEFAULT_REFUSAL, SafetyFilter
+from tinyseek.serve.tools import (ToolCallHolder, has_tool_syntax, parse_tool_calls, plain_messages,
+                                  template_messages)
 
 STATIC = Path(__file__).parent / "static"
 MAX_JSON_DEPTH = 64  # request bodies nested deeper are refused (OpenAI bodies nest < 10; tool schemas a few more)
@@ -100,6 +106,7 @@ class Config:
     classifier: str = ""           # safety: "package.module:function" text -> score in [0,1] (or bool)
     classifier_threshold: float = 0.5  # safety: refuse at or above this score
     refusal_message: str = DEFAULT_REFUSAL  # what a refused request gets back
+    reasoning_format: str = "split"  # R1 template: split <think>…</think> into reasoning_content (split) or keep the raw text (raw)
     log_level: str = "info"        # uvicorn log level
 
     def validate(self) -> "Config":
@@ -117,6 +124,7 @@ class Config:
         need(0 <= self.default_temperature <= 2, f"default_temperature must be in [0, 2], got {self.default_temperature}")
         need(0 <= self.classifier_threshold <= 1, f"classifier_threshold must be in [0, 1], got {self.classifier_threshold}")
         need(self.model_name != "", "model_name must not be empty")
+        need(self.reasoning_format in ("split", "raw"), f"reasoning_format must be split or raw, got {self.reasoning_format!r}")
         return self
 
 
@@ -160,8 +168,12 @@ def _num(body: dict, key: str, default, lo=None, hi=None, integer: bool = False)
     return v
 
 
-def parse_sampling(body: dict, cfg: Config) -> tuple[SamplingParams, bool, bool]:
-    """``(SamplingParams, stream, include_usage)`` from an OpenAI request body.
+def parse_sampling(body: dict, cfg: Config, kind: str = "chat", vocab_size: int = 1 << 31
+                   ) -> tuple[SamplingParams, bool, bool]:
+    """``(SamplingParams, stream, include_usage)`` from an OpenAI request body (``kind``: ``chat`` or
+    ``completion``, whose ``logprobs`` differ: a boolean plus ``top_logprobs`` in chat, an integer
+    0..20 in completions). A listed OpenAI field is either honoured or a 400 naming it
+    (:data:`UNSUPPORTED`); other unknown fields are ignored, as OpenAI does.
 
     >>> sp, stream, _ = parse_sampling({"max_tokens": 5, "stop": "\\n", "temperature": 0}, Config())
     >>> sp.max_tokens, sp.stop, sp.temperature, stream
@@ -170,9 +182,38 @@ def parse_sampling(body: dict, cfg: Config) -> tuple[SamplingParams, bool, bool]
     Traceback (most recent call last):
     ...
     tinyseek.serve.server.ApiError: 'max_tokens' must be between 1 and 512, got -1
+    >>> parse_sampling({"top_logprobs": 2}, Config())
+    Traceback (most recent call last):
+    ...
+    tinyseek.serve.server.ApiError: 'top_logprobs' needs 'logprobs': true
     """
+    for key, why in UNSUPPORTED.items():
+        if body.get(key) is not None:
+            raise _bad(f"'{key}' is not supported: {why}", key)
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise _bad("'response_format': only {\"type\": \"text\"} is supported (no constrained decoding)",
+                   "response_format")
+    echo = body.get("echo", False) if kind == "completion" else False
+    if not isinstance(echo, bool):
+        raise _bad("'echo' must be a boolean", "echo")
+    if kind == "chat":
+        lp = body.get("logprobs", False)
+        if lp is None:
+            lp = False
+        if not isinstance(lp, bool):
+            raise _bad("'logprobs' must be a boolean", "logprobs")
+        top = body.get("top_logprobs")
+        if top is not None and not lp:
+            raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        logprobs = _num(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True) if lp else None
+    else:
+        if body.get("top_logprobs") is not None:
+            raise _bad("'top_logprobs' is a chat field; /v1/completions takes 'logprobs': <int>", "top_logprobs")
+        logprobs = None if body.get("logprobs") is None else _num(body, "logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _num(body, key, min(cfg.default_max_tokens, cfg.max_tokens), 1, cfg.max_tokens, integer=True)
+    lo = 0 if echo and logprobs is not None else 1  # lm-eval's loglikelihood: echo + logprobs + max_tokens 0
+    max_tokens = _num(body, key, min(cfg.default_max_tokens, cfg.max_tokens), lo, cfg.max_tokens, integer=True)
     temperature = _num(body, "temperature", cfg.default_temperature, 0, 2)
     top_p = _num(body, "top_p", 1.0, 0, 1)
     if top_p == 0:
@@ -189,11 +230,25 @@ def parse_sampling(body: dict, cfg: Config) -> tuple[SamplingParams, bool, bool]
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > 16:
         raise _bad("'stop' must be a string or a list of at most 16 strings", "stop")
     stop = [s for s in stop if s]
-    n = body.get("n", 1)
-    if n not in (1, None):
-        raise _bad("only n = 1 is supported", "n")
-    if body.get("logprobs") not in (None, False, 0):
-        raise _bad("logprobs are not supported", "logprobs")
+    n = _num(body, "n", 1, 1, cfg.max_batch, integer=True)
+    best_of = body.get("best_of")
+    if kind == "completion" and best_of is not None and best_of != n:
+        raise _bad("'best_of' is not supported (only best_of == n)", "best_of")
+    presence = float(_num(body, "presence_penalty", 0.0, -2, 2))
+    frequency = float(_num(body, "frequency_penalty", 0.0, -2, 2))
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, dict):
+        raise _bad("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+    logit_bias = {}
+    for t, b in bias.items():
+        try:
+            tid = int(t)
+        except (TypeError, ValueError):
+            raise _bad(f"'logit_bias' key {t!r} is not a token id", "logit_bias") from None
+        if not 0 <= tid < vocab_size or isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+            raise _bad(f"'logit_bias': token {t!r} must be in [0, {vocab_size}) with a bias in [-100, 100]",
+                       "logit_bias")
+        logit_bias[tid] = float(b)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean", "stream")
@@ -204,27 +259,117 @@ def parse_sampling(body: dict, cfg: Config) -> tuple[SamplingParams, bool, bool]
     if not isinstance(ignore_eos, bool):
         raise _bad("'ignore_eos' must be a boolean", "ignore_eos")
     sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=float(top_p),
-                        stop=stop, seed=seed, ignore_eos=ignore_eos)
+                        stop=stop, seed=seed, ignore_eos=ignore_eos, n=n, logprobs=logprobs,
+                        prompt_logprobs=logprobs if echo else None, presence_penalty=presence,
+                        frequency_penalty=frequency, logit_bias=logit_bias)
     return sp, stream, bool(opts.get("include_usage", False))
 
 
+# OpenAI request fields this server refuses (400 naming the field) rather than ignore
+UNSUPPORTED = {
+    "suffix": "no fill-in-the-middle",
+    "functions": "use 'tools'",
+    "function_call": "use 'tool_choice'",
+    "audio": "text only",
+    "prediction": "no predicted outputs",
+    "web_search_options": "no web search",
+}
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 def parse_messages(body: dict) -> list[dict]:
-    """The request's messages as ``{role, content}`` (text parts of a content list joined). The text
-    is kept as sent: ``encode_chat`` encodes it as text, so no marker in it becomes a special token."""
+    """The request's messages as ``{role, content}`` (text parts of a content list joined; a
+    ``tool`` message keeps its ``tool_call_id``, an assistant message its ``tool_calls``, and then
+    its content may be null). The text is kept as sent: ``encode_chat`` encodes it as text, so no
+    marker in it becomes a special token."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise _bad("'messages' must be a non-empty list", "messages")
     out = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise _bad(f"messages[{i}] must be an object with role system/user/assistant", "messages")
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise _bad(f"messages[{i}] must be an object with role {'/'.join(ROLES)}", "messages")
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        if calls is not None:
+            if not (isinstance(calls, list) and all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict)
+                    and isinstance(c["function"].get("name"), str)
+                    and isinstance(c["function"].get("arguments", ""), str) for c in calls)):
+                raise _bad(f"messages[{i}].tool_calls must be a list of {{id, type, function: {{name, arguments}}}}",
+                           "messages")
+            calls = [{"id": str(c.get("id", "")), "type": "function",
+                      "function": {"name": c["function"]["name"], "arguments": c["function"].get("arguments", "")}}
+                     for c in calls]
+            content = content if content is not None else ""
         if not isinstance(content, str):
             raise _bad(f"messages[{i}].content must be a string", "messages")
-        out.append({"role": m["role"], "content": content})
+        msg = {"role": m["role"], "content": content}
+        if calls:
+            msg["tool_calls"] = calls
+        if m["role"] == "tool":
+            tid = m.get("tool_call_id")
+            if not isinstance(tid, str):
+                raise _bad(f"messages[{i}] (role tool) needs a string tool_call_id", "messages")
+            msg["tool_call_id"] = tid
+        out.append(msg)
     return out
+
+
+def parse_tools(body: dict, tokenizer) -> list[dict] | None:
+    """The request's ``tools`` (function definitions) when the chat template has a tool syntax; 400
+    when tools are given but it has none, or when ``tool_choice`` asks for something we cannot
+    force (``required`` / a named function: no constrained decoding). ``tool_choice: "none"`` drops them."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise _bad("'tool_choice': only \"auto\" and \"none\" are supported (no constrained decoding)", "tool_choice")
+    if not tools:
+        return None
+    if not (isinstance(tools, list) and all(isinstance(t, dict) and t.get("type") == "function"
+                                            and isinstance(t.get("function"), dict)
+                                            and isinstance(t["function"].get("name"), str) for t in tools)):
+        raise _bad("'tools' must be a list of {type: function, function: {name, ...}}", "tools")
+    if not has_tool_syntax(tokenizer):
+        raise _bad("tools: this model's chat template has no tool-call syntax", "tools")
+    return None if choice == "none" else tools
+
+
+def parse_prompts(body: dict, tokenizer, vocab_size: int, parse_special: bool) -> list[tuple[list[int], str]]:
+    """``/v1/completions`` ``prompt`` as ``[(ids, text)]``: a string, a list of strings, a list of token
+    ids or a list of lists of token ids (ids checked against the vocabulary; their text decoded)."""
+    prompt = body.get("prompt")
+
+    def ids_ok(x):
+        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(prompt, str):
+        items = [prompt]
+    elif ids_ok(prompt):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt)
+                                                   or all(ids_ok(p) for p in prompt)):
+        items = prompt
+    else:
+        raise _bad("'prompt' must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+                   "prompt")
+    if len(items) > MAX_PROMPTS:
+        raise _bad(f"'prompt' holds {len(items)} prompts; at most {MAX_PROMPTS}", "prompt")
+    out = []
+    for p in items:
+        if isinstance(p, str):
+            # an imported model's BOS, as tok(prompt) adds it; special-token strings stay text unless the operator opts in
+            out.append((tokenizer.encode(p, add_special_tokens=True, parse_special=parse_special), p))
+        else:
+            bad = [t for t in p if not 0 <= t < vocab_size]
+            if bad:
+                raise _bad(f"'prompt': token id {bad[0]} is not in the vocabulary [0, {vocab_size})", "prompt")
+            out.append((list(p), tokenizer.decode(p)))
+    return out
+
+
+MAX_PROMPTS = 256  # prompts in one /v1/completions request at most
 
 
 def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
@@ -457,19 +602,32 @@ def check_prompt(request: Request, ids: list[int]) -> list[int]:
 
 
 # --- response bodies (pure) ------------------------------------------------------------------
+@dataclass
+class Shape:
+    """How the choices of one request are written."""
+    kind: str                       # "chat" or "completion"
+    logprobs: int | None = None     # top alternatives per token; None = no logprobs
+    echo: bool = False              # completions: the prompt (and its logprobs) before the completion
+    reasoning: bool = False         # chat: <think>...</think> into reasoning_content (R1 template, --reasoning-format split)
+    tools: bool = False             # chat: parse <tool_call> blocks into tool_calls
+
+
 def chunk_body(kind: str, rid: str, created: int, model: str, text: str | None, finish: str | None,
-               first: bool = False) -> dict:
-    """One streamed chunk: ``chat.completion.chunk`` (a delta; the first carries the role) or ``text_completion``."""
+               first: bool = False, index: int = 0, extra: dict | None = None, logprobs: dict | None = None) -> dict:
+    """One streamed chunk: ``chat.completion.chunk`` (a delta; the first carries the role; ``extra``
+    adds e.g. ``reasoning_content`` or ``tool_calls``) or ``text_completion``."""
     if kind == "chat":
         delta: dict[str, Any] = {}
         if first:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        if extra:
+            delta.update(extra)
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
 
@@ -480,15 +638,51 @@ def usage_body(n_prompt: int, n_out: int) -> dict:
 
 def completion_body(kind: str, rid: str, created: int, model: str, text: str, finish: str, n_prompt: int,
                     n_out: int) -> dict:
-    """A whole (non-streamed) ``chat.completion`` or ``text_completion`` with its usage."""
+    """A whole (non-streamed) ``chat.completion`` or ``text_completion`` with one plain choice and its usage."""
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        obj = "chat.completion"
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
-            "usage": usage_body(n_prompt, n_out)}
+    return response_body(kind, rid, created, model, [choice], usage_body(n_prompt, n_out))
+
+
+def response_body(kind: str, rid: str, created: int, model: str, choices: list[dict], usage: dict) -> dict:
+    return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
+            "model": model, "choices": choices, "usage": usage}
+
+
+def generated_records(c: Completion) -> list:
+    """The logprob records of the tokens behind the completion's text (an eos / stop token that ended it dropped)."""
+    recs = c.logprobs or []
+    return recs[:-1] if c.finish_reason == "stop" and isinstance(c.stop, int) and recs else recs
+
+
+def make_choice(shape: Shape, tok, index: int, c: Completion, text: str, finish: str, prompt: list[int],
+                echo_text: str) -> dict:
+    """One non-streamed choice in the shape's form (message or text, logprobs, tool calls, reasoning)."""
+    lp = shape.logprobs is not None and finish != "content_filter"
+    if shape.kind == "chat":
+        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        if shape.reasoning and finish != "content_filter":
+            reasoning, msg["content"] = split_reasoning(text)
+            if reasoning is not None:
+                msg["reasoning_content"] = reasoning
+        if shape.tools and finish != "content_filter":
+            content, calls = parse_tool_calls(msg["content"])
+            if calls:
+                msg["content"], msg["tool_calls"], finish = content, calls, "tool_calls"
+        return {"index": index, "message": msg, "logprobs": chat_logprobs(tok, generated_records(c)) if lp else None,
+                "finish_reason": finish}
+    logprobs = None
+    if lp:
+        gen = legacy_logprobs(tok, generated_records(c), len(echo_text) if shape.echo else 0)
+        if shape.echo:
+            pre = legacy_logprobs(tok, prompt_records(prompt, c.prompt_logprobs))
+            gen = {k: pre[k] + gen[k] for k in gen}
+        logprobs = gen
+    return {"index": index, "text": (echo_text if shape.echo else "") + text, "logprobs": logprobs,
+            "finish_reason": finish}
 
 
 def finish_reason(c: Completion) -> str:
@@ -508,88 +702,193 @@ def completion_error(c: Completion, timeout_s: float) -> ApiError | None:
 
 
 def _record(metrics: ServerMetrics, c: Completion) -> None:
-    metrics.prompt_tokens.inc(c.prompt_tokens)
+    if c.index == 0:  # n samples share one prompt
+        metrics.prompt_tokens.inc(c.prompt_tokens)
     metrics.completion_tokens.inc(len(c.token_ids))
     if c.first_token_s is not None:
         metrics.ttft.observe(c.first_token_s)
 
 
 # --- generation -----------------------------------------------------------------------------
-async def respond(request: Request, kind: str, ids: list[int], sp: SamplingParams, stream: bool,
-                  include_usage: bool, checked_text: str):
-    """Generate for a checked prompt and answer as OpenAI does (a JSON body, or server-sent events).
-    ``checked_text`` is what the safety filter reads of the request: a refused prompt gets the
-    refusal as a normal completion (``finish_reason`` ``content_filter``); a blocked output is
-    replaced by it (or, streamed, ends with it: the text held back at a blocked-word prefix is never sent)."""
+class _ChoiceStream:
+    """One streamed choice's state: text shown (for the safety filter), the reasoning splitter, the
+    tool-call holder, generated ids so far (legacy text offsets)."""
+
+    def __init__(self, shape: Shape, start: int):
+        self.shown, self.ids, self.start, self.done = "", [], start, False
+        self.splitter = ReasoningSplitter() if shape.reasoning else None
+        self.holder = ToolCallHolder() if shape.tools else None
+
+    def parts(self, text: str, final: bool = False) -> list[tuple[str, str]]:
+        """``[(field, text)]`` to send for a text delta (``content`` / ``reasoning_content``)."""
+        parts = self.splitter.feed(text, final) if self.splitter else ([("content", text)] if text else [])
+        if self.holder is not None:
+            parts = [(f, self.holder.feed(t) if f == "content" else t) for f, t in parts]
+            if final:
+                parts.append(("content", self.holder.feed("", final=True)))
+        return [(f, t) for f, t in parts if t]
+
+
+async def _merged(engine, prompts: list[list[int]], sps: list[SamplingParams], timeout: float, holds):
+    """``(prompt index, event)`` of every prompt's stream, as they come; closing it cancels them all."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int):
+        try:
+            async for ev in engine.astream(prompts[i], sps[i], timeout=timeout, holds=holds):
+                await q.put((i, ev))
+        finally:
+            await q.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+    try:
+        left = len(tasks)
+        while left:
+            i, ev = await q.get()
+            if ev is None:
+                left -= 1
+            else:
+                yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def respond(request: Request, shape: Shape, prompts: list[list[int]], sp: SamplingParams, stream: bool,
+                  include_usage: bool, checked_text: str, echo_texts: list[str] | None = None):
+    """Generate for checked prompts (``sp.n`` samples each; choice ``index`` = prompt index * n + sample)
+    and answer as OpenAI does (a JSON body, or server-sent events). ``checked_text`` is what the
+    safety filter reads of the request: a refused prompt gets the refusal as a normal completion
+    (``finish_reason`` ``content_filter``); a blocked output is replaced by it (or, streamed, ends
+    with it: the text held back at a blocked-word prefix is never sent)."""
     st = request.app.state
-    engine, cfg, safety, metrics = st.engine, st.cfg, st.safety, st.metrics
-    model = cfg.model_name
+    engine, cfg, safety, metrics, tok = st.engine, st.cfg, st.safety, st.metrics, st.tokenizer
+    kind, model, n = shape.kind, cfg.model_name, sp.n
+    echo_texts = echo_texts or [""] * len(prompts)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
-    sp.max_tokens = max(1, min(sp.max_tokens, engine.max_len - len(ids)))
-    add_stop_ids(sp, st.tokenizer)
+    sps = []
+    for ids in prompts:
+        p = copy.deepcopy(sp)
+        p.max_tokens = max(0 if p.prompt_logprobs is not None else 1, min(p.max_tokens, engine.max_len - len(ids)))
+        sps.append(add_stop_ids(p, tok))
+    n_prompt = sum(len(ids) for ids in prompts)
     refused = safety.check(checked_text) if safety.active else None
     if refused is not None and refused.blocked:
         metrics.refusals.inc(stage="prompt")
         if not stream:
-            return JSONResponse(completion_body(kind, rid, created, model, safety.refusal, "content_filter", len(ids), 0))
+            choices = [{**make_choice(Shape(kind), tok, j, None, safety.refusal, "content_filter", [], ""),
+                        "index": j} for j in range(len(prompts) * n)]
+            return JSONResponse(response_body(kind, rid, created, model, choices, usage_body(n_prompt, 0)))
 
         async def refusal_events():
-            yield _sse(chunk_body(kind, rid, created, model, "", None, first=True))
-            yield _sse(chunk_body(kind, rid, created, model, safety.refusal, None))
-            yield _sse(chunk_body(kind, rid, created, model, None if kind == "chat" else "", "content_filter"))
+            for j in range(len(prompts) * n):
+                yield _sse(chunk_body(kind, rid, created, model, "", None, first=True, index=j))
+                yield _sse(chunk_body(kind, rid, created, model, safety.refusal, None, index=j))
+                yield _sse(chunk_body(kind, rid, created, model, None if kind == "chat" else "", "content_filter", index=j))
             if include_usage:
                 yield _sse({**chunk_body(kind, rid, created, model, None, None), "choices": [],
-                            "usage": usage_body(len(ids), 0)})
+                            "usage": usage_body(n_prompt, 0)})
             yield "data: [DONE]\n\n"
         return StreamingResponse(refusal_events(), media_type="text/event-stream")
 
     holds = safety.words if safety.pattern is not None else None
 
     if not stream:
-        comp = await engine.acomplete(ids, sp, timeout=cfg.timeout_s)
-        err = completion_error(comp, cfg.timeout_s)
-        if err is not None:
-            raise err
-        _record(metrics, comp)
-        text, fr = comp.text or "", finish_reason(comp)
-        if safety.active and safety.check(text).blocked:
-            metrics.refusals.inc(stage="output")
-            text, fr = safety.refusal, "content_filter"
-        return JSONResponse(completion_body(kind, rid, created, model, text, fr, len(ids), len(comp.token_ids)))
+        groups = await asyncio.gather(*(engine.acomplete_all(ids, p, timeout=cfg.timeout_s) for ids, p in zip(prompts, sps)))
+        choices, n_out = [], 0
+        for pi, comps in enumerate(groups):
+            for comp in comps:
+                err = completion_error(comp, cfg.timeout_s)
+                if err is not None:
+                    raise err
+                _record(metrics, comp)
+                n_out += len(comp.token_ids)
+                text, fr = comp.text or "", finish_reason(comp)
+                if safety.active and safety.check(text).blocked:
+                    metrics.refusals.inc(stage="output")
+                    text, fr = safety.refusal, "content_filter"
+                choices.append(make_choice(shape, tok, pi * n + comp.index, comp, text, fr, prompts[pi], echo_texts[pi]))
+        return JSONResponse(response_body(kind, rid, created, model, choices, usage_body(n_prompt, n_out)))
 
-    agen = engine.astream(ids, sp, timeout=cfg.timeout_s, holds=holds)
+    agen = _merged(engine, prompts, sps, cfg.timeout_s, holds)
+
+    def sse(text, finish, j, **kw):
+        return _sse(chunk_body(kind, rid, created, model, text, finish, index=j, **kw))
 
     async def events():
-        shown = ""
-        comp = None
+        states = {pi * n + i: _ChoiceStream(shape, len(echo_texts[pi]) if shape.echo else 0)
+                  for pi in range(len(prompts)) for i in range(n)}
+        n_out = 0
         try:
-            yield _sse(chunk_body(kind, rid, created, model, "", None, first=True))
-            async for ev in agen:
-                if ev.text:
-                    if safety.active and safety.check(shown + ev.text).blocked:
-                        metrics.refusals.inc(stage="output")
-                        yield _sse(chunk_body(kind, rid, created, model, ("\n" if shown else "") + safety.refusal, None))
-                        yield _sse(chunk_body(kind, rid, created, model, None if kind == "chat" else "", "content_filter"))
+            for j in states:
+                pi = j // n
+                if kind == "completion" and shape.echo:  # the prompt's logprobs come with its first event
+                    yield sse(echo_texts[pi], None, j)
+                else:
+                    yield sse("", None, j, first=True)
+            async for pi, ev in agen:
+                j = pi * n + ev.index
+                s = states[j]
+                if s.done:
+                    continue
+                comp = ev.completion if ev.finished else None
+                if comp is not None:
+                    err = completion_error(comp, cfg.timeout_s)
+                    if err is not None:
+                        yield _sse(err.body())
                         yield "data: [DONE]\n\n"
                         return
-                    shown += ev.text
-                    yield _sse(chunk_body(kind, rid, created, model, ev.text, None))
-                if ev.finished:
-                    comp = ev.completion
-            err = completion_error(comp, cfg.timeout_s)
-            if err is not None:
-                yield _sse(err.body())
-                yield "data: [DONE]\n\n"
-                return
-            _record(metrics, comp)
-            yield _sse(chunk_body(kind, rid, created, model, None if kind == "chat" else "", finish_reason(comp)))
+                if ev.text and safety.active and safety.check(s.shown + ev.text).blocked:
+                    metrics.refusals.inc(stage="output")
+                    yield sse(("\n" if s.shown else "") + safety.refusal, None, j)
+                    yield sse(None if kind == "chat" else "", "content_filter", j)
+                    s.done = True
+                    continue
+                s.shown += ev.text
+                recs = ev.logprobs or []
+                if comp is not None and comp.finish_reason == "stop" and isinstance(comp.stop, int) and recs:
+                    recs = recs[:-1]
+                lp = None
+                if shape.logprobs is not None and (recs or ev.prompt_logprobs is not None):
+                    if kind == "chat":
+                        lp = chat_logprobs(tok, recs)
+                    else:
+                        lp = legacy_logprobs(tok, recs, s.start + len(tok.decode(s.ids)))
+                        if ev.prompt_logprobs is not None:  # echo: the prompt's records, with the first event
+                            pre = legacy_logprobs(tok, prompt_records(prompts[pi], ev.prompt_logprobs))
+                            lp = {k: pre[k] + lp[k] for k in lp}
+                    s.ids += [r[0] for r in recs]
+                parts = s.parts(ev.text, final=comp is not None) if kind == "chat" else ([("content", ev.text)] if ev.text else [])
+                if lp is not None and not parts:
+                    parts = [("content", "")]
+                for f, t in parts:
+                    if f == "content":
+                        yield sse(t, None, j, logprobs=lp)
+                    else:
+                        yield sse(None, None, j, extra={f: t}, logprobs=lp)
+                    lp = None
+                if comp is not None:
+                    _record(metrics, comp)
+                    n_out += len(comp.token_ids)
+                    s.done = True
+                    fr = finish_reason(comp)
+                    if s.holder is not None and s.holder.held:
+                        content, calls = parse_tool_calls(s.holder.held)
+                        if calls:
+                            fr = "tool_calls"
+                            if content:
+                                yield sse(content, None, j)
+                            yield sse(None, None, j, extra={"tool_calls": [{**c, "index": k} for k, c in enumerate(calls)]})
+                        else:
+                            yield sse(s.holder.held, None, j)
+                    yield sse(None if kind == "chat" else "", fr, j)
             if include_usage:
                 yield _sse({**chunk_body(kind, rid, created, model, None, None), "choices": [],
-                            "usage": usage_body(len(ids), len(comp.token_ids))})
+                            "usage": usage_body(n_prompt, n_out)})
             yield "data: [DONE]\n\n"
         finally:
-            await agen.aclose()  # a client that went away cancels its request
+            await agen.aclose()  # a client that went away cancels its requests
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -599,27 +898,31 @@ async def respond(request: Request, kind: str, ids: list[int], sp: SamplingParam
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     body = await read_body(request)
+    st = request.app.state
     msgs = parse_messages(body)
-    sp, stream, include_usage = parse_sampling(body, request.app.state.cfg)
-    ids = check_prompt(request, request.app.state.tokenizer.encode_chat(msgs, add_generation_prompt=True))  # message text stays text
-    all_text = "\n".join(m["content"] for m in msgs)  # every role: system and assistant turns steer too
-    return await respond(request, "chat", ids, sp, stream, include_usage, all_text)
+    tools = parse_tools(body, st.tokenizer)
+    sp, stream, include_usage = parse_sampling(body, st.cfg, "chat", st.vocab_size)
+    if has_tool_syntax(st.tokenizer):
+        ids = st.tokenizer.encode_chat(template_messages(msgs), add_generation_prompt=True, tools=tools)
+    else:  # our template (and templates without tool syntax): tool turns in a plain form
+        ids = st.tokenizer.encode_chat(plain_messages(msgs), add_generation_prompt=True)  # message text stays text
+    ids = check_prompt(request, ids)
+    all_text = "\n".join([m["content"] for m in msgs] + [json.dumps(c) for m in msgs for c in m.get("tool_calls", [])])
+    shape = Shape("chat", sp.logprobs, reasoning=st.reasoning, tools=tools is not None)
+    return await respond(request, shape, [ids], sp, stream, include_usage, all_text)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request):
     body = await read_body(request)
-    cfg = request.app.state.cfg
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise _bad("'prompt' must be a string", "prompt")
-    sp, stream, include_usage = parse_sampling(body, cfg)
-    # an imported model's BOS, as tok(prompt) adds it; special-token strings stay text unless the operator opts in
-    ids = check_prompt(request, request.app.state.tokenizer.encode(prompt, add_special_tokens=True,
-                                                                   parse_special=cfg.prompt_special_tokens))
-    return await respond(request, "completion", ids, sp, stream, include_usage, prompt)
+    st = request.app.state
+    cfg = st.cfg
+    prompts = parse_prompts(body, st.tokenizer, st.vocab_size, cfg.prompt_special_tokens)
+    sp, stream, include_usage = parse_sampling(body, cfg, "completion", st.vocab_size)
+    ids = [check_prompt(request, p) for p, _ in prompts]
+    shape = Shape("completion", sp.logprobs, echo=bool(body.get("echo")))
+    return await respond(request, shape, ids, sp, stream, include_usage, "\n".join(t for _, t in prompts),
+                         [t for _, t in prompts])
 
 
 @router.get("/v1/models")
@@ -684,6 +987,8 @@ def create_app(engine: Engine, tokenizer, cfg: Config | None = None, safety: Saf
     st.metrics = metrics or ServerMetrics(engine)
     st.api_key = cfg.api_key or os.environ.get("TINYSEEK_API_KEY", "")
     st.host_names = allowed_host_names(cfg)
+    st.vocab_size = getattr(engine, "vocab_size", None) or engine.cfg.vocab_size
+    st.reasoning = cfg.reasoning_format == "split" and uses_reasoning(tokenizer)
     st.max_prompt = min(cfg.max_prompt_tokens or engine.max_len - 1, engine.max_len - 1)
     st.shutting_down = False
     app.add_middleware(HostMiddleware, host_names=st.host_names)
