@@ -153,6 +153,10 @@ def test_export_tokenizer_loads_in_transformers(kind, tmp_path):
         assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
         assert hf_tok.decode(ids) == tok.decode(ids)
     assert hf_tok.eos_token_id == tok.eos_id and hf_tok.pad_token_id == tok.pad_id
+    # the R1 tags are added tokens but not special: a standard decode keeps them, role markers go
+    ids = tok.encode("<|user|>3+4?<|assistant|><think>3 + 4 = 7</think><answer>7</answer><|eos|>")
+    assert hf_tok.decode(ids, skip_special_tokens=True) == "3+4?<think>3 + 4 = 7</think><answer>7</answer>"
+    assert hf_tok.convert_tokens_to_ids("<think>") == tok.token_to_id("<think>")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["eos_token_id"] == tok.eos_id
     for msgs in ([{"role": "user", "content": "2+2?"}],

@@ -652,13 +652,29 @@ def byte_tokenizer_json(special: dict[str, int]) -> str:
     return tok.to_str()
 
 
+# R1 tags: added tokens (so the same text encodes to the same ids) but not special, so that a standard
+# ``decode(ids, skip_special_tokens=True)`` keeps them ("<think>3 + 4 = 7</think>...", not "3 + 4 = 7...")
+TEXT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def tags_not_special(tokenizer_json: str) -> str:
+    """``tokenizer_json`` with the :data:`TEXT_TAGS` added tokens marked ``special: false`` (ids,
+    matching and so encoding unchanged)."""
+    obj = json.loads(tokenizer_json)
+    for t in obj.get("added_tokens") or []:
+        if t.get("content") in TEXT_TAGS:
+            t["special"] = False
+    return json.dumps(obj, ensure_ascii=False)
+
+
 def _hf_tokenizer_json(tokenizer) -> str:
-    """The HF ``tokenizers`` JSON for a tinyseek Tokenizer (BPE wraps ``tokenizers.Tokenizer`` as ``_hf``)."""
+    """The HF ``tokenizers`` JSON for a tinyseek Tokenizer (BPE wraps ``tokenizers.Tokenizer`` as ``_hf``),
+    the R1 tags as non-special added tokens (:func:`tags_not_special`)."""
     inner = getattr(tokenizer, "_hf", None)
     if inner is not None:
-        return inner.to_str()
+        return tags_not_special(inner.to_str())
     if getattr(tokenizer, "kind", None) == "bytes":
-        return byte_tokenizer_json(dict(tokenizer._special))
+        return tags_not_special(byte_tokenizer_json(dict(tokenizer._special)))
     raise UserError(f"tokenizer {type(tokenizer).__name__} has no Hugging Face tokenizers form to export")
 
 
