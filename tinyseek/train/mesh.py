@@ -144,14 +144,7 @@ class ParallelSpec:
             raise ConfigError(f"--parallel {self} needs pp*dp*dp_shard*tp = {self.pp}*{self.dp}*{self.dp_shard}*"
                               f"{self.tp} = {self.world_size} processes, but the world has {world_size}")
         if self.tp > 1:
-            widths = [("model.n_heads", m.n_heads)]
-            if m.attn == "gqa":
-                widths.append(("model.n_kv_heads", m.n_kv_heads))
-            if m.n_dense_layers > 0 or not m.is_moe:
-                widths.append(("model.d_ff", m.d_ff))
-            if m.is_moe and m.shared_width:
-                widths.append(("shared expert width (model.shared_d_ff or n_shared_experts*moe_d_ff)", m.shared_width))
-            for name, n in widths:
+            for name, n in tp_widths(m):
                 if n % self.tp:
                     raise ConfigError(f"--parallel tp={self.tp} does not divide {name} = {n}")
         if self.ep > 1:
@@ -166,6 +159,25 @@ class ParallelSpec:
         if self.pp > m.n_layers:
             raise ConfigError(f"--parallel pp={self.pp} exceeds model.n_layers = {m.n_layers} (at least one block a stage)")
         return self
+
+
+def tp_widths(m: ModelConfig) -> list[tuple[str, int]]:
+    """``(name, size)`` of every width tensor parallelism splits (``tinyseek/train/tp.py``): the query
+    heads, GQA's key/value heads, the dense FFN width (if the model has a dense block) and the
+    shared expert's width (if it has one); ``tp`` must divide each.
+
+    >>> from tinyseek.config import model_micro
+    >>> [n for n, _ in tp_widths(model_micro())]
+    ['model.n_heads', 'model.d_ff', 'shared expert width (model.shared_d_ff or n_shared_experts*moe_d_ff)']
+    """
+    widths = [("model.n_heads", m.n_heads)]
+    if m.attn == "gqa":
+        widths.append(("model.n_kv_heads", m.n_kv_heads))
+    if m.n_dense_layers > 0 or not m.is_moe:
+        widths.append(("model.d_ff", m.d_ff))
+    if m.is_moe and m.shared_width:
+        widths.append(("shared expert width (model.shared_d_ff or n_shared_experts*moe_d_ff)", m.shared_width))
+    return widths
 
 
 def parse_parallel(text: str) -> ParallelSpec:

@@ -48,6 +48,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from tinyseek.errors import UserError
 from tinyseek.model.attention import MLA
 from tinyseek.model.transformer import Transformer
+from tinyseek.train.mesh import tp_widths
 from tinyseek.train.distributed import clip_grad_norm_  # noqa: F401 (the one clip for DTensor / plain mixes)
 
 
@@ -65,15 +66,7 @@ def check_tp(cfg, tp: int) -> None:
     """
     if tp < 1:
         raise UserError(f"tensor parallelism needs tp >= 1, got {tp}")
-    sizes = [("model.n_heads", cfg.n_heads)]
-    if cfg.attn == "gqa":
-        sizes.append(("model.n_kv_heads", cfg.n_kv_heads))
-    if cfg.n_dense_layers > 0 or not cfg.is_moe:
-        sizes.append(("model.d_ff", cfg.d_ff))
-    if cfg.is_moe and cfg.shared_width > 0:
-        sizes.append(("the shared expert's width (model.shared_d_ff or n_shared_experts * moe_d_ff)",
-                      cfg.shared_width))
-    for name, n in sizes:
+    for name, n in tp_widths(cfg):
         if n % tp:
             raise UserError(f"tensor parallelism tp={tp} must divide {name} ({n})")
 
