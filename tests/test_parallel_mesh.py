@@ -81,7 +81,7 @@ def test_validate_table(spec, world, model, ok):
     (ParallelSpec(tp=3), 3, MICRO, "tp=3 does not divide model.n_heads = 4"),
     (ParallelSpec(tp=4), 4, GQA, "tp=4 does not divide model.n_kv_heads = 2"),
     (ParallelSpec(tp=2), 2, dataclasses.replace(model_micro(), d_ff=129), "tp=2 does not divide model.d_ff = 129"),
-    (ParallelSpec(tp=2), 2, dataclasses.replace(model_micro(), shared_d_ff=33), "shared expert width"),
+    (ParallelSpec(tp=2), 2, dataclasses.replace(model_micro(), shared_d_ff=33), "shared expert's width"),
     (ParallelSpec(dp=3, ep=3), 3, MICRO, "ep=3 does not divide model.n_routed_experts = 4"),
     (ParallelSpec(dp=2, ep=4), 2, dataclasses.replace(model_micro(), n_routed_experts=8),
      "ep=4 must divide dp*dp_shard = 2*1 = 2"),

@@ -168,7 +168,7 @@ def tp_widths(m: ModelConfig) -> list[tuple[str, int]]:
 
     >>> from tinyseek.config import model_micro
     >>> [n for n, _ in tp_widths(model_micro())]
-    ['model.n_heads', 'model.d_ff', 'shared expert width (model.shared_d_ff or n_shared_experts*moe_d_ff)']
+    ['model.n_heads', 'model.d_ff', "the shared expert's width (model.shared_d_ff or n_shared_experts * moe_d_ff)"]
     """
     widths = [("model.n_heads", m.n_heads)]
     if m.attn == "gqa":
@@ -176,7 +176,7 @@ def tp_widths(m: ModelConfig) -> list[tuple[str, int]]:
     if m.n_dense_layers > 0 or not m.is_moe:
         widths.append(("model.d_ff", m.d_ff))
     if m.is_moe and m.shared_width:
-        widths.append(("shared expert width (model.shared_d_ff or n_shared_experts*moe_d_ff)", m.shared_width))
+        widths.append(("the shared expert's width (model.shared_d_ff or n_shared_experts * moe_d_ff)", m.shared_width))
     return widths
 
 
