@@ -270,7 +270,6 @@ def test_favicon_files(short_context_server):
     assert 'rel="icon" href="/static/favicon.svg"' in page
 
 
-@pytest.mark.xfail(strict=True, reason="the /favicon.ico route is not in server.py yet: delete this marker with that patch")
 def test_favicon_route(short_context_server):
     import httpx
     r = httpx.get(short_context_server + "/favicon.ico")

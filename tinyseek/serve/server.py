@@ -959,6 +959,11 @@ async def index():
     return FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
 
 
+@router.get("/favicon.ico")
+async def favicon():
+    return FileResponse(STATIC / "favicon.ico", headers={"Cache-Control": "public, max-age=86400"})
+
+
 ENDPOINTS = frozenset(r.path for r in router.routes)  # the metrics' endpoint label (others count as "other")
 _PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; style-src 'self'; script-src 'self'",
                  "Cache-Control": "no-cache"}
