@@ -28,6 +28,13 @@ gathers a burst of arrivals, up to ``max_wait`` seconds, before the first prefil
 coalesces arrivals for up to ``max_wait``), ``astream()`` (async
 iterator of token/text events) and ``acomplete()`` (await the final completion only).
 
+OpenAI extras per request (:class:`SamplingParams`): ``n`` samples are admitted together into n slots,
+the prompt is prefilled once and its cache rows copied to the others (a fork); ``logprobs`` /
+``prompt_logprobs`` record log-softmax of the raw logits (before penalties, bias and temperature);
+presence / frequency penalties and ``logit_bias`` change the logits that are sampled
+(:func:`~tinyseek.serve.sampling.apply_penalties`). Requests with n > 1 or prompt logprobs take the
+prefill path, never a mixed step.
+
 Not done (on purpose, for size): no prefix caching, no chunking of long prompts (a prompt goes
 into one forward, mixed or not; a mixed step takes whole prompts only), no paged KV memory (a slot
 owns ``max_len`` positions), no CUDA graphs.

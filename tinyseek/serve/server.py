@@ -30,8 +30,25 @@ Behaviour worth knowing:
   ``<|eot_id|>``). A ``/v1/completions`` prompt is text too (as OpenAI's API treats it): special-token
   strings in it stay text unless the operator sets ``prompt_special_tokens``; it gets what its
   tokenizer adds to a text (Llama 3's BOS; ours add nothing).
-- Only ``n = 1``; ``logprobs`` are not supported (400). Penalties and other OpenAI fields are ignored.
-  Extensions: ``top_k`` and ``ignore_eos`` (as in vLLM).
+- OpenAI fields honoured: ``n`` (the samples share one prefill: the engine forks the prompt's KV
+  cache; with ``seed``, sample i uses a seed derived from ``(seed, i)``; usage counts the prompt
+  once), ``logprobs`` / ``top_logprobs`` (chat shape) and ``logprobs: int`` + ``echo`` (completions,
+  legacy shape; ``echo`` + ``logprobs`` allows ``max_tokens: 0``), all being the log-softmax of the
+  model's raw logits at temperature 1 over the tokenizer's vocabulary (:mod:`tinyseek.serve.logprobs`),
+  ``presence_penalty`` / ``frequency_penalty`` (-2..2, over the generated tokens), ``logit_bias``
+  (-100..100, ids checked), ``stop``, ``seed``, ``max_completion_tokens``, ``stream_options``,
+  ``response_format: {"type": "text"}``, ``tools`` / ``tool_choice`` auto|none where the chat template
+  has a tool syntax (:mod:`tinyseek.serve.tools`), ``best_of == n``. Refused with a 400 naming the
+  field: ``top_logprobs`` without ``logprobs``, other ``response_format`` types, ``tool_choice``
+  required / named, ``tools`` for a template without tool syntax, and :data:`UNSUPPORTED`. Other
+  unknown fields are ignored (as OpenAI does). ``/v1/completions`` ``prompt``: a string, a list of
+  strings, a list of token ids or a list of such lists (ids taken as given, special ids included, as
+  vLLM does; choice ``index`` = prompt index * n + sample). Extensions: ``top_k`` and ``ignore_eos``
+  (as in vLLM).
+- Roles: system, developer (as system), user, assistant (with ``tool_calls``, content may be null),
+  tool (``tool_call_id``); every string stays text. R1 answers: with our template (or one that
+  writes ``<think>``), ``<think>…</think>`` goes to ``reasoning_content`` and the rest, answer tags
+  removed, to ``content`` (``--reasoning-format raw`` keeps the raw text; :mod:`tinyseek.serve.reasoning`).
 
 Layout: request parsing is pure functions (``parse_*``, raising :class:`ApiError`); each endpoint is a
 module-level function on :data:`router` that reads the shared state from ``request.app.state``
