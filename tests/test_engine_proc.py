@@ -129,3 +129,25 @@ def test_engine_cpus_pin_the_child_and_bad_lists_are_one_line_errors(run_dir):
         assert os.sched_getaffinity(0) == set(avail)      # the parent is left alone
     finally:
         eng.stop(timeout=5)
+
+
+def test_n_samples_and_logprobs_through_the_child(peng, model, tok):
+    """n > 1 (one prefill, forked) and logprob records cross the pipe: the same as in-process."""
+    sp = SamplingParams(max_tokens=5, temperature=1.0, seed=4, n=3, logprobs=2, prompt_logprobs=1, ignore_eos=True)
+    ids = tok.encode("hello")
+
+    async def run():
+        done = await peng.acomplete_all(ids, sp)
+        streamed: dict[int, list[int]] = {}
+        async for ev in peng.astream(ids, sp):
+            streamed.setdefault(ev.index, []).extend(ev.token_ids)
+        return done, streamed
+    done, streamed = asyncio.run(run())
+    eng = Engine(model, tok, max_batch=4)
+    req = eng.submit(ids, sp)
+    while not req.done:
+        eng.step()
+    local = req.results()
+    assert [c.token_ids for c in done] == [c.token_ids for c in local] == [streamed[i] for i in range(3)]
+    assert [len(c.logprobs) for c in done] == [5, 5, 5] and done[0].prompt_logprobs[0] is None
+    assert all(abs(a[1] - b[1]) < 1e-4 for c, d in zip(done, local) for a, b in zip(c.logprobs, d.logprobs))
