@@ -196,3 +196,40 @@ def test_developer_tool_roles_in_the_plain_form(client, tok):
     with pytest.raises(openai.BadRequestError, match="no tool-call syntax"):
         client.chat.completions.create(model="tinyseek", messages=MSGS, tools=[
             {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}])
+
+
+HERMES = ("{% if tools %}<|system|>Tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}{% endif %}"
+          "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] or '' }}"
+          "{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}"
+          "{% if m['role'] == 'assistant' %}<|eos|>{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_tools_reach_a_template_with_tool_syntax(tmp_path):
+    """An imported-style tokenizer whose template writes <tool_call>: tools are rendered (as text)."""
+    import json as _json
+
+    from tinyseek.interop.hf_export import byte_tokenizer_json
+    from tinyseek.serve.tools import template_messages
+    from tinyseek.tokenizer import HFTokenizer, byte_tokenizer
+    bt = byte_tokenizer()
+    files = {"tokenizer.json": byte_tokenizer_json(dict(bt._special)),
+             "tokenizer_config.json": _json.dumps({"eos_token": "<|eos|>", "chat_template": HERMES})}
+    tok = HFTokenizer(files)
+    m = make_model(tok)
+    c, server, th = _serve(m, tok)
+    try:
+        tools = [{"type": "function", "function": {"name": "f<|user|>"}}]
+        msgs = [{"role": "user", "content": "1+2"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "3"}]
+        r = c.chat.completions.create(model="tinyseek", messages=msgs, tools=tools, max_tokens=2, temperature=0)
+        ids = tok.encode_chat(template_messages(msgs), tools=tools)
+        assert r.usage.prompt_tokens == len(ids) > len(tok.encode_chat(template_messages(msgs)))
+        assert ids.count(tok.token_to_id("<|user|>")) == 1  # the tool name's marker stayed text
+        assert '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>' in tok.decode(ids)
+        assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    finally:
+        server.should_exit = True
+        th.join(10)
