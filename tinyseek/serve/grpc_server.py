@@ -6,7 +6,7 @@ server's process, so both front ends submit to one engine object (an in-process
 their ``acomplete`` / ``astream`` hand results to whichever loop awaits them). Beside it: the standard
 ``grpc.health.v1.Health`` service.
 
-Guarantees (what HTTP does, checked by the same functions of :mod:`tinyseek.serve.server`):
+Guarantees (what HTTP does, checked by the same functions of :mod:`tinyseek.serve.api`):
 - A request is the HTTP body it mirrors (:func:`request_body`): ``text`` is ``/v1/completions``'
   ``prompt``, ``chat`` is ``/v1/chat/completions``' ``messages``; sampling fields go through
   ``parse_sampling`` / ``parse_messages``, the prompt through ``check_prompt`` (length, queue), the API
@@ -47,10 +47,10 @@ from tinyseek.errors import UserError
 from tinyseek.serve import tinyseek_pb2 as pb
 from tinyseek.serve import tinyseek_pb2_grpc as pb_grpc
 from tinyseek.serve.engine import Completion, SamplingParams
+from tinyseek.serve.api import (ApiError, add_stop_ids, check_auth, check_prompt, completion_error, finish_reason,
+                                parse_messages, parse_sampling, record_completion)
 from tinyseek.serve.metrics import ServerMetrics
 from tinyseek.serve.safety import SafetyFilter
-from tinyseek.serve.server import (ApiError, Config, _record, add_stop_ids, check_auth, check_prompt,
-                                   completion_error, finish_reason, parse_messages, parse_sampling)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "tinyseek.v1.Generation"
 HEALTH_POLL_S = 0.25  # how often the health status follows the engine
@@ -200,7 +200,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         if err is not None:
             raise err
         if self.st.metrics is not None:
-            _record(self.st.metrics, comp)
+            record_completion(self.st.metrics, comp)
 
     def _count(self, method: str, err: ApiError | None, t0: float) -> None:
         m = self.st.metrics
@@ -300,14 +300,14 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def start_grpc(engine, tokenizer, cfg: Config, safety: SafetyFilter, port: int, *,
+def start_grpc(engine, tokenizer, cfg, safety: SafetyFilter, port: int, *,
                metrics: ServerMetrics | None = None, host: str | None = None) -> GrpcHandle:
     """Start the gRPC server for ``engine`` on ``host`` (default ``cfg.host``) and ``port`` (0: a free
     one, see ``handle.port``) and return once it accepts calls. Starts the engine if it is not
     running (``engine.start()`` is idempotent; the HTTP app's lifespan starts it too). Shares with the
     HTTP app: the engine, ``cfg``'s limits, ``safety``, ``metrics`` (pass the app's to count gRPC
-    calls on ``/metrics``) and the API key (``cfg.api_key`` or ``TINYSEEK_API_KEY``). A port that
-    cannot be bound is a :class:`UserError`."""
+    calls on ``/metrics``) and the API key (``cfg.api_key`` or ``TINYSEEK_API_KEY``). ``cfg``: the HTTP
+    server's :class:`tinyseek.serve.server.Config`. A port that cannot be bound is a :class:`UserError`."""
     cfg = cfg.validate()
     if not 0 <= port < 65536:
         raise UserError(f"grpc_port must be in [0, 65535], got {port}")

@@ -60,7 +60,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import hmac
 import ipaddress
 import json
 import os
@@ -78,12 +77,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinyseek.config import ConfigError
 from tinyseek.errors import UserError
-from tinyseek.serve.engine import MAX_TOP_LOGPROBS, Completion, Engine, SamplingParams
+from tinyseek.serve.api import (ApiError, add_stop_ids, bad_request, check_auth, check_prompt, completion_error,
+                                finish_reason, parse_messages, parse_sampling, record_completion)
+from tinyseek.serve.engine import Completion, Engine, SamplingParams
 from tinyseek.serve.engine_proc import ProcessEngine, available_cpus, parse_cpus, pin_process
+from tinyseek.serve.grpc_server import start_grpc
 from tinyseek.serve.loading import check_ckpt, load_for_serving
 from tinyseek.serve.logprobs import chat_logprobs, legacy_logprobs, prompt_records
-from tinyseek.serve.reasoning import ReasoningSplitter, split_reasoning, uses_reasoning
 from tinyseek.serve.metrics import ServerMetrics
+from tinyseek.serve.reasoning import ReasoningSplitter, split_reasoning, uses_reasoning
 from tinyseek.serve.safety import DEFAULT_REFUSAL, SafetyFilter
 from tinyseek.serve.tools import (ToolCallHolder, has_tool_syntax, parse_tool_calls, plain_messages,
                                   template_messages)
@@ -100,6 +102,7 @@ class Config:
     dtype: str = "auto"            # weights and KV cache: auto (bf16 on CUDA, fp32 on CPU) / fp32 / bf16 / fp16
     host: str = "127.0.0.1"        # bind address (loopback by default)
     port: int = 8000               # TCP port
+    grpc_port: int = 0             # also serve gRPC (tinyseek.v1.Generation + grpc.health.v1) on this port, same engine and limits; 0 = off
     allowed_hosts: str = ""        # Host header names accepted besides IP addresses, localhost and --host (comma list; "*" = any, behind a proxy)
     prompt_special_tokens: bool = False  # /v1/completions: special-token strings in a prompt become special tokens (trusted clients only); off = text
     api_key: str = ""              # require "Authorization: Bearer <key>" on /v1/*; "" = env TINYSEEK_API_KEY or none
@@ -132,6 +135,7 @@ class Config:
                 raise ConfigError(msg)
 
         need(0 <= self.port < 65536, f"port must be in [0, 65535], got {self.port}")
+        need(0 <= self.grpc_port < 65536, f"grpc_port must be in [0, 65535], got {self.grpc_port}")
         for name in ("max_batch", "max_tokens", "default_max_tokens", "max_body_bytes"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_len", "max_prompt_tokens", "max_queue", "max_wait_ms"):
@@ -155,184 +159,11 @@ def preset(name: str) -> Config:
 # ---------------------------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------------------------
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _bad(msg: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, msg, param=param, code=code)
 
 
 # ---------------------------------------------------------------------------------------------
 # request parsing (pure; raises ApiError)
 # ---------------------------------------------------------------------------------------------
-def _num(body: dict, key: str, default, lo=None, hi=None, integer: bool = False):
-    v = body.get(key, default)
-    if v is None:
-        v = default
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok:
-        raise _bad(f"'{key}' must be {'an integer' if integer else 'a number'}, got {v!r}", key)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise _bad(f"'{key}' must be {rng}, got {v!r}", key)
-    return v
-
-
-def parse_sampling(body: dict, cfg: Config, kind: str = "chat", vocab_size: int = 1 << 31
-                   ) -> tuple[SamplingParams, bool, bool]:
-    """``(SamplingParams, stream, include_usage)`` from an OpenAI request body (``kind``: ``chat`` or
-    ``completion``, whose ``logprobs`` differ: a boolean plus ``top_logprobs`` in chat, an integer
-    0..20 in completions). A listed OpenAI field is either honoured or a 400 naming it
-    (:data:`UNSUPPORTED`); other unknown fields are ignored, as OpenAI does.
-
-    >>> sp, stream, _ = parse_sampling({"max_tokens": 5, "stop": "\\n", "temperature": 0}, Config())
-    >>> sp.max_tokens, sp.stop, sp.temperature, stream
-    (5, ['\\n'], 0, False)
-    >>> parse_sampling({"max_tokens": -1}, Config())
-    Traceback (most recent call last):
-    ...
-    tinyseek.serve.server.ApiError: 'max_tokens' must be between 1 and 512, got -1
-    >>> parse_sampling({"top_logprobs": 2}, Config())
-    Traceback (most recent call last):
-    ...
-    tinyseek.serve.server.ApiError: 'top_logprobs' needs 'logprobs': true
-    """
-    for key, why in UNSUPPORTED.items():
-        if body.get(key) is not None:
-            raise _bad(f"'{key}' is not supported: {why}", key)
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise _bad("'response_format': only {\"type\": \"text\"} is supported (no constrained decoding)",
-                   "response_format")
-    echo = body.get("echo", False) if kind == "completion" else False
-    if not isinstance(echo, bool):
-        raise _bad("'echo' must be a boolean", "echo")
-    if kind == "chat":
-        lp = body.get("logprobs", False)
-        if lp is None:
-            lp = False
-        if not isinstance(lp, bool):
-            raise _bad("'logprobs' must be a boolean", "logprobs")
-        top = body.get("top_logprobs")
-        if top is not None and not lp:
-            raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        logprobs = _num(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True) if lp else None
-    else:
-        if body.get("top_logprobs") is not None:
-            raise _bad("'top_logprobs' is a chat field; /v1/completions takes 'logprobs': <int>", "top_logprobs")
-        logprobs = None if body.get("logprobs") is None else _num(body, "logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True)
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    lo = 0 if echo and logprobs is not None else 1  # lm-eval's loglikelihood: echo + logprobs + max_tokens 0
-    max_tokens = _num(body, key, min(cfg.default_max_tokens, cfg.max_tokens), lo, cfg.max_tokens, integer=True)
-    temperature = _num(body, "temperature", cfg.default_temperature, 0, 2)
-    top_p = _num(body, "top_p", 1.0, 0, 1)
-    if top_p == 0:
-        raise _bad("'top_p' must be > 0", "top_p")
-    top_k = _num(body, "top_k", 0, 0, None, integer=True)
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _bad(f"'seed' must be an integer, got {seed!r}", "seed")
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > 16:
-        raise _bad("'stop' must be a string or a list of at most 16 strings", "stop")
-    stop = [s for s in stop if s]
-    n = _num(body, "n", 1, 1, cfg.max_batch, integer=True)
-    best_of = body.get("best_of")
-    if kind == "completion" and best_of is not None and best_of != n:
-        raise _bad("'best_of' is not supported (only best_of == n)", "best_of")
-    presence = float(_num(body, "presence_penalty", 0.0, -2, 2))
-    frequency = float(_num(body, "frequency_penalty", 0.0, -2, 2))
-    bias = body.get("logit_bias") or {}
-    if not isinstance(bias, dict):
-        raise _bad("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
-    logit_bias = {}
-    for t, b in bias.items():
-        try:
-            tid = int(t)
-        except (TypeError, ValueError):
-            raise _bad(f"'logit_bias' key {t!r} is not a token id", "logit_bias") from None
-        if not 0 <= tid < vocab_size or isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
-            raise _bad(f"'logit_bias': token {t!r} must be in [0, {vocab_size}) with a bias in [-100, 100]",
-                       "logit_bias")
-        logit_bias[tid] = float(b)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise _bad("'stream' must be a boolean", "stream")
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
-        raise _bad("'stream_options' must be an object", "stream_options")
-    ignore_eos = body.get("ignore_eos", False)  # extension (as in vLLM): fixed-length outputs for benchmarks
-    if not isinstance(ignore_eos, bool):
-        raise _bad("'ignore_eos' must be a boolean", "ignore_eos")
-    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=float(top_p),
-                        stop=stop, seed=seed, ignore_eos=ignore_eos, n=n, logprobs=logprobs,
-                        prompt_logprobs=logprobs if echo else None, presence_penalty=presence,
-                        frequency_penalty=frequency, logit_bias=logit_bias)
-    return sp, stream, bool(opts.get("include_usage", False))
-
-
-# OpenAI request fields this server refuses (400 naming the field) rather than ignore
-UNSUPPORTED = {
-    "suffix": "no fill-in-the-middle",
-    "functions": "use 'tools'",
-    "function_call": "use 'tool_choice'",
-    "audio": "text only",
-    "prediction": "no predicted outputs",
-    "web_search_options": "no web search",
-}
-ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
-def parse_messages(body: dict) -> list[dict]:
-    """The request's messages as ``{role, content}`` (text parts of a content list joined; a
-    ``tool`` message keeps its ``tool_call_id``, an assistant message its ``tool_calls``, and then
-    its content may be null). The text is kept as sent: ``encode_chat`` encodes it as text, so no
-    marker in it becomes a special token."""
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise _bad("'messages' must be a non-empty list", "messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise _bad(f"messages[{i}] must be an object with role {'/'.join(ROLES)}", "messages")
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        calls = m.get("tool_calls") if m["role"] == "assistant" else None
-        if calls is not None:
-            if not (isinstance(calls, list) and all(
-                    isinstance(c, dict) and isinstance(c.get("function"), dict)
-                    and isinstance(c["function"].get("name"), str)
-                    and isinstance(c["function"].get("arguments", ""), str) for c in calls)):
-                raise _bad(f"messages[{i}].tool_calls must be a list of {{id, type, function: {{name, arguments}}}}",
-                           "messages")
-            calls = [{"id": str(c.get("id", "")), "type": "function",
-                      "function": {"name": c["function"]["name"], "arguments": c["function"].get("arguments", "")}}
-                     for c in calls]
-            content = content if content is not None else ""
-        if not isinstance(content, str):
-            raise _bad(f"messages[{i}].content must be a string", "messages")
-        msg = {"role": m["role"], "content": content}
-        if calls:
-            msg["tool_calls"] = calls
-        if m["role"] == "tool":
-            tid = m.get("tool_call_id")
-            if not isinstance(tid, str):
-                raise _bad(f"messages[{i}] (role tool) needs a string tool_call_id", "messages")
-            msg["tool_call_id"] = tid
-        out.append(msg)
-    return out
 
 
 def parse_tools(body: dict, tokenizer) -> list[dict] | None:
@@ -341,15 +172,15 @@ def parse_tools(body: dict, tokenizer) -> list[dict] | None:
     force (``required`` / a named function: no constrained decoding). ``tool_choice: "none"`` drops them."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if choice not in (None, "auto", "none"):
-        raise _bad("'tool_choice': only \"auto\" and \"none\" are supported (no constrained decoding)", "tool_choice")
+        raise bad_request("'tool_choice': only \"auto\" and \"none\" are supported (no constrained decoding)", "tool_choice")
     if not tools:
         return None
     if not (isinstance(tools, list) and all(isinstance(t, dict) and t.get("type") == "function"
                                             and isinstance(t.get("function"), dict)
                                             and isinstance(t["function"].get("name"), str) for t in tools)):
-        raise _bad("'tools' must be a list of {type: function, function: {name, ...}}", "tools")
+        raise bad_request("'tools' must be a list of {type: function, function: {name, ...}}", "tools")
     if not has_tool_syntax(tokenizer):
-        raise _bad("tools: this model's chat template has no tool-call syntax", "tools")
+        raise bad_request("tools: this model's chat template has no tool-call syntax", "tools")
     return None if choice == "none" else tools
 
 
@@ -369,10 +200,10 @@ def parse_prompts(body: dict, tokenizer, vocab_size: int, parse_special: bool) -
                                                    or all(ids_ok(p) for p in prompt)):
         items = prompt
     else:
-        raise _bad("'prompt' must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+        raise bad_request("'prompt' must be a string, a list of strings, a list of token ids or a list of lists of token ids",
                    "prompt")
     if len(items) > MAX_PROMPTS:
-        raise _bad(f"'prompt' holds {len(items)} prompts; at most {MAX_PROMPTS}", "prompt")
+        raise bad_request(f"'prompt' holds {len(items)} prompts; at most {MAX_PROMPTS}", "prompt")
     out = []
     for p in items:
         if isinstance(p, str):
@@ -381,7 +212,7 @@ def parse_prompts(body: dict, tokenizer, vocab_size: int, parse_special: bool) -
         else:
             bad = [t for t in p if not 0 <= t < vocab_size]
             if bad:
-                raise _bad(f"'prompt': token id {bad[0]} is not in the vocabulary [0, {vocab_size})", "prompt")
+                raise bad_request(f"'prompt': token id {bad[0]} is not in the vocabulary [0, {vocab_size})", "prompt")
             out.append((list(p), tokenizer.decode(p)))
     return out
 
@@ -398,18 +229,18 @@ def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
     >>> parse_json_body(b'{"a": "\\ud800"}')
     Traceback (most recent call last):
     ...
-    tinyseek.serve.server.ApiError: request body is not valid JSON: a string holds a lone surrogate (\ud800)
+    tinyseek.serve.api.ApiError: request body is not valid JSON: a string holds a lone surrogate (\ud800)
     >>> parse_json_body(b"[" * 100 + b"]" * 100)
     Traceback (most recent call last):
     ...
-    tinyseek.serve.server.ApiError: request body is not valid JSON: nested deeper than 64 levels
+    tinyseek.serve.api.ApiError: request body is not valid JSON: nested deeper than 64 levels
     """
     try:
         body = json.loads(raw or b"null")
     except RecursionError:  # the parser's own limit (about 1000 levels)
-        raise _bad(f"request body is not valid JSON: nested deeper than {max_depth} levels") from None
+        raise bad_request(f"request body is not valid JSON: nested deeper than {max_depth} levels") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _bad(f"request body is not valid JSON: {e.msg if hasattr(e, 'msg') else e}") from None
+        raise bad_request(f"request body is not valid JSON: {e.msg if hasattr(e, 'msg') else e}") from None
     stack = [(body, 1)]
     while stack:  # no recursion: depth and strings checked iteratively
         x, depth = stack.pop()
@@ -417,16 +248,16 @@ def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
             try:
                 x.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise _bad("request body is not valid JSON: a string holds a lone surrogate "
+                raise bad_request("request body is not valid JSON: a string holds a lone surrogate "
                            f"(\\u{ord(x[e.start]):04x})") from None
         elif isinstance(x, (list, dict)):
             if depth > max_depth:
-                raise _bad(f"request body is not valid JSON: nested deeper than {max_depth} levels")
+                raise bad_request(f"request body is not valid JSON: nested deeper than {max_depth} levels")
             items = list(x.items()) if isinstance(x, dict) else [(None, v) for v in x]
             stack.extend((k, depth) for k, _ in items if k is not None)
             stack.extend((v, depth + 1) for _, v in items)
     if not isinstance(body, dict):
-        raise _bad("request body must be a JSON object")
+        raise bad_request("request body must be a JSON object")
     return body
 
 
@@ -464,15 +295,6 @@ def allowed_host_names(cfg: Config) -> frozenset[str]:
     names = {"localhost", cfg.host.strip("[]").lower()}
     names |= {h.strip().lower().rstrip(".") for h in cfg.allowed_hosts.split(",") if h.strip()}
     return frozenset(n for n in names if n)
-
-
-def add_stop_ids(sp: SamplingParams, tokenizer) -> SamplingParams:
-    """Every id in ``tokenizer.stop_ids`` ends the request too (an imported model's end-of-turn
-    tokens beside its eos), unless the request asked to ignore eos."""
-    stops = getattr(tokenizer, "stop_ids", ())
-    if not sp.ignore_eos:
-        sp.stop_token_ids = list(dict.fromkeys([*sp.stop_token_ids, *stops]))
-    return sp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,7 +374,7 @@ async def _http_error(request: Request, e: StarletteHTTPException):
 
 
 async def _user_error(request: Request, e: UserError):
-    return error_response(_bad(str(e)))
+    return error_response(bad_request(str(e)))
 
 
 async def _internal(request: Request, e: Exception):
@@ -565,17 +387,6 @@ EXCEPTION_HANDLERS = {ApiError: _api_error, StarletteHTTPException: _http_error,
 
 
 # --- request checks (raise ApiError) ----------------------------------------------------------
-def check_auth(request: Request) -> None:
-    """401 unless the server has no API key or the request carries ``Authorization: Bearer <key>``
-    (compared in constant time)."""
-    api_key = request.app.state.api_key
-    if not api_key:
-        return
-    got = request.headers.get("authorization", "")
-    scheme, _, token = got.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-        raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                       "authentication_error", code="invalid_api_key")
 
 
 async def read_body(request: Request) -> dict:
@@ -602,20 +413,6 @@ async def read_body(request: Request) -> dict:
         raise ApiError(404, f"the model '{model}' does not exist; this server serves '{cfg.model_name}'",
                        "not_found_error", "model", "model_not_found")
     return body
-
-
-def check_prompt(request: Request, ids: list[int]) -> list[int]:
-    """``ids`` unless empty (400), longer than the server's prompt limit (400
-    ``context_length_exceeded``) or the queue is full (429)."""
-    st = request.app.state
-    if not ids:
-        raise _bad("the prompt is empty", "prompt")
-    if len(ids) > st.max_prompt:
-        raise _bad(f"the prompt has {len(ids)} tokens; this server accepts at most {st.max_prompt}",
-                   "messages", "context_length_exceeded")
-    if st.engine.queue_depth() >= st.cfg.max_queue > 0:
-        raise ApiError(429, "too many requests queued; retry later", "rate_limit_error", code="queue_full")
-    return ids
 
 
 # --- response bodies (pure) ------------------------------------------------------------------
@@ -700,30 +497,6 @@ def make_choice(shape: Shape, tok, index: int, c: Completion, text: str, finish:
         logprobs = gen
     return {"index": index, "text": (echo_text if shape.echo else "") + text, "logprobs": logprobs,
             "finish_reason": finish}
-
-
-def finish_reason(c: Completion) -> str:
-    return c.finish_reason if c.finish_reason in ("stop", "length") else "stop"
-
-
-def completion_error(c: Completion, timeout_s: float) -> ApiError | None:
-    """The error a completion that did not finish normally turns into (timeout 504, failure 500,
-    cancelled at shutdown 503); None for ``stop`` / ``length``."""
-    if c.finish_reason == "timeout":
-        return ApiError(504, f"generation exceeded the {timeout_s} s time limit", "timeout_error", code="timeout")
-    if c.finish_reason == "error":
-        return ApiError(500, f"generation failed: {c.error}", "server_error")
-    if c.finish_reason == "cancelled":
-        return ApiError(503, "request cancelled (server shutting down)", "server_error")
-    return None
-
-
-def _record(metrics: ServerMetrics, c: Completion) -> None:
-    if c.index == 0:  # n samples share one prompt
-        metrics.prompt_tokens.inc(c.prompt_tokens)
-    metrics.completion_tokens.inc(len(c.token_ids))
-    if c.first_token_s is not None:
-        metrics.ttft.observe(c.first_token_s)
 
 
 # --- generation -----------------------------------------------------------------------------
@@ -819,7 +592,7 @@ async def respond(request: Request, shape: Shape, prompts: list[list[int]], sp: 
                 err = completion_error(comp, cfg.timeout_s)
                 if err is not None:
                     raise err
-                _record(metrics, comp)
+                record_completion(metrics, comp)
                 n_out += len(comp.token_ids)
                 text, fr = comp.text or "", finish_reason(comp)
                 if safety.active and safety.check(text).blocked:
@@ -886,7 +659,7 @@ async def respond(request: Request, shape: Shape, prompts: list[list[int]], sp: 
                         yield sse(None, None, j, extra={f: t}, logprobs=lp)
                     lp = None
                 if comp is not None:
-                    _record(metrics, comp)
+                    record_completion(metrics, comp)
                     n_out += len(comp.token_ids)
                     s.done = True
                     fr = finish_reason(comp)
@@ -1049,6 +822,14 @@ def main(cfg: Config) -> dict:
           f"(max_batch {cfg.max_batch}, max_len {engine.max_len}, device {engine.device}{where})", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                                            timeout_graceful_shutdown=cfg.shutdown_timeout_s))
-    server.run()
+    st = app.state
+    grpc = start_grpc(engine, st.tokenizer, cfg, st.safety, cfg.grpc_port, metrics=st.metrics) if cfg.grpc_port else None
+    if grpc is not None:
+        print(f"tinyseek serve: gRPC (tinyseek.v1.Generation, grpc.health.v1) on {grpc.address}", flush=True)
+    try:
+        server.run()  # on shutdown the lifespan drains the engine: in-flight gRPC calls finish, new ones get UNAVAILABLE
+    finally:
+        if grpc is not None:
+            grpc.stop(grace=0)
     m = app.state.metrics
     return {"completion_tokens": m.completion_tokens.value(), "prompt_tokens": m.prompt_tokens.value()}
