@@ -253,7 +253,6 @@ def test_stop_refuses_new_calls_and_a_taken_port_is_an_error(tok):
 
 def test_generated_modules_match_the_proto(tmp_path):
     """The checked-in tinyseek_pb2*.py describe tinyseek.proto as it is (regenerate: see its header)."""
-    pytest.importorskip("grpc_tools")
     out = tmp_path / "set.pb"
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", f"--descriptor_set_out={out}",
                     "tinyseek/serve/tinyseek.proto"], cwd=REPO, check=True, timeout=60)

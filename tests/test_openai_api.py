@@ -3,6 +3,7 @@ shapes, echo, max_tokens 0) against a direct forward of the model, the prompt fo
 shared prefill, penalties and logit_bias, R1 reasoning split, the developer / tool roles."""
 from __future__ import annotations
 
+import openai
 import pytest
 import torch
 
@@ -12,7 +13,6 @@ from tinyseek.serve.reasoning import split_reasoning
 from tinyseek.serve.server import Config, create_app
 from tinyseek.serve.tools import plain_messages
 
-openai = pytest.importorskip("openai")
 MSGS = [{"role": "user", "content": "2+2?"}]
 
 
