@@ -38,6 +38,8 @@ STAGES: dict[str, str] = {
     "sft": "tinyseek.post.sft",
     "grpo": "tinyseek.post.grpo",
     "dpo": "tinyseek.post.dpo",
+    "rm": "tinyseek.post.reward_model",
+    "ppo": "tinyseek.post.ppo",
     "rejection": "tinyseek.post.rejection",
     "distill": "tinyseek.post.distill",
     "import": "tinyseek.importer",
@@ -50,7 +52,7 @@ STAGES: dict[str, str] = {
 }
 
 # stages that train: glibc malloc keeps their big per-step buffers mapped (tinyseek/malloc.py)
-TRAINING_STAGES = {"pretrain", "sft", "grpo", "dpo", "rejection", "distill", "run"}
+TRAINING_STAGES = {"pretrain", "sft", "grpo", "dpo", "rm", "ppo", "rejection", "distill", "run"}
 
 
 def usage() -> str:
