@@ -103,6 +103,9 @@ class ModelConfig:
     aux_loss: str = "switch"       # balance loss: "none", "switch" (N*sum f_i P_i), "variance" (sum (p_i-1/N)^2)
     aux_loss_alpha: float = 0.01   # balance loss coefficient
     bias_update_speed: float = 0.001  # aux-loss-free balancing speed gamma; 0 disables the bias
+    router_entropy_coef: float = 0.0  # routing-entropy term: loss -= c * mean per-token entropy of the normalized affinities / ln N; c > 0 spreads them (no expert's affinity collapses), c < 0 sharpens them; 0 = off
+    router_load_aware: float = 0.0    # load-aware routing strength lambda: selection scores minus lambda * (N * load_i - 1), load = EMA of each expert's share (buffer expert_load); 0 = off
+    router_load_momentum: float = 0.9  # load-aware routing: the load counter's EMA momentum per training step, in [0, 1)
     capacity_factor: float = 0.0   # expert capacity = ceil(cf * tokens * k / N); 0 = dropless
     hf_arch: str = ""              # Hugging Face architecture imported from (e.g. "Qwen2ForCausalLM"); HF export writes it back
     hf_rope_interleave: bool = False  # the imported checkpoint rotated interleaved pairs (DeepseekV3 rope_interleave): export permutes back
@@ -187,6 +190,9 @@ class ModelConfig:
                  f"model.aux_loss must be 'none', 'switch' or 'variance', got {self.aux_loss!r}")
             need(self.aux_loss_alpha >= 0, f"model.aux_loss_alpha must be >= 0, got {self.aux_loss_alpha}")
             need(self.bias_update_speed >= 0, f"model.bias_update_speed must be >= 0, got {self.bias_update_speed}")
+            need(self.router_load_aware >= 0, f"model.router_load_aware must be >= 0 (0 = off), got {self.router_load_aware}")
+            need(0 <= self.router_load_momentum < 1,
+                 f"model.router_load_momentum must be in [0, 1), got {self.router_load_momentum}")
             need(self.capacity_factor >= 0, f"model.capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")
             need(self.moe_impl in ("auto", "grouped", "padded", "sorted", "loop", "kernel"),
                  f"model.moe_impl must be auto/grouped/padded/sorted/loop/kernel, got {self.moe_impl!r}")

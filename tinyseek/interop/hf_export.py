@@ -45,7 +45,9 @@ use it natively, DeepseekV3 takes it as is (``rope_interleave=False``) unless th
 from an interleaved checkpoint; DeepseekV2 and Ernie 4.5 rotate interleaved pairs, so the rows of the
 RoPE part of the query/key projections are permuted (:func:`rope_perm`), which leaves q.k unchanged.
 The aux-loss-free ``expert_bias`` maps to ``e_score_correction_bias`` (only if the model uses it:
-``bias_update_speed > 0``; otherwise zeros are written, as our router then ignores the bias).
+``bias_update_speed > 0``; otherwise zeros are written, as our router then ignores the bias); with
+load-aware routing on, its penalty from the saved ``expert_load`` is folded in (a constant offset once
+training stops: the same choices).
 Without shared experts, DeepseekV3/V2/Glm4Moe (which always build one) get a zero-width shared MLP.
 """
 from __future__ import annotations
@@ -61,6 +63,7 @@ from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, p
 from tinyseek.common import atomic_dir, atomic_write_json
 from tinyseek.errors import UserError
 from tinyseek.interop.gguf_io import bytes_to_unicode
+from tinyseek.model.moe import load_penalty
 
 HF_MLA_LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps
 
@@ -113,10 +116,19 @@ def _moe_layers(cfg) -> list[int]:
     return [i for i in range(cfg.n_layers) if cfg.n_routed_experts > 0 and i >= cfg.n_dense_layers]
 
 
+def _selection_bias(sd: dict, cfg, i: int) -> torch.Tensor:
+    """MoE layer ``i``'s offset to the scores for the choice only (``Router.selection_offset``): the
+    aux-free bias where used, minus the load-aware penalty where on; zeros where neither."""
+    p = f"blocks.{i}.ffn.router."
+    b = sd[p + "expert_bias"].float()
+    b = b if cfg.bias_update_speed > 0 else torch.zeros_like(b)
+    if cfg.router_load_aware > 0:
+        b = b - load_penalty(sd[p + "expert_load"].float(), cfg.router_load_aware)
+    return b
+
+
 def _bias_nonzero(sd: dict, cfg) -> bool:
-    if cfg.bias_update_speed <= 0:
-        return False
-    return any(bool(sd[f"blocks.{i}.ffn.router.expert_bias"].abs().max() > 0) for i in _moe_layers(cfg))
+    return any(bool(_selection_bias(sd, cfg, i).abs().max() > 0) for i in _moe_layers(cfg))
 
 
 def _common_blockers(cfg) -> list[str]:
@@ -396,13 +408,11 @@ def _map_experts(sd: dict, cfg, out: dict, bias_key: str | None, shared_name: st
                  shared_gate: str | None = None) -> None:
     """Router, routed experts (one module each, ``{mlp}.experts.{e}.{names}.weight``), selection bias,
     shared expert (``shared_gate``: the HF name of a sigmoid gate the architecture always has)."""
-    use_bias = cfg.bias_update_speed > 0
     for i in _moe_layers(cfg):
         p, q = f"blocks.{i}.ffn.", f"model.layers.{i}.{mlp}."
         out[q + "gate.weight"] = sd[p + "router.weight"]
         if bias_key is not None:
-            b = sd[p + "router.expert_bias"].float()
-            b = b if use_bias else torch.zeros_like(b)
+            b = _selection_bias(sd, cfg, i)
             out[q + bias_key] = b.reshape(bias_shape or b.shape)
         for e, ws in enumerate(unfuse_experts(sd[p + "experts.w_gate_up"], sd[p + "experts.w_down"])):
             for n, w in zip(names, ws):

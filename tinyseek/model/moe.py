@@ -7,6 +7,25 @@ scores (V3 ``Gate``). The bias is updated outside the forward by :func:`update_b
 calls it before the optimizer step) with the sign rule and speed gamma; token counts come back from
 the forward as statistics and are only produced in training mode.
 
+Router regularisation beside the balancing (both off by default; off = today's maths exactly):
+- routing entropy (``router_entropy_coef`` c): the aux loss gains ``-c * routing_entropy(scores)``,
+  the mean over tokens of the entropy of each token's normalized affinities, divided by ln N
+  (:func:`routing_entropy`). c > 0 *raises* that entropy: every token keeps some affinity for
+  every expert, so no expert's affinity collapses to zero everywhere (a never-chosen expert keeps
+  getting router gradient and can come back: "experts do not degenerate"); c < 0 lowers it
+  (sharper, more confident routing). It is per token, not the batch-average load: spreading the
+  load over the batch is the balance losses' and the bias's job, and this term does not do it.
+- load-aware routing (``router_load_aware`` lambda > 0): the router keeps a per-expert load
+  counter, the buffer ``expert_load`` (an EMA over training steps, momentum
+  ``router_load_momentum``, of each expert's share of the step's assignments; starts at 1/N),
+  and subtracts ``lambda * (N * load_i - 1)`` (the relative overload, 0 when balanced) from the
+  selection scores, like the bias: the choice only, never the gating weights (:func:`load_penalty`,
+  :func:`update_load`). Unlike the aux-loss-free bias (an integral controller: a fixed step
+  ``gamma * sign(error)`` added every step, unbounded, blind to how large the error is), it is a
+  proportional controller on the smoothed load: the push is proportional to the current overload
+  and vanishes once the load is even (the bias keeps what it accumulated). Both may run together;
+  they then add. Not in the paper; our own, with the entropy term, for issue 19.
+
 Balance losses (pure functions): ``switch`` = N * sum_i f_i P_i (Switch Transformer), ``variance`` =
 sum_i (p_i - 1/N)^2 (the seeds' formula), each times ``aux_loss_alpha``. Deviation: we compute them
 over the whole micro-batch, not per sequence (V3 uses a complementary *sequence-wise* loss).
@@ -148,6 +167,46 @@ def capacity_keep(e_A: torch.Tensor, w_A: torch.Tensor, n_experts: int, capacity
     return keep
 
 
+def routing_entropy(scores_NE: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+    """Mean over tokens of the entropy of each token's affinity distribution (the scores divided by
+    their sum; ``normalized=True``: already summing to one, softmax), divided by ln N: 1 for a
+    uniform router, 0 for one-hot affinities; differentiable. 0 for N = 1.
+
+    >>> float(routing_entropy(torch.full((3, 4), 0.25), normalized=True))
+    1.0
+    >>> float(routing_entropy(torch.tensor([[0.9, 0.0, 0.0, 0.0]]))) == 0.0
+    True
+    """
+    N, E = scores_NE.shape
+    if E < 2:
+        return scores_NE.new_zeros(())
+    p = scores_NE if normalized else scores_NE / (scores_NE.sum(-1, keepdim=True) + 1e-20)
+    return -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean() / math.log(E)
+
+
+def load_penalty(load_E: torch.Tensor, strength: float) -> torch.Tensor:
+    """Load-aware routing's offset to subtract from the selection scores: ``strength`` times the
+    relative overload ``N * load_i - 1`` (``load_E``: shares summing to one; 0 where balanced).
+
+    >>> load_penalty(torch.tensor([0.5, 0.25, 0.25]), 0.5).tolist()   # expert 0 is 1.5x its share
+    [0.25, -0.125, -0.125]
+    """
+    return strength * (load_E * load_E.numel() - 1.0)
+
+
+def update_load(load_E: torch.Tensor, counts_E: torch.Tensor, momentum: float) -> torch.Tensor:
+    """Load-aware routing's counter step (in place): ``load = momentum * load + (1 - momentum) *
+    counts / sum(counts)``; a step without assignments leaves it. Returns ``load_E``.
+
+    >>> update_load(torch.full((2,), 0.5), torch.tensor([3, 1]), 0.5).tolist()
+    [0.625, 0.375]
+    """
+    total = counts_E.sum()
+    if total > 0:
+        load_E.mul_(momentum).add_(counts_E.to(load_E.dtype) / total.to(load_E.dtype), alpha=1.0 - momentum)
+    return load_E
+
+
 def update_bias(bias_E: torch.Tensor, counts_E: torch.Tensor, speed: float) -> torch.Tensor:
     """Aux-loss-free balancing step (in place): raise the bias of under-loaded experts, lower the
     over-loaded ones, by ``speed`` (DeepSeek-V3 sec. 2.1.2). Returns the bias.
@@ -162,7 +221,8 @@ def update_bias(bias_E: torch.Tensor, counts_E: torch.Tensor, speed: float) -> t
 
 class LoadScope:
     """The tokens a MoE's load statistics cover: expert counts (balance loss, aux-loss-free bias
-    update), mean routing probabilities (balance loss) and capacity drops. This one: the batch of the
+    and load-aware counter updates), mean routing probabilities (balance loss; the routing entropy's
+    value too) and capacity drops. This one: the batch of the
     call. Expert parallelism (``tinyseek.train.ep``) sets ``moe.load_scope`` to its group's union of
     batches, so that every rank sees the statistics one process computes on the whole batch."""
 
@@ -195,6 +255,18 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.d_model))
         # aux-loss-free balancing bias: a buffer (not trained by gradients), saved in checkpoints
         self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts))
+        if cfg.router_load_aware > 0:  # load-aware routing's counter (only then: state dicts stay as they were)
+            self.register_buffer("expert_load", torch.full((cfg.n_routed_experts,), 1.0 / cfg.n_routed_experts))
+
+    def selection_offset(self) -> torch.Tensor | None:
+        """What is added to the scores for the choice of experts only: the aux-loss-free bias (when
+        ``bias_update_speed`` > 0) minus the load-aware penalty (when ``router_load_aware`` > 0)."""
+        c = self.cfg
+        off = self.expert_bias if c.bias_update_speed > 0 else None
+        if c.router_load_aware > 0:
+            pen = load_penalty(self.expert_load, c.router_load_aware)
+            off = -pen if off is None else off - pen
+        return off
 
     def forward(self, x_ND: torch.Tensor):
         c = self.cfg
@@ -205,8 +277,7 @@ class Router(nn.Module):
         else:
             logits = linear_or_f(x_ND.float(), self.weight.float())  # C kernel at fp32 inference
         scores_NE = logits.softmax(-1) if c.score_func == "softmax" else logits.sigmoid()
-        bias = self.expert_bias if c.bias_update_speed > 0 else None
-        idx_NK, w_NK = route(scores_NE, c.top_k, bias, c.n_groups, c.topk_groups, c.score_func,
+        idx_NK, w_NK = route(scores_NE, c.top_k, self.selection_offset(), c.n_groups, c.topk_groups, c.score_func,
                              c.norm_topk_prob, c.routed_scaling)
         return idx_NK, w_NK, scores_NE
 
@@ -240,7 +311,8 @@ class SharedGate(nn.Module):
 class MoE(KernelSeam, nn.Module):
     """``y[n] = sum_k w[n, k] * expert_{idx[n, k]}(x[n]) (+ gate(x[n]) * shared(x[n]))`` over the
     router's top-k (minus capacity drops). ``forward(x_BTD) -> (y_BTD, stats)``: ``stats["aux_loss"]``
-    (alpha times the balance loss in training, else 0); in training also ``counts`` (assignments per
+    (alpha times the balance loss, minus ``router_entropy_coef`` times the routing entropy,
+    in training; else 0); in training also ``counts`` (assignments per
     expert before drops) and ``dropped``, both over the batch of ``load_scope``. Every dispatch
     variant gives this result up to float summation order."""
 
@@ -319,6 +391,9 @@ class MoE(KernelSeam, nn.Module):
         aux = balance_loss(self.cfg.aux_loss, scores_NE, idx_NK, load_E, normalized=self.cfg.score_func == "softmax",
                            mean=scope.mean) * self.cfg.aux_loss_alpha \
             if self.training and self.cfg.aux_loss != "none" else x_ND.new_zeros(())
+        if self.training and self.cfg.router_entropy_coef != 0:  # the routing-entropy term (sign: see the top)
+            ent = scope.mean(routing_entropy(scores_NE, normalized=self.cfg.score_func == "softmax"))
+            aux = aux - self.cfg.router_entropy_coef * ent
         keep_A = None
         dropped = torch.zeros((), dtype=torch.long, device=x_ND.device)
         if self.cfg.capacity_factor > 0:
@@ -342,6 +417,18 @@ class MoE(KernelSeam, nn.Module):
             stats["counts"] = load_E.detach()
             stats["dropped"] = scope.total(dropped).detach()
         return y_ND.view(B, T, D), stats
+
+    @torch.no_grad()
+    def update_balance(self, counts_E: torch.Tensor) -> None:
+        """The per-step balancing updates from one training step's assignments per expert (before the
+        optimizer step): the aux-loss-free bias's sign rule (``bias_update_speed`` > 0) and the
+        load-aware counter's EMA (``router_load_aware`` > 0). Deterministic: the same counts, the
+        same buffers."""
+        c = self.cfg
+        if c.bias_update_speed > 0:
+            update_bias(self.router.expert_bias, counts_E, c.bias_update_speed)
+        if c.router_load_aware > 0:
+            update_load(self.router.expert_load, counts_E, c.router_load_momentum)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         if torch.is_autocast_enabled(x.device.type):

@@ -19,7 +19,7 @@ from tinyseek.config import ModelConfig
 from tinyseek.model.attention import build_attention
 from tinyseek.model.cache import KVCache
 from tinyseek.model.layers import Linear, RMSNorm, Rotary, SwiGLU, rope_frequencies
-from tinyseek.model.moe import MoE, update_bias
+from tinyseek.model.moe import MoE
 
 
 @dataclass
@@ -90,6 +90,8 @@ class Transformer(nn.Module):
         for b in self.blocks:
             if b.is_moe:
                 b.ffn.router.expert_bias.zero_()
+                if hasattr(b.ffn.router, "expert_load"):
+                    b.ffn.router.expert_load.fill_(1.0 / self.cfg.n_routed_experts)
 
     @property
     def moe_layers(self) -> list[MoE]:
@@ -188,14 +190,13 @@ class Transformer(nn.Module):
             x, _ = block.forward_ragged(x, cos, sin, rows_N, pos_N, cache.layers[i])
         return self.lm_head(self.norm(x[:, logits_at]))[0]
 
-    # --- aux-loss-free balancing -------------------------------------------------------------
+    # --- aux-loss-free balancing, load-aware routing's counter ---------------------------------
     @torch.no_grad()
     def update_expert_bias(self, counts_LE: torch.Tensor) -> None:
-        """Sign-rule bias update for each MoE layer from accumulated training token counts."""
-        if self.cfg.bias_update_speed <= 0:
-            return
+        """Each MoE layer's per-step balancing updates (:meth:`MoE.update_balance`: the sign-rule
+        bias, the load-aware counter) from accumulated training token counts."""
         for m, c in zip(self.moe_layers, counts_LE):
-            update_bias(m.router.expert_bias, c, self.cfg.bias_update_speed)
+            m.update_balance(c)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         p = next(self.parameters())

@@ -63,7 +63,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tinyseek.errors import UserError
-from tinyseek.model.moe import update_bias
 from tinyseek.model.transformer import Transformer
 from tinyseek.train.distributed import clip_grad_norm_
 
@@ -158,10 +157,9 @@ class Stage(nn.Module):
 
     @torch.no_grad()
     def update_expert_bias(self, counts_LE: torch.Tensor) -> None:
-        """The sign-rule bias update of this stage's MoE layers (``Transformer.update_expert_bias``)."""
-        if self.cfg.bias_update_speed > 0:
-            for m, c in zip(self.moe_layers, counts_LE):
-                update_bias(m.router.expert_bias, c, self.cfg.bias_update_speed)
+        """The balancing updates of this stage's MoE layers (``Transformer.update_expert_bias``)."""
+        for m, c in zip(self.moe_layers, counts_LE):
+            m.update_balance(c)
 
 
 def split_stages(model: Transformer, pp_rank: int, pp_size: int, virtual: int = 1,
