@@ -56,9 +56,10 @@ def test_modules_take_a_format_its_name_or_its_bits():
     w = torch.randn(8, 64)
     for fmt in FORMATS.values():
         g = fmt.group_sizes[0] if fmt.grouped else 0
-        a, b, c = (QuantLinear.from_float(w, x, g) for x in (fmt, fmt.name, fmt.bits))
-        assert a.fmt is b.fmt is c.fmt is fmt and a.bits == fmt.bits and a.group_size == fmt.group(g)
-        assert torch.equal(a.qweight, b.qweight) and torch.equal(a.qweight, c.qweight)
+        names = (fmt, fmt.name) + (() if fmt.act_bits else (fmt.bits,))  # a bit width names a weight-only format
+        a, b, *c = (QuantLinear.from_float(w, x, g) for x in names)
+        assert all(x.fmt is fmt for x in (a, b, *c)) and a.bits == fmt.bits and a.group_size == fmt.group(g)
+        assert all(torch.equal(a.qweight, x.qweight) for x in (b, *c))
         assert copy.deepcopy(a).fmt is fmt
     assert QuantLinear.from_float(w, "int8", 128).group_size == 0   # per-row formats ignore a group size
     with pytest.raises(ValueError, match="unknown quantization format 3"):

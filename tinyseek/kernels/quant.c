@@ -1,4 +1,5 @@
-/* Fused weight-only int8 / int4 CPU kernels for decode (a few rows times a quantized weight).
+/* Fused weight-only int8 / int4 CPU kernels for decode (a few rows times a quantized weight), and
+   the W8A8 product (ts_w8a8: per-token uint8 activations x int8 weights, int32 accumulation).
    Glue and contract: tinyseek/kernels/quant.py. Built by tinyseek/kernels/loader.py; TS_PORTABLE
    leaves out the AVX-512 paths, TS_PYEXT adds the CPython-extension entry points. Format ids: 8 =
    int8 codes (N, K) with one fp16 scale a row, 4 = packed int4 (N, ceil(K/2)) with fp16 group
@@ -270,6 +271,154 @@ int ts_dequant(int bits, const int64_t* idx, int64_t R, int64_t V, const void* q
   return 0;
 }
 
+/* ---- W8A8: per-token dynamic asymmetric uint8 activations x symmetric int8 weights ----------------
+   The maths (and its PyTorch reference, bit for bit): tinyseek/quant/ops.py quantize_act, w8a8_reference.
+   Activation row m: lo = min(x, 0), hi = max(x, 0), s = max((hi - lo) * fp32(1/255), 1e-30), inv = 1 / s,
+   zp = round(-lo * inv), code = clamp(round(x * inv) + zp, 0, 255) (round half to even; one IEEE op each,
+   written with intrinsics / explicit steps so -ffast-math cannot fuse or reorder them).
+   y[m, n] = float(acc) * (s[m] * sw[n]) with the exact int32 acc = sum_k c[m, k] q[n, k] - zp[m] * sum_k q[n, k]
+   (the weight row sum computed once per call per row, on the same pass over the row as the first token's
+   dot product). int32 holds it for K < 2^31 / (255 * 127) ~ 66k. VNNI (vpdpbusd: u8 x s8 -> int32) where
+   the CPU has AVX512_VNNI, AVX-512BW widening multiply-adds otherwise, plain C in a portable build. */
+#define TS_INV255 ((float)(1.0 / 255.0))
+#define TS_ACT_MIN_SCALE 1e-30f
+
+/* codes q (row stride ldq; columns K..ldq-1 are left untouched), scales s, zero points zp of M rows */
+void ts_quant_act(const float* x, uint8_t* q, float* s, int32_t* zp, int64_t M, int64_t K, int64_t ldq) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    uint8_t* qr = q + m * ldq;
+    float lo = 0.f, hi = 0.f;
+#ifdef TS_AVX512
+    const int64_t K16 = K & ~(int64_t)15;
+    const __mmask16 tail = (__mmask16)((1u << (K - K16)) - 1u);
+    __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = k < K16 ? (__mmask16)0xFFFF : tail;
+      const __m512 v = _mm512_maskz_loadu_ps(mk, xr + k);  /* masked lanes read 0: inside [lo, hi] */
+      vlo = _mm512_min_ps(vlo, v);
+      vhi = _mm512_max_ps(vhi, v);
+    }
+    lo = _mm512_reduce_min_ps(vlo);
+    hi = _mm512_reduce_max_ps(vhi);
+#else
+    for (int64_t k = 0; k < K; ++k) {
+      lo = xr[k] < lo ? xr[k] : lo;
+      hi = xr[k] > hi ? xr[k] : hi;
+    }
+#endif
+    /* volatile: under -ffast-math the compiler may otherwise fold 1 / ((hi - lo) * c) into
+       (1 / c) / (hi - lo), a different rounding than the reference's two steps */
+    volatile float sc_v = (hi - lo) * TS_INV255;
+    float sc = sc_v;
+    if (!(sc >= TS_ACT_MIN_SCALE)) sc = TS_ACT_MIN_SCALE;
+    sc_v = sc;
+    const float inv = 1.0f / sc_v;
+    float z = nearbyintf(-lo * inv);
+    z = z < 0.f ? 0.f : (z > 255.f ? 255.f : z);
+    s[m] = sc;
+    zp[m] = (int32_t)z;
+#ifdef TS_AVX512
+    const __m512 vinv = _mm512_set1_ps(inv), vz = _mm512_set1_ps(z);
+    const __m512 v0 = _mm512_setzero_ps(), v255 = _mm512_set1_ps(255.f);
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = k < K16 ? (__mmask16)0xFFFF : tail;
+      __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + k), vinv);
+      v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, vz), v0), v255);
+      _mm_mask_storeu_epi8(qr + k, mk, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(v)));
+    }
+#else
+    for (int64_t k = 0; k < K; ++k) {
+      float v = nearbyintf(xr[k] * inv) + z;
+      v = v < 0.f ? 0.f : (v > 255.f ? 255.f : v);
+      qr[k] = (uint8_t)v;
+    }
+#endif
+  }
+}
+
+#if defined(TS_AVX512) && defined(__AVX512VNNI__)
+#define TS_VNNI 1
+#endif
+
+/* acc[i] = sum_k a[k] * r[i][k] over K (a: uint8 codes, r: 4 int8 weight rows); with rs (not NULL)
+   also rs[i] = sum_k r[i][k] in the same pass */
+static void dot4_u8s8(const uint8_t* a, const int8_t* const* r, int64_t K, int32_t* acc, int32_t* rs) {
+#ifdef TS_AVX512
+  __m512i c[4], t[4];
+  for (int i = 0; i < 4; ++i) c[i] = t[i] = _mm512_setzero_si512();
+#ifdef TS_VNNI
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+    const __m512i av = _mm512_maskz_loadu_epi8(mk, a + k);
+    for (int i = 0; i < 4; ++i) {
+      const __m512i wv = _mm512_maskz_loadu_epi8(mk, r[i] + k);
+      c[i] = _mm512_dpbusd_epi32(c[i], av, wv);
+      if (rs) t[i] = _mm512_dpbusd_epi32(t[i], ones, wv);
+    }
+  }
+#else
+  const __m512i ones16 = _mm512_set1_epi16(1);
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mk = K - k >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << (K - k)) - 1);
+    const __m512i av = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mk, a + k));
+    for (int i = 0; i < 4; ++i) {
+      const __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, r[i] + k));
+      c[i] = _mm512_add_epi32(c[i], _mm512_madd_epi16(av, wv));
+      if (rs) t[i] = _mm512_add_epi32(t[i], _mm512_madd_epi16(ones16, wv));
+    }
+  }
+#endif
+  for (int i = 0; i < 4; ++i) {
+    acc[i] = _mm512_reduce_add_epi32(c[i]);
+    if (rs) rs[i] = _mm512_reduce_add_epi32(t[i]);
+  }
+#else
+  for (int i = 0; i < 4; ++i) {
+    int32_t c = 0, t = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      c += (int32_t)a[k] * (int32_t)r[i][k];
+      t += r[i][k];
+    }
+    acc[i] = c;
+    if (rs) rs[i] = t;
+  }
+#endif
+}
+
+/* y (M, N) fp32 = W8A8 product of x (M, K) fp32 and int8 codes q (N, K) with fp16 scales sw (N) */
+void ts_w8a8(const float* x, const int8_t* q, const uint16_t* sw, float* y, int64_t M, int64_t N, int64_t K,
+             int nt) {
+  uint8_t* qx = (uint8_t*)malloc((size_t)(M * K) + 1);
+  float* sx = (float*)malloc((size_t)M * sizeof(float));
+  int32_t* zp = (int32_t*)malloc((size_t)M * sizeof(int32_t));
+  ts_quant_act(x, qx, sx, zp, M, K, K);
+  const int64_t NB = (N + 3) / 4;
+  #pragma omp parallel for schedule(static) if (nt > 1 && M * N * K >= PAR_WORK) num_threads(nt)
+  for (int64_t b = 0; b < NB; ++b) {
+    const int64_t n = 4 * b;
+    const int8_t* r[4];
+    int32_t acc[4], rs[4] = {0, 0, 0, 0};
+    float swf[4];
+    for (int i = 0; i < 4; ++i) {
+      r[i] = q + (n + i < N ? n + i : N - 1) * K;
+      swf[i] = h2f(sw[n + i < N ? n + i : N - 1]);
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      dot4_u8s8(qx + m * K, r, K, acc, m == 0 ? rs : NULL);
+      for (int i = 0; i < 4 && n + i < N; ++i) {
+        const float f = sx[m] * swf[i];
+        y[m * N + n + i] = (float)(acc[i] - zp[m] * rs[i]) * f;
+      }
+    }
+  }
+  free(zp);
+  free(sx);
+  free(qx);
+}
+
 #include "pyext.h"
 #ifdef TS_PYEXT  /* the same functions as a CPython extension: a call costs ~0.2 us, ctypes ~1.7 */
 static PyObject* py_mm(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
@@ -324,7 +473,26 @@ static PyObject* py_ffn(PyObject* self, PyObject* const* args, Py_ssize_t nargs)
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
+static PyObject* py_w8a8(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  long long v[8];
+  if (ts_int_args(args, nargs, 8, v)) return NULL;
+  Py_BEGIN_ALLOW_THREADS
+  ts_w8a8(PTR(const float*, 0), PTR(const int8_t*, 1), PTR(const uint16_t*, 2), PTR(float*, 3), v[4], v[5], v[6],
+          (int)v[7]);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+static PyObject* py_quant_act(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  long long v[7];
+  if (ts_int_args(args, nargs, 7, v)) return NULL;
+  Py_BEGIN_ALLOW_THREADS
+  ts_quant_act(PTR(const float*, 0), PTR(uint8_t*, 1), PTR(float*, 2), PTR(int32_t*, 3), v[4], v[5], v[6]);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
 static PyMethodDef methods[] = {
+  {"ts_w8a8", (PyCFunction)(void (*)(void))py_w8a8, METH_FASTCALL, NULL},
+  {"ts_quant_act", (PyCFunction)(void (*)(void))py_quant_act, METH_FASTCALL, NULL},
   {"ts_ffn", (PyCFunction)(void (*)(void))py_ffn, METH_FASTCALL, NULL},
   {"ts_moe", (PyCFunction)(void (*)(void))py_moe, METH_FASTCALL, NULL},
   {"ts_mm", (PyCFunction)(void (*)(void))py_mm, METH_FASTCALL, NULL},

@@ -13,6 +13,10 @@ integer codes directly, convert in registers and accumulate in fp32
 - ``ts_ffn``      a dense SwiGLU FFN of three separate matrices in one call
 - ``ts_moe``      all routed experts of a MoE layer for a few tokens, weighted and summed, in one call
 - ``ts_dequant``  float rows of a quantized matrix, all of them or gathered by index (embedding lookup)
+- ``ts_w8a8``     W8A8: x (M, K) fp32 quantized per token to uint8 with a zero point (``ts_quant_act``),
+  times int8 codes (N, K) with int32 accumulation (VNNI ``vpdpbusd`` where the CPU has it), the
+  zero-point correction from the weight row sums, fp32 out; bit-identical to
+  :func:`tinyseek.quant.ops.w8a8_reference` (:func:`w8a8_mm`)
 
 Kernel formats (the ``kfmt`` argument, :attr:`tinyseek.quant.formats.QuantFormat.kernel`):
 ``KERNEL_INT8`` = int8 codes ``(N, K)``, one fp16 scale a row; ``KERNEL_INT4`` = int4 codes packed
@@ -55,6 +59,8 @@ _SIGS = {
     "ts_moe": ([_INT, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT],
                _INT),
     "ts_dequant": ([_INT, _P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64], _INT),
+    "ts_w8a8": ([_P, _P, _P, _P, _I64, _I64, _I64, _INT], None),
+    "ts_quant_act": ([_P, _P, _P, _P, _I64, _I64, _I64], None),
 }
 KERNELS = ckernels.Kernels(_NAME, _SRC, _SIGS, "TINYSEEK_QUANT_KERNELS", "tinyseek.kernels.quant")
 _state = KERNELS.state  # enabled / lib / failed (tests patch its entries)
@@ -226,3 +232,39 @@ def dequant_rows(qweight: torch.Tensor, scale: torch.Tensor, kfmt: int, k: int, 
     if rc != 0:
         raise IndexError(f"index out of range in the quantized table of {V} rows")
     return out
+
+
+def w8a8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor):
+    """The W8A8 product of ``x (..., K)`` and int8 codes ``(N, K)`` with fp16 scales ``(N, 1)``:
+    fp32 ``(..., N)`` equal bit for bit to :func:`tinyseek.quant.ops.w8a8_reference`, or None (module
+    docstring; any number of rows: at 1-256 rows it beat the ``torch._int_mm`` path, whose
+    activation quantization in PyTorch ops costs more than the product, benchmarks/README.md)."""
+    K = x.shape[-1]
+    n = x.numel()
+    lib = _lib_for(x, scale, K > 0)
+    if lib is None:
+        return None
+    x = x.contiguous()
+    N = qweight.shape[0]
+    y = torch.empty(x.shape[:-1] + (N,), dtype=torch.float32)
+    lib.ts_w8a8(x.data_ptr(), qweight.data_ptr(), scale.data_ptr(), y.data_ptr(), n // K, N, K,
+                torch.get_num_threads())
+    return y
+
+
+def quant_act(x_MK: torch.Tensor):
+    """``(codes uint8 (M, K), scale fp32 (M,), zero point int32 (M,))`` of the C activation
+    quantizer (what :func:`w8a8_mm` computes with), or None when the kernels are off; for tests
+    against :func:`tinyseek.quant.ops.quantize_act`."""
+    if not (x_MK.is_cpu and x_MK.dtype is torch.float32):
+        return None
+    lib = KERNELS.ready()
+    if lib is None:
+        return None
+    x = x_MK.detach().contiguous()
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=torch.uint8)
+    s = torch.empty(M, dtype=torch.float32)
+    z = torch.empty(M, dtype=torch.int32)
+    lib.ts_quant_act(x.data_ptr(), q.data_ptr(), s.data_ptr(), z.data_ptr(), M, K, K)
+    return q, s, z

@@ -18,6 +18,10 @@ call (rows, dtype, device, autograd) and the kernels' on/off switch (:mod:`tinys
   directly (:mod:`tinyseek.kernels.quant`; on by default where a C compiler builds them), one call
   per Linear, one per whole SwiGLU expert, one per dense / shared-expert FFN (:class:`QuantSwiGLU`)
   and one for all routed experts of a MoE layer (:func:`quant_fused_dispatch`).
+- W8A8 (``fmt.act_bits``): every product quantizes its input per token and multiplies integers
+  (:meth:`~tinyseek.quant.formats.QuantFormat.linear`: the C kernel ``ts_w8a8`` for any number of
+  rows, ``torch._int_mm`` without it); experts run one such product for gate|up and one for down
+  (per expert, through the ``sorted`` dispatch), a dense FFN its three QuantLinear.
 - embedding: only the looked-up rows are dequantised (``codes[idx] * scale[idx]``); with tied
   embeddings the ``lm_head`` QuantLinear shares the same code and scale tensors (same (V, D)
   layout, scales along D).
@@ -85,6 +89,10 @@ class QuantLinear(nn.Module):
 
     def _product(self, x: torch.Tensor, b: dict) -> torch.Tensor:
         """``x @ W^T`` without the bias."""
+        if self.fmt.act_bits:
+            if b["smooth"] is not None:
+                x = x / b["smooth"].to(x.dtype)
+            return self.fmt.linear(x, b["qweight"], b["scale"])
         if self.kernel is not None:
             y = kq.quant_mm(x, b["qweight"], b["scale"], self.kernel, self.group_size, b["smooth"])
             if y is not None:
@@ -187,6 +195,10 @@ class QuantExperts(nn.Module):
     def expert_forward(self, e: int, x_MD: torch.Tensor) -> torch.Tensor:
         if x_MD.shape[0] == 0:
             return x_MD.new_zeros(0, self.dim)
+        if self.fmt.act_bits:  # W8A8: both products quantize their input per token
+            b = self._buffers
+            g, u = self.fmt.linear(x_MD, b["q_gate_up"][e], b["s_gate_up"][e]).chunk(2, dim=-1)
+            return self.fmt.linear(F.silu(g) * u, b["q_down"][e], b["s_down"][e])
         if x_MD.shape[0] <= kq.MAX_ROWS and self.kernel is not None:
             b = self._buffers  # the whole expert in one call
             y = kq.swiglu(x_MD, b["q_gate_up"], b["s_gate_up"], b["q_down"], b["s_down"], e,

@@ -151,3 +151,80 @@ def unpack_int4(p_NH: torch.Tensor) -> torch.Tensor:
     lo = (p_NH & 0x0F).to(torch.int8)
     hi = (p_NH >> 4).to(torch.int8)
     return (torch.stack((lo, hi), dim=-1).flatten(-2) - 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# W8A8: per-token dynamic asymmetric uint8 activations x symmetric int8 weights, int32 accumulation
+# ---------------------------------------------------------------------------------------------
+ACT_QMAX = 255                      # activation codes are uint8 in [0, 255] (VNNI's u8 x s8 operand)
+INV_ACT_QMAX = 1.0 / ACT_QMAX       # rounded to fp32 where used: the scale is a product, never a division
+ACT_MIN_SCALE = 1e-30               # an all-zero row gets this scale (codes = zero point = 0)
+
+
+def quantize_act(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (row) dynamic asymmetric uint8 quantization of fp32 activations: ``(codes (M, K)
+    uint8, scale (M,) fp32, zero point (M,) int32)`` with ``x ~= scale * (code - zp)``.
+
+    The range always holds 0 (``lo = min(x, 0)``, ``hi = max(x, 0)``), so zero is exact and
+    ``zp`` in [0, 255]; ``scale = max((hi - lo) * fp32(1/255), 1e-30)``, ``inv = 1 / scale``,
+    ``zp = round(-lo * inv)``, ``code = clamp(round(x * inv) + zp, 0, 255)`` (round half to
+    even). Every step is one IEEE fp32 operation in this order, so the C kernel
+    (``ts_quant_act`` in ``kernels/quant.c``) produces the same codes bit for bit.
+
+    >>> q, s, z = quantize_act(torch.tensor([[-1.0, 0.0, 0.5, 1.55]]))
+    >>> q.tolist(), [round(v, 6) for v in s.tolist()], z.tolist()
+    ([[0, 100, 150, 255]], [0.01], [100])
+    """
+    x = x_MK.float()
+    lo = x.amin(-1).clamp_max(0.0)
+    hi = x.amax(-1).clamp_min(0.0)
+    inv255 = torch.tensor(INV_ACT_QMAX, dtype=torch.float32)
+    s = ((hi - lo) * inv255).clamp_min(ACT_MIN_SCALE)
+    inv = 1.0 / s
+    zp = torch.round(-lo * inv).clamp_(0, ACT_QMAX)
+    q = (torch.round(x * inv[:, None]) + zp[:, None]).clamp_(0, ACT_QMAX).to(torch.uint8)
+    return q, s, zp.to(torch.int32)
+
+
+def fake_quantize_act(x: torch.Tensor) -> torch.Tensor:
+    """``scale * (code - zp)`` of :func:`quantize_act` per token (last dim), with a straight-through
+    gradient (QAT for activations: the forward sees what W8A8 computes with, the backward passes
+    the gradient to ``x`` unchanged; no clipping happens, the range is each token's own min-max).
+
+    >>> x = torch.tensor([[-1.0, 0.3, 1.55]], requires_grad=True)
+    >>> y = fake_quantize_act(x); y.sum().backward()
+    >>> [round(v, 4) for v in y.tolist()[0]], x.grad.tolist()
+    ([-1.0, 0.3, 1.55], [[1.0, 1.0, 1.0]])
+    """
+    shp = x.shape
+    q, s, zp = quantize_act(x.detach().reshape(-1, shp[-1]))
+    xq = ((q.float() - zp[:, None].float()) * s[:, None]).view(shp).to(x.dtype)
+    return x + (xq - x).detach()
+
+
+def w8a8_epilogue(acc_MN: torch.Tensor, s_x_M: torch.Tensor, s_w_N: torch.Tensor) -> torch.Tensor:
+    """fp32 ``y = float(acc) * (s_x[m] * s_w[n])`` from the exact int32 (or integer-valued) product."""
+    return acc_MN.float() * (s_x_M.float()[:, None] * s_w_N.float().view(1, -1))
+
+
+def w8a8_reference(x_MK: torch.Tensor, q_NK: torch.Tensor, s_N: torch.Tensor) -> torch.Tensor:
+    """The readable reference of the W8A8 product ``x @ W_hat^T`` (fp32 ``(M, N)``): quantize ``x``
+    (:func:`quantize_act`), the exact integer product ``sum_k (code - zp) * q`` (in float64, exact
+    for any K below 2^31 / (255 * 127) ~ 66k: the int32 the kernels accumulate in), then the
+    fp32 epilogue (:func:`w8a8_epilogue`). Every fast path equals it bit for bit."""
+    qx, sx, zp = quantize_act(x_MK)
+    acc = (qx.double() - zp[:, None].double()) @ q_NK.double().t()
+    return w8a8_epilogue(acc, sx, s_N)
+
+
+def w8a8_linear(x_MK: torch.Tensor, q_NK: torch.Tensor, s_N: torch.Tensor) -> torch.Tensor:
+    """The PyTorch fast path of :func:`w8a8_reference`, bit-identical: the int8 x int8 -> int32 GEMM
+    ``torch._int_mm`` on the activation codes shifted to int8 (``code - 128``) and the weight, then
+    the zero-point correction from the weight row sums: ``sum_k (c - zp) q = sum_k (c - 128) q -
+    (zp - 128) * sum_k q``."""
+    qx, sx, zp = quantize_act(x_MK)
+    qs = (qx.to(torch.int16) - 128).to(torch.int8)
+    acc = torch._int_mm(qs, q_NK.t())
+    rowsum = q_NK.sum(1, dtype=torch.int32)
+    acc = acc - (zp - 128)[:, None] * rowsum[None, :]
+    return w8a8_epilogue(acc, sx, s_N)

@@ -8,8 +8,14 @@ weights unchanged (STE). :func:`convert_qat` then replaces them by ``QuantLinear
 ``QuantExperts`` built from the final float weights, so the converted model reproduces the
 fake-quant forward up to float summation order.
 
-Deviation from torchao's QAT: weights only (activations stay float, matching W8A16 / W4A16), and
-the scales are recomputed from the current weights every step (no learned or frozen ranges).
+Activations: for a W8A8 format (``fmt.act_bits``) every fake-quant product also fake-quantizes its
+input per token (:func:`tinyseek.quant.ops.fake_quantize_act`: dynamic asymmetric uint8 with a zero
+point, exactly what the converted model's integer product computes with; straight-through
+gradient, nothing clipped since each token's range is its own min-max); weight-only formats leave
+activations float (W8A16 / W4A16).
+
+Deviation from torchao's QAT: the scales are recomputed from the current weights (and, for W8A8,
+from each token's activations) every step (no learned or frozen ranges).
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ class QATLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.fmt.fake_quantize(self.weight, self.group_size).to(x.dtype), b)
+        return F.linear(self.fmt.fake_quantize_act(x), self.fmt.fake_quantize(self.weight, self.group_size).to(x.dtype), b)
 
 
 class QATEmbedding(nn.Embedding):
@@ -79,8 +85,9 @@ class QATExperts(nn.Module):
         return self._fq(self.weight_down)
 
     def expert_forward(self, e: int, x_MD: torch.Tensor) -> torch.Tensor:
-        g, u = (x_MD @ self._fq(self.weight_gate_up[e:e + 1])[0]).chunk(2, dim=-1)
-        return (F.silu(g) * u) @ self._fq(self.weight_down[e:e + 1])[0]
+        fa = self.fmt.fake_quantize_act  # identity unless W8A8
+        g, u = (fa(x_MD) @ self._fq(self.weight_gate_up[e:e + 1])[0]).chunk(2, dim=-1)
+        return fa(F.silu(g) * u) @ self._fq(self.weight_down[e:e + 1])[0]
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:

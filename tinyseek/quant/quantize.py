@@ -62,7 +62,7 @@ SEARCHES = ("none", "awq")
 
 @dataclass
 class QuantSpec:
-    method: str = "int8"          # a FORMATS name: "int8" (W8A16 per-channel) or "int4" (W4A16 group-wise, packed)
+    method: str = "int8"          # a FORMATS name: "int8" (W8A16 per-channel), "int4" (W4A16 group-wise, packed), "w8a8" (int8 weights + per-token uint8 activations)
     group_size: int = 128         # int4 inputs per scale: 32, 64 or 128 (int8 is per-channel: ignored, stored as 0)
     calibration: str = "minmax"   # with search="awq": activation range per input channel, "minmax", "percentile" or "kl"
     percentile: float = 99.9      # percentile calibration: which percentile of |x|
@@ -95,6 +95,9 @@ class QuantSpec:
             raise ConfigError(f"percentile must be in (0, 100], got {self.percentile}")
         if self.search not in SEARCHES:
             raise ConfigError(f"search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
+        if fmt.act_bits and self.search != "none":
+            raise ConfigError(f"search {self.search!r} smooths weights for weight-only formats; {fmt.name} quantizes "
+                              "activations per token at run time: use --search none")
         if self.search == "none" and self.calibration != "minmax":
             raise ConfigError(f"calibration {self.calibration!r} chooses activation ranges for the scale search: "
                               "add --search awq (round-to-nearest uses min-max weight scales only)")
@@ -152,9 +155,12 @@ def prefer_per_expert_dispatch(model: nn.Module) -> None:
     dispatch table when ``tinyseek.quant.modules`` is imported: one fused kernel call at decode,
     ``sorted`` otherwise), ``QATExperts`` get ``sorted``. Same maths either way. Decided from the
     configured ``moe_impl``, so it runs again after :func:`~tinyseek.quant.qat.convert_qat` swaps
-    QAT experts (``sorted``) for quantized ones."""
+    QAT experts (``sorted``) for quantized ones. W8A8 experts (``fmt.act_bits``) take these whatever
+    ``moe_impl`` says: the stacked dispatches multiply the dequantised float stacks (no activation
+    quantization)."""
     for m in model.modules():
-        if isinstance(m, moe_mod.MoE) and (m.impl == "auto" or m.cfg.moe_impl == "auto"):
+        act = getattr(getattr(m, "experts", None), "fmt", None) is not None and m.experts.fmt.act_bits
+        if isinstance(m, moe_mod.MoE) and (m.impl == "auto" or m.cfg.moe_impl == "auto" or act):
             if isinstance(m.experts, QuantExperts):
                 m.impl = QUANT_DISPATCH
             elif type(m.experts).__name__ == "QATExperts":

@@ -1,4 +1,4 @@
-"""``tinyseek quantize``: checkpoint -> weight-only int8 / int4 checkpoint (optionally QAT first).
+"""``tinyseek quantize``: checkpoint -> int8 / int4 weight-only or W8A8 checkpoint (optionally QAT first).
 
 Steps: load the checkpoint (``tinyseek.train.checkpoint.load_model``); read calibration batches
 from a token shard folder (``calib_data``; empty = ``<run>/data/train`` beside the checkpoint if it
@@ -32,7 +32,7 @@ from tinyseek.train.checkpoint import load_model, resolve_checkpoint
 class Config:
     ckpt: str = ""                 # checkpoint to quantize: a step dir, a ckpt root or a run dir (latest step)
     out: str = ""                  # output dir; "" -> <run>/quant/<method>[-g<group>]
-    method: str = "int8"           # "int8" (W8A16 per-channel) or "int4" (W4A16 group-wise, packed)
+    method: str = "int8"           # "int8" (W8A16 per-channel), "int4" (W4A16 group-wise, packed) or "w8a8" (int8 weights, per-token uint8 activations)
     group_size: int = 128          # int4 group: 32, 64 or 128
     calibration: str = "minmax"    # with search=awq: activation range per input channel, "minmax", "percentile", "kl"
     percentile: float = 99.9       # for calibration=percentile
@@ -72,13 +72,16 @@ class Config:
 
 
 def preset(name: str) -> Config:
-    """``int8`` (W8A16), ``int4`` (W4A16 group 128), ``int4-g32`` (group 32), ``int4-qat``, ``int4-awq``."""
+    """``int8`` (W8A16), ``int4`` (W4A16 group 128), ``int4-g32`` (group 32), ``int4-qat``, ``int4-awq``,
+    ``w8a8`` (int8 weights, dynamic per-token uint8 activations), ``w8a8-qat``."""
     presets = {
         "int8": Config(method="int8"),
         "int4": Config(method="int4", group_size=128),
         "int4-g32": Config(method="int4", group_size=32),
         "int4-qat": Config(method="int4", group_size=32, qat_steps=100),
         "int4-awq": Config(method="int4", group_size=128, search="awq", calibration="kl"),
+        "w8a8": Config(method="w8a8"),
+        "w8a8-qat": Config(method="w8a8", qat_steps=100),
     }
     if name not in presets:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
