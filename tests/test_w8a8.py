@@ -122,7 +122,7 @@ def test_output_within_the_stated_bound_of_the_float_product():
 
 def test_format_table_and_spec():
     assert quant_format("w8a8") is W8A8 and quant_format(8) is FORMATS["int8"]   # bits name weight-only formats
-    assert W8A8.act_bits == 8 and W8A8.kernel is None and W8A8.scales_rows
+    assert W8A8.act_bits == 8 and W8A8.kernel == kq.KERNEL_W8A8 and W8A8.scales_rows
     QuantSpec("w8a8").validate()
     with pytest.raises(ConfigError, match="quantizes activations per token"):
         QuantSpec("w8a8", search="awq", calibration="kl").validate()
@@ -140,6 +140,31 @@ def test_modules_kernel_on_and_off_agree_bit_for_bit(kernels_on):
         off = (lin(x), ex.expert_forward(1, x))
     assert all(torch.equal(a, b) for a, b in zip(on, off))
     assert torch.equal(on[0], ops.w8a8_reference(x, lin.qweight, lin.scale.view(-1)) + lin.bias)
+
+
+def test_fused_decode_calls_match_the_module_path(kernels_on):
+    """ts_ffn / ts_moe with the W8A8 kernel format: the same integer products as the modules, the
+    SiLU in C (float rounding; an activation code at a rounding tie may flip)."""
+    from tinyseek.model.layers import SwiGLU
+    from tinyseek.quant.modules import QuantSwiGLU
+
+    torch.manual_seed(0)
+    ex = QuantExperts.from_float(torch.randn(4, 64, 2 * 32) / 8, torch.randn(4, 32, 64) / 6, "w8a8")
+    x = torch.randn(3, 64)
+    idx = torch.tensor([[0, 2], [3, 1], [2, 2]])
+    w = torch.rand(3, 2)
+    b = ex._buffers
+    fused = kq.moe(x, idx, w, b["q_gate_up"], b["s_gate_up"], b["q_down"], b["s_down"], ex.kernel, 0)
+    ref = torch.stack([sum(w[n, k] * ex.expert_forward(int(idx[n, k]), x[n:n + 1])[0] for k in range(2))
+                       for n in range(3)])
+    assert torch.allclose(fused, ref, atol=1e-4, rtol=1e-3)
+    sw = SwiGLU(64, 32)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(sw, name, QuantLinear.from_float(getattr(sw, name).weight, "w8a8"))
+    qs = QuantSwiGLU(sw)
+    with torch.no_grad():
+        plain = SwiGLU.forward(qs, x)
+        assert torch.allclose(qs(x), plain, atol=1e-4, rtol=1e-3)
 
 
 def _micro() -> Transformer:
@@ -165,8 +190,12 @@ def test_model_quantizes_saves_loads_and_stays_close(tmp_path, kernels_on):
         ref, out = m(idx).logits, q2(idx).logits
         assert torch.equal(out, q(idx).logits)
         kq.enable(False)
-        assert torch.equal(q2(idx).logits, out)             # PyTorch path == C kernel, whole model
+        off = q2(idx).logits                                 # PyTorch path (torch._int_mm), whole model
         kq.enable(True)
+        assert torch.allclose(off, out, atol=1e-5, rtol=1e-5)  # prefill: the same products, no fused call
+        cache = q2.new_cache(2)                              # decode: fused FFN / MoE calls (C SiLU)
+        steps = torch.cat([q2(idx[:, i:i + 1], cache=cache).logits for i in range(12)], 1)
+    assert (steps - out).norm() / out.norm() < 0.01          # + MLA's folded projections: float activations
     assert (out - ref).norm() / ref.norm() < 0.03
 
 

@@ -3,7 +3,8 @@
    Glue and contract: tinyseek/kernels/quant.py. Built by tinyseek/kernels/loader.py; TS_PORTABLE
    leaves out the AVX-512 paths, TS_PYEXT adds the CPython-extension entry points. Format ids: 8 =
    int8 codes (N, K) with one fp16 scale a row, 4 = packed int4 (N, ceil(K/2)) with fp16 group
-   scales (N, G). */
+   scales (N, G), 9 = W8A8 (int8's layout; each product quantizes its input rows per token,
+   ts_w8a8), so ts_swiglu / ts_ffn / ts_moe run W8A8 experts and FFNs in one call too. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -146,9 +147,14 @@ static void mm4(const float* x, const uint8_t* p, const uint16_t* s, float* y,
   free(xe);
 }
 
+void ts_w8a8(const float* x, const int8_t* q, const uint16_t* sw, float* y, int64_t M, int64_t N, int64_t K,
+             int nt);
+
+/* format 9 (W8A8): int8's codes and scales, and every product quantizes its input per token */
 static void mm(int bits, const float* x, const void* q, const uint16_t* s, float* y,
                int64_t M, int64_t N, int64_t K, int64_t G, int64_t gs, int nt) {
-  if (bits == 8) mm8(x, (const int8_t*)q, s, y, M, N, K, nt);
+  if (bits == 9) ts_w8a8(x, (const int8_t*)q, s, y, M, N, K, nt);
+  else if (bits == 8) mm8(x, (const int8_t*)q, s, y, M, N, K, nt);
   else mm4(x, (const uint8_t*)q, s, y, M, N, K, G, gs, nt);
 }
 
@@ -226,7 +232,7 @@ void ts_ffn(int bits, const float* x, const void* qg, const uint16_t* sg, const 
 int ts_moe(int bits, const float* x, const int64_t* idx, const float* w, int64_t N, int64_t TK, int64_t E,
            const uint8_t* qgu, const uint16_t* sgu, const uint16_t* smgu, const uint8_t* qd, const uint16_t* sd,
            const uint16_t* smd, float* y, int64_t D, int64_t F, int64_t G1, int64_t G2, int64_t gs, int nt) {
-  const int64_t rgu = bits == 8 ? D : (D + 1) / 2, rd = bits == 8 ? F : (F + 1) / 2;  /* bytes a row */
+  const int64_t rgu = bits != 4 ? D : (D + 1) / 2, rd = bits != 4 ? F : (F + 1) / 2;  /* bytes a row */
   float* t = (float*)malloc((size_t)D * sizeof(float));
   memset(y, 0, (size_t)(N * D) * sizeof(float));
   for (int64_t n = 0; n < N; ++n)
@@ -250,12 +256,12 @@ int ts_moe(int bits, const float* x, const int64_t* idx, const float* w, int64_t
    Returns -1 (writing nothing more) on an index outside [0, V). */
 int ts_dequant(int bits, const int64_t* idx, int64_t R, int64_t V, const void* q, const uint16_t* s,
                float* out, int64_t K, int64_t G, int64_t gs) {
-  const int64_t H = bits == 8 ? K : (K + 1) / 2;
+  const int64_t H = bits != 4 ? K : (K + 1) / 2;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t v = idx ? idx[r] : r;
     if (v < 0 || v >= V) return -1;
     float* o = out + r * K;
-    if (bits == 8) {
+    if (bits != 4) {
       const int8_t* row = (const int8_t*)q + v * K;
       const float sc = h2f(s[v]);
       #pragma omp simd

@@ -21,7 +21,9 @@ integer codes directly, convert in registers and accumulate in fp32
 Kernel formats (the ``kfmt`` argument, :attr:`tinyseek.quant.formats.QuantFormat.kernel`):
 ``KERNEL_INT8`` = int8 codes ``(N, K)``, one fp16 scale a row; ``KERNEL_INT4`` = int4 codes packed
 two per byte ``(N, ceil(K/2))`` (low nibble = even column, stored as ``code + 8``), fp16 scales
-``(N, G)`` per group of ``gs`` inputs (``gs = 0``: one scale a row). Every stored tensor must be
+``(N, G)`` per group of ``gs`` inputs (``gs = 0``: one scale a row); ``KERNEL_W8A8`` = int8's
+layout, every product quantizing its input rows per token (``ts_w8a8``), so the fused SwiGLU /
+FFN / MoE calls run W8A8 too (their SiLU in C: equal to the module path up to float rounding). Every stored tensor must be
 contiguous; smoothing vectors (AWQ, optional, fp16) divide the input columns first.
 
 Built by :mod:`tinyseek.kernels.loader` on first use (AVX-512 intrinsics where the CPU has them,
@@ -48,7 +50,7 @@ from tinyseek.kernels import loader as ckernels
 from tinyseek.kernels.loader import I64 as _I64, INT as _INT, P as _P
 
 MAX_ROWS = 8  # above this, dequantise + one BLAS GEMM is faster
-KERNEL_INT8, KERNEL_INT4 = 8, 4  # the C functions' format switch (their first argument)
+KERNEL_INT8, KERNEL_INT4, KERNEL_W8A8 = 8, 4, 9  # the C functions' format switch (their first argument)
 
 _SRC = ckernels.source("quant.c")
 _NAME = "_tinyseek_quant"  # the extension's module name (PyInit__tinyseek_quant in quant.c)

@@ -150,7 +150,7 @@ class QuantFormat:
 FORMATS: dict[str, QuantFormat] = {
     "int8": QuantFormat("int8", 8, 127, (), packed=False, kernel=kq.KERNEL_INT8, v1_scale_dtype=torch.float32),
     "int4": QuantFormat("int4", 4, 7, (32, 64, 128), packed=True, kernel=kq.KERNEL_INT4),
-    "w8a8": QuantFormat("w8a8", 8, 127, (), packed=False, kernel=None, act_bits=8),
+    "w8a8": QuantFormat("w8a8", 8, 127, (), packed=False, kernel=kq.KERNEL_W8A8, act_bits=8),
 }
 _BY_BITS = {f.bits: f for f in FORMATS.values() if not f.act_bits}  # a bit width names a weight-only format
 

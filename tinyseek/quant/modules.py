@@ -20,8 +20,9 @@ call (rows, dtype, device, autograd) and the kernels' on/off switch (:mod:`tinys
   and one for all routed experts of a MoE layer (:func:`quant_fused_dispatch`).
 - W8A8 (``fmt.act_bits``): every product quantizes its input per token and multiplies integers
   (:meth:`~tinyseek.quant.formats.QuantFormat.linear`: the C kernel ``ts_w8a8`` for any number of
-  rows, ``torch._int_mm`` without it); experts run one such product for gate|up and one for down
-  (per expert, through the ``sorted`` dispatch), a dense FFN its three QuantLinear.
+  rows, ``torch._int_mm`` without it); an expert runs one such product for gate|up and one for
+  down. At decode the fused calls below take W8A8 too (kernel format ``KERNEL_W8A8``: the same
+  integer products, their SiLU in C, so equal to the module path up to float rounding).
 - embedding: only the looked-up rows are dequantised (``codes[idx] * scale[idx]``); with tied
   embeddings the ``lm_head`` QuantLinear shares the same code and scale tensors (same (V, D)
   layout, scales along D).
