@@ -439,7 +439,7 @@ def test_cli_bad_option_is_one_line_error():
     r = subprocess.run([sys.executable, "-m", "tinyseek", "quantize", "--ckpt", "x", "--method", "int3"],
                        capture_output=True, text=True)
     assert r.returncode == 2
-    assert r.stderr.strip() == "tinyseek: error: method must be 'int8' or 'int4', got 'int3'"
+    assert r.stderr.strip() == "tinyseek: error: method must be 'int8' or 'int4' or 'w8a8', got 'int3'"
     r = subprocess.run([sys.executable, "-m", "tinyseek", "quantize", "--ckpt", "/nonexistent/ckpt"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("tinyseek: error: no checkpoint found")
