@@ -221,7 +221,10 @@ def w8a8_linear(x_MK: torch.Tensor, q_NK: torch.Tensor, s_N: torch.Tensor) -> to
     """The PyTorch fast path of :func:`w8a8_reference`, bit-identical: the int8 x int8 -> int32 GEMM
     ``torch._int_mm`` on the activation codes shifted to int8 (``code - 128``) and the weight, then
     the zero-point correction from the weight row sums: ``sum_k (c - zp) q = sum_k (c - 128) q -
-    (zp - 128) * sum_k q``."""
+    (zp - 128) * sum_k q``. Off the CPU (untested there; CUDA's ``_int_mm`` wants more than 16 rows
+    and multiples of 8) it is the reference itself."""
+    if not x_MK.is_cpu:
+        return w8a8_reference(x_MK, q_NK, s_N)
     qx, sx, zp = quantize_act(x_MK)
     qs = (qx.to(torch.int16) - 128).to(torch.int8)
     acc = torch._int_mm(qs, q_NK.t())
