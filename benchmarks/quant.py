@@ -1,4 +1,4 @@
-"""Weight-only quantization benchmark: fp32 vs int8 vs int4 (each calibration), one table.
+"""Quantization benchmark: fp32 vs int8 (W8A16) vs int4 (W4A16, each calibration) vs W8A8, one table.
 
     .venv/bin/python benchmarks/quant.py                      # trains a cpu-tiny model first (~minutes)
     .venv/bin/python benchmarks/quant.py --ckpt runs/x/ckpt    # or quantize an existing checkpoint
@@ -27,6 +27,9 @@ never written to the checkpoint.
 ``fp32 sorted-moe`` is the float model with the per-expert MoE dispatch forced everywhere (speed
 reference; for one decoded token the default ``auto`` picks it too, so the two fp32 rows differ
 only by timing noise at batch 1).
+``w8a8`` = int8 weights x per-token dynamic uint8 activations (int32 products; ``rtn`` = quantized
+as is, ``qat`` = weights + activations fake-quantized during the same fine-tune, ``ft+rtn`` = the
+fp32 fine-tune control quantized). Its "plain" column is the ``torch._int_mm`` path.
 ``torchao-int8`` (with ``--torchao``) is torchao's Int8WeightOnlyConfig applied to the Linear
 layers (its experts stay fp32), for comparison.
 """
@@ -159,7 +162,7 @@ def main() -> None:
             mod.impl = "sorted"
     variants.append(("fp32", srt, fdir / "model.safetensors", "sorted-moe", None))
     cals = args.calibrations.split(",")
-    specs = [("int8", 0)] + [("int4", int(g)) for g in args.groups.split(",") if g]
+    specs = [("int8", 0), ("w8a8", 0)] + [("int4", int(g)) for g in args.groups.split(",") if g]
     q = copy.deepcopy(base)  # int8 with a float embedding (format v1 layout): what the embedding costs
     spec = QuantSpec("int8", embed=False)
     rep = quantize_model(q, spec)
@@ -167,6 +170,8 @@ def main() -> None:
     fpemb = ("int8", q, d / "model.safetensors", "rtn-fpemb", None)
     for method, g in specs:
         for cal in cals:
+            if method == "w8a8" and cal != "rtn":
+                continue  # activations are quantized per token at run time: no weight smoothing search
             spec = QuantSpec(method, g or 128, "minmax" if cal == "rtn" else cal,
                              search="none" if cal == "rtn" else "awq")
             t = time.time()
@@ -203,6 +208,14 @@ def main() -> None:
             convert_qat(tq)
         variants.append((f"int4-g{g}", q, d / "model.safetensors", "qat", tq))
         print(f"  QAT int4-g{g}: {args.qat_steps} steps in {time.time() - t:.1f}s, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        q = copy.deepcopy(base)  # W8A8 QAT: weights and activations fake-quantized, same data order
+        prepare_qat(q, "w8a8")
+        t = time.time()
+        losses = qat_finetune(q, ShardLoader(data, 8, T, 0, 1, args.device).next_batch, args.qat_steps, lr=1e-4)
+        kinds = convert_qat(q)
+        d = save_quantized(q, work / "w8a8-qat", quant_config(q, QuantSpec("w8a8"), kinds), meta)
+        w8a8_qat = ("w8a8", q, d / "model.safetensors", "qat", None)
+        print(f"  QAT w8a8: {args.qat_steps} steps in {time.time() - t:.1f}s, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         # control: the same fine-tune in fp32 (same data order), then plain RTN int4: separates the
         # gain of QAT from the gain of simply training the under-trained model for longer
         ft = copy.deepcopy(base)
@@ -222,6 +235,10 @@ def main() -> None:
             quantize_model(tftq, QuantSpec("int4", g, search="none"))
         variants.append(("fp32", ft, fdir2 / "model.safetensors", "ft-ctrl", tft))
         variants.append((f"int4-g{g}", ftq, d / "model.safetensors", "ft+rtn", tftq))
+        ftw = copy.deepcopy(ft)
+        rep = quantize_model(ftw, QuantSpec("w8a8"))
+        d = save_quantized(ftw, work / "w8a8-ft-rtn", quant_config(ftw, QuantSpec("w8a8"), rep["modules"]), meta)
+        variants += [w8a8_qat, ("w8a8", ftw, d / "model.safetensors", "ft+rtn", None)]
     if args.torchao:
         t = time.time()
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
