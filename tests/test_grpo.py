@@ -7,7 +7,7 @@ import torch
 from tinyseek.config import model_micro
 from tinyseek.model.transformer import Transformer
 from tinyseek.post import losses as L
-from tinyseek.post.grpo import grpo_update
+from tinyseek.post.grpo import grpo_update, swapped
 from tinyseek.post.seqs import pack, sequence_logprob, token_logprobs
 
 
@@ -328,3 +328,20 @@ def test_eval_stage_greedy_numbers_are_grpos_default_evaluator():
     code = "import sys, tinyseek.post.grpo; print('tinyseek.eval' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_swapped_puts_values_in_and_restores_exactly():
+    """The mid-run evaluation of an --ema run scores the averaged weights: ``swapped`` puts them in for
+    the block and restores the raw ones bit for bit afterwards, also when the block raises."""
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    raw = [p.detach().clone() for p in params]
+    avg = [torch.zeros(3, 4), torch.ones(5)]
+    with swapped(params, avg):
+        assert all(torch.equal(p, v) for p, v in zip(params, avg))
+    assert all(torch.equal(p, r) for p, r in zip(params, raw))
+    with pytest.raises(RuntimeError):
+        with swapped(params, avg):
+            raise RuntimeError("evaluation failed")
+    assert all(torch.equal(p, r) for p, r in zip(params, raw))
+    with swapped(params, None):  # no --ema: nothing changes
+        assert all(torch.equal(p, r) for p, r in zip(params, raw))

@@ -27,6 +27,8 @@ What this simplifies, honestly:
 - ``--ema D`` (off by default) averages the weights over the run (Polyak/EMA, decay D per step) and
   returns the average: greedy pass@1 of our micro models flips by +-0.1..0.3 between checkpoints
   25 steps apart (near-tied answers change argmax), and the average damps that parameter noise.
+  The mid-run held-out evaluations then score the averaged weights too (``eval_weights`` says which),
+  so the logged curve is the returned model's (it scored the raw step's weights before).
 - Rollout temperature matters for greedy pass@1: at 1.0 most samples of a group are far-off answers
   and the update mostly pushes those down, leaving the argmax (what greedy decoding returns) where it
   was; at 0.3 a group mostly compares the top answer with the runner-up. Held-out greedy pass@1 of
@@ -43,9 +45,11 @@ Writes ``runs/<name>/{config.json, metrics.jsonl, tokenizer/, ckpt/, plots/, res
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -261,6 +265,25 @@ def grpo_update(model, ref_model, opt, prompts: list[list[int]], responses: list
     return stats
 
 
+@contextlib.contextmanager
+def swapped(params: list[torch.Tensor], values: list[torch.Tensor] | None) -> Iterator[None]:
+    """``params`` hold ``values`` inside the block and their own weights again after it (restored
+    exactly, also on an exception); nothing happens when ``values`` is None."""
+    if values is None:
+        yield
+        return
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+
+
 def main(cfg: Config, evaluate: Evaluator = greedy_scores) -> dict:
     """Run GRPO as ``cfg`` says; returns the result also written to ``result.json``.
 
@@ -281,15 +304,18 @@ def main(cfg: Config, evaluate: Evaluator = greedy_scores) -> dict:
     G = cfg.group_size
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
 
+    ema = [p.detach().clone() for p in params] if cfg.ema > 0 else None
+
     def run_eval(step):
-        with merged(model):  # LoRA: plain projections with the adapters added in (fast decode paths)
+        # with --ema the averaged weights are scored: the model the stage returns, not the raw step's
+        with swapped(params, ema), merged(model):  # LoRA: plain projections with the adapters added in
             r = evaluate(model, tok, heldout, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        log.log(step, eval_pass1=r["pass@1"], eval_format=r["format_rate"], eval_length=r["mean_length"])
+        log.log(step, eval_pass1=r["pass@1"], eval_format=r["format_rate"], eval_length=r["mean_length"],
+                eval_weights="ema" if ema is not None else "raw")
         print0(f"grpo eval step {step}: pass@1 {r['pass@1']:.3f} format {r['format_rate']:.2f}")
         return r
 
     first_eval = run_eval(0)
-    ema = [p.detach().clone() for p in params] if cfg.ema > 0 else None
     model.train()
     history = []
     t_start = time.time()
