@@ -261,3 +261,15 @@ def load_sampling_model(ckpt: str, tokenizer: str, seed: int, device_name: str, 
     tok = load_tokenizer_for(ckpt, tokenizer)
     model, _ = load_model(ckpt, device=str(device))
     return device, tok, model  # load_model returns it in eval mode
+
+
+def rollout_metrics(samples: list, times: tuple[float, float, float, float]) -> dict[str, float]:
+    """The per-step rollout and timing metrics GRPO and PPO log: mean ``response_length`` (tokens),
+    ``truncated_rate`` (share of samples that never finished) and, from the step's ``(t0, t1, t2, t3)``
+    (start, generated, scored, trained), ``t_generate`` / ``t_score`` / ``t_train`` / ``step_time``."""
+    t0, t1, t2, t3 = times
+    return {"response_length": sum(len(s.tokens) for s in samples) / len(samples),
+            "truncated_rate": sum(not s.finished for s in samples) / len(samples),
+            "t_generate": round(t1 - t0, 3), "t_score": round(t2 - t1, 3), "t_train": round(t3 - t2, 3),
+            "step_time": round(t3 - t0, 3)}
+

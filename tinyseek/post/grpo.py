@@ -359,11 +359,8 @@ def main(cfg: Config, evaluate: Evaluator = greedy_scores) -> dict:
         m = {
             "reward_mean": float(rewards_NG.mean()), "reward_std": float(rewards_NG.std()),
             "accuracy": sum(acc) / len(acc), "format_rate": sum(fmt) / len(fmt),
-            "response_length": sum(len(s.tokens) for s in samples) / len(samples),
-            "truncated_rate": sum(not s.finished for s in samples) / len(samples),
             "groups_kept": int(keep_N.sum()), "difficulty": sum(p.difficulty for p in probs) / len(probs),
-            "t_generate": round(t1 - t0, 3), "t_score": round(t2 - t1, 3), "t_train": round(t3 - t2, 3),
-            "step_time": round(t3 - t0, 3), **st,
+            **C.rollout_metrics(samples, (t0, t1, t2, t3)), **st,
         }
         log.log(step, **m)
         history.append(m)

@@ -262,10 +262,7 @@ def main(cfg: Config, evaluate: Evaluator = greedy_scores) -> dict:
         m = {"reward_mean": float(score.mean()), "reward_std": float(score.std()), "rule_reward": float(rule.mean()),
              **({"rm_score": float(rm_score.mean())} if rm is not None else {}),
              "accuracy": sum(acc) / len(acc), "format_rate": sum(format_score(t) for t in texts) / len(texts),
-             "response_length": sum(len(s.tokens) for s in samples) / len(samples),
-             "truncated_rate": sum(not s.finished for s in samples) / len(samples),
-             "t_generate": round(t1 - t0, 3), "t_score": round(t2 - t1, 3), "t_train": round(t3 - t2, 3),
-             "step_time": round(t3 - t0, 3), **st}
+             **C.rollout_metrics(samples, (t0, t1, t2, t3)), **st}
         log.log(step, **m)
         history.append(m)
         print0(f"ppo step {step}/{cfg.steps} reward {m['reward_mean']:.3f} acc {m['accuracy']:.3f} "
