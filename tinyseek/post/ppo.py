@@ -100,10 +100,8 @@ class Config:
     def validate(self) -> "Config":
         C.check_numbers(self, nonneg=("warmup_steps", "grad_clip", "eval_every", "save_every", "difficulty",
                                       "kl_coef", "vf_coef", "value_clip"),
-                        positive=("lr", "value_lr", "eps", "temperature"))
-        for k in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs", "eval_problems"):
-            if getattr(self, k) <= 0:
-                raise ConfigError(f"{k} must be > 0, got {getattr(self, k)}")
+                        positive=("lr", "value_lr", "eps", "temperature", "steps", "prompts_per_step",
+                                  "samples_per_prompt", "max_new_tokens", "ppo_epochs", "eval_problems"))
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):

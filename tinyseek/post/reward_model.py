@@ -74,10 +74,9 @@ class Config:
     lora_rank: int = 0             # fixed at 0: the RM is fully fine-tuned (C.start_policy_run reads it)
 
     def validate(self) -> "Config":
-        C.check_numbers(self, nonneg=("grad_clip", "difficulty", "weight_decay"), positive=("temperature", "lr"))
-        for k in ("n_problems", "k", "epochs", "batch_size", "max_new_tokens", "pairs_per_problem"):
-            if getattr(self, k) <= 0:
-                raise ConfigError(f"{k} must be > 0, got {getattr(self, k)}")
+        C.check_numbers(self, nonneg=("grad_clip", "difficulty", "weight_decay"),
+                        positive=("temperature", "lr", "n_problems", "k", "epochs", "batch_size", "max_new_tokens",
+                                  "pairs_per_problem"))
         if self.k < 2 and not self.pairs:
             raise ConfigError("k must be >= 2 to build (correct, incorrect) pairs")
         if not 0 <= self.heldout_fraction < 1:
