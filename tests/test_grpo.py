@@ -7,7 +7,7 @@ import torch
 from tinyseek.config import model_micro
 from tinyseek.model.transformer import Transformer
 from tinyseek.post import losses as L
-from tinyseek.post.grpo import grpo_update, swapped
+from tinyseek.post.grpo import grpo_update
 from tinyseek.post.seqs import pack, sequence_logprob, token_logprobs
 
 
@@ -330,18 +330,18 @@ def test_eval_stage_greedy_numbers_are_grpos_default_evaluator():
     assert out.strip() == "False"
 
 
-def test_swapped_puts_values_in_and_restores_exactly():
-    """The mid-run evaluation of an --ema run scores the averaged weights: ``swapped`` puts them in for
-    the block and restores the raw ones bit for bit afterwards, also when the block raises."""
-    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
-    raw = [p.detach().clone() for p in params]
-    avg = [torch.zeros(3, 4), torch.ones(5)]
-    with swapped(params, avg):
-        assert all(torch.equal(p, v) for p, v in zip(params, avg))
-    assert all(torch.equal(p, r) for p, r in zip(params, raw))
-    with pytest.raises(RuntimeError):
-        with swapped(params, avg):
-            raise RuntimeError("evaluation failed")
-    assert all(torch.equal(p, r) for p, r in zip(params, raw))
-    with swapped(params, None):  # no --ema: nothing changes
-        assert all(torch.equal(p, r) for p, r in zip(params, raw))
+def test_heldout_sets_hold_distinct_eval_split_prompts():
+    """A held-out set never counts a prompt twice (drawing with replacement put 100 problems on 62
+    prompts at level 1); when the split is smaller than asked, it is the whole split, and the same
+    arguments give the same list."""
+    from tinyseek.post.heldout import heldout_problems
+    from tinyseek.tasks.common import bucket
+
+    hundred = heldout_problems("arithmetic,chain_sum", 100, 0, 1)
+    assert len(hundred) == 100 and len({p.prompt for p in hundred}) == 100
+    assert {p.meta["task"] for p in hundred[:2]} == {"arithmetic", "chain_sum"}   # tasks interleaved
+    everything = heldout_problems("arithmetic,chain_sum", 1000, 0, 1)
+    assert 100 < len(everything) < 1000 and len({p.prompt for p in everything}) == len(everything)
+    assert all(bucket(p.prompt) == "eval" for p in everything)
+    assert [p.prompt for p in heldout_problems("arithmetic,chain_sum", 100, 0, 1)] == [p.prompt for p in hundred]
+    assert heldout_problems("arithmetic", 0, 0, 1) == []

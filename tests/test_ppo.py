@@ -2,9 +2,11 @@
 value loss falls over a few updates on a micro model; `tinyseek ppo` end to end (rule and rule + RM
 rewards); bad input is one line with exit status 2."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tinyseek.cli import main as cli_main
 from tinyseek.common import read_metrics
@@ -111,7 +113,23 @@ def test_ppo_with_a_reward_model(tmp_path):
     assert res["reward"] == "both"
 
 
+def test_ppo_ema_returns_and_evaluates_the_averaged_policy(tmp_path):
+    """With --ema close to 1 the average barely leaves the start, so the saved policy is the starting
+    one (within the tiny drift) while the raw run's has moved; the evals say they scored the average."""
+    kw = dict(out_dir=str(tmp_path), prompts_per_step=2, samples_per_prompt=4, max_new_tokens=6,
+              eval_problems=2, plots=False, warmup_steps=0, seed=3)
+    start = ppo.main(ppo.Config(**kw, name="start", steps=1, lr=1e-12))
+    raw = ppo.main(ppo.Config(**kw, name="raw", steps=2, lr=1e-2))
+    avg = ppo.main(ppo.Config(**kw, name="avg", steps=2, lr=1e-2, ema=0.999999))
+    w0, wr, wa = (load_file(str(Path(r["checkpoint"]) / "model.safetensors")) for r in (start, raw, avg))
+    moved = max(float((wr[k] - w0[k]).abs().max()) for k in w0)
+    kept = max(float((wa[k] - w0[k]).abs().max()) for k in w0)
+    assert moved > 1e-3 and kept < 1e-4
+    assert {r["eval_weights"] for r in read_metrics(tmp_path / "avg" / "metrics.jsonl") if "eval_pass1" in r} == {"ema"}
+
+
 @pytest.mark.parametrize("args, what", [
+    (["--ema", "1"], "ema must be in [0, 1)"),
     (["--reward", "rm"], "needs --rm PATH"),
     (["--reward", "model"], "reward must be one of rule, rm, both"),
     (["--init", "NONE"], "does not exist"),

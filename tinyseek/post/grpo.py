@@ -45,11 +45,9 @@ Writes ``runs/<name>/{config.json, metrics.jsonl, tokenizer/, ckpt/, plots/, res
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +57,7 @@ from tinyseek.config import ConfigError, ModelConfig, model_micro, model_preset
 from tinyseek.model.lora import merged
 from tinyseek.post import common as C
 from tinyseek.post.curriculum import SCHEDULES, levels_for_step
+from tinyseek.post.ema import WeightEMA, averaged
 from tinyseek.post.heldout import Evaluator, greedy_scores, heldout_problems
 from tinyseek.post.losses import ADVANTAGES, VARIANTS, dynamic_sampling_keep, policy_loss, token_mean_agg
 from tinyseek.post.plots import plot_grpo
@@ -265,25 +264,6 @@ def grpo_update(model, ref_model, opt, prompts: list[list[int]], responses: list
     return stats
 
 
-@contextlib.contextmanager
-def swapped(params: list[torch.Tensor], values: list[torch.Tensor] | None) -> Iterator[None]:
-    """``params`` hold ``values`` inside the block and their own weights again after it (restored
-    exactly, also on an exception); nothing happens when ``values`` is None."""
-    if values is None:
-        yield
-        return
-    with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
-        for p, v in zip(params, values):
-            p.copy_(v)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, v in zip(params, saved):
-                p.copy_(v)
-
-
 def main(cfg: Config, evaluate: Evaluator = greedy_scores) -> dict:
     """Run GRPO as ``cfg`` says; returns the result also written to ``result.json``.
 
@@ -304,11 +284,11 @@ def main(cfg: Config, evaluate: Evaluator = greedy_scores) -> dict:
     G = cfg.group_size
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
 
-    ema = [p.detach().clone() for p in params] if cfg.ema > 0 else None
+    ema = WeightEMA(params, cfg.ema) if cfg.ema > 0 else None
 
     def run_eval(step):
         # with --ema the averaged weights are scored: the model the stage returns, not the raw step's
-        with swapped(params, ema), merged(model):  # LoRA: plain projections with the adapters added in
+        with averaged(ema), merged(model):  # LoRA: plain projections with the adapters added in
             r = evaluate(model, tok, heldout, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         log.log(step, eval_pass1=r["pass@1"], eval_format=r["format_rate"], eval_length=r["mean_length"],
                 eval_weights="ema" if ema is not None else "raw")
@@ -350,9 +330,7 @@ def main(cfg: Config, evaluate: Evaluator = greedy_scores) -> dict:
                              grad_clip=cfg.grad_clip, update_router_bias=cfg.update_router_bias,
                              aux_weight=cfg.aux_weight, micro_batch=cfg.micro_batch)
         if ema is not None:
-            with torch.no_grad():
-                for e, p in zip(ema, params):
-                    e.lerp_(p.detach(), 1.0 - cfg.ema)
+            ema.update()
         t3 = time.time()
         # ---- metrics -----------------------------------------------------------------------------
         fmt = [format_score(t) for t in texts]
@@ -374,9 +352,7 @@ def main(cfg: Config, evaluate: Evaluator = greedy_scores) -> dict:
         if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
             C.save(run_dir, step, model, opt, {"stage": "grpo", "step": step})
     if ema is not None:  # the averaged weights become the result
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                p.copy_(e)
+        ema.copy_to()
     last_eval = run_eval(cfg.steps)
     ckpt = C.save(run_dir, cfg.steps, model, opt, {"stage": "grpo", "step": cfg.steps})
     if cfg.plots:

@@ -19,10 +19,31 @@ from tinyseek.post.rollout import sample
 Evaluator = Callable[..., dict[str, Any]]
 
 
+# draws per requested problem before a held-out set settles for fewer distinct prompts
+POOL_FACTOR = 8
+
+
 def heldout_problems(tasks: str, n: int, seed: int, difficulty: int | None) -> list:
-    """``n`` problems of ``tasks`` (comma list) from the eval split, seeds ``EVAL_SEED_BASE + seed``;
-    the same list for the same arguments."""
-    return make_problems(tasks, n, seed=EVAL_SEED_BASE + seed, difficulty=difficulty, split="eval")
+    """Up to ``n`` problems of ``tasks`` (comma list) from the eval split with pairwise distinct prompts,
+    seeds ``EVAL_SEED_BASE + seed``; the same list for the same arguments.
+
+    Problems are drawn (``POOL_FACTOR * n`` at most, tasks interleaved) and a prompt seen before is
+    skipped: at low difficulty the eval split is small (level 1 arithmetic + chain_sum: ~108 prompts), and
+    drawing with replacement made 100 problems hold only 62 distinct prompts, so a few prompts counted
+    two or three times and the standard error was that of ~46 problems. When the split holds fewer than
+    ``n`` distinct prompts, the list is shorter (every distinct prompt found); callers report its length."""
+    if n <= 0:
+        return []
+    pool = make_problems(tasks, POOL_FACTOR * n, seed=EVAL_SEED_BASE + seed, difficulty=difficulty, split="eval")
+    seen: set[str] = set()
+    out = []
+    for p in pool:
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            out.append(p)
+            if len(out) == n:
+                break
+    return out
 
 
 @torch.no_grad()

@@ -25,6 +25,8 @@ Departures and simplifications, honestly:
 - The value head is not initialised from the reward model (InstructGPT does); it is saved beside the
   policy as ``ckpt/step_N/value_head/head.safetensors``; the policy checkpoint is the usual one.
 - MoE routing is left as the starting checkpoint had it (no balance loss, no bias updates).
+- ``--ema D`` averages the policy's weights as GRPO's does (:mod:`tinyseek.post.ema`; not in InstructGPT):
+  evaluations score the average and the run returns it; the value head is not averaged.
 
 Writes ``runs/<name>/{config.json, metrics.jsonl, tokenizer/, ckpt/, plots/ppo.png, result.json}``.
 """
@@ -41,6 +43,7 @@ from tinyseek.common import MetricsLogger, atomic_write_json, print0
 from tinyseek.config import ConfigError, ModelConfig, model_micro, model_preset
 from tinyseek.model.lora import merged
 from tinyseek.post import common as C
+from tinyseek.post.ema import WeightEMA, averaged
 from tinyseek.post.heldout import Evaluator, greedy_scores, heldout_problems
 from tinyseek.post.losses import gather_logprobs, kl_k3, token_mean_agg
 from tinyseek.post.plots import plot_ppo
@@ -79,6 +82,7 @@ class Config:
     vf_coef: float = 0.1           # value-loss weight in the total loss
     ppo_epochs: int = 2            # gradient updates per rollout batch
     whiten: bool = True            # whiten advantages over the batch's response tokens
+    ema: float = 0.0               # > 0: average the policy's weights with this decay; evals score it, the run returns it
     lr: float = 1e-4               # AdamW learning rate of the policy (constant after warmup)
     value_lr: float = 1e-3         # AdamW learning rate of the value head (new, so larger)
     warmup_steps: int = 10         # linear learning-rate warmup
@@ -104,6 +108,8 @@ class Config:
                                   "samples_per_prompt", "max_new_tokens", "ppo_epochs", "eval_problems"))
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ConfigError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if self.reward not in REWARD_SOURCES:
@@ -207,7 +213,9 @@ def main(cfg: Config, evaluate: Evaluator = greedy_scores) -> dict:
     value_head = nn.Linear(model.cfg.d_model, 1).to(device)
     nn.init.normal_(value_head.weight, std=1.0 / (model.cfg.d_model + 1) ** 0.5)
     nn.init.zeros_(value_head.bias)
-    opt = torch.optim.AdamW([{"params": C.trainable(model), "lr": cfg.lr},
+    params = C.trainable(model)
+    ema = WeightEMA(params, cfg.ema) if cfg.ema > 0 else None  # the policy's weights; the value head is not averaged
+    opt = torch.optim.AdamW([{"params": params, "lr": cfg.lr},
                              {"params": list(value_head.parameters()), "lr": cfg.value_lr}], betas=(0.9, 0.99))
     base_lrs = [g["lr"] for g in opt.param_groups]
     ctx = RewardContext()
@@ -216,9 +224,10 @@ def main(cfg: Config, evaluate: Evaluator = greedy_scores) -> dict:
     K = cfg.samples_per_prompt
 
     def run_eval(step):
-        with merged(model):
+        with averaged(ema), merged(model):  # with --ema the average: the model the run returns
             r = evaluate(model, tok, heldout, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        log.log(step, eval_pass1=r["pass@1"], eval_format=r["format_rate"], eval_length=r["mean_length"])
+        log.log(step, eval_pass1=r["pass@1"], eval_format=r["format_rate"], eval_length=r["mean_length"],
+                eval_weights="ema" if ema is not None else "raw")
         print0(f"ppo eval step {step}: pass@1 {r['pass@1']:.3f} format {r['format_rate']:.2f}")
         return r
 
@@ -254,6 +263,8 @@ def main(cfg: Config, evaluate: Evaluator = greedy_scores) -> dict:
         st = ppo_update(model, value_head, ref, opt, ids, mask, score.to(device), kl_coef=cfg.kl_coef,
                         gamma=cfg.gamma, lam=cfg.lam, eps=cfg.eps, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
                         epochs=cfg.ppo_epochs, grad_clip=cfg.grad_clip, whiten=cfg.whiten)
+        if ema is not None:
+            ema.update()
         t3 = time.time()
         # ---- metrics -----------------------------------------------------------------------------
         acc = [float(is_correct(t, p.answer, p.meta)) for t, p in zip(texts, pr)]
@@ -272,6 +283,8 @@ def main(cfg: Config, evaluate: Evaluator = greedy_scores) -> dict:
             model.train()
         if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
             save(step)
+    if ema is not None:  # the averaged weights become the result
+        ema.copy_to()
     last_eval = run_eval(cfg.steps)
     ckpt = save(cfg.steps)
     if cfg.plots:
