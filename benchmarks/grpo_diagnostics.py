@@ -2,9 +2,10 @@
 
 From one cpu-tiny SFT checkpoint (``tinyseek run --preset cpu-tiny --name diag --stop-after sft``),
 runs the pipeline's own GRPO stage settings (``pipeline.preset("cpu-tiny").grpo``: 250 steps,
-32 prompts x 8 samples at T 0.6, lr 2e-4, beta 0.04, EMA 0.95, 24 new tokens) for each seed and, at
-step 0, every ``--eval-every`` steps and at the end, scores greedy answers on the held-out set the
-eval stage uses (100 problems; the first 64 of them are the set GRPO's own mid-run eval logs):
+32 prompts x 8 samples at T 0.6, lr 1e-4 (2e-4 before 2026-12-06), beta 0.04, EMA 0.95, 24 new
+tokens) for each seed and, at step 0, every ``--eval-every`` steps and at the end, scores greedy
+answers on the held-out set the eval stage uses (100 problems; before 2026-12-06 the pipeline's GRPO
+logged its mid-run eval on the first 64 of them, and the set was drawn with replacement):
 
 - pass@1 of the raw weights (what grpo.py's mid-run eval measures) and of an EMA shadow of the
   weights kept here with the stage's decay (an optimizer step-post hook; with mu = 1 one optimizer

@@ -38,19 +38,28 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--ema", type=float, default=0.0, help="weight average decay for both (0 = off)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--eval-problems", type=int, default=64)
+    ap.add_argument("--sft", default="", help="start from this SFT run (default: the micro SFT run under --out)")
+    ap.add_argument("--tasks", default=TASKS, help="task generators (comma list; the --sft run's tasks)")
+    ap.add_argument("--algos", nargs="+", default=["grpo", "ppo (rule)"], help="which of grpo, 'ppo (rule)' to run")
     ap.add_argument("--rm", default="", help="also run PPO with --reward rm on this reward model")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when two runs share 2 cores)")
     ap.add_argument("--json", default="", help="also write the results here")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out or tempfile.mkdtemp(prefix="ppo_vs_grpo_"))
-    sft_dir = sft_checkpoint(out)
-    common = dict(init=sft_dir, tasks=TASKS, difficulty=1, steps=args.steps, prompts_per_step=args.prompts,
-                  max_new_tokens=24, temperature=args.temperature, lr=args.lr, warmup_steps=5, eval_every=0,
-                  eval_problems=64, plots=False, device="cpu", out_dir=str(out))
+    sft_dir = args.sft or sft_checkpoint(out)
+    common = dict(init=sft_dir, tasks=args.tasks, difficulty=1, steps=args.steps, prompts_per_step=args.prompts,
+                  max_new_tokens=24, temperature=args.temperature, lr=args.lr, warmup_steps=args.warmup,
+                  eval_every=0, eval_problems=args.eval_problems, ema=args.ema, plots=False, device="cpu",
+                  out_dir=str(out))
     runs = {"grpo": lambda s: grpo.main(grpo.Config(**common, group_size=args.samples, beta=0.04, seed=s,
                                                     name=f"grpo_s{s}")),
             "ppo (rule)": lambda s: ppo.main(ppo.Config(**common, samples_per_prompt=args.samples, reward="rule",
                                                         seed=s, name=f"ppo_s{s}"))}
+    runs = {k: v for k, v in runs.items() if k in args.algos}
     if args.rm:
         runs["ppo (rm)"] = lambda s: ppo.main(ppo.Config(**common, samples_per_prompt=args.samples, reward="rm",
                                                          rm=args.rm, seed=s, name=f"ppo_rm_s{s}"))

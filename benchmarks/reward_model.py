@@ -38,17 +38,23 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--sft", default="", help="start from this SFT run (default: the micro SFT run under --out)")
+    ap.add_argument("--tasks", default=TASKS, help="task generators (comma list; the --sft run's tasks)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when two runs share 2 cores)")
     ap.add_argument("--json", default="", help="also write the results here")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out or tempfile.mkdtemp(prefix="rm_bench_"))
     t0 = time.time()
-    sft_dir = sft_checkpoint(out)
-    cfg = R.Config(init=sft_dir, tasks=TASKS, n_problems=args.n_problems, k=args.k, temperature=1.0,
+    sft_dir = args.sft or sft_checkpoint(out)
+    cfg = R.Config(init=sft_dir, tasks=args.tasks, n_problems=args.n_problems, k=args.k, temperature=1.0,
                    pairs_per_problem=args.pairs_per_problem, max_new_tokens=24, seed=3)
     _, tok, model = C.load_sampling_model(sft_dir, "", cfg.seed, "cpu")
-    pairs = R.build_pairs(model, tok, cfg)
-    write_jsonl(out / "pairs.jsonl", pairs)
+    if (out / "pairs.jsonl").is_file():  # a rerun with other fractions / seeds reuses the labelled pairs
+        pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines() if line.strip()]
+    else:
+        pairs = R.build_pairs(model, tok, cfg)
+        write_jsonl(out / "pairs.jsonl", pairs)
     print(f"{len(pairs)} pairs from {args.n_problems} problems x {args.k} samples ({time.time() - t0:.0f} s so far)")
     rows = []
     for seed in args.seeds:
