@@ -34,7 +34,7 @@ differently, and llama.cpp its activations too) part early; fp32 vs F32 should a
     .venv/bin/python benchmarks/llamacpp_serve.py                 # all pairs, batch 1 and 16, 2 threads
     .venv/bin/python benchmarks/llamacpp_serve.py --pairs int4 --batches 16 --new-tokens 16 --reps 1
 
-Work files (the imported run, the quantized checkpoints, the GGUF files: about 1.5 GB) go to ``--work``
+Work files (the imported run, the quantized checkpoints, the GGUF files: about 1.8 GB) go to ``--work``
 (default ~/.cache/tinyseek/llamacpp_serve, mode 0700) and are reused on reruns. Nothing is downloaded.
 Timings on a shared machine are noisy: read them as the ratios printed, measured in the same minutes.
 """
