@@ -476,10 +476,12 @@ def test_fused_kernels_match_pytorch_path(kernels_on):
         for bits, g in ((8, 0), (4, 32), (4, 64), (4, 128)):
             for smooth in (None, torch.rand(k) + 0.5):
                 ql = QuantLinear.from_float(w, bits, g, smooth_K=smooth)
-                for rows in (1, 3, 8):
+                for rows in (1, 3, 8, 17, kernels.CHUNK_ROWS + 1):  # 17: three kernel calls; more: the PyTorch path
                     x = torch.randn(rows, k)
                     fused, ref = both(lambda: ql(x))
                     assert torch.allclose(fused, ref, atol=1e-4, rtol=1e-4)
+                    ran = kernels.quant_mm(x, ql.qweight, ql.scale, ql.kernel, ql.group_size, ql.smooth)
+                    assert (ran is not None) == (rows <= kernels.CHUNK_ROWS)
                 fused, ref = both(ql.dequant)
                 assert torch.allclose(fused, ref, atol=1e-6)
             emb = QuantEmbedding.from_float(w, bits, g)

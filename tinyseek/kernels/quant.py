@@ -35,8 +35,10 @@ Contract of every wrapper: it returns the result, or None when the kernels do no
 caller must take its PyTorch path. They apply when all of these hold: the kernels are enabled (the
 default; ``TINYSEEK_QUANT_KERNELS=0`` or :func:`enable(False) <enable>` turns them off; checked
 on every call so the switch works on live models), they built (no compiler: one printed line,
-then None), the input is a CPU fp32 tensor without autograd, it has at most ``MAX_ROWS`` rows, and
-every scale / smoothing tensor is fp16 (format-v1 int8 checkpoints store fp32 scales: None).
+then None), the input is a CPU fp32 tensor without autograd, it has at most ``MAX_ROWS`` rows
+(``CHUNK_ROWS`` for :func:`quant_mm` and :func:`ffn`, which make one call per ``MAX_ROWS`` rows,
+each reading the packed weights once: up to ``CHUNK_ROWS`` rows that beats turning the whole matrix
+back into floats every step), and every scale / smoothing tensor is fp16 (format-v1 int8 checkpoints store fp32 scales: None).
 Results agree with the PyTorch path to float summation order (tests/test_quant.py). Timings, and
 PyTorch's own weight-only CPU kernels that were measured and not used: benchmarks/README.md, quant.
 """
@@ -49,7 +51,8 @@ import torch
 from tinyseek.kernels import loader as ckernels
 from tinyseek.kernels.loader import I64 as _I64, INT as _INT, P as _P
 
-MAX_ROWS = 8  # above this, dequantise + one BLAS GEMM is faster
+MAX_ROWS = 8  # rows one kernel call takes (its register tile reads each weight once per call)
+CHUNK_ROWS = 32  # up to this many rows, calls of MAX_ROWS rows each (16 rows: 2-3x faster than dequantising)
 KERNEL_INT8, KERNEL_INT4, KERNEL_W8A8 = 8, 4, 9  # the C functions' format switch (their first argument)
 
 _SRC = ckernels.source("quant.c")
@@ -129,14 +132,16 @@ def quant_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, kfmt: 
     smoothing). Kept lean: it runs once per Linear per decode step."""
     K = x.shape[-1]
     n = x.numel()
-    lib = _lib_for(x, scale, n <= MAX_ROWS * K, smooth)
+    lib = _lib_for(x, scale, n <= CHUNK_ROWS * K, smooth)
     if lib is None:
         return None
     x = x.contiguous()
     N = qweight.shape[0]
     y = torch.empty(x.shape[:-1] + (N,), dtype=torch.float32)
-    lib.ts_mm(kfmt, x.data_ptr(), qweight.data_ptr(), scale.data_ptr(), _ptr(smooth), y.data_ptr(), n // K, N, K,
-              scale.shape[-1], _group(gs, K), torch.get_num_threads())
+    rows, threads, G = n // K, torch.get_num_threads(), _group(gs, K)
+    for r in range(0, rows, MAX_ROWS):  # row blocks: byte offsets into the contiguous x and y
+        lib.ts_mm(kfmt, x.data_ptr() + r * K * 4, qweight.data_ptr(), scale.data_ptr(), _ptr(smooth),
+                  y.data_ptr() + r * N * 4, min(MAX_ROWS, rows - r), N, K, scale.shape[-1], G, threads)
     return y
 
 
@@ -169,14 +174,16 @@ def ffn(x: torch.Tensor, q_g: torch.Tensor, s_g: torch.Tensor, sm_g: torch.Tenso
     optional AWQ smoothing); None when not applicable."""
     D = x.shape[-1]
     n = x.numel()
-    lib = _lib_for(x, s_g, n <= MAX_ROWS * D, s_u, s_d, sm_g, sm_u, sm_d)
+    lib = _lib_for(x, s_g, n <= CHUNK_ROWS * D, s_u, s_d, sm_g, sm_u, sm_d)
     if lib is None:
         return None
     x = x.contiguous()
     y = torch.empty(x.shape, dtype=torch.float32)
-    lib.ts_ffn(kfmt, x.data_ptr(), q_g.data_ptr(), s_g.data_ptr(), _ptr(sm_g), q_u.data_ptr(), s_u.data_ptr(),
-               _ptr(sm_u), q_d.data_ptr(), s_d.data_ptr(), _ptr(sm_d), y.data_ptr(), n // D, D, q_g.shape[0],
-               s_g.shape[-1], s_d.shape[-1], _group(gs, D), torch.get_num_threads())
+    rows, threads = n // D, torch.get_num_threads()
+    for r in range(0, rows, MAX_ROWS):  # row blocks, as in quant_mm
+        lib.ts_ffn(kfmt, x.data_ptr() + r * D * 4, q_g.data_ptr(), s_g.data_ptr(), _ptr(sm_g), q_u.data_ptr(),
+                   s_u.data_ptr(), _ptr(sm_u), q_d.data_ptr(), s_d.data_ptr(), _ptr(sm_d), y.data_ptr() + r * D * 4,
+                   min(MAX_ROWS, rows - r), D, q_g.shape[0], s_g.shape[-1], s_d.shape[-1], _group(gs, D), threads)
     return y
 
 
