@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import torch.nn as nn
 
 from tinyseek import malloc
+from tinyseek.kernels import gemm  # noqa: E402
 from tinyseek.kernels import loader as ckernels  # noqa: E402
 from tinyseek.config import ModelConfig, model_cpu_tiny  # noqa: E402
 from tinyseek.model.layers import SwiGLU  # noqa: E402
@@ -219,6 +220,9 @@ def bench_moe(bc: BenchConfig, device: torch.device, dtype: torch.dtype, reps: i
 # MFU of the cpu-tiny model
 # ---------------------------------------------------------------------------------------------
 def gemm_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Peak GFLOP/s of an n-cube product: on CPU fp32 the faster of MKL and oneDNN (the honest peak)."""
+    if device.type == "cpu" and dtype is torch.float32:
+        return gemm.peak_flops(n, reps) / 1e9
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
@@ -260,22 +264,33 @@ def mfu_cpu_tiny(device: torch.device, dtype: torch.dtype, batch: int, reps: int
             p.grad = None
         model(idx, idx).loss.backward()
 
-    step()
-    step()
-    peak_ts, ts = [], []
+    # the linear layers' GEMM backend (tinyseek/kernels/gemm.py): each one timed, interleaved, on CPU fp32
+    backends = ["mkl", "onednn"] if device.type == "cpu" and gemm.onednn_available() else [gemm.backend()]
+    chosen = gemm.backend()
+    n_threads = torch.get_num_threads()
+    for b in backends:
+        gemm._chosen[n_threads] = b
+        step()
+        step()
+    peak_ts, ts = [], {b: [] for b in backends}
     for _ in range(reps):  # interleave the GEMM peak measurement with the model steps
         peak_ts.append(gemm_gflops(device, dtype, reps=2))
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    sec = statistics.median(ts)
+        for b in backends:
+            gemm._chosen[n_threads] = b
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            ts[b].append(time.perf_counter() - t0)
+    gemm._chosen[n_threads] = chosen
+    by_backend = {b: batch * T / statistics.median(t) for b, t in ts.items()}
+    sec = statistics.median(ts[chosen])
     peak = max(peak_ts)
     dense_f, attn_f = train_flops_per_token(model, T)
     tokens = batch * T
     achieved = (dense_f + attn_f) * tokens / sec / 1e9
     return dict(tokens_per_s=tokens / sec, achieved_gflops=achieved, peak_gflops=peak, mfu=achieved / peak,
+                backend=chosen, tokens_per_s_by_backend=by_backend,
                 params=model.num_params(), active_params=model.num_params(active=True),
                 flops_per_token=dense_f + attn_f, attn_share=attn_f / (dense_f + attn_f), batch=batch, seq=T)
 
@@ -339,7 +354,12 @@ def main() -> None:
               f"({r['active_params'] / 1e6:.2f}M active), {r['flops_per_token'] / 1e6:.1f} MFLOP/token "
               f"(attention {100 * r['attn_share']:.0f}%)")
         print(f"  {r['tokens_per_s']:.0f} tok/s = {r['achieved_gflops']:.1f} GFLOP/s vs peak "
-              f"{r['peak_gflops']:.1f} GFLOP/s (2048^3 GEMM) -> MFU {100 * r['mfu']:.1f}%")
+              f"{r['peak_gflops']:.1f} GFLOP/s (2048^3 GEMM, best backend) -> MFU {100 * r['mfu']:.1f}% "
+              f"(linear layers on {r['backend']})")
+        tb = r["tokens_per_s_by_backend"]
+        if len(tb) > 1:
+            print("  linear-layer GEMM backend, same run: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tb.items())
+                  + f" -> onednn / mkl = {tb['onednn'] / tb['mkl']:.2f}x")
 
 
 if __name__ == "__main__":

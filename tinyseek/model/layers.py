@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinyseek.kernels import gemm
 from tinyseek.kernels import linear as linear_kernel
 
 
@@ -48,8 +49,9 @@ class Linear(KernelSeam, nn.Linear):
     """``nn.Linear`` with a kernel variant chosen once (the seam of ``F.linear``): the C kernel
     (:mod:`tinyseek.kernels.linear`) where the weights are plain CPU fp32 (also re-chosen when a
     parameter is replaced: tied, assigned, sharded), else ``F.linear``. Per call the kernel variant
-    falls back to ``F.linear`` for training (exactly nn.Linear's op), more than ``MAX_ROWS`` rows,
-    autocast or ``torch.compile``. Results equal ``F.linear`` up to float summation order. No
+    falls back, for training, more than ``MAX_ROWS`` rows or the kernels off, to the machine's faster
+    GEMM (:func:`many_rows`: oneDNN where it measured faster than MKL, else ``F.linear``), and to
+    ``F.linear`` under autocast or ``torch.compile``. Results equal ``F.linear`` up to float summation order. No
     parameters or buffers of its own (same state_dict, repr and ``isinstance`` checks)."""
 
     def __init__(self, *args, **kwargs):
@@ -70,15 +72,27 @@ class Linear(KernelSeam, nn.Linear):
             y = linear_kernel.linear_fitted(x, self.weight, self.bias)
             if y is not None:
                 return y
+            return many_rows(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def many_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A plain CPU fp32 product the decode kernel did not take (training, many rows, kernels off):
+    the machine's faster GEMM (:func:`tinyseek.kernels.gemm.backend`, oneDNN or ``F.linear``'s
+    MKL), ``F.linear`` under ``torch.compile`` tracing or where oneDNN does not take the tensors."""
+    if not torch.compiler.is_compiling() and gemm.backend() == "onednn" and gemm.fits(x, weight, bias):
+        return gemm.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def linear_or_f(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for a bare weight (a folded or stacked one, no module of its own): the C kernel
-    where :func:`tinyseek.kernels.linear.linear` applies, else ``F.linear`` (same result up to
-    summation order)."""
+    where :func:`tinyseek.kernels.linear.linear` applies, else :func:`many_rows` for plain CPU fp32
+    weights, else ``F.linear`` (same result up to summation order)."""
     y = linear_kernel.linear(x, weight, bias)
-    return F.linear(x, weight, bias) if y is None else y
+    if y is not None:
+        return y
+    return many_rows(x, weight, bias) if linear_kernel.weight_fits(weight, bias) else F.linear(x, weight, bias)
 
 
 class RMSNorm(nn.Module):
