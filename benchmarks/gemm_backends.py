@@ -27,20 +27,11 @@ import tinyseek  # noqa: F401  (first: OMP_WAIT_POLICY=PASSIVE before torch load
 import torch
 import torch.nn.functional as F
 
+from tinyseek.kernels.gemm import best_seconds
+
 SHAPES = [(2048, 2048, 2048), (2048, 256, 1024), (2048, 1024, 256), (192, 256, 512), (1024, 2048, 256),
           (256, 2048, 1024)]
 FAKE_INTEL = "int mkl_serv_intel_cpu_true(void) { return 1; }\n"
-
-
-def best_seconds(f, reps: int) -> float:
-    for _ in range(3):
-        f()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def measure(backends: list[str], threads: list[int], reps: int) -> dict:

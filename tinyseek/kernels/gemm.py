@@ -57,7 +57,8 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _best(f, reps: int = 5) -> float:
+def best_seconds(f, reps: int = 5) -> float:
+    """The fastest of ``reps`` timed calls of ``f`` after one untimed call (seconds)."""
     f()
     best = float("inf")
     for _ in range(reps):
@@ -75,8 +76,8 @@ def measure() -> dict:
     for M, K, N in _PROBE:
         x, w, gy = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(M, N, generator=g)
         wt = w.t().contiguous()
-        t["mkl"] += _best(lambda: torch.nn.functional.linear(x, w)) + _best(lambda: torch.mm(gy, w))
-        t["onednn"] += _best(lambda: _onednn(x, w, None)) + _best(lambda: _onednn(gy, wt, None))
+        t["mkl"] += best_seconds(lambda: torch.nn.functional.linear(x, w)) + best_seconds(lambda: torch.mm(gy, w))
+        t["onednn"] += best_seconds(lambda: _onednn(x, w, None)) + best_seconds(lambda: _onednn(gy, wt, None))
     return t
 
 
@@ -85,9 +86,9 @@ def peak_flops(n: int = 1024, reps: int = 5) -> float:
     present, oneDNN's linear): the peak that MFU is measured against (not the slower of the two)."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    best = _best(lambda: a @ b, reps)
+    best = best_seconds(lambda: a @ b, reps)
     if onednn_available():
-        best = min(best, _best(lambda: _onednn(a, b, None), reps))
+        best = min(best, best_seconds(lambda: _onednn(a, b, None), reps))
     return 2 * n ** 3 / best
 
 
