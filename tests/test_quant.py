@@ -687,3 +687,19 @@ def test_biased_linear_keeps_its_float_bias_through_quantize_qat_save_load(tmp_p
     assert fq.blocks[0].attn.v_proj.bias is not None
     convert_qat(fq)
     assert torch.equal(fq.blocks[0].attn.v_proj.bias, model.blocks[0].attn.v_proj.bias)
+
+
+@pytest.mark.parametrize("bits, g", [(8, 0), (4, 32), (4, 0)])
+def test_quant_products_of_many_rows_equal_each_row_alone_bitwise(kernels_on, bits, g):
+    """The kernels widen each step of the codes once for a tile of 4 input rows (the last M % 4 rows
+    go one at a time) and calls of up to CHUNK_ROWS rows are split into MAX_ROWS blocks: every row
+    still gets the bits it gets alone (the engine's greedy tokens do not depend on the batch)."""
+    torch.manual_seed(bits + g)
+    ql = QuantLinear.from_float(torch.randn(40, 96), bits, g)
+    for rows in (2, 4, 5, 8, 9, 13, kernels_on.CHUNK_ROWS):
+        x = torch.randn(rows, 96)
+        together = kernels_on.quant_mm(x, ql.qweight, ql.scale, ql.kernel, ql.group_size)
+        alone = torch.cat([kernels_on.quant_mm(x[i:i + 1], ql.qweight, ql.scale, ql.kernel, ql.group_size)
+                           for i in range(rows)])
+        assert torch.equal(together, alone)
+        torch.testing.assert_close(together, x @ ql.dequant().t(), rtol=1e-4, atol=1e-4)

@@ -34,7 +34,10 @@ static inline float h2f(uint16_t h) {
 #endif
 
 /* int8 codes q (N, K), one fp16 scale per row: y (M, N) = x (M, K) @ (q * s)^T.
-   Rows go in blocks of 4 (4 independent accumulator chains; a block past N repeats row N-1). */
+   Rows go in blocks of 4 (4 independent accumulator chains; a block past N repeats row N-1).
+   AVX-512: input rows in tiles of 4, so each 16-code step of the 4 weight rows is widened to floats
+   once and used by 4 input rows (16 accumulators); the last M % 4 rows go one at a time. Each output
+   is one accumulator over k in order, whatever tile it sits in: the same bits as the row alone. */
 static void mm8(const float* x, const int8_t* q, const uint16_t* s, float* y,
                 int64_t M, int64_t N, int64_t K, int nt) {
   const int64_t NB = (N + 3) / 4;
@@ -43,12 +46,33 @@ static void mm8(const float* x, const int8_t* q, const uint16_t* s, float* y,
     const int64_t n = 4 * b;
     const int8_t* r[4];
     for (int i = 0; i < 4; ++i) r[i] = q + (n + i < N ? n + i : N - 1) * K;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xr = x + m * K;
-      float acc[4];
 #ifdef TS_AVX512
-      const int64_t K16 = K & ~(int64_t)15;
-      const __mmask16 tail = (__mmask16)((1u << (K - K16)) - 1u);
+    const int64_t K16 = K & ~(int64_t)15;
+    const __mmask16 tail = (__mmask16)((1u << (K - K16)) - 1u);
+    float sc[4];
+    for (int i = 0; i < 4; ++i) sc[i] = h2f(s[n + i < N ? n + i : N - 1]);
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) {
+      const float* xr[4];
+      for (int j = 0; j < 4; ++j) xr[j] = x + (m0 + j) * K;
+      __m512 a[4][4];
+      for (int j = 0; j < 4; ++j)
+        for (int i = 0; i < 4; ++i) a[j][i] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mk = k < K16 ? (__mmask16)0xFFFF : tail;
+        __m512 w[4];
+        for (int i = 0; i < 4; ++i)
+          w[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, r[i] + k)));
+        for (int j = 0; j < 4; ++j) {
+          const __m512 xv = _mm512_maskz_loadu_ps(mk, xr[j] + k);
+          for (int i = 0; i < 4; ++i) a[j][i] = _mm512_fmadd_ps(xv, w[i], a[j][i]);
+        }
+      }
+      for (int j = 0; j < 4; ++j)
+        for (int i = 0; i < 4 && n + i < N; ++i) y[(m0 + j) * N + n + i] = _mm512_reduce_add_ps(a[j][i]) * sc[i];
+    }
+    for (; m0 < M; ++m0) {  /* the last M % 4 rows one at a time (no wasted lanes at decode's M = 1) */
+      const float* xr = x + m0 * K;
       __m512 a[4];
       for (int i = 0; i < 4; ++i) a[i] = _mm512_setzero_ps();
       for (int64_t k = 0; k < K; k += 16) {
@@ -58,8 +82,12 @@ static void mm8(const float* x, const int8_t* q, const uint16_t* s, float* y,
           a[i] = _mm512_fmadd_ps(
               xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, r[i] + k))), a[i]);
       }
-      for (int i = 0; i < 4; ++i) acc[i] = _mm512_reduce_add_ps(a[i]);
+      for (int i = 0; i < 4 && n + i < N; ++i) y[m0 * N + n + i] = _mm512_reduce_add_ps(a[i]) * sc[i];
+    }
 #else
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float acc[4];
       float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
       #pragma omp simd reduction(+:a0, a1, a2, a3)
       for (int64_t k = 0; k < K; ++k) {
@@ -67,16 +95,17 @@ static void mm8(const float* x, const int8_t* q, const uint16_t* s, float* y,
         a0 += xv * (float)r[0][k]; a1 += xv * (float)r[1][k]; a2 += xv * (float)r[2][k]; a3 += xv * (float)r[3][k];
       }
       acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
-#endif
       for (int i = 0; i < 4 && n + i < N; ++i) y[m * N + n + i] = acc[i] * h2f(s[n + i]);
     }
+#endif
   }
 }
 
 /* packed int4 p (N, H = ceil(K/2)): byte j = code(2j) + 8 | (code(2j+1) + 8) << 4; fp16 scales
    (N, G), group size gs (even). x is split once into its even / odd columns (xe, xo: M x H16,
    zero past K), so byte j meets xe[j] (low nibble) and xo[j] (high nibble). AVX-512: 16 bytes a
-   step, two rows at a time, each 16-byte step inside one group (gs / 2 is a multiple of 16). */
+   step, two rows at a time, each 16-byte step inside one group (gs / 2 is a multiple of 16); input
+   rows in tiles of 4 that share each decoded step (the last M % 4 one at a time, the same bits). */
 static void mm4(const float* x, const uint8_t* p, const uint16_t* s, float* y,
                 int64_t M, int64_t N, int64_t K, int64_t G, int64_t gs, int nt) {
   const int64_t H = (K + 1) / 2, H16 = (H + 15) & ~(int64_t)15, hg = G == 1 ? H : gs / 2;
@@ -98,7 +127,32 @@ static void mm4(const float* x, const uint8_t* p, const uint16_t* s, float* y,
       const uint8_t* r1 = two ? r0 + H : r0;
       const uint16_t* s0 = s + n * G;
       const uint16_t* s1 = two ? s0 + G : s0;
-      for (int64_t m = 0; m < M; ++m) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) {  /* 4 input rows share each decoded 16-byte step of the 2 weight rows */
+        __m512 a[4][2];
+        for (int t = 0; t < 4; ++t) a[t][0] = a[t][1] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < H; j += 16) {
+          const __mmask16 mk = j < Hf ? (__mmask16)0xFFFF : tail;
+          const int64_t g = G == 1 ? 0 : j / hg;
+          const __m512i b0 = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, r0 + j));
+          const __m512i b1 = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, r1 + j));
+          const __m512 l0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b0, low), eight));
+          const __m512 l1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b1, low), eight));
+          const __m512 h0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b0, 4), eight));
+          const __m512 h1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b1, 4), eight));
+          const __m512 c0 = _mm512_set1_ps(_cvtsh_ss(s0[g])), c1 = _mm512_set1_ps(_cvtsh_ss(s1[g]));
+          for (int t = 0; t < 4; ++t) {
+            const __m512 ev = _mm512_loadu_ps(xe + (m + t) * H16 + j), ov = _mm512_loadu_ps(xo + (m + t) * H16 + j);
+            a[t][0] = _mm512_fmadd_ps(_mm512_fmadd_ps(ov, h0, _mm512_mul_ps(ev, l0)), c0, a[t][0]);
+            a[t][1] = _mm512_fmadd_ps(_mm512_fmadd_ps(ov, h1, _mm512_mul_ps(ev, l1)), c1, a[t][1]);
+          }
+        }
+        for (int t = 0; t < 4; ++t) {
+          y[(m + t) * N + n] = _mm512_reduce_add_ps(a[t][0]);
+          if (two) y[(m + t) * N + n + 1] = _mm512_reduce_add_ps(a[t][1]);
+        }
+      }
+      for (; m < M; ++m) {  /* the last M % 4 rows one at a time; same operations, same bits */
         const float* e = xe + m * H16;
         const float* o = xo + m * H16;
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
