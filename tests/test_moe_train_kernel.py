@@ -127,6 +127,20 @@ def test_moe_training_uses_the_kernel_and_matches_the_loop(kern, counted):
         torch.testing.assert_close(g[name], g_ref[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_under_bf16_autocast_the_routed_experts_stay_fp32_in_the_kernel(kern, counted):
+    """CPU bf16 autocast: the routed experts run in the fp32 kernel (the bf16 PyTorch grouped path made
+    a training step slower than fp32), so the MoE block's output is the fp32 block's up to the bf16
+    shared expert and router."""
+    cfg = moe_cfg(capacity_factor=1.0)
+    m = make_moe(cfg).train()
+    x = torch.randn(3, 11, cfg.d_model, generator=torch.Generator().manual_seed(9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _, _, _ = run(m, "auto", x)
+    assert counted == {"fwd": 1, "bwd": 1}
+    y_ref, _, _, _ = run(m, "loop", x)
+    torch.testing.assert_close(y.float(), y_ref, atol=5e-2, rtol=5e-2)
+
+
 def test_without_sgemm_the_torch_path_runs(monkeypatch, tmp_path, counted):
     assert mtk.find_sgemm(str(tmp_path)) == 0  # no libtorch_cpu there
     monkeypatch.setitem(mtk._SGEMM, "addr", 0)

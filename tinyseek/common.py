@@ -26,7 +26,10 @@ def get_device(name: str = "auto") -> torch.device:
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """Mixed-precision dtype for autocast: ``auto`` = bf16 on CUDA, none (fp32) on CPU.
 
-    This CPU has no native bf16 (bf16 GEMM ~3x slower than fp32), so fp32 is the CPU default.
+    CPUs without native bf16 run bf16 GEMMs ~3x slower than fp32; with AVX512_BF16 (the Zen 5 test
+    machine) bf16 GEMMs are ~2x fp32 and a cpu-tiny training step under ``--dtype bf16`` 1.23x
+    (benchmarks/README.md, honest baselines). ``auto`` stays fp32 on CPU so a run's numerics do not
+    depend on the machine; ``bf16`` is the opt-in.
     """
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
