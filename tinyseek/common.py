@@ -27,7 +27,7 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """Mixed-precision dtype for autocast: ``auto`` = bf16 on CUDA, none (fp32) on CPU.
 
     CPUs without native bf16 run bf16 GEMMs ~3x slower than fp32; with AVX512_BF16 (the Zen 5 test
-    machine) bf16 GEMMs are ~2x fp32 and a cpu-tiny training step under ``--dtype bf16`` 1.23x
+    machine) bf16 GEMMs are ~2x fp32 and a cpu-tiny training step under ``--dtype bf16`` 1.11-1.15x
     (benchmarks/README.md, honest baselines). ``auto`` stays fp32 on CPU so a run's numerics do not
     depend on the machine; ``bf16`` is the opt-in.
     """
