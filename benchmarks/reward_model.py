@@ -49,10 +49,10 @@ def main() -> int:
     sft_dir = args.sft or sft_checkpoint(out)
     cfg = R.Config(init=sft_dir, tasks=args.tasks, n_problems=args.n_problems, k=args.k, temperature=1.0,
                    pairs_per_problem=args.pairs_per_problem, max_new_tokens=24, seed=3)
-    _, tok, model = C.load_sampling_model(sft_dir, "", cfg.seed, "cpu")
     if (out / "pairs.jsonl").is_file():  # a rerun with other fractions / seeds reuses the labelled pairs
-        pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines() if line.strip()]
+        pairs = R.load_pairs(str(out / "pairs.jsonl"))
     else:
+        _, tok, model = C.load_sampling_model(sft_dir, "", cfg.seed, "cpu")
         pairs = R.build_pairs(model, tok, cfg)
         write_jsonl(out / "pairs.jsonl", pairs)
     print(f"{len(pairs)} pairs from {args.n_problems} problems x {args.k} samples ({time.time() - t0:.0f} s so far)")

@@ -490,7 +490,7 @@ class MoE(KernelSeam, nn.Module):
         kernel (under bf16 autocast the PyTorch grouped path in bf16 made a cpu-tiny training step
         0.98x of fp32; with the experts in the kernel and the rest in bf16 it is 1.11-1.15x)."""
         dt = self._compute_dtype(x_ND)
-        if dt is not torch.float32 and self._fp32_kernel_for(x_ND, w_NK):
+        if dt is not torch.float32 and self._fp32_kernel_for(x_ND):
             dt = torch.float32
         w_R, tok_R, bag_rows, bag_starts, offs_E = plan or self.grouped_plan(idx_NK, w_NK, keep_A, counts_E)
         with torch.autocast(x_ND.device.type, enabled=False):  # inputs are cast to the compute dtype here
@@ -498,13 +498,16 @@ class MoE(KernelSeam, nn.Module):
                                   w_R.to(dt), tok_R, bag_rows, bag_starts, offs_E)
         return y_ND.to(x_ND.dtype)
 
-    def _fp32_kernel_for(self, x_ND, w_NK) -> bool:
-        """Whether the fp32 training kernel would run the routed experts for these inputs cast to fp32
-        (CPU, fp32 expert weights, kernels on and built)."""
+    def _fp32_kernel_for(self, x_ND) -> bool:
+        """Whether the fp32 training kernel can take the routed experts once the inputs are cast to
+        fp32: CPU, fp32 expert weights, kernels on and built, not traced. Asked without casting
+        anything (the node checks the cast tensors again and, in the rare case of sizes past a C int,
+        runs its PyTorch path, in fp32)."""
         ex = self.experts
-        if x_ND.device.type != "cpu" or ex.w_gate_up.dtype is not torch.float32:
-            return False
-        return moe_train.usable(x_ND.float(), ex.w_gate_up, ex.w_down, w_NK.float()) is not None
+        f32 = torch.float32
+        return (x_ND.device.type == "cpu" and ex.w_gate_up.dtype is f32 and ex.w_down.dtype is f32
+                and ex.w_gate_up.device.type == "cpu" and not torch.compiler.is_compiling()
+                and moe_train.ready() is not None)
 
     def _grouped_with_shared(self, x_ND, idx_NK, w_NK, keep_A, counts_E):
         """``grouped`` plus the shared expert in one node (:class:`tinyseek.kernels.moe_shared.
