@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from tinyseek.config import ConfigError
 from tinyseek.kernels import loader
 
 MARGIN = 1.05  # oneDNN must beat MKL by this factor (summed over the probe products) to be chosen
@@ -107,7 +108,7 @@ def backend() -> str:
         return _chosen[n]
     want = os.environ.get("TINYSEEK_GEMM", "auto").strip().lower() or "auto"
     if want not in CHOICES:
-        raise ValueError(f"TINYSEEK_GEMM must be one of {', '.join(CHOICES)}, got {want!r}")
+        raise ConfigError(f"TINYSEEK_GEMM must be one of {', '.join(CHOICES)}, got {want!r}")
     if want != "auto" or not onednn_available():
         _chosen[n] = "onednn" if want == "onednn" and onednn_available() else "mkl"
         return _chosen[n]
