@@ -7,7 +7,7 @@ Stages, in order (each one timed and counted; ``report.json`` has docs/s and MB/
     heuristics  length, symbol ratio, repeated lines / 3-grams, word length   (clean.py)
     exact_dedup content hash (xxhash64 or MD5)                                (dedup.py)
     near_dedup  MinHash LSH over character 5-shingles                         (dedup.py)
-    decontam    word 13-gram overlap with the tasks' held-out problems        (this file)
+    decontam    word 13-gram overlap with the tasks' held-out problems        (decontam.py)
                 (generated maths is exempt by default: it is drawn from the train split, which never
                 shares a problem with the eval split; see tinyseek/tasks)
     entropy     character entropy below a floor                               (quality.py)
@@ -45,7 +45,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -61,14 +60,14 @@ from tinyseek import tokenizer as tk
 from tinyseek.common import atomic_dir
 from tinyseek.config import ConfigError
 from tinyseek.data import clean as C
+from tinyseek.data.decontam import eval_ngrams, ngram_hashes
 from tinyseek.data.dedup import ExactDedup, NearDedup
 from tinyseek.data.ingest import SUFFIXES
 from tinyseek.data.mixture import mixture_weights, parse_weights, quotas, sample_order, tfidf_scores
 from tinyseek.data.quality import NgramLM, char_entropy, keep_threshold
 from tinyseek.data.shards import write_shards
-from tinyseek.data.sources import MATH_TASKS, Source, default_sources, user_sources
+from tinyseek.data.sources import Source, default_sources, user_sources
 from tinyseek.errors import UserError
-from tinyseek.tasks import EVAL_SEED_BASE, get_task
 
 REASONS = ("malformed", "too_short", "too_long", "too_few_words", "symbol_ratio", "repeated_lines",
            "repeated_ngrams", "mean_word_length", "exact_duplicate", "near_duplicate", "contaminated",
@@ -318,52 +317,6 @@ def remove_stale_spills(parent: Path, name: str) -> list[Path]:
         finally:
             os.close(fd)
     return removed
-
-
-# ------------------------------------------------------------------------------------------------
-# decontamination
-# ------------------------------------------------------------------------------------------------
-_PUNCT = re.compile(r"[^\w]+")
-
-
-def ngram_tokens(text: str) -> list[str]:
-    """Lower-cased words without punctuation (CJK characters one each), for n-gram overlap.
-
-    >>> ngram_tokens("Hello, World! 你好")
-    ['hello', 'world', '你', '好']
-    """
-    out = []
-    for w in C.words(text.lower()):
-        w = _PUNCT.sub("", w)
-        if w:
-            out.append(w)
-    return out
-
-
-def ngram_hashes(text: str, n: int) -> set[int]:
-    toks = ngram_tokens(text)
-    return {xxhash.xxh64_intdigest(" ".join(toks[i:i + n]).encode()) for i in range(len(toks) - n + 1)}
-
-
-def eval_ngrams(n: int, per_task: int) -> set[int]:
-    """n-gram hashes specific to the tasks' held-out problems (prompt, solution and answer).
-
-    Task text is templated ("You may use + - * / and parentheses; each number at most once..."), so
-    n-grams that occur in two or more held-out problems, or in any of ``2 * per_task`` *training*
-    problems of the same task (train and eval problems never coincide, see :mod:`tinyseek.tasks`),
-    are template text, not a leaked problem, and are left out.
-    """
-    out: set[int] = set()
-    for task in MATH_TASKS:
-        mod = get_task(task)
-        seen: Counter = Counter()
-        for p in mod.generate(per_task, seed=EVAL_SEED_BASE, split="eval"):
-            seen.update(ngram_hashes(f"{p.prompt}\n{p.solution}\n{p.answer}", n))
-        template: set[int] = {g for g, c in seen.items() if c > 1}
-        for p in mod.generate(2 * per_task, seed=EVAL_SEED_BASE, split="train"):
-            template |= ngram_hashes(f"{p.prompt}\n{p.solution}\n{p.answer}", n)
-        out |= set(seen) - template
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
