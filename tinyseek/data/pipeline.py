@@ -48,8 +48,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -58,228 +57,20 @@ import xxhash
 
 from tinyseek import tokenizer as tk
 from tinyseek.common import atomic_dir
-from tinyseek.config import ConfigError
 from tinyseek.data import clean as C
 from tinyseek.data.decontam import eval_ngrams, ngram_hashes
 from tinyseek.data.dedup import ExactDedup, NearDedup
+from tinyseek.data.accounting import (MAX_MALFORMED_LISTED, REASONS, STAGES, Accounting, format_report,  # noqa: F401
+                                       nothing_kept_error, skipped_line)
 from tinyseek.data.ingest import SUFFIXES
 from tinyseek.data.mixture import mixture_weights, parse_weights, quotas, sample_order, tfidf_scores
 from tinyseek.data.quality import NgramLM, char_entropy, keep_threshold
+from tinyseek.data.settings import Config, preset  # noqa: F401  (the stage contract: pipeline.Config, pipeline.preset)
 from tinyseek.data.shards import write_shards
 from tinyseek.data.sources import Source, default_sources, user_sources
 from tinyseek.errors import UserError
 
-REASONS = ("malformed", "too_short", "too_long", "too_few_words", "symbol_ratio", "repeated_lines",
-           "repeated_ngrams", "mean_word_length", "exact_duplicate", "near_duplicate", "contaminated",
-           "low_entropy", "perplexity")
-STAGES = ("ingest", "clean", "heuristics", "exact_dedup", "near_dedup", "decontam", "entropy", "perplexity",
-          "tokenizer", "tokenize", "mixture")
-MAX_MALFORMED_LISTED = 1000  # report lists this many malformed records (all are counted)
 LEGACY_SPILL_AGE = 24 * 3600  # a spill folder without a lock file (older tinyseek) is stale after this many s
-
-
-@dataclass
-class Config:
-    name: str = "data"                  # run name; outputs go to runs/<name>/data unless run_dir is set
-    run_dir: str = ""                   # run folder ("" -> runs/<name>); the data goes to <run_dir>/data
-    inputs: str = ""                    # "" = the default corpus; else comma-separated "[domain=]path" (JSONL/Parquet/text, files or folders)
-    text_field: str = "text"            # JSONL/Parquet field with the document text
-    use_samples: bool = False           # default corpus from tinyseek/data/samples only (tests, no packages)
-    doc_chars: int = 4000               # plain text is cut into documents of about this many characters
-    max_docs_per_source: int = 400      # default corpus: stop reading a source after this many docs (0 = all)
-    max_chars_per_source: int = 1_500_000  # ... or after this many characters (0 = all); --inputs are read whole
-    math_docs: int = 400                # generated worked problems in the default corpus (0 = none)
-    heuristics: C.HeuristicConfig = field(default_factory=C.HeuristicConfig)  # prose thresholds
-    relaxed: C.HeuristicConfig = field(default_factory=C.relaxed_heuristics)  # thresholds for relaxed_domains
-    relaxed_domains: str = "code,math"  # domains checked against `relaxed`
-    hash: str = "xxhash"                # exact-dedup hash: xxhash or md5
-    near_dup: bool = True               # MinHash LSH near-duplicate removal
-    near_dup_threshold: float = 0.8     # Jaccard (MinHash estimate) at or above which a doc is a near-duplicate
-    near_dup_min_chars: int = 200       # shorter docs skip near-dup (5-shingle Jaccard of "3 + 4" vs "3 + 5"
-                                        # problems is high though they differ); exact dedup still applies
-    num_perm: int = 128                 # MinHash permutations
-    shingle: int = 5                    # character shingle length for MinHash
-    decontaminate: bool = True          # drop docs sharing a word n-gram with the tasks' held-out problems
-    decontam_n: int = 13                # n-gram length for decontamination
-    decontam_problems: int = 100        # held-out problems per task to decontaminate against
-    decontaminate_generated: bool = False  # also check the generated maths (disjoint from eval by construction;
-                                        # 13-grams of templated text give false positives there)
-    min_char_entropy: float = 3.0       # drop docs whose character entropy (bits/char) is below this
-    ppl_keep_fraction: float = 0.95     # keep this fraction of each domain, lowest perplexity first (1 = off)
-    ppl_order: int = 3                  # order of the character n-gram reference model
-    ppl_fit_chars: int = 4_000_000      # characters per domain used to fit the reference model
-    weights: str = ""                   # static domain weights "english=0.4,code=0.2,..." ("" = natural shares)
-    tfidf_power: float = 1.0            # beta in w_d ~ p_d * s_d**beta (0 = static weights only)
-    max_epochs: float = 4.0             # no domain is repeated more than this many times
-    target_tokens: int = 0              # training tokens to write (0 = all kept training tokens)
-    val_fraction: float = 0.02          # share of kept characters held out (docs chosen by content hash)
-    val_min_chars: int = 30_000         # ... but at least this many characters (capped at 20% of the data)
-    vocab_size: int = 2048              # BPE vocabulary incl. special tokens
-    tokenizer: str = ""                 # use this tokenizer (dir/file/"bytes") instead of training one
-    tokenizer_chars: int = 20_000_000   # characters of kept text used to train the BPE
-    shard_tokens: int = 1 << 24         # tokens per shard file
-    seed: int = 0                       # mixture order and generated maths
-    quiet: bool = False                 # no printed tables
-
-    def validate(self) -> "Config":
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-        need(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")
-        for k in ("doc_chars", "num_perm", "shingle", "decontam_n", "ppl_order", "vocab_size", "shard_tokens"):
-            need(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("max_docs_per_source", "max_chars_per_source", "math_docs", "decontam_problems",
-                  "target_tokens", "ppl_fit_chars", "tokenizer_chars", "val_min_chars", "near_dup_min_chars"):
-            need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
-        need(self.hash in ("xxhash", "md5"), f"hash must be xxhash or md5, got {self.hash!r}")
-        need(0 < self.near_dup_threshold <= 1, f"near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
-        need(0 < self.ppl_keep_fraction <= 1, f"ppl_keep_fraction must be in (0, 1], got {self.ppl_keep_fraction}")
-        need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        need(self.max_epochs > 0, f"max_epochs must be > 0, got {self.max_epochs}")
-        need(self.tfidf_power >= 0, f"tfidf_power must be >= 0, got {self.tfidf_power}")
-        need(self.min_char_entropy >= 0, f"min_char_entropy must be >= 0, got {self.min_char_entropy}")
-        if not self.tokenizer:
-            need(self.vocab_size >= tk.MIN_VOCAB, f"vocab_size must be >= {tk.MIN_VOCAB}, got {self.vocab_size}")
-        parse_weights(self.weights)
-        for part in (p.strip() for p in self.inputs.split(",")):
-            path = part.split("=", 1)[1] if "=" in part else part
-            need(not part or Path(path.strip()).exists(), f"input {path.strip()} does not exist")
-        return self
-
-    @property
-    def out_dir(self) -> Path:
-        return (Path(self.run_dir) if self.run_dir else Path("runs") / self.name) / "data"
-
-
-def preset(name: str) -> Config:
-    """``sample`` (shipped samples, seconds: tests), ``cpu-tiny`` (capped default corpus, well under a
-    minute on 2 cores), ``full`` (whole default corpus, vocab 16384: GPU-scale pretraining)."""
-    presets = {
-        "sample": lambda: Config(name="data-sample", use_samples=True, math_docs=120, vocab_size=512,
-                                 max_docs_per_source=0, max_chars_per_source=0, decontam_problems=40),
-        "cpu-tiny": lambda: Config(name="cpu-tiny", tokenizer_chars=3_000_000, decontam_problems=50),
-        "full": lambda: Config(name="data-full", max_docs_per_source=0, max_chars_per_source=0, math_docs=20000,
-                               vocab_size=16384, decontam_problems=500),
-    }
-    if name not in presets:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
-    return presets[name]()
-
-
-# ------------------------------------------------------------------------------------------------
-# accounting
-# ------------------------------------------------------------------------------------------------
-class Accounting:
-    """Per-source counts (input = kept + sum of dropped) and per-stage throughput."""
-
-    def __init__(self, text_field: str = "text") -> None:
-        self.text_field = text_field
-        self.input: Counter = Counter()
-        self.kept: Counter = Counter()
-        self.dropped: dict[str, Counter] = defaultdict(Counter)
-        self.malformed: list[dict] = []
-        self.n_malformed = 0
-        self.stage = {s: {"docs": 0, "bytes": 0, "seconds": 0.0} for s in STAGES}
-        self.setup_seconds: dict[str, float] = {}  # one-off work outside the per-document stages
-        self.examples: dict[str, list[str]] = {}   # reason -> first few dropped docs' locations
-        self.n_texts = 0                           # records that had text (before any filter)
-        self.n_missing_field = 0                   # JSON records without the text field ...
-        self.keys_seen: Counter = Counter()        # ... and the keys they had (first 100 distinct)
-
-    def drop(self, source: str, reason: str, loc: str = "") -> None:
-        self.dropped[source][reason] += 1
-        ex = self.examples.setdefault(reason, [])
-        if loc and len(ex) < 5:
-            ex.append(loc)
-
-    def time(self, stage: str, t0: float, docs: int = 1, nbytes: int = 0) -> float:
-        t1 = time.perf_counter()
-        st = self.stage[stage]
-        st["seconds"] += t1 - t0
-        st["docs"] += docs
-        st["bytes"] += nbytes
-        return t1
-
-    def report(self) -> dict:
-        sources = {}
-        for s in sorted(self.input):
-            d = {r: self.dropped[s][r] for r in REASONS if self.dropped[s][r]}
-            sources[s] = {"input": self.input[s], "kept": self.kept[s], "dropped": d,
-                          "reconciled": self.input[s] == self.kept[s] + sum(d.values())}
-        tot_drop = Counter()
-        for s in sources.values():
-            tot_drop.update(s["dropped"])
-        n_in, n_kept = sum(self.input.values()), sum(self.kept.values())
-        stages = {}
-        for s, st in self.stage.items():
-            sec = st["seconds"]
-            stages[s] = {**st, "seconds": round(sec, 4),
-                         "docs_per_s": round(st["docs"] / sec, 1) if sec > 0 else None,
-                         "mb_per_s": round(st["bytes"] / 1e6 / sec, 2) if sec > 0 and st["bytes"] else None}
-        return {"input_docs": n_in, "kept_docs": n_kept,
-                "dropped": {r: tot_drop[r] for r in REASONS if tot_drop[r]},
-                "reconciled": n_in == n_kept + sum(tot_drop.values()) and all(s["reconciled"] for s in sources.values()),
-                "sources": sources, "malformed_count": self.n_malformed, "malformed": self.malformed,
-                "drop_examples": {r: self.examples[r] for r in REASONS if self.examples.get(r)},
-                "stages": stages, "setup_seconds": dict(self.setup_seconds)}
-
-
-def format_report(rep: dict) -> str:
-    """The accounting table and the stage throughput table, as printed by ``tinyseek data``."""
-    reasons = [r for r in REASONS if rep["dropped"].get(r)]
-    short = {r: r.replace("_duplicate", "_dup").replace("repeated_", "rep_") for r in reasons}
-    head = f"{'source':<14}{'input':>8}{'kept':>8}" + "".join(f"{short[r]:>{max(len(short[r]) + 1, 7)}}" for r in reasons)
-    lines = [head, "-" * len(head)]
-    rows = list(rep["sources"].items()) + [("TOTAL", {"input": rep["input_docs"], "kept": rep["kept_docs"],
-                                                      "dropped": rep["dropped"]})]
-    for name, s in rows:
-        lines.append(f"{name[:13]:<14}{s['input']:>8}{s['kept']:>8}"
-                     + "".join(f"{s['dropped'].get(r, 0):>{max(len(short[r]) + 1, 7)}}" for r in reasons))
-    lines.append(f"input = kept + dropped: {'yes' if rep['reconciled'] else 'NO'}"
-                 + (f"; {rep['malformed_count']} malformed record(s), first at {rep['malformed'][0]['loc']}"
-                    if rep["malformed_count"] else ""))
-    sk = rep.get("skipped_files") or {}
-    if sk.get("count"):
-        lines.append(skipped_line(sk["count"], sk["files"]))
-    lines += ["", f"{'stage':<12}{'docs':>9}{'MB':>9}{'seconds':>9}{'docs/s':>11}{'MB/s':>9}"]
-    for s, st in rep["stages"].items():
-        lines.append(f"{s:<12}{st['docs']:>9}{st['bytes'] / 1e6:>9.2f}{st['seconds']:>9.2f}"
-                     f"{st['docs_per_s'] or 0:>11.0f}{st['mb_per_s'] or 0:>9.2f}")
-    return "\n".join(lines)
-
-
-def skipped_line(count: int, names: list[str], show: int = 5) -> str:
-    """One line naming the first ``show`` files skipped for their suffix.
-
-    >>> skipped_line(3, ["a.csv", "b.xml", "c.bin"], show=2)
-    'skipped 3 file(s) with an unsupported suffix: a.csv, b.xml, ...'
-    """
-    more = ", ..." if count > min(show, len(names)) else ""
-    return f"skipped {count} file(s) with an unsupported suffix: {', '.join(names[:show])}{more}"
-
-
-def nothing_kept_error(acct: Accounting, sources: list[Source], sk: str = "") -> UserError:
-    """Why no document survived, in one line: no records, no text field, all malformed, or the filters.
-    ``sk``: the "; skipped ..." note on files left out, appended to each message."""
-    n_in = sum(acct.input.values())
-    n_files = sum(s.meta["files"] for s in sources if "files" in s.meta and not s.meta.get("default"))
-    if n_in == 0:
-        where = ", ".join(s.origin for s in sources)
-        return UserError(f"read {n_files} file(s) from {where} but found no records (empty files?){sk}")
-    if acct.n_texts == 0 and acct.n_missing_field:
-        keys = ", ".join(k for k, _ in acct.keys_seen.most_common(10)) or "none"
-        return UserError(f"{n_in} record(s) read but none has the text field {acct.text_field!r} "
-                         f"({acct.n_missing_field} lack it; keys seen: {keys}); set --text-field to the field "
-                         f"holding the text{sk}")
-    if acct.n_texts == 0:
-        first = acct.malformed[0] if acct.malformed else {"loc": "?", "error": "?"}
-        return UserError(f"all {n_in} record(s) are malformed (first at {first['loc']}: {first['error']}){sk}")
-    dropped = Counter()
-    for c in acct.dropped.values():
-        dropped.update(c)
-    why = ", ".join(f"{r} {n}" for r, n in dropped.most_common())
-    return UserError(f"every document was dropped ({n_in} input: {why}); nothing to write "
-                     f"(see the filters' thresholds){sk}")
 
 
 def new_spill(parent: Path, name: str) -> tuple[Path, int]:
