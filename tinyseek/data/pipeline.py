@@ -39,9 +39,7 @@ Deterministic: same inputs and config -> byte-identical shards.
 """
 from __future__ import annotations
 
-import dataclasses
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -58,15 +56,14 @@ import xxhash
 from tinyseek import tokenizer as tk
 from tinyseek.common import atomic_dir
 from tinyseek.data import clean as C
-from tinyseek.data.decontam import eval_ngrams, ngram_hashes
-from tinyseek.data.dedup import ExactDedup, NearDedup
 from tinyseek.data.accounting import (MAX_MALFORMED_LISTED, REASONS, STAGES, Accounting, format_report,  # noqa: F401
                                        nothing_kept_error, skipped_line)
+from tinyseek.data.decontam import eval_ngrams, ngram_hashes
+from tinyseek.data.dedup import ExactDedup, NearDedup
 from tinyseek.data.ingest import SUFFIXES
-from tinyseek.data.mixture import mixture_weights, parse_weights, quotas, sample_order, tfidf_scores
+from tinyseek.data.output import DomainTokens, print_summary, summary, write_dataset
 from tinyseek.data.quality import NgramLM, char_entropy, keep_threshold
 from tinyseek.data.settings import Config, preset  # noqa: F401  (the stage contract: pipeline.Config, pipeline.preset)
-from tinyseek.data.shards import write_shards
 from tinyseek.data.sources import Source, default_sources, user_sources
 from tinyseek.errors import UserError
 
@@ -274,14 +271,6 @@ def _train_texts(cfg: Config, counts: dict[str, int], spill: Path, val_thr: int)
             yield t
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def main(cfg: Config) -> dict:
     cfg.validate()
     t_start, c_start = time.perf_counter(), time.process_time()
@@ -362,91 +351,23 @@ def main(cfg: Config) -> dict:
                 doc_tokens[dom] = lens
             acct.time("tokenize", t0, n_docs, n_bytes)
 
-            # ---- mixture and shards --------------------------------------------------------------
-            t0 = time.perf_counter()
-            train_domains = [d for d in doc_tokens if doc_tokens[d]]
-            if not train_domains:
-                raise UserError("no training documents left after the held-out split; lower val_fraction")
-            sizes = {d: int(sum(doc_tokens[d]) + len(doc_tokens[d])) for d in train_domains}  # incl. eos
-            static = parse_weights(cfg.weights)
-            unknown = set(static) - set(train_domains)
-            if unknown:
-                raise UserError(f"weights name unknown domain(s) {sorted(unknown)}; domains: {', '.join(train_domains)}")
-            if not static:
-                total = sum(sizes.values())
-                static = {d: sizes[d] / total for d in train_domains}
-            else:
-                static = {d: static.get(d, 0.0) for d in train_domains}
-            sample = {}
-            for d in train_domains:  # every k-th training doc, at most 400 a domain (streamed)
-                step = max(1, len(doc_tokens[d]) // 400)
-                rows = (r["t"] for r in _read_spill(spill / f"{d}.jsonl") if _bucket(r["t"]) >= val_thr)
-                sample[d] = [t for i, t in enumerate(rows) if i % step == 0][:400]
-            scores = tfidf_scores(sample) if cfg.tfidf_power else {d: 1.0 for d in train_domains}
-            weights = mixture_weights(static, scores, cfg.tfidf_power)
-            target = cfg.target_tokens or sum(sizes.values())
-            quota = quotas(weights, sizes, target, cfg.max_epochs)
-            order = sample_order({d: [n + 1 for n in doc_tokens[d]] for d in train_domains}, quota, cfg.seed)
-            offsets = {d: np.concatenate([[0], np.cumsum(doc_tokens[d])]).astype(np.int64) for d in train_domains}
-            mm = {d: np.memmap(spill / f"{d}.bin", dtype=tok_dt, mode="r") for d in train_domains if sizes[d]}
-            emitted: Counter = Counter()
+            # ---- mixture, shards, manifest, report ----------------------------------------------------
+            offsets = {d: np.concatenate([[0], np.cumsum(doc_tokens[d])]).astype(np.int64) for d in doc_tokens}
+            mm = {d: np.memmap(spill / f"{d}.bin", dtype=tok_dt, mode="r") for d in doc_tokens if sum(doc_tokens[d])}
 
-            def train_docs() -> Iterator[np.ndarray]:
-                for d, i in order:
-                    a, b = offsets[d][i], offsets[d][i + 1]
-                    emitted[d] += int(b - a) + 1
-                    yield np.asarray(mm[d][a:b])
-            tok_path = (out_dir / "tokenizer").resolve()
-            extra = {"tokenizer": str(tok_path), "manifest": str((out_dir / "manifest.json").resolve())}
-            idx_train = write_shards(train_docs(), tmp / "shards", tok.vocab_size, tok.eos_id,
-                                     shard_tokens=cfg.shard_tokens, extra={**extra, "split": "train"})
-            idx_val = None
-            if val_docs:
-                idx_val = write_shards(val_docs, tmp / "shards" / "val", tok.vocab_size, tok.eos_id,
-                                       shard_tokens=cfg.shard_tokens, extra={**extra, "split": "val"})
+            def fetch(d: str):
+                return lambda i: np.asarray(mm[d][offsets[d][i]:offsets[d][i + 1]]) if d in mm else np.zeros(0, tok_dt)
+
+            def texts(d: str):
+                return lambda: (r["t"] for r in _read_spill(spill / f"{d}.jsonl") if _bucket(r["t"]) >= val_thr)
+            train = {d: DomainTokens(doc_tokens[d], fetch(d), texts(d)) for d in doc_tokens}
+            out = write_dataset(cfg, tmp, out_dir, tok, tok_dir, train, val_docs, counts, val_count, ppl, acct,
+                                sources, skipped, n_skipped, t_start, c_start)
             del mm
-            acct.time("mixture", t0, len(order), 0)
-
-            # ---- manifest and report -------------------------------------------------------------
-            rep = acct.report()
-            rep["skipped_files"] = {"count": n_skipped, "files": skipped,
-                                    "supported_suffixes": list(SUFFIXES)}
-            rep["total_seconds"] = round(time.perf_counter() - t_start, 3)
-            rep["cpu_seconds"] = round(time.process_time() - c_start, 3)  # all threads; < wall on a busy machine
-            dom_info = {}
-            for d in counts:
-                n_train = len(doc_tokens.get(d, []))
-                dom_info[d] = {"kept_docs": counts[d], "train_docs": n_train, "val_docs": val_count[d],
-                               "train_tokens": sizes.get(d, 0), "static_weight": static.get(d, 0.0),
-                               "tfidf_score": scores.get(d), "weight": weights.get(d, 0.0),
-                               "quota_tokens": quota.get(d, 0), "sampled_tokens": emitted[d],
-                               "sampled_share": emitted[d] / max(1, sum(emitted.values())),
-                               "epochs": emitted[d] / sizes[d] if sizes.get(d) else 0.0,
-                               "perplexity": ppl.get(d)}
-            manifest = {
-                "config": dataclasses.asdict(cfg),
-                "sources": [{"name": s.name, "domain": s.domain, "origin": s.origin, **s.meta,
-                             "input_docs": acct.input[s.name], "kept_docs": acct.kept[s.name]} for s in sources],
-                "domains": dom_info,
-                "mixture_formula": "w_d = p_d * s_d**beta / sum_e p_e * s_e**beta (see tinyseek/data/mixture.py)",
-                "tokenizer": {"path": str(tok_path), "kind": tok.kind, "vocab_size": tok.vocab_size,
-                              "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-                              "sha256": _sha256(tok_dir / "tokenizer.json") if (tok_dir / "tokenizer.json").exists() else None},
-                "shards": {"train": {k: idx_train[k] for k in ("dtype", "n_tokens", "n_docs", "shards")},
-                           "val": {k: idx_val[k] for k in ("dtype", "n_tokens", "n_docs", "shards")} if idx_val else None},
-            }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-            (tmp / "report.json").write_text(json.dumps(rep, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     finally:
         shutil.rmtree(spill, ignore_errors=True)
         os.close(spill_lock)
+    rep, idx_train, idx_val = out["report"], out["idx_train"], out["idx_val"]
     if not cfg.quiet:
-        print(format_report(rep))
-        val = f", {idx_val['n_tokens']:,} val tokens" if idx_val else ""
-        print(f"\ndata: {idx_train['n_tokens']:,} train tokens in {idx_train['n_docs']:,} docs{val}"
-              f" | vocab {tok.vocab_size} | {rep['total_seconds']:.1f}s -> {out_dir}")
-        print("weights: " + ", ".join(f"{d}={w:.3f}" for d, w in weights.items()))
-    return {"out_dir": str(out_dir), "train_tokens": idx_train["n_tokens"], "train_docs": idx_train["n_docs"],
-            "val_tokens": idx_val["n_tokens"] if idx_val else 0, "input_docs": rep["input_docs"],
-            "kept_docs": rep["kept_docs"], "reconciled": rep["reconciled"], "weights": weights,
-            "vocab_size": tok.vocab_size, "seconds": rep["total_seconds"]}
+        print_summary(rep, idx_train, idx_val, tok, out_dir, out["weights"])
+    return summary(cfg, out, tok, out_dir)
