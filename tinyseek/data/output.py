@@ -109,7 +109,7 @@ def write_dataset(cfg: Config, tmp: Path, out_dir: Path, tok, tok_dir: Path, tra
     manifest = {
         "config": dataclasses.asdict(cfg),
         "sources": [{"name": s.name, "domain": s.domain, "origin": s.origin,
-                     **{k: v for k, v in s.meta.items() if k != "paths"},
+                     **s.meta,
                      "input_docs": acct.input[s.name], "kept_docs": acct.kept[s.name]} for s in sources],
         "domains": dom_info,
         "mixture_formula": "w_d = p_d * s_d**beta / sum_e p_e * s_e**beta (see tinyseek/data/mixture.py)",

@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import xxhash
 
 from tinyseek import tokenizer as tk
 from tinyseek.common import atomic_dir
@@ -63,8 +62,9 @@ from tinyseek.data.dedup import ExactDedup, NearDedup
 from tinyseek.data.ingest import SUFFIXES
 from tinyseek.data.output import DomainTokens, print_summary, summary, write_dataset
 from tinyseek.data.quality import NgramLM, char_entropy, keep_threshold
+from tinyseek.data.reading import capped, content_bucket, make_sources
 from tinyseek.data.settings import Config, preset  # noqa: F401  (the stage contract: pipeline.Config, pipeline.preset)
-from tinyseek.data.sources import Source, default_sources, user_sources
+from tinyseek.data.sources import Source
 from tinyseek.errors import UserError
 
 LEGACY_SPILL_AGE = 24 * 3600  # a spill folder without a lock file (older tinyseek) is stale after this many s
@@ -110,32 +110,6 @@ def remove_stale_spills(parent: Path, name: str) -> list[Path]:
 # ------------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------------
-def _capped(src: Source, cfg: Config, acct: Accounting) -> Iterator:
-    """The source's documents up to the caps (default corpus only), timing the ingest stage."""
-    it = src.read()
-    n = chars = 0
-    max_docs, max_chars = (cfg.max_docs_per_source, cfg.max_chars_per_source) if src.meta.get("default") else (0, 0)
-    try:
-        while True:
-            if max_docs and n >= max_docs:
-                return
-            if max_chars and chars >= max_chars:
-                return
-            t0 = time.perf_counter()
-            doc = next(it, None)
-            if doc is None:
-                return
-            nbytes = len(doc.text.encode("utf-8")) if doc.text is not None else 0
-            acct.time("ingest", t0, 1, nbytes)
-            n += 1
-            chars += len(doc.text or "")
-            yield doc, nbytes
-    finally:
-        close = getattr(it, "close", None)
-        if close:
-            close()
-
-
 def _filter_stream(cfg: Config, sources: list[Source], acct: Accounting, spill: Path) -> dict[str, int]:
     """Stages ingest..entropy; kept docs go to ``spill/<domain>.jsonl``. Returns docs per domain."""
     relaxed = {d.strip() for d in cfg.relaxed_domains.split(",") if d.strip()}
@@ -153,7 +127,7 @@ def _filter_stream(cfg: Config, sources: list[Source], acct: Accounting, spill: 
         for src in sources:
             hcfg = cfg.relaxed if src.domain in relaxed else cfg.heuristics
             check_contam = cfg.decontaminate_generated or not src.meta.get("generated_train_split", False)
-            for doc, nbytes in _capped(src, cfg, acct):
+            for doc, nbytes in capped(src, cfg, acct):
                 acct.input[src.name] += 1
                 if doc.text is None:
                     if doc.keys or doc.error.startswith("missing field"):
@@ -237,16 +211,12 @@ def _perplexity(cfg: Config, counts: dict[str, int], acct: Accounting, spill: Pa
     return stats
 
 
-def _bucket(text: str) -> int:
-    return xxhash.xxh64_intdigest(text.encode("utf-8"))
-
-
 def _val_threshold(cfg: Config, counts: dict[str, int], spill: Path) -> int:
     """Docs whose content hash is below the returned value are held out: the lowest-hash docs until
     they hold ``max(val_fraction, val_min_chars)`` of the characters (at most 20%)."""
     if cfg.val_fraction <= 0:
         return 0
-    hs = sorted((_bucket(r["t"]), len(r["t"])) for d in counts for r in _read_spill(spill / f"{d}.jsonl"))
+    hs = sorted((content_bucket(r["t"]), len(r["t"])) for d in counts for r in _read_spill(spill / f"{d}.jsonl"))
     total = sum(n for _, n in hs)
     want = min(max(cfg.val_fraction * total, cfg.val_min_chars), 0.2 * total)
     acc = 0
@@ -259,7 +229,7 @@ def _val_threshold(cfg: Config, counts: dict[str, int], spill: Path) -> int:
 
 def _train_texts(cfg: Config, counts: dict[str, int], spill: Path, val_thr: int) -> Iterator[str]:
     """Training documents for the BPE: round-robin over domains, up to ``tokenizer_chars``."""
-    its = [(r["t"] for r in _read_spill(spill / f"{d}.jsonl") if _bucket(r["t"]) >= val_thr) for d in counts]
+    its = [(r["t"] for r in _read_spill(spill / f"{d}.jsonl") if content_bucket(r["t"]) >= val_thr) for d in counts]
     budget = cfg.tokenizer_chars
     while its and budget > 0:
         for it in list(its):
@@ -274,8 +244,7 @@ def _train_texts(cfg: Config, counts: dict[str, int], spill: Path, val_thr: int)
 def main(cfg: Config) -> dict:
     cfg.validate()
     t_start, c_start = time.perf_counter(), time.process_time()
-    sources = (user_sources(cfg.inputs, cfg.text_field, cfg.doc_chars) if cfg.inputs.strip()
-               else default_sources(cfg.math_docs, cfg.use_samples, cfg.doc_chars, seed=cfg.seed))
+    sources = make_sources(cfg)
     if not sources:
         raise UserError("no input sources")
     user = [s for s in sources if not s.meta.get("default")]
@@ -334,7 +303,7 @@ def main(cfg: Config) -> dict:
                     def flush() -> None:
                         for text, ids in zip(batch, tok.encode_batch(batch)):
                             arr = np.asarray(ids, dtype=tok_dt)
-                            if _bucket(text) < val_thr:
+                            if content_bucket(text) < val_thr:
                                 val_docs.append(arr)
                                 val_count[dom] += 1
                             else:
@@ -359,7 +328,7 @@ def main(cfg: Config) -> dict:
                 return lambda i: np.asarray(mm[d][offsets[d][i]:offsets[d][i + 1]]) if d in mm else np.zeros(0, tok_dt)
 
             def texts(d: str):
-                return lambda: (r["t"] for r in _read_spill(spill / f"{d}.jsonl") if _bucket(r["t"]) >= val_thr)
+                return lambda: (r["t"] for r in _read_spill(spill / f"{d}.jsonl") if content_bucket(r["t"]) >= val_thr)
             train = {d: DomainTokens(doc_tokens[d], fetch(d), texts(d)) for d in doc_tokens}
             out = write_dataset(cfg, tmp, out_dir, tok, tok_dir, train, val_docs, counts, val_count, ppl, acct,
                                 sources, skipped, n_skipped, t_start, c_start)

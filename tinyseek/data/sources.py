@@ -41,6 +41,8 @@ class Source:
     read: Callable[[], Iterator[Doc]]      # streaming reader
     origin: str                            # file/folder it reads ("generated" for maths)
     meta: dict = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)  # its files, when it reads them one by one with ...
+    read_file: Callable[[Path], Iterator[Doc]] | None = None  # ... this: the parallel engine's unit of work
 
 
 def package_dir(name: str) -> Path | None:
@@ -213,5 +215,6 @@ def user_sources(spec: str, text_field: str, doc_chars: int) -> list[Source]:
         out.append(Source(name, domain.strip(),
                           lambda f=files, n=name: iter_files(f, text_field, doc_chars, n),
                           path.strip(), {"files": len(files), "skipped_files": len(skipped),
-                                         "skipped_names": [str(f) for f in skipped[:MAX_SKIPPED_LISTED]]}))
+                                         "skipped_names": [str(f) for f in skipped[:MAX_SKIPPED_LISTED]]},
+                          files=list(files), read_file=lambda f, n=name: iter_files([f], text_field, doc_chars, n)))
     return out
