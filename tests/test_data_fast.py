@@ -174,3 +174,132 @@ def test_band_hashes():
     assert len(np.unique(h[:100])) == 100 * 9 - 50   # everything else distinct
     keys = {sig[:13].tobytes() for sig in sigs}
     assert len(set(h[:, 0].tolist())) == len(keys)
+
+
+# ----------------------------------------------------------------------------- clean + heuristics
+
+_REF_CTRL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+_REF_TRAIL_WS = re.compile(r"[ \t]+$", re.M)
+_REF_BLANK_RUN = re.compile(r"\n{3,}")
+_REF_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_REF_WORD_RE = re.compile(rf"[{_REF_CJK}]|[^\s{_REF_CJK}]+")
+_REF_CJK_RE = re.compile(rf"[{_REF_CJK}]")
+_REF_SPACE_RE = re.compile(r"\s")
+_REF_SYMBOL_RE = re.compile(r"[^\w\s]|_")
+
+
+def _ref_clean_text(s):
+    s = unicodedata.normalize("NFKC", s)
+    s = s.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
+    s = _REF_CTRL.sub("", s)
+    s = _REF_TRAIL_WS.sub("", s)
+    s = _REF_BLANK_RUN.sub("\n\n", s)
+    return s.strip("\n")
+
+
+def _ref_words(s):
+    return _REF_WORD_RE.findall(s)
+
+
+def _ref_cjk_fraction(s):
+    n = sum(1 for c in s if not c.isspace())
+    return len(_REF_CJK_RE.findall(s)) / n if n else 0.0
+
+
+def _ref_symbol_ratio(s):
+    n = len(s) - len(_REF_SPACE_RE.findall(s))
+    return len(_REF_SYMBOL_RE.findall(s)) / n if n else 0.0
+
+
+def _ref_dup_line_fraction(s):
+    seen, dup, n = set(), 0, 0
+    for line in s.split("\n"):
+        line = line.strip()
+        if not line:
+            continue
+        n += 1
+        if line in seen:
+            dup += 1
+        seen.add(line)
+    return dup / n if n else 0.0
+
+
+def _ref_top_ngram_fraction(ws, n=3):
+    if len(ws) < n + 1:
+        return 0.0
+    grams = Counter(tuple(ws[i:i + n]) for i in range(len(ws) - n + 1))
+    gram, count = grams.most_common(1)[0]
+    if count < 2:
+        return 0.0
+    total = sum(len(w) for w in ws)
+    return min(1.0, count * sum(len(w) for w in gram) / total) if total else 0.0
+
+
+def _ref_heuristic_reason(s, cfg):
+    if len(s) < cfg.min_chars:
+        return "too_short"
+    if len(s) > cfg.max_chars:
+        return "too_long"
+    ws = _ref_words(s)
+    if len(ws) < cfg.min_words:
+        return "too_few_words"
+    if _ref_symbol_ratio(s) > cfg.max_symbol_ratio:
+        return "symbol_ratio"
+    if _ref_dup_line_fraction(s) > cfg.max_dup_line_frac:
+        return "repeated_lines"
+    if _ref_top_ngram_fraction(ws, 3) > cfg.max_top_3gram_frac:
+        return "repeated_ngrams"
+    if _ref_cjk_fraction(s) < 0.5:
+        latin = [w for w in ws if not _REF_CJK_RE.match(w)]
+        if len(latin) >= 5:
+            mean = sum(len(w) for w in latin) / len(latin)
+            if not cfg.min_mean_word_len <= mean <= cfg.max_mean_word_len:
+                return "mean_word_length"
+    return None
+
+
+def _texts() -> list[str]:
+    """The corpus raw and cleaned (the heuristics see cleaned text in the pipeline)."""
+    return corpus() + [_ref_clean_text(t) for t in corpus()]
+
+
+def test_clean_text_identical():
+    for text in corpus():
+        assert C.clean_text(text) == _ref_clean_text(text), repr(text[:80])
+
+
+def test_text_statistics_identical():
+    for text in _texts():
+        ws = C.words(text)
+        assert ws == _ref_words(text)
+        for n in (1, 2, 3, 5):
+            assert C.top_ngram_fraction(ws, n) == _ref_top_ngram_fraction(ws, n)
+        assert C.cjk_fraction(text) == _ref_cjk_fraction(text)
+        assert C.symbol_ratio(text) == _ref_symbol_ratio(text)
+        assert C.dup_line_fraction(text) == _ref_dup_line_fraction(text)
+
+
+def test_every_bmp_and_some_astral_characters_classified_as_the_regexes_do():
+    chars = [chr(c) for c in range(0x10000)] + [chr(c) for c in range(0x10000, 0x110000, 97)] + ["😀", "𝔘", "𝟙"]
+    for i in range(0, len(chars), 4096):
+        text = " ".join(chars[i:i + 4096])
+        assert (C.symbol_ratio(text), C.cjk_fraction(text)) == (_ref_symbol_ratio(text), _ref_cjk_fraction(text))
+    for ch in chars[::7]:
+        assert (C.symbol_ratio(ch), C.cjk_fraction(ch)) == (_ref_symbol_ratio(ch), _ref_cjk_fraction(ch)), repr(ch)
+
+
+def test_heuristic_reason_identical():
+    rng = random.Random(2)
+    cfgs = [C.HeuristicConfig(), C.relaxed_heuristics()]
+    for _ in range(12):  # random thresholds reach every branch
+        cfgs.append(C.HeuristicConfig(min_chars=rng.choice([0, 1, 20, 50]), max_chars=rng.choice([100, 10**6]),
+                                      min_words=rng.choice([0, 3, 10, 50]), max_symbol_ratio=rng.random(),
+                                      max_dup_line_frac=rng.random(), max_top_3gram_frac=rng.random() / 2,
+                                      min_mean_word_len=rng.uniform(1, 5), max_mean_word_len=rng.uniform(3, 12)))
+    seen = Counter()
+    for text in _texts():
+        for cfg in cfgs:
+            got = C.heuristic_reason(text, cfg)
+            assert got == _ref_heuristic_reason(text, cfg), (repr(text[:80]), cfg)
+            seen[got] += 1
+    assert len(seen) == 8, seen   # every reason and None

@@ -8,10 +8,13 @@ nature: the pipeline checks them against a relaxed :class:`HeuristicConfig`.
 """
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+
+import numpy as np
 
 # C0/C1 controls except \t \n (\r handled first), zero-width/bidi marks, BOM, line/paragraph separators
 _CTRL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
@@ -20,8 +23,43 @@ _BLANK_RUN = re.compile(r"\n{3,}")
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _WORD_RE = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
 _CJK_RE = re.compile(rf"[{_CJK}]")
-_SPACE_RE = re.compile(r"\s")
-_SYMBOL_RE = re.compile(r"[^\w\s]|_")
+_ASCII_CTRL = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])  # _CTRL's ASCII part
+_SPACE, _WORD, _CJK_BIT, _UNDERSCORE = 1, 2, 4, 8   # character class bits (:func:`_class_table`)
+
+
+@functools.lru_cache(maxsize=1)
+def _class_table() -> np.ndarray:
+    """Class bits of every BMP code point: ``\\s`` (= ``str.isspace``), ``\\w`` (= ``isalnum`` or
+    ``_``), CJK (:data:`_CJK`), underscore; read by the regexes themselves, so they agree by construction."""
+    chars = "".join(map(chr, range(0x10000)))
+    tab = np.zeros(0x10000, dtype=np.uint8)
+    for bit, rx in ((_SPACE, r"\s"), (_WORD, r"\w"), (_CJK_BIT, f"[{_CJK}]")):
+        tab[[m.start() for m in re.finditer(rx, chars)]] |= bit
+    tab[ord("_")] |= _UNDERSCORE
+    tab.flags.writeable = False
+    return tab
+
+
+def _char_counts(s: str) -> tuple[int, int, int]:
+    """``(non-space characters, symbols, CJK characters)`` of ``s``, as ``\\s``, ``[^\\w\\s]|_`` and
+    :data:`_CJK` count them (one table lookup per code point; astral ones, never space or CJK, are
+    checked with ``isalnum``)."""
+    cp = np.frombuffer(s.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    tab = _class_table()
+    astral = cp >= 0x10000
+    if astral.any():
+        cls = tab[np.where(astral, 0, cp)]  # placeholder U+0000: no class bits
+        vals, inv = np.unique(cp[astral], return_inverse=True)
+        cls[astral] = np.array([_WORD if chr(v).isalnum() else 0 for v in vals.tolist()], dtype=np.uint8)[inv]
+    else:
+        cls = tab[cp]
+    hist = np.bincount(cls, minlength=16)
+    space = int(hist[_SPACE::2].sum())                                    # bit 1 set
+    word = int(sum(hist[i] for i in range(16) if i & _WORD))
+    cjk = int(sum(hist[i] for i in range(16) if i & _CJK_BIT))
+    under = int(sum(hist[i] for i in range(16) if i & _UNDERSCORE))
+    nonspace = len(cp) - space
+    return nonspace, nonspace - word + under, cjk
 
 
 def clean_text(s: str) -> str:
@@ -31,11 +69,21 @@ def clean_text(s: str) -> str:
     >>> clean_text("ＡＢＣ１２３\\r\\nline  \\x00\\u200b\\n\\n\\n\\nnext\\tok ")
     'ABC123\\nline\\n\\nnext\\tok'
     """
-    s = unicodedata.normalize("NFKC", s)
-    s = s.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
-    s = _CTRL.sub("", s)
-    s = _TRAIL_WS.sub("", s)
-    s = _BLANK_RUN.sub("\n\n", s)
+    if s.isascii():  # ASCII is NFKC already and has no U+2028/9; its control characters delete as bytes
+        if "\r" in s:
+            s = s.replace("\r\n", "\n").replace("\r", "\n")
+        b = s.encode("ascii")
+        clean = b.translate(None, _ASCII_CTRL)
+        if len(clean) != len(b):
+            s = clean.decode("ascii")
+    else:
+        s = unicodedata.normalize("NFKC", s)
+        s = s.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
+        s = _CTRL.sub("", s)
+    if " \n" in s or "\t\n" in s or s.endswith((" ", "\t")):
+        s = _TRAIL_WS.sub("", s)
+    if "\n\n\n" in s:
+        s = _BLANK_RUN.sub("\n\n", s)
     return s.strip("\n")
 
 
@@ -45,7 +93,7 @@ def words(s: str) -> list[str]:
     >>> words("Hello, world 你好世界")
     ['Hello,', 'world', '你', '好', '世', '界']
     """
-    return _WORD_RE.findall(s)
+    return _WORD_RE.findall(s) if _CJK_RE.search(s) else s.split()  # no CJK: the runs of non-space
 
 
 def cjk_fraction(s: str) -> float:
@@ -54,8 +102,8 @@ def cjk_fraction(s: str) -> float:
     >>> cjk_fraction("ab 你好")
     0.5
     """
-    n = sum(1 for c in s if not c.isspace())
-    return len(_CJK_RE.findall(s)) / n if n else 0.0
+    n, _, cjk = _char_counts(s)
+    return cjk / n if n else 0.0
 
 
 def symbol_ratio(s: str) -> float:
@@ -64,8 +112,8 @@ def symbol_ratio(s: str) -> float:
     >>> symbol_ratio("ab,. 12")
     0.3333333333333333
     """
-    n = len(s) - len(_SPACE_RE.findall(s))
-    return len(_SYMBOL_RE.findall(s)) / n if n else 0.0
+    n, sym, _ = _char_counts(s)
+    return sym / n if n else 0.0
 
 
 def dup_line_fraction(s: str) -> float:
@@ -74,16 +122,9 @@ def dup_line_fraction(s: str) -> float:
     >>> dup_line_fraction("a\\nb\\na\\n\\na")
     0.5
     """
-    seen, dup, n = set(), 0, 0
-    for line in s.split("\n"):
-        line = line.strip()
-        if not line:
-            continue
-        n += 1
-        if line in seen:
-            dup += 1
-        seen.add(line)
-    return dup / n if n else 0.0
+    lines = [line for line in map(str.strip, s.split("\n")) if line]
+    n = len(lines)
+    return (n - len(set(lines))) / n if n else 0.0  # every line beyond a distinct line's first repeats it
 
 
 def top_ngram_fraction(ws: list[str], n: int = 3) -> float:
@@ -92,14 +133,21 @@ def top_ngram_fraction(ws: list[str], n: int = 3) -> float:
     >>> round(top_ngram_fraction("a b c a b c a b c x".split(), 3), 2)
     0.9
     """
+    return _top_ngram_fraction(ws, n, sum(map(len, ws)))
+
+
+def _top_ngram_fraction(ws: list[str], n: int, total: int) -> float:
+    """:func:`top_ngram_fraction` given ``total = sum(map(len, ws))``. Ties: the n-gram seen first
+    (``Counter.most_common(1)`` and ``max`` both keep it)."""
     if len(ws) < n + 1:
         return 0.0
-    grams = Counter(tuple(ws[i:i + n]) for i in range(len(ws) - n + 1))
-    gram, count = grams.most_common(1)[0]
+    grams = Counter(zip(*(ws[i:] for i in range(n))))
+    counts = list(grams.values())
+    count = max(counts)
     if count < 2:
         return 0.0
-    total = sum(len(w) for w in ws)
-    return min(1.0, count * sum(len(w) for w in gram) / total) if total else 0.0
+    gram = list(grams)[counts.index(count)]
+    return min(1.0, count * sum(map(len, gram)) / total) if total else 0.0
 
 
 @dataclass
@@ -134,19 +182,23 @@ def heuristic_reason(s: str, cfg: HeuristicConfig) -> str | None:
         return "too_short"
     if len(s) > cfg.max_chars:
         return "too_long"
-    ws = words(s)
+    # Every non-space character is in exactly one word, each CJK character a one-character word, so
+    # the word characters number ``nonspace``, and the non-CJK words ``len(ws) - cjk`` with
+    # ``nonspace - cjk`` characters: the same integers as the definitions count, so the same floats.
+    nonspace, sym, cjk = _char_counts(s)
+    ws = _WORD_RE.findall(s) if cjk else s.split()
     if len(ws) < cfg.min_words:
         return "too_few_words"
-    if symbol_ratio(s) > cfg.max_symbol_ratio:
+    if (sym / nonspace if nonspace else 0.0) > cfg.max_symbol_ratio:
         return "symbol_ratio"
     if dup_line_fraction(s) > cfg.max_dup_line_frac:
         return "repeated_lines"
-    if top_ngram_fraction(ws, 3) > cfg.max_top_3gram_frac:
+    if _top_ngram_fraction(ws, 3, nonspace) > cfg.max_top_3gram_frac:
         return "repeated_ngrams"
-    if cjk_fraction(s) < 0.5:
-        latin = [w for w in ws if not _CJK_RE.match(w)]
-        if len(latin) >= 5:
-            mean = sum(len(w) for w in latin) / len(latin)
+    if (cjk / nonspace if nonspace else 0.0) < 0.5:
+        n_latin = len(ws) - cjk
+        if n_latin >= 5:
+            mean = (nonspace - cjk) / n_latin
             if not cfg.min_mean_word_len <= mean <= cfg.max_mean_word_len:
                 return "mean_word_length"
     return None
