@@ -124,19 +124,20 @@ def write_dataset(cfg: Config, tmp: Path, out_dir: Path, tok, tok_dir: Path, tra
     return {"report": rep, "idx_train": idx_train, "idx_val": idx_val, "weights": weights}
 
 
-def summary(cfg: Config, out: dict, tok, out_dir: Path) -> dict:
+def summary(cfg: Config, out: dict, vocab_size: int, out_dir: Path) -> dict:
     """``main``'s return value."""
     rep, idx_train, idx_val = out["report"], out["idx_train"], out["idx_val"]
     return {"out_dir": str(out_dir), "train_tokens": idx_train["n_tokens"], "train_docs": idx_train["n_docs"],
             "val_tokens": idx_val["n_tokens"] if idx_val else 0, "input_docs": rep["input_docs"],
             "kept_docs": rep["kept_docs"], "reconciled": rep["reconciled"], "weights": out["weights"],
-            "vocab_size": tok.vocab_size, "seconds": rep["total_seconds"]}
+            "vocab_size": vocab_size, "seconds": rep["total_seconds"]}
 
 
-def print_summary(rep: dict, idx_train: dict, idx_val: dict | None, tok, out_dir: Path, weights: dict) -> None:
+def print_summary(rep: dict, idx_train: dict, idx_val: dict | None, vocab_size: int, out_dir: Path,
+                  weights: dict) -> None:
     """The accounting and throughput tables, then one line on what was written."""
     print(format_report(rep))
     val = f", {idx_val['n_tokens']:,} val tokens" if idx_val else ""
     print(f"\ndata: {idx_train['n_tokens']:,} train tokens in {idx_train['n_docs']:,} docs{val}"
-          f" | vocab {tok.vocab_size} | {rep['total_seconds']:.1f}s -> {out_dir}")
+          f" | vocab {vocab_size} | {rep['total_seconds']:.1f}s -> {out_dir}")
     print("weights: " + ", ".join(f"{d}={w:.3f}" for d, w in weights.items()))

@@ -55,6 +55,7 @@ import numpy as np
 from tinyseek import tokenizer as tk
 from tinyseek.common import atomic_dir
 from tinyseek.data import clean as C
+from tinyseek.data import engine
 from tinyseek.data.accounting import (MAX_MALFORMED_LISTED, REASONS, STAGES, Accounting, format_report,  # noqa: F401
                                        nothing_kept_error, skipped_line)
 from tinyseek.data.decontam import eval_ngrams, ngram_hashes
@@ -253,6 +254,16 @@ def main(cfg: Config) -> dict:
     sk = f"; {skipped_line(n_skipped, skipped)}" if n_skipped else ""
     if user and sum(s.meta.get("files", 0) for s in user) == 0:
         raise UserError(f"no input files found in {cfg.inputs} (supported suffixes: {' '.join(SUFFIXES)}){sk}")
+    if cfg.executor != "serial":
+        out = engine.run(cfg, sources)
+        if "submitted" in out:
+            if not cfg.quiet:
+                print(f"submitted to Slurm: the stages run as job arrays; work folder {out['work_dir']}, "
+                      f"output {out['out_dir']}")
+            return out
+        if not cfg.quiet:
+            print_summary(out["report"], out["idx_train"], out["idx_val"], out["vocab_size"], cfg.out_dir, out["weights"])
+        return summary(cfg, out, out["vocab_size"], cfg.out_dir)
     acct = Accounting(cfg.text_field)
     out_dir = cfg.out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -336,7 +347,6 @@ def main(cfg: Config) -> dict:
     finally:
         shutil.rmtree(spill, ignore_errors=True)
         os.close(spill_lock)
-    rep, idx_train, idx_val = out["report"], out["idx_train"], out["idx_val"]
     if not cfg.quiet:
-        print_summary(rep, idx_train, idx_val, tok, out_dir, out["weights"])
-    return summary(cfg, out, tok, out_dir)
+        print_summary(out["report"], out["idx_train"], out["idx_val"], tok.vocab_size, out_dir, out["weights"])
+    return summary(cfg, out, tok.vocab_size, out_dir)

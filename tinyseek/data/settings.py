@@ -9,6 +9,8 @@ from tinyseek.config import ConfigError
 from tinyseek.data import clean as C
 from tinyseek.data.mixture import parse_weights
 
+EXECUTORS = ("local", "ray", "slurm", "serial")
+
 
 @dataclass
 class Config:
@@ -51,6 +53,12 @@ class Config:
     tokenizer_chars: int = 20_000_000   # characters of kept text used to train the BPE
     shard_tokens: int = 1 << 24         # tokens per shard file
     seed: int = 0                       # mixture order and generated maths
+    executor: str = "local"             # local (processes here), ray, slurm, or serial (one process: the reference)
+    workers: int = 0                    # tasks running at once (0 = every core this process may use)
+    tasks: int = 0                      # tasks per parallel stage (0 = workers); results do not depend on it
+    ray_address: str = ""               # ray: a running cluster's address ("" = start Ray on this machine)
+    slurm_partition: str = ""           # slurm: the partition to submit to (required with --executor slurm)
+    slurm_time: str = "4:00:00"         # slurm: time limit of each task
     quiet: bool = False                 # no printed tables
 
     def validate(self) -> "Config":
@@ -63,6 +71,9 @@ class Config:
         for k in ("max_docs_per_source", "max_chars_per_source", "math_docs", "decontam_problems",
                   "target_tokens", "ppl_fit_chars", "tokenizer_chars", "val_min_chars", "near_dup_min_chars"):
             need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
+        need(self.executor in EXECUTORS, f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        need(self.workers >= 0 and self.tasks >= 0, f"workers and tasks must be >= 0, got {self.workers}, {self.tasks}")
+        need(self.executor != "slurm" or bool(self.slurm_partition), "executor slurm needs --slurm-partition")
         need(self.hash in ("xxhash", "md5"), f"hash must be xxhash or md5, got {self.hash!r}")
         need(0 < self.near_dup_threshold <= 1, f"near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
         need(0 < self.ppl_keep_fraction <= 1, f"ppl_keep_fraction must be in (0, 1], got {self.ppl_keep_fraction}")
