@@ -303,3 +303,32 @@ def test_heuristic_reason_identical():
             assert got == _ref_heuristic_reason(text, cfg), (repr(text[:80]), cfg)
             seen[got] += 1
     assert len(seen) == 8, seen   # every reason and None
+
+
+# ----------------------------------------------------------------------------- decontamination
+
+_REF_PUNCT = re.compile(r"[^\w]+")
+
+
+def _ref_ngram_tokens(text):
+    out = []
+    for w in _ref_words(text.lower()):
+        w = _REF_PUNCT.sub("", w)
+        if w:
+            out.append(w)
+    return out
+
+
+def _ref_ngram_hashes(text, n):
+    toks = _ref_ngram_tokens(text)
+    return {xxhash.xxh64_intdigest(" ".join(toks[i:i + n]).encode()) for i in range(len(toks) - n + 1)}
+
+
+def test_ngram_hashes_identical(kernels):
+    for text in _texts():
+        assert X.ngram_tokens(text) == _ref_ngram_tokens(text), repr(text[:80])
+        for n in (1, 2, 13) if len(text) < 5000 else (13,):
+            assert X.ngram_hashes(text, n) == _ref_ngram_hashes(text, n), (n, repr(text[:80]))
+    for size in (0, 1, 7, 8, 31, 32, 33, 64, 100, 1000):  # every XXH64 length branch
+        word = "x" * size + "é" * (size % 3)
+        assert X.ngram_hashes(f"{word} a {word}", 2) == _ref_ngram_hashes(f"{word} a {word}", 2)
