@@ -332,3 +332,14 @@ def test_ngram_hashes_identical(kernels):
     for size in (0, 1, 7, 8, 31, 32, 33, 64, 100, 1000):  # every XXH64 length branch
         word = "x" * size + "é" * (size % 3)
         assert X.ngram_hashes(f"{word} a {word}", 2) == _ref_ngram_hashes(f"{word} a {word}", 2)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def test_encode_batch_same_ids(tmp_path):
+    from tinyseek.tokenizer import train_tokenizer
+    tok = train_tokenizer(corpus()[:200], 600, tmp_path / "tok")
+    texts = corpus()
+    want = [e.ids for e in tok._hf.encode_batch(list(texts), add_special_tokens=False)]  # the reference
+    assert tok.encode_batch(texts) == want
+    assert tok.encode_batch(texts[:30]) == [tok.encode(t) for t in texts[:30]]
