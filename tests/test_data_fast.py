@@ -343,3 +343,18 @@ def test_encode_batch_same_ids(tmp_path):
     want = [e.ids for e in tok._hf.encode_batch(list(texts), add_special_tokens=False)]  # the reference
     assert tok.encode_batch(texts) == want
     assert tok.encode_batch(texts[:30]) == [tok.encode(t) for t in texts[:30]]
+
+
+# ----------------------------------------------------------------------------- quality
+
+def _ref_char_entropy(text):
+    if not text:
+        return 0.0
+    n = len(text)
+    return -sum(c / n * math.log2(c / n) for c in Counter(text).values()) + 0.0
+
+
+def test_char_entropy_bit_identical():
+    for text in _texts() + ["a\ud800b\udfff", "\x00" * 5 + "\x7f"]:
+        got, want = Q.char_entropy(text), _ref_char_entropy(text)
+        assert got.hex() == want.hex(), repr(text[:80])
