@@ -227,10 +227,16 @@ def run(cfg: Config, sources: list[Source]) -> dict:
                 t0 = time.perf_counter()
                 try:
                     ex.run()
+                    failed = bool(ex.get_incomplete_ranks(skip_completed=True))
                 except Exception as e:  # noqa: BLE001 (a task's error: shown as ours, with where to look)
-                    raise _error(work, cls.stage, logs, e) from None
-                if ex.get_incomplete_ranks(skip_completed=True):
-                    raise _error(work, cls.stage, logs, None)
+                    failed, cause = True, e
+                else:
+                    cause = None
+                if failed:
+                    err = _error(work, cls.stage, logs, cause)
+                    if isinstance(err, UserError):  # the same settings and inputs would fail again
+                        shutil.rmtree(work, ignore_errors=True)
+                    raise err from None
                 walls[cls.stage] = round(time.perf_counter() - t0, 3)
         finally:
             if ray_started:

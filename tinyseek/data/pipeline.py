@@ -254,6 +254,11 @@ def main(cfg: Config) -> dict:
     sk = f"; {skipped_line(n_skipped, skipped)}" if n_skipped else ""
     if user and sum(s.meta.get("files", 0) for s in user) == 0:
         raise UserError(f"no input files found in {cfg.inputs} (supported suffixes: {' '.join(SUFFIXES)}){sk}")
+    out_dir = cfg.out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for d in remove_stale_spills(out_dir.parent, out_dir.name):
+        if not cfg.quiet:
+            print(f"removed {d}: spill folder of a data stage that did not finish")
     if cfg.executor != "serial":
         out = engine.run(cfg, sources)
         if "submitted" in out:
@@ -265,11 +270,6 @@ def main(cfg: Config) -> dict:
             print_summary(out["report"], out["idx_train"], out["idx_val"], out["vocab_size"], cfg.out_dir, out["weights"])
         return summary(cfg, out, out["vocab_size"], cfg.out_dir)
     acct = Accounting(cfg.text_field)
-    out_dir = cfg.out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for d in remove_stale_spills(out_dir.parent, out_dir.name):
-        if not cfg.quiet:
-            print(f"removed {d}: spill folder of a data stage that did not finish")
     spill, spill_lock = new_spill(out_dir.parent, out_dir.name)
     try:
         with atomic_dir(out_dir) as tmp:
