@@ -19,19 +19,24 @@ work folder removed. Only one data stage runs on a run folder at a time (a lock 
 from __future__ import annotations
 
 import contextlib
+import copy
+import ctypes
 import dataclasses
 import fcntl
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
 import datatrove.executor.base as dt_base
+import multiprocess
 import numpy as np
 from datatrove.executor.local import LocalPipelineExecutor
 from datatrove.utils.logging import logger
+from datatrove.utils.stats import PipelineStats
 
 from tinyseek.data import dedup as D
 from tinyseek.data import steps as S
@@ -116,19 +121,59 @@ class _Quiet:
             return super()._run_for_rank(rank, local_rank, node_rank)
 
 
+def _die_with_parent() -> None:
+    """In a pool worker: the kernel kills it when the run's process dies (Linux), so a killed run
+    leaves no worker finishing a task behind the back of the run that resumes it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before the call
+        os._exit(1)
+
+
 class LocalExecutor(_Quiet, LocalPipelineExecutor):
-    """datatrove's local executor, forking its workers from this process (no re-import per worker)."""
+    """datatrove's local executor (its task runner, logs, completion markers and stats), with workers
+    forked from this process (no re-import per worker) that die with it, and no manager process
+    (datatrove's would outlive a killed run)."""
+
+    def run(self):
+        self._launched = True
+        ranks = self.get_incomplete_ranks(range(self.local_rank_offset, self.local_rank_offset + self.local_tasks))
+        if not ranks:
+            return PipelineStats()
+        self.save_executor_as_json()
+        if self.workers == 1:
+            stats = []
+            pipeline = self.pipeline
+            for rank in ranks:
+                self.pipeline = copy.deepcopy(pipeline)
+                stats.append(self._run_for_rank(rank))
+            self.pipeline = pipeline
+        else:
+            ctx = multiprocess.get_context("fork")
+            with ctx.Pool(min(self.workers, len(ranks)), initializer=_die_with_parent) as pool:
+                stats = list(pool.imap_unordered(self._run_for_rank, ranks))
+        total = sum(stats, start=PipelineStats())
+        with self.logging_dir.open("stats.json", "wt") as f:
+            total.save_to_disk(f)
+        return total
 
 
 def _executor(cfg: Config, step, tasks: int, workers: int, logs: Path, depends=None):
     if cfg.executor == "local":
-        return LocalExecutor([step], tasks=tasks, workers=workers, logging_dir=str(logs), start_method="fork")
+        return LocalExecutor([step], tasks=tasks, workers=workers, logging_dir=str(logs))
     if cfg.executor == "ray":
         from datatrove.executor.ray import RayPipelineExecutor
 
         class RayExecutor(_Quiet, RayPipelineExecutor):
             pass
-        return RayExecutor([step], tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs), cpus_per_task=1)
+        if not cfg.ray_address:  # Ray on this machine: its warning about a local logging folder does not apply
+            logger.remove()
+            logger.add(sys.stderr, level="ERROR", format="{level}: {message}")
+        ex = RayExecutor([step], tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs), cpus_per_task=1)
+        quiet_console()
+        return ex
     from datatrove.executor.slurm import SlurmPipelineExecutor
 
     class SlurmExecutor(_Quiet, SlurmPipelineExecutor):
@@ -201,6 +246,7 @@ def run(cfg: Config, sources: list[Source]) -> dict:
         cfg_dict = dataclasses.asdict(cfg)
         counts = {"filter": tasks, "buckets": buckets, "tokenize": tasks, "score": tasks}
         walls: dict[str, float] = {}
+        reused: dict[str, int] = {}  # stage -> tasks found complete (a resumed run)
         ray_started = False
         if cfg.executor == "ray":
             import ray
@@ -218,6 +264,7 @@ def run(cfg: Config, sources: list[Source]) -> dict:
                 if cls is S.MixStep and cfg.executor != "slurm":
                     S.save_json(work / "walls.json", {"executor": cfg.executor, "workers": workers, "tasks": tasks,
                                                       "bucket_tasks": buckets, "resumed": resumed,
+                                                      "tasks_reused": reused,
                                                       "stage_seconds": walls, "setup_seconds": setup,
                                                       "elapsed_s": time.perf_counter() - t_start})
                 ex = _executor(cfg, step, n, workers, logs, depends=prev)
@@ -225,6 +272,9 @@ def run(cfg: Config, sources: list[Source]) -> dict:
                     prev = ex
                     continue
                 t0 = time.perf_counter()
+                done = n - len(ex.get_incomplete_ranks(skip_completed=True))
+                if done:
+                    reused[cls.stage] = done
                 try:
                     ex.run()
                     failed = bool(ex.get_incomplete_ranks(skip_completed=True))
