@@ -556,7 +556,9 @@ class VocabStep(DataStep):
                         break
             for t, (m, k) in enumerate(zip(metas, keep)):
                 save_npy(self.out() / f"{t:05d}.keep.npy", k)
-            # the tokenizer
+            # the tokenizer: one task, so the tokenizers library may use every core this process has
+            os.environ["RAYON_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                  else os.cpu_count() or 1)
             t0 = time.perf_counter()
             tok_dir = self.out() / "tokenizer"
             shutil.rmtree(tok_dir, ignore_errors=True)
