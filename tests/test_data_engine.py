@@ -203,3 +203,26 @@ def test_ray_executor_gives_the_reference_shards(tmp_path):
     res = P.main(sample_cfg(tmp_path / "ray", executor="ray", workers=2))
     assert shard_bytes(Path(res["out_dir"])) == shard_bytes(Path(ref["out_dir"]))
     assert report(res["out_dir"])["reconciled"]
+
+
+@pytest.mark.parametrize("executor", ["local", "serial"])
+def test_special_token_strings_in_documents_stay_text(tmp_path, executor):
+    """A corpus document that spells a special token ("<|eos|>", "<|assistant|>") gets no special id:
+    every document ends with exactly one end-of-document token, the one the shard writer adds."""
+    rng = random.Random(1)
+    docs = [prose(rng) for _ in range(30)]
+    docs[3] = docs[3][:200] + " <|eos|> " + docs[3][200:]
+    docs[7] = docs[7][:100] + " <|assistant|> <|eos|>" + docs[7][100:]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = P.Config(run_dir=str(tmp_path / "run"), inputs=str(tmp_path / "in.jsonl"), decontaminate=False,
+                   ppl_keep_fraction=1.0, val_fraction=0.0, vocab_size=300, quiet=True, executor=executor)
+    res = P.main(cfg)
+    out = Path(res["out_dir"])
+    idx = read_index(out / "shards")
+    import numpy as np
+    from tinyseek.tokenizer import load_tokenizer
+    tok = load_tokenizer(out / "tokenizer")
+    toks = np.concatenate([np.fromfile(out / "shards" / s["file"], dtype=idx["dtype"]) for s in idx["shards"]])
+    assert int((toks == tok.eos_id).sum()) == idx["n_docs"] == 30
+    assert not set(np.unique(toks).tolist()) & (tok.special_ids - {tok.eos_id})
+    assert "<|eos|>" in tok.decode(toks.tolist())

@@ -201,13 +201,19 @@ class Tokenizer:
         encoded as text (see :func:`encode_chat_with`; no special token comes from a message)."""
         return encode_chat_with(self, self.apply_chat_template, messages, add_generation_prompt)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """``[encode(t) for t in texts]``; parallel (Rust threads) for BPE, without the offsets
-        (``encode_batch_fast``: same ids) where the tokenizers library has it."""
+    def encode_batch(self, texts: Sequence[str], parse_special: bool = True) -> list[list[int]]:
+        """``[encode(t, parse_special=parse_special) for t in texts]``; parallel (Rust threads) for BPE,
+        without the offsets (``encode_batch_fast``: same ids) where the tokenizers library has it.
+        ``parse_special=False`` for text from outside (corpus documents): no special token comes from it."""
         if self._hf is not None:
-            fast = getattr(self._hf, "encode_batch_fast", None) or self._hf.encode_batch  # tokenizers >= 0.20
+            hf = self._hf
+            if not parse_special:
+                if self._plain is None:
+                    self._plain = _plain_copy(self._hf, self.control_tokens)
+                hf = self._plain
+            fast = getattr(hf, "encode_batch_fast", None) or hf.encode_batch  # tokenizers >= 0.20
             return [e.ids for e in fast(list(texts), add_special_tokens=False)]
-        return [self.encode(t) for t in texts]
+        return [self.encode(t, parse_special=parse_special) for t in texts]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text of ``ids``; invalid UTF-8 (a cut-off multi-byte character) becomes U+FFFD."""
@@ -483,9 +489,15 @@ class HFTokenizer:
         :func:`encode_chat_with`)."""
         return encode_chat_with(self, self.apply_chat_template, messages, add_generation_prompt, tools)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Ids of every text (no special tokens added): ``encode_batch_fast`` (no offsets, same ids)."""
-        fast = getattr(self._hf, "encode_batch_fast", None) or self._hf.encode_batch  # tokenizers >= 0.20
+    def encode_batch(self, texts: Sequence[str], parse_special: bool = True) -> list[list[int]]:
+        """Ids of every text (no special tokens added): ``encode_batch_fast`` (no offsets, same ids);
+        ``parse_special=False``: added-token strings are encoded as text, as in :meth:`encode`."""
+        hf = self._hf
+        if not parse_special:
+            if self._plain is None:
+                self._plain = _plain_copy(self._hf, self.control_tokens)
+            hf = self._plain
+        fast = getattr(hf, "encode_batch_fast", None) or hf.encode_batch  # tokenizers >= 0.20
         return [e.ids for e in fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:

@@ -312,7 +312,7 @@ def main(cfg: Config) -> dict:
                     batch: list[str] = []
 
                     def flush() -> None:
-                        for text, ids in zip(batch, tok.encode_batch(batch)):
+                        for text, ids in zip(batch, tok.encode_batch(batch, parse_special=False)):
                             arr = np.asarray(ids, dtype=tok_dt)
                             if content_bucket(text) < val_thr:
                                 val_docs.append(arr)

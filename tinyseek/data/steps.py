@@ -626,7 +626,7 @@ class TokenizeStep(DataStep):
 
                 def flush() -> None:
                     nonlocal done
-                    for ids in tok.encode_batch(batch):
+                    for ids in tok.encode_batch(batch, parse_special=False):
                         arr = np.asarray(ids, dtype=TOK_DTYPE)
                         arr.tofile(fb)
                         lens[done] = arr.size
