@@ -3,6 +3,7 @@ whatever the worker and task counts; duplicates found across tasks; a killed run
 finished tasks and without losing or repeating documents; one run a folder at a time."""
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -226,3 +227,18 @@ def test_special_token_strings_in_documents_stay_text(tmp_path, executor):
     assert int((toks == tok.eos_id).sum()) == idx["n_docs"] == 30
     assert not set(np.unique(toks).tolist()) & (tok.special_ids - {tok.eos_id})
     assert "<|eos|>" in tok.decode(toks.tolist())
+
+
+def test_slurm_chain_is_built_without_submitting(tmp_path):
+    """No cluster here: the job arrays are built (one per stage, each depending on the one before,
+    this Python environment activated) but nothing is submitted."""
+    pytest.importorskip("datatrove.executor.slurm")
+    cfg = P.Config(run_dir=str(tmp_path), executor="slurm", slurm_partition="cpu", tasks=4).validate()
+    prev = None
+    for cls in S.STEPS:
+        n = {"filter": 4, "score": 4, "tokenize": 4, "buckets": 4}.get(cls.stage, 1)
+        ex = E._executor(cfg, cls(dataclasses.asdict(cfg), str(tmp_path), 4, 4),
+                         n, 2, tmp_path / "logs" / cls.stage, depends=prev)
+        assert ex.world_size == n and ex.partition == "cpu" and ex.depends is prev
+        assert ex.job_name == f"tinyseek-data-{cls.stage}" and ex.venv_path.endswith("bin/activate")
+        prev = ex

@@ -25,9 +25,17 @@ Outputs ``runs/<name>/data/`` (written to a temp dir, then renamed: complete or 
     report.json                      accounting: input docs = kept + dropped per reason, per source;
                                      malformed records with path:line; stage throughput
 
+Two ways to run the same stages, with the same result (documents kept, shards byte for byte):
+
+- ``--executor local`` (default), ``ray`` or ``slurm``: the stages as datatrove pipeline steps run by
+  its executors as many parallel tasks, resumable after a kill (:mod:`tinyseek.data.engine`,
+  :mod:`tinyseek.data.steps`; the work folder ``<run>/data.work``);
+- ``--executor serial``: this module's one-process path, the readable reference the engine is tested
+  against (tests/test_data_engine.py).
+
 Memory stays bounded by the number of documents (hash sets, MinHash signatures, per-document token
-counts), not their bytes: kept documents and tokens are spilled to temporary files per domain, in a
-``.spill-data-<pid>-*`` folder beside the output. The folder is removed when the stage ends, normally
+counts), not their bytes: the one-process path spills kept documents and tokens to temporary files
+per domain, in a ``.spill-data-<pid>-*`` folder beside the output. The folder is removed when the stage ends, normally
 or by an exception; one left by a killed stage (its ``lock`` file no longer locked: the kernel drops
 the lock when its process dies) is removed when the next data stage for that run starts.
 
