@@ -49,6 +49,7 @@ LAZY: dict[str, set[str]] = {
     "opacus": {"tinyseek.post.dp"},  # 1.4 s, optional (--dp only)
     "reasoning_gym": {"tinyseek.tasks.gsm"},  # 0.8-0.9 s, optional (the gsm task only)
     "datasketch": {"tinyseek.data.dedup"},  # 0.33 s, optional (near-dup only)
+    "ray": {"tinyseek.data.engine"},  # 0.4 s, optional (tinyseek data --executor ray only)
     "matplotlib": {"tinyseek.plots"},  # 0.37 s (only when a PNG is written)
     "pyarrow": {"tinyseek.data.ingest"},  # 0.11 s, optional (Parquet input only)
     "torchao": {"tinyseek.train.precision"},  # ~3.5 s, optional (--fp8 only)

@@ -35,6 +35,8 @@ import datatrove.executor.base as dt_base
 import multiprocess
 import numpy as np
 from datatrove.executor.local import LocalPipelineExecutor
+from datatrove.executor.ray import RayPipelineExecutor
+from datatrove.executor.slurm import SlurmPipelineExecutor
 from datatrove.utils.logging import logger
 from datatrove.utils.stats import PipelineStats
 
@@ -132,6 +134,20 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+class RayExecutor(_Quiet, RayPipelineExecutor):
+    """datatrove's Ray executor, task logs to files."""
+
+
+class SlurmExecutor(_Quiet, SlurmPipelineExecutor):
+    """datatrove's Slurm executor, task logs to files."""
+
+
+def _ray():
+    """The ``ray`` module (optional: ``--executor ray`` only; 0.4 s to import)."""
+    import ray
+    return ray
+
+
 class LocalExecutor(_Quiet, LocalPipelineExecutor):
     """datatrove's local executor (its task runner, logs, completion markers and stats), with workers
     forked from this process (no re-import per worker) that die with it, and no manager process
@@ -164,20 +180,12 @@ def _executor(cfg: Config, step, tasks: int, workers: int, logs: Path, depends=N
     if cfg.executor == "local":
         return LocalExecutor([step], tasks=tasks, workers=workers, logging_dir=str(logs))
     if cfg.executor == "ray":
-        from datatrove.executor.ray import RayPipelineExecutor
-
-        class RayExecutor(_Quiet, RayPipelineExecutor):
-            pass
         if not cfg.ray_address:  # Ray on this machine: its warning about a local logging folder does not apply
             logger.remove()
             logger.add(sys.stderr, level="ERROR", format="{level}: {message}")
         ex = RayExecutor([step], tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs), cpus_per_task=1)
         quiet_console()
         return ex
-    from datatrove.executor.slurm import SlurmPipelineExecutor
-
-    class SlurmExecutor(_Quiet, SlurmPipelineExecutor):
-        pass
     return SlurmExecutor([step], tasks=tasks, time=cfg.slurm_time, partition=cfg.slurm_partition, cpus_per_task=1,
                          workers=workers, job_name=f"tinyseek-data-{step.stage}", logging_dir=str(logs),
                          depends=depends, venv_path=str(Path(sys.prefix) / "bin" / "activate"))
@@ -249,7 +257,7 @@ def run(cfg: Config, sources: list[Source]) -> dict:
         reused: dict[str, int] = {}  # stage -> tasks found complete (a resumed run)
         ray_started = False
         if cfg.executor == "ray":
-            import ray
+            ray = _ray()
             if not ray.is_initialized():
                 ray.init(address=cfg.ray_address or None, num_cpus=None if cfg.ray_address else workers,
                          include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -290,8 +298,7 @@ def run(cfg: Config, sources: list[Source]) -> dict:
                 walls[cls.stage] = round(time.perf_counter() - t0, 3)
         finally:
             if ray_started:
-                import ray
-                ray.shutdown()
+                _ray().shutdown()
         if cfg.executor == "slurm":
             prev.run()  # submits the chain, each array after the one it depends on
             return {"submitted": True, "work_dir": str(work), "out_dir": str(cfg.out_dir)}
