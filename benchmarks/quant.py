@@ -190,7 +190,7 @@ def main() -> None:
                   f"calib rel err {rep['err']:.3g} (rtn {rep['err_rtn']:.3g})", flush=True)
     if args.qat_steps:
         g = int(args.groups.split(",")[0])
-        from tinyseek.data.shards import ShardLoader
+        from tinyseek.data.loader import ShardLoader
 
         loader = ShardLoader(data, 8, T, 0, 1, args.device)
         q = copy.deepcopy(base)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from tinyseek.data.shards import ShardLoader
+from tinyseek.data.loader import ShardLoader
 from tinyseek.model.moe import Router, routing_entropy
 from tinyseek.quant.load import load_model
 from tinyseek.train import pretrain

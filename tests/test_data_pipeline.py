@@ -15,7 +15,8 @@ import pytest
 
 from tinyseek.data import pipeline as P
 from tinyseek.data.clean import HeuristicConfig, clean_text, heuristic_reason
-from tinyseek.data.shards import ShardLoader, read_index
+from tinyseek.data.loader import ShardLoader
+from tinyseek.data.shards import read_index
 from tinyseek.data.sources import SAMPLES_DIR
 from tinyseek.errors import UserError
 from tinyseek.tokenizer import load_tokenizer

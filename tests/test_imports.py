@@ -25,7 +25,7 @@ PKG_DIR = Path(__file__).resolve().parents[1] / "tinyseek"
 # Layers, from the ground up. A module imports from its own layer and the ones before it, never after.
 LAYERS: list[tuple[str, ...]] = [
     # foundations: errors, settings, file and RNG helpers, glibc malloc settings, PNG plots
-    ("tinyseek", "tinyseek.errors", "tinyseek.common", "tinyseek.config", "tinyseek.integrity", "tinyseek.malloc",
+    ("tinyseek", "tinyseek.errors", "tinyseek.fsutil", "tinyseek.common", "tinyseek.config", "tinyseek.integrity", "tinyseek.malloc",
      "tinyseek.plots"),
     ("tinyseek.kernels",),  # C sources + the loader that builds them; fast variants of ops; nothing from model/
     ("tinyseek.model",),  # PyTorch reference modules; each op has one seam where a kernel variant is chosen once

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tinyseek.data import shards as S
-from tinyseek.data.shards import ShardLoader, read_index, verify_shards, write_shards
+from tinyseek.data.loader import ShardLoader
+from tinyseek.data.shards import read_index, verify_shards, write_shards
 from tinyseek.errors import UserError
 
 VOCAB = 100

@@ -48,7 +48,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer as RustTokenizer, decoders, models, pre_tokenizers, trainers
 
-from tinyseek.common import atomic_dir
+from tinyseek.fsutil import atomic_dir
 from tinyseek.config import ConfigError
 from tinyseek.data.clean import clean_text
 from tinyseek.data.ingest import iter_documents

@@ -61,7 +61,7 @@ from typing import Iterator
 import numpy as np
 
 from tinyseek import tokenizer as tk
-from tinyseek.common import atomic_dir
+from tinyseek.fsutil import atomic_dir
 from tinyseek.data import clean as C
 from tinyseek.data import engine
 from tinyseek.data.accounting import (MAX_MALFORMED_LISTED, REASONS, STAGES, Accounting, format_report,  # noqa: F401

@@ -42,7 +42,7 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
 from tinyseek import tokenizer as tk
-from tinyseek.common import atomic_dir
+from tinyseek.fsutil import atomic_dir
 from tinyseek.config import from_dict
 from tinyseek.data import clean as C
 from tinyseek.data import dedup as D

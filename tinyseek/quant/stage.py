@@ -21,7 +21,8 @@ import torch
 
 from tinyseek.common import print0, seed_everything
 from tinyseek.config import ConfigError
-from tinyseek.data.shards import ShardLoader, read_index
+from tinyseek.data.loader import ShardLoader
+from tinyseek.data.shards import read_index
 from tinyseek.errors import UserError
 from tinyseek.quant.qat import convert_qat, iter_batches, prepare_qat, qat_finetune
 from tinyseek.quant.quantize import QuantSpec, quant_config, quantize_model, save_quantized, weight_bytes

@@ -82,7 +82,8 @@ from tqdm import tqdm
 from tinyseek.common import (MetricsLogger, atomic_write_json, autocast_ctx, autocast_dtype, move_aside, print0,
                              seed_everything)
 from tinyseek.config import ConfigError, ModelConfig, check_finite, model_cpu_tiny, model_gpu_small, model_micro, to_dict
-from tinyseek.data.shards import ShardLoader, TooFewTokens, read_index, write_shards
+from tinyseek.data.loader import ShardLoader
+from tinyseek.data.shards import TooFewTokens, read_index, write_shards
 from tinyseek.data.sources import default_sources
 from tinyseek.errors import UserError
 from tinyseek.kernels import gemm
