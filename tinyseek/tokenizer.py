@@ -181,11 +181,7 @@ class Tokenizer:
         are encoded as text, like any other; ``decode`` gives ``text`` back). No BOS/EOS added (our
         tokenizers add none, so ``add_special_tokens`` changes nothing)."""
         if self._hf is not None:
-            if not parse_special:
-                if self._plain is None:
-                    self._plain = _plain_copy(self._hf, self.control_tokens)
-                return self._plain.encode(text, add_special_tokens=False).ids
-            return self._hf.encode(text, add_special_tokens=False).ids
+            return self._backend(parse_special).encode(text, add_special_tokens=False).ids
         if not parse_special:
             return list(text.encode("utf-8"))
         out: list[int] = []
@@ -206,14 +202,17 @@ class Tokenizer:
         without the offsets (``encode_batch_fast``: same ids) where the tokenizers library has it.
         ``parse_special=False`` for text from outside (corpus documents): no special token comes from it."""
         if self._hf is not None:
-            hf = self._hf
-            if not parse_special:
-                if self._plain is None:
-                    self._plain = _plain_copy(self._hf, self.control_tokens)
-                hf = self._plain
-            fast = getattr(hf, "encode_batch_fast", None) or hf.encode_batch  # tokenizers >= 0.20
-            return [e.ids for e in fast(list(texts), add_special_tokens=False)]
+            return _batch_ids(self._backend(parse_special), texts)
         return [self.encode(t, parse_special=parse_special) for t in texts]
+
+    def _backend(self, parse_special: bool):
+        """The tokenizers backend: as loaded, or (``parse_special=False``) the copy that reads the
+        special-token strings as text."""
+        if parse_special:
+            return self._hf
+        if self._plain is None:
+            self._plain = _plain_copy(self._hf, self.control_tokens)
+        return self._plain
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text of ``ids``; invalid UTF-8 (a cut-off multi-byte character) becomes U+FFFD."""
@@ -476,11 +475,7 @@ class HFTokenizer:
         (e.g. Llama 3's BOS), as ``tok(text)``. ``parse_special=False``: no added-token string
         (:attr:`control_tokens`) becomes its id; they are encoded as text by the model's BPE, as
         transformers' ``split_special_tokens=True`` does."""
-        if not parse_special:
-            if self._plain is None:
-                self._plain = _plain_copy(self._hf, self.control_tokens)
-            return self._plain.encode(text, add_special_tokens=add_special_tokens).ids
-        return self._hf.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._backend(parse_special).encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
                     tools: list[dict] | None = None) -> list[int]:
@@ -492,13 +487,16 @@ class HFTokenizer:
     def encode_batch(self, texts: Sequence[str], parse_special: bool = True) -> list[list[int]]:
         """Ids of every text (no special tokens added): ``encode_batch_fast`` (no offsets, same ids);
         ``parse_special=False``: added-token strings are encoded as text, as in :meth:`encode`."""
-        hf = self._hf
-        if not parse_special:
-            if self._plain is None:
-                self._plain = _plain_copy(self._hf, self.control_tokens)
-            hf = self._plain
-        fast = getattr(hf, "encode_batch_fast", None) or hf.encode_batch  # tokenizers >= 0.20
-        return [e.ids for e in fast(list(texts), add_special_tokens=False)]
+        return _batch_ids(self._backend(parse_special), texts)
+
+    def _backend(self, parse_special: bool):
+        """The tokenizers backend: as loaded, or (``parse_special=False``) the copy that reads
+        :attr:`control_tokens` as text."""
+        if parse_special:
+            return self._hf
+        if self._plain is None:
+            self._plain = _plain_copy(self._hf, self.control_tokens)
+        return self._plain
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text of ``ids`` as transformers' ``tok.decode(ids, skip_special_tokens=skip_special)``;
@@ -570,6 +568,13 @@ class HFTokenizer:
             except UnicodeDecodeError:
                 raise UserError(f"{p / n} is not UTF-8 text") from None
         return cls(files, str(p))
+
+
+def _batch_ids(hf, texts: Sequence[str]) -> list[list[int]]:
+    """Ids of ``texts`` by the tokenizers backend ``hf``, no special tokens added: ``encode_batch_fast``
+    (no offsets, same ids; tokenizers >= 0.20) in the library's threads."""
+    fast = getattr(hf, "encode_batch_fast", None) or hf.encode_batch
+    return [e.ids for e in fast(list(texts), add_special_tokens=False)]
 
 
 def _plain_copy(hf, strings: Sequence[str]):

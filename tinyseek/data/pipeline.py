@@ -62,7 +62,6 @@ import numpy as np
 
 from tinyseek import tokenizer as tk
 from tinyseek.fsutil import atomic_dir
-from tinyseek.data import clean as C
 from tinyseek.data import engine
 from tinyseek.data.accounting import (MAX_MALFORMED_LISTED, REASONS, STAGES, Accounting, format_report,  # noqa: F401
                                        nothing_kept_error, skipped_line)
@@ -71,7 +70,7 @@ from tinyseek.data.dedup import ExactDedup, NearDedup
 from tinyseek.data.ingest import SUFFIXES
 from tinyseek.data.output import DomainTokens, print_summary, summary, write_dataset
 from tinyseek.data.quality import NgramLM, char_entropy, keep_threshold
-from tinyseek.data.reading import capped, content_bucket, make_sources
+from tinyseek.data.reading import capped, content_bucket, first_filters, make_sources
 from tinyseek.data.settings import Config, preset  # noqa: F401  (the stage contract: pipeline.Config, pipeline.preset)
 from tinyseek.data.sources import Source
 from tinyseek.errors import UserError
@@ -137,28 +136,14 @@ def _filter_stream(cfg: Config, sources: list[Source], acct: Accounting, spill: 
             hcfg = cfg.relaxed if src.domain in relaxed else cfg.heuristics
             check_contam = cfg.decontaminate_generated or not src.meta.get("generated_train_split", False)
             for doc, nbytes in capped(src, cfg, acct):
-                acct.input[src.name] += 1
-                if doc.text is None:
-                    if doc.keys or doc.error.startswith("missing field"):
-                        acct.n_missing_field += 1
-                        if len(acct.keys_seen) < 100:
-                            acct.keys_seen.update(doc.keys)
-                    acct.drop(src.name, "malformed", doc.loc)
-                    acct.n_malformed += 1
-                    if len(acct.malformed) < MAX_MALFORMED_LISTED:
-                        acct.malformed.append({"source": src.name, "loc": doc.loc, "error": doc.error})
+                got = first_filters(doc, src.name, nbytes, hcfg, acct)
+                if got is None:
                     continue
-                acct.n_texts += 1
-                t0 = time.perf_counter()
-                text = C.clean_text(doc.text)
-                t0 = acct.time("clean", t0, 1, nbytes)
-                nb = len(text.encode("utf-8"))
-                reason = C.heuristic_reason(text, hcfg)
-                t0 = acct.time("heuristics", t0, 1, nb)
+                text, nb = got
                 # each later stage sees only the documents every earlier stage kept
-                if reason is None:
-                    reason = "exact_duplicate" if exact.is_duplicate(text) else None
-                    t0 = acct.time("exact_dedup", t0, 1, nb)
+                t0 = time.perf_counter()
+                reason = "exact_duplicate" if exact.is_duplicate(text) else None
+                t0 = acct.time("exact_dedup", t0, 1, nb)
                 if reason is None and near is not None and len(text) >= cfg.near_dup_min_chars:
                     key += 1
                     reason = "near_duplicate" if near.check(str(key), text) is not None else None

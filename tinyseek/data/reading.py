@@ -18,7 +18,8 @@ from typing import Iterator
 
 import xxhash
 
-from tinyseek.data.accounting import Accounting
+from tinyseek.data import clean as C
+from tinyseek.data.accounting import MAX_MALFORMED_LISTED, Accounting
 from tinyseek.data.ingest import Doc
 from tinyseek.data.settings import Config
 from tinyseek.data.sources import Source, default_sources, user_sources
@@ -112,3 +113,31 @@ def task_docs(cfg: Config, sources: list[Source], rank: int, world: int,
                 acct.time("ingest", t0, 1, nbytes)
                 yield doc_key(si, 0, pos), si, doc, nbytes
             t0 = time.perf_counter()
+
+
+def first_filters(doc: Doc, source: str, nbytes: int, hcfg: C.HeuristicConfig,
+                  acct: Accounting) -> tuple[str, int] | None:
+    """Count ``doc`` in; a malformed record or a document failing the heuristics is accounted as
+    dropped (None). Else its cleaned text and UTF-8 size. Times the clean and heuristics stages."""
+    acct.input[source] += 1
+    if doc.text is None:
+        if doc.keys or doc.error.startswith("missing field"):
+            acct.n_missing_field += 1
+            if len(acct.keys_seen) < 100:
+                acct.keys_seen.update(doc.keys)
+        acct.drop(source, "malformed", doc.loc)
+        acct.n_malformed += 1
+        if len(acct.malformed) < MAX_MALFORMED_LISTED:
+            acct.malformed.append({"source": source, "loc": doc.loc, "error": doc.error})
+        return None
+    acct.n_texts += 1
+    t0 = time.perf_counter()
+    text = C.clean_text(doc.text)
+    t0 = acct.time("clean", t0, 1, nbytes)
+    nb = len(text.encode("utf-8"))
+    reason = C.heuristic_reason(text, hcfg)
+    acct.time("heuristics", t0, 1, nb)
+    if reason is not None:
+        acct.drop(source, reason, doc.loc)
+        return None
+    return text, nb

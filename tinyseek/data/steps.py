@@ -44,13 +44,12 @@ from datatrove.pipeline.base import PipelineStep
 from tinyseek import tokenizer as tk
 from tinyseek.fsutil import atomic_dir
 from tinyseek.config import from_dict
-from tinyseek.data import clean as C
 from tinyseek.data import dedup as D
 from tinyseek.data.accounting import MAX_MALFORMED_LISTED, Accounting, nothing_kept_error, skipped_line
 from tinyseek.data.decontam import ngram_hashes
 from tinyseek.data.output import DomainTokens, write_dataset
 from tinyseek.data.quality import NgramLM, char_entropy, keep_threshold
-from tinyseek.data.reading import content_bucket, make_sources, task_docs
+from tinyseek.data.reading import content_bucket, first_filters, make_sources, task_docs
 from tinyseek.data.settings import Config
 from tinyseek.errors import UserError
 
@@ -243,27 +242,11 @@ class FilterStep(DataStep):
         with open(tmp_docs, "wb") as f:
             for key, si, doc, nbytes in task_docs(cfg, sources, rank, world, acct):
                 src = sources[si]
-                acct.input[src.name] += 1
-                if doc.text is None:
-                    if doc.keys or doc.error.startswith("missing field"):
-                        acct.n_missing_field += 1
-                        if len(acct.keys_seen) < 100:
-                            acct.keys_seen.update(doc.keys)
-                    acct.drop(src.name, "malformed", doc.loc)
-                    acct.n_malformed += 1
-                    if len(acct.malformed) < MAX_MALFORMED_LISTED:
-                        acct.malformed.append({"source": src.name, "loc": doc.loc, "error": doc.error})
+                got = first_filters(doc, src.name, nbytes, cfg.relaxed if src.domain in relaxed else cfg.heuristics, acct)
+                if got is None:
                     continue
-                acct.n_texts += 1
+                text, nb = got
                 t0 = time.perf_counter()
-                text = C.clean_text(doc.text)
-                t0 = acct.time("clean", t0, 1, nbytes)
-                nb = len(text.encode("utf-8"))
-                reason = C.heuristic_reason(text, cfg.relaxed if src.domain in relaxed else cfg.heuristics)
-                t0 = acct.time("heuristics", t0, 1, nb)
-                if reason is not None:
-                    acct.drop(src.name, reason, doc.loc)
-                    continue
                 exact.append(np.frombuffer(D.content_hash(text, cfg.hash).ljust(16, b"\0"), dtype=np.uint64))
                 t0 = acct.time("exact_dedup", t0, 1, nb)
                 row = -1
