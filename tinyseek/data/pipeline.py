@@ -70,7 +70,7 @@ from tinyseek.data.dedup import ExactDedup, NearDedup
 from tinyseek.data.ingest import SUFFIXES
 from tinyseek.data.output import DomainTokens, print_summary, summary, write_dataset
 from tinyseek.data.quality import NgramLM, char_entropy, keep_threshold
-from tinyseek.data.reading import capped, content_bucket, first_filters, make_sources
+from tinyseek.data.reading import capped, content_bucket, first_filters, make_sources, round_robin, val_threshold
 from tinyseek.data.settings import Config, preset  # noqa: F401  (the stage contract: pipeline.Config, pipeline.preset)
 from tinyseek.data.sources import Source
 from tinyseek.errors import UserError
@@ -206,33 +206,14 @@ def _perplexity(cfg: Config, counts: dict[str, int], acct: Accounting, spill: Pa
 
 
 def _val_threshold(cfg: Config, counts: dict[str, int], spill: Path) -> int:
-    """Docs whose content hash is below the returned value are held out: the lowest-hash docs until
-    they hold ``max(val_fraction, val_min_chars)`` of the characters (at most 20%)."""
-    if cfg.val_fraction <= 0:
-        return 0
-    hs = sorted((content_bucket(r["t"]), len(r["t"])) for d in counts for r in _read_spill(spill / f"{d}.jsonl"))
-    total = sum(n for _, n in hs)
-    want = min(max(cfg.val_fraction * total, cfg.val_min_chars), 0.2 * total)
-    acc = 0
-    for h, n in hs:
-        acc += n
-        if acc >= want:
-            return h + 1
-    return 1 << 64
+    return val_threshold(((content_bucket(r["t"]), len(r["t"])) for d in counts for r in _read_spill(spill / f"{d}.jsonl")),
+                         cfg.val_fraction, cfg.val_min_chars)
 
 
 def _train_texts(cfg: Config, counts: dict[str, int], spill: Path, val_thr: int) -> Iterator[str]:
     """Training documents for the BPE: round-robin over domains, up to ``tokenizer_chars``."""
-    its = [(r["t"] for r in _read_spill(spill / f"{d}.jsonl") if content_bucket(r["t"]) >= val_thr) for d in counts]
-    budget = cfg.tokenizer_chars
-    while its and budget > 0:
-        for it in list(its):
-            t = next(it, None)
-            if t is None:
-                its.remove(it)
-                continue
-            budget -= len(t)
-            yield t
+    return round_robin([(r["t"] for r in _read_spill(spill / f"{d}.jsonl") if content_bucket(r["t"]) >= val_thr)
+                        for d in counts], cfg.tokenizer_chars)
 
 
 def main(cfg: Config) -> dict:

@@ -14,7 +14,7 @@ however many tasks read the corpus. How a source is split between ``world`` task
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import xxhash
 
@@ -141,3 +141,42 @@ def first_filters(doc: Doc, source: str, nbytes: int, hcfg: C.HeuristicConfig,
         acct.drop(source, reason, doc.loc)
         return None
     return text, nb
+
+
+def val_threshold(docs: Iterable[tuple[int, int]], val_fraction: float, val_min_chars: int) -> int:
+    """The held-out split from ``(content bucket, characters)`` of every kept document: documents whose
+    bucket is below the returned value are held out, the lowest buckets until they hold
+    ``max(val_fraction, val_min_chars)`` of the characters (at most 20%). 0: none held out.
+
+    >>> val_threshold([(5, 10), (1, 10), (9, 80)], 0.1, 0), val_threshold([(5, 10)], 0.0, 0)
+    (2, 0)
+    """
+    if val_fraction <= 0:
+        return 0
+    hs = sorted(docs)
+    total = sum(n for _, n in hs)
+    want = min(max(val_fraction * total, val_min_chars), 0.2 * total)
+    acc = 0
+    for h, n in hs:
+        acc += n
+        if acc >= want:
+            return h + 1
+    return 1 << 64
+
+
+def round_robin(streams: list[Iterator[str]], budget: int) -> Iterator[str]:
+    """Texts taken one from each stream in turn (a finished stream drops out) until ``budget``
+    characters are taken (the text that crosses it included): the BPE's training texts, domains mixed.
+
+    >>> list(round_robin([iter(["aa", "bb", "cc"]), iter(["x"])], 5))
+    ['aa', 'x', 'bb']
+    """
+    its = list(streams)
+    while its and budget > 0:
+        for it in list(its):
+            t = next(it, None)
+            if t is None:
+                its.remove(it)
+                continue
+            budget -= len(t)
+            yield t

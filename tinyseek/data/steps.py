@@ -49,7 +49,7 @@ from tinyseek.data.accounting import MAX_MALFORMED_LISTED, Accounting, nothing_k
 from tinyseek.data.decontam import ngram_hashes
 from tinyseek.data.output import DomainTokens, write_dataset
 from tinyseek.data.quality import NgramLM, char_entropy, keep_threshold
-from tinyseek.data.reading import content_bucket, first_filters, make_sources, task_docs
+from tinyseek.data.reading import content_bucket, first_filters, make_sources, round_robin, task_docs, val_threshold
 from tinyseek.data.settings import Config
 from tinyseek.errors import UserError
 
@@ -526,17 +526,9 @@ class VocabStep(DataStep):
             if not counts:
                 raise nothing_kept(self.work, acct, sources)
             # the held-out split: lowest content hashes until they hold the wanted share of characters
-            val_thr = 0
-            if cfg.val_fraction > 0 and counts:
-                hs = sorted((b, n) for m, k in zip(metas, keep) for b, n in zip(m["bucket"][k].tolist(), m["nchars"][k].tolist()))
-                total = sum(n for _, n in hs)
-                want = min(max(cfg.val_fraction * total, cfg.val_min_chars), 0.2 * total)
-                acc, val_thr = 0, 1 << 64
-                for h, n in hs:
-                    acc += n
-                    if acc >= want:
-                        val_thr = h + 1
-                        break
+            val_thr = val_threshold(((b, n) for m, k in zip(metas, keep)
+                                     for b, n in zip(m["bucket"][k].tolist(), m["nchars"][k].tolist())),
+                                    cfg.val_fraction, cfg.val_min_chars)
             for t, (m, k) in enumerate(zip(metas, keep)):
                 save_npy(self.out() / f"{t:05d}.keep.npy", k)
             # the tokenizer: one task, so the tokenizers library may use every core this process has
@@ -557,21 +549,13 @@ class VocabStep(DataStep):
                 for _, t, off, s in rows:
                     by_dom[doms[s]].append((t, off))
 
-                def train_texts() -> Iterator[str]:
+                def texts(d: str) -> Iterator[str]:
                     nonlocal n_chars
-                    its = [iter(by_dom[d]) for d in counts]
-                    budget = cfg.tokenizer_chars
-                    while its and budget > 0:
-                        for it in list(its):
-                            nxt = next(it, None)
-                            if nxt is None:
-                                its.remove(it)
-                                continue
-                            text = files[nxt[0]].get(nxt[1])["t"]
-                            budget -= len(text)
-                            n_chars += len(text.encode("utf-8"))
-                            yield text
-                tk.train_tokenizer(train_texts(), cfg.vocab_size, tok_dir)
+                    for t, off in by_dom[d]:
+                        text = files[t].get(off)["t"]
+                        n_chars += len(text.encode("utf-8"))
+                        yield text
+                tk.train_tokenizer(round_robin([texts(d) for d in counts], cfg.tokenizer_chars), cfg.vocab_size, tok_dir)
             acct.time("tokenizer", t0, 0, 0 if cfg.tokenizer else n_chars)
         finally:
             for f in files:
