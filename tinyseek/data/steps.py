@@ -637,29 +637,30 @@ class MixStep(DataStep):
                if z["lens"].sum() else np.zeros(0, TOK_DTYPE) for t, z in enumerate(toks)]
         starts = [np.concatenate([[0], np.cumsum(z["lens"])]).astype(np.int64) for z in toks]
         files = [DocFile(self.work / "filter" / f"{t:05d}.docs.jsonl") for t in range(self.n_filter)]
-        rows = sorted((int(k), t, i) for t, z in enumerate(toks) for i, k in enumerate(z["key"].tolist()))
+        col = {k: np.concatenate([z[k] for z in toks]) for k in ("key", "dom", "val", "lens", "off")}
+        task = np.concatenate([np.full(len(z["key"]), t, dtype=np.int64) for t, z in enumerate(toks)])
+        idx = np.concatenate([np.arange(len(z["key"]), dtype=np.int64) for z in toks])
+        order = np.argsort(col["key"], kind="stable")  # corpus order
         train: dict[str, DomainTokens] = {}
         val_docs: list[np.ndarray] = []
         val_count: Counter = Counter()
         counts = plan["counts"]
+
+        def tokens(g: int) -> np.ndarray:
+            t, i = int(task[g]), int(idx[g])
+            return np.asarray(mms[t][starts[t][i]:starts[t][i + 1]])
         try:
             for d in counts:
-                di = doms.index(d)
-                mine = [(t, i) for _, t, i in rows if toks[t]["dom"][i] == di]
-                tr = [(t, i) for t, i in mine if not toks[t]["val"][i]]
-                for t, i in mine:
-                    if toks[t]["val"][i]:
-                        val_docs.append(np.asarray(mms[t][starts[t][i]:starts[t][i + 1]]))
-                        val_count[d] += 1
-
-                def doc(j: int, tr=tr) -> np.ndarray:
-                    t, i = tr[j]
-                    return np.asarray(mms[t][starts[t][i]:starts[t][i + 1]])
+                mine = order[col["dom"][order] == doms.index(d)]
+                held = mine[col["val"][mine]]
+                val_docs.extend(tokens(int(g)) for g in held)
+                val_count[d] = len(held)
+                tr = mine[~col["val"][mine]]
 
                 def texts(tr=tr) -> Iterator[str]:
-                    for t, i in tr:
-                        yield files[t].get(int(toks[t]["off"][i]))["t"]
-                train[d] = DomainTokens([int(toks[t]["lens"][i]) for t, i in tr], doc, texts)
+                    for g in tr.tolist():
+                        yield files[int(task[g])].get(int(col["off"][g]))["t"]
+                train[d] = DomainTokens(col["lens"][tr].tolist(), lambda j, tr=tr: tokens(int(tr[j])), texts)
             out_dir = cfg.out_dir
             extra = {"engine": engine} if engine else {}
             with atomic_dir(out_dir) as tmp:
