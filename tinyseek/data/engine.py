@@ -250,7 +250,8 @@ def run(cfg: Config, sources: list[Source]) -> dict:
             grams = np.fromiter(sorted(eval_ngrams(cfg.decontam_n, cfg.decontam_problems)), dtype=np.uint64)
             S.save_npy(work / "grams.npy", grams)
             setup["decontam_ngrams"] = round(time.perf_counter() - t0, 3)
-        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, cpu_count() // workers)))  # tokenizers' threads a task
+        # the tokenizers library's threads a task (workers inherit it; restored for the rest of this process)
+        threads = os.environ.get("RAYON_NUM_THREADS") or str(max(1, cpu_count() // workers))
         cfg_dict = dataclasses.asdict(cfg)
         counts = {"filter": tasks, "buckets": buckets, "tokenize": tasks, "score": tasks}
         walls: dict[str, float] = {}
@@ -264,7 +265,10 @@ def run(cfg: Config, sources: list[Source]) -> dict:
                 ray_started = True
         quiet_console()
         prev = None
-        try:
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(S.env_set("RAYON_NUM_THREADS", threads))
+            if ray_started:
+                scope.callback(_ray().shutdown)
             for cls in S.STEPS:
                 n = counts.get(cls.stage, 1)
                 logs = work / "logs" / cls.stage
@@ -296,9 +300,6 @@ def run(cfg: Config, sources: list[Source]) -> dict:
                         shutil.rmtree(work, ignore_errors=True)
                     raise err from None
                 walls[cls.stage] = round(time.perf_counter() - t0, 3)
-        finally:
-            if ray_started:
-                _ray().shutdown()
         if cfg.executor == "slurm":
             prev.run()  # submits the chain, each array after the one it depends on
             return {"submitted": True, "work_dir": str(work), "out_dir": str(cfg.out_dir)}

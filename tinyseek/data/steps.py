@@ -29,6 +29,7 @@ instead of word shingles and union-find clusters, so both paths keep the same do
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -112,6 +113,21 @@ def acct_merge(a: Accounting, d: dict) -> None:
     for k, v in d["keys_seen"].items():
         if k in a.keys_seen or len(a.keys_seen) < 100:
             a.keys_seen[k] += v
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str | None):
+    """``os.environ[name] = value`` for the block (None: left as it is), then as it was."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def domains_of(sources) -> list[str]:
@@ -532,8 +548,7 @@ class VocabStep(DataStep):
             for t, (m, k) in enumerate(zip(metas, keep)):
                 save_npy(self.out() / f"{t:05d}.keep.npy", k)
             # the tokenizer: one task, so the tokenizers library may use every core this process has
-            os.environ["RAYON_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                                  else os.cpu_count() or 1)
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             t0 = time.perf_counter()
             tok_dir = self.out() / "tokenizer"
             shutil.rmtree(tok_dir, ignore_errors=True)
@@ -555,7 +570,9 @@ class VocabStep(DataStep):
                         text = files[t].get(off)["t"]
                         n_chars += len(text.encode("utf-8"))
                         yield text
-                tk.train_tokenizer(round_robin([texts(d) for d in counts], cfg.tokenizer_chars), cfg.vocab_size, tok_dir)
+                with env_set("RAYON_NUM_THREADS", str(cores)):
+                    tk.train_tokenizer(round_robin([texts(d) for d in counts], cfg.tokenizer_chars), cfg.vocab_size,
+                                       tok_dir)
             acct.time("tokenizer", t0, 0, 0 if cfg.tokenizer else n_chars)
         finally:
             for f in files:
