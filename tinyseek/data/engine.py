@@ -246,10 +246,12 @@ def run(cfg: Config, sources: list[Source]) -> dict:
         resumed = _prepare(cfg, work, fingerprint(cfg, sources, tasks, buckets))
         setup = {}
         if cfg.decontaminate and cfg.decontam_problems and not (work / "grams.npy").exists():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             grams = np.fromiter(sorted(eval_ngrams(cfg.decontam_n, cfg.decontam_problems)), dtype=np.uint64)
             S.save_npy(work / "grams.npy", grams)
             setup["decontam_ngrams"] = round(time.perf_counter() - t0, 3)
+            (work / "cpu").mkdir(exist_ok=True)
+            S.save_json(work / "cpu" / "setup.json", {"cpu_seconds": time.process_time() - c0})
         # the tokenizers library's threads a task (workers inherit it; restored for the rest of this process)
         threads = os.environ.get("RAYON_NUM_THREADS") or str(max(1, cpu_count() // workers))
         cfg_dict = dataclasses.asdict(cfg)

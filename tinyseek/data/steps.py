@@ -187,8 +187,11 @@ class DataStep(PipelineStep):
         return d
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
+        c0 = time.process_time()
         try:
             self.do(rank, world_size)
+            (self.work / "cpu").mkdir(exist_ok=True)
+            save_json(self.work / "cpu" / f"{self.stage}-{rank:05d}.json", {"cpu_seconds": time.process_time() - c0})
         except UserError as e:  # the driver shows it as the one-line error it is
             (self.work / "errors").mkdir(exist_ok=True)
             save_json(self.work / "errors" / f"{self.stage}-{rank:05d}.json", {"error": str(e)})
@@ -643,7 +646,10 @@ class MixStep(DataStep):
         cfg = self.cfg()
         walls = self.work / "walls.json"
         engine = json.loads(walls.read_text()) if walls.exists() else {}
-        t_start, c_start = time.perf_counter() - engine.get("elapsed_s", 0.0), time.process_time()
+        tasks_cpu = sum(json.loads(p.read_text())["cpu_seconds"] for p in sorted(self.work.glob("cpu/*.json"))
+                        if not p.name.startswith("mix-"))
+        # the report's cpu_seconds: every task's CPU time (its threads included) plus this one's
+        t_start, c_start = time.perf_counter() - engine.get("elapsed_s", 0.0), time.process_time() - tasks_cpu
         sources = make_sources(cfg)
         acct = merged_account(self.work, cfg.text_field)
         acct.setup_seconds.update(engine.get("setup_seconds", {}))
