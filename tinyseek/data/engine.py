@@ -244,6 +244,7 @@ def run(cfg: Config, sources: list[Source]) -> dict:
     lock = _lock(cfg)
     try:
         resumed = _prepare(cfg, work, fingerprint(cfg, sources, tasks, buckets))
+        S.save_sources(work / "sources.json", sources)
         setup = {}
         if cfg.decontaminate and cfg.decontam_problems and not (work / "grams.npy").exists():
             t0, c0 = time.perf_counter(), time.process_time()

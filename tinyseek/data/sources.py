@@ -18,6 +18,7 @@ When a package is missing (or ``use_samples``), the same reader runs on the smal
 """
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import json
@@ -149,9 +150,11 @@ def read_math(n: int, seed: int) -> Iterator[Doc]:
 # ---------------------------------------------------------------------------------------------
 # the default corpus
 # ---------------------------------------------------------------------------------------------
-def stdlib_files(root: Path) -> list[Path]:
+@functools.lru_cache(maxsize=4)
+def stdlib_files(root: Path) -> tuple[Path, ...]:
+    """The standard library's modules, tests left out; listed once a process (the install does not change)."""
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1]))
+    return tuple(sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1])))
 
 
 def default_sources(math_docs: int = 1000, use_samples: bool = False, doc_chars: int = 4000,
@@ -184,7 +187,7 @@ def default_sources(math_docs: int = 1000, use_samples: bool = False, doc_chars:
     out.append(Source("people_daily", "chinese", lambda p=pd: read_people_daily(p, doc_chars // 2), str(pd)))
 
     lib = Path(sysconfig.get_paths()["stdlib"])
-    code = [] if use_samples else stdlib_files(lib)
+    code = [] if use_samples else list(stdlib_files(lib))
     if not code:
         code, lib = sorted((S / "code").glob("*.py.txt")), S / "code"
     out.append(Source("stdlib", "code", lambda f=code: read_code(f, code_doc_chars, "stdlib"), str(lib),

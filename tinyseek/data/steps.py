@@ -52,6 +52,7 @@ from tinyseek.data.output import DomainTokens, write_dataset
 from tinyseek.data.quality import NgramLM, char_entropy, keep_threshold
 from tinyseek.data.reading import content_bucket, first_filters, make_sources, round_robin, task_docs, val_threshold
 from tinyseek.data.settings import Config
+from tinyseek.data.sources import Source
 from tinyseek.errors import UserError
 
 TOK_DTYPE = np.uint32
@@ -130,6 +131,16 @@ def env_set(name: str, value: str | None):
             os.environ[name] = old
 
 
+def _no_reader() -> Iterator:
+    raise RuntimeError("only the filter stage reads the corpus")
+
+
+def save_sources(path: Path, sources: list[Source]) -> None:
+    """What every stage after the filter needs of the sources (read back by ``DataStep.sources``)."""
+    save_json(path, [{"name": s.name, "domain": s.domain, "origin": s.origin, "meta": s.meta,
+                      "files": [str(f) for f in s.files]} for s in sources])
+
+
 def domains_of(sources) -> list[str]:
     """The domains in the one-process path's order (sorted)."""
     return sorted({s.domain for s in sources})
@@ -202,6 +213,12 @@ class DataStep(PipelineStep):
         raise NotImplementedError
 
     # shared readers of earlier stages' outputs
+    def sources(self) -> list[Source]:
+        """The sources as the driver listed them (names, domains, files, meta; no readers): listing
+        the default corpus again costs 0.3-0.6 s a call."""
+        return [Source(d["name"], d["domain"], _no_reader, d["origin"], d["meta"], [Path(f) for f in d["files"]])
+                for d in json.loads((self.work / "sources.json").read_text())]
+
     def metas(self) -> list[dict]:
         return [dict(np.load(self.work / "filter" / f"{t:05d}.meta.npz")) for t in range(self.n_filter)]
 
@@ -422,7 +439,7 @@ class FitStep(DataStep):
 
     def do(self, rank: int, world: int) -> None:
         cfg = self.cfg()
-        sources = make_sources(cfg)
+        sources = self.sources()
         metas = self.metas()
         drops = dict(np.load(self.work / "cluster" / "drops.npz"))
         dom_of_src = np.array([s.domain for s in sources])
@@ -453,7 +470,9 @@ class FitStep(DataStep):
                                 files[t] = DocFile(self.work / "filter" / f"{t:05d}.docs.jsonl")
                             yield files[t].get(o)["t"]
                 lm = NgramLM(cfg.ppl_order, bits).fit(texts())
-                save_npy(self.out() / f"{dom}.npy", np.stack(lm.tables))
+                # counts as int32 when they fit (half the bytes to write and to map; the same floats out)
+                dt = np.int32 if lm.total < (1 << 31) else np.int64
+                save_npy(self.out() / f"{dom}.npy", np.stack([t.astype(dt) for t in lm.tables]))
                 info[dom] = {"order": cfg.ppl_order, "bits": bits, "total": lm.total, "docs": len(drows),
                              "seconds": time.perf_counter() - t0}
         finally:
@@ -478,7 +497,7 @@ class ScoreStep(DataStep):
 
     def do(self, rank: int, world: int) -> None:
         cfg = self.cfg()
-        sources = make_sources(cfg)
+        sources = self.sources()
         acct = Accounting(cfg.text_field)
         meta = dict(np.load(self.work / "filter" / f"{rank:05d}.meta.npz"))
         drops = dict(np.load(self.work / "cluster" / "drops.npz"))
@@ -510,7 +529,7 @@ class VocabStep(DataStep):
 
     def do(self, rank: int, world: int) -> None:
         cfg = self.cfg()
-        sources = make_sources(cfg)
+        sources = self.sources()
         acct = Accounting(cfg.text_field)
         metas = self.metas()
         scores = [dict(np.load(self.work / "score" / f"{t:05d}.npz")) for t in range(self.n_filter)]
@@ -592,7 +611,7 @@ class TokenizeStep(DataStep):
 
     def do(self, rank: int, world: int) -> None:
         cfg = self.cfg()
-        sources = make_sources(cfg)
+        sources = self.sources()
         acct = Accounting(cfg.text_field)
         plan = json.loads((self.work / "vocab" / "plan.json").read_text())
         val_thr = int(plan["val_thr"])
@@ -650,7 +669,7 @@ class MixStep(DataStep):
                         if not p.name.startswith("mix-"))
         # the report's cpu_seconds: every task's CPU time (its threads included) plus this one's
         t_start, c_start = time.perf_counter() - engine.get("elapsed_s", 0.0), time.process_time() - tasks_cpu
-        sources = make_sources(cfg)
+        sources = self.sources()
         acct = merged_account(self.work, cfg.text_field)
         acct.setup_seconds.update(engine.get("setup_seconds", {}))
         plan = json.loads((self.work / "vocab" / "plan.json").read_text())
