@@ -86,14 +86,24 @@ def shingle_hashes(text: str, k: int = 5) -> np.ndarray:
     >>> len(shingle_hashes("Ab  c", 3)) == len(shingles("Ab  c", 3))
     True
     """
-    t = _normalise(text)
-    cp = np.frombuffer(t.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    return np.unique(_shingle_hash_values(_codepoints(text), k))
+
+
+def _codepoints(text: str) -> np.ndarray:
+    """Code points of the normalised text (:func:`_normalise`), uint32."""
+    return np.frombuffer(_normalise(text).encode("utf-32-le"), dtype=np.uint32)
+
+
+def _shingle_hash_values(cp: np.ndarray, k: int) -> np.ndarray:
+    """The 32-bit hash of every character ``k``-shingle of ``cp``, in order, repeats kept (uint64):
+    a polynomial rolling hash over code points, then a multiplicative mix."""
+    cp = cp.astype(np.uint64)
     n = max(1, len(cp) - k + 1)
     h = np.zeros(n, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for j in range(min(k, len(cp))):
             h = h * _MUL + cp[j:j + n]
-        return np.unique((h * _MIX) >> np.uint64(32))
+        return (h * _MIX) >> np.uint64(32)
 
 
 def _identity(x: int) -> int:
@@ -144,14 +154,10 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 
 
 def _minhash_numpy(cp: np.ndarray, k: int, a: np.ndarray, b: np.ndarray, chunk: int = 512) -> np.ndarray:
-    n = max(1, len(cp) - k + 1)
-    h = np.zeros(n, dtype=np.uint64)
+    hv = _fmix32(_shingle_hash_values(cp, k).astype(np.uint32))
     with np.errstate(over="ignore"):
-        for j in range(min(k, len(cp))):
-            h = h * _MUL + cp[j:j + n]
-        hv = _fmix32(((h * _MIX) >> np.uint64(32)).astype(np.uint32))
         out = np.full(len(a), 0xFFFFFFFF, dtype=np.uint32)
-        for i in range(0, n, chunk):
+        for i in range(0, len(hv), chunk):
             np.minimum(out, (hv[i:i + chunk, None] * a + b).min(axis=0), out=out)
     return out
 
@@ -167,12 +173,11 @@ def minhash_signature(text: str, num_perm: int = 128, k: int = 5, seed: int = 1)
     >>> sig.dtype, sig.shape, bool((sig == NearDedup().signature("the quick brown fox").hashvalues).all())
     (dtype('uint32'), (128,), True)
     """
-    t = _normalise(text)
-    cp = np.frombuffer(t.encode("utf-32-le"), dtype=np.uint32)
+    cp = _codepoints(text)
     a, b = _permutations(num_perm, seed)
     lib = native()
     if lib is None:
-        return _minhash_numpy(cp.astype(np.uint64), k, a, b)
+        return _minhash_numpy(cp, k, a, b)
     out = np.empty(num_perm, dtype=np.uint32)
     lib.ts_minhash(cp.ctypes.data, len(cp), k, a.ctypes.data, b.ctypes.data, num_perm, out.ctypes.data)
     return out

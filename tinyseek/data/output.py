@@ -9,7 +9,6 @@ a way to fetch one document's tokens, and their texts (for the TF-IDF sample). W
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections import Counter
@@ -26,6 +25,7 @@ from tinyseek.data.settings import Config
 from tinyseek.data.shards import write_shards
 from tinyseek.data.sources import Source
 from tinyseek.errors import UserError
+from tinyseek.integrity import sha256_file
 
 TFIDF_DOCS = 400  # documents per domain in the TF-IDF sample (every k-th training document)
 
@@ -35,14 +35,6 @@ class DomainTokens:
     lens: list[int]                         # tokens of each training document, in corpus order
     doc: Callable[[int], np.ndarray]        # i -> the i-th training document's tokens
     texts: Callable[[], Iterator[str]]      # the training documents' texts, in the same order
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_dataset(cfg: Config, tmp: Path, out_dir: Path, tok, tok_dir: Path, train: dict[str, DomainTokens],
@@ -115,7 +107,7 @@ def write_dataset(cfg: Config, tmp: Path, out_dir: Path, tok, tok_dir: Path, tra
         "mixture_formula": "w_d = p_d * s_d**beta / sum_e p_e * s_e**beta (see tinyseek/data/mixture.py)",
         "tokenizer": {"path": str(tok_path), "kind": tok.kind, "vocab_size": tok.vocab_size,
                       "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-                      "sha256": sha256(tok_dir / "tokenizer.json") if (tok_dir / "tokenizer.json").exists() else None},
+                      "sha256": sha256_file(tok_dir / "tokenizer.json") if (tok_dir / "tokenizer.json").exists() else None},
         "shards": {"train": {k: idx_train[k] for k in ("dtype", "n_tokens", "n_docs", "shards")},
                    "val": {k: idx_val[k] for k in ("dtype", "n_tokens", "n_docs", "shards")} if idx_val else None},
     }
