@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 
 def move_aside(path: str | Path) -> Path | None:
@@ -29,16 +29,20 @@ def move_aside(path: str | Path) -> Path | None:
     raise FileExistsError(f"no free name to move {path} aside")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w", fsync: bool = True) -> Iterator[IO]:
+    """A file object for ``path`` written via a private temp file in the same folder, renamed to
+    ``path`` when the block ends normally (after an ``fsync`` unless ``fsync=False``); removed
+    otherwise, so ``path`` is either whole or as it was. ``mode``: ``"w"`` or ``"wb"``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, mode) as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
@@ -46,6 +50,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         if isinstance(e, OSError) and e.filename is None:
             e.filename = str(path)  # a full disk's error names no file: name the one being written
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

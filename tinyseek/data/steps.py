@@ -20,7 +20,7 @@ mix        1        the TF-IDF mixture and the shards over all tasks' tokens (co
                     bytes as one process), manifest and report -> the output folder, renamed into place
 =========  =======  =====================================================================================
 
-Every task writes its files under temporary names and renames them when complete, so a task killed
+Every task writes its files under temporary names and renames them when complete (``fsutil.atomic_file``), so a task killed
 half-way leaves nothing a rerun could mistake for output; datatrove marks it complete only after that.
 The results do not depend on T, K or the number of workers (tests/test_data_engine.py).
 Where it departs from datatrove's own MinHash stages: our signatures (character 5-shingles, datasketch's
@@ -43,7 +43,7 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
 from tinyseek import tokenizer as tk
-from tinyseek.fsutil import atomic_dir
+from tinyseek.fsutil import atomic_dir, atomic_file
 from tinyseek.config import from_dict
 from tinyseek.data import dedup as D
 from tinyseek.data.accounting import MAX_MALFORMED_LISTED, Accounting, nothing_kept_error, skipped_line
@@ -62,28 +62,19 @@ ENCODE_BATCH = 1024              # documents per encode_batch call
 # ------------------------------------------------------------------------------------------------
 # small helpers: files written whole or not at all, partial accounts
 # ------------------------------------------------------------------------------------------------
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
-
-
 def save_npz(path: Path, **arrays) -> None:
-    tmp = _tmp(path).with_suffix(".npz")
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb", fsync=False) as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = _tmp(path).with_suffix(".npy")
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb", fsync=False) as f:
         np.save(f, arr)
-    os.replace(tmp, path)
 
 
 def save_json(path: Path, obj) -> None:
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(obj, sort_keys=True, ensure_ascii=False))
-    os.replace(tmp, path)
+    with atomic_file(path, fsync=False) as f:
+        f.write(json.dumps(obj, sort_keys=True, ensure_ascii=False))
 
 
 def acct_to_dict(a: Accounting) -> dict:
@@ -274,8 +265,7 @@ class FilterStep(DataStep):
         cols = {k: [] for k in ("key", "src", "nchars", "nbytes", "off", "bucket", "contam", "lowent", "sigrow")}
         exact, sigs = [], []
         off = 0
-        tmp_docs = _tmp(docs_path)
-        with open(tmp_docs, "wb") as f:
+        with atomic_file(docs_path, "wb", fsync=False) as f:
             for key, si, doc, nbytes in task_docs(cfg, sources, rank, world, acct):
                 src = sources[si]
                 got = first_filters(doc, src.name, nbytes, cfg.relaxed if src.domain in relaxed else cfg.heuristics, acct)
@@ -301,7 +291,6 @@ class FilterStep(DataStep):
                              ("bucket", content_bucket(text)), ("contam", contam), ("lowent", low), ("sigrow", row)):
                     cols[k].append(v)
                 off += len(line)
-        os.replace(tmp_docs, docs_path)
         sig = np.stack(sigs).astype(np.uint32) if sigs else np.zeros((0, cfg.num_perm), np.uint32)
         save_npy(out / f"{rank:05d}.sigs.npy", sig)
         save_npy(out / f"{rank:05d}.bands.npy", D.band_hashes(sig, b, r) if len(sig) else np.zeros((0, b), np.uint64))
@@ -622,11 +611,9 @@ class TokenizeStep(DataStep):
         lens = np.zeros(len(idx), dtype=np.int64)
         t0 = time.perf_counter()
         n_bytes = 0
-        path = self.out() / f"{rank:05d}.bin"
-        tmp = _tmp(path)
         df = DocFile(self.work / "filter" / f"{rank:05d}.docs.jsonl")
         try:
-            with open(tmp, "wb") as fb:
+            with atomic_file(self.out() / f"{rank:05d}.bin", "wb", fsync=False) as fb:
                 batch: list[str] = []
                 done = 0
 
@@ -646,7 +633,6 @@ class TokenizeStep(DataStep):
                 flush()
         finally:
             df.close()
-        os.replace(tmp, path)
         acct.time("tokenize", t0, len(idx), n_bytes)
         dom_index = {d: i for i, d in enumerate(domains_of(sources))}
         dom = np.array([dom_index[sources[s].domain] for s in meta["src"][idx].tolist()], dtype=np.int16)
