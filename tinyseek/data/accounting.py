@@ -14,6 +14,8 @@ REASONS = ("malformed", "too_short", "too_long", "too_few_words", "symbol_ratio"
 STAGES = ("ingest", "clean", "heuristics", "exact_dedup", "near_dedup", "decontam", "entropy", "perplexity",
           "tokenizer", "tokenize", "mixture")
 MAX_MALFORMED_LISTED = 1000  # report lists this many malformed records (all are counted)
+EXAMPLES_PER_REASON = 5      # dropped documents' locations listed per drop reason
+KEYS_SEEN_LISTED = 100       # distinct keys kept of records without the text field (for the error)
 
 
 class Accounting:
@@ -36,7 +38,7 @@ class Accounting:
     def drop(self, source: str, reason: str, loc: str = "") -> None:
         self.dropped[source][reason] += 1
         ex = self.examples.setdefault(reason, [])
-        if loc and len(ex) < 5:
+        if loc and len(ex) < EXAMPLES_PER_REASON:
             ex.append(loc)
 
     def time(self, stage: str, t0: float, docs: int = 1, nbytes: int = 0) -> float:
@@ -46,6 +48,34 @@ class Accounting:
         st["docs"] += docs
         st["bytes"] += nbytes
         return t1
+
+    def to_dict(self) -> dict:
+        """This (partial) account as JSON: what :meth:`merge` takes."""
+        return {"input": dict(self.input), "kept": dict(self.kept),
+                "dropped": {s: dict(c) for s, c in self.dropped.items()}, "malformed": self.malformed,
+                "n_malformed": self.n_malformed, "stage": self.stage, "examples": self.examples,
+                "n_texts": self.n_texts, "n_missing_field": self.n_missing_field, "keys_seen": dict(self.keys_seen)}
+
+    def merge(self, d: dict) -> None:
+        """Add a partial account (:meth:`to_dict`, one parallel task's): counts add up, the lists keep
+        their caps (``MAX_MALFORMED_LISTED`` records, ``EXAMPLES_PER_REASON``, ``KEYS_SEEN_LISTED``)."""
+        self.input.update(d["input"])
+        self.kept.update(d["kept"])
+        for s, c in d["dropped"].items():
+            self.dropped[s].update(c)
+        self.malformed.extend(d["malformed"][:max(0, MAX_MALFORMED_LISTED - len(self.malformed))])
+        self.n_malformed += d["n_malformed"]
+        for s, st in d["stage"].items():
+            for k in ("docs", "bytes", "seconds"):
+                self.stage[s][k] += st[k]
+        for r, ex in d["examples"].items():
+            mine = self.examples.setdefault(r, [])
+            mine.extend(ex[:max(0, EXAMPLES_PER_REASON - len(mine))])
+        self.n_texts += d["n_texts"]
+        self.n_missing_field += d["n_missing_field"]
+        for k, v in d["keys_seen"].items():
+            if k in self.keys_seen or len(self.keys_seen) < KEYS_SEEN_LISTED:
+                self.keys_seen[k] += v
 
     def report(self) -> dict:
         sources = {}

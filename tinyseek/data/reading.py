@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import xxhash
 
 from tinyseek.data import clean as C
-from tinyseek.data.accounting import MAX_MALFORMED_LISTED, Accounting
+from tinyseek.data.accounting import KEYS_SEEN_LISTED, MAX_MALFORMED_LISTED, Accounting
 from tinyseek.data.ingest import Doc
 from tinyseek.data.settings import Config
 from tinyseek.data.sources import Source, default_sources, user_sources
@@ -123,7 +123,7 @@ def first_filters(doc: Doc, source: str, nbytes: int, hcfg: C.HeuristicConfig,
     if doc.text is None:
         if doc.keys or doc.error.startswith("missing field"):
             acct.n_missing_field += 1
-            if len(acct.keys_seen) < 100:
+            if len(acct.keys_seen) < KEYS_SEEN_LISTED:
                 acct.keys_seen.update(doc.keys)
         acct.drop(source, "malformed", doc.loc)
         acct.n_malformed += 1

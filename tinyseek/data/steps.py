@@ -46,7 +46,7 @@ from tinyseek import tokenizer as tk
 from tinyseek.fsutil import atomic_dir, atomic_file
 from tinyseek.config import from_dict
 from tinyseek.data import dedup as D
-from tinyseek.data.accounting import MAX_MALFORMED_LISTED, Accounting, nothing_kept_error, skipped_line
+from tinyseek.data.accounting import Accounting, nothing_kept_error, skipped_line
 from tinyseek.data.decontam import ngram_hashes
 from tinyseek.data.output import DomainTokens, write_dataset
 from tinyseek.data.quality import NgramLM, char_entropy, keep_threshold
@@ -75,36 +75,6 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
 def save_json(path: Path, obj) -> None:
     with atomic_file(path, fsync=False) as f:
         f.write(json.dumps(obj, sort_keys=True, ensure_ascii=False))
-
-
-def acct_to_dict(a: Accounting) -> dict:
-    """A partial account (one task's) as JSON."""
-    return {"input": dict(a.input), "kept": dict(a.kept), "dropped": {s: dict(c) for s, c in a.dropped.items()},
-            "malformed": a.malformed, "n_malformed": a.n_malformed, "stage": a.stage,
-            "examples": a.examples, "n_texts": a.n_texts, "n_missing_field": a.n_missing_field,
-            "keys_seen": dict(a.keys_seen)}
-
-
-def acct_merge(a: Accounting, d: dict) -> None:
-    """Add a partial account into ``a`` (counts add up; lists keep their caps)."""
-    a.input.update(d["input"])
-    a.kept.update(d["kept"])
-    for s, c in d["dropped"].items():
-        a.dropped[s].update(c)
-    room = MAX_MALFORMED_LISTED - len(a.malformed)
-    a.malformed.extend(d["malformed"][:max(0, room)])
-    a.n_malformed += d["n_malformed"]
-    for s, st in d["stage"].items():
-        for k in ("docs", "bytes", "seconds"):
-            a.stage[s][k] += st[k]
-    for r, ex in d["examples"].items():
-        mine = a.examples.setdefault(r, [])
-        mine.extend(ex[:max(0, 5 - len(mine))])
-    a.n_texts += d["n_texts"]
-    a.n_missing_field += d["n_missing_field"]
-    for k, v in d["keys_seen"].items():
-        if k in a.keys_seen or len(a.keys_seen) < 100:
-            a.keys_seen[k] += v
 
 
 @contextlib.contextmanager
@@ -298,7 +268,7 @@ class FilterStep(DataStep):
                  "bucket": np.uint64, "contam": bool, "lowent": bool, "sigrow": np.int64}
         meta = {k: np.asarray(cols[k], dtype=types[k]) for k in cols}
         meta["exact"] = np.stack(exact) if exact else np.zeros((0, 2), np.uint64)
-        save_json(out / f"{rank:05d}.acct.json", acct_to_dict(acct))
+        save_json(out / f"{rank:05d}.acct.json", acct.to_dict())
         save_npz(out / f"{rank:05d}.meta.npz", **meta)  # last: its presence means the task's files are whole
         self.stat_update("survivors", value=len(meta["key"]))
 
@@ -385,9 +355,9 @@ def merged_account(work: Path, text_field: str, *more: Accounting) -> Accounting
     acct = Accounting(text_field)
     for pattern in ("filter/*.acct.json", "score/*.acct.json", "vocab/acct.json", "tokenize/*.acct.json"):
         for p in sorted(work.glob(pattern)):
-            acct_merge(acct, json.loads(p.read_text()))
+            acct.merge(json.loads(p.read_text()))
     for a in more:
-        acct_merge(acct, acct_to_dict(a))
+        acct.merge(a.to_dict())
     return acct
 
 
@@ -506,7 +476,7 @@ class ScoreStep(DataStep):
                 acct.time("perplexity", t0, 1, int(meta["nbytes"][i]))
         finally:
             df.close()
-        save_json(self.out() / f"{rank:05d}.acct.json", acct_to_dict(acct))
+        save_json(self.out() / f"{rank:05d}.acct.json", acct.to_dict())
         save_npz(self.out() / f"{rank:05d}.npz", reason=reason, ppl=ppl)
 
 
@@ -588,7 +558,7 @@ class VocabStep(DataStep):
         finally:
             for f in files:
                 f.close()
-        save_json(self.out() / "acct.json", acct_to_dict(acct))
+        save_json(self.out() / "acct.json", acct.to_dict())
         save_json(self.out() / "plan.json", {"ppl": ppl_stats, "counts": counts, "val_thr": str(val_thr)})
 
 
@@ -636,7 +606,7 @@ class TokenizeStep(DataStep):
         acct.time("tokenize", t0, len(idx), n_bytes)
         dom_index = {d: i for i, d in enumerate(domains_of(sources))}
         dom = np.array([dom_index[sources[s].domain] for s in meta["src"][idx].tolist()], dtype=np.int16)
-        save_json(self.out() / f"{rank:05d}.acct.json", acct_to_dict(acct))
+        save_json(self.out() / f"{rank:05d}.acct.json", acct.to_dict())
         val = np.array([b < val_thr for b in meta["bucket"][idx].tolist()], dtype=bool)
         save_npz(self.out() / f"{rank:05d}.npz", key=meta["key"][idx], lens=lens, dom=dom, val=val, off=meta["off"][idx])
 
