@@ -187,33 +187,31 @@ class DataStep(PipelineStep):
         return [np.load(self.work / "filter" / f"{t:05d}.{name}.npy", mmap_mode="r") for t in range(self.n_filter)]
 
 
-def exact_duplicates(metas: list[dict]) -> list[np.ndarray]:
-    """Per filter task, which survivors repeat the exact hash of a document earlier in corpus order."""
-    keys = np.concatenate([m["key"] for m in metas])
+def corpus_order(metas: list[dict]) -> np.ndarray:
+    """The permutation that puts all filter tasks' survivors (concatenated in task order) in corpus order."""
+    return np.argsort(np.concatenate([m["key"] for m in metas]), kind="stable")
+
+
+def _per_task(values: np.ndarray, metas: list[dict]) -> list[np.ndarray]:
+    """``values`` (one per survivor, tasks concatenated) split back into one array per filter task."""
+    return np.split(values, np.cumsum([len(m["key"]) for m in metas])[:-1])
+
+
+def exact_duplicates(metas: list[dict], order: np.ndarray) -> list[np.ndarray]:
+    """Per filter task, which survivors repeat the exact hash of a document earlier in corpus order
+    (``order``: :func:`corpus_order`)."""
     hashes = np.concatenate([m["exact"] for m in metas])
-    order = np.argsort(keys, kind="stable")
     _, first = np.unique(hashes[order], axis=0, return_index=True)
-    dup_sorted = np.ones(len(keys), dtype=bool)
-    dup_sorted[first] = False
-    dup = np.empty_like(dup_sorted)
-    dup[order] = dup_sorted
-    out, at = [], 0
-    for m in metas:
-        out.append(dup[at:at + len(m["key"])])
-        at += len(m["key"])
-    return out
+    dup = np.ones(len(order), dtype=bool)
+    dup[order[first]] = False
+    return _per_task(dup, metas)
 
 
-def corpus_positions(metas: list[dict]) -> list[np.ndarray]:
+def corpus_positions(metas: list[dict], order: np.ndarray) -> list[np.ndarray]:
     """Per filter task, each survivor's position among all survivors in corpus order."""
-    keys = np.concatenate([m["key"] for m in metas])
-    pos = np.empty(len(keys), dtype=np.int64)
-    pos[np.argsort(keys, kind="stable")] = np.arange(len(keys))
-    out, at = [], 0
-    for m in metas:
-        out.append(pos[at:at + len(m["key"])])
-        at += len(m["key"])
-    return out
+    pos = np.empty(len(order), dtype=np.int64)
+    pos[order] = np.arange(len(order))
+    return _per_task(pos, metas)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,8 +281,8 @@ class BucketStep(DataStep):
         cfg = self.cfg()
         b, _ = D.lsh_params(cfg.near_dup_threshold, cfg.num_perm)
         metas = self.metas()
-        dups = exact_duplicates(metas)
-        pos = corpus_positions(metas)
+        order = corpus_order(metas)
+        dups, pos = exact_duplicates(metas, order), corpus_positions(metas, order)
         bands = self.sig_arrays("bands")
         members, sizes = [], []
         sel = [(m["sigrow"] >= 0) & ~d for m, d in zip(metas, dups)]
@@ -315,13 +313,16 @@ class ClusterStep(DataStep):
     def do(self, rank: int, world: int) -> None:
         cfg = self.cfg()
         metas = self.metas()
-        dups = exact_duplicates(metas)
-        pos = corpus_positions(metas)
+        order = corpus_order(metas)
+        dups = exact_duplicates(metas, order)
         sigs = self.sig_arrays("sigs")
-        n = sum(len(m["key"]) for m in metas)
-        where = np.full((n, 2), -1, dtype=np.int64)  # corpus position -> (filter task, signature row)
-        for t, (m, p) in enumerate(zip(metas, pos)):
-            where[p, 0], where[p, 1] = t, m["sigrow"]
+        # by corpus position: the key, the filter task and the signature row of each survivor
+        keys = np.concatenate([m["key"] for m in metas])[order]
+        task = np.concatenate([np.full(len(m["key"]), t, dtype=np.int64) for t, m in enumerate(metas)])[order]
+        row = np.concatenate([m["sigrow"] for m in metas])[order]
+
+        def sig(d: int) -> np.ndarray:
+            return np.asarray(sigs[task[d]][row[d]])
         groups: list[np.ndarray] = []
         for r in range(self.n_buckets):
             z = np.load(self.work / "buckets" / f"{r:05d}.npz")
@@ -333,18 +334,14 @@ class ClusterStep(DataStep):
         kept_in: list[list[int]] = [[] for _ in groups]
         near = []
         for d in sorted(of_doc):
-            sig = np.asarray(sigs[where[d, 0]][where[d, 1]])
+            s = sig(d)
             cands = sorted({c for g in of_doc[d] for c in kept_in[g]})
-            if any(float(np.mean(np.asarray(sigs[where[c, 0]][where[c, 1]]) == sig)) >= cfg.near_dup_threshold
-                   for c in cands):
+            if any(float(np.mean(sig(c) == s)) >= cfg.near_dup_threshold for c in cands):
                 near.append(d)
                 continue
             for g in of_doc[d]:
                 kept_in[g].append(d)
-        keys = np.empty(n, dtype=np.uint64)
-        for m, p in zip(metas, pos):
-            keys[p] = m["key"]
-        exact_keys = np.concatenate([m["key"][d] for m, d in zip(metas, dups)]) if metas else np.zeros(0, np.uint64)
+        exact_keys = np.concatenate([m["key"][d] for m, d in zip(metas, dups)])
         save_npz(self.out() / "drops.npz", exact=np.sort(exact_keys),
                  near=np.sort(keys[np.asarray(near, dtype=np.int64)]))
         self.stat_update("near_duplicates", value=len(near))
