@@ -69,7 +69,7 @@ from tinyseek.data.decontam import eval_ngrams, ngram_hashes
 from tinyseek.data.dedup import ExactDedup, NearDedup
 from tinyseek.data.ingest import SUFFIXES
 from tinyseek.data.output import DomainTokens, print_summary, summary, write_dataset
-from tinyseek.data.quality import NgramLM, char_entropy, keep_threshold
+from tinyseek.data.quality import NgramLM, char_entropy, fit_plan, keep_threshold
 from tinyseek.data.reading import capped, content_bucket, first_filters, make_sources, round_robin, val_threshold
 from tinyseek.data.settings import Config, preset  # noqa: F401  (the stage contract: pipeline.Config, pipeline.preset)
 from tinyseek.data.sources import Source
@@ -181,9 +181,7 @@ def _perplexity(cfg: Config, counts: dict[str, int], acct: Accounting, spill: Pa
         t0 = time.perf_counter()
         path = spill / f"{dom}.jsonl"
         total_chars = sum(len(r["t"]) for r in _read_spill(path))
-        stride = max(1, math.ceil(total_chars / cfg.ppl_fit_chars)) if cfg.ppl_fit_chars else 1
-        fit_chars = min(total_chars, cfg.ppl_fit_chars or total_chars)
-        bits = min(22, max(14, math.ceil(math.log2(max(2, 2 * fit_chars)))))
+        stride, bits = fit_plan(total_chars, cfg.ppl_fit_chars)
         lm = NgramLM(cfg.ppl_order, bits).fit(r["t"] for i, r in enumerate(_read_spill(path)) if i % stride == 0)
         scores = [lm.perplexity(r["t"]) for r in _read_spill(path)]
         thr = keep_threshold(scores, cfg.ppl_keep_fraction)

@@ -143,6 +143,19 @@ class NgramLM:
         return float(np.exp(-lp.mean())) if lp.size else float("inf")
 
 
+def fit_plan(total_chars: int, fit_chars: int) -> tuple[int, int]:
+    """How to fit a domain's reference model on at most ``fit_chars`` of its ``total_chars``
+    (0: all): ``(stride, bits)``, every ``stride``-th document and ``2**bits`` hash buckets an order
+    (about two per fitted character, between 2**14 and 2**22).
+
+    >>> fit_plan(10_000_000, 4_000_000), fit_plan(1000, 0), fit_plan(1000, 4_000_000)
+    ((3, 22), (1, 14), (1, 14))
+    """
+    stride = max(1, math.ceil(total_chars / fit_chars)) if fit_chars else 1
+    fitted = min(total_chars, fit_chars or total_chars)
+    return stride, min(22, max(14, math.ceil(math.log2(max(2, 2 * fitted)))))
+
+
 def keep_threshold(scores: list[float], keep_fraction: float) -> float:
     """The largest perplexity kept when keeping the ``keep_fraction`` lowest scores (ties kept).
 

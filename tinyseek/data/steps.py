@@ -49,7 +49,7 @@ from tinyseek.data import dedup as D
 from tinyseek.data.accounting import Accounting, nothing_kept_error, skipped_line
 from tinyseek.data.decontam import ngram_hashes
 from tinyseek.data.output import DomainTokens, write_dataset
-from tinyseek.data.quality import NgramLM, char_entropy, keep_threshold
+from tinyseek.data.quality import NgramLM, char_entropy, fit_plan, keep_threshold
 from tinyseek.data.reading import content_bucket, first_filters, make_sources, round_robin, task_docs, val_threshold
 from tinyseek.data.settings import Config
 from tinyseek.data.sources import Source
@@ -386,10 +386,6 @@ REASON_CODES = {1: "exact_duplicate", 2: "near_duplicate", 3: "contaminated", 4:
 # ------------------------------------------------------------------------------------------------
 # 4. fit: the perplexity reference model per domain
 # ------------------------------------------------------------------------------------------------
-def lm_bits(fit_chars: int) -> int:
-    return min(22, max(14, math.ceil(math.log2(max(2, 2 * fit_chars)))))
-
-
 class FitStep(DataStep):
     stage = "fit"
 
@@ -398,29 +394,24 @@ class FitStep(DataStep):
         sources = self.sources()
         metas = self.metas()
         drops = dict(np.load(self.work / "cluster" / "drops.npz"))
-        dom_of_src = np.array([s.domain for s in sources])
-        rows = []  # (key, task, off, nchars, domain)
+        by_dom: dict[str, list[tuple[int, int, int, int]]] = {}  # domain -> (key, task, offset, chars)
         for t, m in enumerate(metas):
             keep = pre_ppl_reasons(m, drops) == 0
             for k, o, c, s in zip(m["key"][keep].tolist(), m["off"][keep].tolist(), m["nchars"][keep].tolist(),
                                   m["src"][keep].tolist()):
-                rows.append((k, t, o, c, dom_of_src[s]))
-        rows.sort()
+                by_dom.setdefault(sources[s].domain, []).append((k, t, o, c))
         info = {}
         files = {}
         try:
             for dom in domains_of(sources):
-                drows = [r for r in rows if r[4] == dom]
+                drows = sorted(by_dom.get(dom, []))  # corpus order
                 if not drows:
                     continue
                 t0 = time.perf_counter()
-                total = sum(r[3] for r in drows)
-                stride = max(1, math.ceil(total / cfg.ppl_fit_chars)) if cfg.ppl_fit_chars else 1
-                fit_chars = min(total, cfg.ppl_fit_chars or total)
-                bits = lm_bits(fit_chars)
+                stride, bits = fit_plan(sum(r[3] for r in drows), cfg.ppl_fit_chars)
 
                 def texts() -> Iterator[str]:
-                    for i, (_, t, o, _, _) in enumerate(drows):
+                    for i, (_, t, o, _) in enumerate(drows):
                         if i % stride == 0:
                             if t not in files:
                                 files[t] = DocFile(self.work / "filter" / f"{t:05d}.docs.jsonl")
