@@ -43,20 +43,12 @@ from datatrove.utils.stats import PipelineStats
 from tinyseek.data import dedup as D
 from tinyseek.data import steps as S
 from tinyseek.data.decontam import eval_ngrams
-from tinyseek.data.settings import Config
+from tinyseek.data.settings import Config, cpu_count
 from tinyseek.data.sources import Source
 from tinyseek.errors import UserError
 
 ENGINE_FIELDS = ("executor", "workers", "tasks", "ray_address", "slurm_partition", "slurm_time", "quiet")
 _LOG_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {name}:{function}:{line} - {message}"
-
-
-def cpu_count() -> int:
-    """Cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def plan(cfg: Config) -> tuple[int, int, int]:

@@ -1,6 +1,7 @@
 """``tinyseek data`` settings: the stage's :class:`Config` (every field a ``--flag``) and its presets."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,14 @@ from tinyseek.data import clean as C
 from tinyseek.data.mixture import parse_weights
 
 EXECUTORS = ("local", "ray", "slurm", "serial")
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count): ``--workers 0``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 @dataclass

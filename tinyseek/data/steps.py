@@ -51,7 +51,7 @@ from tinyseek.data.decontam import ngram_hashes
 from tinyseek.data.output import DomainTokens, write_dataset
 from tinyseek.data.quality import NgramLM, char_entropy, fit_plan, keep_threshold
 from tinyseek.data.reading import content_bucket, first_filters, make_sources, round_robin, task_docs, val_threshold
-from tinyseek.data.settings import Config
+from tinyseek.data.settings import Config, cpu_count
 from tinyseek.data.sources import Source
 from tinyseek.errors import UserError
 
@@ -517,7 +517,6 @@ class VocabStep(DataStep):
             for t, (m, k) in enumerate(zip(metas, keep)):
                 save_npy(self.out() / f"{t:05d}.keep.npy", k)
             # the tokenizer: one task, so the tokenizers library may use every core this process has
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             t0 = time.perf_counter()
             tok_dir = self.out() / "tokenizer"
             shutil.rmtree(tok_dir, ignore_errors=True)
@@ -539,7 +538,7 @@ class VocabStep(DataStep):
                         text = files[t].get(off)["t"]
                         n_chars += len(text.encode("utf-8"))
                         yield text
-                with env_set("RAYON_NUM_THREADS", str(cores)):
+                with env_set("RAYON_NUM_THREADS", str(cpu_count())):
                     tk.train_tokenizer(round_robin([texts(d) for d in counts], cfg.tokenizer_chars), cfg.vocab_size,
                                        tok_dir)
             acct.time("tokenizer", t0, 0, 0 if cfg.tokenizer else n_chars)
