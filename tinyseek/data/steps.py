@@ -523,7 +523,7 @@ class VocabStep(DataStep):
             n_chars = 0
             if cfg.tokenizer:
                 tk.load_tokenizer(cfg.tokenizer).save(tok_dir)
-            elif counts:
+            else:
                 rows = sorted((key, t, off, s) for t, (m, k) in enumerate(zip(metas, keep))
                               for key, off, s, b in zip(m["key"][k].tolist(), m["off"][k].tolist(),
                                                         m["src"][k].tolist(), m["bucket"][k].tolist())
